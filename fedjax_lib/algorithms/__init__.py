@@ -1,0 +1,9 @@
+"""Federated algorithms, one file each, registered under PFLlib's ``-algo`` names."""
+
+from fedjax_lib.algorithms import fedavg, local  # noqa: F401  (registers the algorithms)
+from fedjax_lib.algorithms.base import Algorithm, stack_clients
+from fedjax_lib.algorithms.registry import (algorithm_names, get_algorithm, make_algorithm,
+                                            register)
+
+__all__ = ["Algorithm", "stack_clients", "algorithm_names", "get_algorithm", "make_algorithm",
+           "register"]

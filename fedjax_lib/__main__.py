@@ -1,0 +1,5 @@
+import sys
+
+from fedjax_lib.cli import main
+
+sys.exit(main())

@@ -1,0 +1,31 @@
+"""Local: every client trains its own model; nothing is communicated.
+
+The baseline PFLlib ships as ``-algo Local``. All clients start from the same initial
+parameters (as PFLlib's seeded deep copies do); the selected clients train on their own data
+each round and every client is evaluated with its own model.
+"""
+
+import dataclasses
+
+from fedjax_lib.algorithms.base import Algorithm, stack_clients
+from fedjax_lib.algorithms.registry import register
+from fedjax_lib.core.local import train_locally
+
+
+@register("Local")
+@dataclasses.dataclass(frozen=True)
+class Local(Algorithm):
+  """Purely local training."""
+
+  def init(self, key, sample_x, num_clients):
+    return {}, {"params": stack_clients(self.init_params(key, sample_x), num_clients)}
+
+  def client_update(self, server_state, client_state, data, key):
+    params, _, stats = train_locally(client_state["params"], data, key, self.local, self.ce_loss)
+    return {"params": params}, {}, stats
+
+  def server_update(self, server_state, uploads, weights, key):
+    return server_state
+
+  def predict(self, server_state, client_state, x):
+    return self.model.apply(client_state["params"], x)

@@ -1,0 +1,55 @@
+"""Algorithm lookup by name (PFLlib's ``-algo`` names, case-insensitive)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from fedjax_lib.errors import ConfigError
+
+_REGISTRY: dict[str, type] = {}
+_CANONICAL: dict[str, str] = {}
+
+
+def register(name: str, *aliases: str) -> Callable[[type], type]:
+  """Class decorator registering an algorithm under ``name`` and ``aliases``."""
+
+  def wrap(cls: type) -> type:
+    cls.name = name
+    for key in (name, *aliases):
+      _REGISTRY[key.lower()] = cls
+    _CANONICAL[name.lower()] = name
+    return cls
+
+  return wrap
+
+
+def algorithm_names() -> list[str]:
+  """Canonical names of every registered algorithm."""
+  return sorted(_CANONICAL.values(), key=str.lower)
+
+
+def get_algorithm(name: str) -> type:
+  """The algorithm class for ``name``; a ConfigError listing valid names on a typo."""
+  cls = _REGISTRY.get(str(name).lower())
+  if cls is None:
+    raise ConfigError(f"unknown algorithm {name!r}; choose one of: "
+                      f"{', '.join(algorithm_names())} (case-insensitive)")
+  return cls
+
+
+def make_algorithm(name: str, model: Any, local: Any, params: dict | None = None):
+  """Instantiates algorithm ``name`` with hyperparameters ``params`` (validated)."""
+  cls = get_algorithm(name)
+  accepted = cls.hyperparameters()
+  params = dict(params or {})
+  unknown = sorted(set(params) - set(accepted))
+  if unknown:
+    listing = ", ".join(f"{k} (default {v})" for k, v in accepted.items()) or "none"
+    raise ConfigError(f"algorithm {cls.name} does not take hyperparameter(s) "
+                      f"{', '.join(unknown)}; it accepts: {listing}")
+  for key, value in params.items():
+    default = accepted[key]
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{cls.name} hyperparameter {key}={value!r} must be a number")
+  return cls(model=model, local=local, **params)

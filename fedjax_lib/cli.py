@@ -1,0 +1,131 @@
+"""Command line: PFLlib's flags (and readable long options) → Config → run_experiment.
+
+    python -m fedjax_lib -data digits -m CNN -algo FedAvg -gr 100 -nc 20 -lr 0.005
+    python -m fedjax_lib --dataset path/to/PFLlib/dataset/MNIST --algorithm Local --times 3
+
+Bad input prints one line ``error: ...`` naming the value and what is accepted, and exits with
+status 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from fedjax_lib.config import EXECUTORS, PARTITIONS, Config
+from fedjax_lib.errors import FedJaxError
+
+_TRUE = {"1", "true", "t", "yes", "y", "on"}
+_FALSE = {"0", "false", "f", "no", "n", "off"}
+
+
+def str2bool(text: str) -> bool:
+  """Parses 0/1/true/false/yes/no (PFLlib's ``type=bool`` turns "False" into True)."""
+  value = str(text).strip().lower()
+  if value in _TRUE:
+    return True
+  if value in _FALSE:
+    return False
+  raise argparse.ArgumentTypeError(f"invalid boolean {text!r}; use 0/1/true/false")
+
+
+def _algo_param(text: str) -> tuple[str, float]:
+  name, sep, value = text.partition("=")
+  if not sep or not name:
+    raise argparse.ArgumentTypeError(f"invalid --algo-param {text!r}; use NAME=VALUE")
+  try:
+    number = float(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"invalid --algo-param value {value!r} for {name}; use a number") from None
+  return name, int(number) if number.is_integer() and "." not in value else number
+
+
+class _Parser(argparse.ArgumentParser):
+  """An ArgumentParser whose errors are one line and exit with status 2."""
+
+  def error(self, message: str):
+    self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  d = Config()
+  p = _Parser(prog="python -m fedjax_lib", allow_abbrev=False,
+              description="Simulate (personalized) federated learning, PFLlib-compatible.")
+  add = p.add_argument
+  add("-data", "--dataset", default=d.dataset,
+      help="built-in dataset (digits, synthetic-cifar, mnist, fmnist, cifar10, cifar100) or a "
+           "PFLlib dataset folder (config.json, train/<id>.npz, test/<id>.npz)")
+  add("-m", "--model", default=d.model, help="model: cnn (FedAvgCNN), dnn, mlr")
+  add("-algo", "--algorithm", default=d.algorithm, help="algorithm (PFLlib names)")
+  add("-gr", "--global_rounds", "--global-rounds", type=int, default=d.global_rounds,
+      dest="global_rounds", help="rounds after round 0 (the loop runs gr+1 times)")
+  add("-ls", "--local_epochs", "--local-epochs", type=int, default=d.local_epochs,
+      dest="local_epochs")
+  add("-lbs", "--batch_size", "--batch-size", type=int, default=d.batch_size, dest="batch_size")
+  add("-lr", "--local_learning_rate", "--learning-rate", type=float, default=d.learning_rate,
+      dest="learning_rate")
+  add("-nc", "--num_clients", "--num-clients", type=int, default=None, dest="num_clients",
+      help="clients (default 20 for built-in data; a folder's own count)")
+  add("-ncl", "--num_classes", "--num-classes", type=int, default=None, dest="num_classes")
+  add("-jr", "--join_ratio", "--join-ratio", type=float, default=d.join_ratio, dest="join_ratio")
+  add("-rjr", "--random_join_ratio", "--random-join-ratio", type=str2bool, nargs="?",
+      const=True, default=d.random_join_ratio, dest="random_join_ratio")
+  add("-cdr", "--client_drop_rate", "--client-drop-rate", type=float,
+      default=d.client_drop_rate, dest="client_drop_rate")
+  add("-eg", "--eval_gap", "--eval-gap", type=int, default=d.eval_gap, dest="eval_gap")
+  add("-t", "--times", type=int, default=d.times, help="repetitions (seeds seed, seed+1, ...)")
+  add("-ab", "--auto_break", "--auto-break", type=str2bool, nargs="?", const=True,
+      default=d.auto_break, dest="auto_break")
+  add("-tc", "--top_cnt", "--top-cnt", type=int, default=d.top_cnt, dest="top_cnt")
+  add("-go", "--goal", default=d.goal, help="tag in result file names")
+  add("--seed", type=int, default=d.seed)
+  add("--out", default=d.out, help="output folder (default results/)")
+  add("--partition", choices=PARTITIONS, default=d.partition,
+      help="partition of built-in data: dir (Dirichlet), pat (pathological), iid, exdir")
+  add("--alpha", type=float, default=d.alpha, help="Dirichlet concentration")
+  add("--class-per-client", type=int, default=d.class_per_client, dest="class_per_client")
+  add("--balance", type=str2bool, nargs="?", const=True, default=d.balance)
+  add("--train-ratio", type=float, default=d.train_ratio, dest="train_ratio")
+  add("--executor", choices=EXECUTORS, default=d.executor)
+  add("--chunk-size", type=int, default=d.chunk_size, dest="chunk_size")
+  add("--unroll", type=int, default=None, help="local steps unrolled per loop iteration "
+      "(0 = all; default: per backend)")
+  add("--eval-chunk-size", type=int, default=d.eval_chunk_size, dest="eval_chunk_size")
+  add("--algo-param", type=_algo_param, action="append", default=[], dest="algo_params",
+      metavar="NAME=VALUE", help="algorithm hyperparameter (repeatable)")
+  add("-dev", "--device", choices=("auto", "cpu", "cuda", "gpu", "tpu"), default="auto",
+      help="JAX platform (default: JAX's choice)")
+  add("--no-progress", action="store_false", dest="progress", help="no progress bar")
+  return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+  values = {k: v for k, v in vars(args).items() if k not in ("device",)}
+  values["algo_params"] = dict(values["algo_params"])
+  return Config(**values)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = build_parser().parse_args(argv)
+  if args.device != "auto":
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_platforms", "cuda" if args.device == "gpu" else args.device)
+  from fedjax_lib.runner import run_experiment  # pylint: disable=import-outside-toplevel
+  try:
+    config = config_from_args(args).validate()
+    results = run_experiment(config)
+  except FedJaxError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("interrupted; no results file of the unfinished run was written", file=sys.stderr)
+    return 130
+  for line in results.summary_lines():
+    print(line)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,182 @@
+"""Typed, frozen experiment configuration with validation.
+
+A :class:`Config` holds everything that defines a run. Field names are readable; the CLI maps
+PFLlib's short flags onto them (``-lr`` → ``learning_rate`` ...). :func:`Config.validate`
+checks every field at the boundary and raises :class:`~fedjax_lib.errors.ConfigError` with a
+one-line message naming the field, the bad value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+from fedjax_lib.errors import ConfigError
+
+EXECUTORS = ("auto", "vmap", "chunked", "sequential")
+PARTITIONS = ("dir", "pat", "iid", "exdir")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """One federated experiment. Defaults are PFLlib's (`system/main.py`) unless noted.
+
+  Data:
+    dataset: a built-in name (``digits``, ``synthetic-cifar``, tfds names) or a path to a
+      PFLlib-format folder (``config.json``, ``train/<id>.npz``, ``test/<id>.npz``).
+    num_clients: clients to partition a built-in dataset into; ``None`` means 20 for built-in
+      datasets and "as many as the folder holds" for folders.
+    num_classes: ``None`` takes the data's class count; a given value must match the data.
+    partition, alpha, class_per_client, balance, train_ratio: partitioning of built-in data
+      (PFLlib's ``dir`` with α=0.1 and a 75/25 per-client split by default).
+  Training (per round): ``local_epochs`` passes over each selected client's data with batch
+    ``batch_size`` (drop_last, reshuffled every epoch), plain SGD at ``learning_rate``.
+  Rounds: ``global_rounds`` + 1 iterations as in PFLlib (round 0 evaluates the initial model).
+  Participation: ``join_ratio`` of the clients per round, or with ``random_join_ratio`` a
+    uniform count in ``[int(N·join_ratio), N]``; ``client_drop_rate`` of them are dropped after
+    training (their update is not aggregated).
+  Evaluation every ``eval_gap`` rounds; ``auto_break`` stops once the best accuracy is more
+    than ``top_cnt`` evaluations old.
+  Repetitions: ``times`` runs with seeds ``seed, seed+1, ...`` on the same partition (the
+    partition is drawn from ``seed``).
+  Execution: ``executor`` (``vmap`` | ``chunked`` | ``sequential`` | ``auto``), ``chunk_size``
+    clients per chunk for ``chunked``, ``unroll`` local steps per compiled loop iteration
+    (0 = fully unrolled; ``None`` = the backend default, see `core.engine`).
+  algo_params: algorithm hyperparameters by name (e.g. ``{"mu": 0.01}``); each algorithm
+    declares which it accepts.
+  """
+
+  # data
+  dataset: str = "digits"
+  num_clients: Optional[int] = None
+  num_classes: Optional[int] = None
+  partition: str = "dir"
+  alpha: float = 0.1
+  class_per_client: int = 2
+  balance: bool = False
+  train_ratio: float = 0.75
+  # model and algorithm
+  model: str = "cnn"
+  algorithm: str = "FedAvg"
+  algo_params: dict = dataclasses.field(default_factory=dict)
+  # training
+  global_rounds: int = 2000
+  local_epochs: int = 1
+  batch_size: int = 10
+  learning_rate: float = 0.005
+  join_ratio: float = 1.0
+  random_join_ratio: bool = False
+  client_drop_rate: float = 0.0
+  # evaluation and repetitions
+  eval_gap: int = 1
+  times: int = 1
+  auto_break: bool = False
+  top_cnt: int = 100
+  goal: str = "test"
+  seed: int = 0
+  # execution and output
+  executor: str = "auto"
+  chunk_size: int = 8
+  unroll: Optional[int] = None
+  eval_chunk_size: int = 64
+  out: str = "results"
+  progress: bool = True
+
+  def replace(self, **changes: Any) -> "Config":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict) -> "Config":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ConfigError(f"unknown config field(s) {', '.join(map(repr, unknown))}; "
+                        f"accepted fields: {', '.join(sorted(known))}")
+    return cls(**values)
+
+  # ---------------------------------------------------------------- validation
+  def validate(self) -> "Config":
+    """Checks every field; returns ``self`` so calls can be chained."""
+    _positive_int("global_rounds", self.global_rounds, minimum=0)
+    _positive_int("local_epochs", self.local_epochs)
+    _positive_int("batch_size", self.batch_size)
+    _positive_int("eval_gap", self.eval_gap)
+    _positive_int("times", self.times)
+    _positive_int("top_cnt", self.top_cnt)
+    _positive_int("chunk_size", self.chunk_size)
+    _positive_int("eval_chunk_size", self.eval_chunk_size)
+    _positive_int("class_per_client", self.class_per_client)
+    if self.num_clients is not None:
+      _positive_int("num_clients", self.num_clients)
+    if self.num_classes is not None:
+      _positive_int("num_classes", self.num_classes, minimum=2)
+    if self.unroll is not None:
+      _positive_int("unroll", self.unroll, minimum=0)
+    _int("seed", self.seed)
+    _positive_float("learning_rate", self.learning_rate)
+    _positive_float("alpha", self.alpha)
+    _in_range("train_ratio", self.train_ratio, 0.0, 1.0, low_open=True, high_open=True)
+    _in_range("join_ratio", self.join_ratio, 0.0, 1.0, low_open=True)
+    _in_range("client_drop_rate", self.client_drop_rate, 0.0, 1.0, high_open=True)
+    for name in ("balance", "random_join_ratio", "auto_break", "progress"):
+      if not isinstance(getattr(self, name), bool):
+        raise ConfigError(f"{name}={getattr(self, name)!r} is not a boolean; use true/false")
+    if self.executor not in EXECUTORS:
+      raise ConfigError(f"unknown executor {self.executor!r}; choose one of: "
+                        f"{', '.join(EXECUTORS)}")
+    if self.partition not in PARTITIONS:
+      raise ConfigError(f"unknown partition {self.partition!r}; choose one of: "
+                        f"{', '.join(PARTITIONS)}")
+    if not isinstance(self.dataset, str) or not self.dataset:
+      raise ConfigError(f"dataset={self.dataset!r}: give a built-in name or a folder path")
+    if not isinstance(self.goal, str) or not self.goal or "/" in self.goal:
+      raise ConfigError(f"goal={self.goal!r}: give a non-empty tag without '/'")
+    if not isinstance(self.algo_params, dict):
+      raise ConfigError(f"algo_params={self.algo_params!r} must be a dict of name: value")
+    return self
+
+  def check_participation(self, num_clients: int) -> None:
+    """Checks that every round selects, and keeps, at least one client."""
+    num_join = int(num_clients * self.join_ratio)
+    if num_join < 1:
+      raise ConfigError(
+          f"join_ratio={self.join_ratio} selects int({num_clients}*{self.join_ratio}) = 0 "
+          f"clients; use join_ratio >= {1 / num_clients:.4g} with {num_clients} clients")
+    kept = int((1 - self.client_drop_rate) * num_join)
+    if kept < 1:
+      raise ConfigError(
+          f"client_drop_rate={self.client_drop_rate} drops every one of the {num_join} "
+          f"selected clients; use a rate below {1 - 1 / num_join:.4g}")
+
+
+def _int(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ConfigError(f"{name}={value!r} is not an integer")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+  _int(name, value)
+  if value < minimum:
+    raise ConfigError(f"{name}={value} is invalid; accepted: an integer >= {minimum}")
+
+
+def _positive_float(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+      or value <= 0:
+    raise ConfigError(f"{name}={value!r} is invalid; accepted: a finite number > 0")
+
+
+def _in_range(name: str, value: Any, low: float, high: float, low_open: bool = False,
+              high_open: bool = False) -> None:
+  ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and (value > low if low_open else value >= low)
+        and (value < high if high_open else value <= high))
+  if not ok:
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    raise ConfigError(f"{name}={value!r} is invalid; accepted: a number in {lo}{low}, {high}{hi}")

@@ -1,0 +1,265 @@
+"""The round engine: one implementation of a federated round for every algorithm.
+
+A round, as in PFLlib's server loop (evaluation is separate, see :meth:`Engine.evaluate`):
+
+1. **plan**: seeded client selection (``join_ratio`` or ``random_join_ratio``) and seeded
+   drop-outs (``client_drop_rate``) from the round's selection key;
+2. **gather** the cohort's slices of the stacked client states and index tables;
+3. **train** every selected client at once — ``vmap``, chunked ``lax.map`` or a sequential
+   debug loop (executors give the same numbers);
+4. **scatter** the new client states back (unselected slots keep theirs);
+5. **aggregate**: ``server_update`` with sample-count weights, zero for dropped clients.
+
+The cohort has a static size (``int(N·join_ratio)``, or N with ``random_join_ratio``, whose
+unselected slots are masked) so one compiled program serves every round.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lib.core import evaluate as evaluate_lib
+from fedjax_lib.core import rng
+from fedjax_lib.core.local import ClientData
+
+
+class DeviceData(NamedTuple):
+  """The federated arrays on the device (see `fedjax_lib.data.FederatedData`)."""
+  x: jax.Array
+  y: jax.Array
+  train_idx: jax.Array
+  train_count: jax.Array
+  test_idx: jax.Array
+  test_count: jax.Array
+
+  @classmethod
+  def from_federated(cls, data) -> "DeviceData":
+    return cls(*(jnp.asarray(getattr(data, f)) for f in cls._fields))
+
+
+class RoundPlan(NamedTuple):
+  """Who trains this round: cohort ids, which slots are selected, which are aggregated."""
+  cohort: jax.Array   # [K] client ids
+  active: jax.Array   # [K] bool: selected this round (all True unless random_join_ratio)
+  kept: jax.Array     # [K] bool: selected and not dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class Participation:
+  """Static participation settings (PFLlib's ``-jr -rjr -cdr``)."""
+  num_clients: int
+  join_ratio: float = 1.0
+  random_join_ratio: bool = False
+  client_drop_rate: float = 0.0
+
+  @property
+  def min_join(self) -> int:
+    return int(self.num_clients * self.join_ratio)
+
+  @property
+  def cohort_size(self) -> int:
+    return self.num_clients if self.random_join_ratio else self.min_join
+
+
+def plan_round(rkey: jax.Array, p: Participation) -> RoundPlan:
+  """Selects this round's clients and drop-outs from ``selection_key(rkey)``.
+
+  ``k`` clients are drawn without replacement (``k = int(N·join_ratio)``, or uniform in
+  ``[int(N·join_ratio), N]`` with ``random_join_ratio``); ``int((1 - drop_rate)·k)`` of them,
+  chosen uniformly, are aggregated (PFLlib's ``random.sample`` in ``receive_models``).
+  """
+  k_perm, k_num, k_drop = jax.random.split(rng.selection_key(rkey), 3)
+  size = p.cohort_size
+  cohort = jax.random.permutation(k_perm, p.num_clients)[:size].astype(jnp.int32)
+  if p.random_join_ratio:
+    num_join = jax.random.randint(k_num, (), p.min_join, p.num_clients + 1)
+  else:
+    num_join = jnp.asarray(size)
+  active = jnp.arange(size) < num_join
+  # int() truncation as in PFLlib; the epsilon guards float32 rounding such as 2.9999998.
+  num_kept = jnp.floor((1.0 - p.client_drop_rate) * num_join.astype(jnp.float32) + 1e-4)
+  scores = jnp.where(active, jax.random.uniform(k_drop, (size,)), 2.0)
+  rank = jnp.argsort(jnp.argsort(scores))
+  kept = rank < num_kept
+  return RoundPlan(cohort, active, kept)
+
+
+def default_unroll(backend: str, num_steps: int) -> int:
+  """Local steps unrolled per loop iteration, chosen from measurements.
+
+  On XLA:CPU a convolution training step inside a ``lax.scan`` loop ran ~6x slower than the
+  same steps fully unrolled (experiments/benchmarks/RESULTS.md), so CPU unrolls every step up
+  to 128 steps (compile time grows with the step count beyond that). Accelerators keep the loop.
+  """
+  if backend == "cpu":
+    return 0 if num_steps <= 128 else 8
+  return 1
+
+
+def default_executor(backend: str) -> str:
+  """The executor ``auto`` resolves to (see experiments/benchmarks/RESULTS.md)."""
+  del backend
+  return "vmap"
+
+
+def _tree_where(mask, on_true, on_false):
+  def pick(a, b):
+    m = mask.reshape(mask.shape + (1,) * (a.ndim - 1))
+    return jnp.where(m, a, b)
+  return jax.tree.map(pick, on_true, on_false)
+
+
+def _gather(tree, ids):
+  return jax.tree.map(lambda a: a[ids], tree)
+
+
+class Engine:
+  """Runs rounds and evaluations of one algorithm on one federated dataset.
+
+  Args:
+    algorithm: an `fedjax_lib.algorithms.Algorithm`.
+    data: the federated arrays on the device.
+    participation: selection and drop-out settings.
+    executor: ``vmap`` | ``chunked`` | ``sequential``.
+    chunk_size: clients per ``lax.map`` chunk for ``chunked``.
+    eval_chunk_size: clients evaluated per compiled call.
+  """
+
+  def __init__(self, algorithm, data: DeviceData, participation: Participation,
+               executor: str = "vmap", chunk_size: int = 8, eval_chunk_size: int = 64):
+    if executor not in ("vmap", "chunked", "sequential"):
+      raise ValueError(f"unknown executor {executor!r}")
+    self.algorithm = algorithm
+    self.data = data
+    self.participation = participation
+    self.executor = executor
+    self.chunk_size = chunk_size
+    self.num_clients = participation.num_clients
+    self.eval_chunk_size = min(eval_chunk_size, self.num_clients)
+    # Incremented while tracing: a compile counter for tests and a guard against retracing.
+    self.trace_counts: collections.Counter = collections.Counter()
+    self._round = jax.jit(self._round_impl, donate_argnums=(0, 1))
+    self._plan = jax.jit(self._plan_impl)
+    self._train_one = jax.jit(self._train_one_impl)
+    self._finish = jax.jit(self._finish_impl, donate_argnums=(0, 1))
+    self._eval_chunk = jax.jit(self._eval_chunk_impl)
+
+  # ------------------------------------------------------------------ pieces
+  def _plan_impl(self, client_states, data, root, round_index):
+    rkey = rng.round_key(root, round_index)
+    plan = plan_round(rkey, self.participation)
+    keys = jax.vmap(rng.client_key, (None, 0))(rkey, plan.cohort)
+    return plan, _gather(client_states, plan.cohort), keys
+
+  def _train_one_impl(self, server_state, client_state, x, y, train_idx, train_count, key):
+    self.trace_counts["client_update"] += 1
+    client_data = ClientData(x, y, train_idx, train_count)
+    return self.algorithm.client_update(server_state, client_state, client_data, key)
+
+  def _train_cohort(self, server_state, cohort_states, data, plan, keys):
+    """Local training of the cohort with the vmap or chunked executor (traced)."""
+    def one(args):
+      state, idx, count, key = args
+      return self._train_one_impl(server_state, state, data.x, data.y, idx, count, key)
+    args = (cohort_states, data.train_idx[plan.cohort], data.train_count[plan.cohort], keys)
+    if self.executor == "vmap":
+      return jax.vmap(one)(args)
+    return jax.lax.map(one, args, batch_size=self.chunk_size)
+
+  def _finish_impl(self, server_state, client_states, data, plan, cohort_states, new_states,
+                   uploads, metrics, root, round_index):
+    new_states = _tree_where(plan.active, new_states, cohort_states)
+    client_states = jax.tree.map(lambda all_, new: all_.at[plan.cohort].set(new),
+                                 client_states, new_states)
+    counts = data.train_count[plan.cohort].astype(jnp.float32)
+    weights = jnp.where(plan.kept, counts, 0.0)
+    skey = rng.server_key(rng.round_key(root, round_index))
+    server_state = self.algorithm.server_update(server_state, uploads, weights, skey)
+    active = plan.active.astype(jnp.float32)
+    local_loss = metrics.get("loss", jnp.zeros_like(active)) if isinstance(metrics, dict) \
+        else jnp.zeros_like(active)
+    round_metrics = {
+        "num_selected": plan.active.sum(),
+        "num_aggregated": plan.kept.sum(),
+        "local_loss": (local_loss * active).sum() / jnp.maximum(active.sum(), 1.0),
+    }
+    return server_state, client_states, round_metrics
+
+  def _round_impl(self, server_state, client_states, data, root, round_index):
+    self.trace_counts["round"] += 1
+    plan, cohort_states, keys = self._plan_impl(client_states, data, root, round_index)
+    new_states, uploads, metrics = self._train_cohort(server_state, cohort_states, data, plan,
+                                                      keys)
+    return self._finish_impl(server_state, client_states, data, plan, cohort_states, new_states,
+                             uploads, metrics, root, round_index)
+
+  # ------------------------------------------------------------------ public
+  def init(self, root: jax.Array, sample_x):
+    """``(server_state, client_states)`` from the run's root key."""
+    return self.algorithm.init(rng.init_key(root), jnp.asarray(sample_x), self.num_clients)
+
+  def run_round(self, server_state, client_states, root: jax.Array, round_index: int):
+    """One round of training and aggregation; returns the new states and round metrics.
+
+    The input states are donated (their buffers may be reused): use the returned ones.
+    """
+    round_index = jnp.asarray(round_index, jnp.int32)
+    if self.executor != "sequential":
+      return self._round(server_state, client_states, self.data, root, round_index)
+    return self._sequential_round(server_state, client_states, root, round_index)
+
+  def _sequential_round(self, server_state, client_states, root, round_index):
+    """The debug executor: a Python loop over clients, one compiled client update."""
+    data = self.data
+    plan, cohort_states, keys = self._plan(client_states, data, root, round_index)
+    active = np.asarray(plan.active)
+    cohort = np.asarray(plan.cohort)
+    outputs = [None] * len(cohort)
+    for k in np.flatnonzero(active):
+      state_k = jax.tree.map(lambda a: a[k], cohort_states)
+      cid = int(cohort[k])
+      outputs[k] = self._train_one(server_state, state_k, data.x, data.y, data.train_idx[cid],
+                                   data.train_count[cid], keys[k])
+    template = outputs[int(np.flatnonzero(active)[0])]
+    for k in np.flatnonzero(~active):  # unselected slots: placeholders, masked in _finish
+      outputs[k] = (jax.tree.map(lambda a: a[k], cohort_states),
+                    *jax.tree.map(jnp.zeros_like, template[1:]))
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+    new_states, uploads, metrics = stacked
+    return self._finish(server_state, client_states, data, plan, cohort_states, new_states,
+                        uploads, metrics, root, round_index)
+
+  def _eval_chunk_impl(self, server_state, client_states, data, ids):
+    self.trace_counts["evaluate"] += 1
+
+    def one(state, cid):
+      predict = functools.partial(self.algorithm.predict, server_state, state)
+      return evaluate_lib.client_metrics(predict, data.x, data.y, data.test_idx[cid],
+                                         data.test_count[cid], data.train_idx[cid],
+                                         data.train_count[cid])
+    return jax.vmap(one)(_gather(client_states, ids), ids)
+
+  def evaluate(self, server_state, client_states) -> dict[str, Any]:
+    """Evaluates every client; returns PFLlib's round metrics plus per-client arrays."""
+    chunk = self.eval_chunk_size
+    parts = []
+    for start in range(0, self.num_clients, chunk):
+      ids = np.arange(start, start + chunk) % self.num_clients  # pad the last chunk
+      parts.append(self._eval_chunk(server_state, client_states, self.data,
+                                    jnp.asarray(ids, jnp.int32)))
+    per_client = {k: np.concatenate([np.asarray(p[k]) for p in parts])[: self.num_clients]
+                  for k in parts[0]}
+    test_count = np.asarray(self.data.test_count)
+    train_count = np.asarray(self.data.train_count)
+    summary = evaluate_lib.summarize(per_client, test_count, train_count)
+    with np.errstate(invalid="ignore", divide="ignore"):
+      summary["client_test_acc"] = np.where(test_count > 0, per_client["correct"]
+                                            / np.maximum(test_count, 1), np.nan)
+    return summary

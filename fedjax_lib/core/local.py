@@ -1,0 +1,156 @@
+"""The shared local-training routine: epochs of shuffled, masked mini-batch steps.
+
+Every algorithm trains through :func:`train_locally`, parameterised by a loss function and an
+optax transform; no algorithm contains its own loop.
+
+Semantics (PFLlib's, so results are comparable): ``local_epochs`` passes over the client's
+training samples, reshuffled every epoch from the client's key, batches of ``batch_size`` with
+drop_last. Clients have different sizes, but a compiled program needs one shape, so every client
+runs ``steps_per_epoch`` steps per epoch — the largest ``count // batch_size`` over all clients —
+and the steps past a client's own ``count // batch_size`` are masked: a masked step leaves the
+parameters, the optimizer state and the loss statistics unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class Batch(NamedTuple):
+  """One mini-batch gathered from the shared sample arrays.
+
+  ``mask[b]`` is 1 for real samples; losses average over real samples only.
+  """
+  x: jax.Array
+  y: jax.Array
+  mask: jax.Array
+
+
+class ClientData(NamedTuple):
+  """One client's view of the federated data, as `client_update` receives it.
+
+  ``x``/``y`` are the shared arrays of all samples (not per-client copies); ``train_idx`` are
+  this client's rows, of which the first ``train_count`` are valid.
+  """
+  x: jax.Array
+  y: jax.Array
+  train_idx: jax.Array
+  train_count: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSpec:
+  """Static description of local training (hashable; never a pytree leaf).
+
+  Attributes:
+    learning_rate: SGD step size.
+    batch_size: samples per step.
+    local_epochs: passes over the client's data per round.
+    steps_per_epoch: steps every client runs per epoch (the largest ``count // batch_size``
+      over all clients; smaller clients' extra steps are masked).
+    unroll: local steps unrolled per compiled loop iteration; 0 unrolls all of them. XLA:CPU
+      runs convolutions inside loops several times slower than unrolled (see
+      experiments/benchmarks/RESULTS.md), so the CPU default unrolls fully.
+  """
+  learning_rate: float = 0.005
+  batch_size: int = 10
+  local_epochs: int = 1
+  steps_per_epoch: int = 1
+  unroll: int = 1
+
+  @property
+  def num_steps(self) -> int:
+    return self.local_epochs * self.steps_per_epoch
+
+
+LossFn = Callable[[Any, Batch, jax.Array], jax.Array]
+
+
+def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy over the samples with ``mask == 1`` (0 if there are none)."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  mask = mask.astype(jnp.float32)
+  return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def epoch_order(key: jax.Array, count: jax.Array, width: int) -> jax.Array:
+  """A uniformly random permutation of positions ``[0, count)``, padded to ``width``.
+
+  Positions ``>= count`` sort last, so the first ``count`` entries are a permutation of the
+  client's valid positions.
+  """
+  scores = jax.random.uniform(key, (width,))
+  scores = jnp.where(jnp.arange(width) < count, scores, 2.0)
+  return jnp.argsort(scores)
+
+
+def batch_schedule(data: ClientData, key: jax.Array, spec: LocalSpec):
+  """Sample rows and validity of every local step: ``rows [T, B]``, ``valid [T]``.
+
+  ``T = local_epochs * steps_per_epoch``; epoch ``e`` is shuffled with ``fold_in(key, e)``.
+  A step is valid when its whole batch lies within the client's samples (drop_last).
+  """
+  width = data.train_idx.shape[0]
+  b, s = spec.batch_size, spec.steps_per_epoch
+  rows, valid = [], []
+  for epoch in range(spec.local_epochs):
+    order = epoch_order(jax.random.fold_in(key, epoch), data.train_count, width)
+    positions = order[: s * b].reshape(s, b)
+    rows.append(data.train_idx[positions])
+    valid.append((jnp.arange(s) + 1) * b <= data.train_count)
+  return jnp.concatenate(rows), jnp.concatenate(valid)
+
+
+def _select(pred, on_true, on_false):
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def train_locally(params, data: ClientData, key: jax.Array, spec: LocalSpec, loss_fn: LossFn,
+                  tx: Optional[optax.GradientTransformation] = None, opt_state=None):
+  """Runs one client's local training.
+
+  Args:
+    params: the parameters being trained (any pytree).
+    data: the client's data view.
+    key: the client's key for this round (shuffling and any loss-side randomness).
+    spec: static local-training settings.
+    loss_fn: ``loss_fn(params, batch, key) -> scalar``; must average over ``batch.mask``.
+    tx: the optax transform; defaults to plain SGD at ``spec.learning_rate``.
+    opt_state: optimizer state to continue from (e.g. persisted per client); a fresh
+      ``tx.init(params)`` when None.
+
+  Returns:
+    ``(params, opt_state, stats)`` where ``stats = {"loss": mean loss over the valid steps,
+    "steps": number of valid steps}``.
+  """
+  tx = tx if tx is not None else optax.sgd(spec.learning_rate)
+  opt_state = tx.init(params) if opt_state is None else opt_state
+  shuffle_key, loss_key = jax.random.split(key)
+  rows, valid = batch_schedule(data, shuffle_key, spec)
+  grad_fn = jax.value_and_grad(loss_fn)
+  ones = jnp.ones((spec.batch_size,), jnp.float32)
+
+  def step(carry, inputs):
+    params, opt_state, loss_sum = carry
+    step_rows, step_valid, step_index = inputs
+    batch = Batch(data.x[step_rows], data.y[step_rows], ones)
+    loss, grads = grad_fn(params, batch, jax.random.fold_in(loss_key, step_index))
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    params, opt_state = _select(step_valid, (new_params, new_opt_state), (params, opt_state))
+    loss_sum = loss_sum + jnp.where(step_valid, loss, 0.0)
+    return (params, opt_state, loss_sum), None
+
+  num_steps = spec.num_steps
+  unroll = num_steps if spec.unroll == 0 else max(1, min(spec.unroll, num_steps))
+  (params, opt_state, loss_sum), _ = jax.lax.scan(
+      step, (params, opt_state, jnp.zeros((), jnp.float32)),
+      (rows, valid, jnp.arange(num_steps)), unroll=unroll)
+  steps = valid.sum()
+  stats = {"loss": loss_sum / jnp.maximum(steps, 1), "steps": steps}
+  return params, opt_state, stats

@@ -1,0 +1,45 @@
+"""PRNG key derivation: keys, not seeds.
+
+One root key comes from the run's seed. Every random event of a round derives from
+``round_key = fold_in(root, round)`` and, for a client, from its *id* (never its position in
+the cohort), through a separate stream tag so that streams never collide::
+
+    root ──fold_in(round)──> round_key ──fold_in(SELECT)──> selection / drop-outs
+                                      ├──fold_in(CLIENT)──fold_in(client_id)──> local training
+                                      └──fold_in(SERVER)──> server update
+    root ──fold_in(INIT)──> model / state initialisation
+
+Same seed, same platform, same config ⇒ the same numbers, whatever the executor or cohort order.
+"""
+
+import jax
+
+# Stream tags (arbitrary distinct constants).
+INIT = 0x1A17
+SELECT = 0x5E1
+CLIENT = 0xC11E
+SERVER = 0x5E4
+
+
+def root_key(seed: int) -> jax.Array:
+  return jax.random.key(seed)
+
+
+def init_key(root: jax.Array) -> jax.Array:
+  return jax.random.fold_in(root, INIT)
+
+
+def round_key(root: jax.Array, round_index) -> jax.Array:
+  return jax.random.fold_in(root, round_index)
+
+
+def selection_key(rkey: jax.Array) -> jax.Array:
+  return jax.random.fold_in(rkey, SELECT)
+
+
+def client_key(rkey: jax.Array, client_id) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(rkey, CLIENT), client_id)
+
+
+def server_key(rkey: jax.Array) -> jax.Array:
+  return jax.random.fold_in(rkey, SERVER)

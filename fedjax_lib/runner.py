@@ -1,0 +1,222 @@
+"""`run_experiment(config) -> Results`: the whole experiment, as the CLI runs it.
+
+Data are loaded and partitioned once, moved to the device once, and every repetition (``times``)
+reuses one compiled round. Each repetition ``t`` uses seed ``config.seed + t`` for the model
+initialisation and every random event; the partition is drawn from ``config.seed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+
+from fedjax_lib import algorithms as algorithms_lib
+from fedjax_lib import data as data_lib
+from fedjax_lib import models as models_lib
+from fedjax_lib import results as results_lib
+from fedjax_lib.config import Config
+from fedjax_lib.core import engine as engine_lib
+from fedjax_lib.core import rng
+from fedjax_lib.core.local import LocalSpec
+from fedjax_lib.errors import ConfigError
+
+HISTORY_KEYS = ("test_acc", "test_auc", "test_acc_std", "test_auc_std", "train_loss")
+
+
+@dataclasses.dataclass
+class RunResult:
+  """One repetition: its seed, per-round history and where its files went."""
+  seed: int
+  history: dict
+  best_test_acc: float
+  last_test_acc: float
+  mean_round_time_s: float
+  total_time_s: float
+  files: dict
+
+
+@dataclasses.dataclass
+class Results:
+  """All repetitions of an experiment, with PFLlib's mean ± std summary."""
+  config: Config
+  runs: list
+  out_dir: str
+  partition_file: str
+
+  def _stat(self, key: str) -> tuple[float, float]:
+    values = np.array([getattr(r, key) for r in self.runs], np.float64)
+    return float(values.mean()), float(values.std())
+
+  @property
+  def best_test_acc(self) -> tuple[float, float]:
+    """Mean and std over runs of each run's best accuracy (PFLlib's reported number)."""
+    return self._stat("best_test_acc")
+
+  @property
+  def last_test_acc(self) -> tuple[float, float]:
+    return self._stat("last_test_acc")
+
+  @property
+  def mean_round_time_s(self) -> float:
+    return self._stat("mean_round_time_s")[0]
+
+  @property
+  def total_time_s(self) -> float:
+    return float(sum(r.total_time_s for r in self.runs))
+
+  def summary_lines(self) -> list[str]:
+    best, best_std = self.best_test_acc
+    last, last_std = self.last_test_acc
+    n = len(self.runs)
+    return [
+        f"best test accuracy: {best:.4f} ± {best_std:.4f} (mean ± std over {n} run(s))",
+        f"last test accuracy: {last:.4f} ± {last_std:.4f}",
+        f"mean time per round: {self.mean_round_time_s:.3f} s (round 0, which compiles, "
+        f"excluded); total time: {self.total_time_s:.1f} s",
+        f"results in: {self.out_dir}",
+    ]
+
+
+def dataset_tag(dataset: str) -> str:
+  """The dataset's name in results file names (a folder's base name)."""
+  return os.path.basename(os.path.normpath(dataset)) if os.sep in dataset or \
+      os.path.isdir(dataset) else dataset
+
+
+def build(config: Config):
+  """Validates ``config`` and builds ``(data, model, algorithm, engine)``."""
+  config.validate()
+  data = data_lib.load_federated(
+      config.dataset, num_clients=config.num_clients, num_classes=config.num_classes,
+      scheme=config.partition, alpha=config.alpha, class_per_client=config.class_per_client,
+      balance=config.balance, train_ratio=config.train_ratio, batch_size=config.batch_size,
+      seed=config.seed)
+  config.check_participation(data.num_clients)
+  largest = int(data.train_count.max())
+  steps_per_epoch = largest // config.batch_size
+  if steps_per_epoch < 1:
+    raise ConfigError(f"batch_size={config.batch_size} is larger than every client's training "
+                      f"set (the largest has {largest} samples); use batch_size <= {largest}")
+  model = models_lib.make_model(config.model, data.sample_shape, data.num_classes)
+  backend = jax.default_backend()
+  num_steps = steps_per_epoch * config.local_epochs
+  unroll = config.unroll if config.unroll is not None else engine_lib.default_unroll(
+      backend, num_steps)
+  local = LocalSpec(learning_rate=float(config.learning_rate), batch_size=config.batch_size,
+                    local_epochs=config.local_epochs, steps_per_epoch=steps_per_epoch,
+                    unroll=unroll)
+  algorithm = algorithms_lib.make_algorithm(config.algorithm, model, local, config.algo_params)
+  executor = (engine_lib.default_executor(backend) if config.executor == "auto"
+              else config.executor)
+  participation = engine_lib.Participation(
+      num_clients=data.num_clients, join_ratio=config.join_ratio,
+      random_join_ratio=config.random_join_ratio, client_drop_rate=config.client_drop_rate)
+  engine = engine_lib.Engine(algorithm, engine_lib.DeviceData.from_federated(data),
+                             participation, executor=executor, chunk_size=config.chunk_size,
+                             eval_chunk_size=config.eval_chunk_size)
+  return data, model, algorithm, engine
+
+
+def _progress(iterable, enabled: bool, desc: str):
+  if not enabled:
+    return iterable
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  return tqdm(iterable, desc=desc, dynamic_ncols=True, file=sys.stderr)
+
+
+def _run_once(engine, config: Config, seed: int, desc: str, log: Callable[[str], None]):
+  root = rng.root_key(seed)
+  server_state, client_states = engine.init(root, engine.data.x[0])
+  history = {k: [] for k in ("rounds",) + HISTORY_KEYS}
+  round_times, train_times, eval_times = [], [], []
+  best, best_at = -1.0, 0
+  bar = _progress(range(config.global_rounds + 1), config.progress, desc)
+  write = getattr(bar, "write", log)
+  start = time.perf_counter()
+  for r in bar:
+    eval_time = 0.0
+    if r % config.eval_gap == 0:
+      t0 = time.perf_counter()
+      metrics = engine.evaluate(server_state, client_states)
+      eval_time = time.perf_counter() - t0
+      history["rounds"].append(r)
+      for k in HISTORY_KEYS:
+        history[k].append(metrics[k])
+      if metrics["test_acc"] > best:
+        best, best_at = metrics["test_acc"], len(history["test_acc"]) - 1
+      if config.progress:
+        bar.set_postfix(acc=f"{metrics['test_acc']:.4f}", loss=f"{metrics['train_loss']:.4f}")
+      write(f"round {r:4d} | test_acc {metrics['test_acc']:.4f} ± {metrics['test_acc_std']:.4f}"
+            f" | test_auc {metrics['test_auc']:.4f} | train_loss {metrics['train_loss']:.4f}")
+      if not np.isfinite(metrics["train_loss"]):
+        write(f"round {r}: the train loss is not finite; stopping this run")
+        eval_times.append(eval_time)
+        round_times.append(eval_time)
+        train_times.append(0.0)
+        break
+      if config.auto_break and len(history["test_acc"]) - 1 - best_at > config.top_cnt:
+        write(f"auto-break at round {r}: no improvement in {config.top_cnt} evaluations")
+        eval_times.append(eval_time)
+        train_times.append(0.0)
+        round_times.append(eval_time)
+        break
+    t0 = time.perf_counter()
+    server_state, client_states, _ = engine.run_round(server_state, client_states, root, r)
+    jax.block_until_ready((server_state, client_states))
+    train_time = time.perf_counter() - t0
+    train_times.append(train_time)
+    eval_times.append(eval_time)
+    round_times.append(train_time + eval_time)
+  total = time.perf_counter() - start
+  history["round_time_s"] = round_times
+  history["train_time_s"] = train_times
+  history["eval_time_s"] = eval_times
+  steady = round_times[1:] or round_times
+  return history, float(np.mean(steady)), total
+
+
+def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None) -> Results:
+  """Runs ``config.times`` repetitions and writes their results under ``config.out``.
+
+  Raises:
+    fedjax_lib.errors.FedJaxError: for bad configuration or data, before anything is written.
+  """
+  log = log or (lambda msg: print(msg, file=sys.stderr))
+  data, model, algorithm, engine = build(config)
+  tag = dataset_tag(config.dataset)
+  out_dir = os.path.abspath(config.out)
+  base = f"{tag}_{algorithm.name}_{config.goal}"
+  num_params = models_lib.count_params(
+      jax.eval_shape(algorithm.init_params, rng.root_key(0), data.x[0]))
+  log(f"{algorithm.name} on {tag}: {data.num_clients} clients, {data.num_classes} classes, "
+      f"model {config.model} ({num_params:,} parameters), executor {engine.executor}, "
+      f"backend {jax.default_backend()}")
+  partition_file = os.path.join(out_dir, f"{base}_partition.json")
+  results_lib.write_json(partition_file, data.summary())
+  runs = []
+  for t in range(config.times):
+    seed = config.seed + t
+    history, mean_round, total = _run_once(engine, config, seed, f"run {t}", log)
+    acc = history["test_acc"]
+    run_base = os.path.join(out_dir, f"{base}_{t}")
+    payload = {"config": config.to_dict(), "run": t, "seed": seed,
+               "algorithm": algorithm.name, "executor": engine.executor,
+               "backend": jax.default_backend(), "jax_version": jax.__version__,
+               **history, "best_test_acc": max(acc), "last_test_acc": acc[-1],
+               "mean_round_time_s": mean_round, "total_time_s": total}
+    files = {"json": run_base + ".json", "h5": run_base + ".h5", "png": run_base + ".png"}
+    results_lib.write_json(files["json"], payload)
+    results_lib.write_h5(files["h5"], history)
+    results_lib.write_plot(files["png"], history, f"{algorithm.name} on {tag} (run {t})")
+    runs.append(RunResult(seed=seed, history=history, best_test_acc=float(max(acc)),
+                          last_test_acc=float(acc[-1]), mean_round_time_s=mean_round,
+                          total_time_s=total, files=files))
+    log(f"run {t}: best test accuracy {max(acc):.4f}, last {acc[-1]:.4f}, "
+        f"{mean_round:.3f} s/round")
+  return Results(config=config, runs=runs, out_dir=out_dir, partition_file=partition_file)
