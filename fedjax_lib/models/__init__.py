@@ -1,0 +1,37 @@
+"""Model zoo: Flax models with a base (feature extractor) / head (classifier) split."""
+
+from fedjax_lib.models.base import BaseHeadModel
+from fedjax_lib.models.base import count_params
+from fedjax_lib.models.base import feature_dim
+from fedjax_lib.models.base import merge_params
+from fedjax_lib.models.base import split_params
+from fedjax_lib.models.cnn import FedAvgCNN
+from fedjax_lib.models.cnn import FedAvgCNNBase
+from fedjax_lib.models.layers import CONV_IMPLS
+from fedjax_lib.models.layers import TorchConv
+from fedjax_lib.models.layers import TorchDense
+from fedjax_lib.models.layers import torch_fc1_permutation
+from fedjax_lib.models.mlp import DNN
+from fedjax_lib.models.mlp import MLR
+from fedjax_lib.models.zoo import MODEL_NAMES
+from fedjax_lib.models.zoo import init_model
+from fedjax_lib.models.zoo import make_model
+
+__all__ = [
+    'BaseHeadModel',
+    'CONV_IMPLS',
+    'DNN',
+    'FedAvgCNN',
+    'FedAvgCNNBase',
+    'MLR',
+    'MODEL_NAMES',
+    'TorchConv',
+    'TorchDense',
+    'count_params',
+    'feature_dim',
+    'init_model',
+    'make_model',
+    'merge_params',
+    'split_params',
+    'torch_fc1_permutation',
+]

@@ -1,0 +1,137 @@
+"""The base/head model split shared by every model in the zoo.
+
+PFLlib wraps models in ``BaseHeadSplit``: ``base`` is the feature extractor and
+``head`` (PyTorch attribute ``fc``) the classifier, ``model(x) = head(base(x))``. Many
+personalised-FL algorithms (FedPer, FedRep, FedBABU, LG-FedAvg, FedProto, GPFL, ...)
+communicate, train or aggregate the two parts separately, so every model here is a
+:class:`BaseHeadModel` and its variables always have the layout::
+
+    {'params': {'base': {...}, 'head': {...}}}
+
+(a part without parameters, such as the identity base of logistic regression, is simply
+absent from ``params``).
+
+Usage::
+
+  logits = model.apply(variables, x)
+  z = model.apply(variables, x, method='features')
+  logits = model.apply(variables, z, method='classify')
+  base, head = split_params(variables)
+  variables = merge_params(base, head)
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+Variables = dict[str, Any]
+Params = dict[str, Any]
+
+
+class BaseHeadModel(nn.Module):
+  """A model ``head(base(x))`` whose two parts can be used separately.
+
+  Attributes:
+    base: the feature extractor, mapping a batch of inputs to ``(batch, feature_dim)``.
+    head: the classifier, mapping features to ``(batch, num_classes)`` logits.
+  """
+  base: nn.Module
+  head: nn.Module
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Logits ``head(base(x))``."""
+    return self.head(self.base(x))
+
+  def features(self, x: jax.Array) -> jax.Array:
+    """The feature representation ``base(x)``."""
+    return self.base(x)
+
+  def classify(self, z: jax.Array) -> jax.Array:
+    """Logits ``head(z)`` of features ``z``."""
+    return self.head(z)
+
+
+def _params_of(variables: Variables) -> Params:
+  """Returns the ``params`` collection, accepting a bare params dict too."""
+  if 'params' in variables:
+    return variables['params']
+  return variables
+
+
+def split_params(variables: Variables) -> tuple[Params, Params]:
+  """Splits variables into the base's and the head's parameter trees.
+
+  Works unchanged on parameters stacked over clients (leading axis on every leaf).
+
+  Args:
+    variables: ``{'params': {'base': ..., 'head': ...}}`` (a bare
+      ``{'base': ..., 'head': ...}`` is accepted too).
+
+  Returns:
+    ``(base_params, head_params)``; a part without parameters gives ``{}``.
+  """
+  params = _params_of(variables)
+  unknown = set(params) - {'base', 'head'}
+  if unknown:
+    raise ValueError(f'expected params with keys base/head, got {sorted(params)}')
+  return params.get('base', {}), params.get('head', {})
+
+
+def merge_params(base: Params, head: Params) -> Variables:
+  """Inverse of :func:`split_params`: builds ``{'params': {'base': .., 'head': ..}}``.
+
+  An empty part (``{}``) is left out, so ``merge_params(*split_params(v)) == v``.
+
+  Args:
+    base: the base's parameter tree.
+    head: the head's parameter tree.
+
+  Returns:
+    A variables dict usable with ``model.apply``.
+  """
+  params = {}
+  if base:
+    params['base'] = base
+  if head:
+    params['head'] = head
+  return {'params': params}
+
+
+def count_params(variables: Variables) -> int:
+  """Number of scalar parameters (the ``params`` collection if present).
+
+  Accepts concrete arrays or abstract ``jax.ShapeDtypeStruct`` leaves (e.g. from
+  ``jax.eval_shape``). Stacked parameters count every copy.
+
+  Args:
+    variables: a variables dict or any parameter pytree.
+
+  Returns:
+    The total number of scalars.
+  """
+  tree = variables['params'] if isinstance(variables, dict) and 'params' in variables else variables
+  return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+def feature_dim(model: BaseHeadModel, sample_shape: tuple[int, ...]) -> int:
+  """Size of ``model``'s feature vector for inputs of shape ``sample_shape``.
+
+  Computed abstractly (no FLOPs, no parameters materialised).
+
+  Args:
+    model: the model.
+    sample_shape: shape of one input, without the batch axis.
+
+  Returns:
+    The last dimension of ``model.features``.
+  """
+  x = jax.ShapeDtypeStruct((1, *sample_shape), jnp.float32)
+
+  def features(x):
+    variables = model.init(jax.random.PRNGKey(0), x)
+    return model.apply(variables, x, method='features')
+
+  return int(jax.eval_shape(features, x).shape[-1])

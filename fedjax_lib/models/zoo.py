@@ -1,0 +1,128 @@
+"""Models chosen by name, with their inputs validated at the boundary.
+
+Names are case-insensitive and include PFLlib's ``-m`` names:
+
+=========  =====================  ============================================
+name       aliases                model
+=========  =====================  ============================================
+``cnn``    ``fedavgcnn``          :func:`~fedjax_lib.models.cnn.FedAvgCNN`
+``dnn``                           :func:`~fedjax_lib.models.mlp.DNN`
+``mlr``    ``mclr_logistic``      :func:`~fedjax_lib.models.mlp.MLR`
+=========  =====================  ============================================
+
+Example::
+
+  model = make_model('CNN', sample_shape=(28, 28, 1), num_classes=10)
+  variables = init_model(model, jax.random.PRNGKey(0), (28, 28, 1))
+"""
+
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lib.errors import ConfigError
+from fedjax_lib.models import cnn
+from fedjax_lib.models import mlp
+from fedjax_lib.models.base import BaseHeadModel, Variables
+from fedjax_lib.models.layers import CONV_IMPLS
+
+#: Canonical model names accepted by :func:`make_model`.
+MODEL_NAMES = ('cnn', 'dnn', 'mlr')
+
+_ALIASES = {'fedavgcnn': 'cnn', 'mclr_logistic': 'mlr'}
+
+#: Keyword options each model accepts.
+_OPTIONS = {
+    'cnn': ('conv_impl', 'hidden_dim'),
+    'dnn': ('hidden_dim',),
+    'mlr': (),
+}
+
+
+def _is_int(value) -> bool:
+  """True for Python and numpy integers, False for bools."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_sample_shape(name: str, sample_shape) -> None:
+  try:
+    shape = tuple(sample_shape)
+  except TypeError:
+    shape = None
+  if not shape or not all(_is_int(d) and d >= 1 for d in shape):
+    raise ConfigError(f'sample_shape must be a non-empty tuple of positive ints, '
+                      f'got {sample_shape!r}')
+  shape = tuple(int(d) for d in shape)
+  if name == 'cnn':
+    if len(shape) != 3 or min(shape[:2]) < cnn.MIN_SPATIAL:
+      raise ConfigError(
+          f"model 'cnn' needs sample_shape (H, W, C) with H, W >= {cnn.MIN_SPATIAL}, "
+          f'got {shape}')
+
+
+def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
+               **kwargs) -> BaseHeadModel:
+  """Builds the model called ``name`` for inputs of shape ``sample_shape``.
+
+  Args:
+    name: a model name (see the module docstring), case-insensitive.
+    sample_shape: shape of one input without the batch axis: ``(H, W, C)`` for the CNN,
+      anything for the fully connected models (they flatten it).
+    num_classes: number of classes, at least 2.
+    **kwargs: model options: ``conv_impl`` (``'lax'`` or ``'patches'``) and
+      ``hidden_dim`` for ``cnn``; ``hidden_dim`` for ``dnn``; none for ``mlr``.
+
+  Returns:
+    A :class:`BaseHeadModel`.
+
+  Raises:
+    ConfigError: for an unknown name or option, or an invalid shape or value.
+  """
+  key = name.strip().lower() if isinstance(name, str) else name
+  key = _ALIASES.get(key, key)
+  if key not in MODEL_NAMES:
+    raise ConfigError(f'unknown model {name!r}; choose one of: {", ".join(MODEL_NAMES)}')
+  if not _is_int(num_classes) or num_classes < 2:
+    raise ConfigError(f'num_classes must be an integer >= 2, got {num_classes!r}')
+  _check_sample_shape(key, sample_shape)
+  options = {}
+  for option, value in kwargs.items():
+    if option not in _OPTIONS[key]:
+      accepted = ', '.join(_OPTIONS[key]) or 'none'
+      raise ConfigError(f'unknown option {option!r} for model {key!r}; accepted: {accepted}')
+    if option == 'hidden_dim':
+      if not _is_int(value) or value < 1:
+        raise ConfigError(f'hidden_dim must be a positive integer, got {value!r}')
+      value = int(value)
+    if option == 'conv_impl' and value not in CONV_IMPLS:
+      raise ConfigError(f'unknown conv_impl {value!r}; choose one of: {", ".join(CONV_IMPLS)}')
+    options[option] = value
+  if key == 'cnn':
+    return cnn.FedAvgCNN(int(num_classes), **options)
+  if key == 'dnn':
+    return mlp.DNN(int(num_classes), **options)
+  return mlp.MLR(int(num_classes))
+
+
+def init_model(model: BaseHeadModel, key: jax.Array,
+               sample_shape: tuple[int, ...]) -> Variables:
+  """Initialises ``model`` on a dummy batch of one zero input.
+
+  Args:
+    model: the model.
+    key: a PRNG key.
+    sample_shape: shape of one input without the batch axis.
+
+  Returns:
+    ``{'params': {'base': ..., 'head': ...}}``.
+  """
+  return _jitted_init(model, key, jnp.zeros((1, *sample_shape), jnp.float32))
+
+
+# Flax modules hash by their fields, so equal models share one compilation.
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_init(model: BaseHeadModel, key: jax.Array, x: jax.Array) -> Variables:
+  return model.init(key, x)
