@@ -1,0 +1,337 @@
+"""Reading and writing PFLlib's dataset folders.
+
+Layout (PFLlib ``dataset/<Name>/``)::
+
+  config.json          optional metadata; PFLlib's runtime never reads it
+  train/<id>.npz       id = 0 .. K-1
+  test/<id>.npz
+
+Each ``.npz`` is written with ``np.savez_compressed(f, data={'x': x, 'y': y})``: the dict is
+stored as a pickled 0-d object array, so reading needs ``allow_pickle=True`` and ``.tolist()``.
+Images are stored normalised, float32, in PyTorch's NCHW layout; labels int64.
+
+This library keeps images NHWC, so every 4-D ``x`` is transposed on the way in
+(``[N, C, H, W] → [N, H, W, C]``) and back on the way out. Other ranks (flat features
+``[N, D]``) are kept as they are.
+
+Security: ``allow_pickle=True`` can run code embedded in a file; read only folders you trust
+(PFLlib's format needs it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from typing import Any
+import zipfile
+
+import numpy as np
+
+from fedjax_lib.data.federated import FederatedData
+from fedjax_lib.errors import DataError
+
+CONFIG_FILE = "config.json"
+SIZES_KEY = "Size of samples for labels in clients"
+_CLIENT_FILE = re.compile(r"^(\d+)\.npz$")
+
+
+def partition_meta(scheme: str | None, *, balance: bool = False, alpha: float = 0.1,
+                   batch_size: int = 10) -> dict[str, Any]:
+  """PFLlib's config.json description of a partition scheme.
+
+  PFLlib's generator CLI records ``non_iid`` (``iid`` → false) and ``partition``
+  (``"pat" | "dir" | "exdir"``, ``None`` for ``iid``).
+  """
+  return {
+      "non_iid": scheme not in (None, "iid"),
+      "balance": bool(balance),
+      "partition": None if scheme in (None, "iid") else scheme,
+      "alpha": alpha,
+      "batch_size": batch_size,
+  }
+
+
+def _to_storage_layout(x: np.ndarray) -> np.ndarray:
+  """NHWC → NCHW for 4-D image arrays; anything else unchanged."""
+  return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if x.ndim == 4 else x
+
+
+def _from_storage_layout(x: np.ndarray) -> np.ndarray:
+  """NCHW → NHWC for 4-D image arrays; anything else unchanged."""
+  return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if x.ndim == 4 else x
+
+
+def _save_client(path: str, x: np.ndarray, y: np.ndarray) -> None:
+  with open(path, "wb") as f:
+    np.savez_compressed(f, data={"x": _to_storage_layout(x).astype(np.float32),
+                                 "y": y.astype(np.int64)})
+
+
+def write_pfllib_folder(data: FederatedData, folder: str | os.PathLike, *,
+                        partition_meta: dict[str, Any] | None = None,
+                        overwrite: bool = False) -> None:
+  """Writes ``data`` as a PFLlib dataset folder (config.json, train/<id>.npz, test/<id>.npz).
+
+  The folder is first written next to the target under a temporary name and then renamed,
+  so an interrupted write leaves no half-written dataset folder.
+
+  config.json holds ``num_clients``, ``num_classes``, ``non_iid``, ``balance``, ``partition``,
+  ``"Size of samples for labels in clients"`` (per client, ``[label, count]`` pairs over its
+  train and test samples, labels it holds only), ``alpha`` and ``batch_size``, the fields
+  PFLlib's generator writes; extra ``partition_meta`` keys are written after them.
+
+  Args:
+    data: the federated dataset.
+    folder: target folder; must not exist unless ``overwrite``.
+    partition_meta: ``non_iid``, ``balance``, ``partition``, ``alpha``, ``batch_size`` (see
+      `partition_meta`); missing fields are written as null.
+    overwrite: replace an existing folder.
+
+  Raises:
+    DataError: the target exists and ``overwrite`` is false, or its parent does not exist.
+  """
+  folder = os.path.abspath(os.fspath(folder))
+  parent = os.path.dirname(folder)
+  if os.path.exists(folder) and not overwrite:
+    raise DataError(f"dataset folder {folder!r} already exists; choose a new path or pass "
+                    "overwrite=True")
+  if not os.path.isdir(parent):
+    raise DataError(f"cannot write dataset folder {folder!r}: parent directory {parent!r} "
+                    "does not exist")
+  meta = dict(partition_meta or {})
+  counts = data.label_counts()
+  config: dict[str, Any] = {
+      "num_clients": data.num_clients,
+      "num_classes": data.num_classes,
+      "non_iid": meta.pop("non_iid", None),
+      "balance": meta.pop("balance", None),
+      "partition": meta.pop("partition", None),
+      SIZES_KEY: [[[int(c), int(row[c])] for c in np.flatnonzero(row)] for row in counts],
+      "alpha": meta.pop("alpha", None),
+      "batch_size": meta.pop("batch_size", None),
+  }
+  config.update(meta)
+
+  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
+  try:
+    for split in ("train", "test"):
+      os.mkdir(os.path.join(staging, split))
+      for client in range(data.num_clients):
+        x, y = data.client_arrays(client, split)
+        _save_client(os.path.join(staging, split, f"{client}.npz"), x, y)
+    with open(os.path.join(staging, CONFIG_FILE), "w") as f:
+      json.dump(config, f)
+    if os.path.exists(folder):  # overwrite: move the old folder aside, then swap
+      trash = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.old-", dir=parent)
+      os.rename(folder, os.path.join(trash, "old"))
+      os.rename(staging, folder)
+      shutil.rmtree(trash, ignore_errors=True)
+    else:
+      os.rename(staging, folder)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+
+
+def _client_ids(split_dir: str) -> list[int]:
+  """Sorted ids of the ``<id>.npz`` files in ``split_dir`` (hidden files ignored)."""
+  ids = []
+  for entry in os.listdir(split_dir):
+    if entry.startswith("."):
+      continue
+    match = _CLIENT_FILE.match(entry)
+    if match:
+      ids.append(int(match.group(1)))
+    elif entry.endswith(".npz"):
+      raise DataError(f"unexpected file {os.path.join(split_dir, entry)!r}; client files must "
+                      "be named <id>.npz with id = 0, 1, ...")
+  return sorted(ids)
+
+
+def _load_client(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """``(x, y)`` of one client file: a PFLlib pickled ``data`` dict or a plain npz with x/y."""
+  try:
+    loaded = np.load(path, allow_pickle=True)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError,
+          TypeError, AttributeError, ImportError) as e:  # what np.load raises on bad files
+    raise DataError(f"{path!r} is not a valid .npz file: {type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}") from e
+  if not isinstance(loaded, np.lib.npyio.NpzFile):
+    raise DataError(f"{path!r} is not a .npz archive (np.load returned "
+                    f"{type(loaded).__name__}); expected np.savez_compressed output")
+  with loaded as npz:
+    keys = set(npz.files)
+    try:
+      if "data" in keys:
+        payload = npz["data"]
+        payload = payload.tolist() if payload.dtype == object and payload.ndim == 0 else None
+        if not isinstance(payload, dict) or "x" not in payload or "y" not in payload:
+          raise DataError(f"{path!r}: 'data' must be a pickled dict with keys 'x' and 'y'")
+        x, y = payload["x"], payload["y"]
+      elif {"x", "y"} <= keys:
+        x, y = npz["x"], npz["y"]
+      else:
+        raise DataError(f"{path!r} lacks the arrays 'x' and 'y' (found keys "
+                        f"{sorted(keys)}); expected np.savez_compressed(f, data={{'x': ..., "
+                        "'y': ...}}) or keys x, y")
+    except DataError:
+      raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError,
+            TypeError, AttributeError, ImportError) as e:  # a corrupt member
+      raise DataError(f"{path!r} is not a valid .npz file: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}") from e
+  x, y = np.asarray(x), np.asarray(y)
+  if x.dtype == object:
+    raise DataError(f"{path!r}: x has dtype object (a text dataset?); only numeric arrays are "
+                    "supported")
+  if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+    raise DataError(f"{path!r}: x has non-numeric dtype {x.dtype}")
+  if y.ndim != 1:
+    raise DataError(f"{path!r}: y must be 1-D labels, got shape {y.shape}")
+  if x.ndim == 0 or x.shape[0] != y.shape[0]:
+    raise DataError(f"{path!r}: x has {x.shape[0] if x.ndim else 0} samples (shape {x.shape}) "
+                    f"but y has {y.shape[0]} labels")
+  if y.size and not np.issubdtype(y.dtype, np.integer):
+    if not (np.issubdtype(y.dtype, np.floating) and np.all(np.mod(y, 1) == 0)):
+      raise DataError(f"{path!r}: labels must be integers, got dtype {y.dtype}")
+  if x.size and not np.all(np.isfinite(x)):
+    raise DataError(f"{path!r}: x contains NaN or inf values")
+  return _from_storage_layout(x).astype(np.float32, copy=False), y.astype(np.int64)
+
+
+def _read_config(folder: str) -> dict[str, Any] | None:
+  path = os.path.join(folder, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise DataError(f"{path!r} is not valid JSON: {e}") from e
+  if not isinstance(config, dict):
+    raise DataError(f"{path!r} must hold a JSON object, got {type(config).__name__}")
+  for key in ("num_clients", "num_classes"):
+    value = config.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 1):
+      raise DataError(f"{path!r}: {key} must be a positive integer, got {value!r}")
+  return config
+
+
+def read_pfllib_folder(folder: str | os.PathLike, *, num_clients: int | None = None,
+                       num_classes: int | None = None,
+                       name: str | None = None) -> FederatedData:
+  """Reads a PFLlib dataset folder into a `FederatedData`.
+
+  Clients are the files ``train/0.npz .. train/{K-1}.npz`` (ids must be consecutive from 0),
+  each with a matching ``test/<id>.npz``. The flat ``x`` holds every client's train samples
+  (clients in order) followed by every client's test samples. 4-D NCHW arrays become NHWC.
+
+  ``num_classes`` is, in order: the argument, config.json's value, ``max label + 1``. A
+  config.json is optional, but when present its ``num_clients``/``num_classes`` must agree with
+  the files and with the arguments.
+
+  Args:
+    folder: the dataset folder.
+    num_clients: expected number of clients (``None``: as many as the folder has).
+    num_classes: number of classes (``None``: from config.json or the labels).
+    name: dataset name (``None``: the folder's base name).
+
+  Returns:
+    The `FederatedData`.
+
+  Raises:
+    DataError: with a one-line message naming the offending path or value when the folder is
+      missing, incomplete, inconsistent or malformed.
+  """
+  folder = os.fspath(folder)
+  if not os.path.exists(folder):
+    raise DataError(f"dataset folder {folder!r} does not exist; expected a PFLlib folder with "
+                    "train/<id>.npz and test/<id>.npz")
+  if not os.path.isdir(folder):
+    raise DataError(f"dataset path {folder!r} is not a directory; expected a PFLlib folder "
+                    "with train/ and test/ subfolders")
+  for split in ("train", "test"):
+    if not os.path.isdir(os.path.join(folder, split)):
+      raise DataError(f"dataset folder {folder!r} has no {split}/ subfolder; a PFLlib folder "
+                      "holds train/<id>.npz and test/<id>.npz")
+  name = name or os.path.basename(os.path.normpath(os.path.abspath(folder)))
+  config = _read_config(folder)
+  config_path = os.path.join(folder, CONFIG_FILE)
+
+  train_dir, test_dir = os.path.join(folder, "train"), os.path.join(folder, "test")
+  train_ids, test_ids = _client_ids(train_dir), _client_ids(test_dir)
+  if not train_ids:
+    raise DataError(f"{train_dir!r} contains no client files (<id>.npz)")
+  for expected, found in enumerate(train_ids):
+    if expected != found:
+      raise DataError(f"client ids in {train_dir!r} must be consecutive from 0; "
+                      f"{os.path.join(train_dir, f'{expected}.npz')!r} is missing")
+  count = len(train_ids)
+  missing_test = sorted(set(train_ids) - set(test_ids))
+  if missing_test:
+    raise DataError(f"{os.path.join(test_dir, f'{missing_test[0]}.npz')!r} is missing (every "
+                    f"train/<id>.npz needs a test/<id>.npz)")
+  extra_test = sorted(set(test_ids) - set(train_ids))
+  if extra_test:
+    raise DataError(f"{os.path.join(test_dir, f'{extra_test[0]}.npz')!r} has no matching "
+                    f"train/{extra_test[0]}.npz")
+  if num_clients is not None and num_clients != count:
+    raise DataError(f"dataset folder {folder!r} has {count} clients but num_clients="
+                    f"{num_clients} was requested; pass {count} or leave it unset")
+  if config is not None:
+    if config.get("num_clients") is not None and config["num_clients"] != count:
+      raise DataError(f"{config_path!r} says num_clients={config['num_clients']} but the "
+                      f"folder has {count} clients (train/0.npz .. train/{count - 1}.npz)")
+    config_classes = config.get("num_classes")
+    if config_classes is not None:
+      if num_classes is not None and num_classes != config_classes:
+        raise DataError(f"num_classes={num_classes} was requested but {config_path!r} says "
+                        f"num_classes={config_classes}")
+      num_classes = config_classes if num_classes is None else num_classes
+  if num_classes is not None and num_classes < 1:
+    raise DataError(f"num_classes must be >= 1, got {num_classes}")
+
+  arrays: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"train": [], "test": []}
+  sample_shape: tuple[int, ...] | None = None
+  shape_source = ""
+  for split, split_dir in (("train", train_dir), ("test", test_dir)):
+    for client in range(count):
+      path = os.path.join(split_dir, f"{client}.npz")
+      x, y = _load_client(path)
+      if y.size:
+        if y.min() < 0:
+          raise DataError(f"{path!r} has negative label {int(y.min())}; labels must be >= 0")
+        if num_classes is not None and y.max() >= num_classes:
+          raise DataError(f"{path!r} has label {int(y.max())} but num_classes={num_classes}; "
+                          f"labels must be in [0, {num_classes - 1}]")
+      if x.shape[0]:
+        if sample_shape is None:
+          sample_shape, shape_source = x.shape[1:], path
+        elif x.shape[1:] != sample_shape:
+          raise DataError(f"{path!r} has samples of shape {x.shape[1:]} but {shape_source!r} "
+                          f"has {sample_shape}; all clients must share one sample shape")
+      arrays[split].append((x, y))
+
+  if sum(y.size for _, y in arrays["train"]) == 0:
+    raise DataError(f"every client in {train_dir!r} has 0 training samples")
+  all_labels = [y for split in arrays.values() for _, y in split]
+  if num_classes is None:
+    num_classes = int(max(int(y.max()) for y in all_labels if y.size)) + 1
+
+  xs, ys, index_lists = [], [], {"train": [], "test": []}
+  offset = 0
+  for split in ("train", "test"):
+    for x, y in arrays[split]:
+      n = y.shape[0]
+      xs.append(x.reshape((n, *sample_shape)))
+      ys.append(y)
+      index_lists[split].append(np.arange(offset, offset + n, dtype=np.int64))
+      offset += n
+  return FederatedData.from_client_indices(
+      name, np.concatenate(xs), np.concatenate(ys), index_lists["train"],
+      index_lists["test"], num_classes)
