@@ -106,10 +106,6 @@ def batch_schedule(data: ClientData, key: jax.Array, spec: LocalSpec):
   return jnp.concatenate(rows), jnp.concatenate(valid)
 
 
-def _select(pred, on_true, on_false):
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
-
-
 def train_locally(params, data: ClientData, key: jax.Array, spec: LocalSpec, loss_fn: LossFn,
                   tx: Optional[optax.GradientTransformation] = None, opt_state=None):
   """Runs one client's local training.
@@ -135,16 +131,19 @@ def train_locally(params, data: ClientData, key: jax.Array, spec: LocalSpec, los
   grad_fn = jax.value_and_grad(loss_fn)
   ones = jnp.ones((spec.batch_size,), jnp.float32)
 
-  def step(carry, inputs):
+  def sgd_step(carry, step_rows, step_index):
     params, opt_state, loss_sum = carry
-    step_rows, step_valid, step_index = inputs
     batch = Batch(data.x[step_rows], data.y[step_rows], ones)
     loss, grads = grad_fn(params, batch, jax.random.fold_in(loss_key, step_index))
-    updates, new_opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    params, opt_state = _select(step_valid, (new_params, new_opt_state), (params, opt_state))
-    loss_sum = loss_sum + jnp.where(step_valid, loss, 0.0)
-    return (params, opt_state, loss_sum), None
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss_sum + loss
+
+  def step(carry, inputs):
+    step_rows, step_valid, step_index = inputs
+    # Masked steps are skipped: under vmap, cond becomes a select (both sides computed, the
+    # result unchanged); unbatched (the sequential executor) the step is not computed at all.
+    carry = jax.lax.cond(step_valid, sgd_step, lambda c, *_: c, carry, step_rows, step_index)
+    return carry, None
 
   num_steps = spec.num_steps
   unroll = num_steps if spec.unroll == 0 else max(1, min(spec.unroll, num_steps))

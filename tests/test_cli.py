@@ -1,0 +1,145 @@
+"""CLI: PFLlib flag parsing, bad-input errors (exit 2, one line, no files), results files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from fedjax_lib import cli
+from fedjax_lib.config import Config
+from fedjax_lib.data import load_federated, write_pfllib_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse(argv):
+  return cli.config_from_args(cli.build_parser().parse_args(argv))
+
+
+def test_pfllib_short_flags_map_to_config():
+  c = parse("-data digits -m DNN -algo local -gr 7 -ls 2 -lbs 16 -lr 0.01 -nc 10 -ncl 10 "
+            "-jr 0.5 -rjr 1 -cdr 0.1 -eg 2 -t 3 -ab true -tc 5 -go exp --seed 4 "
+            "--out /tmp/x".split())
+  assert c == Config(dataset="digits", model="DNN", algorithm="local", global_rounds=7,
+                     local_epochs=2, batch_size=16, learning_rate=0.01, num_clients=10,
+                     num_classes=10, join_ratio=0.5, random_join_ratio=True,
+                     client_drop_rate=0.1, eval_gap=2, times=3, auto_break=True, top_cnt=5,
+                     goal="exp", seed=4, out="/tmp/x")
+
+
+def test_long_options_and_pfllib_long_names():
+  a = parse(["--learning-rate", "0.1", "--global-rounds", "3", "--batch-size", "5"])
+  b = parse(["--local_learning_rate", "0.1", "--global_rounds", "3", "--batch_size", "5"])
+  assert a == b and a.learning_rate == 0.1 and a.global_rounds == 3 and a.batch_size == 5
+
+
+@pytest.mark.parametrize("text,value", [("0", False), ("1", True), ("False", False),
+                                        ("false", False), ("True", True), ("yes", True)])
+def test_boolean_flags_parse_false_correctly(text, value):
+  assert parse(["-ab", text]).auto_break is value
+  assert parse(["-rjr", text]).random_join_ratio is value
+
+
+def test_algo_params_flag():
+  assert parse(["--algo-param", "mu=0.01", "--algo-param", "k=3"]).algo_params == {
+      "mu": 0.01, "k": 3}
+
+
+def run_cli(argv, tmp_path):
+  out = tmp_path / "out"
+  proc = subprocess.run([sys.executable, "-m", "fedjax_lib", *argv, "--out", str(out),
+                         "--no-progress"], capture_output=True, text=True, cwd=ROOT,
+                        timeout=300, check=False)
+  return proc, out
+
+
+@pytest.fixture(scope="module")
+def pfllib_folder(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("pfl") / "digits5"
+  data = load_federated("digits", num_clients=5, seed=0, scheme="iid")
+  write_pfllib_folder(data, str(folder))
+  return folder
+
+
+BAD_INPUTS = [
+    (["-algo", "FedAvgg"], ["FedAvgg", "FedAvg", "Local"]),
+    (["-m", "resnet7"], ["resnet7", "cnn"]),
+    (["-data", "imagenet22k"], ["imagenet22k", "digits"]),
+    (["-data", "/nonexistent/folder"], ["/nonexistent/folder"]),
+    (["-lr", "0"], ["learning_rate", "0"]),
+    (["-lr", "-0.1"], ["learning_rate", "-0.1"]),
+    (["-lbs", "0"], ["batch_size", "0"]),
+    (["-lbs", "-3"], ["batch_size", "-3"]),
+    (["-jr", "0.01"], ["join_ratio", "0.01"]),
+    (["-ncl", "5"], ["num_classes", "5"]),
+    (["-gr", "abc"], ["abc"]),
+    (["-ab", "maybe"], ["maybe"]),
+    (["--executor", "threads"], ["threads"]),
+    (["-cdr", "0.99", "-jr", "0.1"], ["client_drop_rate"]),
+    (["-lbs", "5000"], ["batch_size", "5000"]),
+]
+
+
+@pytest.mark.parametrize("argv,words", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2_no_files(argv, words, capsys, tmp_path):
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit) as exc:
+    sys.exit(cli.main(argv + ["--out", str(out), "--no-progress"]))
+  assert exc.value.code == 2
+  err = capsys.readouterr().err.strip()
+  lines = [l for l in err.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1, err
+  for word in words:
+    assert word in lines[0], (word, lines[0])
+  assert not out.exists() or not any(out.iterdir())
+
+
+def test_malformed_folder_and_class_mismatch(pfllib_folder, tmp_path, capsys):
+  broken = tmp_path / "broken"
+  (broken / "train").mkdir(parents=True)
+  (broken / "train" / "0.npz").write_bytes(b"not an npz")
+  (broken / "test").mkdir()
+  (broken / "test" / "0.npz").write_bytes(b"not an npz")
+  for argv in (["-data", str(broken)], ["-data", str(pfllib_folder), "-ncl", "3"],
+               ["-data", str(pfllib_folder), "-nc", "7"]):
+    with pytest.raises(SystemExit) as exc:
+      sys.exit(cli.main(argv + ["--out", str(tmp_path / "o"), "--no-progress"]))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+  assert not (tmp_path / "o").exists()
+
+
+def test_end_to_end_cli_writes_results(pfllib_folder, tmp_path):
+  proc, out = run_cli(["-data", str(pfllib_folder), "-m", "dnn", "-algo", "FedAvg", "-gr", "3",
+                       "-lr", "0.05", "-t", "2", "-eg", "1"], tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  assert "best test accuracy" in proc.stdout and "mean time per round" in proc.stdout
+  assert "round    3 | test_acc" in proc.stderr
+  files = sorted(os.listdir(out))
+  assert files == sorted(["digits5_FedAvg_test_0.json", "digits5_FedAvg_test_0.h5",
+                          "digits5_FedAvg_test_0.png", "digits5_FedAvg_test_1.json",
+                          "digits5_FedAvg_test_1.h5", "digits5_FedAvg_test_1.png",
+                          "digits5_FedAvg_test_partition.json"])
+  record = json.loads((out / "digits5_FedAvg_test_0.json").read_text())
+  assert record["config"]["global_rounds"] == 3 and record["rounds"] == [0, 1, 2, 3]
+  for key in ("test_acc", "test_auc", "train_loss"):
+    assert len(record[key]) == 4 and all(np.isfinite(record[key]))
+  assert len(record["round_time_s"]) == 4
+  assert record["best_test_acc"] == max(record["test_acc"])
+  assert record["last_test_acc"] == record["test_acc"][-1]
+  with h5py.File(out / "digits5_FedAvg_test_0.h5") as f:
+    np.testing.assert_allclose(f["rs_test_acc"][()], record["test_acc"])
+    np.testing.assert_allclose(f["rs_test_auc"][()], record["test_auc"])
+    assert len(f["rs_test_auc"][()]) == 4  # filled, unlike PFLlib's
+    np.testing.assert_allclose(f["rs_train_loss"][()], record["train_loss"])
+  assert (out / "digits5_FedAvg_test_0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  partition = json.loads((out / "digits5_FedAvg_test_partition.json").read_text())
+  assert partition["num_clients"] == 5 and len(partition["samples_per_label"]) == 5
+  # Different seeds per repetition: the two runs differ.
+  other = json.loads((out / "digits5_FedAvg_test_1.json").read_text())
+  assert other["seed"] == record["seed"] + 1 and other["test_acc"] != record["test_acc"]
