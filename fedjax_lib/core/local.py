@@ -140,9 +140,10 @@ def train_locally(params, data: ClientData, key: jax.Array, spec: LocalSpec, los
 
   def step(carry, inputs):
     step_rows, step_valid, step_index = inputs
-    # Masked steps are skipped: under vmap, cond becomes a select (both sides computed, the
-    # result unchanged); unbatched (the sequential executor) the step is not computed at all.
-    carry = jax.lax.cond(step_valid, sgd_step, lambda c, *_: c, carry, step_rows, step_index)
+    # A masked step is computed and discarded by a select. (lax.cond would skip it in the
+    # sequential executor, but XLA:CPU ran conditional branches ~5x slower than inline code.)
+    new_carry = sgd_step(carry, step_rows, step_index)
+    carry = jax.tree.map(lambda new, old: jnp.where(step_valid, new, old), new_carry, carry)
     return carry, None
 
   num_steps = spec.num_steps
