@@ -151,6 +151,7 @@ def main() -> None:
   p.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
   p.add_argument("--torch", action="store_true", help="also time the PyTorch baseline")
   p.add_argument("--torch-threads", type=int, default=0, help="0 = torch's default")
+  p.add_argument("--torch-device", default="cpu", help="torch device for the baseline")
   p.add_argument("--write", default=None, help="append the table to this markdown file")
   p.add_argument("--title", default=None)
   p.add_argument("--single", nargs=2, metavar=("CLIENTS", "EXECUTOR"), help=argparse.SUPPRESS)
@@ -164,7 +165,8 @@ def main() -> None:
   for n in [int(v) for v in args.clients.split(",")]:
     if args.torch:
       cmd = [sys.executable, os.path.join(HERE, "torch_baseline.py"), "--clients", str(n),
-             "--rounds", str(args.rounds), "--threads", str(args.torch_threads)]
+             "--rounds", str(args.rounds), "--threads", str(args.torch_threads),
+             "--device", args.torch_device]
       try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                              check=False)
