@@ -79,6 +79,15 @@ def _linear_loss(params, batch, key):
   return local.masked_cross_entropy(logits, batch.y, batch.mask)
 
 
+def _manual_sgd(params, x, y, rows, learning_rate):
+  """Plain SGD over the given batches of rows, written out step by step."""
+  for step_rows in np.asarray(rows):
+    batch = local.Batch(x[step_rows], y[step_rows], jnp.ones(len(step_rows)))
+    grads = jax.grad(_linear_loss)(params, batch, None)
+    params = jax.tree.map(lambda p, g: p - learning_rate * g, params, grads)
+  return params
+
+
 def test_epoch_order_is_a_permutation_of_valid_positions():
   order = np.asarray(local.epoch_order(jax.random.key(0), jnp.asarray(7), 12))
   assert sorted(order[:7]) == list(range(7))
@@ -96,11 +105,7 @@ def test_train_locally_matches_hand_written_sgd():
   got, _, stats = local.train_locally(params, data, key, spec, _linear_loss)
   rows, valid = local.batch_schedule(data, jax.random.split(key)[0], spec)
   assert np.asarray(valid).all()  # 17 // 4 = 4 full steps per epoch
-  want = params
-  for step_rows in np.asarray(rows):
-    batch = local.Batch(x[step_rows], y[step_rows], jnp.ones(4))
-    grads = jax.grad(_linear_loss)(want, batch, None)
-    want = jax.tree.map(lambda p, g: p - 0.1 * g, want, grads)
+  want = _manual_sgd(params, x, y, rows, 0.1)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
   assert int(stats["steps"]) == 8
@@ -127,11 +132,7 @@ def test_masked_steps_change_nothing_and_padding_is_invariant():
                            steps_per_epoch=steps)
     data = local.ClientData(x, y, idx, jnp.asarray(9))
     rows, _ = local.batch_schedule(data, jax.random.split(key)[0], spec)
-    want = params
-    for step_rows in np.asarray(rows)[:2]:
-      batch = local.Batch(x[step_rows], y[step_rows], jnp.ones(4))
-      grads = jax.grad(_linear_loss)(want, batch, None)
-      want = jax.tree.map(lambda a, g: a - 0.5 * g, want, grads)
+    want = _manual_sgd(params, x, y, np.asarray(rows)[:2], 0.5)
     for k in want:
       np.testing.assert_allclose(p[k], want[k], rtol=1e-5, atol=1e-6)
     assert int(stats["steps"]) == 2

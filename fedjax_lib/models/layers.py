@@ -45,7 +45,7 @@ import flax.linen as nn
 from fedjax_lib.errors import ConfigError
 
 #: Accepted values of ``TorchConv.conv_impl``.
-CONV_IMPLS = ('lax', 'patches')
+CONV_IMPLS = ('lax', 'patches', 'slices')
 
 
 def torch_uniform_init(fan_in: int) -> Callable[..., jax.Array]:
@@ -167,6 +167,15 @@ class TorchConv(nn.Module):
       y = lax.conv_general_dilated(
           x, kernel, window_strides=strides, padding=padding,
           dimension_numbers=dimension_numbers)
+    elif self.conv_impl == 'slices':
+      if strides != (1, 1) or padding != 'VALID':
+        raise ConfigError("conv_impl='slices' supports stride 1 and VALID padding only, got "
+                          f'strides={strides}, padding={padding!r}')
+      out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+      # im2col from kh*kw shifted views, ordered (kh, kw, in) like the HWIO kernel.
+      patches = jnp.concatenate([x[:, i:i + out_h, j:j + out_w, :]
+                                 for i in range(kh) for j in range(kw)], axis=-1)
+      y = jnp.einsum('nhwp,po->nhwo', patches, kernel.reshape(fan_in, self.features))
     else:
       patches = lax.conv_general_dilated_patches(
           x, filter_shape=(kh, kw), window_strides=strides, padding=padding,
