@@ -24,6 +24,7 @@ from fedjax_lib.config import Config
 from fedjax_lib.core import engine as engine_lib
 from fedjax_lib.core import rng
 from fedjax_lib.core.local import LocalSpec
+from fedjax_lib.data.loading import is_folder_path
 from fedjax_lib.errors import ConfigError
 
 HISTORY_KEYS = ("test_acc", "test_auc", "test_acc_std", "test_auc_std", "train_loss")
@@ -85,8 +86,7 @@ class Results:
 
 def dataset_tag(dataset: str) -> str:
   """The dataset's name in results file names (a folder's base name)."""
-  return os.path.basename(os.path.normpath(dataset)) if os.sep in dataset or \
-      os.path.isdir(dataset) else dataset
+  return os.path.basename(os.path.normpath(dataset)) if is_folder_path(dataset) else dataset
 
 
 def build(config: Config):
