@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
   add("--unroll", type=int, default=None, help="local steps unrolled per loop iteration "
       "(0 = all; default: per backend)")
   add("--eval-chunk-size", type=int, default=d.eval_chunk_size, dest="eval_chunk_size")
+  add("-mu", "--mu", type=float, default=None,
+      help="proximal coefficient (FedProx, Ditto); passed as --algo-param mu=...")
+  add("-pls", "--plocal_epochs", "--plocal-epochs", type=int, default=None,
+      dest="plocal_epochs", help="personal/head epochs (Ditto, FedRep)")
   add("--algo-param", type=_algo_param, action="append", default=[], dest="algo_params",
       metavar="NAME=VALUE", help="algorithm hyperparameter (repeatable)")
   add("-dev", "--device", choices=("auto", "cpu", "cuda", "gpu", "tpu"), default="auto",
@@ -102,8 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-  values = {k: v for k, v in vars(args).items() if k not in ("device",)}
+  values = {k: v for k, v in vars(args).items() if k not in ("device", "mu", "plocal_epochs")}
   values["algo_params"] = dict(values["algo_params"])
+  # PFLlib's algorithm flags, passed only when given (an algorithm refuses those it lacks).
+  for name in ("mu", "plocal_epochs"):
+    if getattr(args, name) is not None:
+      values["algo_params"][name] = getattr(args, name)
   return Config(**values)
 
 

@@ -49,6 +49,12 @@ def test_algo_params_flag():
       "mu": 0.01, "k": 3}
 
 
+def test_pfllib_algorithm_flags_become_algo_params():
+  assert parse(["-algo", "Ditto", "-mu", "0.1", "-pls", "2"]).algo_params == {
+      "mu": 0.1, "plocal_epochs": 2}
+  assert parse(["-algo", "FedAvg"]).algo_params == {}
+
+
 def run_cli(argv, tmp_path):
   out = tmp_path / "out"
   proc = subprocess.run([sys.executable, "-m", "fedjax_lib", *argv, "--out", str(out),
@@ -81,6 +87,8 @@ BAD_INPUTS = [
     (["--executor", "threads"], ["threads"]),
     (["-cdr", "0.99", "-jr", "0.1"], ["client_drop_rate"]),
     (["-lbs", "5000"], ["batch_size", "5000"]),
+    (["-algo", "FedAvg", "-mu", "0.1"], ["FedAvg", "mu"]),
+    (["-algo", "FedProx", "-mu", "-1"], ["mu", "-1"]),
 ]
 
 

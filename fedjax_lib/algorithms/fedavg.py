@@ -25,8 +25,14 @@ class FedAvg(Algorithm):
   def init(self, key, sample_x, num_clients):
     return {"params": self.init_params(key, sample_x)}, {}
 
+  def local_loss(self, server_state):
+    """The local training loss given the received server state (a hook: FedProx adds μ)."""
+    del server_state
+    return self.ce_loss
+
   def client_update(self, server_state, client_state, data, key):
-    params, _, stats = train_locally(server_state["params"], data, key, self.local, self.ce_loss)
+    params, _, stats = train_locally(server_state["params"], data, key, self.local,
+                                     self.local_loss(server_state))
     return client_state, params, stats
 
   def server_update(self, server_state, uploads, weights, key):

@@ -1,0 +1,86 @@
+"""FedProx: Federated Optimization in Heterogeneous Networks.
+
+Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith, MLSys 2020.
+
+FedAvg with a proximal term in the local objective. A selected client receives the global
+parameters ``w_g`` and runs local SGD from them on
+
+    CE(w) + (μ/2)·‖w − w_g‖²
+
+with ``w_g`` held fixed, so each step is ``w ← w − lr·(∇CE(w) + μ(w − w_g))`` — the step of
+PFLlib's ``PerturbedGradientDescent``. The server is FedAvg's sample-weighted average and every
+client is evaluated with the global model. ``mu`` defaults to 0.0 as PFLlib's ``-mu`` does, and
+with μ = 0 FedProx is exactly FedAvg.
+
+Differences from PFLlib:
+
+- PFLlib applies the μ term inside its optimizer; here it is part of the differentiated loss.
+  The SGD step is the same, but the per-step ``loss`` this module reports in the round metrics
+  (``local_loss``) includes (μ/2)·‖w − w_g‖².
+- PFLlib's ``train_metrics`` adds ``0.5·μ·‖w − w_g‖₂`` (the norm, not its square) to the reported
+  train loss; the evaluated ``train_loss`` here is plain cross-entropy of the global model.
+- The paper's inexact local solves with a variable amount of work per device are not modelled
+  (neither does PFLlib): every client runs ``local_epochs`` epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_lib.algorithms.fedavg import FedAvg
+from fedjax_lib.algorithms.registry import register
+from fedjax_lib.errors import ConfigError
+
+
+def proximal_term(params, anchor) -> jax.Array:
+  """``½‖params − anchor‖²`` summed over every leaf, in float32.
+
+  ``anchor`` is treated as a constant (no gradient flows into it), so
+  ``∇_params (μ·proximal_term) = μ·(params − anchor)``.
+
+  Args:
+    params: any pytree of arrays.
+    anchor: a pytree with the same structure and shapes (e.g. the received global model).
+
+  Returns:
+    A float32 scalar.
+  """
+  anchor = jax.lax.stop_gradient(anchor)
+  squares = jax.tree.map(
+      lambda p, a: jnp.sum(jnp.square(p.astype(jnp.float32) - a.astype(jnp.float32))),
+      params, anchor)
+  return 0.5 * sum(jax.tree.leaves(squares), jnp.zeros((), jnp.float32))
+
+
+def check_mu(name: str, mu) -> None:
+  """Raises a ConfigError unless ``mu`` is a non-negative number."""
+  if isinstance(mu, bool) or not isinstance(mu, (int, float)) or mu < 0:
+    raise ConfigError(f"{name} hyperparameter mu={mu!r} must be a number >= 0")
+
+
+@register("FedProx")
+@dataclasses.dataclass(frozen=True)
+class FedProx(FedAvg):
+  """FedAvg whose local loss adds (μ/2)·‖w − w_g‖² toward the received global model.
+
+  Attributes:
+    mu: proximal coefficient μ (PFLlib ``-mu``, default 0.0 = FedAvg).
+  """
+
+  mu: float = 0.0
+
+  def __post_init__(self):
+    check_mu(self.name, self.mu)
+
+  def prox_loss(self, anchor):
+    """The local loss ``CE(w) + μ·proximal_term(w, anchor)`` as a ``loss_fn``."""
+    def loss(params, batch, key):
+      return self.ce_loss(params, batch, key) + self.mu * proximal_term(params, anchor)
+    return loss
+
+  def local_loss(self, server_state):
+    # The anchor is the received global model.
+    return self.prox_loss(server_state["params"])

@@ -1,0 +1,116 @@
+"""Shared pieces of the base/head ("split") algorithms: FedPer, FedRep, LG-FedAvg.
+
+Every model's variables are ``{'params': {'base': ..., 'head': ...}}`` (see
+`fedjax_lib.models.base`). A split algorithm communicates one *part* (``'base'`` or ``'head'``)
+and keeps the other on each client. Here a set of parts is a dict keyed by part name, e.g.
+``{'base': base_params}``; a part without parameters (the identity base of logistic
+regression) is ``{}``.
+
+- :func:`split_parts` / :func:`merge_parts` convert between variables and parts.
+- :func:`train_parts` trains only some parts: gradients are taken w.r.t. the trainable parts
+  alone, with the frozen parts closed over as constants (PFLlib's ``requires_grad=False``).
+- :class:`SplitAlgorithm` holds the shared part on the server (``{SHARED: ...}``) and the
+  personal part per client (``{PERSONAL: ...}`` stacked over clients, all clients starting
+  from the same initial parameters); the server averages the uploaded shared parts weighted by
+  sample count, and a client predicts with the server's shared part plus its own personal part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Iterable, Optional
+
+import jax
+import optax
+
+from fedjax_lib.algorithms.base import Algorithm, stack_clients
+from fedjax_lib.core.aggregate import weighted_average
+from fedjax_lib.core.local import ClientData, LocalSpec, LossFn, train_locally
+from fedjax_lib.models.base import merge_params, split_params
+
+PARTS = ("base", "head")
+
+
+def split_parts(variables) -> dict[str, Any]:
+  """``{'base': base_params, 'head': head_params}`` of model variables (``{}`` if absent)."""
+  base, head = split_params(variables)
+  return {"base": base, "head": head}
+
+
+def merge_parts(*parts: dict[str, Any]):
+  """Model variables from one or more part dicts (inverse of :func:`split_parts`).
+
+  Args:
+    *parts: dicts keyed by ``'base'``/``'head'``; together they name each part at most once.
+
+  Returns:
+    ``{'params': {...}}`` with empty parts left out, as `merge_params` builds it.
+  """
+  merged = {}
+  for p in parts:
+    if set(p) - set(PARTS) or set(p) & set(merged):
+      raise ValueError(f"expected disjoint base/head parts, got {[sorted(q) for q in parts]}")
+    merged.update(p)
+  return merge_params(merged.get("base", {}), merged.get("head", {}))
+
+
+def train_parts(variables, trainable: Iterable[str], data: ClientData, key: jax.Array,
+                spec: LocalSpec, loss_fn: LossFn,
+                tx: Optional[optax.GradientTransformation] = None):
+  """Local training of the parts named in ``trainable``; the other parts stay bit-identical.
+
+  Args:
+    variables: the full model variables.
+    trainable: part names to train (``'base'``, ``'head'`` or both).
+    data, key, spec, tx: as for `fedjax_lib.core.local.train_locally`.
+    loss_fn: ``loss_fn(variables, batch, key)`` over the FULL variables.
+
+  Returns:
+    ``(variables, stats)``: the updated full variables and the training statistics.
+  """
+  trainable = tuple(trainable)
+  parts = split_parts(variables)
+  train = {k: v for k, v in parts.items() if k in trainable}
+  frozen = {k: v for k, v in parts.items() if k not in trainable}
+
+  def part_loss(train_parts_, batch, step_key):
+    return loss_fn(merge_parts(train_parts_, frozen), batch, step_key)
+
+  train, _, stats = train_locally(train, data, key, spec, part_loss, tx=tx)
+  return merge_parts(train, frozen), stats
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitAlgorithm(Algorithm):
+  """A server-side shared part and a per-client personal part; joint local training.
+
+  Subclasses set ``SHARED`` (``'base'`` or ``'head'``) and may override
+  :meth:`train_client`, which maps full variables to trained full variables.
+  """
+
+  SHARED: ClassVar[str] = "base"
+
+  @property
+  def personal(self) -> str:
+    return "head" if self.SHARED == "base" else "base"
+
+  def init(self, key, sample_x, num_clients):
+    parts = split_parts(self.init_params(key, sample_x))
+    server = {self.SHARED: parts[self.SHARED]}
+    return server, stack_clients({self.personal: parts[self.personal]}, num_clients)
+
+  def train_client(self, variables, data, key):
+    """Joint cross-entropy training of base and head (FedPer, LG-FedAvg)."""
+    return train_parts(variables, PARTS, data, key, self.local, self.ce_loss)
+
+  def client_update(self, server_state, client_state, data, key):
+    variables, stats = self.train_client(merge_parts(server_state, client_state), data, key)
+    parts = split_parts(variables)
+    return ({self.personal: parts[self.personal]}, {self.SHARED: parts[self.SHARED]}, stats)
+
+  def server_update(self, server_state, uploads, weights, key):
+    del key
+    return weighted_average(uploads, weights, fallback=server_state)
+
+  def predict(self, server_state, client_state, x):
+    return self.model.apply(merge_parts(server_state, client_state), x)
