@@ -14,26 +14,12 @@ from fedjax_lib.algorithms.fedprox import proximal_term
 from fedjax_lib.core import engine as engine_lib
 from fedjax_lib.core import rng
 from fedjax_lib.core.local import ClientData, LocalSpec
-from fedjax_lib.data.federated import FederatedData
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
+from tests.test_engine import _small_data
 
 
-# ---------------------------------------------------------------- helpers (as in test_engine)
-def _small_data(num_clients=6, seed=0, dim=12):
-  r = np.random.default_rng(seed)
-  sizes = r.integers(8, 30, num_clients)
-  n = int(sizes.sum())
-  means = r.normal(size=(3, dim)) * 2
-  y = r.integers(0, 3, n)
-  x = (means[y] + r.normal(size=(n, dim))).astype(np.float32)
-  starts = np.r_[0, np.cumsum(sizes)]
-  pools = [np.arange(starts[i], starts[i + 1]) for i in range(num_clients)]
-  train = [p[: int(0.75 * len(p))] for p in pools]
-  test = [p[int(0.75 * len(p)):] for p in pools]
-  return FederatedData.from_client_indices("toy", x, y, train, test, 3)
-
-
+# ---------------------------------------------------------------- helpers
 def _spec(data):
   return LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=2,
                    steps_per_epoch=int(data.train_count.max()) // 4, unroll=1)
