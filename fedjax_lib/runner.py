@@ -134,13 +134,13 @@ def _run_once(engine, config: Config, seed: int, desc: str, log: Callable[[str],
   root = rng.root_key(seed)
   server_state, client_states = engine.init(root, engine.data.x[0])
   history = {k: [] for k in ("rounds",) + HISTORY_KEYS}
-  round_times, train_times, eval_times = [], [], []
+  train_times, eval_times = [], []
   best, best_at = -1.0, 0
   bar = _progress(range(config.global_rounds + 1), config.progress, desc)
   write = getattr(bar, "write", log)
   start = time.perf_counter()
   for r in bar:
-    eval_time = 0.0
+    eval_time, train_time, stop = 0.0, 0.0, None
     if r % config.eval_gap == 0:
       t0 = time.perf_counter()
       metrics = engine.evaluate(server_state, client_states)
@@ -155,25 +155,21 @@ def _run_once(engine, config: Config, seed: int, desc: str, log: Callable[[str],
       write(f"round {r:4d} | test_acc {metrics['test_acc']:.4f} ± {metrics['test_acc_std']:.4f}"
             f" | test_auc {metrics['test_auc']:.4f} | train_loss {metrics['train_loss']:.4f}")
       if not np.isfinite(metrics["train_loss"]):
-        write(f"round {r}: the train loss is not finite; stopping this run")
-        eval_times.append(eval_time)
-        round_times.append(eval_time)
-        train_times.append(0.0)
-        break
-      if config.auto_break and len(history["test_acc"]) - 1 - best_at > config.top_cnt:
-        write(f"auto-break at round {r}: no improvement in {config.top_cnt} evaluations")
-        eval_times.append(eval_time)
-        train_times.append(0.0)
-        round_times.append(eval_time)
-        break
-    t0 = time.perf_counter()
-    server_state, client_states, _ = engine.run_round(server_state, client_states, root, r)
-    jax.block_until_ready((server_state, client_states))
-    train_time = time.perf_counter() - t0
+        stop = f"round {r}: the train loss is not finite; stopping this run"
+      elif config.auto_break and len(history["test_acc"]) - 1 - best_at > config.top_cnt:
+        stop = f"auto-break at round {r}: no improvement in {config.top_cnt} evaluations"
+    if stop is None:
+      t0 = time.perf_counter()
+      server_state, client_states, _ = engine.run_round(server_state, client_states, root, r)
+      jax.block_until_ready((server_state, client_states))
+      train_time = time.perf_counter() - t0
     train_times.append(train_time)
     eval_times.append(eval_time)
-    round_times.append(train_time + eval_time)
+    if stop is not None:
+      write(stop)
+      break
   total = time.perf_counter() - start
+  round_times = [t + e for t, e in zip(train_times, eval_times)]
   history["round_time_s"] = round_times
   history["train_time_s"] = train_times
   history["eval_time_s"] = eval_times

@@ -11,12 +11,12 @@ from fedjax_lib import Config, run_experiment
 from fedjax_lib.algorithms import make_algorithm
 from fedjax_lib.algorithms.ditto import PERSONAL_STREAM
 from fedjax_lib.algorithms.fedprox import proximal_term
-from fedjax_lib.core import engine as engine_lib
 from fedjax_lib.core import rng
 from fedjax_lib.core.local import ClientData, LocalSpec
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
-from tests.test_engine import _small_data
+from tests import test_engine as engine_test
+from tests.test_engine import _run, _small_data
 
 
 # ---------------------------------------------------------------- helpers
@@ -26,21 +26,7 @@ def _spec(data):
 
 
 def _engine(algo, executor, data, params=None, jr=0.7, cdr=0.25):
-  m = make_model("dnn", data.sample_shape, data.num_classes)
-  return engine_lib.Engine(
-      make_algorithm(algo, m, _spec(data), params), engine_lib.DeviceData.from_federated(data),
-      engine_lib.Participation(data.num_clients, jr, False, cdr), executor=executor,
-      chunk_size=2, eval_chunk_size=4)
-
-
-def _run(eng, rounds=2, seed=0):
-  root = rng.root_key(seed)
-  s, c = eng.init(root, eng.data.x[0])
-  history = []
-  for r in range(rounds):
-    s, c, _ = eng.run_round(s, c, root, r)
-    history.append(eng.evaluate(s, c))
-  return s, c, history
+  return engine_test._engine(algo, executor, data, jr=jr, cdr=cdr, unroll=1, params=params)
 
 
 def _client(eng, cid):
@@ -74,8 +60,8 @@ def test_proximal_term_and_gradient_match_numpy():
 # ---------------------------------------------------------------- FedProx
 def test_fedprox_with_zero_mu_is_fedavg():
   data = _small_data()
-  s_avg, _, h_avg = _run(_engine("FedAvg", "vmap", data))
-  s_prox, _, h_prox = _run(_engine("FedProx", "vmap", data, {"mu": 0.0}))
+  s_avg, _, h_avg = _run(_engine("FedAvg", "vmap", data), rounds=2)
+  s_prox, _, h_prox = _run(_engine("FedProx", "vmap", data, {"mu": 0.0}), rounds=2)
   jax.tree.map(np.testing.assert_array_equal, s_avg, s_prox)
   assert [h["test_acc"] for h in h_avg] == [h["test_acc"] for h in h_prox]
 
@@ -212,8 +198,8 @@ def test_hyperparameters_are_validated():
                                          ("Ditto", {"mu": 0.5, "plocal_epochs": 2})])
 def test_executors_agree(algo, params):
   data = _small_data()
-  ref_s, ref_c, ref_h = _run(_engine(algo, "vmap", data, params))
-  s, c, h = _run(_engine(algo, "sequential", data, params))
+  ref_s, ref_c, ref_h = _run(_engine(algo, "vmap", data, params), rounds=2)
+  s, c, h = _run(_engine(algo, "sequential", data, params), rounds=2)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                (ref_s, ref_c), (s, c))
   for a, b in zip(ref_h, h):

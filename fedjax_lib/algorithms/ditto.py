@@ -42,7 +42,7 @@ import jax
 
 from fedjax_lib.algorithms.base import stack_clients
 from fedjax_lib.algorithms.fedavg import FedAvg
-from fedjax_lib.algorithms.fedprox import check_mu, proximal_term
+from fedjax_lib.algorithms.fedprox import check_mu, with_proximal_term
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.local import train_locally
 from fedjax_lib.errors import ConfigError
@@ -83,15 +83,12 @@ class Ditto(FedAvg):
     return dataclasses.replace(self.local, local_epochs=self.plocal_epochs)
 
   def client_update(self, server_state, client_state, data, key):
-    global_params = server_state["params"]
-
-    def personal_loss(params, batch, k):
-      return self.ce_loss(params, batch, k) + self.mu * proximal_term(params, global_params)
-
+    personal_loss = with_proximal_term(self.ce_loss, self.mu, server_state["params"])
     personal, _, personal_stats = train_locally(
         client_state["params"], data, jax.random.fold_in(key, PERSONAL_STREAM),
         self.personal_spec(), personal_loss)
-    params, _, stats = train_locally(global_params, data, key, self.local, self.ce_loss)
+    # The global track is FedAvg's client update, with the unchanged key.
+    _, params, stats = super().client_update(server_state, client_state, data, key)
     metrics = dict(stats, personal_loss=personal_stats["loss"])
     return {"params": personal}, params, metrics
 

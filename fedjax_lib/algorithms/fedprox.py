@@ -55,6 +55,13 @@ def proximal_term(params, anchor) -> jax.Array:
   return 0.5 * sum(jax.tree.leaves(squares), jnp.zeros((), jnp.float32))
 
 
+def with_proximal_term(loss_fn, mu: float, anchor):
+  """``loss_fn(params, batch, key) + μ·proximal_term(params, anchor)`` as a ``loss_fn``."""
+  def loss(params, batch, key):
+    return loss_fn(params, batch, key) + mu * proximal_term(params, anchor)
+  return loss
+
+
 def check_mu(name: str, mu) -> None:
   """Raises a ConfigError unless ``mu`` is a non-negative number."""
   if isinstance(mu, bool) or not isinstance(mu, (int, float)) or mu < 0:
@@ -75,12 +82,6 @@ class FedProx(FedAvg):
   def __post_init__(self):
     check_mu(self.name, self.mu)
 
-  def prox_loss(self, anchor):
-    """The local loss ``CE(w) + μ·proximal_term(w, anchor)`` as a ``loss_fn``."""
-    def loss(params, batch, key):
-      return self.ce_loss(params, batch, key) + self.mu * proximal_term(params, anchor)
-    return loss
-
   def local_loss(self, server_state):
     # The anchor is the received global model.
-    return self.prox_loss(server_state["params"])
+    return with_proximal_term(self.ce_loss, self.mu, server_state["params"])

@@ -189,8 +189,7 @@ class Engine:
     skey = rng.server_key(rng.round_key(root, round_index))
     server_state = self.algorithm.server_update(server_state, uploads, weights, skey)
     active = plan.active.astype(jnp.float32)
-    local_loss = metrics.get("loss", jnp.zeros_like(active)) if isinstance(metrics, dict) \
-        else jnp.zeros_like(active)
+    local_loss = metrics.get("loss", jnp.zeros_like(active))
     round_metrics = {
         "num_selected": plan.active.sum(),
         "num_aggregated": plan.kept.sum(),
