@@ -45,6 +45,11 @@ class Config:
     (0 = fully unrolled; ``None`` = the backend default, see `core.engine`).
   algo_params: algorithm hyperparameters by name (e.g. ``{"mu": 0.01}``); each algorithm
     declares which it accepts.
+  pfllib_compat: reproduce PFLlib's documented quirks where an algorithm offers it (e.g.
+    FedCP's Gumbel noise at test time); by default every algorithm follows its paper.
+  New clients (PFLlib's ``-nnc``/``-ften``): with ``num_new_clients`` = M > 0 the data hold
+    N + M clients, the last M never train, and after the last round each of them fine-tunes
+    the global model for ``fine_tuning_epoch_new`` epochs and is tested.
   """
 
   # data
@@ -60,6 +65,7 @@ class Config:
   model: str = "cnn"
   algorithm: str = "FedAvg"
   algo_params: dict = dataclasses.field(default_factory=dict)
+  pfllib_compat: bool = False
   # training
   global_rounds: int = 2000
   local_epochs: int = 1
@@ -75,6 +81,8 @@ class Config:
   top_cnt: int = 100
   goal: str = "test"
   seed: int = 0
+  num_new_clients: int = 0
+  fine_tuning_epoch_new: int = 0
   # execution and output
   executor: str = "auto"
   chunk_size: int = 8
@@ -110,6 +118,8 @@ class Config:
     _positive_int("chunk_size", self.chunk_size)
     _positive_int("eval_chunk_size", self.eval_chunk_size)
     _positive_int("class_per_client", self.class_per_client)
+    _positive_int("num_new_clients", self.num_new_clients, minimum=0)
+    _positive_int("fine_tuning_epoch_new", self.fine_tuning_epoch_new, minimum=0)
     if self.num_clients is not None:
       _positive_int("num_clients", self.num_clients)
     if self.num_classes is not None:
@@ -122,7 +132,7 @@ class Config:
     _in_range("train_ratio", self.train_ratio, 0.0, 1.0, low_open=True, high_open=True)
     _in_range("join_ratio", self.join_ratio, 0.0, 1.0, low_open=True)
     _in_range("client_drop_rate", self.client_drop_rate, 0.0, 1.0, high_open=True)
-    for name in ("balance", "random_join_ratio", "auto_break", "progress"):
+    for name in ("balance", "random_join_ratio", "auto_break", "progress", "pfllib_compat"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(f"{name}={getattr(self, name)!r} is not a boolean; use true/false")
     if self.executor not in EXECUTORS:

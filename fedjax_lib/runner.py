@@ -24,7 +24,7 @@ from fedjax_lib.config import Config
 from fedjax_lib.core import engine as engine_lib
 from fedjax_lib.core import rng
 from fedjax_lib.core.local import LocalSpec
-from fedjax_lib.data.loading import is_folder_path
+from fedjax_lib.data.loading import DEFAULT_NUM_CLIENTS, is_folder_path
 from fedjax_lib.errors import ConfigError
 
 HISTORY_KEYS = ("test_acc", "test_auc", "test_acc_std", "test_auc_std", "train_loss")
@@ -89,15 +89,39 @@ def dataset_tag(dataset: str) -> str:
   return os.path.basename(os.path.normpath(dataset)) if is_folder_path(dataset) else dataset
 
 
+def algorithm_params(config: Config) -> dict:
+  """``config.algo_params`` plus ``pfllib_compat`` for algorithms that offer it."""
+  params = dict(config.algo_params)
+  accepted = algorithms_lib.get_algorithm(config.algorithm).hyperparameters()
+  if config.pfllib_compat and "pfllib_compat" in accepted:
+    params["pfllib_compat"] = True
+  return params
+
+
 def build(config: Config):
-  """Validates ``config`` and builds ``(data, model, algorithm, engine)``."""
+  """Validates ``config`` and builds ``(data, model, algorithm, engine)``.
+
+  With ``num_new_clients`` = M the data hold N + M clients; the engine trains and evaluates
+  the first N and keeps the last M for new-client evaluation.
+  """
   config.validate()
+  new = config.num_new_clients
+  if config.num_clients is not None:
+    total_clients = config.num_clients + new
+  elif is_folder_path(config.dataset):
+    total_clients = None  # as many as the folder holds
+  else:
+    total_clients = DEFAULT_NUM_CLIENTS + new
   data = data_lib.load_federated(
-      config.dataset, num_clients=config.num_clients, num_classes=config.num_classes,
+      config.dataset, num_clients=total_clients, num_classes=config.num_classes,
       scheme=config.partition, alpha=config.alpha, class_per_client=config.class_per_client,
       balance=config.balance, train_ratio=config.train_ratio, batch_size=config.batch_size,
       seed=config.seed)
-  config.check_participation(data.num_clients)
+  num_clients = data.num_clients - new
+  if num_clients < 1:
+    raise ConfigError(f"num_new_clients={new} leaves no training clients: the dataset has "
+                      f"{data.num_clients} clients; use num_new_clients < {data.num_clients}")
+  config.check_participation(num_clients)
   largest = int(data.train_count.max())
   steps_per_epoch = largest // config.batch_size
   if steps_per_epoch < 1:
@@ -111,11 +135,15 @@ def build(config: Config):
   local = LocalSpec(learning_rate=float(config.learning_rate), batch_size=config.batch_size,
                     local_epochs=config.local_epochs, steps_per_epoch=steps_per_epoch,
                     unroll=unroll)
-  algorithm = algorithms_lib.make_algorithm(config.algorithm, model, local, config.algo_params)
+  algorithm = algorithms_lib.make_algorithm(config.algorithm, model, local,
+                                            algorithm_params(config))
+  if new and not algorithm.supports_new_clients:
+    raise ConfigError(f"algorithm {algorithm.name} does not support new-client evaluation "
+                      "(num_new_clients > 0)")
   executor = (engine_lib.default_executor(backend) if config.executor == "auto"
               else config.executor)
   participation = engine_lib.Participation(
-      num_clients=data.num_clients, join_ratio=config.join_ratio,
+      num_clients=num_clients, join_ratio=config.join_ratio,
       random_join_ratio=config.random_join_ratio, client_drop_rate=config.client_drop_rate)
   engine = engine_lib.Engine(algorithm, engine_lib.DeviceData.from_federated(data),
                              participation, executor=executor, chunk_size=config.chunk_size,
@@ -130,9 +158,25 @@ def _progress(iterable, enabled: bool, desc: str):
   return tqdm(iterable, desc=desc, dynamic_ncols=True, file=sys.stderr)
 
 
+def _record(history: dict, metrics: dict, r: int) -> None:
+  """Appends one evaluation's metrics (all views) to the history lists."""
+  history["rounds"].append(r)
+  for k, v in metrics.items():
+    if k in HISTORY_KEYS or k.startswith(("test_acc_", "test_auc_")) and not k.endswith("_std"):
+      history.setdefault(k, []).append(v)
+
+
+def _describe(metrics: dict) -> str:
+  views = "".join(f" | {k[len('test_acc_'):]} {v:.4f}" for k, v in metrics.items()
+                  if k.startswith("test_acc_") and k != "test_acc_std")
+  return (f"test_acc {metrics['test_acc']:.4f} ± {metrics['test_acc_std']:.4f}{views}"
+          f" | test_auc {metrics['test_auc']:.4f} | train_loss {metrics['train_loss']:.4f}")
+
+
 def _run_once(engine, config: Config, seed: int, desc: str, log: Callable[[str], None]):
   root = rng.root_key(seed)
-  server_state, client_states = engine.init(root, engine.data.x[0])
+  sample_x = engine.data.x[0]
+  server_state, client_states = engine.init(root, sample_x)
   history = {k: [] for k in ("rounds",) + HISTORY_KEYS}
   train_times, eval_times = [], []
   best, best_at = -1.0, 0
@@ -143,17 +187,14 @@ def _run_once(engine, config: Config, seed: int, desc: str, log: Callable[[str],
     eval_time, train_time, stop = 0.0, 0.0, None
     if r % config.eval_gap == 0:
       t0 = time.perf_counter()
-      metrics = engine.evaluate(server_state, client_states)
+      metrics = engine.evaluate(server_state, client_states, root, r)
       eval_time = time.perf_counter() - t0
-      history["rounds"].append(r)
-      for k in HISTORY_KEYS:
-        history[k].append(metrics[k])
+      _record(history, metrics, r)
       if metrics["test_acc"] > best:
         best, best_at = metrics["test_acc"], len(history["test_acc"]) - 1
       if config.progress:
         bar.set_postfix(acc=f"{metrics['test_acc']:.4f}", loss=f"{metrics['train_loss']:.4f}")
-      write(f"round {r:4d} | test_acc {metrics['test_acc']:.4f} ± {metrics['test_acc_std']:.4f}"
-            f" | test_auc {metrics['test_auc']:.4f} | train_loss {metrics['train_loss']:.4f}")
+      write(f"round {r:4d} | {_describe(metrics)}")
       if not np.isfinite(metrics["train_loss"]):
         stop = f"round {r}: the train loss is not finite; stopping this run"
       elif config.auto_break and len(history["test_acc"]) - 1 - best_at > config.top_cnt:
@@ -168,13 +209,28 @@ def _run_once(engine, config: Config, seed: int, desc: str, log: Callable[[str],
     if stop is not None:
       write(stop)
       break
+  extra = {}
+  if stop is None or stop.startswith("auto-break"):
+    # One more evaluation after fine-tuning (FedBABU), appended as PFLlib appends it.
+    final = engine.evaluate(server_state, client_states, root, r, final=True)
+    if final is not None:
+      _record(history, final, r)
+      extra["final_eval"] = {k: v for k, v in final.items() if k != "client_test_acc"}
+      write(f"after fine-tuning | {_describe(final)}")
+    if engine.num_new_clients:
+      new = engine.evaluate_new_clients(server_state, root, sample_x,
+                                        config.fine_tuning_epoch_new)
+      extra["new_clients"] = {k: v for k, v in new.items() if k != "client_test_acc"}
+      write(f"{engine.num_new_clients} new clients ({config.fine_tuning_epoch_new} fine-tuning "
+            f"epochs) | test_acc {new['test_acc']:.4f} ± {new['test_acc_std']:.4f} | "
+            f"test_auc {new['test_auc']:.4f}")
   total = time.perf_counter() - start
   round_times = [t + e for t, e in zip(train_times, eval_times)]
   history["round_time_s"] = round_times
   history["train_time_s"] = train_times
   history["eval_time_s"] = eval_times
   steady = round_times[1:] or round_times
-  return history, float(np.mean(steady)), total
+  return history, extra, float(np.mean(steady)), total
 
 
 def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None) -> Results:
@@ -198,13 +254,13 @@ def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None) 
   runs = []
   for t in range(config.times):
     seed = config.seed + t
-    history, mean_round, total = _run_once(engine, config, seed, f"run {t}", log)
+    history, extra, mean_round, total = _run_once(engine, config, seed, f"run {t}", log)
     acc = history["test_acc"]
     run_base = os.path.join(out_dir, f"{base}_{t}")
     payload = {"config": config.to_dict(), "run": t, "seed": seed,
                "algorithm": algorithm.name, "executor": engine.executor,
                "backend": jax.default_backend(), "jax_version": jax.__version__,
-               **history, "best_test_acc": max(acc), "last_test_acc": acc[-1],
+               **history, **extra, "best_test_acc": max(acc), "last_test_acc": acc[-1],
                "mean_round_time_s": mean_round, "total_time_s": total}
     files = {"json": run_base + ".json", "h5": run_base + ".h5", "png": run_base + ".png"}
     results_lib.write_json(files["json"], payload)

@@ -12,13 +12,31 @@ and its own hyperparameters; its methods are pure functions over explicit state 
   clients that dropped out or were not selected.
 - ``predict(server_state, client_state, x) -> logits``: the model a client is evaluated with.
 
+Optional hooks (defaults here; override where the algorithm needs them):
+
+- ``eval_views(server_state, client_state, data, key) -> {name: x -> logits}``: the models a
+  client is evaluated with, for ONE client, given its training data (for evaluation after an
+  adaptation step, Per-FedAvg) and an evaluation key. The first view gives ``test_acc``,
+  ``test_auc`` and ``train_loss``; with more than one view every view ``name`` also gets
+  ``test_acc_<name>`` / ``test_auc_<name>`` (e.g. ``personal`` and ``global``). Default: one
+  view, :meth:`predict`.
+- ``final_views(...)``: like ``eval_views``, for one extra evaluation after the last round
+  (FedBABU's fine-tuning); used when ``HAS_FINAL_EVAL`` is True.
+- ``new_client_variables(server_state, client_state) -> variables``: the full-model variables
+  a client that never took part starts from in new-client evaluation (PFLlib's ``-nnc``); it is
+  then fine-tuned with cross-entropy for ``-ften`` epochs and tested. ``client_state`` is a
+  freshly initialised client state. Default: unsupported.
+- ``warmup_client`` / ``warmup_server``: an initialisation period run once over ALL clients
+  before round 0 (FedDBE's global mean); ``HAS_WARMUP`` switches it on.
+
 Nothing is kept on ``self`` between calls; the engine owns every piece of state.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+import functools
+from typing import Any, Callable, ClassVar
 
 import jax
 
@@ -62,6 +80,35 @@ class Algorithm:
     raise NotImplementedError
 
   def predict(self, server_state, client_state, x):
+    raise NotImplementedError
+
+  # ------------------------------------------------------------------ optional hooks
+  HAS_WARMUP: ClassVar[bool] = False
+  HAS_FINAL_EVAL: ClassVar[bool] = False
+
+  def eval_views(self, server_state, client_state, data, key) -> dict[str, Callable]:
+    """``{view: x -> logits}`` of one client; the first view is the primary one."""
+    del data, key
+    return {"": functools.partial(self.predict, server_state, client_state)}
+
+  def final_views(self, server_state, client_state, data, key) -> dict[str, Callable]:
+    """Views of the extra evaluation after the last round (when ``HAS_FINAL_EVAL``)."""
+    raise NotImplementedError
+
+  @property
+  def supports_new_clients(self) -> bool:
+    return type(self).new_client_variables is not Algorithm.new_client_variables
+
+  def new_client_variables(self, server_state, client_state):
+    """Full-model variables a new client starts from (new-client evaluation)."""
+    raise NotImplementedError
+
+  def warmup_client(self, server_state, client_state, data, key):
+    """One client's part of the initialisation period: ``(client_state, upload)``."""
+    raise NotImplementedError
+
+  def warmup_server(self, server_state, uploads, weights, key):
+    """The server's part of the initialisation period (``weights``: sample counts)."""
     raise NotImplementedError
 
 

@@ -24,10 +24,8 @@ Differences from PFLlib:
 - PFLlib's Ditto appends both its global evaluation (``evaluate``) and its personalized one
   (``evaluate_personalized``) to the same ``rs_test_acc`` list, so its h5 files hold two
   interleaved entries per evaluation round and the reported best accuracy is the maximum over
-  both. We do not reproduce this: the engine currently reports one ``test_acc``, the
-  personalized one (from :meth:`Ditto.predict`). Separate ``test_acc_global`` /
-  ``test_acc_personal`` columns come with the issue that adds multi-model evaluation, which
-  will use :meth:`Ditto.predict_global`.
+  both. We report them separately: ``test_acc_personal`` (the personal models, also
+  ``test_acc``) and ``test_acc_global`` (:meth:`Ditto.predict_global`).
 - The μ term is part of the differentiated loss rather than of the optimizer (the same SGD
   step). ``client_update`` returns the personal track's mean loss as the ``personal_loss``
   metric; the engine's round ``local_loss`` is the global track's.
@@ -37,6 +35,7 @@ Differences from PFLlib:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 
@@ -95,6 +94,12 @@ class Ditto(FedAvg):
   def predict(self, server_state, client_state, x):
     """The personal model's logits (the personalized evaluation)."""
     return self.model.apply(client_state["params"], x)
+
+  def eval_views(self, server_state, client_state, data, key):
+    """The personal model (``test_acc``, ``test_acc_personal``) and the global one."""
+    del data, key
+    return {"personal": functools.partial(self.predict, server_state, client_state),
+            "global": functools.partial(self.predict_global, server_state, client_state)}
 
   def predict_global(self, server_state, client_state, x):
     """The global model's logits (PFLlib's ``evaluate`` of Ditto)."""

@@ -41,3 +41,8 @@ class FedAvg(Algorithm):
 
   def predict(self, server_state, client_state, x):
     return self.model.apply(server_state["params"], x)
+
+  def new_client_variables(self, server_state, client_state):
+    """A new client fine-tunes a copy of the global model."""
+    del client_state
+    return server_state["params"]

@@ -29,3 +29,7 @@ class Local(Algorithm):
 
   def predict(self, server_state, client_state, x):
     return self.model.apply(client_state["params"], x)
+
+  def new_client_variables(self, server_state, client_state):
+    """A new client trains its own freshly initialised model (PFLlib has no such tail)."""
+    return client_state["params"]

@@ -114,3 +114,7 @@ class SplitAlgorithm(Algorithm):
 
   def predict(self, server_state, client_state, x):
     return self.model.apply(merge_parts(server_state, client_state), x)
+
+  def new_client_variables(self, server_state, client_state):
+    """The global shared part with a freshly initialised personal part."""
+    return merge_parts(server_state, client_state)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ import numpy as np
 
 from fedjax_lib.core import evaluate as evaluate_lib
 from fedjax_lib.core import rng
-from fedjax_lib.core.local import ClientData
+from fedjax_lib.core.local import ClientData, train_locally
 
 
 class DeviceData(NamedTuple):
@@ -155,7 +155,11 @@ class Engine:
     self._plan = jax.jit(self._plan_impl)
     self._train_one = jax.jit(self._train_one_impl)
     self._finish = jax.jit(self._finish_impl, donate_argnums=(0, 1))
-    self._eval_chunk = jax.jit(self._eval_chunk_impl)
+    self._eval_chunk = jax.jit(self._eval_chunk_impl, static_argnames=("final",))
+    self._warmup_one = jax.jit(self._warmup_one_impl)
+    self._warmup_all = jax.jit(self._warmup_all_impl)
+    self._warmup_finish = jax.jit(self._warmup_finish_impl)
+    self._new_client = jax.jit(self._new_client_impl, static_argnames=("epochs",))
 
   # ------------------------------------------------------------------ pieces
   def _plan_impl(self, client_states, data, root, round_index):
@@ -169,15 +173,25 @@ class Engine:
     client_data = ClientData(x, y, train_idx, train_count)
     return self.algorithm.client_update(server_state, client_state, client_data, key)
 
-  def _train_cohort(self, server_state, cohort_states, data, plan, keys):
-    """Local training of the cohort with the vmap or chunked executor (traced)."""
+  def _warmup_one_impl(self, server_state, client_state, x, y, train_idx, train_count, key):
+    self.trace_counts["warmup"] += 1
+    client_data = ClientData(x, y, train_idx, train_count)
+    return self.algorithm.warmup_client(server_state, client_state, client_data, key)
+
+  def _map_clients(self, fn, server_state, states, data, ids, keys):
+    """``fn`` over the clients ``ids`` with the vmap or chunked executor (traced)."""
     def one(args):
       state, idx, count, key = args
-      return self._train_one_impl(server_state, state, data.x, data.y, idx, count, key)
-    args = (cohort_states, data.train_idx[plan.cohort], data.train_count[plan.cohort], keys)
+      return fn(server_state, state, data.x, data.y, idx, count, key)
+    args = (states, data.train_idx[ids], data.train_count[ids], keys)
     if self.executor == "vmap":
       return jax.vmap(one)(args)
     return jax.lax.map(one, args, batch_size=self.chunk_size)
+
+  def _train_cohort(self, server_state, cohort_states, data, plan, keys):
+    """Local training of the cohort with the vmap or chunked executor (traced)."""
+    return self._map_clients(self._train_one_impl, server_state, cohort_states, data,
+                             plan.cohort, keys)
 
   def _finish_impl(self, server_state, client_states, data, plan, cohort_states, new_states,
                    uploads, metrics, root, round_index):
@@ -207,8 +221,40 @@ class Engine:
 
   # ------------------------------------------------------------------ public
   def init(self, root: jax.Array, sample_x):
-    """``(server_state, client_states)`` from the run's root key."""
-    return self.algorithm.init(rng.init_key(root), jnp.asarray(sample_x), self.num_clients)
+    """``(server_state, client_states)`` from the run's root key.
+
+    For an algorithm with an initialisation period (``HAS_WARMUP``), every client runs
+    ``warmup_client`` once and the server ``warmup_server`` with sample-count weights.
+    """
+    server_state, client_states = self.algorithm.init(rng.init_key(root), jnp.asarray(sample_x),
+                                                      self.num_clients)
+    if not self.algorithm.HAS_WARMUP:
+      return server_state, client_states
+    ids = jnp.arange(self.num_clients, dtype=jnp.int32)
+    wkey = rng.warmup_key(root)
+    if self.executor != "sequential":
+      return self._warmup_all(server_state, client_states, self.data, wkey)
+    outputs = []
+    for cid in range(self.num_clients):
+      state = jax.tree.map(lambda a: a[cid], client_states)  # pylint: disable=cell-var-from-loop
+      outputs.append(self._warmup_one(server_state, state, self.data.x, self.data.y,
+                                      self.data.train_idx[cid], self.data.train_count[cid],
+                                      rng.client_key(wkey, cid)))
+    new_states, uploads = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
+    return self._warmup_finish(server_state, new_states, uploads, self.data, ids, wkey)
+
+  def _warmup_all_impl(self, server_state, client_states, data, wkey):
+    ids = jnp.arange(self.num_clients, dtype=jnp.int32)
+    keys = jax.vmap(rng.client_key, (None, 0))(wkey, ids)
+    new_states, uploads = self._map_clients(self._warmup_one_impl, server_state, client_states,
+                                            data, ids, keys)
+    return self._warmup_finish_impl(server_state, new_states, uploads, data, ids, wkey)
+
+  def _warmup_finish_impl(self, server_state, client_states, uploads, data, ids, wkey):
+    weights = data.train_count[ids].astype(jnp.float32)
+    server_state = self.algorithm.warmup_server(server_state, uploads, weights,
+                                                rng.server_key(wkey))
+    return server_state, client_states
 
   def run_round(self, server_state, client_states, root: jax.Array, round_index: int):
     """One round of training and aggregation; returns the new states and round metrics.
@@ -245,40 +291,93 @@ class Engine:
     return self._finish(server_state, client_states, data, plan, cohort_states, new_states,
                         uploads, metrics, root, round_index)
 
-  def _eval_client(self, server_state, state, data, cid):
-    predict = functools.partial(self.algorithm.predict, server_state, state)
-    return evaluate_lib.client_metrics(predict, data.x, data.y, data.test_idx[cid],
-                                       data.test_count[cid], data.train_idx[cid],
-                                       data.train_count[cid])
+  @staticmethod
+  def _client_data(data, cid):
+    return ClientData(data.x, data.y, data.train_idx[cid], data.train_count[cid])
 
-  def _eval_chunk_impl(self, server_state, client_states, data, ids):
+  @staticmethod
+  def _metrics(views, data, cid):
+    return evaluate_lib.view_metrics(views, data.x, data.y, data.test_idx[cid],
+                                     data.test_count[cid], data.train_idx[cid],
+                                     data.train_count[cid])
+
+  def _eval_client(self, server_state, state, data, cid, rkey, final):
+    hook = self.algorithm.final_views if final else self.algorithm.eval_views
+    views = hook(server_state, state, self._client_data(data, cid), rng.eval_key(rkey, cid))
+    return self._metrics(views, data, cid)
+
+  def _eval_chunk_impl(self, server_state, client_states, data, ids, root, round_index, final):
     self.trace_counts["evaluate"] += 1
+    rkey = rng.round_key(root, round_index)
     if self.executor == "sequential":  # ids is one client id
       return self._eval_client(server_state, jax.tree.map(lambda a: a[ids], client_states),
-                               data, ids)
-    return jax.vmap(functools.partial(self._eval_client, server_state, data=data))(
-        _gather(client_states, ids), cid=ids)
+                               data, ids, rkey, final)
+    fn = functools.partial(self._eval_client, server_state, data=data, rkey=rkey, final=final)
+    return jax.vmap(fn)(_gather(client_states, ids), cid=ids)
 
-  def evaluate(self, server_state, client_states) -> dict[str, Any]:
-    """Evaluates every client; returns PFLlib's round metrics plus per-client arrays.
-
-    Clients are evaluated ``eval_chunk_size`` at a time with vmap, or — with the sequential
-    executor — one at a time by one compiled per-client program (on XLA:CPU a vmapped forward
-    pass ran ~3x slower than the same samples in per-client calls).
-    """
-    chunk = 1 if self.executor == "sequential" else self.eval_chunk_size
-    parts = []
-    for start in range(0, self.num_clients, chunk):
-      ids = np.arange(start, start + chunk) % self.num_clients  # pad the last chunk
-      ids = jnp.asarray(ids[0] if chunk == 1 else ids, jnp.int32)
-      parts.append(self._eval_chunk(server_state, client_states, self.data, ids))
+  def _collect(self, parts, ids):
+    """Concatenates per-chunk metrics and reduces them over the clients ``ids``."""
     parts = [jax.tree.map(jnp.atleast_1d, p) for p in parts]
-    per_client = {k: np.concatenate([np.asarray(p[k]) for p in parts])[: self.num_clients]
+    per_client = {k: np.concatenate([np.asarray(p[k]) for p in parts])[: len(ids)]
                   for k in parts[0]}
-    test_count = np.asarray(self.data.test_count)
-    train_count = np.asarray(self.data.train_count)
+    test_count = np.asarray(self.data.test_count)[ids]
+    train_count = np.asarray(self.data.train_count)[ids]
     summary = evaluate_lib.summarize(per_client, test_count, train_count)
     with np.errstate(invalid="ignore", divide="ignore"):
       summary["client_test_acc"] = np.where(test_count > 0, per_client["correct"]
                                             / np.maximum(test_count, 1), np.nan)
     return summary
+
+  def evaluate(self, server_state, client_states, root: Optional[jax.Array] = None,
+               round_index: int = 0, final: bool = False) -> dict[str, Any]:
+    """Evaluates every client; returns PFLlib's round metrics plus per-client arrays.
+
+    Clients are evaluated ``eval_chunk_size`` at a time with vmap, or — with the sequential
+    executor — one at a time by one compiled per-client program (on XLA:CPU a vmapped forward
+    pass ran ~3x slower than the same samples in per-client calls). ``root`` and
+    ``round_index`` derive the evaluation keys (views that adapt or sample); ``final`` uses the
+    algorithm's ``final_views`` (returns None when it has none).
+    """
+    if final and not self.algorithm.HAS_FINAL_EVAL:
+      return None
+    root = rng.root_key(0) if root is None else root
+    round_index = jnp.asarray(round_index, jnp.int32)
+    chunk = 1 if self.executor == "sequential" else self.eval_chunk_size
+    parts = []
+    for start in range(0, self.num_clients, chunk):
+      ids = np.arange(start, start + chunk) % self.num_clients  # pad the last chunk
+      ids = jnp.asarray(ids[0] if chunk == 1 else ids, jnp.int32)
+      parts.append(self._eval_chunk(server_state, client_states, self.data, ids, root,
+                                    round_index, final=final))
+    return self._collect(parts, np.arange(self.num_clients))
+
+  @property
+  def num_new_clients(self) -> int:
+    """Clients in the data beyond ``num_clients``: never trained, for new-client evaluation."""
+    return int(self.data.train_count.shape[0]) - self.num_clients
+
+  def _new_client_impl(self, server_state, template, data, cid, key, epochs):
+    self.trace_counts["new_client"] += 1
+    variables = self.algorithm.new_client_variables(server_state, template)
+    if epochs > 0:
+      spec = dataclasses.replace(self.algorithm.local, local_epochs=epochs)
+      variables, _, _ = train_locally(variables, self._client_data(data, cid), key, spec,
+                                      self.algorithm.ce_loss)
+    return self._metrics({"": functools.partial(self.algorithm.model.apply, variables)},
+                         data, cid)
+
+  def evaluate_new_clients(self, server_state, root: jax.Array, sample_x,
+                           epochs: int) -> dict[str, Any]:
+    """PFLlib's new-client evaluation (``-nnc``, ``-ften``) of the clients never trained.
+
+    Each new client starts from ``algorithm.new_client_variables`` (the global model, with
+    freshly initialised personal parts), is fine-tuned with plain SGD on cross-entropy for
+    ``epochs`` epochs over its training split (none when 0) and tested on its test split.
+    """
+    ids = np.arange(self.num_clients, self.num_clients + self.num_new_clients)
+    _, fresh = self.algorithm.init(rng.init_key(root), jnp.asarray(sample_x), 1)
+    template = jax.tree.map(lambda a: a[0], fresh)
+    parts = [self._new_client(server_state, template, self.data, jnp.int32(cid),
+                              rng.new_client_key(root, int(cid)), epochs=epochs)
+             for cid in ids]
+    return self._collect(parts, ids)

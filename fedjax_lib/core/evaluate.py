@@ -48,13 +48,15 @@ def micro_auc(scores: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Arra
 
 
 def client_metrics(predict: Callable, x_all, y_all, test_idx, test_count, train_idx,
-                   train_count):
+                   train_count, train_loss: bool = True):
   """Per-client sums for one client: correct, AUC, train-loss sum (host reduces them)."""
   test_mask = jnp.arange(test_idx.shape[0]) < test_count
   logits = predict(x_all[test_idx])
   labels = y_all[test_idx]
   correct = ((jnp.argmax(logits, -1) == labels) & test_mask).sum()
   auc = micro_auc(logits, labels, test_mask)
+  if not train_loss:
+    return {"correct": correct, "auc": auc}
   train_mask = jnp.arange(train_idx.shape[0]) < train_count
   train_logits = predict(x_all[train_idx])
   losses = optax.softmax_cross_entropy_with_integer_labels(
@@ -63,8 +65,29 @@ def client_metrics(predict: Callable, x_all, y_all, test_idx, test_count, train_
   return {"correct": correct, "auc": auc, "loss_sum": loss_sum}
 
 
+def view_metrics(views: dict, x_all, y_all, test_idx, test_count, train_idx, train_count):
+  """:func:`client_metrics` of every view of one client.
+
+  The first view gives ``correct``, ``auc`` and ``loss_sum``; with several views each view
+  ``name`` also gives ``correct_<name>`` and ``auc_<name>``.
+  """
+  out = {}
+  for i, (name, predict) in enumerate(views.items()):
+    m = client_metrics(predict, x_all, y_all, test_idx, test_count, train_idx, train_count,
+                       train_loss=i == 0)
+    if i == 0:
+      out.update(m)
+    if len(views) > 1:
+      out[f"correct_{name}"], out[f"auc_{name}"] = m["correct"], m["auc"]
+  return out
+
+
 def summarize(per_client: dict, test_count: np.ndarray, train_count: np.ndarray) -> dict:
-  """Reduces per-client arrays (host numpy) to PFLlib's round metrics."""
+  """Reduces per-client arrays (host numpy) to PFLlib's round metrics.
+
+  Per-view sums ``correct_<name>`` / ``auc_<name>`` become ``test_acc_<name>`` /
+  ``test_auc_<name>``.
+  """
   test_count = np.asarray(test_count, np.float64)
   train_count = np.asarray(train_count, np.float64)
   correct = np.asarray(per_client["correct"], np.float64)
@@ -72,7 +95,14 @@ def summarize(per_client: dict, test_count: np.ndarray, train_count: np.ndarray)
   has_test = test_count > 0
   total = max(test_count.sum(), 1.0)
   accs = correct[has_test] / test_count[has_test]
-  return {
+  views = {}
+  for key in per_client:
+    if key.startswith("correct_"):
+      name = key[len("correct_"):]
+      views[f"test_acc_{name}"] = float(np.asarray(per_client[key], np.float64).sum() / total)
+      views[f"test_auc_{name}"] = float(
+          (np.asarray(per_client[f"auc_{name}"], np.float64) * test_count).sum() / total)
+  return {**views,
       "test_acc": float(correct.sum() / total),
       "test_auc": float((auc * test_count).sum() / total),
       "test_acc_std": float(accs.std()) if accs.size else 0.0,

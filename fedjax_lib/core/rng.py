@@ -6,8 +6,11 @@ the cohort), through a separate stream tag so that streams never collide::
 
     root ──fold_in(round)──> round_key ──fold_in(SELECT)──> selection / drop-outs
                                       ├──fold_in(CLIENT)──fold_in(client_id)──> local training
-                                      └──fold_in(SERVER)──> server update
+                                      ├──fold_in(SERVER)──> server update
+                                      └──fold_in(EVAL)──fold_in(client_id)──> evaluation
     root ──fold_in(INIT)──> model / state initialisation
+    root ──fold_in(WARMUP)──> an initialisation period before round 0 (FedDBE)
+    root ──fold_in(NEW)──fold_in(client_id)──> fine-tuning of new clients
 
 Same seed, same platform, same config ⇒ the same numbers, whatever the executor or cohort order.
 """
@@ -19,6 +22,9 @@ INIT = 0x1A17
 SELECT = 0x5E1
 CLIENT = 0xC11E
 SERVER = 0x5E4
+EVAL = 0xE7A1
+WARMUP = 0x3A53
+NEW = 0x4E3
 
 
 def root_key(seed: int) -> jax.Array:
@@ -43,3 +49,15 @@ def client_key(rkey: jax.Array, client_id) -> jax.Array:
 
 def server_key(rkey: jax.Array) -> jax.Array:
   return jax.random.fold_in(rkey, SERVER)
+
+
+def eval_key(rkey: jax.Array, client_id) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(rkey, EVAL), client_id)
+
+
+def warmup_key(root: jax.Array) -> jax.Array:
+  return jax.random.fold_in(root, WARMUP)
+
+
+def new_client_key(root: jax.Array, client_id) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(root, NEW), client_id)
