@@ -107,7 +107,8 @@ def batch_schedule(data: ClientData, key: jax.Array, spec: LocalSpec):
 
 
 def train_locally(params, data: ClientData, key: jax.Array, spec: LocalSpec, loss_fn: LossFn,
-                  tx: Optional[optax.GradientTransformation] = None, opt_state=None):
+                  tx: Optional[optax.GradientTransformation] = None, opt_state=None,
+                  aux: Any = None):
   """Runs one client's local training.
 
   Args:
@@ -119,24 +120,33 @@ def train_locally(params, data: ClientData, key: jax.Array, spec: LocalSpec, los
     tx: the optax transform; defaults to plain SGD at ``spec.learning_rate``.
     opt_state: optimizer state to continue from (e.g. persisted per client); a fresh
       ``tx.init(params)`` when None.
+    aux: an optional non-trained carry (e.g. a running mean of features). When given,
+      ``loss_fn(params, batch, key, aux) -> (loss, new_aux)``; ``new_aux`` (taken without
+      gradient) is carried to the next valid step, and masked steps leave it unchanged.
 
   Returns:
     ``(params, opt_state, stats)`` where ``stats = {"loss": mean loss over the valid steps,
-    "steps": number of valid steps}``.
+    "steps": number of valid steps}``, plus ``"aux"``: the final carry when ``aux`` is given.
   """
   tx = tx if tx is not None else optax.sgd(spec.learning_rate)
   opt_state = tx.init(params) if opt_state is None else opt_state
   shuffle_key, loss_key = jax.random.split(key)
   rows, valid = batch_schedule(data, shuffle_key, spec)
-  grad_fn = jax.value_and_grad(loss_fn)
+  has_aux = aux is not None
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
   ones = jnp.ones((spec.batch_size,), jnp.float32)
 
   def sgd_step(carry, step_rows, step_index):
-    params, opt_state, loss_sum = carry
+    params, opt_state, loss_sum, aux = carry
     batch = Batch(data.x[step_rows], data.y[step_rows], ones)
-    loss, grads = grad_fn(params, batch, jax.random.fold_in(loss_key, step_index))
+    step_key = jax.random.fold_in(loss_key, step_index)
+    if has_aux:
+      (loss, aux), grads = grad_fn(params, batch, step_key, aux)
+      aux = jax.lax.stop_gradient(aux)
+    else:
+      loss, grads = grad_fn(params, batch, step_key)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss_sum + loss
+    return optax.apply_updates(params, updates), opt_state, loss_sum + loss, aux
 
   def step(carry, inputs):
     step_rows, step_valid, step_index = inputs
@@ -148,9 +158,11 @@ def train_locally(params, data: ClientData, key: jax.Array, spec: LocalSpec, los
 
   num_steps = spec.num_steps
   unroll = num_steps if spec.unroll == 0 else max(1, min(spec.unroll, num_steps))
-  (params, opt_state, loss_sum), _ = jax.lax.scan(
-      step, (params, opt_state, jnp.zeros((), jnp.float32)),
+  (params, opt_state, loss_sum, aux), _ = jax.lax.scan(
+      step, (params, opt_state, jnp.zeros((), jnp.float32), aux),
       (rows, valid, jnp.arange(num_steps)), unroll=unroll)
   steps = valid.sum()
   stats = {"loss": loss_sum / jnp.maximum(steps, 1), "steps": steps}
+  if has_aux:
+    stats["aux"] = aux
   return params, opt_state, stats
