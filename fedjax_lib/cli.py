@@ -42,6 +42,28 @@ def _algo_param(text: str) -> tuple[str, float]:
   return name, int(number) if number.is_integer() and "." not in value else number
 
 
+# PFLlib's algorithm flags: (flags, hyperparameter name, type, help). Each is passed to the
+# algorithm only when given; an algorithm refuses hyperparameters it does not take.
+ALGORITHM_FLAGS = (
+    (("-mu", "--mu"), "mu", float, "proximal / weight-decay coefficient (FedProx, Ditto, GPFL)"),
+    (("-lam", "--lamda", "--lam"), "lam", float, "regularisation weight λ (FedCP, GPFL)"),
+    (("-bt", "--beta"), "beta", float, "meta step β (PerAvg; default: the learning rate)"),
+    (("-pls", "--plocal_epochs", "--plocal-epochs"), "plocal_epochs", int,
+     "personal/head epochs (Ditto, FedRep)"),
+    (("-et", "--eta"), "eta", float, "ALA weight learning rate (FedALA)"),
+    (("-s", "--rand_percent", "--rand-percent"), "rand_percent", int,
+     "percent of local data for ALA (FedALA)"),
+    (("-p", "--layer_idx", "--layer-idx"), "layer_idx", int,
+     "ALA on the last p parameter tensors (FedALA)"),
+    (("-mo", "--momentum"), "momentum", float, "running-mean momentum (FedDBE)"),
+    (("-klw", "--kl_weight", "--kl-weight"), "kl_weight", float,
+     "mean-regularisation weight (FedDBE)"),
+    (("-fte", "--fine_tuning_epochs", "--fine-tuning-epochs"), "fine_tuning_epochs", int,
+     "fine-tuning epochs after the last round (FedBABU)"),
+)
+_ALGO_DESTS = tuple(dest for _, dest, _, _ in ALGORITHM_FLAGS)
+
+
 class _Parser(argparse.ArgumentParser):
   """An ArgumentParser whose errors are one line and exit with status 2."""
 
@@ -93,10 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
   add("--unroll", type=int, default=None, help="local steps unrolled per loop iteration "
       "(0 = all; default: per backend)")
   add("--eval-chunk-size", type=int, default=d.eval_chunk_size, dest="eval_chunk_size")
-  add("-mu", "--mu", type=float, default=None,
-      help="proximal coefficient (FedProx, Ditto); passed as --algo-param mu=...")
-  add("-pls", "--plocal_epochs", "--plocal-epochs", type=int, default=None,
-      dest="plocal_epochs", help="personal/head epochs (Ditto, FedRep)")
+  for flags, dest, kind, text in ALGORITHM_FLAGS:
+    add(*flags, type=kind, default=None, dest=dest, help=text)
+  add("--pfllib-compat", type=str2bool, nargs="?", const=True, default=d.pfllib_compat,
+      dest="pfllib_compat", help="reproduce PFLlib's documented quirks where an algorithm "
+      "offers it (e.g. FedCP's Gumbel noise at test time)")
+  add("-nnc", "--num_new_clients", "--num-new-clients", type=int, default=d.num_new_clients,
+      dest="num_new_clients", help="clients held out of training and evaluated after it "
+      "(the data get num_clients + nnc clients)")
+  add("-ften", "--fine_tuning_epoch_new", "--fine-tuning-epoch-new", type=int,
+      default=d.fine_tuning_epoch_new, dest="fine_tuning_epoch_new",
+      help="fine-tuning epochs of each new client before its test")
   add("--algo-param", type=_algo_param, action="append", default=[], dest="algo_params",
       metavar="NAME=VALUE", help="algorithm hyperparameter (repeatable)")
   add("-dev", "--device", choices=("auto", "cpu", "cuda", "gpu", "tpu"), default="auto",
@@ -106,10 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-  values = {k: v for k, v in vars(args).items() if k not in ("device", "mu", "plocal_epochs")}
+  values = {k: v for k, v in vars(args).items() if k not in ("device",) + _ALGO_DESTS}
   values["algo_params"] = dict(values["algo_params"])
   # PFLlib's algorithm flags, passed only when given (an algorithm refuses those it lacks).
-  for name in ("mu", "plocal_epochs"):
+  for name in _ALGO_DESTS:
     if getattr(args, name) is not None:
       values["algo_params"][name] = getattr(args, name)
   return Config(**values)

@@ -1,0 +1,83 @@
+"""FedBABU: Toward Enhanced Representation for Federated Image Classification.
+
+Oh, Kim, Yun, ICLR 2022.
+
+The head (classifier) is fixed at its random initialisation — the same for every client — and
+only the base (body) is trained and shared: a selected client trains the base for
+``local_epochs`` with the head frozen and uploads it; the server averages the bases weighted by
+sample count. During training every client is evaluated with the global base and the frozen
+head. After the last round every client fine-tunes the whole model (base and head) for
+``fine_tuning_epochs`` epochs (PFLlib ``-fte``, default 10) on its training data, and one more
+evaluation of the fine-tuned models is appended to the history (as PFLlib appends it to
+``rs_test_acc``).
+
+Server state ``{"base": averaged base, "head": the initial head (never changes)}``; clients keep
+no state (their fine-tuned models exist only inside the final evaluation).
+
+Differences from PFLlib: none in the procedure. PFLlib keeps a frozen head copy on every client;
+since all of them are the same initial head, it is held once in the server state here. The
+fine-tuned models are not kept after the final evaluation (PFLlib keeps them in memory but never
+uses them again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from fedjax_lib.algorithms.base import Algorithm
+from fedjax_lib.algorithms.registry import register
+from fedjax_lib.algorithms.split import PARTS, merge_parts, split_parts, train_parts
+from fedjax_lib.core.aggregate import weighted_average
+from fedjax_lib.errors import ConfigError
+
+
+@register("FedBABU")
+@dataclasses.dataclass(frozen=True)
+class FedBABU(Algorithm):
+  """Shared base trained under a frozen random head; fine-tuning after the last round.
+
+  Attributes:
+    fine_tuning_epochs: epochs of whole-model fine-tuning after the last round (PFLlib ``-fte``).
+  """
+
+  fine_tuning_epochs: int = 10
+
+  HAS_FINAL_EVAL = True
+
+  def __post_init__(self):
+    if isinstance(self.fine_tuning_epochs, bool) or not isinstance(self.fine_tuning_epochs, int) \
+        or self.fine_tuning_epochs < 0:
+      raise ConfigError(f"{self.name} hyperparameter fine_tuning_epochs="
+                        f"{self.fine_tuning_epochs!r} must be an integer >= 0")
+
+  def init(self, key, sample_x, num_clients):
+    return split_parts(self.init_params(key, sample_x)), {}
+
+  def client_update(self, server_state, client_state, data, key):
+    variables, stats = train_parts(merge_parts(server_state), ("base",), data, key, self.local,
+                                   self.ce_loss)
+    return client_state, {"base": split_parts(variables)["base"]}, stats
+
+  def server_update(self, server_state, uploads, weights, key):
+    del key
+    base = weighted_average(uploads["base"], weights, fallback=server_state["base"])
+    return {"base": base, "head": server_state["head"]}
+
+  def predict(self, server_state, client_state, x):
+    return self.model.apply(merge_parts(server_state), x)
+
+  def fine_tune(self, server_state, data, key):
+    """The whole model fine-tuned for ``fine_tuning_epochs`` epochs on one client's data."""
+    variables = merge_parts(server_state)
+    if self.fine_tuning_epochs == 0:
+      return variables
+    spec = dataclasses.replace(self.local, local_epochs=self.fine_tuning_epochs)
+    variables, _ = train_parts(variables, PARTS, data, key, spec, self.ce_loss)
+    return variables
+
+  def final_views(self, server_state, client_state, data, key):
+    return {"": functools.partial(self.model.apply, self.fine_tune(server_state, data, key))}
+
+  def new_client_variables(self, server_state, client_state):
+    return merge_parts(server_state)
