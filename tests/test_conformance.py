@@ -39,15 +39,30 @@ def test_conformance(name, data):
     assert _structure((server, clients)) == init_structure, f"state changed in round {r}"
     for leaf in jax.tree.leaves((server, clients, metrics)):
       assert np.all(np.isfinite(np.asarray(leaf, np.float64))), f"non-finite in round {r}"
-  summary = eng.evaluate(server, clients)
-  assert np.isfinite([summary[k] for k in ("test_acc", "test_auc", "train_loss")]).all()
+  summary = eng.evaluate(server, clients, root, 3)
+  keys = [k for k in summary if k.startswith(("test_", "train_")) and k != "client_test_acc"]
+  assert np.isfinite([summary[k] for k in keys]).all(), summary
   assert eng.trace_counts["round"] == 1 and eng.trace_counts["evaluate"] == 1
+
+  final = eng.evaluate(server, clients, root, 3, final=True)
+  assert final is None or np.isfinite(final["test_acc"])
+
+  # new-client evaluation: the last client never trains
+  if eng.algorithm.supports_new_clients:
+    held_out = _engine(name, "vmap", data, new_clients=1)
+    s0, c0 = held_out.init(root, data.x[0])
+    for leaf in jax.tree.leaves(c0):
+      assert leaf.shape[0] == data.num_clients - 1
+    new = held_out.evaluate_new_clients(s0, root, data.x[0], epochs=1)
+    assert np.isfinite([new["test_acc"], new["test_auc"], new["train_loss"]]).all()
 
   # vmap == sequential
   _, _, vmap_hist = _run(_engine(name, "vmap", data), rounds=2)
   _, _, seq_hist = _run(_engine(name, "sequential", data), rounds=2)
   for a, b in zip(vmap_hist, seq_hist):
-    assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1e-6)
+    for k in a:
+      if k.startswith("test_acc"):
+        assert a[k] == pytest.approx(b[k], abs=1e-6), k
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4, abs=1e-6)
 
   # client-order invariance of client_update

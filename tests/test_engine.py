@@ -27,13 +27,13 @@ def _small_data(num_clients=6, seed=0, dim=12):
 
 
 def _engine(algo, executor, data, model="dnn", jr=0.7, rjr=False, cdr=0.25, unroll=0,
-            params=None):
+            params=None, new_clients=0):
   m = make_model(model, data.sample_shape, data.num_classes)
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=2,
                    steps_per_epoch=int(data.train_count.max()) // 4, unroll=unroll)
   return engine_lib.Engine(
       make_algorithm(algo, m, spec, params), engine_lib.DeviceData.from_federated(data),
-      engine_lib.Participation(data.num_clients, jr, rjr, cdr), executor=executor,
+      engine_lib.Participation(data.num_clients - new_clients, jr, rjr, cdr), executor=executor,
       chunk_size=2, eval_chunk_size=4)
 
 
