@@ -51,10 +51,8 @@ def run_one(algorithm: str, args) -> dict:
       "r = run_experiment(c, log=lambda m: None)\n"
       "best, last = r.best_test_acc, r.last_test_acc\n"
       "views = {}\n"
-      "for k in ('test_acc_global',):\n"
-      "  if k in r.runs[0].history:\n"
-      "    import numpy as np\n"
-      "    views[k] = [float(max(run.history[k])) for run in r.runs]\n"
+      "if 'test_acc_global' in r.runs[0].history:\n"
+      "  views['test_acc_global'] = [float(max(run.history['test_acc_global'])) for run in r.runs]\n"
       "print(json.dumps({'best': best, 'last': last, 'round_s': r.mean_round_time_s,"
       " 'best_runs': [run.best_test_acc for run in r.runs],"
       " 'last_runs': [run.last_test_acc for run in r.runs], **views}))\n")
