@@ -10,11 +10,12 @@ status 2 before anything is written.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Optional, Sequence
 
-from fedjax_lib.config import EXECUTORS, PARTITIONS, Config
-from fedjax_lib.errors import FedJaxError
+from fedjax_lib.config import EXECUTORS, ON_NAN, PARTITIONS, Config
+from fedjax_lib.errors import ConfigError, FedJaxError
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
@@ -126,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
   add("-ften", "--fine_tuning_epoch_new", "--fine-tuning-epoch-new", type=int,
       default=d.fine_tuning_epoch_new, dest="fine_tuning_epoch_new",
       help="fine-tuning epochs of each new client before its test")
+  add("--checkpoint-every", type=int, default=d.checkpoint_every, dest="checkpoint_every",
+      help="save an Orbax checkpoint every k rounds under <out>/checkpoints (0: only when "
+      "interrupted); a rerun with the same --out continues from the latest one")
+  add("--keep-checkpoints", type=int, default=d.keep_checkpoints, dest="keep_checkpoints",
+      help="checkpoints kept per run")
+  add("--resume", type=str2bool, nargs="?", const=True, default=d.resume,
+      help="require a checkpoint to continue from (a rerun resumes anyway when one exists)")
+  add("--on-nan", choices=ON_NAN, default=d.on_nan, dest="on_nan",
+      help="non-finite client update: stop the run, or skip-client (drop it and count it)")
+  add("--config", metavar="FILE", help="JSON of Config fields (or a results JSON, to rerun its "
+      "configuration); flags given on the command line override it")
   add("--algo-param", type=_algo_param, action="append", default=[], dest="algo_params",
       metavar="NAME=VALUE", help="algorithm hyperparameter (repeatable)")
   add("-dev", "--device", choices=("auto", "cpu", "cuda", "gpu", "tpu"), default="auto",
@@ -135,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-  values = {k: v for k, v in vars(args).items() if k not in ("device",) + _ALGO_DESTS}
+  values = {k: v for k, v in vars(args).items()
+            if k not in ("device", "config") + _ALGO_DESTS}
   values["algo_params"] = dict(values["algo_params"])
   # PFLlib's algorithm flags, passed only when given (an algorithm refuses those it lacks).
   for name in _ALGO_DESTS:
@@ -144,8 +157,53 @@ def config_from_args(args: argparse.Namespace) -> Config:
   return Config(**values)
 
 
+def load_config_file(path: str) -> dict:
+  """Config fields from a JSON file: a dict of fields, or a results JSON (its ``config``).
+
+  Raises:
+    ConfigError: unreadable file, invalid JSON, not an object, or unknown fields.
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      values = json.load(f)
+  except OSError as e:
+    raise ConfigError(f"cannot read config file {path!r}: {e.strerror or e}") from None
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"config file {path!r} is not valid JSON ({e.msg} at line {e.lineno}); "
+                      "give a JSON object of Config fields") from None
+  if isinstance(values, dict) and isinstance(values.get("config"), dict):
+    values = values["config"]  # a results file: rerun its configuration
+  if not isinstance(values, dict):
+    raise ConfigError(f"config file {path!r} holds a JSON {type(values).__name__}; give a JSON "
+                      "object of Config fields")
+  Config.from_dict(values)  # unknown fields → one-line error listing the accepted ones
+  return values
+
+
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+  """Parses ``argv``; ``--config FILE`` supplies defaults that explicit flags override."""
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument("--config")
+  known, _ = pre.parse_known_args(argv)
+  parser = build_parser()
+  if known.config:
+    values = load_config_file(known.config)
+    if "algo_params" in values:
+      params = values["algo_params"]
+      if not isinstance(params, dict):
+        raise ConfigError(f"config file {known.config!r}: algo_params={params!r} must be an "
+                          "object of name: value")
+      values["algo_params"] = list(params.items())
+    parser.set_defaults(**values)
+  return parser.parse_args(argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = build_parser().parse_args(argv)
+  try:
+    args = _parse(argv)
+  except FedJaxError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if args.device != "auto":
     import jax  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_platforms", "cuda" if args.device == "gpu" else args.device)
@@ -156,8 +214,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except FedJaxError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
-    print("interrupted; no results file of the unfinished run was written", file=sys.stderr)
+  except KeyboardInterrupt as e:
+    saved = getattr(e, "checkpoint", None)
+    where = (f"saved {saved}; rerun the same command to continue" if saved
+             else "nothing of the unfinished run was saved")
+    print(f"interrupted; no results file of the unfinished run was written; {where}",
+          file=sys.stderr)
     return 130
   for line in results.summary_lines():
     print(line)

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from fedjax_lib.errors import ConfigError
 
 EXECUTORS = ("auto", "vmap", "chunked", "sequential")
+ON_NAN = ("stop", "skip-client")
 PARTITIONS = ("dir", "pat", "iid", "exdir")
 
 
@@ -47,6 +48,11 @@ class Config:
     declares which it accepts.
   pfllib_compat: reproduce PFLlib's documented quirks where an algorithm offers it (e.g.
     FedCP's Gumbel noise at test time); by default every algorithm follows its paper.
+  Recovery: ``checkpoint_every`` = k > 0 saves an Orbax checkpoint every k rounds under
+    ``<out>/checkpoints/`` (keeping the last ``keep_checkpoints``), and on Ctrl-C / SIGTERM and
+    at the end; a rerun with the same ``out`` continues from the latest complete checkpoint
+    (``resume`` makes a missing checkpoint an error). ``on_nan``: ``stop`` ends the run at the
+    first non-finite client update; ``skip-client`` drops those updates and counts them.
   New clients (PFLlib's ``-nnc``/``-ften``): with ``num_new_clients`` = M > 0 the data hold
     N + M clients, the last M never train, and after the last round each of them fine-tunes
     the global model for ``fine_tuning_epoch_new`` epochs and is tested.
@@ -90,6 +96,20 @@ class Config:
   eval_chunk_size: int = 64
   out: str = "results"
   progress: bool = True
+  checkpoint_every: int = 0
+  keep_checkpoints: int = 3
+  resume: bool = False
+  on_nan: str = "stop"
+
+  # Fields that may differ between a checkpointed run and its continuation.
+  RESUMABLE_CHANGES = ("global_rounds", "times", "out", "progress", "checkpoint_every",
+                       "keep_checkpoints", "resume", "auto_break", "top_cnt")
+
+  def resume_mismatch(self, saved: dict) -> list[str]:
+    """``field: saved → now`` for every field that must match to continue a checkpoint."""
+    now = self.to_dict()
+    return [f"{k}: {saved.get(k)!r} → {now[k]!r}" for k in sorted(now)
+            if k not in self.RESUMABLE_CHANGES and _jsonish(saved.get(k)) != _jsonish(now[k])]
 
   def replace(self, **changes: Any) -> "Config":
     return dataclasses.replace(self, **changes)
@@ -119,6 +139,8 @@ class Config:
     _positive_int("eval_chunk_size", self.eval_chunk_size)
     _positive_int("class_per_client", self.class_per_client)
     _positive_int("num_new_clients", self.num_new_clients, minimum=0)
+    _positive_int("checkpoint_every", self.checkpoint_every, minimum=0)
+    _positive_int("keep_checkpoints", self.keep_checkpoints)
     _positive_int("fine_tuning_epoch_new", self.fine_tuning_epoch_new, minimum=0)
     if self.num_clients is not None:
       _positive_int("num_clients", self.num_clients)
@@ -132,7 +154,10 @@ class Config:
     _in_range("train_ratio", self.train_ratio, 0.0, 1.0, low_open=True, high_open=True)
     _in_range("join_ratio", self.join_ratio, 0.0, 1.0, low_open=True)
     _in_range("client_drop_rate", self.client_drop_rate, 0.0, 1.0, high_open=True)
-    for name in ("balance", "random_join_ratio", "auto_break", "progress", "pfllib_compat"):
+    if self.on_nan not in ON_NAN:
+      raise ConfigError(f"on_nan={self.on_nan!r} is invalid; choose one of: {', '.join(ON_NAN)}")
+    for name in ("balance", "random_join_ratio", "auto_break", "progress", "pfllib_compat",
+                 "resume"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(f"{name}={getattr(self, name)!r} is not a boolean; use true/false")
     if self.executor not in EXECUTORS:
@@ -161,6 +186,15 @@ class Config:
       raise ConfigError(
           f"client_drop_rate={self.client_drop_rate} drops every one of the {num_join} "
           f"selected clients; use a rate below {1 - 1 / num_join:.4g}")
+
+
+def _jsonish(value: Any) -> Any:
+  """``value`` as it reads back from JSON (tuples become lists)."""
+  if isinstance(value, (list, tuple)):
+    return [_jsonish(v) for v in value]
+  if isinstance(value, dict):
+    return {str(k): _jsonish(v) for k, v in value.items()}
+  return value
 
 
 def _int(name: str, value: Any) -> None:

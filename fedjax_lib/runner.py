@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Callable, Optional
 
@@ -21,6 +23,7 @@ from fedjax_lib import data as data_lib
 from fedjax_lib import models as models_lib
 from fedjax_lib import results as results_lib
 from fedjax_lib.config import Config
+from fedjax_lib.core import checkpoint as checkpoint_lib
 from fedjax_lib.core import engine as engine_lib
 from fedjax_lib.core import rng
 from fedjax_lib.core.local import LocalSpec
@@ -147,7 +150,8 @@ def build(config: Config):
       random_join_ratio=config.random_join_ratio, client_drop_rate=config.client_drop_rate)
   engine = engine_lib.Engine(algorithm, engine_lib.DeviceData.from_federated(data),
                              participation, executor=executor, chunk_size=config.chunk_size,
-                             eval_chunk_size=config.eval_chunk_size)
+                             eval_chunk_size=config.eval_chunk_size,
+                             skip_nonfinite=config.on_nan == "skip-client")
   return data, model, algorithm, engine
 
 
@@ -173,18 +177,102 @@ def _describe(metrics: dict) -> str:
           f" | test_auc {metrics['test_auc']:.4f} | train_loss {metrics['train_loss']:.4f}")
 
 
-def _run_once(engine, config: Config, seed: int, desc: str, log: Callable[[str], None]):
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C / SIGTERM during a run; ``checkpoint`` is where the run was saved (or None)."""
+
+  def __init__(self, message: str, checkpoint: Optional[str]):
+    super().__init__(message)
+    self.checkpoint = checkpoint
+
+
+class _StopRequests:
+  """Turns SIGINT/SIGTERM into a flag checked between rounds (states are never half-updated)."""
+
+  def __init__(self):
+    self.signal = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None:  # a second Ctrl-C: stop at once
+      raise KeyboardInterrupt
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def checkpoint_dir(config: Config, base: str, t: int) -> str:
+  return os.path.join(os.path.abspath(config.out), "checkpoints", f"{base}_{t}")
+
+
+def _check_resumable(config: Config, directory: str) -> None:
+  """Refuses (before anything is written) to continue a checkpoint of a different config."""
+  if not os.path.isdir(directory):
+    if config.resume:
+      raise ConfigError(f"resume=True but there is no checkpoint in {directory}; run without "
+                        "--resume to start afresh")
+    return
+  meta = checkpoint_lib.RunCheckpointer(directory).latest_meta()
+  if meta is None:
+    if config.resume:
+      raise ConfigError(f"resume=True but no readable checkpoint is in {directory}")
+    return
+  diff = config.resume_mismatch(meta.get("config", {}))
+  if diff:
+    raise ConfigError(f"the checkpoint in {directory} was written with a different config "
+                      f"({'; '.join(diff)}); use another --out or remove that folder")
+
+
+def _run_once(engine, config: Config, seed: int, desc: str, log: Callable[[str], None],
+              ckpt_path: str, stops: _StopRequests):
   root = rng.root_key(seed)
   sample_x = engine.data.x[0]
   server_state, client_states = engine.init(root, sample_x)
   history = {k: [] for k in ("rounds",) + HISTORY_KEYS}
+  history["nonfinite_clients"] = []
   train_times, eval_times = [], []
+  start_round, last_ckpt, saved_step = 0, None, None
+  checkpointer = None
+  if os.path.isdir(ckpt_path) or config.checkpoint_every:
+    checkpointer = checkpoint_lib.RunCheckpointer(ckpt_path, config.keep_checkpoints)
+    restored = checkpointer.restore_latest(server_state, client_states)
+    if restored is not None:
+      start_round, server_state, client_states, meta = restored
+      saved_step = start_round
+      history, train_times, eval_times = meta["history"], meta["train_times"], meta["eval_times"]
+      last_ckpt = checkpointer.path(start_round)
+      log(f"{desc}: resuming at round {start_round} from {last_ckpt}")
+
+  def save(next_round: int) -> str:
+    nonlocal checkpointer, saved_step
+    saved_step = next_round
+    if checkpointer is None:
+      checkpointer = checkpoint_lib.RunCheckpointer(ckpt_path, config.keep_checkpoints)
+    meta = {"config": config.to_dict(), "seed": seed, "history": history,
+            "train_times": train_times, "eval_times": eval_times}
+    return checkpointer.save(next_round, server_state, client_states, meta)
+
   best, best_at = -1.0, 0
-  bar = _progress(range(config.global_rounds + 1), config.progress, desc)
+  for i, acc in enumerate(history["test_acc"]):
+    if acc > best:
+      best, best_at = acc, i
+  bar = _progress(range(start_round, config.global_rounds + 1), config.progress, desc)
   write = getattr(bar, "write", log)
   start = time.perf_counter()
+  r, stop, finite = start_round - 1, None, True
   for r in bar:
-    eval_time, train_time, stop = 0.0, 0.0, None
+    if stops.signal is not None:
+      last_ckpt = save(r)
+      raise Interrupted(f"{stops.signal} at round {r}: saved {last_ckpt}", last_ckpt)
+    eval_time, train_time = 0.0, 0.0
     if r % config.eval_gap == 0:
       t0 = time.perf_counter()
       metrics = engine.evaluate(server_state, client_states, root, r)
@@ -196,21 +284,35 @@ def _run_once(engine, config: Config, seed: int, desc: str, log: Callable[[str],
         bar.set_postfix(acc=f"{metrics['test_acc']:.4f}", loss=f"{metrics['train_loss']:.4f}")
       write(f"round {r:4d} | {_describe(metrics)}")
       if not np.isfinite(metrics["train_loss"]):
-        stop = f"round {r}: the train loss is not finite; stopping this run"
+        stop, finite = f"round {r}: the train loss is not finite; stopping this run", False
       elif config.auto_break and len(history["test_acc"]) - 1 - best_at > config.top_cnt:
         stop = f"auto-break at round {r}: no improvement in {config.top_cnt} evaluations"
     if stop is None:
       t0 = time.perf_counter()
-      server_state, client_states, _ = engine.run_round(server_state, client_states, root, r)
+      server_state, client_states, round_metrics = engine.run_round(server_state, client_states,
+                                                                    root, r)
       jax.block_until_ready((server_state, client_states))
       train_time = time.perf_counter() - t0
+      bad = sorted(int(c) for c in np.asarray(round_metrics["nonfinite"]) if c >= 0)
+      history["nonfinite_clients"].append(len(bad))
+      if bad and config.on_nan == "skip-client":
+        write(f"round {r}: skipped the non-finite update(s) of client(s) {bad}")
+      elif bad:
+        finite = False
+        stop = (f"round {r}: non-finite update(s) from client(s) {bad}; stopping this run "
+                f"(last finite checkpoint: {last_ckpt or 'none; use --checkpoint-every'}; "
+                "--on-nan skip-client drops such updates instead)")
     train_times.append(train_time)
     eval_times.append(eval_time)
     if stop is not None:
       write(stop)
       break
-  extra = {}
-  if stop is None or stop.startswith("auto-break"):
+    if config.checkpoint_every and (r + 1) % config.checkpoint_every == 0:
+      last_ckpt = save(r + 1)
+  extra = {"stopped": stop} if stop else {}
+  if finite:
+    if config.checkpoint_every and saved_step != r + 1:
+      save(r + 1)
     # One more evaluation after fine-tuning (FedBABU), appended as PFLlib appends it.
     final = engine.evaluate(server_state, client_states, root, r, final=True)
     if final is not None:
@@ -249,12 +351,16 @@ def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None) 
   log(f"{algorithm.name} on {tag}: {data.num_clients} clients, {data.num_classes} classes, "
       f"model {config.model} ({num_params:,} parameters), executor {engine.executor}, "
       f"backend {jax.default_backend()}")
+  for t in range(config.times):
+    _check_resumable(config, checkpoint_dir(config, base, t))
   partition_file = os.path.join(out_dir, f"{base}_partition.json")
   results_lib.write_json(partition_file, data.summary())
   runs = []
   for t in range(config.times):
     seed = config.seed + t
-    history, extra, mean_round, total = _run_once(engine, config, seed, f"run {t}", log)
+    with _StopRequests() as stops:
+      history, extra, mean_round, total = _run_once(engine, config, seed, f"run {t}", log,
+                                                    checkpoint_dir(config, base, t), stops)
     acc = history["test_acc"]
     run_base = os.path.join(out_dir, f"{base}_{t}")
     payload = {"config": config.to_dict(), "run": t, "seed": seed,

@@ -107,9 +107,13 @@ def main() -> None:
   p.add_argument("--algorithms", nargs="*", default=list(ALGORITHMS))
   p.add_argument("--out", default=os.path.join("results", "pfl_digits"))
   p.add_argument("--readme", action="store_true", help="also replace the README table")
+  p.add_argument("--update", action="store_true",
+                 help="keep the other algorithms' entries of results.json (rerun a few)")
   args = p.parse_args()
-  results = {}
   path = os.path.join(HERE, "results.json")
+  results = {}
+  if args.update and os.path.exists(path):
+    results = json.load(open(path))["results"]
   for name in args.algorithms:
     results[name] = run_one(name, args)
     r = results[name]
@@ -118,6 +122,7 @@ def main() -> None:
     with open(path + ".tmp", "w") as f:
       json.dump({"args": vars(args), "results": results}, f, indent=1)
     os.replace(path + ".tmp", path)
+  results = {name: results[name] for name in ALGORITHMS if name in results}
   text = table(results, args)
   with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
     f.write("# Personalized FL on digits\n\n" + text)

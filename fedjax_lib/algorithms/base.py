@@ -41,6 +41,7 @@ from typing import Any, Callable, ClassVar
 import jax
 
 from fedjax_lib.core.local import Batch, LocalSpec, masked_cross_entropy
+from fedjax_lib.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,13 @@ class Algorithm:
   def warmup_server(self, server_state, uploads, weights, key):
     """The server's part of the initialisation period (``weights``: sample counts)."""
     raise NotImplementedError
+
+
+def check_int(algorithm: str, name: str, value, minimum: int) -> None:
+  """Raises a ConfigError unless hyperparameter ``name`` is an integer >= ``minimum``."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ConfigError(f"{algorithm} hyperparameter {name}={value!r} must be an integer "
+                      f">= {minimum}")
 
 
 def stack_clients(tree, num_clients: int):

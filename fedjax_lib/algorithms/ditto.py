@@ -39,12 +39,11 @@ import functools
 
 import jax
 
-from fedjax_lib.algorithms.base import stack_clients
+from fedjax_lib.algorithms.base import check_int, stack_clients
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.fedprox import check_mu, with_proximal_term
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.local import train_locally
-from fedjax_lib.errors import ConfigError
 
 # fold_in tag of the personal-model training stream (the global track uses the key as is).
 PERSONAL_STREAM = 0xD1770
@@ -68,10 +67,7 @@ class Ditto(FedAvg):
 
   def __post_init__(self):
     check_mu(self.name, self.mu)
-    if isinstance(self.plocal_epochs, bool) or not isinstance(self.plocal_epochs, int) \
-        or self.plocal_epochs < 1:
-      raise ConfigError(f"{self.name} hyperparameter plocal_epochs={self.plocal_epochs!r} "
-                        "must be an integer >= 1")
+    check_int(self.name, "plocal_epochs", self.plocal_epochs, 1)
 
   def init(self, key, sample_x, num_clients):
     params = self.init_params(key, sample_x)

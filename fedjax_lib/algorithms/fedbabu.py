@@ -25,11 +25,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from fedjax_lib.algorithms.base import Algorithm
+from fedjax_lib.algorithms.base import Algorithm, check_int
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import PARTS, merge_parts, split_parts, train_parts
 from fedjax_lib.core.aggregate import weighted_average
-from fedjax_lib.errors import ConfigError
 
 
 @register("FedBABU")
@@ -46,10 +45,7 @@ class FedBABU(Algorithm):
   HAS_FINAL_EVAL = True
 
   def __post_init__(self):
-    if isinstance(self.fine_tuning_epochs, bool) or not isinstance(self.fine_tuning_epochs, int) \
-        or self.fine_tuning_epochs < 0:
-      raise ConfigError(f"{self.name} hyperparameter fine_tuning_epochs="
-                        f"{self.fine_tuning_epochs!r} must be an integer >= 0")
+    check_int(self.name, "fine_tuning_epochs", self.fine_tuning_epochs, 0)
 
   def init(self, key, sample_x, num_clients):
     return split_parts(self.init_params(key, sample_x)), {}

@@ -19,6 +19,7 @@ import dataclasses
 
 import jax
 
+from fedjax_lib.algorithms.base import check_int
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import SplitAlgorithm, train_parts
 
@@ -35,6 +36,9 @@ class FedRep(SplitAlgorithm):
   plocal_epochs: int = 1
 
   SHARED = "base"
+
+  def __post_init__(self):
+    check_int(self.name, "plocal_epochs", self.plocal_epochs, 1)
 
   def train_client(self, variables, data, key):
     head_spec = dataclasses.replace(self.local, local_epochs=self.plocal_epochs)

@@ -122,6 +122,13 @@ def _tree_where(mask, on_true, on_false):
   return jax.tree.map(pick, on_true, on_false)
 
 
+def _all_finite(tree) -> jax.Array:
+  """Per leading-axis slot: whether every floating-point entry of ``tree`` is finite."""
+  flags = [jnp.isfinite(a).reshape(a.shape[0], -1).all(axis=1) for a in jax.tree.leaves(tree)
+           if jnp.issubdtype(a.dtype, jnp.inexact)]
+  return functools.reduce(jnp.logical_and, flags) if flags else True
+
+
 def _gather(tree, ids):
   return jax.tree.map(lambda a: a[ids], tree)
 
@@ -136,10 +143,14 @@ class Engine:
     executor: ``vmap`` | ``chunked`` | ``sequential``.
     chunk_size: clients per ``lax.map`` chunk for ``chunked``.
     eval_chunk_size: clients evaluated per compiled call.
+    skip_nonfinite: drop the updates of clients whose upload, new state or loss is not finite
+      (they are not aggregated and keep their previous state); otherwise they are only
+      reported (``round_metrics["nonfinite"]``) and the caller decides.
   """
 
   def __init__(self, algorithm, data: DeviceData, participation: Participation,
-               executor: str = "vmap", chunk_size: int = 8, eval_chunk_size: int = 64):
+               executor: str = "vmap", chunk_size: int = 8, eval_chunk_size: int = 64,
+               skip_nonfinite: bool = False):
     if executor not in ("vmap", "chunked", "sequential"):
       raise ValueError(f"unknown executor {executor!r}")
     self.algorithm = algorithm
@@ -147,6 +158,7 @@ class Engine:
     self.participation = participation
     self.executor = executor
     self.chunk_size = chunk_size
+    self.skip_nonfinite = skip_nonfinite
     self.num_clients = participation.num_clients
     self.eval_chunk_size = min(eval_chunk_size, self.num_clients)
     # Incremented while tracing: a compile counter for tests and a guard against retracing.
@@ -195,6 +207,11 @@ class Engine:
 
   def _finish_impl(self, server_state, client_states, data, plan, cohort_states, new_states,
                    uploads, metrics, root, round_index):
+    selected = plan.active
+    nonfinite = plan.active & ~_all_finite((new_states, uploads, metrics.get("loss")))
+    if self.skip_nonfinite:  # their updates are neither aggregated nor kept
+      plan = RoundPlan(plan.cohort, plan.active & ~nonfinite, plan.kept & ~nonfinite)
+      uploads = _tree_where(nonfinite, jax.tree.map(jnp.zeros_like, uploads), uploads)
     new_states = _tree_where(plan.active, new_states, cohort_states)
     client_states = jax.tree.map(lambda all_, new: all_.at[plan.cohort].set(new),
                                  client_states, new_states)
@@ -203,11 +220,13 @@ class Engine:
     skey = rng.server_key(rng.round_key(root, round_index))
     server_state = self.algorithm.server_update(server_state, uploads, weights, skey)
     active = plan.active.astype(jnp.float32)
-    local_loss = metrics.get("loss", jnp.zeros_like(active))
+    local_loss = jnp.where(plan.active, metrics.get("loss", jnp.zeros_like(active)), 0.0)
     round_metrics = {
-        "num_selected": plan.active.sum(),
+        "nonfinite": jnp.where(nonfinite, plan.cohort, -1),
+        "num_nonfinite": nonfinite.sum(),
+        "num_selected": selected.sum(),
         "num_aggregated": plan.kept.sum(),
-        "local_loss": (local_loss * active).sum() / jnp.maximum(active.sum(), 1.0),
+        "local_loss": local_loss.sum() / jnp.maximum(active.sum(), 1.0),
     }
     return server_state, client_states, round_metrics
 

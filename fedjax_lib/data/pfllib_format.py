@@ -303,6 +303,9 @@ def read_pfllib_folder(folder: str | os.PathLike, *, num_clients: int | None = N
     for client in range(count):
       path = os.path.join(split_dir, f"{client}.npz")
       x, y = _load_client(path)
+      if split == "train" and not y.size:
+        raise DataError(f"{path!r} holds no training samples; every client needs at least one "
+                        "(regenerate the dataset, or remove the client and renumber the files)")
       if y.size:
         if y.min() < 0:
           raise DataError(f"{path!r} has negative label {int(y.min())}; labels must be >= 0")
@@ -317,8 +320,6 @@ def read_pfllib_folder(folder: str | os.PathLike, *, num_clients: int | None = N
                           f"has {sample_shape}; all clients must share one sample shape")
       arrays[split].append((x, y))
 
-  if sum(y.size for _, y in arrays["train"]) == 0:
-    raise DataError(f"every client in {train_dir!r} has 0 training samples")
   all_labels = [y for split in arrays.values() for _, y in split]
   if num_classes is None:
     num_classes = int(max(int(y.max()) for y in all_labels if y.size)) + 1

@@ -1,0 +1,193 @@
+"""The bad-input catalogue: every entry is one line ``error: ...`` naming the bad value and
+what is accepted, exit status 2 from the CLI, and no output written.
+
+Covers CLI flags, config files, dataset folders, partition settings that cannot be met and
+checkpoint folders; then property-based tests of the config validator.
+"""
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedjax_lib import Config, cli
+from fedjax_lib.errors import ConfigError
+from tests.test_data_pfllib_format import _make_folder, _save
+
+# (argv, words the error line must contain)
+FLAGS = [
+    (["-nnc", "-1"], ["num_new_clients", "-1"]),
+    (["-ften", "-2"], ["fine_tuning_epoch_new", "-2"]),
+    (["--checkpoint-every", "-1"], ["checkpoint_every", "-1"]),
+    (["--keep-checkpoints", "0"], ["keep_checkpoints", "0"]),
+    (["--on-nan", "ignore"], ["ignore", "skip-client"]),
+    (["-algo", "FedALA", "-s", "0"], ["rand_percent", "0"]),
+    (["-algo", "FedALA", "-p", "-1"], ["layer_idx", "-1"]),
+    (["-algo", "FedDBE", "-mo", "1.5"], ["momentum", "1.5"]),
+    (["-algo", "FedCP", "-lam", "-1"], ["lam", "-1"]),
+    (["-algo", "PerAvg", "-bt", "0"], ["beta", "0"]),
+    (["-algo", "FedBABU", "-fte", "-1"], ["fine_tuning_epochs", "-1"]),
+    (["-algo", "GPFL", "-mu", "-0.5"], ["mu", "-0.5"]),
+    (["-algo", "FedRep", "-pls", "0"], ["plocal_epochs", "0"]),
+    (["-eg", "0"], ["eval_gap", "0"]),
+    (["-t", "0"], ["times", "0"]),
+    (["--alpha", "0"], ["alpha", "0"]),
+    (["--partition", "weird"], ["weird", "dir"]),
+    (["--train-ratio", "1.0"], ["train_ratio", "1.0"]),
+    (["-nc", "0"], ["num_clients", "0"]),
+    (["-lr", "nan"], ["learning_rate", "nan"]),
+    (["--resume"], ["resume", "no checkpoint"]),
+    (["--algo-param", "mu"], ["mu", "NAME=VALUE"]),
+    (["-algo", "FedProx", "--algo-param", "mu=abc"], ["abc", "number"]),
+    # partition settings that cannot be met
+    (["--partition", "pat", "--class-per-client", "11"], ["class_per_client", "11"]),
+    (["-nc", "2000"], ["2000"]),
+]
+
+
+def _run(argv, tmp_path, capsys):
+  """Runs the CLI; returns (exit status, the error lines, whether output was written)."""
+  out = tmp_path / "out"
+  before = sorted(p.name for p in out.rglob("*")) if out.exists() else []
+  with pytest.raises(SystemExit) as exc:
+    sys.exit(cli.main(argv + ["--out", str(out), "--no-progress"]))
+  err = capsys.readouterr().err.strip()
+  after = sorted(p.name for p in out.rglob("*")) if out.exists() else []
+  return exc.value.code, [l for l in err.splitlines() if l.startswith("error:")], before != after
+
+
+def _check(argv, words, tmp_path, capsys):
+  code, lines, wrote = _run(argv, tmp_path, capsys)
+  assert code == 2
+  assert len(lines) == 1, lines
+  for word in words:
+    assert word in lines[0], (word, lines[0])
+  assert not wrote
+
+
+@pytest.mark.parametrize("argv,words", FLAGS, ids=[" ".join(a) for a, _ in FLAGS])
+def test_bad_flags(argv, words, tmp_path, capsys):
+  _check(argv, words, tmp_path, capsys)
+
+
+# ---------------------------------------------------------------------------- config files
+CONFIG_FILES = [
+    (None, ["cannot read config file"]),
+    ("{not json", ["not valid JSON", "line 1"]),
+    ('[1, 2]', ["JSON list", "object"]),
+    ('{"learning_rat": 0.1}', ["learning_rat", "accepted fields"]),
+    ('{"learning_rate": -1}', ["learning_rate", "-1"]),
+    ('{"algo_params": [1]}', ["algo_params", "object"]),
+    ('{"config": {"batch_size": 0}}', ["batch_size", "0"]),  # a results file's config
+]
+
+
+@pytest.mark.parametrize("content,words", CONFIG_FILES,
+                         ids=["missing", "invalid", "list", "unknown", "bad-value", "params",
+                              "results-file"])
+def test_bad_config_files(content, words, tmp_path, capsys):
+  path = tmp_path / "config.json"
+  if content is not None:
+    path.write_text(content)
+  _check(["--config", str(path)], words, tmp_path, capsys)
+
+
+# ---------------------------------------------------------------------------- dataset folders
+def _folder_case(kind, root):
+  folder = _make_folder(root, num_classes=4, config={"num_clients": 3, "num_classes": 4})
+  if kind == "missing-test-file":
+    os.remove(os.path.join(folder, "test", "2.npz"))
+  elif kind == "wrong-keys":
+    np.savez(os.path.join(folder, "train", "1.npz"), data=np.array([1, 2]))
+  elif kind == "mismatched-counts":
+    with open(os.path.join(folder, "config.json"), "w") as f:
+      json.dump({"num_clients": 5, "num_classes": 4}, f)
+  elif kind == "label-out-of-range":
+    _save(os.path.join(folder, "train", "0.npz"), np.zeros((6, 1, 5, 5), np.float32),
+          np.array([0, 1, 2, 3, 4, 9]))
+  elif kind == "nan-features":
+    x = np.zeros((6, 1, 5, 5), np.float32)
+    x[2, 0, 1, 1] = np.nan
+    _save(os.path.join(folder, "train", "1.npz"), x, np.zeros(6, np.int64))
+  elif kind == "empty-client":
+    _save(os.path.join(folder, "train", "1.npz"), np.zeros((0, 1, 5, 5), np.float32),
+          np.zeros(0, np.int64))
+  elif kind == "no-train-dir":
+    os.rename(os.path.join(folder, "train"), os.path.join(folder, "training"))
+  return folder
+
+
+FOLDERS = [
+    ("missing-test-file", ["test/2.npz", "missing"]),
+    ("wrong-keys", ["1.npz"]),
+    ("mismatched-counts", ["num_clients=5", "3"]),
+    ("label-out-of-range", ["label 9", "num_classes=4"]),
+    ("nan-features", ["NaN"]),
+    ("empty-client", ["1.npz", "no training samples"]),
+    ("no-train-dir", ["train/"]),
+]
+
+
+@pytest.mark.parametrize("kind,words", FOLDERS, ids=[k for k, _ in FOLDERS])
+def test_bad_dataset_folders(kind, words, tmp_path, capsys):
+  folder = _folder_case(kind, tmp_path / "data")
+  _check(["-data", folder, "-m", "dnn"], words, tmp_path, capsys)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def test_bad_checkpoint_folders(tmp_path, capsys):
+  base = ["-m", "dnn", "-nc", "4", "-gr", "1", "--checkpoint-every", "1"]
+  code, lines, _ = _run(base, tmp_path, capsys)
+  assert code == 0 and not lines
+  # a different config on the same --out is refused, naming the differing fields
+  _check(base + ["-lr", "0.1", "-ls", "2"],
+         ["different config", "learning_rate: 0.005 → 0.1", "local_epochs: 1 → 2"], tmp_path,
+         capsys)
+  # every checkpoint unreadable + --resume
+  ckpts = tmp_path / "out" / "checkpoints" / "digits_FedAvg_test_0"
+  for f in ckpts.rglob("*"):
+    if f.is_file():
+      f.write_text("garbage")
+  _check(base + ["--resume"], ["no readable checkpoint"], tmp_path, capsys)
+
+
+# ---------------------------------------------------------------------------- properties
+_NUMBERS = st.one_of(st.integers(-5, 50), st.floats(allow_nan=True, allow_infinity=True),
+                     st.booleans(), st.text(max_size=3), st.none())
+_FIELDS = ("learning_rate", "batch_size", "join_ratio", "client_drop_rate", "global_rounds",
+           "eval_gap", "alpha", "train_ratio", "num_clients", "times", "checkpoint_every",
+           "num_new_clients", "auto_break", "on_nan", "executor", "partition")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(_FIELDS), _NUMBERS, max_size=4))
+def test_validator_accepts_or_names_the_field(changes):
+  """Any values: either valid, or a ConfigError naming one of the changed fields."""
+  try:
+    config = Config(**changes).validate()
+  except ConfigError as e:
+    assert any(name in str(e) for name in changes), (changes, str(e))
+    assert "\n" not in str(e)
+    return
+  assert config.learning_rate > 0 and math.isfinite(config.learning_rate)
+  assert isinstance(config.batch_size, int) and config.batch_size >= 1
+  assert 0 < config.join_ratio <= 1 and 0 <= config.client_drop_rate < 1
+  assert config.on_nan in ("stop", "skip-client")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 500), st.floats(0.01, 1.0), st.floats(0.0, 0.99))
+def test_participation_check_matches_pfllib_counts(num_clients, join_ratio, drop_rate):
+  config = Config(join_ratio=join_ratio, client_drop_rate=drop_rate)
+  joined = int(num_clients * join_ratio)
+  kept = int((1 - drop_rate) * joined)
+  if joined >= 1 and kept >= 1:
+    config.check_participation(num_clients)
+  else:
+    with pytest.raises(ConfigError, match="join_ratio|client_drop_rate"):
+      config.check_participation(num_clients)

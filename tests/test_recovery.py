@@ -1,0 +1,158 @@
+"""Checkpoints, exact resume, interruption, determinism and divergence guards."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_lib import Config, run_experiment
+from fedjax_lib.algorithms import algorithm_names, get_algorithm
+from fedjax_lib.core import checkpoint as checkpoint_lib
+from fedjax_lib.errors import ConfigError
+from fedjax_lib.runner import checkpoint_dir
+
+QUIET = dict(log=lambda msg: None)
+METRICS = ("test_acc", "test_auc", "train_loss")
+
+
+def _config(out, **kw):
+  base = dict(model="dnn", num_clients=4, learning_rate=0.05, global_rounds=3,
+              checkpoint_every=1, out=str(out), progress=False)
+  base.update(kw)
+  return Config(**base)
+
+
+def _final_state(config, name):
+  """The arrays of the newest checkpoint of run 0."""
+  ckpt = checkpoint_lib.RunCheckpointer(checkpoint_dir(config, f"digits_{name}_test", 0))
+  step = ckpt.steps()[-1]
+  restored = ckpt.manager.restore(step)
+  return step, jax.tree.map(np.asarray, dict(restored["state"]))
+
+
+@pytest.mark.parametrize("name", algorithm_names())
+def test_resumed_run_equals_uninterrupted(name, tmp_path):
+  """Stop after round 1, continue to round 3: same metrics and bit-identical final state."""
+  full = _config(tmp_path / "full", algorithm=name)
+  whole = run_experiment(full, **QUIET).runs[0].history
+  part = _config(tmp_path / "part", algorithm=name, global_rounds=1)
+  run_experiment(part, **QUIET)
+  resumed = run_experiment(part.replace(global_rounds=3), **QUIET).runs[0].history
+  for key in METRICS + ("rounds",):
+    assert resumed[key] == whole[key], key
+  step_a, state_a = _final_state(full, get_algorithm(name).name)
+  step_b, state_b = _final_state(part, get_algorithm(name).name)
+  assert step_a == step_b == 4
+  jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
+
+
+def _cli(out, *extra, rounds=8):
+  return [sys.executable, "-m", "fedjax_lib", "-m", "dnn", "-nc", "4", "-lr", "0.05",
+          "-gr", str(rounds), "--out", str(out), "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("algorithm", ["FedAvg", "Ditto"])
+def test_sigkill_at_a_random_round_then_resume(algorithm, tmp_path):
+  reference = tmp_path / "reference"
+  subprocess.run(_cli(reference, "-algo", algorithm, "--checkpoint-every", "1"), check=True,
+                 capture_output=True)
+  out = tmp_path / "killed"
+  kill_after = int(np.random.default_rng().integers(1, 7))  # a checkpoint step in 1..6
+  proc = subprocess.Popen(_cli(out, "-algo", algorithm, "--checkpoint-every", "1"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = out / "checkpoints" / f"digits_{algorithm}_test_0" / str(kill_after)
+  deadline = time.time() + 300
+  while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (out / f"digits_{algorithm}_test_0.json").exists() or proc.returncode == 0
+  done = subprocess.run(_cli(out, "-algo", algorithm, "--checkpoint-every", "1"),
+                        capture_output=True, text=True, check=True)
+  a = json.load(open(reference / f"digits_{algorithm}_test_0.json"))
+  b = json.load(open(out / f"digits_{algorithm}_test_0.json"))
+  for key in METRICS:
+    assert a[key] == b[key], (key, kill_after, done.stderr[-500:])
+  cfg_a = Config(out=str(reference))
+  cfg_b = Config(out=str(out))
+  _, state_a = _final_state(cfg_a, algorithm)
+  _, state_b = _final_state(cfg_b, algorithm)
+  jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  out = tmp_path / "run"
+  proc = subprocess.Popen(_cli(out, rounds=400), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while proc.poll() is None and time.time() < deadline:  # wait until training has started
+    if (out / "digits_FedAvg_test_partition.json").exists():
+      time.sleep(3)
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err
+  assert "saved" in err and "rerun the same command" in err
+  assert not (out / "digits_FedAvg_test_0.json").exists()  # no partial results file
+  steps = checkpoint_lib.RunCheckpointer(
+      str(out / "checkpoints" / "digits_FedAvg_test_0")).steps()
+  assert len(steps) == 1 and steps[0] >= 1
+
+
+def test_config_mismatch_and_missing_checkpoint_are_refused(tmp_path):
+  config = _config(tmp_path, global_rounds=1)
+  run_experiment(config, **QUIET)
+  with pytest.raises(ConfigError, match=r"different config \(learning_rate: 0\.05 → 0\.1"):
+    run_experiment(config.replace(learning_rate=0.1), **QUIET)
+  with pytest.raises(ConfigError, match="no checkpoint"):
+    run_experiment(_config(tmp_path / "other", resume=True), **QUIET)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+  config = _config(tmp_path, global_rounds=2)
+  whole = run_experiment(config, **QUIET).runs[0].history
+  directory = checkpoint_dir(config, "digits_FedAvg_test", 0)
+  latest = os.path.join(directory, str(max(int(s) for s in os.listdir(directory)
+                                           if s.isdigit())))
+  for root, _, files in os.walk(latest):
+    for f in files:
+      with open(os.path.join(root, f), "w") as fh:
+        fh.write("garbage")
+  with pytest.warns(UserWarning, match="could not be read"):
+    again = run_experiment(config, **QUIET).runs[0].history
+  assert again["test_acc"] == whole["test_acc"]
+
+
+def test_same_seed_same_numbers_across_executors(tmp_path):
+  runs = {ex: run_experiment(_config(tmp_path / ex, executor=ex, checkpoint_every=0,
+                                     algorithm="FedALA"), **QUIET).runs[0].history
+          for ex in ("sequential", "vmap", "chunked")}
+  again = run_experiment(_config(tmp_path / "again", executor="sequential", checkpoint_every=0,
+                                 algorithm="FedALA"), **QUIET).runs[0].history
+  assert again["test_acc"] == runs["sequential"]["test_acc"]  # identical reruns
+  assert again["train_loss"] == runs["sequential"]["train_loss"]
+  for ex in ("vmap", "chunked"):
+    np.testing.assert_allclose(runs[ex]["test_acc"], runs["sequential"]["test_acc"], atol=1e-6)
+    np.testing.assert_allclose(runs[ex]["train_loss"], runs["sequential"]["train_loss"],
+                               rtol=1e-4)
+
+
+def test_nonfinite_updates_stop_or_are_skipped(tmp_path):
+  # A learning rate this large makes some client updates overflow within the first round.
+  diverge = dict(learning_rate=1e30, checkpoint_every=0, global_rounds=2)
+  result = run_experiment(_config(tmp_path / "stop", **diverge), **QUIET)
+  payload = json.load(open(result.runs[0].files["json"]))
+  assert "non-finite update(s) from client(s) [" in payload["stopped"]
+  assert "round 0" in payload["stopped"] and "last finite checkpoint" in payload["stopped"]
+  skipped = run_experiment(_config(tmp_path / "skip", on_nan="skip-client", **diverge),
+                           **QUIET)
+  history = skipped.runs[0].history
+  assert sum(history["nonfinite_clients"]) > 0
+  assert np.isfinite(history["test_acc"]).all()
