@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fedjax_lib.algorithms import algorithm_names
+from fedjax_lib.core import checkpoint as checkpoint_lib
 from fedjax_lib.core import rng
 from tests.test_engine import _engine, _run, _small_data
 
@@ -27,7 +28,7 @@ def data():
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
-def test_conformance(name, data):
+def test_conformance(name, data, tmp_path):
   eng = _engine(name, "vmap", data, jr=0.8, cdr=0.25)
   root = rng.root_key(0)
   server, clients = eng.init(root, data.x[0])
@@ -43,6 +44,17 @@ def test_conformance(name, data):
   keys = [k for k in summary if k.startswith(("test_", "train_")) and k != "client_test_acc"]
   assert np.isfinite([summary[k] for k in keys]).all(), summary
   assert eng.trace_counts["round"] == 1 and eng.trace_counts["evaluate"] == 1
+
+  # checkpoint round trip: continuing from a restored round-1 state is bit-identical
+  ckpt = checkpoint_lib.RunCheckpointer(str(tmp_path / "ckpt"))
+  s1, c1 = eng.init(root, data.x[0])
+  s1, c1, _ = eng.run_round(s1, c1, root, 0)
+  ckpt.save(1, s1, c1, {"history": {}})
+  _, s_r, c_r, _ = ckpt.restore_latest(s1, c1)
+  assert _structure((s_r, c_r)) == init_structure
+  s1, c1, _ = eng.run_round(s1, c1, root, 1)
+  s_r, c_r, _ = eng.run_round(s_r, c_r, root, 1)
+  jax.tree.map(np.testing.assert_array_equal, (s1, c1), (s_r, c_r))
 
   final = eng.evaluate(server, clients, root, 3, final=True)
   assert final is None or np.isfinite(final["test_acc"])
