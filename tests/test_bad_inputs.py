@@ -115,8 +115,9 @@ def _folder_case(kind, root):
     x[2, 0, 1, 1] = np.nan
     _save(os.path.join(folder, "train", "1.npz"), x, np.zeros(6, np.int64))
   elif kind == "empty-client":
-    _save(os.path.join(folder, "train", "1.npz"), np.zeros((0, 1, 5, 5), np.float32),
-          np.zeros(0, np.int64))
+    for split in ("train", "test"):
+      _save(os.path.join(folder, split, "1.npz"), np.zeros((0, 1, 5, 5), np.float32),
+            np.zeros(0, np.int64))
   elif kind == "no-train-dir":
     os.rename(os.path.join(folder, "train"), os.path.join(folder, "training"))
   return folder
@@ -128,7 +129,7 @@ FOLDERS = [
     ("mismatched-counts", ["num_clients=5", "3"]),
     ("label-out-of-range", ["label 9", "num_classes=4"]),
     ("nan-features", ["NaN"]),
-    ("empty-client", ["1.npz", "no training samples"]),
+    ("empty-client", ["client 1 is empty", "1.npz"]),
     ("no-train-dir", ["train/"]),
 ]
 

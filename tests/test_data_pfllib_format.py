@@ -395,11 +395,16 @@ def test_config_with_bad_values(tmp_path, content, pattern):
   _assert_one_line_error(pattern, read_pfllib_folder, folder)
 
 
-@pytest.mark.parametrize("sizes", [[0, 0, 0], [5, 0, 4]])
-def test_clients_without_training_samples(tmp_path, sizes):
-  folder = _make_folder(tmp_path, train_sizes=sizes)
-  _assert_one_line_error(r"train/.*\.npz' holds no training samples", read_pfllib_folder,
-                         folder)
+def test_all_clients_without_training_samples(tmp_path):
+  folder = _make_folder(tmp_path, train_sizes=[0, 0, 0])
+  _assert_one_line_error(r"every client in .*train' has 0 training samples",
+                         read_pfllib_folder, folder)
+
+
+def test_an_empty_client_is_an_error(tmp_path):
+  folder = _make_folder(tmp_path, train_sizes=[5, 0, 4], test_sizes=[2, 0, 2])
+  _assert_one_line_error(r"client 1 is empty: .*train/1\.npz' and its test file hold no "
+                         "samples", read_pfllib_folder, folder)
 
 
 def test_inconsistent_sample_shapes(tmp_path):

@@ -303,9 +303,6 @@ def read_pfllib_folder(folder: str | os.PathLike, *, num_clients: int | None = N
     for client in range(count):
       path = os.path.join(split_dir, f"{client}.npz")
       x, y = _load_client(path)
-      if split == "train" and not y.size:
-        raise DataError(f"{path!r} holds no training samples; every client needs at least one "
-                        "(regenerate the dataset, or remove the client and renumber the files)")
       if y.size:
         if y.min() < 0:
           raise DataError(f"{path!r} has negative label {int(y.min())}; labels must be >= 0")
@@ -320,6 +317,13 @@ def read_pfllib_folder(folder: str | os.PathLike, *, num_clients: int | None = N
                           f"has {sample_shape}; all clients must share one sample shape")
       arrays[split].append((x, y))
 
+  if sum(y.size for _, y in arrays["train"]) == 0:
+    raise DataError(f"every client in {train_dir!r} has 0 training samples")
+  for client, ((_, y_train), (_, y_test)) in enumerate(zip(arrays["train"], arrays["test"])):
+    if not y_train.size and not y_test.size:
+      raise DataError(f"client {client} is empty: {os.path.join(train_dir, f'{client}.npz')!r} "
+                      f"and its test file hold no samples; every client needs training or test "
+                      "samples (regenerate the dataset, or remove the client and renumber)")
   all_labels = [y for split in arrays.values() for _, y in split]
   if num_classes is None:
     num_classes = int(max(int(y.max()) for y in all_labels if y.size)) + 1
