@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, ClassVar
+import math
+from typing import Any, Callable, ClassVar, Optional
 
 import jax
+import numpy as np
 
 from fedjax_lib.core.local import Batch, LocalSpec, masked_cross_entropy
 from fedjax_lib.errors import ConfigError
@@ -113,11 +115,28 @@ class Algorithm:
     raise NotImplementedError
 
 
-def check_int(algorithm: str, name: str, value, minimum: int) -> None:
-  """Raises a ConfigError unless hyperparameter ``name`` is an integer >= ``minimum``."""
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ConfigError(f"{algorithm} hyperparameter {name}={value!r} must be an integer "
-                      f">= {minimum}")
+def _accepted(kind: str, minimum, maximum) -> str:
+  return f"{kind} >= {minimum}" if maximum is None else f"{kind} in [{minimum}, {maximum}]"
+
+
+def check_int(algorithm: str, name: str, value, minimum: int,
+              maximum: Optional[int] = None) -> None:
+  """Raises a ConfigError unless hyperparameter ``name`` is an integer in range."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum \
+      or (maximum is not None and value > maximum):
+    raise ConfigError(f"{algorithm} hyperparameter {name}={value!r} must be "
+                      f"{_accepted('an integer', minimum, maximum)}")
+
+
+def check_number(algorithm: str, name: str, value, minimum: float = 0,
+                 maximum: Optional[float] = None, finite: bool = False) -> None:
+  """Raises a ConfigError unless hyperparameter ``name`` is a number in range (never NaN)."""
+  ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and value >= minimum
+        and (maximum is None or value <= maximum) and (not finite or math.isfinite(value)))
+  if not ok:
+    kind = "a finite number" if finite else "a number"
+    raise ConfigError(f"{algorithm} hyperparameter {name}={value!r} must be "
+                      f"{_accepted(kind, minimum, maximum)}")
 
 
 def stack_clients(tree, num_clients: int):

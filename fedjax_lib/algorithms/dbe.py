@@ -65,18 +65,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from fedjax_lib.algorithms.base import stack_clients
+from fedjax_lib.algorithms.base import check_number, stack_clients
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.aggregate import weighted_average
 from fedjax_lib.core.local import Batch, masked_cross_entropy, train_locally
-from fedjax_lib.errors import ConfigError
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -143,21 +141,6 @@ def dbe_loss(model, trainable, batch: Batch, running_mean: jax.Array, momentum: 
   return loss, new_running_mean
 
 
-def check_momentum(name: str, momentum) -> None:
-  """Raises a ConfigError unless ``momentum`` is a number in [0, 1]."""
-  if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
-      or not 0.0 <= momentum <= 1.0:
-    raise ConfigError(f"{name} hyperparameter momentum={momentum!r} must be a number in [0, 1]")
-
-
-def check_kl_weight(name: str, kl_weight) -> None:
-  """Raises a ConfigError unless ``kl_weight`` is a finite non-negative number."""
-  if isinstance(kl_weight, bool) or not isinstance(kl_weight, (int, float)) \
-      or not (math.isfinite(kl_weight) and kl_weight >= 0):
-    raise ConfigError(f"{name} hyperparameter kl_weight={kl_weight!r} must be a finite "
-                      "number >= 0")
-
-
 # ---------------------------------------------------------------- the algorithm
 @register("FedDBE", "DBE")
 @dataclasses.dataclass(frozen=True)
@@ -177,8 +160,8 @@ class FedDBE(FedAvg):
   HAS_WARMUP = True
 
   def __post_init__(self):
-    check_momentum(self.name, self.momentum)
-    check_kl_weight(self.name, self.kl_weight)
+    check_number(self.name, "momentum", self.momentum, 0, 1)
+    check_number(self.name, "kl_weight", self.kl_weight, finite=True)
 
   def _zero_features(self, params, sample_x):
     rep = jax.eval_shape(lambda p, x: self.model.apply(p, x, method="features"), params,

@@ -39,9 +39,9 @@ import functools
 
 import jax
 
-from fedjax_lib.algorithms.base import check_int, stack_clients
+from fedjax_lib.algorithms.base import check_int, check_number, stack_clients
 from fedjax_lib.algorithms.fedavg import FedAvg
-from fedjax_lib.algorithms.fedprox import check_mu, with_proximal_term
+from fedjax_lib.algorithms.fedprox import with_proximal_term
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.local import train_locally
 
@@ -66,7 +66,7 @@ class Ditto(FedAvg):
   plocal_epochs: int = 1
 
   def __post_init__(self):
-    check_mu(self.name, self.mu)
+    check_number(self.name, "mu", self.mu)
     check_int(self.name, "plocal_epochs", self.plocal_epochs, 1)
 
   def init(self, key, sample_x, num_clients):

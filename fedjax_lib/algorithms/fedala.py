@@ -79,11 +79,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lib.algorithms.base import stack_clients
+from fedjax_lib.algorithms.base import check_int, check_number, stack_clients
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.local import Batch, ClientData, train_locally
-from fedjax_lib.errors import ConfigError
 
 # fold_in tag of the ALA sample-window stream (local SGD uses the key as is).
 ALA_STREAM = 0xA1A
@@ -301,18 +300,6 @@ def adaptive_local_aggregation(local, global_, weights, start_phase, data: Clien
 
 
 # ---------------------------------------------------------------- the algorithm
-def _check_int(name: str, field: str, value, low: int, high: int | None = None) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low \
-      or (high is not None and value > high):
-    accepted = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
-    raise ConfigError(f"{name} hyperparameter {field}={value!r} must be {accepted}")
-
-
-def _check_number(name: str, field: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-    raise ConfigError(f"{name} hyperparameter {field}={value!r} must be a number >= 0")
-
-
 @register("FedALA")
 @dataclasses.dataclass(frozen=True)
 class FedALA(FedAvg):
@@ -340,12 +327,12 @@ class FedALA(FedAvg):
   max_start_epochs: int = 100
 
   def __post_init__(self):
-    _check_number(self.name, "eta", self.eta)
-    _check_int(self.name, "rand_percent", self.rand_percent, 1, 100)
-    _check_int(self.name, "layer_idx", self.layer_idx, 0)
-    _check_number(self.name, "threshold", self.threshold)
-    _check_int(self.name, "num_pre_loss", self.num_pre_loss, 1)
-    _check_int(self.name, "max_start_epochs", self.max_start_epochs, 1)
+    check_number(self.name, "eta", self.eta)
+    check_int(self.name, "rand_percent", self.rand_percent, 1, 100)
+    check_int(self.name, "layer_idx", self.layer_idx, 0)
+    check_number(self.name, "threshold", self.threshold)
+    check_int(self.name, "num_pre_loss", self.num_pre_loss, 1)
+    check_int(self.name, "max_start_epochs", self.max_start_epochs, 1)
 
   def init(self, key, sample_x, num_clients):
     params = self.init_params(key, sample_x)

@@ -80,7 +80,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_lib.algorithms.base import Algorithm, stack_clients
+from fedjax_lib.algorithms.base import Algorithm, check_number, stack_clients
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import split_parts
 from fedjax_lib.core.aggregate import weighted_average
@@ -265,12 +265,6 @@ def mix_heads(head_p, head_g):
   return jax.tree.map(lambda p, g: 0.5 * p + 0.5 * g, head_p, head_g)
 
 
-def check_lam(name: str, lam) -> None:
-  """Raises a ConfigError unless ``lam`` is a non-negative number."""
-  if isinstance(lam, bool) or not isinstance(lam, (int, float)) or lam < 0:
-    raise ConfigError(f"{name} hyperparameter lam={lam!r} must be a number >= 0")
-
-
 @register("FedCP")
 @dataclasses.dataclass(frozen=True)
 class FedCP(Algorithm):
@@ -288,7 +282,7 @@ class FedCP(Algorithm):
   pfllib_compat: bool = False
 
   def __post_init__(self):
-    check_lam(self.name, self.lam)
+    check_number(self.name, "lam", self.lam)
     if not isinstance(self.pfllib_compat, bool):
       raise ConfigError(f"{self.name} hyperparameter pfllib_compat={self.pfllib_compat!r} "
                         "must be True or False")

@@ -30,9 +30,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from fedjax_lib.algorithms.base import check_number
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
-from fedjax_lib.errors import ConfigError
 
 
 def proximal_term(params, anchor) -> jax.Array:
@@ -62,12 +62,6 @@ def with_proximal_term(loss_fn, mu: float, anchor):
   return loss
 
 
-def check_mu(name: str, mu) -> None:
-  """Raises a ConfigError unless ``mu`` is a non-negative number."""
-  if isinstance(mu, bool) or not isinstance(mu, (int, float)) or mu < 0:
-    raise ConfigError(f"{name} hyperparameter mu={mu!r} must be a number >= 0")
-
-
 @register("FedProx")
 @dataclasses.dataclass(frozen=True)
 class FedProx(FedAvg):
@@ -80,7 +74,7 @@ class FedProx(FedAvg):
   mu: float = 0.0
 
   def __post_init__(self):
-    check_mu(self.name, self.mu)
+    check_number(self.name, "mu", self.mu)
 
   def local_loss(self, server_state):
     # The anchor is the received global model.

@@ -35,13 +35,7 @@ from fedjax_lib.algorithms.base import stack_clients
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import split_parts
-from fedjax_lib.core.local import ClientData, masked_cross_entropy, train_locally
-
-
-def class_counts(data: ClientData, num_classes: int) -> jax.Array:
-  """Training samples per class of one client (padding excluded), float32 ``[C]``."""
-  valid = (jnp.arange(data.train_idx.shape[0]) < data.train_count).astype(jnp.float32)
-  return jax.nn.one_hot(data.y[data.train_idx], num_classes).T @ valid
+from fedjax_lib.core.local import class_counts, masked_cross_entropy, train_locally
 
 
 def balanced_softmax_loss(logits, labels, mask, counts):

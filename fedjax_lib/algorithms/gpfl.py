@@ -77,13 +77,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lib.algorithms.base import Algorithm, stack_clients
-from fedjax_lib.algorithms.fedprox import check_mu
+from fedjax_lib.algorithms.base import Algorithm, check_number, stack_clients
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import merge_parts, split_parts
 from fedjax_lib.core.aggregate import weighted_average
-from fedjax_lib.core.local import ClientData, masked_cross_entropy, train_locally
-from fedjax_lib.errors import ConfigError
+from fedjax_lib.core.local import (ClientData, class_counts, masked_cross_entropy,
+                                   train_locally)
 from fedjax_lib.models.layers import torch_uniform_init
 
 # fold_in tags of the GCE and CoV initialisation streams (the model uses the init key as is).
@@ -222,9 +221,7 @@ def label_frequencies(data: ClientData, num_classes: int) -> jax.Array:
   Positions of ``train_idx`` at or past ``train_count`` are padding and are not counted.
   Returns all zeros for a client without training samples.
   """
-  labels = data.y[data.train_idx]
-  valid = (jnp.arange(data.train_idx.shape[0]) < data.train_count).astype(jnp.float32)
-  counts = (jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * valid[:, None]).sum(0)
+  counts = class_counts(data, num_classes)
   return counts / jnp.maximum(counts.sum(), 1.0)
 
 
@@ -259,9 +256,8 @@ class GPFL(Algorithm):
   mu: float = 0.0
 
   def __post_init__(self):
-    if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)) or self.lam < 0:
-      raise ConfigError(f"{self.name} hyperparameter lam={self.lam!r} must be a number >= 0")
-    check_mu(self.name, self.mu)
+    check_number(self.name, "lam", self.lam)
+    check_number(self.name, "mu", self.mu)
 
   def init(self, key, sample_x, num_clients):
     params = self.init_params(key, sample_x)

@@ -71,6 +71,12 @@ class LocalSpec:
 LossFn = Callable[[Any, Batch, jax.Array], jax.Array]
 
 
+def class_counts(data: ClientData, num_classes: int) -> jax.Array:
+  """Training samples per class of one client (padding excluded), float32 ``[C]``."""
+  valid = (jnp.arange(data.train_idx.shape[0]) < data.train_count).astype(jnp.float32)
+  return jax.nn.one_hot(data.y[data.train_idx], num_classes, dtype=jnp.float32).T @ valid
+
+
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
   """Mean softmax cross-entropy over the samples with ``mask == 1`` (0 if there are none)."""
   losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
