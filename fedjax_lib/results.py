@@ -51,6 +51,12 @@ def write_json(path: str, payload: dict) -> None:
       json.dump(_jsonable(payload), f, indent=1)
 
 
+def write_text(path: str, text: str) -> None:
+  with atomic_path(path) as tmp:
+    with open(tmp, "w") as f:
+      f.write(text)
+
+
 def write_h5(path: str, history: dict) -> None:
   """PFLlib's result file: ``rs_test_acc``, ``rs_test_auc`` (filled), ``rs_train_loss``."""
   import h5py  # pylint: disable=import-outside-toplevel

@@ -116,7 +116,7 @@ class PerAvg(FedAvg):
 
   @property
   def meta_step(self) -> float:
-    return float(self.local.learning_rate if self.beta is None else self.beta)
+    return self.local.learning_rate if self.beta is None else self.beta
 
   def meta_spec(self):
     """Batches of 2B, and twice the epochs (PFLlib trains twice per round)."""

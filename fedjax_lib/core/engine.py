@@ -12,6 +12,12 @@ A round, as in PFLlib's server loop (evaluation is separate, see :meth:`Engine.e
 
 The cohort has a static size (``int(N·join_ratio)``, or N with ``random_join_ratio``, whose
 unselected slots are masked) so one compiled program serves every round.
+
+**Several devices.** Given a mesh with a ``clients`` axis (:func:`client_mesh`), the stacked
+client states and per-client index tables are sharded along it (padded with masked clients to
+a multiple of the device count), each device trains its block of the cohort inside
+``shard_map`` (XLA's automatic partitioner would replicate vmapped, i.e. grouped, convolutions)
+and ``server_update`` aggregates with a weighted ``psum`` (`fedjax_lib.core.aggregate`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fedjax_lib.core import aggregate
 from fedjax_lib.core import evaluate as evaluate_lib
 from fedjax_lib.core import rng
 from fedjax_lib.core.local import ClientData, train_locally
@@ -42,6 +51,33 @@ class DeviceData(NamedTuple):
   @classmethod
   def from_federated(cls, data) -> "DeviceData":
     return cls(*(jnp.asarray(getattr(data, f)) for f in cls._fields))
+
+
+CLIENTS = "clients"
+
+
+def client_mesh(num_devices: Optional[int] = None) -> Mesh:
+  """A one-axis mesh ``('clients',)`` over the first ``num_devices`` devices (all by default).
+
+  With several processes (``jax.distributed.initialize``) ``jax.devices()`` lists every
+  process's devices, so the mesh spans hosts.
+  """
+  devices = jax.devices()
+  num_devices = len(devices) if num_devices is None else num_devices
+  if not 1 <= num_devices <= len(devices):
+    raise ValueError(f"num_devices={num_devices}: this machine has {len(devices)} "
+                     f"{jax.default_backend()} device(s); use 1..{len(devices)}")
+  return Mesh(np.asarray(devices[:num_devices]), (CLIENTS,))
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _put(array, sharding):
+  """``array`` (the same host value on every process) as a global array with ``sharding``."""
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
 class RoundPlan(NamedTuple):
@@ -130,7 +166,7 @@ def _all_finite(tree) -> jax.Array:
 
 
 def _gather(tree, ids):
-  return jax.tree.map(lambda a: a[ids], tree)
+  return jax.tree.map(lambda a: jnp.take(a, ids, axis=0, mode="clip"), tree)
 
 
 class Engine:
@@ -150,17 +186,31 @@ class Engine:
 
   def __init__(self, algorithm, data: DeviceData, participation: Participation,
                executor: str = "vmap", chunk_size: int = 8, eval_chunk_size: int = 64,
-               skip_nonfinite: bool = False):
+               skip_nonfinite: bool = False, mesh: Optional[Mesh] = None):
     if executor not in ("vmap", "chunked", "sequential"):
       raise ValueError(f"unknown executor {executor!r}")
+    if mesh is not None and executor == "sequential":
+      raise ValueError("the sequential executor runs on one device; shard with vmap or chunked")
     self.algorithm = algorithm
-    self.data = data
     self.participation = participation
     self.executor = executor
     self.chunk_size = chunk_size
     self.skip_nonfinite = skip_nonfinite
     self.num_clients = participation.num_clients
     self.eval_chunk_size = min(eval_chunk_size, self.num_clients)
+    # Host copies of the counts (a sharded array may not be readable from every process).
+    self._train_count = np.asarray(data.train_count)
+    self._test_count = np.asarray(data.test_count)
+    self._total_clients = int(self._train_count.shape[0])
+    self.mesh = mesh
+    self.num_shards = 1 if mesh is None else int(mesh.shape[CLIENTS])
+    # Rows of the stacked client states: N, padded to a multiple of the device count.
+    self.padded_clients = _round_up(self.num_clients, self.num_shards)
+    # The cohort is all N clients (masked) whenever its size is N: trained in place, no gather.
+    self._in_place = mesh is not None and participation.cohort_size == self.num_clients
+    self.cohort_slots = (self.padded_clients if self._in_place
+                         else _round_up(participation.cohort_size, self.num_shards))
+    self.data = data if mesh is None else self._shard_data(data)
     # Incremented while tracing: a compile counter for tests and a guard against retracing.
     self.trace_counts: collections.Counter = collections.Counter()
     self._round = jax.jit(self._round_impl, donate_argnums=(0, 1))
@@ -168,6 +218,9 @@ class Engine:
     self._train_one = jax.jit(self._train_one_impl)
     self._finish = jax.jit(self._finish_impl, donate_argnums=(0, 1))
     self._eval_chunk = jax.jit(self._eval_chunk_impl, static_argnames=("final",))
+    self._eval_sharded = jax.jit(self._eval_sharded_impl, static_argnames=("final",))
+    if mesh is not None:
+      self._export = jax.jit(self._export_impl, out_shardings=NamedSharding(mesh, P()))
     self._warmup_one = jax.jit(self._warmup_one_impl)
     self._warmup_all = jax.jit(self._warmup_all_impl)
     self._warmup_finish = jax.jit(self._warmup_finish_impl)
@@ -177,8 +230,99 @@ class Engine:
   def _plan_impl(self, client_states, data, root, round_index):
     rkey = rng.round_key(root, round_index)
     plan = plan_round(rkey, self.participation)
+    if self.mesh is not None:
+      plan = self._pad_plan(plan)
     keys = jax.vmap(rng.client_key, (None, 0))(rkey, plan.cohort)
+    if self._in_place:
+      return plan, client_states, keys
     return plan, _gather(client_states, plan.cohort), keys
+
+  # ------------------------------------------------------------------ sharding
+  def _shard_data(self, data: DeviceData) -> DeviceData:
+    """Samples replicated on every device; index tables padded and sharded along clients."""
+    rows = _round_up(self._total_clients, self.num_shards)
+    replicated = NamedSharding(self.mesh, P())
+    sharded = NamedSharding(self.mesh, P(CLIENTS))
+
+    def table(a):
+      a = np.asarray(a)
+      pad = np.zeros((rows - a.shape[0],) + a.shape[1:], a.dtype)
+      return _put(np.concatenate([a, pad]), sharded)
+
+    return DeviceData(_put(data.x, replicated), _put(data.y, replicated),
+                      table(data.train_idx), table(data.train_count),
+                      table(data.test_idx), table(data.test_count))
+
+  def _pad_plan(self, plan: RoundPlan) -> RoundPlan:
+    """The plan over ``cohort_slots`` slots: masked padding, or every row in place.
+
+    In place (cohort of all N clients) slot i is client i and the selection becomes masks.
+    Otherwise the extra slots get the out-of-range id ``padded_clients``: gathers clip it,
+    the scatter drops it, and the slot is neither active nor aggregated.
+    """
+    if self._in_place:
+      rows = self.padded_clients
+      active = jnp.zeros(rows, bool).at[plan.cohort].set(plan.active)
+      kept = jnp.zeros(rows, bool).at[plan.cohort].set(plan.kept)
+      return RoundPlan(jnp.arange(rows, dtype=jnp.int32), active, kept)
+    pad = self.cohort_slots - plan.cohort.shape[0]
+    return RoundPlan(
+        jnp.concatenate([plan.cohort, jnp.full((pad,), self.padded_clients, jnp.int32)]),
+        jnp.concatenate([plan.active, jnp.zeros(pad, bool)]),
+        jnp.concatenate([plan.kept, jnp.zeros(pad, bool)]))
+
+  def _shard_clients(self, fn, replicated, sharded, out_replicated):
+    """``fn(*replicated, *sharded)`` per device on its block of the client axis (shard_map).
+
+    ``out_replicated`` is a pytree prefix of booleans for ``fn``'s output: True for outputs
+    equal on every device (e.g. reduced with ``psum``), False for per-client outputs.
+    """
+    specs = lambda tree, spec: jax.tree.map(lambda _: spec, tree)
+    in_specs = (specs(replicated, P()), specs(sharded, P(CLIENTS)))
+    out_specs = jax.tree.map(lambda r: P() if r else P(CLIENTS), out_replicated)
+
+    def body(rep, shd):
+      with aggregate.client_axis(CLIENTS):
+        return fn(*rep, *shd)
+
+    # check_vma=False: algorithm code (scan carries that start from replicated server
+    # parameters) need not annotate device-varying values; replicated outputs are psum'd.
+    return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)(
+        tuple(replicated), tuple(sharded))
+
+  def place_states(self, client_states):
+    """N stacked client states → the engine's layout (padded rows, sharded on a mesh)."""
+    if self.mesh is None:
+      return client_states
+    sharding = NamedSharding(self.mesh, P(CLIENTS))
+
+    def pad(a):
+      a = np.asarray(a)
+      extra = np.take(a, np.arange(self.padded_clients - a.shape[0]) % a.shape[0], axis=0)
+      return _put(np.concatenate([a, extra]), sharding)
+
+    return jax.tree.map(pad, client_states)
+
+  def place(self, server_state, client_states):
+    """States as checkpointed (N clients) → the engine's layout and shardings."""
+    if self.mesh is None:
+      return server_state, client_states
+    replicated = NamedSharding(self.mesh, P())
+    server_state = jax.tree.map(lambda a: _put(a, replicated), server_state)
+    return server_state, self.place_states(client_states)
+
+  def export_states(self, client_states):
+    """The engine's layout → the N real clients' stacked states (for checkpoints, users).
+
+    On a mesh the result is replicated, so every process can read (and Orbax write) it.
+    """
+    if self.mesh is None:
+      return client_states
+    return self._export(client_states)
+
+  def _export_impl(self, client_states):
+    return jax.tree.map(lambda a: a[: self.num_clients], client_states)
 
   def _train_one_impl(self, server_state, client_state, x, y, train_idx, train_count, key):
     self.trace_counts["client_update"] += 1
@@ -190,53 +334,90 @@ class Engine:
     client_data = ClientData(x, y, train_idx, train_count)
     return self.algorithm.warmup_client(server_state, client_state, client_data, key)
 
-  def _map_clients(self, fn, server_state, states, data, ids, keys):
-    """``fn`` over the clients ``ids`` with the vmap or chunked executor (traced)."""
+  def _map_clients(self, fn, server_state, states, data, idx, count, keys):
+    """``fn`` over stacked clients with the vmap or chunked executor (traced, one device)."""
     def one(args):
-      state, idx, count, key = args
-      return fn(server_state, state, data.x, data.y, idx, count, key)
-    args = (states, data.train_idx[ids], data.train_count[ids], keys)
+      state, i, c, key = args
+      return fn(server_state, state, data.x, data.y, i, c, key)
+    args = (states, idx, count, keys)
     if self.executor == "vmap":
       return jax.vmap(one)(args)
     return jax.lax.map(one, args, batch_size=self.chunk_size)
 
-  def _train_cohort(self, server_state, cohort_states, data, plan, keys):
-    """Local training of the cohort with the vmap or chunked executor (traced)."""
-    return self._map_clients(self._train_one_impl, server_state, cohort_states, data,
-                             plan.cohort, keys)
+  def _update(self, server_state, cohort_states, outputs, plan, counts, skey):
+    """Masks the cohort's outputs and aggregates them: ``server_update`` (traced).
 
-  def _finish_impl(self, server_state, client_states, data, plan, cohort_states, new_states,
-                   uploads, metrics, root, round_index):
-    selected = plan.active
+    Runs on the whole cohort, or per device inside ``shard_map`` where the weighted averages
+    of ``server_update`` complete with a ``psum``.
+    """
+    new_states, uploads, metrics = outputs
     nonfinite = plan.active & ~_all_finite((new_states, uploads, metrics.get("loss")))
     if self.skip_nonfinite:  # their updates are neither aggregated nor kept
       plan = RoundPlan(plan.cohort, plan.active & ~nonfinite, plan.kept & ~nonfinite)
       uploads = _tree_where(nonfinite, jax.tree.map(jnp.zeros_like, uploads), uploads)
     new_states = _tree_where(plan.active, new_states, cohort_states)
-    client_states = jax.tree.map(lambda all_, new: all_.at[plan.cohort].set(new),
-                                 client_states, new_states)
-    counts = data.train_count[plan.cohort].astype(jnp.float32)
-    weights = jnp.where(plan.kept, counts, 0.0)
-    skey = rng.server_key(rng.round_key(root, round_index))
+    weights = jnp.where(plan.kept, counts.astype(jnp.float32), 0.0)
     server_state = self.algorithm.server_update(server_state, uploads, weights, skey)
-    active = plan.active.astype(jnp.float32)
-    local_loss = jnp.where(plan.active, metrics.get("loss", jnp.zeros_like(active)), 0.0)
+    loss = jnp.where(plan.active, metrics.get("loss", jnp.zeros(plan.active.shape)), 0.0)
+    return server_state, new_states, (plan.active, plan.kept, nonfinite, loss)
+
+  def _scatter(self, client_states, plan, new_states, slots, round_metrics_base):
+    """Writes the cohort's states back and reduces the per-slot round metrics."""
+    active, kept, nonfinite, loss = slots
+    if self._in_place:
+      client_states = new_states
+    else:
+      client_states = jax.tree.map(lambda all_, new: all_.at[plan.cohort].set(new, mode="drop"),
+                                   client_states, new_states)
     round_metrics = {
         "nonfinite": jnp.where(nonfinite, plan.cohort, -1),
         "num_nonfinite": nonfinite.sum(),
-        "num_selected": selected.sum(),
-        "num_aggregated": plan.kept.sum(),
-        "local_loss": local_loss.sum() / jnp.maximum(active.sum(), 1.0),
+        "num_selected": round_metrics_base.sum(),
+        "num_aggregated": kept.sum(),
+        "local_loss": loss.sum() / jnp.maximum(active.sum(), 1),
     }
+    return client_states, round_metrics
+
+  def _finish_impl(self, server_state, client_states, data, plan, cohort_states, new_states,
+                   uploads, metrics, root, round_index):
+    skey = rng.server_key(rng.round_key(root, round_index))
+    counts = data.train_count[plan.cohort]
+    server_state, new_states, slots = self._update(
+        server_state, cohort_states, (new_states, uploads, metrics), plan, counts, skey)
+    client_states, round_metrics = self._scatter(client_states, plan, new_states, slots,
+                                                 plan.active)
     return server_state, client_states, round_metrics
 
   def _round_impl(self, server_state, client_states, data, root, round_index):
     self.trace_counts["round"] += 1
     plan, cohort_states, keys = self._plan_impl(client_states, data, root, round_index)
-    new_states, uploads, metrics = self._train_cohort(server_state, cohort_states, data, plan,
-                                                      keys)
-    return self._finish_impl(server_state, client_states, data, plan, cohort_states, new_states,
-                             uploads, metrics, root, round_index)
+    if self.mesh is None:
+      outputs = self._map_clients(self._train_one_impl, server_state, cohort_states, data,
+                                  data.train_idx[plan.cohort], data.train_count[plan.cohort],
+                                  keys)
+      return self._finish_impl(server_state, client_states, data, plan, cohort_states,
+                               *outputs, root, round_index)
+    skey = rng.server_key(rng.round_key(root, round_index))
+    take = lambda a: jnp.take(a, plan.cohort, axis=0, mode="clip")
+    idx, counts = take(data.train_idx), take(data.train_count)
+
+    def per_device(server_state, local, skey, cohort_states, plan, idx, counts, keys):
+      outputs = self._map_clients(self._train_one_impl, server_state, cohort_states, local,
+                                  idx, counts, keys)
+      return self._update(server_state, cohort_states, outputs, plan, counts, skey)
+
+    server_state, new_states, slots = self._shard_clients(
+        per_device, (server_state, data, skey),
+        (cohort_states, plan, idx, counts, keys), out_replicated=(True, False, False))
+    client_states, round_metrics = self._scatter(client_states, plan, new_states, slots,
+                                                 plan.active)
+    # Fixed layouts in and out, so every round reuses the first round's program.
+    return (self._constrain(server_state, P()), self._constrain(client_states, P(CLIENTS)),
+            round_metrics)
+
+  def _constrain(self, tree, spec):
+    sharding = NamedSharding(self.mesh, spec)
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), tree)
 
   # ------------------------------------------------------------------ public
   def init(self, root: jax.Array, sample_x):
@@ -247,6 +428,7 @@ class Engine:
     """
     server_state, client_states = self.algorithm.init(rng.init_key(root), jnp.asarray(sample_x),
                                                       self.num_clients)
+    server_state, client_states = self.place(server_state, client_states)
     if not self.algorithm.HAS_WARMUP:
       return server_state, client_states
     ids = jnp.arange(self.num_clients, dtype=jnp.int32)
@@ -263,11 +445,25 @@ class Engine:
     return self._warmup_finish(server_state, new_states, uploads, self.data, ids, wkey)
 
   def _warmup_all_impl(self, server_state, client_states, data, wkey):
-    ids = jnp.arange(self.num_clients, dtype=jnp.int32)
+    rows = self.padded_clients
+    ids = jnp.arange(rows, dtype=jnp.int32)
     keys = jax.vmap(rng.client_key, (None, 0))(wkey, ids)
-    new_states, uploads = self._map_clients(self._warmup_one_impl, server_state, client_states,
-                                            data, ids, keys)
-    return self._warmup_finish_impl(server_state, new_states, uploads, data, ids, wkey)
+    # Padding rows (id >= N) warm up on a real client's data and get zero weight.
+    data_ids = ids % self.num_clients
+    idx, counts = data.train_idx[data_ids], data.train_count[data_ids]
+    weights = jnp.where(ids < self.num_clients, counts.astype(jnp.float32), 0.0)
+    skey = rng.server_key(wkey)
+
+    def warm(server_state, data, skey, states, idx, counts, keys, weights):
+      new_states, uploads = self._map_clients(self._warmup_one_impl, server_state, states,
+                                              data, idx, counts, keys)
+      return self.algorithm.warmup_server(server_state, uploads, weights, skey), new_states
+
+    if self.mesh is None:
+      return warm(server_state, data, skey, client_states, idx, counts, keys, weights)
+    return self._shard_clients(warm, (server_state, data, skey),
+                               (client_states, idx, counts, keys, weights),
+                               out_replicated=(True, False))
 
   def _warmup_finish_impl(self, server_state, client_states, uploads, data, ids, wkey):
     weights = data.train_count[ids].astype(jnp.float32)
@@ -334,13 +530,27 @@ class Engine:
     fn = functools.partial(self._eval_client, server_state, data=data, rkey=rkey, final=final)
     return jax.vmap(fn)(_gather(client_states, ids), cid=ids)
 
+  def _eval_sharded_impl(self, server_state, client_states, data, root, round_index, final):
+    """Every row of the sharded client states, evaluated where it lives (chunked per device)."""
+    self.trace_counts["evaluate"] += 1
+    rkey = rng.round_key(root, round_index)
+    ids = jnp.arange(self.padded_clients, dtype=jnp.int32)
+
+    def per_device(server_state, local, rkey, states, ids):
+      one = lambda args: self._eval_client(server_state, args[0], local, args[1], rkey, final)
+      return jax.lax.map(one, (states, ids), batch_size=self.eval_chunk_size)
+
+    # Index tables are small: replicated here so a client's test samples can be gathered.
+    return self._shard_clients(per_device, (server_state, data, rkey), (client_states, ids),
+                               out_replicated=False)
+
   def _collect(self, parts, ids):
     """Concatenates per-chunk metrics and reduces them over the clients ``ids``."""
     parts = [jax.tree.map(jnp.atleast_1d, p) for p in parts]
     per_client = {k: np.concatenate([np.asarray(p[k]) for p in parts])[: len(ids)]
                   for k in parts[0]}
-    test_count = np.asarray(self.data.test_count)[ids]
-    train_count = np.asarray(self.data.train_count)[ids]
+    test_count = self._test_count[ids]
+    train_count = self._train_count[ids]
     summary = evaluate_lib.summarize(per_client, test_count, train_count)
     with np.errstate(invalid="ignore", divide="ignore"):
       summary["client_test_acc"] = np.where(test_count > 0, per_client["correct"]
@@ -361,6 +571,13 @@ class Engine:
       return None
     root = rng.root_key(0) if root is None else root
     round_index = jnp.asarray(round_index, jnp.int32)
+    if self.mesh is not None:
+      part = self._eval_sharded(server_state, client_states, self.data, root, round_index,
+                                final=final)
+      if jax.process_count() > 1:  # other hosts' clients: gather the small metric arrays
+        part = multihost_utils.process_allgather(part, tiled=True)
+      parts = [part]
+      return self._collect(parts, np.arange(self.num_clients))
     chunk = 1 if self.executor == "sequential" else self.eval_chunk_size
     parts = []
     for start in range(0, self.num_clients, chunk):
@@ -373,7 +590,7 @@ class Engine:
   @property
   def num_new_clients(self) -> int:
     """Clients in the data beyond ``num_clients``: never trained, for new-client evaluation."""
-    return int(self.data.train_count.shape[0]) - self.num_clients
+    return self._total_clients - self.num_clients
 
   def _new_client_impl(self, server_state, template, data, cid, key, epochs):
     self.trace_counts["new_client"] += 1
