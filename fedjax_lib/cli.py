@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from fedjax_lib.config import EXECUTORS, ON_NAN, PARTITIONS, Config
+from fedjax_lib.config import DTYPES, EXECUTORS, ON_NAN, PARTITIONS, Config
 from fedjax_lib.errors import ConfigError, FedJaxError
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
@@ -41,6 +41,30 @@ def _algo_param(text: str) -> tuple[str, float]:
     raise argparse.ArgumentTypeError(
         f"invalid --algo-param value {value!r} for {name}; use a number") from None
   return name, int(number) if number.is_integer() and "." not in value else number
+
+
+def _sweep_item(text: str) -> tuple[str, list]:
+  """``NAME=V1,V2,...`` → ``(name, [values])``; ``lr`` stands for ``learning_rate``."""
+  name, sep, values = text.partition("=")
+  name = name.strip().lstrip("-")
+  if not sep or not name or not values:
+    raise argparse.ArgumentTypeError(f"invalid --sweep item {text!r}; use NAME=V1,V2,... "
+                                     "(e.g. seed=0,1,2 lr=0.01,0.005 mu=0.1,1)")
+  parsed = []
+  for v in values.split(","):
+    try:
+      number = float(v)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"invalid --sweep value {v!r} for {name}; use numbers separated by commas") from None
+    parsed.append(int(number) if number.is_integer() and "." not in v and "e" not in v.lower()
+                  else number)
+  return SWEEP_ALIASES.get(name, name), parsed
+
+
+# Short names accepted by --sweep.
+SWEEP_ALIASES = {"lr": "learning_rate", "local_learning_rate": "learning_rate",
+                 "lamda": "lam", "bt": "beta", "et": "eta", "mo": "momentum", "klw": "kl_weight"}
 
 
 # PFLlib's algorithm flags: (flags, hyperparameter name, type, help). Each is passed to the
@@ -82,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
            "PFLlib dataset folder (config.json, train/<id>.npz, test/<id>.npz)")
   add("-m", "--model", default=d.model, help="model: cnn (FedAvgCNN), dnn, mlr")
   add("-algo", "--algorithm", default=d.algorithm, help="algorithm (PFLlib names)")
+  add("--dtype", choices=DTYPES, default=d.dtype,
+      help="computation dtype of local training and evaluation: float32, or bfloat16 for "
+           "mixed precision (float32 parameters, bfloat16 convolutions/matmuls)")
   add("-gr", "--global_rounds", "--global-rounds", type=int, default=d.global_rounds,
       dest="global_rounds", help="rounds after round 0 (the loop runs gr+1 times)")
   add("-ls", "--local_epochs", "--local-epochs", type=int, default=d.local_epochs,
@@ -140,6 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
       "configuration); flags given on the command line override it")
   add("--algo-param", type=_algo_param, action="append", default=[], dest="algo_params",
       metavar="NAME=VALUE", help="algorithm hyperparameter (repeatable)")
+  add("--partition-seed", type=int, default=d.partition_seed, dest="partition_seed",
+      help="seed of the data partition (default: --seed); fixes the partition across seeds")
+  add("--sweep", type=_sweep_item, nargs="+", action="extend", default=[], metavar="NAME=V,..",
+      help="run every combination in one compiled program: seed=0,1,2 lr=0.01,0.005 and any "
+      "numeric hyperparameter of the algorithm (mu=..., lam=...)")
+  add("--devices", type=int, default=d.devices, help="shard the clients over this many "
+      "devices (0: all; default 1)")
+  add("--distributed", type=str2bool, nargs="?", const=True, default=d.distributed,
+      help="multi-host: call jax.distributed.initialize() first (coordinator, process count "
+      "and id from the environment or the cluster); only process 0 writes results")
   add("-dev", "--device", choices=("auto", "cpu", "cuda", "gpu", "tpu"), default="auto",
       help="JAX platform (default: JAX's choice)")
   add("--no-progress", action="store_false", dest="progress", help="no progress bar")
@@ -150,6 +187,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
   values = {k: v for k, v in vars(args).items()
             if k not in ("device", "config") + _ALGO_DESTS}
   values["algo_params"] = dict(values["algo_params"])
+  sweep = {}
+  for name, items in values["sweep"]:
+    if name in sweep:
+      raise ConfigError(f"--sweep names {name} twice; give all its values in one item")
+    sweep[name] = items
+  values["sweep"] = sweep
   # PFLlib's algorithm flags, passed only when given (an algorithm refuses those it lacks).
   for name in _ALGO_DESTS:
     if getattr(args, name) is not None:
@@ -194,6 +237,8 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         raise ConfigError(f"config file {known.config!r}: algo_params={params!r} must be an "
                           "object of name: value")
       values["algo_params"] = list(params.items())
+    if isinstance(values.get("sweep"), dict):
+      values["sweep"] = list(values["sweep"].items())
     parser.set_defaults(**values)
   return parser.parse_args(argv)
 
@@ -210,6 +255,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from fedjax_lib.runner import run_experiment  # pylint: disable=import-outside-toplevel
   try:
     config = config_from_args(args).validate()
+    if config.distributed:
+      from fedjax_lib.runner import initialize_distributed  # pylint: disable=import-outside-toplevel
+      initialize_distributed()
     results = run_experiment(config)
   except FedJaxError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -221,8 +269,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"interrupted; no results file of the unfinished run was written; {where}",
           file=sys.stderr)
     return 130
-  for line in results.summary_lines():
-    print(line)
+  from fedjax_lib.runner import is_writer  # pylint: disable=import-outside-toplevel
+  if is_writer():
+    for line in results.summary_lines():
+      print(line)
   return 0
 
 

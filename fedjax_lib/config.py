@@ -17,6 +17,7 @@ from fedjax_lib.errors import ConfigError
 EXECUTORS = ("auto", "vmap", "chunked", "sequential")
 ON_NAN = ("stop", "skip-client")
 PARTITIONS = ("dir", "pat", "iid", "exdir")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +41,19 @@ class Config:
   Evaluation every ``eval_gap`` rounds; ``auto_break`` stops once the best accuracy is more
     than ``top_cnt`` evaluations old.
   Repetitions: ``times`` runs with seeds ``seed, seed+1, ...`` on the same partition (the
-    partition is drawn from ``seed``).
+    partition is drawn from ``partition_seed``, by default ``seed``).
+  Sweeps: ``sweep`` maps ``seed`` and numeric hyperparameters (``learning_rate``, or any
+    ``algo_params`` name such as ``mu``) to lists of values; every combination runs as one
+    more leading axis of the same compiled round (see `fedjax_lib.sweep`).
   Execution: ``executor`` (``vmap`` | ``chunked`` | ``sequential`` | ``auto``), ``chunk_size``
     clients per chunk for ``chunked``, ``unroll`` local steps per compiled loop iteration
     (0 = fully unrolled; ``None`` = the backend default, see `core.engine`).
+    ``devices``: shard the clients over this many devices (0 = all; 1 = no sharding);
+    ``distributed``: call ``jax.distributed.initialize()`` first (one process per host;
+    only process 0 writes results).
+  dtype: the computation dtype of local training and evaluation: ``float32``, or ``bfloat16``
+    for mixed precision (parameters and optimizer state stay float32; convolutions, matmuls
+    and activations run in bfloat16; logits, losses and metrics are float32).
   algo_params: algorithm hyperparameters by name (e.g. ``{"mu": 0.01}``); each algorithm
     declares which it accepts.
   pfllib_compat: reproduce PFLlib's documented quirks where an algorithm offers it (e.g.
@@ -69,6 +79,7 @@ class Config:
   train_ratio: float = 0.75
   # model and algorithm
   model: str = "cnn"
+  dtype: str = "float32"
   algorithm: str = "FedAvg"
   algo_params: dict = dataclasses.field(default_factory=dict)
   pfllib_compat: bool = False
@@ -87,6 +98,7 @@ class Config:
   top_cnt: int = 100
   goal: str = "test"
   seed: int = 0
+  partition_seed: Optional[int] = None
   num_new_clients: int = 0
   fine_tuning_epoch_new: int = 0
   # execution and output
@@ -94,6 +106,9 @@ class Config:
   chunk_size: int = 8
   unroll: Optional[int] = None
   eval_chunk_size: int = 64
+  devices: int = 1
+  distributed: bool = False
+  sweep: dict = dataclasses.field(default_factory=dict)
   out: str = "results"
   progress: bool = True
   checkpoint_every: int = 0
@@ -103,11 +118,17 @@ class Config:
 
   # Fields that may differ between a checkpointed run and its continuation.
   RESUMABLE_CHANGES = ("global_rounds", "times", "out", "progress", "checkpoint_every",
-                       "keep_checkpoints", "resume", "auto_break", "top_cnt")
+                       "keep_checkpoints", "resume", "auto_break", "top_cnt", "devices",
+                       "distributed", "eval_chunk_size")
 
   def resume_mismatch(self, saved: dict) -> list[str]:
-    """``field: saved → now`` for every field that must match to continue a checkpoint."""
+    """``field: saved → now`` for every field that must match to continue a checkpoint.
+
+    A field missing from ``saved`` (a checkpoint written before the field existed) counts as
+    its default.
+    """
     now = self.to_dict()
+    saved = {**Config().to_dict(), **saved}
     return [f"{k}: {saved.get(k)!r} → {now[k]!r}" for k in sorted(now)
             if k not in self.RESUMABLE_CHANGES and _jsonish(saved.get(k)) != _jsonish(now[k])]
 
@@ -163,6 +184,8 @@ class Config:
     if self.executor not in EXECUTORS:
       raise ConfigError(f"unknown executor {self.executor!r}; choose one of: "
                         f"{', '.join(EXECUTORS)}")
+    if self.dtype not in DTYPES:
+      raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
     if self.partition not in PARTITIONS:
       raise ConfigError(f"unknown partition {self.partition!r}; choose one of: "
                         f"{', '.join(PARTITIONS)}")
@@ -172,7 +195,34 @@ class Config:
       raise ConfigError(f"goal={self.goal!r}: give a non-empty tag without '/'")
     if not isinstance(self.algo_params, dict):
       raise ConfigError(f"algo_params={self.algo_params!r} must be a dict of name: value")
+    _positive_int("devices", self.devices, minimum=0)
+    if not isinstance(self.distributed, bool):
+      raise ConfigError(f"distributed={self.distributed!r} is not a boolean; use true/false")
+    if self.partition_seed is not None:
+      _int("partition_seed", self.partition_seed)
+    self._validate_sweep()
     return self
+
+  def _validate_sweep(self) -> None:
+    """``sweep``: a dict of name → non-empty list of numbers (integers for ``seed``)."""
+    if not isinstance(self.sweep, dict):
+      raise ConfigError(f"sweep={self.sweep!r} must be a dict of name: list of values")
+    for name, values in self.sweep.items():
+      if not isinstance(name, str) or not name:
+        raise ConfigError(f"sweep name {name!r} must be a non-empty string")
+      if not isinstance(values, (list, tuple)) or not values:
+        raise ConfigError(f"sweep {name}={values!r} must be a non-empty list of values")
+      for v in values:
+        if name == "seed":
+          _int("sweep seed", v)
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+          raise ConfigError(f"sweep {name}: value {v!r} is not a finite number; only numeric "
+                            "hyperparameters can be swept")
+      if len(set(values)) != len(values):
+        raise ConfigError(f"sweep {name}={list(values)!r} repeats a value")
+    if self.sweep and self.times != 1:
+      raise ConfigError(f"times={self.times} with sweep: sweep over seeds instead "
+                        "(sweep seed=0,1,2 equals -t 3)")
 
   def check_participation(self, num_clients: int) -> None:
     """Checks that every round selects, and keeps, at least one client."""

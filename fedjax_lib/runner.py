@@ -119,7 +119,7 @@ def build(config: Config):
       config.dataset, num_clients=total_clients, num_classes=config.num_classes,
       scheme=config.partition, alpha=config.alpha, class_per_client=config.class_per_client,
       balance=config.balance, train_ratio=config.train_ratio, batch_size=config.batch_size,
-      seed=config.seed)
+      seed=config.seed if config.partition_seed is None else config.partition_seed)
   num_clients = data.num_clients - new
   if num_clients < 1:
     raise ConfigError(f"num_new_clients={new} leaves no training clients: the dataset has "
@@ -130,29 +130,84 @@ def build(config: Config):
   if steps_per_epoch < 1:
     raise ConfigError(f"batch_size={config.batch_size} is larger than every client's training "
                       f"set (the largest has {largest} samples); use batch_size <= {largest}")
-  model = models_lib.make_model(config.model, data.sample_shape, data.num_classes)
+  model = models_lib.make_model(config.model, data.sample_shape, data.num_classes,
+                                dtype=config.dtype)
   backend = jax.default_backend()
-  num_steps = steps_per_epoch * config.local_epochs
-  unroll = config.unroll if config.unroll is not None else engine_lib.default_unroll(
-      backend, num_steps)
-  local = LocalSpec(learning_rate=float(config.learning_rate), batch_size=config.batch_size,
-                    local_epochs=config.local_epochs, steps_per_epoch=steps_per_epoch,
-                    unroll=unroll)
-  algorithm = algorithms_lib.make_algorithm(config.algorithm, model, local,
-                                            algorithm_params(config))
+  algorithm = make_algorithm(config, data, model)
   if new and not algorithm.supports_new_clients:
     raise ConfigError(f"algorithm {algorithm.name} does not support new-client evaluation "
                       "(num_new_clients > 0)")
-  executor = (engine_lib.default_executor(backend) if config.executor == "auto"
-              else config.executor)
+  mesh = make_mesh(config.devices)
+  executor = config.executor
+  if executor == "auto":
+    executor = engine_lib.default_executor(backend) if mesh is None else "vmap"
+  elif executor == "sequential" and mesh is not None:
+    raise ConfigError(f"executor='sequential' runs on one device but devices={config.devices} "
+                      "shards the clients; use --executor vmap or chunked")
   participation = engine_lib.Participation(
       num_clients=num_clients, join_ratio=config.join_ratio,
       random_join_ratio=config.random_join_ratio, client_drop_rate=config.client_drop_rate)
   engine = engine_lib.Engine(algorithm, engine_lib.DeviceData.from_federated(data),
                              participation, executor=executor, chunk_size=config.chunk_size,
                              eval_chunk_size=config.eval_chunk_size,
-                             skip_nonfinite=config.on_nan == "skip-client")
+                             skip_nonfinite=config.on_nan == "skip-client", mesh=mesh)
   return data, model, algorithm, engine
+
+
+def make_algorithm(config: Config, data, model):
+  """The configured algorithm (local-training spec from ``config`` and the data's sizes)."""
+  steps_per_epoch = int(data.train_count.max()) // config.batch_size
+  num_steps = steps_per_epoch * config.local_epochs
+  unroll = config.unroll if config.unroll is not None else engine_lib.default_unroll(
+      jax.default_backend(), num_steps)
+  local = LocalSpec(learning_rate=float(config.learning_rate), batch_size=config.batch_size,
+                    local_epochs=config.local_epochs, steps_per_epoch=steps_per_epoch,
+                    unroll=unroll)
+  return algorithms_lib.make_algorithm(config.algorithm, model, local, algorithm_params(config))
+
+
+def make_mesh(devices: int):
+  """The ``clients`` mesh for ``devices`` (0 = all), or None for one device."""
+  available = jax.device_count()
+  count = available if devices == 0 else devices
+  if count > available:
+    raise ConfigError(f"devices={devices} but {available} {jax.default_backend()} device(s) are "
+                      f"available; use 0 (all) or 1..{available}")
+  return engine_lib.client_mesh(count) if count > 1 else None
+
+
+def initialize_distributed() -> None:
+  """``jax.distributed.initialize()`` for one process per host, before any computation.
+
+  The coordinator comes from ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0) and the
+  process count and index from ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` when set; otherwise
+  JAX detects them on SLURM, Open MPI, Kubernetes and Cloud TPU. CPU processes exchange
+  collectives over gloo.
+
+  Raises:
+    ConfigError: the environment does not describe a cluster, or the coordinator cannot be
+      reached.
+  """
+  kwargs = {}
+  for var, name in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if os.environ.get(var):
+      try:
+        kwargs[name] = int(os.environ[var])
+      except ValueError:
+        raise ConfigError(f"{var}={os.environ[var]!r} is not an integer") from None
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (RuntimeError, ValueError) as e:
+    raise ConfigError(
+        f"--distributed: jax.distributed.initialize() failed ({str(e).splitlines()[0][:200]}); "
+        "set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every "
+        "host, or launch under SLURM / Open MPI") from None
+
+
+def is_writer() -> bool:
+  """Only process 0 writes results files (every process runs the same program)."""
+  return jax.process_index() == 0
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -243,9 +298,10 @@ def _run_once(engine, config: Config, seed: int, desc: str, log: Callable[[str],
   checkpointer = None
   if os.path.isdir(ckpt_path) or config.checkpoint_every:
     checkpointer = checkpoint_lib.RunCheckpointer(ckpt_path, config.keep_checkpoints)
-    restored = checkpointer.restore_latest(server_state, client_states)
+    restored = checkpointer.restore_latest(server_state, engine.export_states(client_states))
     if restored is not None:
       start_round, server_state, client_states, meta = restored
+      server_state, client_states = engine.place(server_state, client_states)
       saved_step = start_round
       history, train_times, eval_times = meta["history"], meta["train_times"], meta["eval_times"]
       last_ckpt = checkpointer.path(start_round)
@@ -258,7 +314,7 @@ def _run_once(engine, config: Config, seed: int, desc: str, log: Callable[[str],
       checkpointer = checkpoint_lib.RunCheckpointer(ckpt_path, config.keep_checkpoints)
     meta = {"config": config.to_dict(), "seed": seed, "history": history,
             "train_times": train_times, "eval_times": eval_times}
-    return checkpointer.save(next_round, server_state, client_states, meta)
+    return checkpointer.save(next_round, server_state, engine.export_states(client_states), meta)
 
   best, best_at = -1.0, 0
   for i, acc in enumerate(history["test_acc"]):
@@ -338,10 +394,17 @@ def _run_once(engine, config: Config, seed: int, desc: str, log: Callable[[str],
 def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None) -> Results:
   """Runs ``config.times`` repetitions and writes their results under ``config.out``.
 
+  With ``config.sweep`` set, runs every combination side by side in one compiled program and
+  returns `fedjax_lib.sweep.SweepResults` instead.
+
   Raises:
     fedjax_lib.errors.FedJaxError: for bad configuration or data, before anything is written.
   """
-  log = log or (lambda msg: print(msg, file=sys.stderr))
+  if config.sweep:
+    from fedjax_lib import sweep  # pylint: disable=import-outside-toplevel
+    return sweep.run_sweep(config, log)
+  if log is None:
+    log = (lambda msg: print(msg, file=sys.stderr)) if is_writer() else (lambda msg: None)
   data, model, algorithm, engine = build(config)
   tag = dataset_tag(config.dataset)
   out_dir = os.path.abspath(config.out)
@@ -354,7 +417,8 @@ def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None) 
   for t in range(config.times):
     _check_resumable(config, checkpoint_dir(config, base, t))
   partition_file = os.path.join(out_dir, f"{base}_partition.json")
-  results_lib.write_json(partition_file, data.summary())
+  if is_writer():
+    results_lib.write_json(partition_file, data.summary())
   runs = []
   for t in range(config.times):
     seed = config.seed + t
@@ -369,9 +433,10 @@ def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None) 
                **history, **extra, "best_test_acc": max(acc), "last_test_acc": acc[-1],
                "mean_round_time_s": mean_round, "total_time_s": total}
     files = {"json": run_base + ".json", "h5": run_base + ".h5", "png": run_base + ".png"}
-    results_lib.write_json(files["json"], payload)
-    results_lib.write_h5(files["h5"], history)
-    results_lib.write_plot(files["png"], history, f"{algorithm.name} on {tag} (run {t})")
+    if is_writer():
+      results_lib.write_json(files["json"], payload)
+      results_lib.write_h5(files["h5"], history)
+      results_lib.write_plot(files["png"], history, f"{algorithm.name} on {tag} (run {t})")
     runs.append(RunResult(seed=seed, history=history, best_test_acc=float(max(acc)),
                           last_test_acc=float(acc[-1]), mean_round_time_s=mean_round,
                           total_time_s=total, files=files))
