@@ -413,7 +413,7 @@ class Engine:
                                                  plan.active)
     # Fixed layouts in and out, so every round reuses the first round's program.
     return (self._constrain(server_state, P()), self._constrain(client_states, P(CLIENTS)),
-            round_metrics)
+            self._constrain(round_metrics, P()))
 
   def _constrain(self, tree, spec):
     sharding = NamedSharding(self.mesh, spec)
