@@ -195,10 +195,12 @@ def initialize_distributed() -> None:
         kwargs[name] = int(os.environ[var])
       except ValueError:
         raise ConfigError(f"{var}={os.environ[var]!r} is not an integer") from None
+  previous = jax.config.jax_cpu_collectives_implementation
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
     jax.distributed.initialize(**kwargs)
   except (RuntimeError, ValueError) as e:
+    jax.config.update("jax_cpu_collectives_implementation", previous)
     raise ConfigError(
         f"--distributed: jax.distributed.initialize() failed ({str(e).splitlines()[0][:200]}); "
         "set JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every "

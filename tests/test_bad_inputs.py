@@ -44,6 +44,12 @@ FLAGS = [
     (["--resume"], ["resume", "no checkpoint"]),
     (["--algo-param", "mu"], ["mu", "NAME=VALUE"]),
     (["-algo", "FedProx", "--algo-param", "mu=abc"], ["abc", "number"]),
+    (["--sweep", "seed=0,x"], ["'x'", "seed"]),
+    (["--sweep", "seed=0,1", "seed=2"], ["seed", "twice"]),
+    (["-algo", "Ditto", "--sweep", "plocal_epochs=1,2"], ["plocal_epochs", "floating-point"]),
+    (["--sweep", "seed=0,1", "--devices", "2"], ["devices=2"]),
+    (["--devices", "99"], ["devices=99", "available"]),
+    (["--distributed"], ["JAX_COORDINATOR_ADDRESS"]),
     # partition settings that cannot be met
     (["--partition", "pat", "--class-per-client", "11"], ["class_per_client", "11"]),
     (["-nc", "2000"], ["2000"]),

@@ -1,0 +1,125 @@
+"""Sweeps: all combinations in one compiled round, equal to separate runs."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fedjax_lib import Config, run_experiment
+from fedjax_lib import cli
+from fedjax_lib import sweep as sweep_lib
+from fedjax_lib.core.local import LocalSpec
+from fedjax_lib.errors import ConfigError
+
+QUIET = dict(log=lambda msg: None)
+
+
+def _config(out, **kw):
+  base = dict(model="dnn", num_clients=6, learning_rate=0.05, global_rounds=2,
+              executor="vmap", out=str(out), progress=False)
+  base.update(kw)
+  return Config(**base)
+
+
+def _separate(tmp_path, combo, **kw):
+  """The combination run on its own (the sweep fixes the partition to the base seed 0)."""
+  values = dict(kw)
+  params = dict(values.pop("algo_params", {}))
+  for name, value in combo.items():
+    if name in ("seed", "learning_rate"):
+      values[name] = value
+    else:
+      params[name] = value
+  out = tmp_path / f"separate_{len(os.listdir(tmp_path))}"
+  return run_experiment(_config(out, partition_seed=0, algo_params=params, **values),
+                        **QUIET).runs[0]
+
+
+def _assert_same(a, b):
+  np.testing.assert_allclose(a.history["test_acc"], b.history["test_acc"], atol=1e-9)
+  np.testing.assert_allclose(a.history["train_loss"], b.history["train_loss"], rtol=2e-5)
+
+
+def test_seed_and_lr_sweep_equals_separate_runs(tmp_path):
+  res = run_experiment(_config(tmp_path / "sweep",
+                               sweep={"seed": [0, 1], "learning_rate": [0.05, 0.02]}), **QUIET)
+  assert res.combos == [{"seed": 0, "learning_rate": 0.05}, {"seed": 0, "learning_rate": 0.02},
+                        {"seed": 1, "learning_rate": 0.05}, {"seed": 1, "learning_rate": 0.02}]
+  for i in (1, 2):  # two of the four, against runs of their own
+    _assert_same(res.runs[i], _separate(tmp_path, res.combos[i]))
+  # Different seeds and learning rates give different trajectories.
+  losses = {tuple(r.history["train_loss"]) for r in res.runs}
+  assert len(losses) == 4
+  # Files: one JSON/h5/PNG per combination, and the summary (mean ± std over seeds per lr).
+  for s, run in enumerate(res.runs):
+    payload = json.load(open(run.files["json"]))
+    assert payload["combination"] == res.combos[s] and payload["seed"] == run.seed
+    assert os.path.exists(run.files["h5"]) and os.path.exists(run.files["png"])
+  summary = json.load(open(res.files["summary_json"]))
+  assert [row["setting"] for row in summary["rows"]] == [{"learning_rate": 0.05},
+                                                         {"learning_rate": 0.02}]
+  row = summary["rows"][0]
+  best = [res.runs[0].best_test_acc, res.runs[2].best_test_acc]
+  assert row["seeds"] == [0, 1]
+  np.testing.assert_allclose(row["best_test_acc_mean"], np.mean(best))
+  np.testing.assert_allclose(row["best_test_acc_std"], np.std(best))
+  table = open(res.files["summary_md"]).read()
+  assert table.startswith("| learning_rate | seeds |") and "0.05 | 0,1 |" in table
+
+
+def test_algorithm_hyperparameter_sweep_one_compilation(tmp_path, monkeypatch):
+  """Ditto's μ as a leading axis: one traced round for both values, equal to separate runs."""
+  traces = []
+  original = sweep_lib.SweepEngine.__init__
+
+  def spy(self, *args, **kw):
+    original(self, *args, **kw)
+    traces.append(self.trace_counts)
+
+  monkeypatch.setattr(sweep_lib.SweepEngine, "__init__", spy)
+  res = run_experiment(_config(tmp_path / "sweep", algorithm="Ditto",
+                               sweep={"mu": [0.0, 0.5]}), **QUIET)
+  assert traces[0]["round"] == 1 and traces[0]["client_update"] == 1
+  assert "test_acc_global" in res.runs[1].history
+  _assert_same(res.runs[1], _separate(tmp_path, {"mu": 0.5}, algorithm="Ditto"))
+  assert res.runs[0].history["train_loss"] != res.runs[1].history["train_loss"]
+
+
+def test_swept_leaves_follow_derived_values():
+  """PerAvg's β defaults to the learning rate: sweeping lr sweeps both leaves."""
+  from fedjax_lib.algorithms import make_algorithm
+  from fedjax_lib.models import make_model
+  model = make_model("dnn", (8,), 3)
+  algos = [make_algorithm("PerAvg", model, LocalSpec(learning_rate=lr, steps_per_epoch=4))
+           for lr in (0.1, 0.01)]
+  leaves = sweep_lib.swept_leaves(algos, ["learning_rate"])
+  assert list(leaves) == [("local", "learning_rate")]
+  np.testing.assert_allclose(leaves[("local", "learning_rate")], [0.1, 0.01])
+  swapped = sweep_lib.substitute(algos[0], {("local", "learning_rate"): 0.01})
+  assert swapped.meta_step == 0.01 and algos[0].meta_step == 0.1
+  assert dataclasses.asdict(swapped.local) == dataclasses.asdict(algos[1].local)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(algorithm="Ditto", sweep={"plocal_epochs": [1, 2]}), "plocal_epochs"),
+    (dict(sweep={"mu": [0.1, 0.2]}), "mu"),
+    (dict(sweep={"join_ratio": [0.5, 1.0]}), "join_ratio"),
+    (dict(sweep={"seed": [0, 0]}), "repeats"),
+    (dict(sweep={"learning_rate": ["a"]}), "'a'"),
+    (dict(sweep={"seed": [0, 1]}, times=2), "times=2"),
+    (dict(sweep={"seed": [0, 1]}, devices=2), "devices=2"),
+    (dict(sweep={"seed": [0, 1]}, checkpoint_every=1), "checkpoint_every=1"),
+])
+def test_bad_sweeps_fail_before_writing(kw, needle, tmp_path):
+  with pytest.raises(ConfigError, match=needle):
+    run_experiment(_config(tmp_path, **kw), **QUIET)
+  assert not os.listdir(tmp_path)
+
+
+def test_cli_sweep_flags():
+  args = cli.build_parser().parse_args(["--sweep", "seed=0,1", "lr=0.05,0.02", "--sweep",
+                                        "mu=1e-2,1"])
+  config = cli.config_from_args(args)
+  assert config.sweep == {"seed": [0, 1], "learning_rate": [0.05, 0.02], "mu": [0.01, 1]}
