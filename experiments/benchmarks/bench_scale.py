@@ -1,0 +1,209 @@
+"""Scale benchmarks: peak memory at 20–2,000 clients, and sweeps against separate runs.
+
+``memory``: the Cifar-100 4-layer CNN (924,708 parameters per model) on CIFAR-100-shaped
+synthetic data (3×32×32, 100 classes), ``--samples`` images in all (CIFAR-100's 60,000 by
+default) split evenly over N clients (80 % train / 20 % test per client), batch 10, 1 local
+epoch, all clients selected and evaluated. Each (N, algorithm, executor) runs in a fresh process:
+initialisation, an evaluation, one round (compiling), one timed round and a timed evaluation;
+the process reports its peak memory (peak RSS on CPU, ``peak_bytes_in_use`` on an accelerator)
+and the bytes of the stacked client states.
+
+``sweep``: FedAvg on the bundled digits (20 clients, Dir(0.1), 4-layer CNN, batch 10) as an
+S-way sweep (``--seeds`` × ``--lrs``) in one compiled program, against the same S combinations
+run one after another (each with the backend's default executor, and with vmap), all in one
+script run on the same machine; seconds per round exclude the compiling round 0.
+
+    python experiments/benchmarks/bench_scale.py memory --clients 20,100,500,2000
+    python experiments/benchmarks/bench_scale.py sweep --seeds 0,1,2 --lrs 0.01,0.005
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+
+def _header() -> str:
+  import jax  # pylint: disable=import-outside-toplevel
+  return (f"Measured {datetime.date.today().isoformat()} on {platform.machine()} "
+          f"({os.cpu_count()} cores), backend {jax.default_backend()} "
+          f"({jax.devices()[0].device_kind}), jax {jax.__version__}.")
+
+
+# ----------------------------------------------------------------------------- memory
+def memory_single(num_clients: int, algorithm: str, executor: str, samples: int) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from bench_rounds import peak_memory_bytes  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.algorithms import make_algorithm  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.core import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.core import rng  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.core.local import LocalSpec  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.data import sources  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.data.federated import FederatedData  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.models import count_params, make_model  # pylint: disable=import-outside-toplevel
+
+  per = samples // num_clients
+  train = int(0.8 * per)
+  x, y = sources.synthetic(num_clients * per, (32, 32, 3), 100, seed=0)
+  pools = np.arange(num_clients * per).reshape(num_clients, per)
+  data = FederatedData.from_client_indices("synthetic-cifar100", x, y, list(pools[:, :train]),
+                                           list(pools[:, train:]), 100)
+  del x, y
+  model = make_model("cnn", data.sample_shape, 100)
+  steps = train // 10
+  backend = jax.default_backend()
+  spec = LocalSpec(learning_rate=0.005, batch_size=10, local_epochs=1, steps_per_epoch=steps,
+                   unroll=engine_lib.default_unroll(backend, steps))
+  algo = make_algorithm(algorithm, model, spec)
+  eng = engine_lib.Engine(algo, engine_lib.DeviceData.from_federated(data),
+                          engine_lib.Participation(num_clients), executor=executor)
+  root = rng.root_key(0)
+  t0 = time.perf_counter()
+  s, c = eng.init(root, data.x[0])
+  eng.evaluate(s, c, root, 0)
+  s, c, _ = eng.run_round(s, c, root, 0)
+  jax.block_until_ready((s, c))
+  first = time.perf_counter() - t0
+  t = time.perf_counter()
+  s, c, _ = eng.run_round(s, c, root, 1)
+  jax.block_until_ready((s, c))
+  train_s = time.perf_counter() - t
+  t = time.perf_counter()
+  metrics = eng.evaluate(s, c, root, 2)
+  eval_s = time.perf_counter() - t
+  kind, peak = peak_memory_bytes()
+  state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(c))
+  return {"clients": num_clients, "algorithm": algorithm, "executor": executor,
+          "samples_per_client": per, "params_per_model": count_params(algo.init_params(
+              rng.root_key(0), data.x[0])),
+          "backend": backend, "first_s": first, "train_s": train_s, "eval_s": eval_s,
+          "memory_kind": kind, "peak_memory_bytes": peak, "client_state_bytes": state_bytes,
+          "data_bytes": int(data.x.nbytes), "test_acc": metrics["test_acc"]}
+
+
+def _subprocess(args: list[str], timeout: float) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__)] + args
+  try:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout:.0f} s"}
+  for line in out.stdout.splitlines()[::-1]:
+    if line.startswith("{"):
+      return json.loads(line)
+  err = out.stderr.strip().splitlines() or [f"exit status {out.returncode}, no output"]
+  if out.returncode < 0:
+    err = [f"killed by signal {-out.returncode} (out of memory?)"]
+  return {"error": err[-1][:200]}
+
+
+def memory_table(rows: list[dict]) -> str:
+  lines = ["| clients | samples/client | algorithm | executor | client states (GB) | peak memory "
+           "(GB) | train s/round | eval s/round | first round incl. compile (s) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if "error" in r:
+      lines.append(f"| {r['clients']} | | {r['algorithm']} | {r['executor']} | | "
+                   f"{r['error']} | | | |")
+      continue
+    lines.append(f"| {r['clients']} | {r['samples_per_client']} | {r['algorithm']} | "
+                 f"{r['executor']} | {r['client_state_bytes'] / 1e9:.2f} | "
+                 f"{r['peak_memory_bytes'] / 1e9:.2f} | {r['train_s']:.2f} | {r['eval_s']:.2f} | "
+                 f"{r['first_s']:.1f} |")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- sweep
+def sweep_bench(seeds: list[int], lrs: list[float], rounds: int, algorithm: str) -> str:
+  import jax  # pylint: disable=import-outside-toplevel
+  from fedjax_lib import Config, run_experiment  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.core import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  quiet = dict(log=lambda msg: None)
+  base = dict(algorithm=algorithm, global_rounds=rounds, progress=False, partition_seed=0)
+  size = len(seeds) * len(lrs)
+  with tempfile.TemporaryDirectory() as tmp:
+    t0 = time.perf_counter()
+    swept = run_experiment(Config(out=tmp, sweep={"seed": seeds, "learning_rate": lrs},
+                                  **base), **quiet)
+    sweep_wall = time.perf_counter() - t0
+    rows = [("sweep (vmap over combinations)", swept.mean_round_time_s, sweep_wall)]
+    default = engine_lib.default_executor(jax.default_backend())
+    for executor in dict.fromkeys([default, "vmap"]):
+      per_round, wall = 0.0, 0.0
+      for seed in seeds:
+        for lr in lrs:
+          t0 = time.perf_counter()
+          res = run_experiment(Config(out=tmp, seed=seed, learning_rate=lr, executor=executor,
+                                      **base), **quiet)
+          wall += time.perf_counter() - t0
+          per_round += res.mean_round_time_s
+      rows.append((f"{size} separate runs, {executor} executor", per_round, wall))
+  lines = [f"{algorithm} on digits (20 clients, Dir(0.1), 4-layer CNN, lr ∈ {lrs}, seeds "
+           f"{seeds}: S = {size} combinations), {rounds} rounds, evaluation every round. "
+           + _header(), "",
+           "| how | s/round for all S combinations | × sweep | wall time incl. compile (s) |",
+           "|---|---|---|---|"]
+  for name, per_round, wall in rows:
+    lines.append(f"| {name} | {per_round:.3f} | {per_round / rows[0][1]:.2f} | {wall:.1f} |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  sub = p.add_subparsers(dest="mode", required=True)
+  m = sub.add_parser("memory")
+  m.add_argument("--clients", default="20,100,500,2000")
+  m.add_argument("--algorithms", default="FedAvg,Ditto")
+  m.add_argument("--executors", default="auto")
+  m.add_argument("--samples", type=int, default=60000)
+  m.add_argument("--timeout", type=float, default=1800)
+  m.add_argument("--single", nargs=3, metavar=("CLIENTS", "ALGORITHM", "EXECUTOR"),
+                 help=argparse.SUPPRESS)
+  s = sub.add_parser("sweep")
+  s.add_argument("--seeds", default="0,1,2")
+  s.add_argument("--lrs", default="0.01,0.005")
+  s.add_argument("--rounds", type=int, default=5)
+  s.add_argument("--algorithm", default="FedAvg")
+  args = p.parse_args()
+  if args.mode == "sweep":
+    print(sweep_bench([int(v) for v in args.seeds.split(",")],
+                      [float(v) for v in args.lrs.split(",")], args.rounds, args.algorithm))
+    return
+  if args.single:
+    n, algo, executor = args.single
+    print(json.dumps(memory_single(int(n), algo, executor, args.samples)))
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.core import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  rows = []
+  for n in args.clients.split(","):
+    for algo in args.algorithms.split(","):
+      for executor in args.executors.split(","):
+        if executor == "auto":
+          executor = engine_lib.default_executor(jax.default_backend())
+        row = _subprocess(["memory", "--samples", str(args.samples), "--single", n, algo,
+                           executor], args.timeout)
+        row.setdefault("clients", int(n))
+        row.setdefault("algorithm", algo)
+        row.setdefault("executor", executor)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+  print(f"Cifar-100 4-layer CNN (924,708 parameters), {args.samples} CIFAR-100-shaped "
+        "synthetic images split evenly, batch 10, 1 local epoch. " + _header() + "\n")
+  print(memory_table(rows))
+
+
+if __name__ == "__main__":
+  main()
