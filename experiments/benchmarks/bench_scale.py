@@ -43,7 +43,8 @@ def _header() -> str:
 
 
 # ----------------------------------------------------------------------------- memory
-def memory_single(num_clients: int, algorithm: str, executor: str, samples: int) -> dict:
+def memory_single(num_clients: int, algorithm: str, executor: str, samples: int,
+                  per_client: int) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from bench_rounds import peak_memory_bytes  # pylint: disable=import-outside-toplevel
@@ -55,7 +56,7 @@ def memory_single(num_clients: int, algorithm: str, executor: str, samples: int)
   from fedjax_lib.data.federated import FederatedData  # pylint: disable=import-outside-toplevel
   from fedjax_lib.models import count_params, make_model  # pylint: disable=import-outside-toplevel
 
-  per = samples // num_clients
+  per = per_client or samples // num_clients
   train = int(0.8 * per)
   x, y = sources.synthetic(num_clients * per, (32, 32, 3), 100, seed=0)
   pools = np.arange(num_clients * per).reshape(num_clients, per)
@@ -168,6 +169,8 @@ def main() -> None:
   m.add_argument("--algorithms", default="FedAvg,Ditto")
   m.add_argument("--executors", default="auto")
   m.add_argument("--samples", type=int, default=60000)
+  m.add_argument("--per-client", type=int, default=0,
+                 help="samples per client (overrides --samples: N × per-client in all)")
   m.add_argument("--timeout", type=float, default=1800)
   m.add_argument("--single", nargs=3, metavar=("CLIENTS", "ALGORITHM", "EXECUTOR"),
                  help=argparse.SUPPRESS)
@@ -183,7 +186,7 @@ def main() -> None:
     return
   if args.single:
     n, algo, executor = args.single
-    print(json.dumps(memory_single(int(n), algo, executor, args.samples)))
+    print(json.dumps(memory_single(int(n), algo, executor, args.samples, args.per_client)))
     return
   import jax  # pylint: disable=import-outside-toplevel
   from fedjax_lib.core import engine as engine_lib  # pylint: disable=import-outside-toplevel
@@ -193,15 +196,17 @@ def main() -> None:
       for executor in args.executors.split(","):
         if executor == "auto":
           executor = engine_lib.default_executor(jax.default_backend())
-        row = _subprocess(["memory", "--samples", str(args.samples), "--single", n, algo,
-                           executor], args.timeout)
+        row = _subprocess(["memory", "--samples", str(args.samples), "--per-client",
+                           str(args.per_client), "--single", n, algo, executor], args.timeout)
         row.setdefault("clients", int(n))
         row.setdefault("algorithm", algo)
         row.setdefault("executor", executor)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
-  print(f"Cifar-100 4-layer CNN (924,708 parameters), {args.samples} CIFAR-100-shaped "
-        "synthetic images split evenly, batch 10, 1 local epoch. " + _header() + "\n")
+  amount = (f"{args.per_client} CIFAR-100-shaped synthetic images per client" if args.per_client
+            else f"{args.samples} CIFAR-100-shaped synthetic images split evenly")
+  print(f"Cifar-100 4-layer CNN (924,708 parameters), {amount} (80 % train), batch 10, 1 local "
+        "epoch. " + _header() + "\n")
   print(memory_table(rows))
 
 

@@ -216,7 +216,10 @@ class Engine:
     self._round = jax.jit(self._round_impl, donate_argnums=(0, 1))
     self._plan = jax.jit(self._plan_impl)
     self._train_one = jax.jit(self._train_one_impl)
-    self._finish = jax.jit(self._finish_impl, donate_argnums=(0, 1))
+    self._output_shapes = None
+    self._plan_only = jax.jit(self._plan_only_impl)
+    self._train_write = jax.jit(self._train_write_impl, donate_argnums=(1, 2, 3, 4))
+    self._finish_sequential = jax.jit(self._finish_sequential_impl, donate_argnums=(0, 1))
     self._eval_chunk = jax.jit(self._eval_chunk_impl, static_argnames=("final",))
     self._eval_sharded = jax.jit(self._eval_sharded_impl, static_argnames=("final",))
     if mesh is not None:
@@ -352,14 +355,20 @@ class Engine:
     """
     new_states, uploads, metrics = outputs
     nonfinite = plan.active & ~_all_finite((new_states, uploads, metrics.get("loss")))
+    server_state, slots = self._aggregate(server_state, uploads, metrics, nonfinite, plan,
+                                          counts, skey)
+    new_states = _tree_where(slots[0], new_states, cohort_states)
+    return server_state, new_states, slots
+
+  def _aggregate(self, server_state, uploads, metrics, nonfinite, plan, counts, skey):
+    """``server_update`` with sample-count weights of the kept, finite slots (traced)."""
     if self.skip_nonfinite:  # their updates are neither aggregated nor kept
       plan = RoundPlan(plan.cohort, plan.active & ~nonfinite, plan.kept & ~nonfinite)
       uploads = _tree_where(nonfinite, jax.tree.map(jnp.zeros_like, uploads), uploads)
-    new_states = _tree_where(plan.active, new_states, cohort_states)
     weights = jnp.where(plan.kept, counts.astype(jnp.float32), 0.0)
     server_state = self.algorithm.server_update(server_state, uploads, weights, skey)
     loss = jnp.where(plan.active, metrics.get("loss", jnp.zeros(plan.active.shape)), 0.0)
-    return server_state, new_states, (plan.active, plan.kept, nonfinite, loss)
+    return server_state, (plan.active, plan.kept, nonfinite, loss)
 
   def _scatter(self, client_states, plan, new_states, slots, round_metrics_base):
     """Writes the cohort's states back and reduces the per-slot round metrics."""
@@ -484,27 +493,64 @@ class Engine:
   def _sequential_round(self, server_state, client_states, root, round_index):
     """A Python loop over the selected clients, each running one compiled client update.
 
-    The per-client program is compiled once and reused; selection, scatter and aggregation
-    are the same jitted functions the other executors use, so the numbers agree.
+    Memory: each client's new state is written into the (donated) stacked states in place and
+    its upload into one preallocated ``[K, ...]`` buffer, so a round holds the client states
+    and the cohort's uploads once — no gathered copy of the cohort, no list of outputs. The
+    per-client program is compiled once; selection and aggregation are the same functions the
+    other executors use, so the numbers agree.
     """
     data = self.data
-    plan, cohort_states, keys = self._plan(client_states, data, root, round_index)
+    plan, keys = self._plan_only(root, round_index)
     active = np.asarray(plan.active)
     cohort = np.asarray(plan.cohort)
-    outputs = [None] * len(cohort)
+    size = len(cohort)
+    first = int(np.flatnonzero(active)[0])
+    if self._output_shapes is None:  # (upload, metrics) of one client; traced once per engine
+      self._output_shapes = jax.eval_shape(
+          self.algorithm.client_update, server_state,
+          jax.tree.map(lambda a: a[0], client_states), self._client_data(data, 0),
+          keys[first])[1:]
+    shapes = self._output_shapes
+    uploads, metrics = jax.tree.map(lambda a: jnp.zeros((size,) + a.shape, a.dtype), shapes)
+    nonfinite = jnp.zeros(size, bool)
     for k in np.flatnonzero(active):
-      state_k = jax.tree.map(lambda a: a[k], cohort_states)
-      cid = int(cohort[k])
-      outputs[k] = self._train_one(server_state, state_k, data.x, data.y, data.train_idx[cid],
-                                   data.train_count[cid], keys[k])
-    template = outputs[int(np.flatnonzero(active)[0])]
-    for k in np.flatnonzero(~active):  # unselected slots: placeholders, masked in _finish
-      outputs[k] = (jax.tree.map(lambda a: a[k], cohort_states),
-                    *jax.tree.map(jnp.zeros_like, template[1:]))
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
-    new_states, uploads, metrics = stacked
-    return self._finish(server_state, client_states, data, plan, cohort_states, new_states,
-                        uploads, metrics, root, round_index)
+      client_states, uploads, metrics, nonfinite = self._train_write(
+          server_state, client_states, uploads, metrics, nonfinite, data.x, data.y,
+          data.train_idx, data.train_count, jnp.int32(cohort[k]), jnp.int32(k), keys[k])
+    return self._finish_sequential(server_state, client_states, uploads, metrics, nonfinite,
+                                   data.train_count, plan, root, round_index)
+
+  def _plan_only_impl(self, root, round_index):
+    rkey = rng.round_key(root, round_index)
+    plan = plan_round(rkey, self.participation)
+    return plan, jax.vmap(rng.client_key, (None, 0))(rkey, plan.cohort)
+
+  def _train_write_impl(self, server_state, client_states, uploads, metrics, nonfinite, x, y,
+                        train_idx, train_count, cid, slot, key):
+    """Trains client ``cid`` and writes its new state (row cid) and outputs (row slot)."""
+    state = jax.tree.map(lambda a: a[cid], client_states)
+    new_state, upload, m = self._train_one_impl(server_state, state, x, y, train_idx[cid],
+                                                train_count[cid], key)
+    bad = ~_all_finite(jax.tree.map(lambda a: a[None], (new_state, upload, m.get("loss"))))
+    if self.skip_nonfinite:  # a non-finite update is not kept
+      new_state = jax.tree.map(lambda n, o: jnp.where(bad, o, n), new_state, state)
+    put = lambda buf, row, i: jax.tree.map(lambda b, r: b.at[i].set(r), buf, row)
+    return (put(client_states, new_state, cid), put(uploads, upload, slot),
+            put(metrics, m, slot), nonfinite.at[slot].set(bad.reshape(())))
+
+  def _finish_sequential_impl(self, server_state, client_states, uploads, metrics, nonfinite,
+                              train_count, plan, root, round_index):
+    skey = rng.server_key(rng.round_key(root, round_index))
+    server_state, (active, kept, nonfinite, loss) = self._aggregate(
+        server_state, uploads, metrics, nonfinite, plan, train_count[plan.cohort], skey)
+    round_metrics = {
+        "nonfinite": jnp.where(nonfinite, plan.cohort, -1),
+        "num_nonfinite": nonfinite.sum(),
+        "num_selected": plan.active.sum(),
+        "num_aggregated": kept.sum(),
+        "local_loss": loss.sum() / jnp.maximum(active.sum(), 1),
+    }
+    return server_state, client_states, round_metrics
 
   @staticmethod
   def _client_data(data, cid):
