@@ -1,6 +1,6 @@
 """Clients sharded over devices: 8 fake CPU devices (tests/conftest.py) against one device.
 
-Covers the runner path (FedAvg, Ditto, FedALA, FedDBE), padding of client counts and cohorts
+Covers the runner path (FedAvg, Ditto, FedALA), padding of client counts and cohorts
 that do not divide the device count, the chunked executor under shard_map, the weighted psum,
 resuming a checkpoint on another device count, and a real two-process (multi-host) run.
 """
@@ -48,7 +48,7 @@ def _assert_same_history(a, b):
   np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=2e-5)
 
 
-@pytest.mark.parametrize("algorithm", ["FedAvg", "Ditto", "FedALA", "FedDBE"])
+@pytest.mark.parametrize("algorithm", ["FedAvg", "Ditto", "FedALA"])
 def test_sharded_run_equals_single_device(algorithm, tmp_path_factory):
   """10 clients on 8 devices (padded to 16 rows): every view's accuracy equal, losses close."""
   single = _single_device(algorithm)

@@ -54,6 +54,10 @@ class Algorithm:
   local: LocalSpec
 
   name: ClassVar[str] = ""
+  # True when ``server_update`` sees the uploads only through their weighted average
+  # (`core.aggregate.weighted_average` with the given weights): the sequential executor then
+  # keeps a running weighted sum instead of every client's upload (memory of one upload).
+  LINEAR_AGGREGATION: ClassVar[bool] = False
   # Field names that are the model/spec rather than hyperparameters.
   _STRUCTURAL: ClassVar[tuple[str, ...]] = ("model", "local")
 

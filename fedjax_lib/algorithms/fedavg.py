@@ -22,6 +22,8 @@ from fedjax_lib.core.local import train_locally
 class FedAvg(Algorithm):
   """Federated averaging of the whole model."""
 
+  LINEAR_AGGREGATION = True  # server_update: a weighted average of the uploads
+
   def init(self, key, sample_x, num_clients):
     return {"params": self.init_params(key, sample_x)}, {}
 

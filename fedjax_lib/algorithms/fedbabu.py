@@ -40,6 +40,8 @@ class FedBABU(Algorithm):
     fine_tuning_epochs: epochs of whole-model fine-tuning after the last round (PFLlib ``-fte``).
   """
 
+  LINEAR_AGGREGATION = True  # server_update: a weighted average of the uploads
+
   fine_tuning_epochs: int = 10
 
   HAS_FINAL_EVAL = True

@@ -278,6 +278,8 @@ class FedCP(Algorithm):
     pfllib_compat: add Gumbel noise to the policy at evaluation time, as PFLlib does.
   """
 
+  LINEAR_AGGREGATION = True  # server_update: a weighted average of the uploads
+
   lam: float = 1.0
   pfllib_compat: bool = False
 

@@ -252,6 +252,8 @@ class GPFL(Algorithm):
     mu: weight decay μ of the GCE and CoV parameters (PFLlib ``-mu``).
   """
 
+  LINEAR_AGGREGATION = True  # server_update: a weighted average of the uploads
+
   lam: float = 1.0
   mu: float = 0.0
 

@@ -17,6 +17,8 @@ from fedjax_lib.core.local import train_locally
 class Local(Algorithm):
   """Purely local training."""
 
+  LINEAR_AGGREGATION = True  # server_update: a weighted average of the uploads
+
   def init(self, key, sample_x, num_clients):
     return {}, {"params": stack_clients(self.init_params(key, sample_x), num_clients)}
 

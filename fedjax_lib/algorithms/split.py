@@ -88,6 +88,8 @@ class SplitAlgorithm(Algorithm):
   :meth:`train_client`, which maps full variables to trained full variables.
   """
 
+  LINEAR_AGGREGATION = True  # server_update: a weighted average of the uploads
+
   SHARED: ClassVar[str] = "base"
 
   @property

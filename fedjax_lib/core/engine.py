@@ -218,7 +218,7 @@ class Engine:
     self._train_one = jax.jit(self._train_one_impl)
     self._output_shapes = None
     self._plan_only = jax.jit(self._plan_only_impl)
-    self._train_write = jax.jit(self._train_write_impl, donate_argnums=(1, 2, 3, 4))
+    self._train_write = jax.jit(self._train_write_impl, donate_argnums=(1, 2))
     self._finish_sequential = jax.jit(self._finish_sequential_impl, donate_argnums=(0, 1))
     self._eval_chunk = jax.jit(self._eval_chunk_impl, static_argnames=("final",))
     self._eval_sharded = jax.jit(self._eval_sharded_impl, static_argnames=("final",))
@@ -360,13 +360,17 @@ class Engine:
     new_states = _tree_where(slots[0], new_states, cohort_states)
     return server_state, new_states, slots
 
-  def _aggregate(self, server_state, uploads, metrics, nonfinite, plan, counts, skey):
-    """``server_update`` with sample-count weights of the kept, finite slots (traced)."""
+  def _aggregate(self, server_state, uploads, metrics, nonfinite, plan, counts, skey,
+                 update=True):
+    """``server_update`` with sample-count weights of the kept, finite slots (traced);
+    ``update=False`` only masks the per-slot metrics."""
     if self.skip_nonfinite:  # their updates are neither aggregated nor kept
       plan = RoundPlan(plan.cohort, plan.active & ~nonfinite, plan.kept & ~nonfinite)
-      uploads = _tree_where(nonfinite, jax.tree.map(jnp.zeros_like, uploads), uploads)
-    weights = jnp.where(plan.kept, counts.astype(jnp.float32), 0.0)
-    server_state = self.algorithm.server_update(server_state, uploads, weights, skey)
+    if update:
+      if self.skip_nonfinite:
+        uploads = _tree_where(nonfinite, jax.tree.map(jnp.zeros_like, uploads), uploads)
+      weights = jnp.where(plan.kept, counts.astype(jnp.float32), 0.0)
+      server_state = self.algorithm.server_update(server_state, uploads, weights, skey)
     loss = jnp.where(plan.active, metrics.get("loss", jnp.zeros(plan.active.shape)), 0.0)
     return server_state, (plan.active, plan.kept, nonfinite, loss)
 
@@ -493,11 +497,12 @@ class Engine:
   def _sequential_round(self, server_state, client_states, root, round_index):
     """A Python loop over the selected clients, each running one compiled client update.
 
-    Memory: each client's new state is written into the (donated) stacked states in place and
-    its upload into one preallocated ``[K, ...]`` buffer, so a round holds the client states
-    and the cohort's uploads once — no gathered copy of the cohort, no list of outputs. The
+    Memory: each client's new state is written into the (donated) stacked states in place,
+    so a round holds the client states once — no gathered copy of the cohort, no list of
+    outputs. Uploads go into one preallocated ``[K, ...]`` buffer, or, for an algorithm with
+    ``LINEAR_AGGREGATION``, into a running weighted sum (the memory of one upload). The
     per-client program is compiled once; selection and aggregation are the same functions the
-    other executors use, so the numbers agree.
+    other executors use, so the numbers agree (to float rounding for the running sum).
     """
     data = self.data
     plan, keys = self._plan_only(root, round_index)
@@ -510,39 +515,67 @@ class Engine:
           self.algorithm.client_update, server_state,
           jax.tree.map(lambda a: a[0], client_states), self._client_data(data, 0),
           keys[first])[1:]
-    shapes = self._output_shapes
-    uploads, metrics = jax.tree.map(lambda a: jnp.zeros((size,) + a.shape, a.dtype), shapes)
-    nonfinite = jnp.zeros(size, bool)
+    upload_shape, metric_shape = self._output_shapes
+    linear = self.algorithm.LINEAR_AGGREGATION
+    zeros = lambda shape, lead: jnp.zeros(lead + shape.shape, shape.dtype)
+    uploads = jax.tree.map(
+        lambda a: zeros(a, ()).astype(jnp.float32) if linear else zeros(a, (size,)),
+        upload_shape)
+    outputs = (uploads, jnp.zeros((), jnp.float32),
+               jax.tree.map(lambda a: zeros(a, (size,)), metric_shape), jnp.zeros(size, bool))
     for k in np.flatnonzero(active):
-      client_states, uploads, metrics, nonfinite = self._train_write(
-          server_state, client_states, uploads, metrics, nonfinite, data.x, data.y,
-          data.train_idx, data.train_count, jnp.int32(cohort[k]), jnp.int32(k), keys[k])
-    return self._finish_sequential(server_state, client_states, uploads, metrics, nonfinite,
-                                   data.train_count, plan, root, round_index)
+      client_states, outputs = self._train_write(
+          server_state, client_states, outputs, data.x, data.y, data.train_idx,
+          data.train_count, plan.kept, jnp.int32(cohort[k]), jnp.int32(k), keys[k])
+    return self._finish_sequential(server_state, client_states, outputs, data.train_count,
+                                   plan, root, round_index)
 
   def _plan_only_impl(self, root, round_index):
     rkey = rng.round_key(root, round_index)
     plan = plan_round(rkey, self.participation)
     return plan, jax.vmap(rng.client_key, (None, 0))(rkey, plan.cohort)
 
-  def _train_write_impl(self, server_state, client_states, uploads, metrics, nonfinite, x, y,
-                        train_idx, train_count, cid, slot, key):
-    """Trains client ``cid`` and writes its new state (row cid) and outputs (row slot)."""
+  def _train_write_impl(self, server_state, client_states, outputs, x, y, train_idx,
+                        train_count, kept, cid, slot, key):
+    """Trains client ``cid``; writes its new state (row cid) and its outputs (slot)."""
+    uploads, weight_sum, metrics, nonfinite = outputs
     state = jax.tree.map(lambda a: a[cid], client_states)
     new_state, upload, m = self._train_one_impl(server_state, state, x, y, train_idx[cid],
                                                 train_count[cid], key)
     bad = ~_all_finite(jax.tree.map(lambda a: a[None], (new_state, upload, m.get("loss"))))
-    if self.skip_nonfinite:  # a non-finite update is not kept
+    bad = bad.reshape(())
+    if self.skip_nonfinite:  # a non-finite update is neither kept nor aggregated
       new_state = jax.tree.map(lambda n, o: jnp.where(bad, o, n), new_state, state)
-    put = lambda buf, row, i: jax.tree.map(lambda b, r: b.at[i].set(r), buf, row)
-    return (put(client_states, new_state, cid), put(uploads, upload, slot),
-            put(metrics, m, slot), nonfinite.at[slot].set(bad.reshape(())))
+    put = lambda buf, row: jax.tree.map(lambda b, r: b.at[slot].set(r), buf, row)
+    if self.algorithm.LINEAR_AGGREGATION:
+      w = jnp.where(kept[slot], train_count[cid].astype(jnp.float32), 0.0)
+      if self.skip_nonfinite:
+        w = jnp.where(bad, 0.0, w)
+        upload = jax.tree.map(lambda u: jnp.where(bad, jnp.zeros_like(u), u), upload)
+      uploads = jax.tree.map(lambda acc, u: acc + w * u.astype(jnp.float32), uploads, upload)
+      weight_sum = weight_sum + w
+    else:
+      uploads = put(uploads, upload)
+    client_states = jax.tree.map(lambda a, r: a.at[cid].set(r), client_states, new_state)
+    return client_states, (uploads, weight_sum, put(metrics, m), nonfinite.at[slot].set(bad))
 
-  def _finish_sequential_impl(self, server_state, client_states, uploads, metrics, nonfinite,
-                              train_count, plan, root, round_index):
+  def _finish_sequential_impl(self, server_state, client_states, outputs, train_count, plan,
+                              root, round_index):
+    uploads, weight_sum, metrics, nonfinite = outputs
     skey = rng.server_key(rng.round_key(root, round_index))
-    server_state, (active, kept, nonfinite, loss) = self._aggregate(
-        server_state, uploads, metrics, nonfinite, plan, train_count[plan.cohort], skey)
+    counts = train_count[plan.cohort]
+    if self.algorithm.LINEAR_AGGREGATION:
+      # One slot holding the weighted mean, with the total weight: server_update's weighted
+      # average of it is the cohort's weighted average.
+      mean = jax.tree.map(lambda acc, shape: (acc / jnp.maximum(weight_sum, 1e-30)).astype(
+          shape.dtype)[None], uploads, self._output_shapes[0])
+      _, slots = self._aggregate(server_state, None, metrics, nonfinite, plan, counts, skey,
+                                 update=False)
+      server_state = self.algorithm.server_update(server_state, mean, weight_sum[None], skey)
+    else:
+      server_state, slots = self._aggregate(server_state, uploads, metrics, nonfinite, plan,
+                                            counts, skey)
+    active, kept, nonfinite, loss = slots
     round_metrics = {
         "nonfinite": jnp.where(nonfinite, plan.cohort, -1),
         "num_nonfinite": nonfinite.sum(),
