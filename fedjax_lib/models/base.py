@@ -20,7 +20,7 @@ Usage::
   variables = merge_params(base, head)
 """
 
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,24 +34,36 @@ Params = dict[str, Any]
 class BaseHeadModel(nn.Module):
   """A model ``head(base(x))`` whose two parts can be used separately.
 
+  Mixed precision: when ``base`` and ``head`` compute in a lower precision (their layers'
+  ``dtype``, e.g. bfloat16, with float32 parameters), ``dtype`` names it, and the features
+  and logits leaving the model are cast back to float32. Losses, metrics and whatever an
+  algorithm computes on features (running means, gates, kernels) therefore stay float32,
+  and the state derived from features keeps float32 leaves.
+
   Attributes:
     base: the feature extractor, mapping a batch of inputs to ``(batch, feature_dim)``.
     head: the classifier, mapping features to ``(batch, num_classes)`` logits.
+    dtype: the computation dtype of ``base`` and ``head``; ``None`` (float32) leaves their
+      outputs untouched.
   """
   base: nn.Module
   head: nn.Module
+  dtype: Optional[Any] = None
+
+  def _out(self, y: jax.Array) -> jax.Array:
+    return y if self.dtype is None else y.astype(jnp.float32)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """Logits ``head(base(x))``."""
-    return self.head(self.base(x))
+    return self._out(self.head(self.base(x)))
 
   def features(self, x: jax.Array) -> jax.Array:
     """The feature representation ``base(x)``."""
-    return self.base(x)
+    return self._out(self.base(x))
 
   def classify(self, z: jax.Array) -> jax.Array:
     """Logits ``head(z)`` of features ``z``."""
-    return self.head(z)
+    return self._out(self.head(z))
 
 
 def _params_of(variables: Variables) -> Params:

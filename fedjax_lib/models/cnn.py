@@ -15,6 +15,8 @@ PyTorch's ``(c, h, w)`` order; :func:`torch_fc1_permutation` with
 :func:`feature_map_shape` gives the permutation needed to load PyTorch weights.
 """
 
+from typing import Any, Optional
+
 import jax
 import flax.linen as nn
 
@@ -42,22 +44,24 @@ class FedAvgCNNBase(nn.Module):
   Attributes:
     hidden_dim: width of ``fc1``, the feature dimension (512 in PFLlib).
     conv_impl: ``'lax'`` or ``'patches'`` (see :class:`TorchConv`).
+    dtype: the computation dtype (``None``: float32); parameters stay float32.
   """
   hidden_dim: int = 512
   conv_impl: str = 'lax'
+  dtype: Optional[Any] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = TorchConv(32, 5, conv_impl=self.conv_impl, name='conv1')(x)
+    x = TorchConv(32, 5, conv_impl=self.conv_impl, dtype=self.dtype, name='conv1')(x)
     x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
-    x = TorchConv(64, 5, conv_impl=self.conv_impl, name='conv2')(x)
+    x = TorchConv(64, 5, conv_impl=self.conv_impl, dtype=self.dtype, name='conv2')(x)
     x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
-    return nn.relu(TorchDense(self.hidden_dim, name='fc1')(x))
+    return nn.relu(TorchDense(self.hidden_dim, dtype=self.dtype, name='fc1')(x))
 
 
 def FedAvgCNN(num_classes: int, hidden_dim: int = 512,  # pylint: disable=invalid-name
-              conv_impl: str = 'lax') -> BaseHeadModel:
+              conv_impl: str = 'lax', dtype: Optional[Any] = None) -> BaseHeadModel:
   """Builds PFLlib's FedAvgCNN as a :class:`BaseHeadModel`.
 
   Inputs are batches of NHWC images whose height and width are at least
@@ -68,9 +72,12 @@ def FedAvgCNN(num_classes: int, hidden_dim: int = 512,  # pylint: disable=invali
     hidden_dim: feature dimension (``fc1`` width).
     conv_impl: ``'lax'`` (``lax.conv_general_dilated``) or ``'patches'`` (im2col and a
       matmul; faster when vmapped over per-client kernels on some backends).
+    dtype: the computation dtype of every layer, e.g. ``jnp.bfloat16`` for mixed precision
+      (float32 parameters, float32 features and logits out); ``None`` is plain float32.
 
   Returns:
     The model; its parameters are ``{'base': {'conv1', 'conv2', 'fc1'}, 'head': ...}``.
   """
-  return BaseHeadModel(base=FedAvgCNNBase(hidden_dim=hidden_dim, conv_impl=conv_impl),
-                       head=TorchDense(num_classes))
+  return BaseHeadModel(
+      base=FedAvgCNNBase(hidden_dim=hidden_dim, conv_impl=conv_impl, dtype=dtype),
+      head=TorchDense(num_classes, dtype=dtype), dtype=dtype)

@@ -34,7 +34,7 @@ implementations reproduce PyTorch's logits to about 1e-7 (checked once on an H10
 highest matmul precision, 28x28x1 and 32x32x3 inputs).
 """
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 from jax import lax
@@ -91,19 +91,31 @@ class TorchDense(nn.Module):
   Attributes:
     features: number of output features.
     use_bias: whether to add a bias.
+    dtype: the computation dtype (e.g. ``jnp.bfloat16``): the input, kernel and bias are
+      cast to it and the output has it. ``None`` computes in the inputs' and parameters'
+      own dtype (float32). The parameters are float32 either way.
   """
   features: int
   use_bias: bool = True
+  dtype: Optional[Any] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     fan_in = x.shape[-1]
     init = torch_uniform_init(fan_in)
     kernel = self.param('kernel', init, (fan_in, self.features))
+    x, kernel = _cast(self.dtype, x, kernel)
     y = jnp.matmul(x, kernel)
     if self.use_bias:
-      y = y + self.param('bias', init, (self.features,))
+      y = y + _cast(self.dtype, self.param('bias', init, (self.features,)))[0]
     return y
+
+
+def _cast(dtype: Optional[Any], *arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """``arrays`` cast to the computation ``dtype``; unchanged when ``dtype`` is None."""
+  if dtype is None:
+    return arrays
+  return tuple(a.astype(dtype) for a in arrays)
 
 
 def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
@@ -139,6 +151,7 @@ class TorchConv(nn.Module):
     padding: ``'VALID'``, ``'SAME'`` or explicit ``((lo, hi), (lo, hi))`` pairs.
     use_bias: whether to add a per-channel bias.
     conv_impl: ``'lax'`` or ``'patches'``.
+    dtype: the computation dtype, as for :class:`TorchDense` (``None``: float32).
   """
   features: int
   kernel_size: int | Sequence[int]
@@ -146,6 +159,7 @@ class TorchConv(nn.Module):
   padding: str | Sequence[tuple[int, int]] = 'VALID'
   use_bias: bool = True
   conv_impl: str = 'lax'
+  dtype: Optional[Any] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -160,6 +174,7 @@ class TorchConv(nn.Module):
     fan_in = in_channels * kh * kw
     init = torch_uniform_init(fan_in)
     kernel = self.param('kernel', init, (kh, kw, in_channels, self.features))
+    x, kernel = _cast(self.dtype, x, kernel)
     padding = self.padding if isinstance(self.padding, str) else tuple(
         tuple(p) for p in self.padding)
     dimension_numbers = ('NHWC', 'HWIO', 'NHWC')
@@ -184,5 +199,5 @@ class TorchConv(nn.Module):
       kernel_matrix = kernel.transpose(2, 0, 1, 3).reshape(fan_in, self.features)
       y = jnp.einsum('nhwp,po->nhwo', patches, kernel_matrix)
     if self.use_bias:
-      y = y + self.param('bias', init, (self.features,))
+      y = y + _cast(self.dtype, self.param('bias', init, (self.features,)))[0]
     return y

@@ -17,6 +17,8 @@ features; here the base emits the ReLU features, as for every other model.)
 Initialisation follows PyTorch's defaults (see :mod:`fedjax_lib.models.layers`).
 """
 
+from typing import Any, Optional
+
 import jax
 import flax.linen as nn
 
@@ -36,35 +38,44 @@ class MLPBase(nn.Module):
 
   Attributes:
     hidden_dim: output width (100 in PFLlib).
+    dtype: the computation dtype (``None``: float32); parameters stay float32.
   """
   hidden_dim: int = 100
+  dtype: Optional[Any] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return nn.relu(TorchDense(self.hidden_dim, name='fc1')(Flatten()(x)))
+    return nn.relu(TorchDense(self.hidden_dim, dtype=self.dtype, name='fc1')(Flatten()(x)))
 
 
-def DNN(num_classes: int, hidden_dim: int = 100) -> BaseHeadModel:  # pylint: disable=invalid-name
+def DNN(num_classes: int, hidden_dim: int = 100,  # pylint: disable=invalid-name
+        dtype: Optional[Any] = None) -> BaseHeadModel:
   """Builds PFLlib's ``DNN`` (one hidden layer) as a :class:`BaseHeadModel`.
 
   Args:
     num_classes: number of output logits.
     hidden_dim: width of the hidden layer, the feature dimension.
+    dtype: the computation dtype, e.g. ``jnp.bfloat16`` for mixed precision (float32
+      parameters, float32 features and logits out); ``None`` is plain float32.
 
   Returns:
     The model; parameters ``{'base': {'fc1': ...}, 'head': ...}``.
   """
-  return BaseHeadModel(base=MLPBase(hidden_dim=hidden_dim), head=TorchDense(num_classes))
+  return BaseHeadModel(base=MLPBase(hidden_dim=hidden_dim, dtype=dtype),
+                       head=TorchDense(num_classes, dtype=dtype), dtype=dtype)
 
 
-def MLR(num_classes: int) -> BaseHeadModel:  # pylint: disable=invalid-name
+def MLR(num_classes: int,  # pylint: disable=invalid-name
+        dtype: Optional[Any] = None) -> BaseHeadModel:
   """Builds multinomial logistic regression (PFLlib's ``Mclr_Logistic``).
 
   Args:
     num_classes: number of output logits.
+    dtype: the computation dtype of the head (``None``: float32); the features are the
+      flattened inputs themselves.
 
   Returns:
     The model; its base is the identity on flattened inputs, so its parameters are
     ``{'head': ...}`` only.
   """
-  return BaseHeadModel(base=Flatten(), head=TorchDense(num_classes))
+  return BaseHeadModel(base=Flatten(), head=TorchDense(num_classes, dtype=dtype), dtype=dtype)

@@ -10,6 +10,8 @@ name       aliases                model
 ``mlr``    ``mclr_logistic``      :func:`~fedjax_lib.models.mlp.MLR`
 =========  =====================  ============================================
 
+Every model takes ``dtype='bfloat16'`` for mixed precision (see :func:`make_model`).
+
 Example::
 
   model = make_model('CNN', sample_shape=(28, 28, 1), num_classes=10)
@@ -18,11 +20,13 @@ Example::
 
 import functools
 import numbers
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_lib.config import DTYPES
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import cnn
 from fedjax_lib.models import mlp
@@ -63,8 +67,30 @@ def _check_sample_shape(name: str, sample_shape) -> None:
           f'got {shape}')
 
 
+def compute_dtype(dtype) -> Optional[Any]:
+  """The layers' ``dtype`` for a compute dtype name: None for float32, else the jnp dtype.
+
+  Args:
+    dtype: one of :data:`~fedjax_lib.config.DTYPES` (``'float32'``, ``'bfloat16'``), or the
+      corresponding numpy / jnp dtype.
+
+  Returns:
+    ``None`` for float32 (the plain float32 model, unchanged) or ``jnp.bfloat16``.
+
+  Raises:
+    ConfigError: for any other value.
+  """
+  try:
+    canonical = jnp.dtype(dtype).name if not isinstance(dtype, bool) else None
+  except (TypeError, ValueError):
+    canonical = None
+  if canonical not in DTYPES:
+    raise ConfigError(f'unknown dtype {dtype!r}; choose one of: {", ".join(DTYPES)}')
+  return None if canonical == 'float32' else getattr(jnp, canonical)
+
+
 def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
-               **kwargs) -> BaseHeadModel:
+               dtype='float32', **kwargs) -> BaseHeadModel:
   """Builds the model called ``name`` for inputs of shape ``sample_shape``.
 
   Args:
@@ -72,6 +98,9 @@ def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
     sample_shape: shape of one input without the batch axis: ``(H, W, C)`` for the CNN,
       anything for the fully connected models (they flatten it).
     num_classes: number of classes, at least 2.
+    dtype: the computation dtype, ``'float32'`` or ``'bfloat16'`` (mixed precision: float32
+      parameters, convolutions, matmuls and activations in bfloat16, features and logits
+      returned in float32). ``'float32'`` builds exactly the plain float32 model.
     **kwargs: model options: ``conv_impl`` (``'lax'`` or ``'patches'``) and
       ``hidden_dim`` for ``cnn``; ``hidden_dim`` for ``dnn``; none for ``mlr``.
 
@@ -79,7 +108,7 @@ def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
     A :class:`BaseHeadModel`.
 
   Raises:
-    ConfigError: for an unknown name or option, or an invalid shape or value.
+    ConfigError: for an unknown name, option or dtype, or an invalid shape or value.
   """
   key = name.strip().lower() if isinstance(name, str) else name
   key = _ALIASES.get(key, key)
@@ -100,11 +129,12 @@ def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
     if option == 'conv_impl' and value not in CONV_IMPLS:
       raise ConfigError(f'unknown conv_impl {value!r}; choose one of: {", ".join(CONV_IMPLS)}')
     options[option] = value
+  options['dtype'] = compute_dtype(dtype)
   if key == 'cnn':
     return cnn.FedAvgCNN(int(num_classes), **options)
   if key == 'dnn':
     return mlp.DNN(int(num_classes), **options)
-  return mlp.MLR(int(num_classes))
+  return mlp.MLR(int(num_classes), **options)
 
 
 def init_model(model: BaseHeadModel, key: jax.Array,
