@@ -145,4 +145,4 @@ def check_number(algorithm: str, name: str, value, minimum: float = 0,
 
 def stack_clients(tree, num_clients: int):
   """Copies one client's state ``num_clients`` times along a new leading axis."""
-  return jax.tree.map(lambda a: jax.numpy.broadcast_to(a, (num_clients,) + a.shape).copy(), tree)
+  return jax.tree.map(lambda a: jax.numpy.broadcast_to(a, (num_clients,) + a.shape), tree)
