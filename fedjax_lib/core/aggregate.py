@@ -57,7 +57,7 @@ def weighted_average(stacked, weights: jax.Array, fallback=None):
   """
   weights = jnp.asarray(weights, jnp.float32)
   total = client_sum(weights)
-  norm = jnp.where(total > 0, weights / jnp.where(total > 0, total, 1.0), 0.0)
+  norm = normalized_weights(weights)
   count = client_sum(jnp.ones_like(weights))
 
   def avg(leaf, fb=None):

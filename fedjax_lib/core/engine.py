@@ -165,6 +165,19 @@ def _all_finite(tree) -> jax.Array:
   return functools.reduce(jnp.logical_and, flags) if flags else True
 
 
+def _round_metrics(plan: RoundPlan, slots) -> dict:
+  """A round's metrics from the per-slot ``(active, kept, nonfinite, loss)`` after masking;
+  ``num_selected`` counts the plan's selection before non-finite clients were dropped."""
+  active, kept, nonfinite, loss = slots
+  return {
+      "nonfinite": jnp.where(nonfinite, plan.cohort, -1),
+      "num_nonfinite": nonfinite.sum(),
+      "num_selected": plan.active.sum(),
+      "num_aggregated": kept.sum(),
+      "local_loss": loss.sum() / jnp.maximum(active.sum(), 1),
+  }
+
+
 def _gather(tree, ids):
   return jax.tree.map(lambda a: jnp.take(a, ids, axis=0, mode="clip"), tree)
 
@@ -374,22 +387,14 @@ class Engine:
     loss = jnp.where(plan.active, metrics.get("loss", jnp.zeros(plan.active.shape)), 0.0)
     return server_state, (plan.active, plan.kept, nonfinite, loss)
 
-  def _scatter(self, client_states, plan, new_states, slots, round_metrics_base):
+  def _scatter(self, client_states, plan, new_states, slots):
     """Writes the cohort's states back and reduces the per-slot round metrics."""
-    active, kept, nonfinite, loss = slots
     if self._in_place:
       client_states = new_states
     else:
       client_states = jax.tree.map(lambda all_, new: all_.at[plan.cohort].set(new, mode="drop"),
                                    client_states, new_states)
-    round_metrics = {
-        "nonfinite": jnp.where(nonfinite, plan.cohort, -1),
-        "num_nonfinite": nonfinite.sum(),
-        "num_selected": round_metrics_base.sum(),
-        "num_aggregated": kept.sum(),
-        "local_loss": loss.sum() / jnp.maximum(active.sum(), 1),
-    }
-    return client_states, round_metrics
+    return client_states, _round_metrics(plan, slots)
 
   def _finish_impl(self, server_state, client_states, data, plan, cohort_states, new_states,
                    uploads, metrics, root, round_index):
@@ -397,8 +402,7 @@ class Engine:
     counts = data.train_count[plan.cohort]
     server_state, new_states, slots = self._update(
         server_state, cohort_states, (new_states, uploads, metrics), plan, counts, skey)
-    client_states, round_metrics = self._scatter(client_states, plan, new_states, slots,
-                                                 plan.active)
+    client_states, round_metrics = self._scatter(client_states, plan, new_states, slots)
     return server_state, client_states, round_metrics
 
   def _round_impl(self, server_state, client_states, data, root, round_index):
@@ -422,8 +426,7 @@ class Engine:
     server_state, new_states, slots = self._shard_clients(
         per_device, (server_state, data, skey),
         (cohort_states, plan, idx, counts, keys), out_replicated=(True, False, False))
-    client_states, round_metrics = self._scatter(client_states, plan, new_states, slots,
-                                                 plan.active)
+    client_states, round_metrics = self._scatter(client_states, plan, new_states, slots)
     # Fixed layouts in and out, so every round reuses the first round's program.
     return (self._constrain(server_state, P()), self._constrain(client_states, P(CLIENTS)),
             self._constrain(round_metrics, P()))
@@ -575,15 +578,7 @@ class Engine:
     else:
       server_state, slots = self._aggregate(server_state, uploads, metrics, nonfinite, plan,
                                             counts, skey)
-    active, kept, nonfinite, loss = slots
-    round_metrics = {
-        "nonfinite": jnp.where(nonfinite, plan.cohort, -1),
-        "num_nonfinite": nonfinite.sum(),
-        "num_selected": plan.active.sum(),
-        "num_aggregated": kept.sum(),
-        "local_loss": loss.sum() / jnp.maximum(active.sum(), 1),
-    }
-    return server_state, client_states, round_metrics
+    return server_state, client_states, _round_metrics(plan, slots)
 
   @staticmethod
   def _client_data(data, cid):
