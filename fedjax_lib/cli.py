@@ -104,7 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
   add("-data", "--dataset", default=d.dataset,
       help="built-in dataset (digits, synthetic-cifar, mnist, fmnist, cifar10, cifar100) or a "
            "PFLlib dataset folder (config.json, train/<id>.npz, test/<id>.npz)")
-  add("-m", "--model", default=d.model, help="model: cnn (FedAvgCNN), dnn, mlr")
+  add("-m", "--model", default=d.model,
+      help="model: cnn (FedAvgCNN), dnn, mlr; or a comma-separated list (cnn,dnn): client i "
+           "uses model i mod K")
+  add("-fd", "--feature_dim", "--feature-dim", type=int, default=d.feature_dim,
+      dest="feature_dim", help="pool every model's features to this width (HtFLlib's -fd; "
+                               "default: 512 with several models, the model's own with one)")
   add("-algo", "--algorithm", default=d.algorithm, help="algorithm (PFLlib names)")
   add("--dtype", choices=DTYPES, default=d.dtype,
       help="computation dtype of local training and evaluation: float32, or bfloat16 for "

@@ -51,6 +51,11 @@ class Config:
     ``devices``: shard the clients over this many devices (0 = all; 1 = no sharding);
     ``distributed``: call ``jax.distributed.initialize()`` first (one process per host;
     only process 0 writes results).
+  model: one architecture name (``cnn``), or a comma-separated list (``cnn,dnn``): client i
+    uses architecture i mod K (HtFLlib's rule), each architecture is one group of the engine.
+  feature_dim: the common feature width every base is pooled to (PyTorch's
+    ``AdaptiveAvgPool1d``; HtFLlib's ``-fd``); ``None``: 512 with several architectures, each
+    model's own width with one.
   dtype: the computation dtype of local training and evaluation: ``float32``, or ``bfloat16``
     for mixed precision (parameters and optimizer state stay float32; convolutions, matmuls
     and activations run in bfloat16; logits, losses and metrics are float32).
@@ -79,6 +84,7 @@ class Config:
   train_ratio: float = 0.75
   # model and algorithm
   model: str = "cnn"
+  feature_dim: Optional[int] = None
   dtype: str = "float32"
   algorithm: str = "FedAvg"
   algo_params: dict = dataclasses.field(default_factory=dict)
@@ -169,6 +175,10 @@ class Config:
       _positive_int("num_classes", self.num_classes, minimum=2)
     if self.unroll is not None:
       _positive_int("unroll", self.unroll, minimum=0)
+    if self.feature_dim is not None:
+      _positive_int("feature_dim", self.feature_dim)
+    from fedjax_lib.models.zoo import parse_model_names  # pylint: disable=import-outside-toplevel
+    parse_model_names(self.model)
     _int("seed", self.seed)
     _positive_float("learning_rate", self.learning_rate)
     _positive_float("alpha", self.alpha)

@@ -13,15 +13,17 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lib import algorithms as algorithms_lib
 from fedjax_lib import data as data_lib
 from fedjax_lib import models as models_lib
 from fedjax_lib import results as results_lib
+from fedjax_lib import sweep as sweep_lib
 from fedjax_lib.config import Config
 from fedjax_lib.core import checkpoint as checkpoint_lib
 from fedjax_lib.core import engine as engine_lib
@@ -30,6 +32,7 @@ from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.data.loading import DEFAULT_NUM_CLIENTS, is_folder_path
 from fedjax_lib.errors import ConfigError
 
+DEFAULT_FEATURE_DIM = 512  # HtFLlib's -fd
 HISTORY_KEYS = ("test_acc", "test_auc", "test_acc_std", "test_auc_std", "train_loss")
 
 
@@ -101,11 +104,40 @@ def algorithm_params(config: Config) -> dict:
   return params
 
 
-def build(config: Config):
-  """Validates ``config`` and builds ``(data, model, algorithm, engine)``.
+@dataclasses.dataclass
+class Built:
+  """What `build` makes of a config: data, models by architecture, algorithm and engine."""
+  data: Any
+  models: dict
+  algorithm: Any
+  engine: engine_lib.Engine
+  architectures: tuple  # the -m list: client i uses architectures[i mod K]
+
+  def _legacy(self):  # (data, model of the first architecture, algorithm, engine)
+    return (self.data, self.models[self.architectures[0]], self.algorithm, self.engine)
+
+  def __iter__(self):
+    return iter(self._legacy())
+
+  def __getitem__(self, index):
+    return self._legacy()[index]
+
+
+def feature_dim_of(config: Config, architectures: tuple) -> Optional[int]:
+  """The common feature width: ``config.feature_dim``, or HtFLlib's 512 when clients use
+  several architectures (none — each model's own width — for one architecture)."""
+  if config.feature_dim is not None:
+    return config.feature_dim
+  return DEFAULT_FEATURE_DIM if len(set(architectures)) > 1 else None
+
+
+def build(config: Config) -> Built:
+  """Validates ``config`` and builds the data, models, algorithm and engine.
 
   With ``num_new_clients`` = M the data hold N + M clients; the engine trains and evaluates
-  the first N and keeps the last M for new-client evaluation.
+  the first N and keeps the last M for new-client evaluation. With several architectures
+  (``model="cnn,dnn"``) client i uses architecture i mod K, each architecture is one group of
+  the engine, and groups whose uploads differ are refused here, before anything is written.
   """
   config.validate()
   new = config.num_new_clients
@@ -130,10 +162,14 @@ def build(config: Config):
   if steps_per_epoch < 1:
     raise ConfigError(f"batch_size={config.batch_size} is larger than every client's training "
                       f"set (the largest has {largest} samples); use batch_size <= {largest}")
-  model = models_lib.make_model(config.model, data.sample_shape, data.num_classes,
-                                dtype=config.dtype)
+  architectures = models_lib.parse_model_names(config.model)
+  unique = tuple(dict.fromkeys(architectures))
+  feature_dim = feature_dim_of(config, architectures)
+  models = {arch: models_lib.make_model(arch, data.sample_shape, data.num_classes,
+                                        dtype=config.dtype, feature_dim=feature_dim)
+            for arch in unique}
   backend = jax.default_backend()
-  algorithm = make_algorithm(config, data, model)
+  algorithm = make_algorithm(config, data, models[unique[0]])
   if new and not algorithm.supports_new_clients:
     raise ConfigError(f"algorithm {algorithm.name} does not support new-client evaluation "
                       "(num_new_clients > 0)")
@@ -147,11 +183,21 @@ def build(config: Config):
   participation = engine_lib.Participation(
       num_clients=num_clients, join_ratio=config.join_ratio,
       random_join_ratio=config.random_join_ratio, client_drop_rate=config.client_drop_rate)
-  engine = engine_lib.Engine(algorithm, engine_lib.DeviceData.from_federated(data),
+  groups = [engine_lib.Group(arch, dataclasses.replace(algorithm, model=models[arch]),
+                             tuple(i for i in range(num_clients)
+                                   if architectures[i % len(architectures)] == arch))
+            for arch in unique]
+  groups = [g for g in groups if g.ids]
+  if len(groups) < len(unique):
+    raise ConfigError(f"model={config.model!r} lists {len(architectures)} architectures but "
+                      f"there are only {num_clients} clients; give at most {num_clients}")
+  engine = engine_lib.Engine(groups, engine_lib.DeviceData.from_federated(data),
                              participation, executor=executor, chunk_size=config.chunk_size,
                              eval_chunk_size=config.eval_chunk_size,
-                             skip_nonfinite=config.on_nan == "skip-client", mesh=mesh)
-  return data, model, algorithm, engine
+                             skip_nonfinite=config.on_nan == "skip-client", mesh=mesh,
+                             model_cycle=[unique.index(a) for a in architectures])
+  engine.check_compatible(data.x[0])
+  return Built(data, models, algorithm, engine, architectures)
 
 
 def make_algorithm(config: Config, data, model):
@@ -270,178 +316,422 @@ def checkpoint_dir(config: Config, base: str, t: int) -> str:
   return os.path.join(os.path.abspath(config.out), "checkpoints", f"{base}_{t}")
 
 
-def _check_resumable(config: Config, directory: str) -> None:
+@dataclasses.dataclass
+class RunSpec:
+  """One of the S runs the loop advances side by side (a repetition or a sweep combination).
+
+  ``hparams`` are the swept hyperparameter values of this run (``{path: value}``, empty when
+  nothing is swept); ``config`` is the run's own config (a sweep combination's).
+  """
+  index: int
+  seed: int
+  config: Config
+  name: str
+  label: str
+  checkpoint: str
+  hparams: dict = dataclasses.field(default_factory=dict)
+  combo: Optional[dict] = None
+
+
+class _Run:
+  """The loop's bookkeeping of one run: history, timings, best, stop reason, checkpoints."""
+
+  def __init__(self, spec: RunSpec, keep: int):
+    self.spec = spec
+    self.root = rng.root_key(spec.seed)
+    self.history = {k: [] for k in ("rounds",) + HISTORY_KEYS}
+    self.history["nonfinite_clients"] = []
+    self.train_times: list = []
+    self.eval_times: list = []
+    self.start_round = 0
+    self.last_round = -1
+    self.stop: Optional[str] = None
+    self.finite = True
+    self.done = False
+    self.saved_step: Optional[int] = None
+    self.last_ckpt: Optional[str] = None
+    self.keep = keep
+    self.checkpointer = None
+    self.extra: dict = {}
+    self.best, self.best_at = -1.0, 0
+
+  def open_checkpointer(self):
+    if self.checkpointer is None:
+      self.checkpointer = checkpoint_lib.RunCheckpointer(self.spec.checkpoint, self.keep)
+    return self.checkpointer
+
+  def resume(self, meta: dict, step: int) -> None:
+    self.history = meta["history"]
+    self.train_times, self.eval_times = meta["train_times"], meta["eval_times"]
+    self.start_round = self.saved_step = step
+    self.last_ckpt = self.spec.checkpoint and self.open_checkpointer().path(step)
+    for i, acc in enumerate(self.history["test_acc"]):
+      if acc > self.best:
+        self.best, self.best_at = acc, i
+
+  def record(self, metrics: dict, r: int, config: Config) -> None:
+    _record(self.history, metrics, r)
+    if metrics["test_acc"] > self.best:
+      self.best, self.best_at = metrics["test_acc"], len(self.history["test_acc"]) - 1
+    if not np.isfinite(metrics["train_loss"]):
+      self.stop, self.finite = f"round {r}: the train loss is not finite; stopping this run", False
+    elif config.auto_break and len(self.history["test_acc"]) - 1 - self.best_at > config.top_cnt:
+      self.stop = f"auto-break at round {r}: no improvement in {config.top_cnt} evaluations"
+
+  def meta(self) -> dict:
+    return {"config": self.spec.config.to_dict(), "seed": self.spec.seed,
+            "history": self.history, "train_times": self.train_times,
+            "eval_times": self.eval_times}
+
+
+def _check_resumable(spec: RunSpec, resume: bool) -> None:
   """Refuses (before anything is written) to continue a checkpoint of a different config."""
+  directory = spec.checkpoint
   if not os.path.isdir(directory):
-    if config.resume:
+    if resume:
       raise ConfigError(f"resume=True but there is no checkpoint in {directory}; run without "
                         "--resume to start afresh")
     return
   meta = checkpoint_lib.RunCheckpointer(directory).latest_meta()
   if meta is None:
-    if config.resume:
+    if resume:
       raise ConfigError(f"resume=True but no readable checkpoint is in {directory}")
     return
-  diff = config.resume_mismatch(meta.get("config", {}))
+  diff = spec.config.resume_mismatch(meta.get("config", {}))
   if diff:
     raise ConfigError(f"the checkpoint in {directory} was written with a different config "
                       f"({'; '.join(diff)}); use another --out or remove that folder")
 
 
-def _run_once(engine, config: Config, seed: int, desc: str, log: Callable[[str], None],
-              ckpt_path: str, stops: _StopRequests):
-  root = rng.root_key(seed)
+class _States:
+  """The S runs' states: stacked on a leading axis (one program for all) or one per run."""
+
+  def __init__(self, engine, specs: list, sample_x):
+    self.engine = engine
+    self.stacked = (len(specs) > 1 and engine.executors[0].traced and engine.mesh is None)
+    roots = [rng.root_key(s.seed) for s in specs]
+    if self.stacked:
+      self.programs = engine.stacked()
+      self.hparams = {k: jnp.asarray([s.hparams[k] for s in specs], jnp.float32)
+                      for k in specs[0].hparams}
+      self.roots = jnp.stack(roots)
+      self.server, self.clients = self.programs.init(self.hparams, self.roots, sample_x)
+    else:
+      self.hparams = [{k: jnp.float32(v) for k, v in s.hparams.items()} for s in specs]
+      self.roots = roots
+      self.states = [engine.init(root, sample_x, hparams=hp)
+                     for root, hp in zip(roots, self.hparams)]
+
+  def get(self, s: int):
+    """Run ``s``'s ``(server_state, client_states)`` as checkpointed (real clients only)."""
+    if self.stacked:
+      server, clients = jax.tree.map(lambda a: a[s], (self.server, self.clients))
+      return server, clients
+    server, clients = self.states[s]
+    return server, self.engine.export_states(clients)
+
+  def set(self, s: int, server_state, client_states) -> None:
+    """Replaces run ``s``'s states with restored ones (real clients only)."""
+    if self.stacked:
+      put = lambda a, b: a.at[s].set(b)
+      self.server = jax.tree.map(put, self.server, server_state)
+      self.clients = jax.tree.map(put, self.clients, client_states)
+    else:
+      self.states[s] = self.engine.place(server_state, client_states)
+
+  def evaluate(self, runs: list, r: Optional[int] = None,
+               final: bool = False) -> tuple[list, dict]:
+    """Metrics of every run in ``runs`` (None for others, or without a final evaluation),
+    and the seconds each took (stacked runs: each is charged the whole evaluation). The
+    evaluation keys are of round ``r``, or of each run's last round when ``r`` is None."""
+    wanted = [run.spec.index for run in runs]
+    rounds = {run.spec.index: run.last_round if r is None else r for run in runs}
+    if self.stacked:
+      t0 = time.perf_counter()
+      per_run = [rounds.get(s, 0) for s in range(len(self.roots))]
+      out = self.programs.evaluate(self.hparams, self.server, self.clients, self.roots,
+                                   np.asarray(per_run, np.int32), final=final)
+      seconds = time.perf_counter() - t0
+      return ([None if out is None or s not in wanted else out[s]
+               for s in range(len(self.roots))], {s: seconds for s in wanted})
+    out, seconds = [None] * len(self.states), {}
+    for s in wanted:
+      t0 = time.perf_counter()
+      out[s] = self.engine.evaluate(*self.states[s], self.roots[s], rounds[s], final=final,
+                                    hparams=self.hparams[s])
+      seconds[s] = time.perf_counter() - t0
+    return out, seconds
+
+  def train(self, runs: list, r: int) -> tuple[list, dict]:
+    """One round of every run in ``runs``: each run's round metrics (None for others) and
+    seconds (stacked runs: each is charged the whole round). Stacked runs not in ``runs``
+    keep their states unchanged."""
+    wanted = [run.spec.index for run in runs]
+    if self.stacked:
+      t0 = time.perf_counter()
+      running = np.array([s in wanted for s in range(len(self.roots))])
+      self.server, self.clients, metrics = self.programs.run_round(
+          self.hparams, self.server, self.clients, self.roots, r, running)
+      jax.block_until_ready((self.server, self.clients))
+      seconds = time.perf_counter() - t0
+      metrics = jax.device_get(metrics)
+      return ([jax.tree.map(lambda a, s=s: a[s], metrics) if s in wanted else None
+               for s in range(len(self.roots))], {s: seconds for s in wanted})
+    out, seconds = [None] * len(self.states), {}
+    for s in wanted:
+      t0 = time.perf_counter()
+      server, clients, metrics = self.engine.run_round(*self.states[s], self.roots[s], r,
+                                                       hparams=self.hparams[s])
+      jax.block_until_ready((server, clients))
+      seconds[s] = time.perf_counter() - t0
+      self.states[s] = (server, clients)
+      out[s] = jax.device_get(metrics)
+    return out, seconds
+
+  def new_clients(self, s: int, sample_x, epochs: int) -> dict:
+    server, _ = self.get(s) if self.stacked else self.states[s]
+    hparams = ({k: v[s] for k, v in self.hparams.items()} if self.stacked
+               else self.hparams[s])
+    return self.engine.evaluate_new_clients(server, self.roots[s], sample_x, epochs,
+                                            hparams=hparams)
+
+
+def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
+             stops: "_StopRequests") -> list:
+  """Advances the runs ``specs`` side by side, round by round: the one run loop.
+
+  A plain run is S = 1; ``-t`` repetitions and sweep combinations are S > 1. With the vmap or
+  chunked executor on one device the S runs are stacked on a leading axis of one compiled
+  program; otherwise (sequential executor, several devices) each round runs them one after
+  another with the same compiled programs. Per run: evaluation every ``eval_gap`` rounds,
+  auto-break, the non-finite guard, checkpoints, resume, the last round's training, the final
+  evaluation (FedBABU) and new-client evaluation — written once, here.
+
+  Returns one ``_Run`` per spec (history, timings, stop reason and extra results).
+  """
   sample_x = engine.data.x[0]
-  server_state, client_states = engine.init(root, sample_x)
-  history = {k: [] for k in ("rounds",) + HISTORY_KEYS}
-  history["nonfinite_clients"] = []
-  train_times, eval_times = [], []
-  start_round, last_ckpt, saved_step = 0, None, None
-  checkpointer = None
-  if os.path.isdir(ckpt_path) or config.checkpoint_every:
-    checkpointer = checkpoint_lib.RunCheckpointer(ckpt_path, config.keep_checkpoints)
-    restored = checkpointer.restore_latest(server_state, engine.export_states(client_states))
-    if restored is not None:
-      start_round, server_state, client_states, meta = restored
-      server_state, client_states = engine.place(server_state, client_states)
-      saved_step = start_round
-      history, train_times, eval_times = meta["history"], meta["train_times"], meta["eval_times"]
-      last_ckpt = checkpointer.path(start_round)
-      log(f"{desc}: resuming at round {start_round} from {last_ckpt}")
+  states = _States(engine, specs, sample_x)
+  runs = [_Run(spec, config.keep_checkpoints) for spec in specs]
+  many = len(runs) > 1
+  for s, run in enumerate(runs):
+    if os.path.isdir(run.spec.checkpoint) or config.checkpoint_every:
+      restored = run.open_checkpointer().restore_latest(*states.get(s))
+      if restored is not None:
+        step, server_state, client_states, meta = restored
+        states.set(s, server_state, client_states)
+        run.resume(meta, step)
+        log(f"{run.spec.label}: resuming at round {step} from {run.last_ckpt}")
 
-  def save(next_round: int) -> str:
-    nonlocal checkpointer, saved_step
-    saved_step = next_round
-    if checkpointer is None:
-      checkpointer = checkpoint_lib.RunCheckpointer(ckpt_path, config.keep_checkpoints)
-    meta = {"config": config.to_dict(), "seed": seed, "history": history,
-            "train_times": train_times, "eval_times": eval_times}
-    return checkpointer.save(next_round, server_state, engine.export_states(client_states), meta)
+  def save(run: _Run, next_round: int) -> str:
+    run.saved_step = next_round
+    run.last_ckpt = run.open_checkpointer().save(next_round, *states.get(run.spec.index),
+                                                 run.meta())
+    return run.last_ckpt
 
-  best, best_at = -1.0, 0
-  for i, acc in enumerate(history["test_acc"]):
-    if acc > best:
-      best, best_at = acc, i
-  bar = _progress(range(start_round, config.global_rounds + 1), config.progress, desc)
+  start_round = min(run.start_round for run in runs)
+  bar = _progress(range(start_round, config.global_rounds + 1), config.progress,
+                  "sweep" if config.sweep else runs[0].spec.label)
   write = getattr(bar, "write", log)
   start = time.perf_counter()
-  r, stop, finite = start_round - 1, None, True
   for r in bar:
+    live = [run for run in runs if not run.done and run.start_round <= r]
     if stops.signal is not None:
-      last_ckpt = save(r)
-      raise Interrupted(f"{stops.signal} at round {r}: saved {last_ckpt}", last_ckpt)
-    eval_time, train_time = 0.0, 0.0
+      saved = [save(run, r) for run in runs if not run.done]
+      where = saved[0] if len(saved) == 1 else (
+          f"{len(saved)} checkpoints under {os.path.dirname(saved[0])}" if saved else None)
+      raise Interrupted(f"{stops.signal} at round {r}: saved {where}", where)
+    if not live:
+      if all(run.done for run in runs):
+        break
+      continue
+    eval_time, train_time = {}, {}
     if r % config.eval_gap == 0:
-      t0 = time.perf_counter()
-      metrics = engine.evaluate(server_state, client_states, root, r)
-      eval_time = time.perf_counter() - t0
-      _record(history, metrics, r)
-      if metrics["test_acc"] > best:
-        best, best_at = metrics["test_acc"], len(history["test_acc"]) - 1
-      if config.progress:
-        bar.set_postfix(acc=f"{metrics['test_acc']:.4f}", loss=f"{metrics['train_loss']:.4f}")
-      write(f"round {r:4d} | {_describe(metrics)}")
-      if not np.isfinite(metrics["train_loss"]):
-        stop, finite = f"round {r}: the train loss is not finite; stopping this run", False
-      elif config.auto_break and len(history["test_acc"]) - 1 - best_at > config.top_cnt:
-        stop = f"auto-break at round {r}: no improvement in {config.top_cnt} evaluations"
-    if stop is None:
-      t0 = time.perf_counter()
-      server_state, client_states, round_metrics = engine.run_round(server_state, client_states,
-                                                                    root, r)
-      jax.block_until_ready((server_state, client_states))
-      train_time = time.perf_counter() - t0
-      bad = sorted(int(c) for c in np.asarray(round_metrics["nonfinite"]) if c >= 0)
-      history["nonfinite_clients"].append(len(bad))
-      if bad and config.on_nan == "skip-client":
-        write(f"round {r}: skipped the non-finite update(s) of client(s) {bad}")
-      elif bad:
-        finite = False
-        stop = (f"round {r}: non-finite update(s) from client(s) {bad}; stopping this run "
-                f"(last finite checkpoint: {last_ckpt or 'none; use --checkpoint-every'}; "
-                "--on-nan skip-client drops such updates instead)")
-    train_times.append(train_time)
-    eval_times.append(eval_time)
-    if stop is not None:
-      write(stop)
-      break
-    if config.checkpoint_every and (r + 1) % config.checkpoint_every == 0:
-      last_ckpt = save(r + 1)
-  extra = {"stopped": stop} if stop else {}
-  if finite:
-    if config.checkpoint_every and saved_step != r + 1:
-      save(r + 1)
+      metrics, eval_time = states.evaluate(live, r)
+      for run in live:
+        m = metrics[run.spec.index]
+        run.record(m, r, config)
+        prefix = f"{run.spec.label} | " if many else ""
+        write(f"{prefix}round {r:4d} | {_describe(m)}")
+      if config.progress and not many:
+        m = metrics[live[0].spec.index]
+        bar.set_postfix(acc=f"{m['test_acc']:.4f}", loss=f"{m['train_loss']:.4f}")
+    training = [run for run in live if run.stop is None]
+    if training:
+      round_metrics, train_time = states.train(training, r)
+      for run in training:
+        bad = sorted(int(c) for c in np.asarray(round_metrics[run.spec.index]["nonfinite"])
+                     if c >= 0)
+        run.history["nonfinite_clients"].append(len(bad))
+        if bad and config.on_nan == "skip-client":
+          write(f"{run.spec.label}: round {r}: skipped the non-finite update(s) of "
+                f"client(s) {bad}")
+        elif bad:
+          run.finite = False
+          run.stop = (f"round {r}: non-finite update(s) from client(s) {bad}; stopping this "
+                      f"run (last finite checkpoint: "
+                      f"{run.last_ckpt or 'none; use --checkpoint-every'}; "
+                      "--on-nan skip-client drops such updates instead)")
+    for run in live:
+      run.train_times.append(train_time.get(run.spec.index, 0.0))
+      run.eval_times.append(eval_time.get(run.spec.index, 0.0))
+      run.last_round = r
+      if run.stop is not None:
+        write(f"{run.spec.label}: {run.stop}" if many else run.stop)
+        run.done = True
+        continue
+      if config.checkpoint_every and (r + 1) % config.checkpoint_every == 0:
+        save(run, r + 1)
+  for run in runs:
+    run.done = True
+    if run.stop:
+      run.extra["stopped"] = run.stop
+  finishing = [run for run in runs if run.finite]
+  for run in finishing:
+    if config.checkpoint_every and run.saved_step != run.last_round + 1:
+      save(run, run.last_round + 1)
+  if finishing:
     # One more evaluation after fine-tuning (FedBABU), appended as PFLlib appends it.
-    final = engine.evaluate(server_state, client_states, root, r, final=True)
-    if final is not None:
-      _record(history, final, r)
-      extra["final_eval"] = {k: v for k, v in final.items() if k != "client_test_acc"}
-      write(f"after fine-tuning | {_describe(final)}")
-    if engine.num_new_clients:
-      new = engine.evaluate_new_clients(server_state, root, sample_x,
-                                        config.fine_tuning_epoch_new)
-      extra["new_clients"] = {k: v for k, v in new.items() if k != "client_test_acc"}
-      write(f"{engine.num_new_clients} new clients ({config.fine_tuning_epoch_new} fine-tuning "
-            f"epochs) | test_acc {new['test_acc']:.4f} ± {new['test_acc_std']:.4f} | "
-            f"test_auc {new['test_auc']:.4f}")
+    finals, _ = states.evaluate(finishing, final=True)
+    for run in finishing:
+      final = finals[run.spec.index]
+      if final is None:
+        continue
+      _record(run.history, final, run.last_round)
+      run.extra["final_eval"] = {k: v for k, v in final.items() if k != "client_test_acc"}
+      write(f"{run.spec.label + ' | ' if many else ''}after fine-tuning | {_describe(final)}")
+  if engine.num_new_clients:
+    for run in finishing:
+      new = states.new_clients(run.spec.index, sample_x, config.fine_tuning_epoch_new)
+      run.extra["new_clients"] = {k: v for k, v in new.items() if k != "client_test_acc"}
+      write(f"{run.spec.label + ' | ' if many else ''}{engine.num_new_clients} new clients "
+            f"({config.fine_tuning_epoch_new} fine-tuning epochs) | test_acc "
+            f"{new['test_acc']:.4f} ± {new['test_acc_std']:.4f} | test_auc {new['test_auc']:.4f}")
   total = time.perf_counter() - start
-  round_times = [t + e for t, e in zip(train_times, eval_times)]
-  history["round_time_s"] = round_times
-  history["train_time_s"] = train_times
-  history["eval_time_s"] = eval_times
-  steady = round_times[1:] or round_times
-  return history, extra, float(np.mean(steady)), total
+  for run in runs:
+    round_times = [t + e for t, e in zip(run.train_times, run.eval_times)]
+    run.history["round_time_s"] = round_times
+    run.history["train_time_s"] = run.train_times
+    run.history["eval_time_s"] = run.eval_times
+    steady = round_times[1:] or round_times
+    run.mean_round_time_s = float(np.mean(steady)) if steady else 0.0
+    run.total_time_s = total
+  return runs
 
 
-def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None) -> Results:
-  """Runs ``config.times`` repetitions and writes their results under ``config.out``.
+def run_specs(config: Config, base: str, algorithm, data, model) -> list:
+  """The S runs of ``config``: ``times`` repetitions, or every sweep combination."""
+  out = os.path.abspath(config.out)
+  ckpt = lambda name: os.path.join(out, "checkpoints", name)
+  if not config.sweep:
+    return [RunSpec(index=t, seed=config.seed + t, config=config, name=f"{base}_{t}",
+                    label=f"run {t}", checkpoint=ckpt(f"{base}_{t}")) for t in range(config.times)]
+  combos = sweep_lib.combinations(config.sweep)
+  configs = [sweep_lib.combo_config(config, c).validate() for c in combos]
+  algorithms = [algorithm] + [make_algorithm(c, data, model) for c in configs[1:]]
+  swept = sweep_lib.swept_values(algorithms, list(config.sweep))
+  specs = []
+  for s, (combo, cfg) in enumerate(zip(combos, configs)):
+    name = f"{base}_sweep_{s}"
+    label = "combination " + ", ".join(f"{k}={v}" for k, v in combo.items())
+    specs.append(RunSpec(index=s, seed=cfg.seed, config=cfg, name=name, label=label,
+                         checkpoint=ckpt(name), combo=combo,
+                         hparams={k: float(v[s]) for k, v in swept.items()}))
+  return specs
 
-  With ``config.sweep`` set, runs every combination side by side in one compiled program and
-  returns `fedjax_lib.sweep.SweepResults` instead.
+
+def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None):
+  """Runs ``config.times`` repetitions, or every ``config.sweep`` combination, side by side,
+  and writes their results under ``config.out``.
+
+  Returns `Results` (`fedjax_lib.sweep.SweepResults` for a sweep).
 
   Raises:
     fedjax_lib.errors.FedJaxError: for bad configuration or data, before anything is written.
   """
-  if config.sweep:
-    from fedjax_lib import sweep  # pylint: disable=import-outside-toplevel
-    return sweep.run_sweep(config, log)
   if log is None:
     log = (lambda msg: print(msg, file=sys.stderr)) if is_writer() else (lambda msg: None)
-  data, model, algorithm, engine = build(config)
+  config.validate()
+  if config.sweep:
+    sweep_config = config
+    config = sweep_lib.combo_config(config, sweep_lib.combinations(config.sweep)[0]).validate()
+  else:
+    sweep_config = None
+  built = build(config)
+  data, model, algorithm, engine = built
+  if sweep_config is not None:
+    config = sweep_config
   tag = dataset_tag(config.dataset)
   out_dir = os.path.abspath(config.out)
   base = f"{tag}_{algorithm.name}_{config.goal}"
-  num_params = models_lib.count_params(
-      jax.eval_shape(algorithm.init_params, rng.root_key(0), data.x[0]))
-  log(f"{algorithm.name} on {tag}: {data.num_clients} clients, {data.num_classes} classes, "
-      f"model {config.model} ({num_params:,} parameters), executor {engine.executor}, "
-      f"backend {jax.default_backend()}")
-  for t in range(config.times):
-    _check_resumable(config, checkpoint_dir(config, base, t))
-  partition_file = os.path.join(out_dir, f"{base}_partition.json")
+  specs = run_specs(config, base, algorithm, data, model)
+  num_params = sum(models_lib.count_params(jax.eval_shape(
+      built.models[a].init, rng.root_key(0), data.x[:1])) for a in built.architectures[:1])
+  models_text = (f"model {config.model} ({num_params:,} parameters)"
+                 if len(set(built.architectures)) == 1 else
+                 f"models {', '.join(built.architectures)} (client i: model i mod "
+                 f"{len(built.architectures)}), feature dim {feature_dim_of(config, built.architectures)}")
+  what = (f"sweep of {len(specs)} combinations over {', '.join(config.sweep)}; "
+          if config.sweep else "")
+  log(f"{algorithm.name} on {tag}: {what}{data.num_clients} clients, {data.num_classes} "
+      f"classes, {models_text}, executor {engine.executor}, backend {jax.default_backend()}")
+  for spec in specs:
+    _check_resumable(spec, config.resume)
+  partition_file = os.path.join(out_dir, f"{base}{'_sweep' if config.sweep else ''}"
+                                         "_partition.json")
   if is_writer():
     results_lib.write_json(partition_file, data.summary())
-  runs = []
-  for t in range(config.times):
-    seed = config.seed + t
-    with _StopRequests() as stops:
-      history, extra, mean_round, total = _run_once(engine, config, seed, f"run {t}", log,
-                                                    checkpoint_dir(config, base, t), stops)
+  with _StopRequests() as stops:
+    runs = run_loop(engine, specs, config, log, stops)
+  results = []
+  for run in runs:
+    spec, history = run.spec, run.history
     acc = history["test_acc"]
-    run_base = os.path.join(out_dir, f"{base}_{t}")
-    payload = {"config": config.to_dict(), "run": t, "seed": seed,
+    payload = {"config": spec.config.to_dict(), "run": spec.index, "seed": spec.seed,
                "algorithm": algorithm.name, "executor": engine.executor,
                "backend": jax.default_backend(), "jax_version": jax.__version__,
-               **history, **extra, "best_test_acc": max(acc), "last_test_acc": acc[-1],
-               "mean_round_time_s": mean_round, "total_time_s": total}
+               **history, **run.extra, "best_test_acc": max(acc), "last_test_acc": acc[-1],
+               "mean_round_time_s": run.mean_round_time_s, "total_time_s": run.total_time_s}
+    if config.sweep:
+      payload.update({"sweep": config.sweep, "combination": spec.combo, "index": spec.index,
+                      "round_time_note": "time of one round of all combinations together"
+                      if len(runs) > 1 else ""})
+    run_base = os.path.join(out_dir, spec.name)
     files = {"json": run_base + ".json", "h5": run_base + ".h5", "png": run_base + ".png"}
     if is_writer():
       results_lib.write_json(files["json"], payload)
       results_lib.write_h5(files["h5"], history)
-      results_lib.write_plot(files["png"], history, f"{algorithm.name} on {tag} (run {t})")
-    runs.append(RunResult(seed=seed, history=history, best_test_acc=float(max(acc)),
-                          last_test_acc=float(acc[-1]), mean_round_time_s=mean_round,
-                          total_time_s=total, files=files))
-    log(f"run {t}: best test accuracy {max(acc):.4f}, last {acc[-1]:.4f}, "
-        f"{mean_round:.3f} s/round")
-  return Results(config=config, runs=runs, out_dir=out_dir, partition_file=partition_file)
+      title = (", ".join(f"{k}={v}" for k, v in spec.combo.items()) if spec.combo
+               else f"run {spec.index}")
+      results_lib.write_plot(files["png"], history, f"{algorithm.name} on {tag} ({title})")
+    results.append(RunResult(seed=spec.seed, history=history, best_test_acc=float(max(acc)),
+                             last_test_acc=float(acc[-1]),
+                             mean_round_time_s=run.mean_round_time_s,
+                             total_time_s=run.total_time_s, files=files))
+    if not config.sweep:
+      log(f"run {spec.index}: best test accuracy {max(acc):.4f}, last {acc[-1]:.4f}, "
+          f"{run.mean_round_time_s:.3f} s/round")
+  if not config.sweep:
+    return Results(config=config, runs=results, out_dir=out_dir, partition_file=partition_file)
+  combos = [spec.combo for spec in specs]
+  summary = sweep_lib.summarize(combos, results)
+  sweep_base = os.path.join(out_dir, f"{base}_sweep")
+  files = {"summary_json": sweep_base + "_summary.json",
+           "summary_md": sweep_base + "_summary.md"}
+  mean_round = float(np.mean([r.mean_round_time_s for r in results]))
+  if not runs_stacked(engine, specs):
+    mean_round = float(sum(r.mean_round_time_s for r in results))
+  total = max(r.total_time_s for r in results)
+  if is_writer():
+    results_lib.write_json(files["summary_json"], {
+        "config": config.to_dict(), "combinations": combos, "rows": summary,
+        "mean_round_time_s": mean_round, "total_time_s": total})
+    results_lib.write_text(files["summary_md"],
+                           "\n".join(sweep_lib.summary_table(summary)) + "\n")
+  return sweep_lib.SweepResults(config=config, combos=combos, runs=results, summary=summary,
+                                out_dir=out_dir, files=files, mean_round_time_s=mean_round,
+                                total_time_s=total)
+
+
+def runs_stacked(engine, specs) -> bool:
+  """Whether the loop stacks the runs in one program (else one after another per round)."""
+  return len(specs) > 1 and engine.executors[0].traced and engine.mesh is None

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fedjax_lib.algorithms import get_algorithm, make_algorithm
+from fedjax_lib.algorithms.base import has_warmup
 from fedjax_lib.algorithms.dbe import (FedDBE, batch_feature_mean, dbe_loss, ema_update,
                                        mean_regularization)
 from fedjax_lib.core import engine as engine_lib
@@ -92,7 +93,7 @@ def _np_sgd_steps(x, y, theta, prbm, global_mean, steps, lr, m, klw):
 def test_registered_names_and_defaults():
   assert get_algorithm("DBE") is get_algorithm("feddbe") is FedDBE
   assert FedDBE.hyperparameters() == {"momentum": 0.1, "kl_weight": 0.0}
-  assert FedDBE.HAS_WARMUP
+  assert has_warmup(FedDBE.__new__(FedDBE))
 
 
 def test_hyperparameters_are_validated():
@@ -291,14 +292,15 @@ def test_warmup_sets_weighted_global_mean_and_keeps_init_params():
   for executor in ("vmap", "sequential"):
     eng = _engine(data, executor, {"momentum": 0.5})
     alg, d = eng.algorithm, eng.data
-    results[executor] = _np(eng.init(root, d.x[0]))
+    server, clients = _np(eng.init(root, d.x[0]))
+    results[executor] = server, clients["model"]  # the one architecture group
     assert eng.trace_counts["warmup"] == 1
   s0, c0 = alg.init(rng.init_key(root), d.x[0], data.num_clients)
   wkey = rng.warmup_key(root)
-  # Each client's running mean from the (sequential engine's compiled) warm_up_client.
-  warm = eng._warmup_one  # pylint: disable=protected-access
-  rms = np.stack([np.asarray(warm(s0, jax.tree.map(lambda a, i=i: a[i], c0), d.x, d.y,
-                                  d.train_idx[i], d.train_count[i],
+  # Each client's running mean from warmup_client, one client at a time.
+  warm = jax.jit(alg.warmup_client)
+  rms = np.stack([np.asarray(warm(s0, jax.tree.map(lambda a, i=i: a[i], c0),
+                                  ClientData(d.x, d.y, d.train_idx[i], d.train_count[i]),
                                   rng.client_key(wkey, i))[1])
                   for i in range(data.num_clients)])
   counts = np.asarray(data.train_count, np.float64)
@@ -315,7 +317,7 @@ def test_warmup_sets_weighted_global_mean_and_keeps_init_params():
 
 def test_bias_persists_per_client_and_is_not_averaged():
   data = _small_data(num_clients=5)
-  # 3 of 5 clients train; the sequential executor's compiled client update is reused below.
+  # 3 of 5 clients train; each client's update is recomputed below, one at a time.
   eng = _engine(data, "sequential", jr=0.6, params={"kl_weight": 2.0})
   alg, d = eng.algorithm, eng.data
   root = rng.root_key(0)
@@ -324,21 +326,23 @@ def test_bias_persists_per_client_and_is_not_averaged():
   # A non-zero global mean and distinct PRBMs, as after the warm-up and earlier rounds.
   s = dict(s, global_mean=jnp.asarray(r.normal(size=s["global_mean"].shape), jnp.float32))
   c = {"bias": jnp.asarray(r.normal(size=c["bias"].shape), jnp.float32)}
-  plan, cohort_states, keys = eng._plan(  # pylint: disable=protected-access
-      c, d, root, jnp.int32(0))
-  cohort = np.asarray(plan.cohort)
+  rkey = rng.round_key(root, 0)
+  cohort = np.asarray(engine_lib.plan_round(rkey, eng.participation).cohort)
   biases, uploads = np.array(c["bias"]), []
-  for k, cid in enumerate(cohort):
-    state_k = jax.tree.map(lambda a, k=k: a[k], cohort_states)
-    new_state, upload, _ = eng._train_one(  # pylint: disable=protected-access
-        s, state_k, d.x, d.y, d.train_idx[cid], d.train_count[cid], keys[k])
+  train = jax.jit(alg.client_update)
+  for cid in cohort:
+    state = jax.tree.map(lambda a, cid=cid: a[cid], c)
+    new_state, upload, _ = train(s, state, ClientData(d.x, d.y, d.train_idx[cid],
+                                                      d.train_count[cid]),
+                                 rng.client_key(rkey, int(cid)))
     biases[cid] = np.asarray(new_state["bias"])
     uploads.append(_np(upload))
   weights = np.asarray(d.train_count)[cohort].astype(np.float64)
   expected = jax.tree.map(lambda *u: np.tensordot(weights / weights.sum(), np.stack(u), 1),
                           *uploads)
   before_bias, global_mean = _np(c["bias"]), _np(s["global_mean"])
-  s, c, _ = eng.run_round(s, c, root, 0)
+  s, c, _ = eng.run_round(s, {"model": c}, root, 0)
+  c = c["model"]
   assert set(s) == {"params", "global_mean"} and set(c) == {"bias"}
   np.testing.assert_array_equal(s["global_mean"], global_mean)  # fixed after the warm-up
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
@@ -349,6 +353,6 @@ def test_bias_persists_per_client_and_is_not_averaged():
   np.testing.assert_array_equal(np.asarray(c["bias"])[unselected], before_bias[unselected])
   assert np.abs(np.asarray(c["bias"])[cohort] - before_bias[cohort]).min(axis=1).max() > 0
   # Personal evaluation uses each client's own PRBM.
-  summary = eng.evaluate(s, c)
+  summary = eng.evaluate(s, {"model": c})
   assert {"test_acc_personal", "test_acc_global"} <= set(summary)
   assert summary["test_acc"] == summary["test_acc_personal"]

@@ -260,10 +260,11 @@ def rounds():
   data = _small_data()
   eng = _fedala_engine(data, max_start_epochs=20)
   root = rng.root_key(0)
-  states = [eng.init(root, eng.data.x[0])]
+  s, c = eng.init(root, eng.data.x[0])
+  states = [(s, c["model"])]  # the one architecture group's client states
   for r in range(2):
-    s, c, _ = eng.run_round(*jax.tree.map(jnp.copy, states[-1]), root, r)
-    states.append((s, c))
+    s, c, _ = eng.run_round(*jax.tree.map(jnp.copy, (s, c)), root, r)
+    states.append((s, c["model"]))
   return eng, states
 
 

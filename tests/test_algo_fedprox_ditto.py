@@ -129,6 +129,7 @@ def test_ditto_global_track_is_fedavg_and_personal_models_differ():
   ditto = _engine("Ditto", "vmap", data, {"mu": 0.1}, jr=1.0, cdr=0.0)
   s_avg, _, _ = _run(_engine("FedAvg", "vmap", data, jr=1.0, cdr=0.0), rounds=2)
   s, c, _ = _run(ditto, rounds=2)
+  c = c["model"]  # the one architecture group
   # The global track uses the client key unchanged (the personal one fold_in(key,
   # PERSONAL_STREAM)), so the server model is FedAvg's.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
@@ -152,7 +153,7 @@ def test_ditto_personal_training_uses_its_own_key_and_epochs():
   eng = _engine("Ditto", "vmap", data, {"mu": 0.3, "plocal_epochs": 3})
   algo = eng.algorithm
   s, c = eng.init(rng.root_key(0), data.x[0])
-  v = jax.tree.map(lambda a: a[1], c)
+  v = jax.tree.map(lambda a: a[1], c["model"])
   key = jax.random.key(5)
   new_v, _, metrics = jax.jit(algo.client_update)(s, v, _client(eng, 1), key)
   assert "personal_loss" in metrics
@@ -170,6 +171,7 @@ def test_ditto_large_mu_pulls_personal_model_to_the_global_one():
   free = _engine("Ditto", "vmap", data, {"mu": 0.0, "plocal_epochs": 3})
   tied = _engine("Ditto", "vmap", data, {"mu": 5.0, "plocal_epochs": 3})
   s, c = free.init(rng.root_key(0), data.x[0])
+  c = c["model"]
   r = np.random.default_rng(1)
   # A personal model far from the global one, as after rounds of local training.
   v = jax.tree.map(lambda a: a[2] + 0.5 * r.normal(size=a.shape[1:]).astype(np.float32), c)

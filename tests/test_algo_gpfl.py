@@ -13,7 +13,7 @@ from fedjax_lib.core import rng
 from fedjax_lib.core.local import Batch, ClientData, LocalSpec
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
-from tests.test_engine import _small_data
+from tests.test_engine import _small_data, cohort_plan
 
 HIDDEN = 8  # a narrow DNN keeps compilation and steps cheap
 
@@ -302,7 +302,7 @@ def test_round_averages_shared_parts_and_updates_only_trained_clients():
   alg, d = eng.algorithm, eng.data
   root = rng.root_key(0)
   s, c = eng.init(root, d.x[0])
-  plan, cohort_states, keys = eng._plan(c, d, root, jnp.int32(0))  # pylint: disable=protected-access
+  plan, cohort_states, keys = cohort_plan(eng, c, root, 0)
   update, uploads = jax.jit(alg.client_update), []
   cohort = np.asarray(plan.cohort)
   for k, cid in enumerate(cohort):
@@ -320,7 +320,7 @@ def test_round_averages_shared_parts_and_updates_only_trained_clients():
   assert not np.allclose(s["gce"], s_before["gce"])
   trained = set(cohort[active].tolist())
   assert 0 < len(trained) < data.num_clients
-  p_in = np.asarray(c["p_in"])
+  p_in = np.asarray(c["model"]["p_in"])
   for cid in range(data.num_clients):
     assert (np.abs(p_in[cid]).max() > 0) == (cid in trained), cid
   assert np.isfinite(eng.evaluate(s, c)["test_acc"])

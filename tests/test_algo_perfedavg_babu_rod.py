@@ -152,7 +152,7 @@ def test_fedrod_gradients_are_separated_and_predict_adds_heads():
   counts = class_counts(client, data.num_classes)
   labels = np.asarray(data.y)[np.asarray(data.train_idx[1])[: int(data.train_count[1])]]
   np.testing.assert_array_equal(counts, np.bincount(labels, minlength=data.num_classes))
-  head = jax.tree.map(lambda a: a[1] + 0.1, clients["head"])  # a personal head != generic
+  head = jax.tree.map(lambda a: a[1] + 0.1, clients["model"]["head"])  # a personal head != generic
   batch = Batch(data.x[:8], data.y[:8], jnp.ones(8))
   grads = jax.grad(algo.fedrod_loss(counts))({"params": server["params"], "head": head}, batch,
                                              None)

@@ -15,6 +15,7 @@ from fedjax_lib.core.local import ClientData, LocalSpec
 from fedjax_lib.data.federated import FederatedData
 from fedjax_lib.models import make_model
 from fedjax_lib.models.base import BaseHeadModel
+from tests.test_engine import cohort_plan
 
 SPLIT_ALGOS = ("FedPer", "FedRep", "LG-FedAvg")
 
@@ -98,9 +99,8 @@ def test_fedper_round_averages_bases_and_personalises_heads():
   alg, d = eng.algorithm, eng.data
   root = rng.root_key(0)
   s, c = eng.init(root, d.x[0])
-  assert set(s) == {"base"} and set(c) == {"head"}
-  plan, cohort_states, keys = eng._plan(  # pylint: disable=protected-access
-      c, d, root, jnp.int32(0))
+  assert set(s) == {"base"} and set(c["model"]) == {"head"}
+  plan, cohort_states, keys = cohort_plan(eng, c, root, 0)
   update, uploads = jax.jit(alg.client_update), []
   for k, cid in enumerate(np.asarray(plan.cohort)):
     state_k = jax.tree.map(lambda a, k=k: a[k], cohort_states)
@@ -112,7 +112,7 @@ def test_fedper_round_averages_bases_and_personalises_heads():
                           *uploads)
   s, c, _ = eng.run_round(s, c, root, 0)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s, expected)
-  assert _pairwise_distinct(c["head"])
+  assert _pairwise_distinct(c["model"]["head"])
 
 
 class _Tanh(nn.Module):
@@ -158,10 +158,10 @@ def test_lgfedavg_server_holds_head_and_bases_stay_personal():
   root = rng.root_key(0)
   s, c = eng.init(root, eng.data.x[0])
   shapes = jax.tree.map(np.shape, split_parts(eng.algorithm.init_params(root, data.x[0]))["head"])
-  assert set(s) == {"head"} and set(c) == {"base"}
+  assert set(s) == {"head"} and set(c["model"]) == {"base"}
   s, c, _ = eng.run_round(s, c, root, 0)
   assert set(s) == {"head"} and jax.tree.map(np.shape, s["head"]) == shapes
-  assert _pairwise_distinct(c["base"])
+  assert _pairwise_distinct(c["model"]["base"])
   assert eng.evaluate(s, c)["test_acc"] > 0
 
 

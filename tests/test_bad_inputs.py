@@ -47,7 +47,11 @@ FLAGS = [
     (["--sweep", "seed=0,x"], ["'x'", "seed"]),
     (["--sweep", "seed=0,1", "seed=2"], ["seed", "twice"]),
     (["-algo", "Ditto", "--sweep", "plocal_epochs=1,2"], ["plocal_epochs", "floating-point"]),
-    (["--sweep", "seed=0,1", "--devices", "2"], ["devices=2"]),
+    (["--sweep", "seed=0,1", "-t", "2"], ["times=2", "sweep seed"]),
+    (["-m", "cnn,,dnn"], ["empty model name", "cnn, dnn, mlr"]),
+    (["-m", "cnn,resnet999"], ["resnet999", "accepted names"]),
+    (["-fd", "0"], ["feature_dim", "0"]),
+    (["-m", "cnn,dnn", "-algo", "FedAvg"], ["cnn and dnn", "uploads differ"]),
     (["--devices", "99"], ["devices=99", "available"]),
     (["--distributed"], ["JAX_COORDINATOR_ADDRESS"]),
     # partition settings that cannot be met

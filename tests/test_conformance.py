@@ -1,8 +1,9 @@
 """The conformance suite: every registered algorithm goes through the same checks.
 
 Finite outputs, stable state structure and dtypes across rounds, one compilation per run shape,
-the vmap and sequential executors agree, and a client's update depends on its id, not on its
-position in the cohort.
+a checkpoint round trip, new-client evaluation, the vmap and sequential executors agree, a
+client's update depends on its id, not on its position in the cohort, and a server marked
+linear (`linear_server`) gives the same state for the uploads as for their weighted mean.
 """
 
 import jax
@@ -11,8 +12,10 @@ import numpy as np
 import pytest
 
 from fedjax_lib.algorithms import algorithm_names
+from fedjax_lib.algorithms.base import has_hook, is_linear_server
 from fedjax_lib.core import checkpoint as checkpoint_lib
 from fedjax_lib.core import rng
+from fedjax_lib.core.local import ClientData
 from tests.test_engine import _engine, _run, _small_data
 
 ALGORITHMS = algorithm_names()
@@ -77,8 +80,10 @@ def test_conformance(name, data, tmp_path):
         assert a[k] == pytest.approx(b[k], abs=1e-6), k
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4, abs=1e-6)
 
-  # client-order invariance of client_update
+  # client-order invariance of client_update; a linear server's declared linearity
   server, clients = eng.init(root, data.x[0])
+  (clients,) = clients.values()  # one architecture group
+  alg = eng.algorithm
   rkey = rng.round_key(root, 0)
   d = eng.data
 
@@ -86,11 +91,39 @@ def test_conformance(name, data, tmp_path):
     order = jnp.asarray(order)
     keys = jax.vmap(rng.client_key, (None, 0))(rkey, order)
     states = jax.tree.map(lambda a: a[order], clients)
-    fn = lambda st, i, k: eng._train_one_impl(server, st, d.x, d.y, d.train_idx[i],  # pylint: disable=protected-access
-                                              d.train_count[i], k)
+    fn = lambda st, i, k: alg.client_update(
+        server, st, ClientData(d.x, d.y, d.train_idx[i], d.train_count[i]), k)
     return jax.vmap(fn)(states, order, keys)[:2]  # new client states and uploads
 
   order = np.arange(data.num_clients)
   forward, backward = train(order), train(order[::-1])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[::-1], rtol=1e-5, atol=1e-6),
                forward, backward)
+
+  if is_linear_server(alg):
+    # server_update(U, w) == server_update(weighted_mean(U)[None], sum(w)[None])
+    uploads = forward[1]
+    weights = jnp.asarray(np.r_[np.arange(1, data.num_clients), 0.0], jnp.float32)
+    full = alg.server_update(server, uploads, weights, rkey)
+    mean = jax.tree.map(lambda u: jnp.tensordot(weights / weights.sum(), u, axes=1)[None],
+                        uploads)
+    reduced = alg.server_update(server, mean, weights.sum()[None], rkey)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 full, reduced)
+
+
+def test_linear_mark_is_not_inherited_by_an_overriding_server():
+  from fedjax_lib.algorithms.fedavg import FedAvg  # pylint: disable=import-outside-toplevel
+
+  class Median(FedAvg):
+    def server_update(self, server_state, uploads, weights, key):
+      return {"params": jax.tree.map(lambda u: jnp.median(u, axis=0), uploads)}
+
+  class Renamed(FedAvg):  # inherits FedAvg's server_update: still linear
+    pass
+
+  assert is_linear_server(FedAvg.__new__(FedAvg))
+  assert not is_linear_server(Median.__new__(Median))
+  assert is_linear_server(Renamed.__new__(Renamed))
+  assert has_hook(Renamed.__new__(Renamed), "new_client_variables")
+  assert not has_hook(Renamed.__new__(Renamed), "final_views")

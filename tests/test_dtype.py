@@ -10,6 +10,7 @@ import pytest
 
 from fedjax_lib import cli
 from fedjax_lib.algorithms import algorithm_names, make_algorithm
+from fedjax_lib.algorithms.base import has_hook, has_warmup
 from fedjax_lib.config import DTYPES, Config
 from fedjax_lib.core import engine as engine_lib
 from fedjax_lib.core import rng
@@ -200,13 +201,13 @@ def _one_round(name, data):
     server, clients = algorithm.init(key, x[0], 2)
     init_states = (server, clients)
     client = jax.tree.map(lambda a: a[0], clients)
-    if algorithm.HAS_WARMUP:
+    if has_warmup(algorithm):
       client, upload = algorithm.warmup_client(server, client, client_data, key)
       server = algorithm.warmup_server(server, stack(upload), jnp.ones(1), key)
     client, upload, stats = algorithm.client_update(server, client, client_data, key)
     server = algorithm.server_update(server, stack(upload), jnp.ones(1), key)
     views = dict(algorithm.eval_views(server, client, client_data, key))
-    if algorithm.HAS_FINAL_EVAL:
+    if has_hook(algorithm, "final_views"):
       views.update({f"final{k}": v for k, v in
                     algorithm.final_views(server, client, client_data, key).items()})
     logits = {k: view(test_x) for k, view in views.items()}

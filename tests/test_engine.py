@@ -37,6 +37,16 @@ def _engine(algo, executor, data, model="dnn", jr=0.7, rjr=False, cdr=0.25, unro
       chunk_size=2, eval_chunk_size=4)
 
 
+def cohort_plan(eng, client_states, root, round_index):
+  """``(plan, the cohort's states, their keys)`` of a one-group engine's round, drawn as the
+  engine draws them: selection from the round key, client keys from client ids."""
+  rkey = rng.round_key(root, round_index)
+  plan = engine_lib.plan_round(rkey, eng.participation)
+  (states,) = client_states.values()
+  cohort_states = jax.tree.map(lambda a: a[plan.cohort], states)
+  return plan, cohort_states, jax.vmap(rng.client_key, (None, 0))(rkey, plan.cohort)
+
+
 def _run(eng, rounds=3, seed=0):
   root = rng.root_key(seed)
   s, c = eng.init(root, eng.data.x[0])
@@ -54,14 +64,17 @@ def test_executors_agree(algo, rjr):
   data = _small_data()
   outs = {ex: _run(_engine(algo, ex, data, rjr=rjr)) for ex in
           ("vmap", "chunked", "sequential")}
-  ref_s, ref_c, ref_h = outs["vmap"]
   for ex in ("chunked", "sequential"):
-    s, c, h = outs[ex]
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                 (ref_s, ref_c), (s, c))
-    for a, b in zip(ref_h, h):
-      assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1e-6)
-      assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    assert_runs_agree(outs["vmap"], outs[ex])
+
+
+def assert_runs_agree(reference, other, rtol=1e-4, atol=1e-5):
+  """Two `_run` outputs: states close, accuracies equal, losses close."""
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol),
+               reference[:2], other[:2])
+  for a, b in zip(reference[2], other[2]):
+    assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1e-6)
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
 
 
 def test_one_compilation_per_run_shape():
@@ -104,10 +117,10 @@ def test_dropped_clients_are_not_aggregated_but_selected_ones_train():
   eng = _engine("Local", "vmap", data, jr=1.0, cdr=0.5)
   root = rng.root_key(0)
   s, c = eng.init(root, data.x[0])
-  before = jax.tree.map(np.asarray, c)
+  before = jax.tree.map(np.asarray, c["model"])  # the one architecture group
   s, c, m = eng.run_round(s, c, root, 0)
   assert int(m["num_aggregated"]) == 3 and int(m["num_selected"]) == 6
   changed = np.array([not np.allclose(before["params"]["params"]["head"]["kernel"][i],
-                                      c["params"]["params"]["head"]["kernel"][i])
+                                      c["model"]["params"]["params"]["head"]["kernel"][i])
                       for i in range(6)])
   assert changed.all()

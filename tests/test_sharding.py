@@ -1,10 +1,12 @@
 """Clients sharded over devices: 8 fake CPU devices (tests/conftest.py) against one device.
 
 Covers the runner path (FedAvg, Ditto, FedALA), padding of client counts and cohorts
-that do not divide the device count, the chunked executor under shard_map, the weighted psum,
+that do not divide the device count, the chunked executor under shard_map, servers on
+sharded uploads (a weighted average and a non-linear rule: replicated, equal to one device),
 resuming a checkpoint on another device count, and a real two-process (multi-host) run.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -16,12 +18,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fedjax_lib import Config, run_experiment
+from fedjax_lib.algorithms import make_algorithm
+from fedjax_lib.algorithms.base import is_linear_server
+from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.core import aggregate
 from fedjax_lib.core import engine as engine_lib
+from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.errors import ConfigError
+from fedjax_lib.models import make_model
 from tests.test_engine import _engine, _run, _small_data
 
 QUIET = dict(log=lambda msg: None)
@@ -79,29 +86,85 @@ def test_partial_participation_and_padding(algo, executor, jr, rjr):
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   jax.tree.map(close, s1, s2)
   jax.tree.map(close, c1, eng.export_states(c2))
+  _assert_replicated(s2)
   # One compiled round and evaluation; states laid out along the clients axis, 16 rows.
   assert eng.trace_counts["round"] == 1 and eng.trace_counts["evaluate"] == 1
-  leaf = jax.tree.leaves(c2)[0]
+  leaf = jax.tree.leaves(c2)[0]  # {group: states}
   assert leaf.shape[0] == 16 and leaf.sharding.spec == P(engine_lib.CLIENTS)
   assert len(leaf.sharding.device_set) == 8
 
 
-def test_weighted_average_psum_matches_numpy():
-  """Inside shard_map the weighted mean is a local sum plus one psum; padded slots weigh 0."""
+def test_weighted_average_on_sharded_uploads_matches_numpy():
+  """The server sees the sharded uploads as one global array; XLA partitions the reduction
+  (padded slots weigh 0) and the result is replicated."""
   mesh = engine_lib.client_mesh(8)
   r = np.random.default_rng(0)
   x = r.normal(size=(16, 3, 2)).astype(np.float32)
   w = np.r_[r.integers(1, 9, 13), np.zeros(3)].astype(np.float32)
-
-  def body(x, w):
-    with aggregate.client_axis(engine_lib.CLIENTS):
-      return aggregate.weighted_average(x, w)
-
-  out = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("clients"), P("clients")),
-                              out_specs=P(), check_vma=False))(jnp.asarray(x), jnp.asarray(w))
+  sharded = NamedSharding(mesh, P("clients"))
+  out = jax.jit(aggregate.weighted_average, out_shardings=NamedSharding(mesh, P()))(
+      jax.device_put(x, sharded), jax.device_put(w, sharded))
   np.testing.assert_allclose(out, np.tensordot(w / w.sum(), x, axes=1), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(out, aggregate.weighted_average(jnp.asarray(x), jnp.asarray(w)),
-                             rtol=1e-5, atol=1e-6)
+  _assert_replicated(out)
+
+
+def _assert_replicated(tree):
+  """Every device holds the same bytes of every leaf."""
+  for leaf in jax.tree.leaves(tree):
+    shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+    assert len(shards) == 8 or leaf.sharding.is_fully_replicated
+    for shard in shards[1:]:
+      np.testing.assert_array_equal(shard, shards[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentiveAvg(FedAvg):
+  """A test server that is not a weighted average: uploads far from the cohort mean weigh
+  less (exp(-||u - mean||² / T)), then the server takes 3 gradient steps from the old model
+  toward that mix. Every upload matters; the rule is non-linear in the uploads."""
+
+  def server_update(self, server_state, uploads, weights, key):
+    del key
+    flat = jnp.concatenate([u.reshape(u.shape[0], -1) for u in jax.tree.leaves(uploads)], 1)
+    mean = aggregate.weighted_average(flat, weights)
+    dist = ((flat - mean) ** 2).sum(1)
+    # Slots of weight 0 (dropped, unselected, padding) must not count: the max is theirs-free.
+    scale = jnp.where(weights > 0, dist, 0.0).max()
+    attention = weights * jnp.exp(-dist / (scale + 1e-6))
+    target = aggregate.weighted_average(uploads, attention, fallback=server_state["params"])
+    params = server_state["params"]
+    for _ in range(3):
+      params = jax.tree.map(lambda p, t: p - 0.5 * (p - t), params, target)
+    return {"params": params}
+
+
+def test_non_linear_server_is_replicated_and_equals_one_device():
+  data = _small_data(num_clients=11)
+  spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
+                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
+  alg = AttentiveAvg(model=make_model("dnn", data.sample_shape, data.num_classes), local=spec)
+  assert not is_linear_server(alg)  # overriding server_update drops FedAvg's linear mark
+  device_data = engine_lib.DeviceData.from_federated(data)
+  part = engine_lib.Participation(data.num_clients, 0.7, False, 0.25)
+  one = engine_lib.Engine(alg, device_data, part, executor="vmap")
+  seq = engine_lib.Engine(alg, device_data, part, executor="sequential")  # non-linear path
+  many = engine_lib.Engine(alg, device_data, part, executor="vmap",
+                           mesh=engine_lib.client_mesh(8))
+  s1, c1, h1 = _run(one)
+  s2, _, h2 = _run(seq)
+  s8, c8, h8 = _run(many)
+  _assert_replicated(s8)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  jax.tree.map(close, s1, s8)
+  jax.tree.map(close, s1, s2)
+  jax.tree.map(close, c1, many.export_states(c8))
+  for a, b in zip(h1, h8):
+    np.testing.assert_allclose(a["test_acc"], b["test_acc"], atol=1e-9)
+  # Not a weighted average: the same uploads give another state than FedAvg's.
+  plain = engine_lib.Engine(make_algorithm("FedAvg", alg.model, spec), device_data, part,
+                            executor="vmap")
+  s_avg, _, _ = _run(plain)
+  assert not np.allclose(jax.tree.leaves(s_avg)[0], jax.tree.leaves(s1)[0])
 
 
 def test_resume_on_another_device_count(tmp_path_factory):

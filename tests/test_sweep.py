@@ -1,4 +1,4 @@
-"""Sweeps: all combinations in one compiled round, equal to separate runs."""
+"""Sweeps: every combination side by side in the one run loop, equal to separate runs."""
 
 import dataclasses
 import json
@@ -9,6 +9,7 @@ import pytest
 
 from fedjax_lib import Config, run_experiment
 from fedjax_lib import cli
+from fedjax_lib import runner as runner_lib
 from fedjax_lib import sweep as sweep_lib
 from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.errors import ConfigError
@@ -69,35 +70,95 @@ def test_seed_and_lr_sweep_equals_separate_runs(tmp_path):
   assert table.startswith("| learning_rate | seeds |") and "0.05 | 0,1 |" in table
 
 
+def _spy_engine(monkeypatch):
+  """Captures the engines run_experiment builds (their trace counters)."""
+  built = []
+  original = runner_lib.build
+
+  def spy(config):
+    out = original(config)
+    built.append(out.engine)
+    return out
+
+  monkeypatch.setattr(runner_lib, "build", spy)
+  return built
+
+
 def test_algorithm_hyperparameter_sweep_one_compilation(tmp_path, monkeypatch):
   """Ditto's μ as a leading axis: one traced round for both values, equal to separate runs."""
-  traces = []
-  original = sweep_lib.SweepEngine.__init__
-
-  def spy(self, *args, **kw):
-    original(self, *args, **kw)
-    traces.append(self.trace_counts)
-
-  monkeypatch.setattr(sweep_lib.SweepEngine, "__init__", spy)
+  built = _spy_engine(monkeypatch)
   res = run_experiment(_config(tmp_path / "sweep", algorithm="Ditto",
                                sweep={"mu": [0.0, 0.5]}), **QUIET)
-  assert traces[0]["round"] == 1 and traces[0]["client_update"] == 1
+  traces = built[0].trace_counts
+  assert traces["round_stacked"] == 1 and traces["client_update"] == 1, traces
   assert "test_acc_global" in res.runs[1].history
   _assert_same(res.runs[1], _separate(tmp_path, {"mu": 0.5}, algorithm="Ditto"))
   assert res.runs[0].history["train_loss"] != res.runs[1].history["train_loss"]
 
 
-def test_swept_leaves_follow_derived_values():
+@pytest.mark.parametrize("algorithm,executor", [("FedBABU", "vmap"), ("FedALA", "sequential"),
+                                                ("FedBABU", "sequential")])
+def test_sweep_entry_equals_its_separate_run_with_final_evaluation(algorithm, executor,
+                                                                   tmp_path, monkeypatch):
+  """The one run loop: a sweep entry equals the run of its own, FedBABU's fine-tuned final
+  evaluation included (stacked runs with vmap, one after another with sequential, where the
+  swept learning rate reaches one compiled per-client program as an argument)."""
+  built = _spy_engine(monkeypatch)
+  # A rolled local loop and 2 fine-tuning epochs keep the compiled programs small.
+  small = dict(unroll=1, algo_params={"fine_tuning_epochs": 2} if algorithm == "FedBABU" else {})
+  res = run_experiment(_config(tmp_path / "sweep", algorithm=algorithm, executor=executor,
+                               sweep={"seed": [0, 1], "learning_rate": [0.05, 0.02]}, **small),
+                       **QUIET)
+  if executor == "sequential":
+    assert built[0].trace_counts["client_update"] == 1  # 4 combinations, one program
+  for i in (0, 3):
+    combo = res.combos[i]
+    separate = _separate(tmp_path, combo, algorithm=algorithm, executor=executor, **small)
+    _assert_same(res.runs[i], separate)
+    sweep_json = json.load(open(res.runs[i].files["json"]))
+    own_json = json.load(open(separate.files["json"]))
+    if algorithm == "FedBABU":
+      assert len(sweep_json["test_acc"]) == 4  # 3 evaluations + the final one
+      np.testing.assert_allclose(sweep_json["final_eval"]["test_acc"],
+                                 own_json["final_eval"]["test_acc"], atol=1e-9)
+
+
+def test_auto_break_in_a_sweep_stops_each_combination_on_its_own(tmp_path):
+  """-ab in a sweep: a combination that stops keeps its state; the others go on."""
+  res = run_experiment(_config(tmp_path / "sweep", auto_break=True, top_cnt=1,
+                               global_rounds=6, sweep={"learning_rate": [1e-30, 0.05]}),
+                       **QUIET)
+  flat, learning = res.runs
+  assert flat.history["rounds"] == [0, 1, 2]  # no improvement after round 0
+  assert "auto-break at round 2" in json.load(open(flat.files["json"]))["stopped"]
+  assert len(learning.history["rounds"]) > 3
+  alone = _separate(tmp_path, {"learning_rate": 1e-30}, auto_break=True, top_cnt=1,
+                    global_rounds=6)
+  assert alone.history["rounds"] == flat.history["rounds"]
+  assert alone.history["test_acc"] == flat.history["test_acc"]
+
+
+def test_sweep_with_checkpoints_resumes(tmp_path):
+  """Sweeps checkpoint each combination and continue like a run of its own."""
+  cfg = dict(sweep={"seed": [0, 1]}, checkpoint_every=1)
+  whole = run_experiment(_config(tmp_path / "whole", global_rounds=3, **cfg), **QUIET)
+  run_experiment(_config(tmp_path / "part", global_rounds=1, **cfg), **QUIET)
+  resumed = run_experiment(_config(tmp_path / "part", global_rounds=3, **cfg), **QUIET)
+  for a, b in zip(whole.runs, resumed.runs):
+    assert a.history["test_acc"] == b.history["test_acc"]
+
+
+def test_swept_values_follow_derived_values():
   """PerAvg's β defaults to the learning rate: sweeping lr sweeps both leaves."""
   from fedjax_lib.algorithms import make_algorithm
   from fedjax_lib.models import make_model
   model = make_model("dnn", (8,), 3)
   algos = [make_algorithm("PerAvg", model, LocalSpec(learning_rate=lr, steps_per_epoch=4))
            for lr in (0.1, 0.01)]
-  leaves = sweep_lib.swept_leaves(algos, ["learning_rate"])
-  assert list(leaves) == [("local", "learning_rate")]
-  np.testing.assert_allclose(leaves[("local", "learning_rate")], [0.1, 0.01])
-  swapped = sweep_lib.substitute(algos[0], {("local", "learning_rate"): 0.01})
+  values = sweep_lib.swept_values(algos, ["learning_rate"])
+  assert list(values) == ["local.learning_rate"]
+  np.testing.assert_allclose(values["local.learning_rate"], [0.1, 0.01])
+  swapped = algos[0].with_hyperparameter_values({"local.learning_rate": 0.01})
   assert swapped.meta_step == 0.01 and algos[0].meta_step == 0.1
   assert dataclasses.asdict(swapped.local) == dataclasses.asdict(algos[1].local)
 
@@ -109,8 +170,6 @@ def test_swept_leaves_follow_derived_values():
     (dict(sweep={"seed": [0, 0]}), "repeats"),
     (dict(sweep={"learning_rate": ["a"]}), "'a'"),
     (dict(sweep={"seed": [0, 1]}, times=2), "times=2"),
-    (dict(sweep={"seed": [0, 1]}, devices=2), "devices=2"),
-    (dict(sweep={"seed": [0, 1]}, checkpoint_every=1), "checkpoint_every=1"),
 ])
 def test_bad_sweeps_fail_before_writing(kw, needle, tmp_path):
   with pytest.raises(ConfigError, match=needle):

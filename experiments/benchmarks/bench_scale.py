@@ -9,9 +9,11 @@ the process reports its peak memory (peak RSS on CPU, ``peak_bytes_in_use`` on a
 and the bytes of the stacked client states.
 
 ``sweep``: FedAvg on the bundled digits (20 clients, Dir(0.1), 4-layer CNN, batch 10) as an
-S-way sweep (``--seeds`` × ``--lrs``) in one compiled program, against the same S combinations
-run one after another (each with the backend's default executor, and with vmap), all in one
-script run on the same machine; seconds per round exclude the compiling round 0.
+S-way sweep (``--seeds`` × ``--lrs``) in the one run loop, with each of ``--sweep-executors``
+(the default executor runs the combinations one after another within each round on CPU; vmap
+stacks them in one program), against the same S combinations as separate runs (with each of
+``--separate-executors``), all in one script run on the same machine; seconds per round exclude
+the compiling round 0; throughput is relative to the first row.
 
     python experiments/benchmarks/bench_scale.py memory --clients 20,100,500,2000
     python experiments/benchmarks/bench_scale.py sweep --seeds 0,1,2 --lrs 0.01,0.005
@@ -127,21 +129,28 @@ def memory_table(rows: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- sweep
-def sweep_bench(seeds: list[int], lrs: list[float], rounds: int, algorithm: str) -> str:
+def sweep_bench(seeds: list[int], lrs: list[float], rounds: int, algorithm: str,
+                sweep_executors: list[str], separate_executors: list[str]) -> str:
   import jax  # pylint: disable=import-outside-toplevel
   from fedjax_lib import Config, run_experiment  # pylint: disable=import-outside-toplevel
   from fedjax_lib.core import engine as engine_lib  # pylint: disable=import-outside-toplevel
   quiet = dict(log=lambda msg: None)
   base = dict(algorithm=algorithm, global_rounds=rounds, progress=False, partition_seed=0)
   size = len(seeds) * len(lrs)
+  default = engine_lib.default_executor(jax.default_backend())
+  resolve = lambda e: default if e == "auto" else e
+  how = {"sequential": "runs one after another within each round",
+         "vmap": "runs stacked in one program", "chunked": "runs stacked in one program"}
+  rows = []
   with tempfile.TemporaryDirectory() as tmp:
-    t0 = time.perf_counter()
-    swept = run_experiment(Config(out=tmp, sweep={"seed": seeds, "learning_rate": lrs},
-                                  **base), **quiet)
-    sweep_wall = time.perf_counter() - t0
-    rows = [("sweep (vmap over combinations)", swept.mean_round_time_s, sweep_wall)]
-    default = engine_lib.default_executor(jax.default_backend())
-    for executor in dict.fromkeys([default, "vmap"]):
+    for executor in dict.fromkeys(map(resolve, sweep_executors)):
+      t0 = time.perf_counter()
+      swept = run_experiment(Config(out=tmp, executor=executor,
+                                    sweep={"seed": seeds, "learning_rate": lrs}, **base),
+                             **quiet)
+      rows.append((f"sweep, {executor} executor ({how[executor]})", swept.mean_round_time_s,
+                   time.perf_counter() - t0))
+    for executor in dict.fromkeys(map(resolve, separate_executors)):
       per_round, wall = 0.0, 0.0
       for seed in seeds:
         for lr in lrs:
@@ -154,10 +163,10 @@ def sweep_bench(seeds: list[int], lrs: list[float], rounds: int, algorithm: str)
   lines = [f"{algorithm} on digits (20 clients, Dir(0.1), 4-layer CNN, lr ∈ {lrs}, seeds "
            f"{seeds}: S = {size} combinations), {rounds} rounds, evaluation every round. "
            + _header(), "",
-           "| how | s/round for all S combinations | × sweep | wall time incl. compile (s) |",
-           "|---|---|---|---|"]
+           "| how | s/round for all S combinations | throughput × first row | wall time incl. "
+           "compile (s) |", "|---|---|---|---|"]
   for name, per_round, wall in rows:
-    lines.append(f"| {name} | {per_round:.3f} | {per_round / rows[0][1]:.2f} | {wall:.1f} |")
+    lines.append(f"| {name} | {per_round:.3f} | {rows[0][1] / per_round:.2f} | {wall:.1f} |")
   return "\n".join(lines)
 
 
@@ -179,10 +188,15 @@ def main() -> None:
   s.add_argument("--lrs", default="0.01,0.005")
   s.add_argument("--rounds", type=int, default=5)
   s.add_argument("--algorithm", default="FedAvg")
+  s.add_argument("--sweep-executors", default="auto,vmap",
+                 help="executors the sweep runs with (auto = the backend's default)")
+  s.add_argument("--separate-executors", default="auto",
+                 help="executors of the S separate runs it is compared with")
   args = p.parse_args()
   if args.mode == "sweep":
     print(sweep_bench([int(v) for v in args.seeds.split(",")],
-                      [float(v) for v in args.lrs.split(",")], args.rounds, args.algorithm))
+                      [float(v) for v in args.lrs.split(",")], args.rounds, args.algorithm,
+                      args.sweep_executors.split(","), args.separate_executors.split(",")))
     return
   if args.single:
     n, algo, executor = args.single

@@ -8,11 +8,18 @@ and its own hyperparameters; its methods are pure functions over explicit state 
 - ``client_update(server_state, client_state, data, key) -> (client_state, upload, metrics)``
   for ONE client; the engine vmaps (or maps) it over the selected clients.
 - ``server_update(server_state, uploads, weights, key) -> server_state``; ``uploads`` are
-  stacked over the selected clients and ``weights`` are their training-sample counts, zero for
-  clients that dropped out or were not selected.
-- ``predict(server_state, client_state, x) -> logits``: the model a client is evaluated with.
+  stacked over the cohort's slots and ``weights`` are their training-sample counts, zero for
+  slots that dropped out, were not selected or are padding; a slot of weight 0 must not
+  change the result (its upload is whatever that slot computed). The server always sees every
+  upload as one logical array, on one device or many (on a mesh XLA partitions the
+  computation), so any rule works, linear or not. Slots come architecture group by group,
+  each group's in cohort order. Mark a server that only takes the weighted average of the
+  uploads with :func:`linear_server` (the sequential executor then keeps a running sum).
+- ``predict(server_state, client_state, x) -> logits``: the model a client is evaluated with;
+  needed only by the default :meth:`eval_views`.
 
-Optional hooks (defaults here; override where the algorithm needs them):
+Optional hooks. A hook exists exactly when the algorithm's class defines it (see
+:func:`has_hook`); there are no flags to keep in step with them:
 
 - ``eval_views(server_state, client_state, data, key) -> {name: x -> logits}``: the models a
   client is evaluated with, for ONE client, given its training data (for evaluation after an
@@ -21,19 +28,27 @@ Optional hooks (defaults here; override where the algorithm needs them):
   ``test_acc_<name>`` / ``test_auc_<name>`` (e.g. ``personal`` and ``global``). Default: one
   view, :meth:`predict`.
 - ``final_views(...)``: like ``eval_views``, for one extra evaluation after the last round
-  (FedBABU's fine-tuning); used when ``HAS_FINAL_EVAL`` is True.
+  (FedBABU's fine-tuning).
 - ``new_client_variables(server_state, client_state) -> variables``: the full-model variables
   a client that never took part starts from in new-client evaluation (PFLlib's ``-nnc``); it is
-  then fine-tuned with cross-entropy for ``-ften`` epochs and tested. ``client_state`` is a
-  freshly initialised client state. Default: unsupported.
-- ``warmup_client`` / ``warmup_server``: an initialisation period run once over ALL clients
-  before round 0 (FedDBE's global mean); ``HAS_WARMUP`` switches it on.
+  then fine-tuned with :meth:`ce_loss` for ``-ften`` epochs and tested. ``client_state`` is a
+  freshly initialised client state.
+- ``warmup_client`` / ``warmup_server`` (both or neither): an initialisation period run once
+  over ALL clients before round 0 (FedDBE's global mean).
+
+What the engine reads from an algorithm, besides these functions: ``model`` (its architecture
+group's Flax model; `dataclasses.replace(algorithm, model=...)` makes the instance of another
+group), ``local`` (the `LocalSpec`), :meth:`ce_loss` (new-client fine-tuning), ``name``, and
+the float fields :meth:`hyperparameter_values` lists (a sweep passes them as arrays, see
+:meth:`with_hyperparameter_values`). Server-side functions (``server_update``,
+``warmup_server``) must not depend on ``model``: one server serves every group.
 
 Nothing is kept on ``self`` between calls; the engine owns every piece of state.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -54,10 +69,6 @@ class Algorithm:
   local: LocalSpec
 
   name: ClassVar[str] = ""
-  # True when ``server_update`` sees the uploads only through their weighted average
-  # (`core.aggregate.weighted_average` with the given weights): the sequential executor then
-  # keeps a running weighted sum instead of every client's upload (memory of one upload).
-  LINEAR_AGGREGATION: ClassVar[bool] = False
   # Field names that are the model/spec rather than hyperparameters.
   _STRUCTURAL: ClassVar[tuple[str, ...]] = ("model", "local")
 
@@ -90,21 +101,18 @@ class Algorithm:
     raise NotImplementedError
 
   # ------------------------------------------------------------------ optional hooks
-  HAS_WARMUP: ClassVar[bool] = False
-  HAS_FINAL_EVAL: ClassVar[bool] = False
-
   def eval_views(self, server_state, client_state, data, key) -> dict[str, Callable]:
     """``{view: x -> logits}`` of one client; the first view is the primary one."""
     del data, key
     return {"": functools.partial(self.predict, server_state, client_state)}
 
   def final_views(self, server_state, client_state, data, key) -> dict[str, Callable]:
-    """Views of the extra evaluation after the last round (when ``HAS_FINAL_EVAL``)."""
+    """Views of the extra evaluation after the last round (a hook: see :func:`has_hook`)."""
     raise NotImplementedError
 
   @property
   def supports_new_clients(self) -> bool:
-    return type(self).new_client_variables is not Algorithm.new_client_variables
+    return has_hook(self, "new_client_variables")
 
   def new_client_variables(self, server_state, client_state):
     """Full-model variables a new client starts from (new-client evaluation)."""
@@ -117,6 +125,85 @@ class Algorithm:
   def warmup_server(self, server_state, uploads, weights, key):
     """The server's part of the initialisation period (``weights``: sample counts)."""
     raise NotImplementedError
+
+
+  # ------------------------------------------------------------------ swept values
+  def hyperparameter_values(self) -> dict[str, Any]:
+    """``{"path.to.field": value}`` of every field, nested dataclasses (``local``) expanded."""
+    return _fields(self)
+
+  def with_hyperparameter_values(self, values: dict[str, Any]) -> "Algorithm":
+    """A copy with the fields at ``values``' paths (as :meth:`hyperparameter_values` names
+    them) replaced; ``self`` is unchanged.
+
+    This is how swept hyperparameters reach a compiled program: the engine passes them as
+    arguments (``[S]`` arrays under ``vmap``, or one combination's scalars) and binds them to
+    a copy of the algorithm while tracing. Validation (``__post_init__``) is skipped: the
+    values may be tracers, and every combination was validated when its own algorithm was
+    built (`fedjax_lib.sweep`).
+    """
+    if not values:
+      return self
+    return _substitute(self, {tuple(k.split(".")): v for k, v in values.items()})
+
+
+HOOKS = ("eval_views", "final_views", "new_client_variables", "warmup_client",
+         "warmup_server")
+
+
+def has_hook(algorithm, name: str) -> bool:
+  """Whether ``algorithm``'s class defines hook ``name`` (overrides `Algorithm`'s default)."""
+  if name not in HOOKS:
+    raise ValueError(f"unknown hook {name!r}; hooks: {', '.join(HOOKS)}")
+  return getattr(type(algorithm), name) is not getattr(Algorithm, name)
+
+
+def has_warmup(algorithm) -> bool:
+  """Whether the algorithm has an initialisation period (both warm-up hooks defined)."""
+  client, server = has_hook(algorithm, "warmup_client"), has_hook(algorithm, "warmup_server")
+  if client != server:
+    raise TypeError(f"{type(algorithm).__name__} defines only one of warmup_client and "
+                    "warmup_server; an initialisation period needs both")
+  return client
+
+
+def linear_server(server_update: Callable) -> Callable:
+  """Marks ``server_update`` as using the uploads only through their weighted average.
+
+  Such a server gives the same state for the stacked uploads ``U`` with weights ``w`` as for
+  the single row ``Σ w_k U_k / Σ w_k`` with weight ``Σ w_k`` (a conformance check), so the
+  sequential executor keeps a running weighted sum instead of every upload. The mark belongs
+  to the function: a subclass that overrides ``server_update`` is non-linear unless it marks
+  its own.
+  """
+  server_update.linear_aggregation = True
+  return server_update
+
+
+def is_linear_server(algorithm) -> bool:
+  return bool(getattr(type(algorithm).server_update, "linear_aggregation", False))
+
+
+def _fields(obj, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for f in dataclasses.fields(obj):
+    value = getattr(obj, f.name)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+      out.update(_fields(value, f"{prefix}{f.name}."))
+    else:
+      out[prefix + f.name] = value
+  return out
+
+
+def _substitute(obj, values: dict[tuple, Any]):
+  new = copy.copy(obj)
+  heads: dict[str, dict] = {}
+  for path, value in values.items():
+    heads.setdefault(path[0], {})[path[1:]] = value
+  for name, rest in heads.items():
+    value = rest[()] if () in rest else _substitute(getattr(obj, name), rest)
+    object.__setattr__(new, name, value)
+  return new
 
 
 def _accepted(kind: str, minimum, maximum) -> str:

@@ -70,7 +70,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from fedjax_lib.algorithms.base import check_number, stack_clients
+from fedjax_lib.algorithms.base import check_number, linear_server, stack_clients
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.aggregate import weighted_average
@@ -157,7 +157,6 @@ class FedDBE(FedAvg):
   momentum: float = 0.1
   kl_weight: float = 0.0
 
-  HAS_WARMUP = True
 
   def __post_init__(self):
     check_number(self.name, "momentum", self.momentum, 0, 1)
@@ -204,6 +203,7 @@ class FedDBE(FedAvg):
     metrics = {k: v for k, v in stats.items() if k != "aux"}
     return {"bias": trained["bias"]}, trained["params"], metrics
 
+  @linear_server
   def server_update(self, server_state, uploads, weights, key):
     del key
     params = weighted_average(uploads, weights, fallback=server_state["params"])

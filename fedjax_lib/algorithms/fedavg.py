@@ -11,7 +11,7 @@ evaluation).
 
 import dataclasses
 
-from fedjax_lib.algorithms.base import Algorithm
+from fedjax_lib.algorithms.base import Algorithm, linear_server
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.aggregate import weighted_average
 from fedjax_lib.core.local import train_locally
@@ -22,7 +22,6 @@ from fedjax_lib.core.local import train_locally
 class FedAvg(Algorithm):
   """Federated averaging of the whole model."""
 
-  LINEAR_AGGREGATION = True  # server_update: a weighted average of the uploads
 
   def init(self, key, sample_x, num_clients):
     return {"params": self.init_params(key, sample_x)}, {}
@@ -37,6 +36,7 @@ class FedAvg(Algorithm):
                                      self.local_loss(server_state))
     return client_state, params, stats
 
+  @linear_server
   def server_update(self, server_state, uploads, weights, key):
     del key
     return {"params": weighted_average(uploads, weights, fallback=server_state["params"])}

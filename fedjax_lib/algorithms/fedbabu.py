@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from fedjax_lib.algorithms.base import Algorithm, check_int
+from fedjax_lib.algorithms.base import Algorithm, check_int, linear_server
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import PARTS, merge_parts, split_parts, train_parts
 from fedjax_lib.core.aggregate import weighted_average
@@ -40,11 +40,9 @@ class FedBABU(Algorithm):
     fine_tuning_epochs: epochs of whole-model fine-tuning after the last round (PFLlib ``-fte``).
   """
 
-  LINEAR_AGGREGATION = True  # server_update: a weighted average of the uploads
 
   fine_tuning_epochs: int = 10
 
-  HAS_FINAL_EVAL = True
 
   def __post_init__(self):
     check_int(self.name, "fine_tuning_epochs", self.fine_tuning_epochs, 0)
@@ -57,6 +55,7 @@ class FedBABU(Algorithm):
                                    self.ce_loss)
     return client_state, {"base": split_parts(variables)["base"]}, stats
 
+  @linear_server
   def server_update(self, server_state, uploads, weights, key):
     del key
     base = weighted_average(uploads["base"], weights, fallback=server_state["base"])

@@ -80,7 +80,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_lib.algorithms.base import Algorithm, check_number, stack_clients
+from fedjax_lib.algorithms.base import Algorithm, check_number, linear_server, stack_clients
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import split_parts
 from fedjax_lib.core.aggregate import weighted_average
@@ -278,7 +278,6 @@ class FedCP(Algorithm):
     pfllib_compat: add Gumbel noise to the policy at evaluation time, as PFLlib does.
   """
 
-  LINEAR_AGGREGATION = True  # server_update: a weighted average of the uploads
 
   lam: float = 1.0
   pfllib_compat: bool = False
@@ -318,6 +317,7 @@ class FedCP(Algorithm):
                      client_state["context"].dtype)}
     return new_state, upload, stats
 
+  @linear_server
   def server_update(self, server_state, uploads, weights, key):
     del key
     return weighted_average(uploads, weights, fallback=server_state)

@@ -77,7 +77,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lib.algorithms.base import Algorithm, check_number, stack_clients
+from fedjax_lib.algorithms.base import Algorithm, check_number, linear_server, stack_clients
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import merge_parts, split_parts
 from fedjax_lib.core.aggregate import weighted_average
@@ -252,7 +252,6 @@ class GPFL(Algorithm):
     mu: weight decay μ of the GCE and CoV parameters (PFLlib ``-mu``).
   """
 
-  LINEAR_AGGREGATION = True  # server_update: a weighted average of the uploads
 
   lam: float = 1.0
   mu: float = 0.0
@@ -316,6 +315,7 @@ class GPFL(Algorithm):
     upload = {"base": trained["base"], "gce": trained["gce"], "cov": trained["cov"]}
     return new_state, upload, stats
 
+  @linear_server
   def server_update(self, server_state, uploads, weights, key):
     del key
     return weighted_average(uploads, weights, fallback=server_state)

@@ -7,7 +7,7 @@ each round and every client is evaluated with its own model.
 
 import dataclasses
 
-from fedjax_lib.algorithms.base import Algorithm, stack_clients
+from fedjax_lib.algorithms.base import Algorithm, linear_server, stack_clients
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.local import train_locally
 
@@ -17,7 +17,6 @@ from fedjax_lib.core.local import train_locally
 class Local(Algorithm):
   """Purely local training."""
 
-  LINEAR_AGGREGATION = True  # server_update: a weighted average of the uploads
 
   def init(self, key, sample_x, num_clients):
     return {}, {"params": stack_clients(self.init_params(key, sample_x), num_clients)}
@@ -26,6 +25,7 @@ class Local(Algorithm):
     params, _, stats = train_locally(client_state["params"], data, key, self.local, self.ce_loss)
     return {"params": params}, {}, stats
 
+  @linear_server
   def server_update(self, server_state, uploads, weights, key):
     return server_state
 

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Iterable, Optional
 import jax
 import optax
 
-from fedjax_lib.algorithms.base import Algorithm, stack_clients
+from fedjax_lib.algorithms.base import Algorithm, linear_server, stack_clients
 from fedjax_lib.core.aggregate import weighted_average
 from fedjax_lib.core.local import ClientData, LocalSpec, LossFn, train_locally
 from fedjax_lib.models.base import merge_params, split_params
@@ -88,7 +88,6 @@ class SplitAlgorithm(Algorithm):
   :meth:`train_client`, which maps full variables to trained full variables.
   """
 
-  LINEAR_AGGREGATION = True  # server_update: a weighted average of the uploads
 
   SHARED: ClassVar[str] = "base"
 
@@ -110,6 +109,7 @@ class SplitAlgorithm(Algorithm):
     parts = split_parts(variables)
     return ({self.personal: parts[self.personal]}, {self.SHARED: parts[self.SHARED]}, stats)
 
+  @linear_server
   def server_update(self, server_state, uploads, weights, key):
     del key
     return weighted_average(uploads, weights, fallback=server_state)

@@ -1,8 +1,14 @@
 """Orbax checkpoints of one run: states, the next round, the metrics history and the config.
 
-A checkpoint at step ``s`` holds everything needed to continue with round ``s``: the server
-state and the stacked client states (every algorithm-specific leaf included), and a JSON item
-with the history so far, the config and the run's seed. Nothing random is stored: every key
+A checkpoint at step ``s`` holds everything needed to continue with round ``s``: the state
+``{"server": server_state, "clients": {architecture: stacked client states}}`` (every
+algorithm-specific leaf included; each architecture group's real clients, whatever the device
+count), and a JSON item with the history so far, the config, the run's seed and the format
+version (:data:`FORMAT`).
+
+Formats: 2 (architecture groups) is written. 1 (before groups: ``"clients"`` one stacked
+tree) is restored into a one-architecture run; for several architectures it is refused with a
+one-line error. Nothing random is stored: every key
 derives from ``(seed, round, client id)``, so a resumed run is identical to an uninterrupted
 one. Saves are synchronous and atomic (Orbax writes a temporary directory and renames it when
 complete), so a run killed mid-save leaves the previous checkpoint as the latest complete one;
@@ -19,7 +25,10 @@ from typing import Any, Optional
 import jax
 import orbax.checkpoint as ocp
 
-FORMAT = 1
+from fedjax_lib.errors import ConfigError
+
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 class RunCheckpointer:
@@ -49,17 +58,26 @@ class RunCheckpointer:
   def restore_latest(self, server_state, client_states) -> Optional[tuple[int, Any, Any, dict]]:
     """``(step, server_state, client_states, meta)`` of the newest readable checkpoint, or None.
 
-    ``server_state``/``client_states`` give the structure, shapes and dtypes to restore into.
+    ``server_state``/``client_states`` (``{architecture: states}``) give the structure,
+    shapes and dtypes to restore into.
+
+    Raises:
+      ConfigError: the checkpoint's format cannot be restored into these states.
     """
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                            {"server": server_state, "clients": client_states})
     for step in reversed(self.steps()):
       try:
+        meta = dict(self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta)
+        self._check_format(meta, step, client_states)
+        clients = client_states
+        if meta["format"] == 1:  # one architecture's stacked states, not keyed by group
+          (clients,) = client_states.values()
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                                {"server": server_state, "clients": clients})
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        meta = dict(restored.meta)
-        if meta.get("format") != FORMAT or meta.get("step") != step:
-          raise ValueError(f"unexpected metadata {sorted(meta)}")
+            state=ocp.args.StandardRestore(abstract)))
+      except ConfigError:
+        raise
       except Exception as e:  # pylint: disable=broad-except
         aside = f"{self.path(step)}.unreadable"
         warnings.warn(f"checkpoint {self.path(step)} could not be read ({type(e).__name__}: "
@@ -69,8 +87,25 @@ class RunCheckpointer:
           os.replace(self.path(step), aside)
         self.manager.reload()
         continue
-      return step, restored.state["server"], restored.state["clients"], meta
+      clients = restored.state["clients"]
+      if meta["format"] == 1:
+        clients = {next(iter(client_states)): clients}
+      return step, restored.state["server"], clients, meta
     return None
+
+  def _check_format(self, meta: dict, step: int, client_states) -> None:
+    if meta.get("step") != step:
+      raise ValueError(f"unexpected metadata {sorted(meta)}")
+    fmt = meta.get("format")
+    if fmt not in READABLE_FORMATS:
+      raise ConfigError(f"the checkpoint {self.path(step)} has format {fmt!r}; this version "
+                        f"reads formats {', '.join(map(str, READABLE_FORMATS))}; use another "
+                        "--out or the version that wrote it")
+    if fmt == 1 and len(client_states) != 1:
+      raise ConfigError(f"the checkpoint {self.path(step)} has format 1 (one architecture, "
+                        f"written before architecture groups) but this run has "
+                        f"{len(client_states)} architectures ({', '.join(client_states)}); "
+                        "use another --out")
 
   def latest_meta(self) -> Optional[dict]:
     """The JSON item of the newest readable checkpoint (no arrays are read), or None."""
@@ -80,7 +115,7 @@ class RunCheckpointer:
             meta=ocp.args.JsonRestore())).meta)
       except Exception:  # pylint: disable=broad-except
         continue
-      if meta.get("format") == FORMAT:
+      if meta.get("format") in READABLE_FORMATS:
         return meta
     return None
 

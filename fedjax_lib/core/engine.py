@@ -1,23 +1,36 @@
-"""The round engine: one implementation of a federated round for every algorithm.
+"""The round engine: one implementation of a federated round for every algorithm and model mix.
 
-A round, as in PFLlib's server loop (evaluation is separate, see :meth:`Engine.evaluate`):
+Clients are grouped by architecture. A :class:`Group` is one architecture's algorithm instance
+(``dataclasses.replace(algorithm, model=models[arch])``) and the global ids of the clients
+that use it; the client states are ``{group name: states stacked over that group's clients}``
+(row i of a group is client ``ids[i]``). A homogeneous run is one group with ids ``0..N-1``.
 
-1. **plan**: seeded client selection (``join_ratio`` or ``random_join_ratio``) and seeded
-   drop-outs (``client_drop_rate``) from the round's selection key;
-2. **gather** the cohort's slices of the stacked client states and index tables;
-3. **train** every selected client at once — ``vmap``, chunked ``lax.map`` or a sequential
-   debug loop (executors give the same numbers);
-4. **scatter** the new client states back (unselected slots keep theirs);
-5. **aggregate**: ``server_update`` with sample-count weights, zero for dropped clients.
+A round (:meth:`Engine._round_fn`, written once, as in PFLlib's server loop; evaluation is
+separate, see :meth:`Engine.evaluate`):
 
-The cohort has a static size (``int(N·join_ratio)``, or N with ``random_join_ratio``, whose
-unselected slots are masked) so one compiled program serves every round.
+1. **plan** over global ids: seeded client selection (``join_ratio`` or
+   ``random_join_ratio``) and drop-outs (``client_drop_rate``) from the round's selection key;
+   each group gets its cohort members, in cohort order, in ``min(K, n_g)`` static slots;
+2. **train** each group with the executor (`fedjax_lib.core.executors`): one compiled program
+   per group; the per-client step (:meth:`Engine._step`) masks unselected, dropped and
+   non-finite clients the same way for every executor;
+3. **aggregate** once: ``server_update`` of every group's uploads, concatenated group after
+   group, with sample-count weights (zero for dropped and padding slots).
 
-**Several devices.** Given a mesh with a ``clients`` axis (:func:`client_mesh`), the stacked
-client states and per-client index tables are sharded along it (padded with masked clients to
-a multiple of the device count), each device trains its block of the cohort inside
-``shard_map`` (XLA's automatic partitioner would replicate vmapped, i.e. grouped, convolutions)
-and ``server_update`` aggregates with a weighted ``psum`` (`fedjax_lib.core.aggregate`).
+Before anything runs, :meth:`Engine.check_compatible` traces every group's ``init`` and
+``client_update`` with ``jax.eval_shape`` and refuses groups whose server state or upload
+differ in structure or shape (e.g. FedAvg across two architectures).
+
+**Several devices.** Given a mesh with a ``clients`` axis (:func:`client_mesh`), each group's
+stacked states and index tables are sharded along it (padded with masked rows to a multiple
+of the device count). Each device trains its block of slots inside ``shard_map``; the server
+update then runs on global arrays, so XLA partitions it and its result is the same on every
+device whatever it computes (per-class means, a few SGD steps...).
+
+**Runs side by side.** Every program takes the swept hyperparameters as an argument
+(``{path: value}``, empty for a plain run; see `Algorithm.with_hyperparameter_values`), and
+the traced executors offer stacked variants (``*_stacked``) that ``vmap`` init, rounds and
+evaluation over a leading axis of S runs (`fedjax_lib.runner`).
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +46,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fedjax_lib.core import aggregate
+from fedjax_lib.algorithms.base import has_hook, has_warmup, is_linear_server
 from fedjax_lib.core import evaluate as evaluate_lib
+from fedjax_lib.core import executors as executors_lib
 from fedjax_lib.core import rng
+from fedjax_lib.core.executors import CLIENTS, GroupSlots, SlotOutputs
 from fedjax_lib.core.local import ClientData, train_locally
+from fedjax_lib.errors import ConfigError
 
 
 class DeviceData(NamedTuple):
@@ -51,9 +67,6 @@ class DeviceData(NamedTuple):
   @classmethod
   def from_federated(cls, data) -> "DeviceData":
     return cls(*(jnp.asarray(getattr(data, f)) for f in cls._fields))
-
-
-CLIENTS = "clients"
 
 
 def client_mesh(num_devices: Optional[int] = None) -> Mesh:
@@ -153,40 +166,54 @@ def default_executor(backend: str) -> str:
 
 def _tree_where(mask, on_true, on_false):
   def pick(a, b):
-    m = mask.reshape(mask.shape + (1,) * (a.ndim - 1))
+    m = jnp.reshape(mask, jnp.shape(mask) + (1,) * (a.ndim - jnp.ndim(mask)))
     return jnp.where(m, a, b)
   return jax.tree.map(pick, on_true, on_false)
 
 
-def _all_finite(tree) -> jax.Array:
-  """Per leading-axis slot: whether every floating-point entry of ``tree`` is finite."""
-  flags = [jnp.isfinite(a).reshape(a.shape[0], -1).all(axis=1) for a in jax.tree.leaves(tree)
+def _finite(tree) -> jax.Array:
+  """Whether every floating-point entry of ``tree`` (one client's outputs) is finite."""
+  flags = [jnp.isfinite(a).all() for a in jax.tree.leaves(tree)
            if jnp.issubdtype(a.dtype, jnp.inexact)]
-  return functools.reduce(jnp.logical_and, flags) if flags else True
+  return functools.reduce(jnp.logical_and, flags) if flags else jnp.asarray(True)
 
 
-def _round_metrics(plan: RoundPlan, slots) -> dict:
-  """A round's metrics from the per-slot ``(active, kept, nonfinite, loss)`` after masking;
-  ``num_selected`` counts the plan's selection before non-finite clients were dropped."""
-  active, kept, nonfinite, loss = slots
-  return {
-      "nonfinite": jnp.where(nonfinite, plan.cohort, -1),
-      "num_nonfinite": nonfinite.sum(),
-      "num_selected": plan.active.sum(),
-      "num_aggregated": kept.sum(),
-      "local_loss": loss.sum() / jnp.maximum(active.sum(), 1),
-  }
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """One architecture group: its algorithm instance and the global ids of its clients.
+
+  Attributes:
+    name: the architecture's name (the key of its client states and checkpoints).
+    algorithm: ``dataclasses.replace(algorithm, model=model_of_this_architecture)``.
+    ids: the global client ids using this architecture, ascending.
+    chunk_size: clients per ``lax.map`` chunk for the chunked executor (None: the engine's).
+  """
+  name: str
+  algorithm: Any
+  ids: tuple
+  chunk_size: Optional[int] = None
+
+  @property
+  def size(self) -> int:
+    return len(self.ids)
 
 
-def _gather(tree, ids):
-  return jax.tree.map(lambda a: jnp.take(a, ids, axis=0, mode="clip"), tree)
+class _Phase(NamedTuple):
+  """A round-shaped pass: the training round, or the initialisation period (warm-up)."""
+  name: str
+  counter: str
+
+
+ROUND = _Phase("round", "client_update")
+WARMUP = _Phase("warmup", "warmup")
 
 
 class Engine:
-  """Runs rounds and evaluations of one algorithm on one federated dataset.
+  """Runs rounds and evaluations of one algorithm over architecture groups on federated data.
 
   Args:
-    algorithm: an `fedjax_lib.algorithms.Algorithm`.
+    algorithm: an `fedjax_lib.algorithms.Algorithm` (one group, ids ``0..N-1``) or a sequence
+      of :class:`Group` covering ids ``0..N-1`` exactly once.
     data: the federated arrays on the device.
     participation: selection and drop-out settings.
     executor: ``vmap`` | ``chunked`` | ``sequential``.
@@ -195,66 +222,83 @@ class Engine:
     skip_nonfinite: drop the updates of clients whose upload, new state or loss is not finite
       (they are not aggregated and keep their previous state); otherwise they are only
       reported (``round_metrics["nonfinite"]``) and the caller decides.
+    mesh: shard clients over this mesh's ``clients`` axis.
+    model_cycle: the group index of architecture ``i mod K`` (HtFLlib's client-to-model rule),
+      used to place new clients (ids >= N); default: the group of ``id mod N``.
   """
 
-  def __init__(self, algorithm, data: DeviceData, participation: Participation,
-               executor: str = "vmap", chunk_size: int = 8, eval_chunk_size: int = 64,
-               skip_nonfinite: bool = False, mesh: Optional[Mesh] = None):
+  def __init__(self, algorithm: Union[Any, Sequence[Group]], data: DeviceData,
+               participation: Participation, executor: str = "vmap", chunk_size: int = 8,
+               eval_chunk_size: int = 64, skip_nonfinite: bool = False,
+               mesh: Optional[Mesh] = None, model_cycle: Optional[Sequence[int]] = None):
     if executor not in ("vmap", "chunked", "sequential"):
       raise ValueError(f"unknown executor {executor!r}")
     if mesh is not None and executor == "sequential":
       raise ValueError("the sequential executor runs on one device; shard with vmap or chunked")
-    self.algorithm = algorithm
+    n = participation.num_clients
+    if isinstance(algorithm, (list, tuple)):
+      groups = tuple(algorithm)
+    else:
+      groups = (Group("model", algorithm, tuple(range(n))),)
+    covered = sorted(i for g in groups for i in g.ids)
+    if covered != list(range(n)) or len({g.name for g in groups}) != len(groups):
+      raise ValueError(f"groups must have distinct names and cover client ids 0..{n - 1} "
+                       "exactly once")
+    self.groups = groups
+    self.algorithm = groups[0].algorithm  # the server side (shared by every group)
     self.participation = participation
+    self.executor_name = executor
+    self.executors = [executors_lib.make_executor(executor, g.chunk_size or chunk_size)
+                      for g in groups]
     self.executor = executor
     self.chunk_size = chunk_size
     self.skip_nonfinite = skip_nonfinite
-    self.num_clients = participation.num_clients
-    self.eval_chunk_size = min(eval_chunk_size, self.num_clients)
+    self.linear = is_linear_server(self.algorithm)
+    self.num_clients = n
+    self.eval_chunk_size = min(eval_chunk_size, n)
     # Host copies of the counts (a sharded array may not be readable from every process).
     self._train_count = np.asarray(data.train_count)
     self._test_count = np.asarray(data.test_count)
     self._total_clients = int(self._train_count.shape[0])
     self.mesh = mesh
     self.num_shards = 1 if mesh is None else int(mesh.shape[CLIENTS])
-    # Rows of the stacked client states: N, padded to a multiple of the device count.
-    self.padded_clients = _round_up(self.num_clients, self.num_shards)
-    # The cohort is all N clients (masked) whenever its size is N: trained in place, no gather.
-    self._in_place = mesh is not None and participation.cohort_size == self.num_clients
-    self.cohort_slots = (self.padded_clients if self._in_place
-                         else _round_up(participation.cohort_size, self.num_shards))
-    self.data = data if mesh is None else self._shard_data(data)
+    # Every group's cohort is all its rows (masked) whenever the cohort is N: trained in place.
+    self._in_place = mesh is not None and participation.cohort_size == n
+    self._group_of = np.zeros(n, np.int32)
+    self._row_of = np.zeros(n, np.int32)
+    for gi, g in enumerate(groups):
+      self._group_of[list(g.ids)] = gi
+      self._row_of[list(g.ids)] = np.arange(g.size)
+    # Rows of a group's stacked states: its clients, padded to a multiple of the device count.
+    self.rows = [_round_up(g.size, self.num_shards) for g in groups]
+    self.slots = [rows if self._in_place else
+                  _round_up(min(participation.cohort_size, g.size), self.num_shards)
+                  for g, rows in zip(groups, self.rows)]
+    self.data = data if mesh is None else self._shard_samples(data)
+    # Every array a compiled program reads, passed as an argument (never closed over):
+    # samples, all index tables (new clients), and each group's index tables by row.
+    self.arrays = {"data": self.data,
+                   "tables": [self._group_tables(data, gi) for gi in range(len(groups))]}
+    self._model_cycle = None if model_cycle is None else tuple(model_cycle)
     # Incremented while tracing: a compile counter for tests and a guard against retracing.
     self.trace_counts: collections.Counter = collections.Counter()
-    self._round = jax.jit(self._round_impl, donate_argnums=(0, 1))
-    self._plan = jax.jit(self._plan_impl)
-    self._train_one = jax.jit(self._train_one_impl)
-    self._output_shapes = None
-    self._plan_only = jax.jit(self._plan_only_impl)
-    self._train_write = jax.jit(self._train_write_impl, donate_argnums=(1, 2))
-    self._finish_sequential = jax.jit(self._finish_sequential_impl, donate_argnums=(0, 1))
-    self._eval_chunk = jax.jit(self._eval_chunk_impl, static_argnames=("final",))
-    self._eval_sharded = jax.jit(self._eval_sharded_impl, static_argnames=("final",))
+    self._round_program = self._stage_round(ROUND)
+    self._warmup_program = self._stage_round(WARMUP)
+    self._plan = jax.jit(self._plan_fn, static_argnames=("phase",))
+    self._finish = jax.jit(self._finish_fn, static_argnames=("phase",))
+    self._write = jax.jit(self._write_fn, donate_argnums=(3, 4),
+                          static_argnames=("gi", "phase", "linear"))
+    self._eval_chunk = jax.jit(self._eval_chunk_fn, static_argnames=("gi", "final"))
+    self._eval_sharded = jax.jit(self._eval_sharded_fn, static_argnames=("gi", "final"))
+    self._new_client = jax.jit(self._new_client_fn, static_argnames=("gi", "epochs"))
+    self._init_jit = jax.jit(self._init_fn)
+    self._step_shapes: dict = {}
+    self._stacked: dict = {}
     if mesh is not None:
-      self._export = jax.jit(self._export_impl, out_shardings=NamedSharding(mesh, P()))
-    self._warmup_one = jax.jit(self._warmup_one_impl)
-    self._warmup_all = jax.jit(self._warmup_all_impl)
-    self._warmup_finish = jax.jit(self._warmup_finish_impl)
-    self._new_client = jax.jit(self._new_client_impl, static_argnames=("epochs",))
+      self._export = jax.jit(self._export_fn, out_shardings=NamedSharding(mesh, P()))
 
-  # ------------------------------------------------------------------ pieces
-  def _plan_impl(self, client_states, data, root, round_index):
-    rkey = rng.round_key(root, round_index)
-    plan = plan_round(rkey, self.participation)
-    if self.mesh is not None:
-      plan = self._pad_plan(plan)
-    keys = jax.vmap(rng.client_key, (None, 0))(rkey, plan.cohort)
-    if self._in_place:
-      return plan, client_states, keys
-    return plan, _gather(client_states, plan.cohort), keys
-
-  # ------------------------------------------------------------------ sharding
-  def _shard_data(self, data: DeviceData) -> DeviceData:
+  # ------------------------------------------------------------------ layout
+  def _shard_samples(self, data: DeviceData) -> DeviceData:
     """Samples replicated on every device; index tables padded and sharded along clients."""
     rows = _round_up(self._total_clients, self.num_shards)
     replicated = NamedSharding(self.mesh, P())
@@ -269,59 +313,38 @@ class Engine:
                       table(data.train_idx), table(data.train_count),
                       table(data.test_idx), table(data.test_count))
 
-  def _pad_plan(self, plan: RoundPlan) -> RoundPlan:
-    """The plan over ``cohort_slots`` slots: masked padding, or every row in place.
-
-    In place (cohort of all N clients) slot i is client i and the selection becomes masks.
-    Otherwise the extra slots get the out-of-range id ``padded_clients``: gathers clip it,
-    the scatter drops it, and the slot is neither active nor aggregated.
-    """
-    if self._in_place:
-      rows = self.padded_clients
-      active = jnp.zeros(rows, bool).at[plan.cohort].set(plan.active)
-      kept = jnp.zeros(rows, bool).at[plan.cohort].set(plan.kept)
-      return RoundPlan(jnp.arange(rows, dtype=jnp.int32), active, kept)
-    pad = self.cohort_slots - plan.cohort.shape[0]
-    return RoundPlan(
-        jnp.concatenate([plan.cohort, jnp.full((pad,), self.padded_clients, jnp.int32)]),
-        jnp.concatenate([plan.active, jnp.zeros(pad, bool)]),
-        jnp.concatenate([plan.kept, jnp.zeros(pad, bool)]))
-
-  def _shard_clients(self, fn, replicated, sharded, out_replicated):
-    """``fn(*replicated, *sharded)`` per device on its block of the client axis (shard_map).
-
-    ``out_replicated`` is a pytree prefix of booleans for ``fn``'s output: True for outputs
-    equal on every device (e.g. reduced with ``psum``), False for per-client outputs.
-    """
-    specs = lambda tree, spec: jax.tree.map(lambda _: spec, tree)
-    in_specs = (specs(replicated, P()), specs(sharded, P(CLIENTS)))
-    out_specs = jax.tree.map(lambda r: P() if r else P(CLIENTS), out_replicated)
-
-    def body(rep, shd):
-      with aggregate.client_axis(CLIENTS):
-        return fn(*rep, *shd)
-
-    # check_vma=False: algorithm code (scan carries that start from replicated server
-    # parameters) need not annotate device-varying values; replicated outputs are psum'd.
-    return jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs,
-                         check_vma=False)(
-        tuple(replicated), tuple(sharded))
+  def _group_tables(self, data: DeviceData, gi: int):
+    """``(train_idx, train_count, test_idx, test_count)`` of a group's rows (padding: empty)."""
+    ids = np.asarray(self.groups[gi].ids, np.int64)
+    if self.mesh is None and len(self.groups) == 1 and self._total_clients == self.num_clients:
+      return (data.train_idx, data.train_count, data.test_idx, data.test_count)
+    out = []
+    for a in (data.train_idx, data.train_count, data.test_idx, data.test_count):
+      a = np.asarray(a)[ids]
+      pad = np.zeros((self.rows[gi] - a.shape[0],) + a.shape[1:], a.dtype)
+      a = np.concatenate([a, pad])
+      out.append(jnp.asarray(a) if self.mesh is None
+                 else _put(a, NamedSharding(self.mesh, P(CLIENTS))))
+    return tuple(out)
 
   def place_states(self, client_states):
-    """N stacked client states → the engine's layout (padded rows, sharded on a mesh)."""
+    """``{group: N_g stacked states}`` → the engine's layout (padded rows, sharded on a mesh)."""
     if self.mesh is None:
       return client_states
     sharding = NamedSharding(self.mesh, P(CLIENTS))
 
-    def pad(a):
-      a = np.asarray(a)
-      extra = np.take(a, np.arange(self.padded_clients - a.shape[0]) % a.shape[0], axis=0)
-      return _put(np.concatenate([a, extra]), sharding)
+    def pad(rows):
+      def leaf(a):
+        a = np.asarray(a)
+        extra = np.take(a, np.arange(rows - a.shape[0]) % a.shape[0], axis=0)
+        return _put(np.concatenate([a, extra]), sharding)
+      return leaf
 
-    return jax.tree.map(pad, client_states)
+    return {g.name: jax.tree.map(pad(rows), client_states[g.name])
+            for g, rows in zip(self.groups, self.rows)}
 
   def place(self, server_state, client_states):
-    """States as checkpointed (N clients) → the engine's layout and shardings."""
+    """States as checkpointed (each group's real clients) → the engine's layout."""
     if self.mesh is None:
       return server_state, client_states
     replicated = NamedSharding(self.mesh, P())
@@ -329,7 +352,7 @@ class Engine:
     return server_state, self.place_states(client_states)
 
   def export_states(self, client_states):
-    """The engine's layout → the N real clients' stacked states (for checkpoints, users).
+    """The engine's layout → each group's real clients' stacked states (checkpoints, users).
 
     On a mesh the result is replicated, so every process can read (and Orbax write) it.
     """
@@ -337,292 +360,324 @@ class Engine:
       return client_states
     return self._export(client_states)
 
-  def _export_impl(self, client_states):
-    return jax.tree.map(lambda a: a[: self.num_clients], client_states)
+  def _export_fn(self, client_states):
+    return {g.name: jax.tree.map(lambda a, n=g.size: a[:n], client_states[g.name])
+            for g in self.groups}
 
-  def _train_one_impl(self, server_state, client_state, x, y, train_idx, train_count, key):
-    self.trace_counts["client_update"] += 1
-    client_data = ClientData(x, y, train_idx, train_count)
-    return self.algorithm.client_update(server_state, client_state, client_data, key)
+  # ------------------------------------------------------------------ compatibility
+  def check_compatible(self, sample_x) -> None:
+    """Refuses groups whose server state or upload differ (structure, shapes or dtypes).
 
-  def _warmup_one_impl(self, server_state, client_state, x, y, train_idx, train_count, key):
-    self.trace_counts["warmup"] += 1
-    client_data = ClientData(x, y, train_idx, train_count)
-    return self.algorithm.warmup_client(server_state, client_state, client_data, key)
-
-  def _map_clients(self, fn, server_state, states, data, idx, count, keys):
-    """``fn`` over stacked clients with the vmap or chunked executor (traced, one device)."""
-    def one(args):
-      state, i, c, key = args
-      return fn(server_state, state, data.x, data.y, i, c, key)
-    args = (states, idx, count, keys)
-    if self.executor == "vmap":
-      return jax.vmap(one)(args)
-    return jax.lax.map(one, args, batch_size=self.chunk_size)
-
-  def _update(self, server_state, cohort_states, outputs, plan, counts, skey):
-    """Masks the cohort's outputs and aggregates them: ``server_update`` (traced).
-
-    Runs on the whole cohort, or per device inside ``shard_map`` where the weighted averages
-    of ``server_update`` complete with a ``psum``.
+    Every group's ``init`` and ``client_update`` are traced abstractly (``jax.eval_shape``,
+    nothing compiled or run). Raises a ConfigError naming two architectures and a leaf.
     """
-    new_states, uploads, metrics = outputs
-    nonfinite = plan.active & ~_all_finite((new_states, uploads, metrics.get("loss")))
-    server_state, slots = self._aggregate(server_state, uploads, metrics, nonfinite, plan,
-                                          counts, skey)
-    new_states = _tree_where(slots[0], new_states, cohort_states)
-    return server_state, new_states, slots
+    if len(self.groups) == 1:
+      return
+    sample_x = jnp.asarray(sample_x)
+    key = rng.root_key(0)
+    shapes = []
+    for gi, g in enumerate(self.groups):
+      server, clients = jax.eval_shape(
+          functools.partial(g.algorithm.init, num_clients=g.size), key, sample_x)
+      one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), clients)
+      tables = self.arrays["tables"][gi]
+      client_data = ClientData(self.data.x, self.data.y, tables[0][0], tables[1][0])
+      upload = jax.eval_shape(g.algorithm.client_update, server, one, client_data, key)[1]
+      shapes.append((server, upload))
+    first = self.groups[0]
+    for g, (server, upload) in zip(self.groups[1:], shapes[1:]):
+      for what, a, b in (("upload", shapes[0][1], upload), ("server state", shapes[0][0],
+                                                             server)):
+        diff = _first_difference(a, b)
+        if diff:
+          raise ConfigError(
+              f"algorithm {self.algorithm.name} cannot mix architectures {first.name} and "
+              f"{g.name}: their {what}s differ at {diff}; every client must upload the same "
+              "structure (use an algorithm that shares only architecture-independent parts, "
+              "e.g. LG-FedAvg's head over --feature-dim features, or Local)")
 
-  def _aggregate(self, server_state, uploads, metrics, nonfinite, plan, counts, skey,
-                 update=True):
-    """``server_update`` with sample-count weights of the kept, finite slots (traced);
-    ``update=False`` only masks the per-slot metrics."""
-    if self.skip_nonfinite:  # their updates are neither aggregated nor kept
-      plan = RoundPlan(plan.cohort, plan.active & ~nonfinite, plan.kept & ~nonfinite)
-    if update:
-      if self.skip_nonfinite:
-        uploads = _tree_where(nonfinite, jax.tree.map(jnp.zeros_like, uploads), uploads)
-      weights = jnp.where(plan.kept, counts.astype(jnp.float32), 0.0)
-      server_state = self.algorithm.server_update(server_state, uploads, weights, skey)
-    loss = jnp.where(plan.active, metrics.get("loss", jnp.zeros(plan.active.shape)), 0.0)
-    return server_state, (plan.active, plan.kept, nonfinite, loss)
+  # ------------------------------------------------------------------ the round (traced parts)
+  def _alg(self, gi: int, hparams):
+    return self.groups[gi].algorithm.with_hyperparameter_values(hparams or {})
 
-  def _scatter(self, client_states, plan, new_states, slots):
-    """Writes the cohort's states back and reduces the per-slot round metrics."""
-    if self._in_place:
-      client_states = new_states
+  def _plan_fn(self, root, round_index, phase):
+    """The plan and every group's slots and keys (``phase`` WARMUP: every client, kept)."""
+    if phase == WARMUP.name:
+      rkey = rng.warmup_key(root)
+      active = jnp.ones((self.num_clients,), bool)
+      plan = RoundPlan(jnp.arange(self.num_clients, dtype=jnp.int32), active, active)
+      in_place = True
     else:
-      client_states = jax.tree.map(lambda all_, new: all_.at[plan.cohort].set(new, mode="drop"),
-                                   client_states, new_states)
-    return client_states, _round_metrics(plan, slots)
+      rkey = rng.round_key(root, round_index)
+      plan = plan_round(rkey, self.participation)
+      in_place = self._in_place
+    slots, keys = [], []
+    for gi in range(len(self.groups)):
+      s = self._slots_in_place(plan, gi) if in_place else self._slots_gathered(plan, gi)
+      slots.append(s)
+      keys.append(jax.vmap(rng.client_key, (None, 0))(rkey, s.ids))
+    return plan, slots, keys
 
-  def _finish_impl(self, server_state, client_states, data, plan, cohort_states, new_states,
-                   uploads, metrics, root, round_index):
-    skey = rng.server_key(rng.round_key(root, round_index))
-    counts = data.train_count[plan.cohort]
-    server_state, new_states, slots = self._update(
-        server_state, cohort_states, (new_states, uploads, metrics), plan, counts, skey)
-    client_states, round_metrics = self._scatter(client_states, plan, new_states, slots)
-    return server_state, client_states, round_metrics
+  def _slots_gathered(self, plan: RoundPlan, gi: int) -> GroupSlots:
+    """The group's cohort members in cohort order, then padding (out-of-range rows)."""
+    g = self.groups[gi]
+    pad_row = self.rows[gi]
+    if len(self.groups) == 1:
+      rows, ids, active, kept = plan.cohort, plan.cohort, plan.active, plan.kept
+    else:
+      member = jnp.asarray(self._group_of)[plan.cohort] == gi
+      count = min(plan.cohort.shape[0], g.size)
+      pos = jnp.argsort(~member, stable=True)[:count]
+      valid = member[pos]
+      ids = plan.cohort[pos]
+      rows = jnp.where(valid, jnp.asarray(self._row_of)[ids], pad_row)
+      active, kept = plan.active[pos] & valid, plan.kept[pos] & valid
+    pad = self.slots[gi] - rows.shape[0]
+    if pad:
+      rows = jnp.concatenate([rows, jnp.full((pad,), pad_row, jnp.int32)])
+      ids = jnp.concatenate([ids, jnp.full((pad,), self.num_clients, jnp.int32)])
+      active = jnp.concatenate([active, jnp.zeros(pad, bool)])
+      kept = jnp.concatenate([kept, jnp.zeros(pad, bool)])
+    return GroupSlots(rows.astype(jnp.int32), ids.astype(jnp.int32), active, kept)
 
-  def _round_impl(self, server_state, client_states, data, root, round_index):
-    self.trace_counts["round"] += 1
-    plan, cohort_states, keys = self._plan_impl(client_states, data, root, round_index)
-    if self.mesh is None:
-      outputs = self._map_clients(self._train_one_impl, server_state, cohort_states, data,
-                                  data.train_idx[plan.cohort], data.train_count[plan.cohort],
-                                  keys)
-      return self._finish_impl(server_state, client_states, data, plan, cohort_states,
-                               *outputs, root, round_index)
-    skey = rng.server_key(rng.round_key(root, round_index))
-    take = lambda a: jnp.take(a, plan.cohort, axis=0, mode="clip")
-    idx, counts = take(data.train_idx), take(data.train_count)
+  def _slots_in_place(self, plan: RoundPlan, gi: int) -> GroupSlots:
+    """Every row of the group, in row order; the selection becomes masks."""
+    g = self.groups[gi]
+    rows = self.rows[gi]
+    ids = np.full(rows, self.num_clients, np.int32)
+    ids[: g.size] = g.ids
+    ids = jnp.asarray(ids)
+    by_client = lambda m: jnp.zeros(self.num_clients + 1, bool).at[plan.cohort].set(m)[ids]
+    return GroupSlots(jnp.arange(rows, dtype=jnp.int32), ids, by_client(plan.active),
+                      by_client(plan.kept))
 
-    def per_device(server_state, local, skey, cohort_states, plan, idx, counts, keys):
-      outputs = self._map_clients(self._train_one_impl, server_state, cohort_states, local,
-                                  idx, counts, keys)
-      return self._update(server_state, cohort_states, outputs, plan, counts, skey)
+  def _step(self, gi: int, hparams, server_state, x, y, per_slot, phase: str):
+    """One client's update, masked: the same for every executor (traced).
 
-    server_state, new_states, slots = self._shard_clients(
-        per_device, (server_state, data, skey),
-        (cohort_states, plan, idx, counts, keys), out_replicated=(True, False, False))
-    client_states, round_metrics = self._scatter(client_states, plan, new_states, slots)
-    # Fixed layouts in and out, so every round reuses the first round's program.
-    return (self._constrain(server_state, P()), self._constrain(client_states, P(CLIENTS)),
-            self._constrain(round_metrics, P()))
+    ``per_slot = (state, train_idx, train_count, key, active, kept)``. Returns
+    ``(new_state, upload, weight, (active, kept, nonfinite, loss))``: an unselected slot keeps
+    its state and weighs 0; a dropped one keeps its new state and weighs 0; a non-finite one
+    is reported, and with ``skip_nonfinite`` keeps its state and weighs 0.
+    """
+    state, idx, count, key, active, kept = per_slot
+    alg = self._alg(gi, hparams)
+    client_data = ClientData(x, y, idx, count)
+    if phase == WARMUP.name:
+      self.trace_counts[WARMUP.counter] += 1
+      new_state, upload = alg.warmup_client(server_state, state, client_data, key)
+      metrics = {}
+    else:
+      self.trace_counts[ROUND.counter] += 1
+      new_state, upload, metrics = alg.client_update(server_state, state, client_data, key)
+    loss = metrics.get("loss")
+    bad = active & ~_finite((new_state, upload, loss))
+    if self.skip_nonfinite:  # neither aggregated nor kept
+      active, kept = active & ~bad, kept & ~bad
+      upload = _tree_where(bad, jax.tree.map(jnp.zeros_like, upload), upload)
+    weight = jnp.where(kept, count.astype(jnp.float32), 0.0)
+    new_state = _tree_where(active, new_state, state)
+    loss = jnp.where(active, jnp.zeros(()) if loss is None else loss, 0.0)
+    return new_state, upload, weight, (active, kept, bad, loss)
+
+  def _program(self, gi, hparams, server_state, arrays, phase):
+    step = lambda shared, per_slot: self._step(gi, *shared, per_slot, phase)
+    return executors_lib.GroupProgram(
+        step=step, shared=(hparams, server_state, arrays["data"].x, arrays["data"].y),
+        tables=arrays["tables"][gi][:2], in_place=self._in_place or phase == WARMUP.name,
+        mesh=self.mesh, write=_SequentialWriter(self, gi, hparams, server_state, arrays, phase))
+
+  def _round_fn(self, hparams, server_state, client_states, arrays, root, round_index, phase):
+    """One round (or the warm-up) of every group: plan → train each group → aggregate."""
+    plan, slots, keys = self._plan(root, round_index, phase=phase)
+    linear = self.linear and phase == ROUND.name
+    new_states, outputs = {}, []
+    for gi, g in enumerate(self.groups):
+      new_states[g.name], out = self.executors[gi].train(
+          self._program(gi, hparams, server_state, arrays, phase), client_states[g.name], slots[gi],
+          keys[gi], linear)
+      outputs.append(out)
+    server_state, metrics = self._finish(hparams, server_state, outputs,
+                                         [s.ids for s in slots], plan, root, round_index,
+                                         phase=phase)
+    if self.mesh is not None:  # fixed layouts in and out: every round reuses one program
+      server_state = self._constrain(server_state, P())
+      new_states = self._constrain(new_states, P(CLIENTS))
+      metrics = self._constrain(metrics, P())
+    return server_state, new_states, metrics
+
+  def _finish_fn(self, hparams, server_state, outputs, slot_ids, plan, root, round_index,
+                 phase):
+    """Aggregation over every group's uploads, and the round's metrics (traced)."""
+    cat = lambda *xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)
+    out = jax.tree.map(cat, *outputs) if len(outputs) > 1 else outputs[0]
+    ids = cat(*slot_ids)
+    alg = self._alg(0, hparams)
+    if phase == WARMUP.name:
+      server_state = alg.warmup_server(server_state, out.uploads, out.weights,
+                                       rng.server_key(rng.warmup_key(root)))
+    else:
+      skey = rng.server_key(rng.round_key(root, round_index))
+      server_state = alg.server_update(server_state, out.uploads, out.weights, skey)
+    metrics = {
+        "nonfinite": jnp.where(out.nonfinite, ids, -1),
+        "num_nonfinite": out.nonfinite.sum(),
+        "num_selected": plan.active.sum(),
+        "num_aggregated": out.kept.sum(),
+        "local_loss": out.loss.sum() / jnp.maximum(out.active.sum(), 1),
+    }
+    return server_state, metrics
 
   def _constrain(self, tree, spec):
     sharding = NamedSharding(self.mesh, spec)
     return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), tree)
 
+  # ------------------------------------------------------------------ sequential pieces
+  def _write_fn(self, hparams, server_state, x, states, buffers, y, tables, slot, row, key,
+                kept, gi, phase, linear):
+    """Trains the client of group row ``row``; writes its state (row) and outputs (slot)."""
+    state = jax.tree.map(lambda a: a[row], states)
+    per_slot = (state, tables[0][row], tables[1][row], key, jnp.asarray(True), kept)
+    new_state, upload, weight, stats = self._step(gi, hparams, server_state, x, y, per_slot,
+                                                  phase)
+    uploads, weights, slot_stats = buffers
+    if linear:
+      uploads = jax.tree.map(lambda acc, u: acc + weight * u.astype(jnp.float32), uploads,
+                             upload)
+      weights = weights + weight
+    else:
+      uploads = jax.tree.map(lambda b, u: b.at[slot].set(u), uploads, upload)
+      weights = weights.at[slot].set(weight)
+    slot_stats = jax.tree.map(lambda b, v: b.at[slot].set(v), slot_stats, stats)
+    states = jax.tree.map(lambda a, r: a.at[row].set(r), states, new_state)
+    return states, (uploads, weights, slot_stats)
+
+  # ------------------------------------------------------------------ staging
+  def _stage_round(self, phase: _Phase):
+    def round_fn(hparams, server_state, client_states, arrays, root, round_index):
+      if self.executors[0].traced:
+        self.trace_counts["round" if phase is ROUND else "warmup_round"] += 1
+      return self._round_fn(hparams, server_state, client_states, arrays, root, round_index,
+                            phase.name)
+    return self.executors[0].stage(round_fn, donate=(1, 2))
+
   # ------------------------------------------------------------------ public
-  def init(self, root: jax.Array, sample_x):
-    """``(server_state, client_states)`` from the run's root key.
-
-    For an algorithm with an initialisation period (``HAS_WARMUP``), every client runs
-    ``warmup_client`` once and the server ``warmup_server`` with sample-count weights.
-    """
-    server_state, client_states = self.algorithm.init(rng.init_key(root), jnp.asarray(sample_x),
-                                                      self.num_clients)
-    server_state, client_states = self.place(server_state, client_states)
-    if not self.algorithm.HAS_WARMUP:
-      return server_state, client_states
-    ids = jnp.arange(self.num_clients, dtype=jnp.int32)
-    wkey = rng.warmup_key(root)
-    if self.executor != "sequential":
-      return self._warmup_all(server_state, client_states, self.data, wkey)
-    outputs = []
-    for cid in range(self.num_clients):
-      state = jax.tree.map(lambda a: a[cid], client_states)  # pylint: disable=cell-var-from-loop
-      outputs.append(self._warmup_one(server_state, state, self.data.x, self.data.y,
-                                      self.data.train_idx[cid], self.data.train_count[cid],
-                                      rng.client_key(wkey, cid)))
-    new_states, uploads = jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
-    return self._warmup_finish(server_state, new_states, uploads, self.data, ids, wkey)
-
-  def _warmup_all_impl(self, server_state, client_states, data, wkey):
-    rows = self.padded_clients
-    ids = jnp.arange(rows, dtype=jnp.int32)
-    keys = jax.vmap(rng.client_key, (None, 0))(wkey, ids)
-    # Padding rows (id >= N) warm up on a real client's data and get zero weight.
-    data_ids = ids % self.num_clients
-    idx, counts = data.train_idx[data_ids], data.train_count[data_ids]
-    weights = jnp.where(ids < self.num_clients, counts.astype(jnp.float32), 0.0)
-    skey = rng.server_key(wkey)
-
-    def warm(server_state, data, skey, states, idx, counts, keys, weights):
-      new_states, uploads = self._map_clients(self._warmup_one_impl, server_state, states,
-                                              data, idx, counts, keys)
-      return self.algorithm.warmup_server(server_state, uploads, weights, skey), new_states
-
-    if self.mesh is None:
-      return warm(server_state, data, skey, client_states, idx, counts, keys, weights)
-    return self._shard_clients(warm, (server_state, data, skey),
-                               (client_states, idx, counts, keys, weights),
-                               out_replicated=(True, False))
-
-  def _warmup_finish_impl(self, server_state, client_states, uploads, data, ids, wkey):
-    weights = data.train_count[ids].astype(jnp.float32)
-    server_state = self.algorithm.warmup_server(server_state, uploads, weights,
-                                                rng.server_key(wkey))
+  def _init_fn(self, hparams, root, sample_x):
+    """Every group's ``init`` from the run's init key; the server state of group 0."""
+    key = rng.init_key(root)
+    server_state, client_states = None, {}
+    for gi, g in enumerate(self.groups):
+      server, clients = self._alg(gi, hparams).init(key, sample_x, g.size)
+      server_state = server if server_state is None else server_state
+      client_states[g.name] = clients
     return server_state, client_states
 
-  def run_round(self, server_state, client_states, root: jax.Array, round_index: int):
+  def init(self, root: jax.Array, sample_x, hparams=None):
+    """``(server_state, client_states)`` from the run's root key.
+
+    For an algorithm with an initialisation period (the warm-up hooks), every client runs
+    ``warmup_client`` once and the server ``warmup_server`` with sample-count weights.
+    """
+    sample_x = jnp.asarray(sample_x)
+    hparams = hparams or {}
+    if self.executors[0].traced:
+      server_state, client_states = self._init_jit(hparams, root, sample_x)
+    else:
+      server_state, client_states = self._init_fn(hparams, root, sample_x)
+    server_state, client_states = self.place(server_state, client_states)
+    if not has_warmup(self.algorithm):
+      return server_state, client_states
+    server_state, client_states, _ = self._warmup_program(hparams, server_state, client_states,
+                                                          self.arrays, root, jnp.int32(0))
+    return server_state, client_states
+
+  def run_round(self, server_state, client_states, root: jax.Array, round_index: int,
+                hparams=None):
     """One round of training and aggregation; returns the new states and round metrics.
 
     The input states are donated (their buffers may be reused): use the returned ones.
     """
-    round_index = jnp.asarray(round_index, jnp.int32)
-    if self.executor != "sequential":
-      return self._round(server_state, client_states, self.data, root, round_index)
-    return self._sequential_round(server_state, client_states, root, round_index)
+    return self._round_program(hparams or {}, server_state, client_states, self.arrays, root,
+                               jnp.asarray(round_index, jnp.int32))
 
-  def _sequential_round(self, server_state, client_states, root, round_index):
-    """A Python loop over the selected clients, each running one compiled client update.
+  # ------------------------------------------------------------------ evaluation
+  def _eval_client(self, gi, hparams, server_state, state, arrays, row, cid, rkey, final):
+    alg = self._alg(gi, hparams)
+    data = arrays["data"]
+    train_idx, train_count, test_idx, test_count = arrays["tables"][gi]
+    client_data = ClientData(data.x, data.y, train_idx[row], train_count[row])
+    hook = alg.final_views if final else alg.eval_views
+    views = hook(server_state, state, client_data, rng.eval_key(rkey, cid))
+    return evaluate_lib.view_metrics(views, data.x, data.y, test_idx[row], test_count[row],
+                                     train_idx[row], train_count[row])
 
-    Memory: each client's new state is written into the (donated) stacked states in place,
-    so a round holds the client states once — no gathered copy of the cohort, no list of
-    outputs. Uploads go into one preallocated ``[K, ...]`` buffer, or, for an algorithm with
-    ``LINEAR_AGGREGATION``, into a running weighted sum (the memory of one upload). The
-    per-client program is compiled once; selection and aggregation are the same functions the
-    other executors use, so the numbers agree (to float rounding for the running sum).
-    """
-    data = self.data
-    plan, keys = self._plan_only(root, round_index)
-    active = np.asarray(plan.active)
-    cohort = np.asarray(plan.cohort)
-    size = len(cohort)
-    first = int(np.flatnonzero(active)[0])
-    if self._output_shapes is None:  # (upload, metrics) of one client; traced once per engine
-      self._output_shapes = jax.eval_shape(
-          self.algorithm.client_update, server_state,
-          jax.tree.map(lambda a: a[0], client_states), self._client_data(data, 0),
-          keys[first])[1:]
-    upload_shape, metric_shape = self._output_shapes
-    linear = self.algorithm.LINEAR_AGGREGATION
-    zeros = lambda shape, lead: jnp.zeros(lead + shape.shape, shape.dtype)
-    uploads = jax.tree.map(
-        lambda a: zeros(a, ()).astype(jnp.float32) if linear else zeros(a, (size,)),
-        upload_shape)
-    outputs = (uploads, jnp.zeros((), jnp.float32),
-               jax.tree.map(lambda a: zeros(a, (size,)), metric_shape), jnp.zeros(size, bool))
-    for k in np.flatnonzero(active):
-      client_states, outputs = self._train_write(
-          server_state, client_states, outputs, data.x, data.y, data.train_idx,
-          data.train_count, plan.kept, jnp.int32(cohort[k]), jnp.int32(k), keys[k])
-    return self._finish_sequential(server_state, client_states, outputs, data.train_count,
-                                   plan, root, round_index)
+  def _group_ids(self, gi):
+    g = self.groups[gi]
+    return np.r_[np.asarray(g.ids, np.int32),
+                 np.full(self.rows[gi] - g.size, self.num_clients, np.int32)]
 
-  def _plan_only_impl(self, root, round_index):
-    rkey = rng.round_key(root, round_index)
-    plan = plan_round(rkey, self.participation)
-    return plan, jax.vmap(rng.client_key, (None, 0))(rkey, plan.cohort)
-
-  def _train_write_impl(self, server_state, client_states, outputs, x, y, train_idx,
-                        train_count, kept, cid, slot, key):
-    """Trains client ``cid``; writes its new state (row cid) and its outputs (slot)."""
-    uploads, weight_sum, metrics, nonfinite = outputs
-    state = jax.tree.map(lambda a: a[cid], client_states)
-    new_state, upload, m = self._train_one_impl(server_state, state, x, y, train_idx[cid],
-                                                train_count[cid], key)
-    bad = ~_all_finite(jax.tree.map(lambda a: a[None], (new_state, upload, m.get("loss"))))
-    bad = bad.reshape(())
-    if self.skip_nonfinite:  # a non-finite update is neither kept nor aggregated
-      new_state = jax.tree.map(lambda n, o: jnp.where(bad, o, n), new_state, state)
-    put = lambda buf, row: jax.tree.map(lambda b, r: b.at[slot].set(r), buf, row)
-    if self.algorithm.LINEAR_AGGREGATION:
-      w = jnp.where(kept[slot], train_count[cid].astype(jnp.float32), 0.0)
-      if self.skip_nonfinite:
-        w = jnp.where(bad, 0.0, w)
-        upload = jax.tree.map(lambda u: jnp.where(bad, jnp.zeros_like(u), u), upload)
-      uploads = jax.tree.map(lambda acc, u: acc + w * u.astype(jnp.float32), uploads, upload)
-      weight_sum = weight_sum + w
-    else:
-      uploads = put(uploads, upload)
-    client_states = jax.tree.map(lambda a, r: a.at[cid].set(r), client_states, new_state)
-    return client_states, (uploads, weight_sum, put(metrics, m), nonfinite.at[slot].set(bad))
-
-  def _finish_sequential_impl(self, server_state, client_states, outputs, train_count, plan,
-                              root, round_index):
-    uploads, weight_sum, metrics, nonfinite = outputs
-    skey = rng.server_key(rng.round_key(root, round_index))
-    counts = train_count[plan.cohort]
-    if self.algorithm.LINEAR_AGGREGATION:
-      # One slot holding the weighted mean, with the total weight: server_update's weighted
-      # average of it is the cohort's weighted average.
-      mean = jax.tree.map(lambda acc, shape: (acc / jnp.maximum(weight_sum, 1e-30)).astype(
-          shape.dtype)[None], uploads, self._output_shapes[0])
-      _, slots = self._aggregate(server_state, None, metrics, nonfinite, plan, counts, skey,
-                                 update=False)
-      server_state = self.algorithm.server_update(server_state, mean, weight_sum[None], skey)
-    else:
-      server_state, slots = self._aggregate(server_state, uploads, metrics, nonfinite, plan,
-                                            counts, skey)
-    return server_state, client_states, _round_metrics(plan, slots)
-
-  @staticmethod
-  def _client_data(data, cid):
-    return ClientData(data.x, data.y, data.train_idx[cid], data.train_count[cid])
-
-  @staticmethod
-  def _metrics(views, data, cid):
-    return evaluate_lib.view_metrics(views, data.x, data.y, data.test_idx[cid],
-                                     data.test_count[cid], data.train_idx[cid],
-                                     data.train_count[cid])
-
-  def _eval_client(self, server_state, state, data, cid, rkey, final):
-    hook = self.algorithm.final_views if final else self.algorithm.eval_views
-    views = hook(server_state, state, self._client_data(data, cid), rng.eval_key(rkey, cid))
-    return self._metrics(views, data, cid)
-
-  def _eval_chunk_impl(self, server_state, client_states, data, ids, root, round_index, final):
+  def _eval_chunk_fn(self, hparams, server_state, states, arrays, rows, root, round_index, gi,
+                     final):
     self.trace_counts["evaluate"] += 1
     rkey = rng.round_key(root, round_index)
-    if self.executor == "sequential":  # ids is one client id
-      return self._eval_client(server_state, jax.tree.map(lambda a: a[ids], client_states),
-                               data, ids, rkey, final)
-    fn = functools.partial(self._eval_client, server_state, data=data, rkey=rkey, final=final)
-    return jax.vmap(fn)(_gather(client_states, ids), cid=ids)
+    ids = jnp.asarray(self._group_ids(gi))[rows]
+    one = lambda state, row, cid: self._eval_client(gi, hparams, server_state, state, arrays,
+                                                    row, cid, rkey, final)
+    if rows.ndim == 0:  # one client (sequential executor)
+      return one(jax.tree.map(lambda a: a[rows], states), rows, ids)
+    return jax.vmap(one)(executors_lib.gather(states, rows), rows, ids)
 
-  def _eval_sharded_impl(self, server_state, client_states, data, root, round_index, final):
-    """Every row of the sharded client states, evaluated where it lives (chunked per device)."""
+  def _eval_sharded_fn(self, hparams, server_state, states, arrays, root, round_index, gi,
+                       final):
+    """Every row of the group, evaluated where it lives (chunked per device)."""
     self.trace_counts["evaluate"] += 1
     rkey = rng.round_key(root, round_index)
-    ids = jnp.arange(self.padded_clients, dtype=jnp.int32)
+    rows = jnp.arange(self.rows[gi], dtype=jnp.int32)
+    ids = jnp.asarray(self._group_ids(gi))
 
-    def per_device(server_state, local, rkey, states, ids):
-      one = lambda args: self._eval_client(server_state, args[0], local, args[1], rkey, final)
-      return jax.lax.map(one, (states, ids), batch_size=self.eval_chunk_size)
+    def per_device(shared, states, rows, ids):
+      hparams, server_state, arrays, rkey = shared
+      one = lambda args: self._eval_client(gi, hparams, server_state, args[0], arrays,
+                                           args[1], args[2], rkey, final)
+      return jax.lax.map(one, (states, rows, ids), batch_size=self.eval_chunk_size)
 
     # Index tables are small: replicated here so a client's test samples can be gathered.
-    return self._shard_clients(per_device, (server_state, data, rkey), (client_states, ids),
-                               out_replicated=False)
+    shared = (hparams, server_state, arrays, rkey)
+    spec = lambda tree, s: jax.tree.map(lambda _: s, tree)
+    return jax.shard_map(per_device, mesh=self.mesh,
+                         in_specs=(spec(shared, P()), spec(states, P(CLIENTS)), P(CLIENTS),
+                                   P(CLIENTS)),
+                         out_specs=P(CLIENTS), check_vma=False)(shared, states, rows, ids)
 
-  def _collect(self, parts, ids):
-    """Concatenates per-chunk metrics and reduces them over the clients ``ids``."""
-    parts = [jax.tree.map(jnp.atleast_1d, p) for p in parts]
-    per_client = {k: np.concatenate([np.asarray(p[k]) for p in parts])[: len(ids)]
-                  for k in parts[0]}
+  def _group_metrics(self, hparams, server_state, client_states, root, round_index, final,
+                     gi):
+    """Per-client metric arrays of group ``gi``'s real clients (host numpy)."""
+    g = self.groups[gi]
+    states = client_states[g.name]
+    if self.mesh is not None:
+      part = self._eval_sharded(hparams, server_state, states, self.arrays, root, round_index,
+                                gi=gi, final=final)
+      if jax.process_count() > 1:  # other hosts' clients: gather the small metric arrays
+        part = multihost_utils.process_allgather(part, tiled=True)
+      parts = [part]
+    else:
+      chunk = 1 if not self.executors[gi].traced else min(self.eval_chunk_size, g.size)
+      parts = []
+      for start in range(0, g.size, chunk):
+        rows = np.arange(start, start + chunk) % g.size  # pad the last chunk
+        rows = jnp.asarray(rows[0] if chunk == 1 else rows, jnp.int32)
+        parts.append(self._eval_chunk(hparams, server_state, states, self.arrays, rows, root,
+                                      round_index, gi=gi, final=final))
+    parts = [jax.tree.map(lambda a: np.atleast_1d(np.asarray(a)), p) for p in parts]
+    return {k: np.concatenate([p[k] for p in parts])[: g.size] for k in parts[0]}
+
+  def _summarize(self, per_group: list[dict], groups_ids: list, ids: np.ndarray) -> dict:
+    """Per-client arrays of every group, placed by client id, reduced over ``ids``."""
+    per_client = {}
+    for part, gids in zip(per_group, groups_ids):
+      for k, v in part.items():
+        if k not in per_client:
+          per_client[k] = np.zeros((len(ids),) + v.shape[1:], v.dtype)
+        per_client[k][np.searchsorted(ids, gids)] = v
     test_count = self._test_count[ids]
     train_count = self._train_count[ids]
     summary = evaluate_lib.summarize(per_client, test_count, train_count)
@@ -632,7 +687,7 @@ class Engine:
     return summary
 
   def evaluate(self, server_state, client_states, root: Optional[jax.Array] = None,
-               round_index: int = 0, final: bool = False) -> dict[str, Any]:
+               round_index: int = 0, final: bool = False, hparams=None) -> Optional[dict]:
     """Evaluates every client; returns PFLlib's round metrics plus per-client arrays.
 
     Clients are evaluated ``eval_chunk_size`` at a time with vmap, or — with the sequential
@@ -641,53 +696,218 @@ class Engine:
     ``round_index`` derive the evaluation keys (views that adapt or sample); ``final`` uses the
     algorithm's ``final_views`` (returns None when it has none).
     """
-    if final and not self.algorithm.HAS_FINAL_EVAL:
+    if final and not has_hook(self.algorithm, "final_views"):
       return None
     root = rng.root_key(0) if root is None else root
     round_index = jnp.asarray(round_index, jnp.int32)
-    if self.mesh is not None:
-      part = self._eval_sharded(server_state, client_states, self.data, root, round_index,
-                                final=final)
-      if jax.process_count() > 1:  # other hosts' clients: gather the small metric arrays
-        part = multihost_utils.process_allgather(part, tiled=True)
-      parts = [part]
-      return self._collect(parts, np.arange(self.num_clients))
-    chunk = 1 if self.executor == "sequential" else self.eval_chunk_size
-    parts = []
-    for start in range(0, self.num_clients, chunk):
-      ids = np.arange(start, start + chunk) % self.num_clients  # pad the last chunk
-      ids = jnp.asarray(ids[0] if chunk == 1 else ids, jnp.int32)
-      parts.append(self._eval_chunk(server_state, client_states, self.data, ids, root,
-                                    round_index, final=final))
-    return self._collect(parts, np.arange(self.num_clients))
+    per_group = [self._group_metrics(hparams or {}, server_state, client_states, root,
+                                     round_index, final, gi)
+                 for gi in range(len(self.groups))]
+    return self._summarize(per_group, [np.asarray(g.ids) for g in self.groups],
+                           np.arange(self.num_clients))
 
+  # ------------------------------------------------------------------ new clients
   @property
   def num_new_clients(self) -> int:
     """Clients in the data beyond ``num_clients``: never trained, for new-client evaluation."""
     return self._total_clients - self.num_clients
 
-  def _new_client_impl(self, server_state, template, data, cid, key, epochs):
+  def _new_client_fn(self, hparams, server_state, template, arrays, cid, key, gi, epochs):
     self.trace_counts["new_client"] += 1
-    variables = self.algorithm.new_client_variables(server_state, template)
+    alg = self._alg(gi, hparams)
+    data = arrays["data"]
+    variables = alg.new_client_variables(server_state, template)
     if epochs > 0:
-      spec = dataclasses.replace(self.algorithm.local, local_epochs=epochs)
-      variables, _, _ = train_locally(variables, self._client_data(data, cid), key, spec,
-                                      self.algorithm.ce_loss)
-    return self._metrics({"": functools.partial(self.algorithm.model.apply, variables)},
-                         data, cid)
+      spec = dataclasses.replace(alg.local, local_epochs=epochs)
+      client_data = ClientData(data.x, data.y, data.train_idx[cid], data.train_count[cid])
+      variables, _, _ = train_locally(variables, client_data, key, spec, alg.ce_loss)
+    return evaluate_lib.view_metrics(
+        {"": functools.partial(alg.model.apply, variables)}, data.x, data.y,
+        data.test_idx[cid], data.test_count[cid], data.train_idx[cid], data.train_count[cid])
 
-  def evaluate_new_clients(self, server_state, root: jax.Array, sample_x,
-                           epochs: int) -> dict[str, Any]:
+  def new_client_group(self, cid: int) -> int:
+    """The group of a (new) client id: ``model_cycle[id mod K]``, else that of ``id mod N``."""
+    if self._model_cycle is not None:
+      return self._model_cycle[cid % len(self._model_cycle)]
+    return int(self._group_of[cid % self.num_clients])
+
+  def evaluate_new_clients(self, server_state, root: jax.Array, sample_x, epochs: int,
+                           hparams=None) -> dict[str, Any]:
     """PFLlib's new-client evaluation (``-nnc``, ``-ften``) of the clients never trained.
 
     Each new client starts from ``algorithm.new_client_variables`` (the global model, with
     freshly initialised personal parts), is fine-tuned with plain SGD on cross-entropy for
     ``epochs`` epochs over its training split (none when 0) and tested on its test split.
     """
+    hparams = hparams or {}
     ids = np.arange(self.num_clients, self.num_clients + self.num_new_clients)
-    _, fresh = self.algorithm.init(rng.init_key(root), jnp.asarray(sample_x), 1)
-    template = jax.tree.map(lambda a: a[0], fresh)
-    parts = [self._new_client(server_state, template, self.data, jnp.int32(cid),
-                              rng.new_client_key(root, int(cid)), epochs=epochs)
-             for cid in ids]
-    return self._collect(parts, ids)
+    templates = {}
+    parts = []
+    for cid in ids:
+      gi = self.new_client_group(int(cid))
+      if gi not in templates:
+        _, fresh = self._alg(gi, hparams).init(rng.init_key(root), jnp.asarray(sample_x), 1)
+        templates[gi] = jax.tree.map(lambda a: a[0], fresh)
+      parts.append(self._new_client(hparams, server_state, templates[gi], self.arrays,
+                                    jnp.int32(cid),
+                                    rng.new_client_key(root, int(cid)), gi=gi, epochs=epochs))
+    parts = [jax.tree.map(lambda a: np.atleast_1d(np.asarray(a)), p) for p in parts]
+    per_client = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return self._summarize([per_client], [ids], ids)
+
+  # ------------------------------------------------------------------ S runs side by side
+  def stacked(self) -> "StackedPrograms":
+    """Init, round and evaluation vmapped over a leading axis of runs (traced executors)."""
+    if not self.executors[0].traced or self.mesh is not None:
+      raise ValueError("runs side by side need the vmap or chunked executor on one device")
+    if "programs" not in self._stacked:
+      self._stacked["programs"] = StackedPrograms(self)
+    return self._stacked["programs"]
+
+
+class _SequentialWriter:
+  """The sequential executor's view of one group in one round: buffers and the jitted write."""
+
+  def __init__(self, engine: Engine, gi: int, hparams, server_state, arrays, phase: str):
+    self.engine, self.gi, self.hparams = engine, gi, hparams
+    self.server_state, self.arrays, self.phase = server_state, arrays, phase
+
+  def _shapes(self, states=None):
+    """``(upload, stats)`` shapes of one client's step (traced abstractly once per group)."""
+    eng, key = self.engine, (self.gi, self.phase)
+    cache = eng._step_shapes  # pylint: disable=protected-access
+    if key not in cache:
+      alg = eng._alg(self.gi, self.hparams)  # pylint: disable=protected-access
+      hook = alg.warmup_client if self.phase == WARMUP.name else alg.client_update
+      tables, data = self.arrays["tables"][self.gi], self.arrays["data"]
+      one = jax.tree.map(lambda a: a[0], states)
+      client_data = ClientData(data.x, data.y, tables[0][0], tables[1][0])
+      upload = jax.eval_shape(hook, self.server_state, one, client_data, rng.root_key(0))[1]
+      flag = jax.ShapeDtypeStruct((), jnp.bool_)
+      cache[key] = upload, (flag, flag, flag, jax.ShapeDtypeStruct((), jnp.float32))
+    return cache[key]
+
+  def init(self, states, slots, linear):
+    upload, stats = self._shapes(states)
+    size = slots.rows.shape[0]
+    zeros = lambda shape, lead: jnp.zeros(lead + shape.shape, shape.dtype)
+    if linear:
+      uploads = jax.tree.map(lambda a: zeros(a, ()).astype(jnp.float32), upload)
+      weights = jnp.zeros((), jnp.float32)
+    else:
+      uploads = jax.tree.map(lambda a: zeros(a, (size,)), upload)
+      weights = jnp.zeros((size,), jnp.float32)
+    return uploads, weights, jax.tree.map(lambda a: zeros(a, (size,)), stats)
+
+  def __call__(self, states, buffers, slot, row, key, kept, linear):
+    data = self.arrays["data"]
+    return self.engine._write(  # pylint: disable=protected-access
+        self.hparams, self.server_state, data.x, states, buffers, data.y,
+        self.arrays["tables"][self.gi][:2], slot, row, key, kept, gi=self.gi,
+        phase=self.phase, linear=linear)
+
+  def finish(self, buffers, linear) -> SlotOutputs:
+    uploads, weights, stats = buffers
+    if linear:
+      dtypes = tuple(a.dtype.name for a in jax.tree.leaves(self._shapes()[0]))
+      uploads, weights = _mean_row(uploads, weights, dtypes)
+    return SlotOutputs(uploads, weights, *stats)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _mean_row(sums, total, dtypes):
+  """One slot holding the weighted mean (leaves cast to ``dtypes``), with the total weight: a
+  linear server's weighted average of it is the cohort's weighted average."""
+  leaves, treedef = jax.tree.flatten(sums)
+  mean = [(acc / jnp.maximum(total, 1e-30)).astype(dt)[None] for acc, dt in zip(leaves, dtypes)]
+  return jax.tree.unflatten(treedef, mean), total[None]
+
+
+class StackedPrograms:
+  """An engine's programs vmapped over a leading axis of S runs (one compilation for all).
+
+  Each run has its own root key and hyperparameter values (``{path: [S] array}``); a run whose
+  ``running`` flag is False keeps its states unchanged through a round (a stopped run, or one
+  resumed at a later round waiting for the others).
+  """
+
+  def __init__(self, engine: Engine):
+    self.engine = engine
+
+    def round_fn(hparams, server_state, client_states, arrays, root, round_index):
+      return engine._round_fn(hparams, server_state, client_states, arrays, root,  # pylint: disable=protected-access
+                              round_index, ROUND.name)
+
+    def masked_round(hparams, server_state, client_states, arrays, roots, round_index,
+                     running):
+      engine.trace_counts["round_stacked"] += 1
+      new = jax.vmap(round_fn, in_axes=(0, 0, 0, None, 0, None))(
+          hparams, server_state, client_states, arrays, roots, round_index)
+      kept = _tree_where(running, new[:2], (server_state, client_states))
+      return kept + (new[2],)
+
+    self._round = jax.jit(masked_round, donate_argnums=(1, 2))
+
+    def init(hparams, arrays, roots, sample_x):
+      def one(hp, root):
+        server_state, client_states = engine._init_fn(hp, root, sample_x)  # pylint: disable=protected-access
+        if has_warmup(engine.algorithm):
+          server_state, client_states, _ = engine._round_fn(  # pylint: disable=protected-access
+              hp, server_state, client_states, arrays, root, jnp.int32(0), WARMUP.name)
+        return server_state, client_states
+      return jax.vmap(one)(hparams, roots)
+
+    self._init = jax.jit(init)
+    self._eval = {}
+
+  def _eval_program(self, gi: int, final: bool):
+    if (gi, final) not in self._eval:
+      fn = functools.partial(self.engine._eval_chunk_fn, gi=gi, final=final)  # pylint: disable=protected-access
+      self._eval[gi, final] = jax.jit(jax.vmap(fn, in_axes=(0, 0, 0, None, None, 0, 0)))
+    return self._eval[gi, final]
+
+  def init(self, hparams, roots, sample_x):
+    return self._init(hparams, self.engine.arrays, roots, jnp.asarray(sample_x))
+
+  def run_round(self, hparams, server_state, client_states, roots, round_index, running):
+    return self._round(hparams, server_state, client_states, self.engine.arrays, roots,
+                       jnp.asarray(round_index, jnp.int32), jnp.asarray(running, bool))
+
+  def evaluate(self, hparams, server_state, client_states, roots, round_index,
+               final: bool = False) -> Optional[list[dict]]:
+    """Every run's evaluation (as `Engine.evaluate`), one list entry per run; ``round_index``
+    is one round for all runs or one per run (the round each run stopped at)."""
+    eng = self.engine
+    if final and not has_hook(eng.algorithm, "final_views"):
+      return None
+    size = roots.shape[0]
+    round_index = jnp.broadcast_to(jnp.asarray(round_index, jnp.int32), (size,))
+    per_group = []
+    for gi, g in enumerate(eng.groups):
+      chunk = min(eng.eval_chunk_size, g.size)
+      parts = []
+      for start in range(0, g.size, chunk):
+        rows = jnp.asarray(np.arange(start, start + chunk) % g.size, jnp.int32)
+        parts.append(self._eval_program(gi, final)(hparams, server_state,
+                                                   client_states[g.name], eng.arrays, rows,
+                                                   roots, round_index))
+      parts = jax.device_get(parts)
+      per_group.append([{k: np.concatenate([p[k][s] for p in parts])[: g.size]
+                         for k in parts[0]} for s in range(size)])
+    ids = [np.asarray(g.ids) for g in eng.groups]
+    return [eng._summarize([pg[s] for pg in per_group], ids, np.arange(eng.num_clients))  # pylint: disable=protected-access
+            for s in range(size)]
+
+
+def _first_difference(a, b) -> Optional[str]:
+  """The first leaf path where two abstract pytrees differ (structure, shape or dtype)."""
+  flat_a = dict(jax.tree_util.tree_flatten_with_path(a)[0])
+  flat_b = dict(jax.tree_util.tree_flatten_with_path(b)[0])
+  name = lambda path: "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  for path in list(flat_a) + [p for p in flat_b if p not in flat_a]:
+    if path not in flat_a or path not in flat_b:
+      return f"{name(path)} (present in one only)"
+    x, y = flat_a[path], flat_b[path]
+    if x.shape != y.shape or x.dtype != y.dtype:
+      return f"{name(path)} ({x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)})"
+  return None

@@ -13,11 +13,18 @@ from fedjax_lib.models.layers import TorchDense
 from fedjax_lib.models.layers import torch_fc1_permutation
 from fedjax_lib.models.mlp import DNN
 from fedjax_lib.models.mlp import MLR
+from fedjax_lib.models.pooling import AdaptiveAvgPool1d
+from fedjax_lib.models.pooling import adaptive_avg_pool1d
+from fedjax_lib.models.pooling import adaptive_avg_pool_bins
+from fedjax_lib.models.pooling import adaptive_avg_pool_matrix
 from fedjax_lib.models.zoo import MODEL_NAMES
+from fedjax_lib.models.zoo import architecture_of_clients
 from fedjax_lib.models.zoo import init_model
 from fedjax_lib.models.zoo import make_model
+from fedjax_lib.models.zoo import parse_model_names
 
 __all__ = [
+    'AdaptiveAvgPool1d',
     'BaseHeadModel',
     'CONV_IMPLS',
     'DNN',
@@ -27,11 +34,16 @@ __all__ = [
     'MODEL_NAMES',
     'TorchConv',
     'TorchDense',
+    'adaptive_avg_pool1d',
+    'adaptive_avg_pool_bins',
+    'adaptive_avg_pool_matrix',
+    'architecture_of_clients',
     'count_params',
     'feature_dim',
     'init_model',
     'make_model',
     'merge_params',
+    'parse_model_names',
     'split_params',
     'torch_fc1_permutation',
 ]

@@ -11,6 +11,11 @@ communicate, train or aggregate the two parts separately, so every model here is
 (a part without parameters, such as the identity base of logistic regression, is simply
 absent from ``params``).
 
+Heterogeneous models (HtFLlib's ``--feature_dim``) set ``feature_dim``: the base's output is
+then adaptively average-pooled to that width (:mod:`fedjax_lib.models.pooling`) before
+``features`` returns it and before the head sees it. The pool has no parameters, so the
+layout above is unchanged and ``base`` stays the raw, unpooled base module.
+
 Usage::
 
   logits = model.apply(variables, x)
@@ -27,12 +32,18 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from fedjax_lib.models.pooling import adaptive_avg_pool1d
+
 Variables = dict[str, Any]
 Params = dict[str, Any]
 
 
 class BaseHeadModel(nn.Module):
-  """A model ``head(base(x))`` whose two parts can be used separately.
+  """A model ``head(pool(base(x)))`` whose two parts can be used separately.
+
+``pool`` is the identity unless ``feature_dim`` is set, in which case it is PyTorch's
+``AdaptiveAvgPool1d(feature_dim)`` over the base's output (HtFLlib's common feature width
+for heterogeneous models); it belongs to neither part's parameters (it has none).
 
   Mixed precision: when ``base`` and ``head`` compute in a lower precision (their layers'
   ``dtype``, e.g. bfloat16, with float32 parameters), ``dtype`` names it, and the features
@@ -45,24 +56,34 @@ class BaseHeadModel(nn.Module):
     head: the classifier, mapping features to ``(batch, num_classes)`` logits.
     dtype: the computation dtype of ``base`` and ``head``; ``None`` (float32) leaves their
       outputs untouched.
+    feature_dim: ``None`` (features are the base's output, unchanged) or the width ``F``
+      the base's output is pooled to; ``features`` then returns ``(batch, F)`` and the head
+      (and ``classify``) takes ``F``-dim features.
   """
   base: nn.Module
   head: nn.Module
   dtype: Optional[Any] = None
+  feature_dim: Optional[int] = None
 
   def _out(self, y: jax.Array) -> jax.Array:
     return y if self.dtype is None else y.astype(jnp.float32)
 
+  def _features(self, x: jax.Array) -> jax.Array:
+    z = self.base(x)
+    if self.feature_dim is not None:
+      z = adaptive_avg_pool1d(z, self.feature_dim, self.dtype)
+    return z
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    """Logits ``head(base(x))``."""
-    return self._out(self.head(self.base(x)))
+    """Logits ``head(pool(base(x)))``."""
+    return self._out(self.head(self._features(x)))
 
   def features(self, x: jax.Array) -> jax.Array:
-    """The feature representation ``base(x)``."""
-    return self._out(self.base(x))
+    """The feature representation ``pool(base(x))`` (``base(x)`` without ``feature_dim``)."""
+    return self._out(self._features(x))
 
   def classify(self, z: jax.Array) -> jax.Array:
-    """Logits ``head(z)`` of features ``z``."""
+    """Logits ``head(z)`` of features ``z`` (``feature_dim`` wide when that is set)."""
     return self._out(self.head(z))
 
 

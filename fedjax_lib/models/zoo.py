@@ -10,14 +10,24 @@ name       aliases                model
 ``mlr``    ``mclr_logistic``      :func:`~fedjax_lib.models.mlp.MLR`
 =========  =====================  ============================================
 
-Every model takes ``dtype='bfloat16'`` for mixed precision (see :func:`make_model`).
+Every model takes ``dtype='bfloat16'`` for mixed precision and ``feature_dim=F`` for a
+common feature width across architectures (HtFLlib's ``--feature_dim``: the base's output
+is adaptively average-pooled to ``F`` and the head is ``F -> num_classes``; see
+:func:`make_model`).
+
+Heterogeneous FL takes a comma-separated list of architectures (:func:`parse_model_names`,
+e.g. ``'cnn,dnn'``); client ``i`` gets architecture ``i mod K``
+(:func:`architecture_of_clients`).
 
 Example::
 
   model = make_model('CNN', sample_shape=(28, 28, 1), num_classes=10)
   variables = init_model(model, jax.random.PRNGKey(0), (28, 28, 1))
+  names = architecture_of_clients(parse_model_names('cnn,dnn'), num_clients=20)
+  models = {n: make_model(n, (28, 28, 1), 10, feature_dim=512) for n in set(names)}
 """
 
+from collections.abc import Sequence
 import functools
 import numbers
 from typing import Any, Optional
@@ -89,8 +99,82 @@ def compute_dtype(dtype) -> Optional[Any]:
   return None if canonical == 'float32' else getattr(jnp, canonical)
 
 
+def _canonical_name(name) -> Optional[str]:
+  """The canonical model name of ``name`` (case-insensitive, alias-resolved), or None."""
+  if not isinstance(name, str):
+    return None
+  key = name.strip().lower()
+  key = _ALIASES.get(key, key)
+  return key if key in MODEL_NAMES else None
+
+
+def _accepted_names() -> str:
+  aliases = ', '.join(f'{alias} ({name})' for alias, name in _ALIASES.items())
+  return f'{", ".join(MODEL_NAMES)}; aliases: {aliases}'
+
+
+def parse_model_names(spec: str | Sequence[str]) -> tuple[str, ...]:
+  """Parses one model name or a comma-separated list of them (heterogeneous models).
+
+  Names are case-insensitive, surrounding whitespace is ignored and aliases are resolved,
+  so ``'CNN, FedAvgCNN,mlr'`` gives ``('cnn', 'cnn', 'mlr')``. Repeats are kept: they set
+  the proportions of architectures (see :func:`architecture_of_clients`).
+
+  Args:
+    spec: a string such as ``'cnn'`` or ``'cnn,dnn'``, or a sequence of names.
+
+  Returns:
+    The canonical names (members of :data:`MODEL_NAMES`), in order, at least one.
+
+  Raises:
+    ConfigError: for an empty entry or an unknown name (naming it and the accepted names).
+  """
+  if isinstance(spec, str):
+    entries = spec.split(',')
+  elif isinstance(spec, Sequence) and spec:
+    entries = list(spec)
+  else:
+    raise ConfigError(f'model names must be a string of comma-separated names, got {spec!r}; '
+                      f'accepted names: {_accepted_names()}')
+  names = []
+  for entry in entries:
+    if isinstance(entry, str) and not entry.strip():
+      raise ConfigError(f'empty model name in {spec!r}; accepted names: {_accepted_names()}')
+    key = _canonical_name(entry)
+    if key is None:
+      raise ConfigError(f'unknown model {entry!r} in {spec!r}; accepted names: '
+                        f'{_accepted_names()}')
+    names.append(key)
+  return tuple(names)
+
+
+def architecture_of_clients(names: str | Sequence[str], num_clients: int) -> list[str]:
+  """The architecture of each client: client ``i`` gets ``names[i % len(names)]``.
+
+  This is HtFLlib's rule (``args.models[i % len(args.models)]``): with ``('cnn', 'dnn')``
+  even clients run the CNN and odd clients the DNN; repeating a name in ``names`` raises
+  its share (``('cnn', 'cnn', 'dnn')``: two thirds CNN).
+
+  Args:
+    names: model names, as accepted by :func:`parse_model_names` (a comma-separated string
+      or a sequence of names).
+    num_clients: the number of clients, a positive integer.
+
+  Returns:
+    A list of ``num_clients`` canonical model names.
+
+  Raises:
+    ConfigError: for an invalid name list or number of clients.
+  """
+  names = parse_model_names(names)
+  if not _is_int(num_clients) or num_clients < 1:
+    raise ConfigError(f'num_clients must be a positive integer, got {num_clients!r}')
+  return [names[i % len(names)] for i in range(int(num_clients))]
+
+
 def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
-               dtype='float32', **kwargs) -> BaseHeadModel:
+               dtype='float32', feature_dim: Optional[int] = None,
+               **kwargs) -> BaseHeadModel:
   """Builds the model called ``name`` for inputs of shape ``sample_shape``.
 
   Args:
@@ -101,6 +185,11 @@ def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
     dtype: the computation dtype, ``'float32'`` or ``'bfloat16'`` (mixed precision: float32
       parameters, convolutions, matmuls and activations in bfloat16, features and logits
       returned in float32). ``'float32'`` builds exactly the plain float32 model.
+    feature_dim: ``None`` (the model as is: features are the base's output) or a positive
+      integer ``F``: the base's output is adaptively average-pooled to width ``F`` (PyTorch's
+      ``AdaptiveAvgPool1d(F)``, as HtFLlib does for heterogeneous models) and the head is a
+      dense ``F -> num_classes`` layer, so heads of all architectures have the same shapes.
+      The pool has no parameters; the base's parameters are unchanged.
     **kwargs: model options: ``conv_impl`` (``'lax'`` or ``'patches'``) and
       ``hidden_dim`` for ``cnn``; ``hidden_dim`` for ``dnn``; none for ``mlr``.
 
@@ -110,12 +199,13 @@ def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
   Raises:
     ConfigError: for an unknown name, option or dtype, or an invalid shape or value.
   """
-  key = name.strip().lower() if isinstance(name, str) else name
-  key = _ALIASES.get(key, key)
-  if key not in MODEL_NAMES:
+  key = _canonical_name(name)
+  if key is None:
     raise ConfigError(f'unknown model {name!r}; choose one of: {", ".join(MODEL_NAMES)}')
   if not _is_int(num_classes) or num_classes < 2:
     raise ConfigError(f'num_classes must be an integer >= 2, got {num_classes!r}')
+  if feature_dim is not None and (not _is_int(feature_dim) or feature_dim < 1):
+    raise ConfigError(f'feature_dim must be a positive integer or None, got {feature_dim!r}')
   _check_sample_shape(key, sample_shape)
   options = {}
   for option, value in kwargs.items():
@@ -131,10 +221,16 @@ def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
     options[option] = value
   options['dtype'] = compute_dtype(dtype)
   if key == 'cnn':
-    return cnn.FedAvgCNN(int(num_classes), **options)
-  if key == 'dnn':
-    return mlp.DNN(int(num_classes), **options)
-  return mlp.MLR(int(num_classes), **options)
+    model = cnn.FedAvgCNN(int(num_classes), **options)
+  elif key == 'dnn':
+    model = mlp.DNN(int(num_classes), **options)
+  else:
+    model = mlp.MLR(int(num_classes), **options)
+  if feature_dim is None:
+    return model
+  # Every head is a TorchDense(num_classes) whose fan-in is read from its input, so pooling
+  # in front of it makes it a dense F -> num_classes layer.
+  return model.clone(feature_dim=int(feature_dim))
 
 
 def init_model(model: BaseHeadModel, key: jax.Array,

@@ -1,0 +1,178 @@
+"""Executors: how the clients of one architecture group are iterated, behind one interface.
+
+A round (`fedjax_lib.core.engine`) is written once; for every architecture group it calls
+``executor.train(...)``, and the executor decides how that group's cohort slots run:
+
+=============  ============================================================================
+``vmap``       one program for the whole group: ``jax.vmap`` over the slots (accelerators)
+``chunked``    ``lax.map`` over the slots, ``chunk_size`` clients vmapped at a time (memory)
+``sequential`` a host loop over the selected clients, one compiled per-client program,
+               each client's new state written into the donated stacked states in place
+               (XLA:CPU, where per-client programs beat grouped convolutions)
+=============  ============================================================================
+
+``vmap`` and ``chunked`` are traced: the whole round (plan, every group, aggregation) is one
+jitted program (:meth:`Executor.stage`). ``sequential`` stages the round as a host loop around
+small jitted pieces. They are interchangeable and tested to agree (fedjax's
+``ForEachClientBackend`` idea), and none of them knows what an algorithm does: each runs the
+engine's per-client step, which already masks inactive, dropped and non-finite clients.
+
+Every ``train`` returns the group's new stacked states and a :class:`SlotOutputs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+CLIENTS = "clients"
+
+
+class GroupSlots(NamedTuple):
+  """The cohort slots of one architecture group in one round (static length S).
+
+  ``rows`` index the group's stacked states (a padding slot has an out-of-range row: gathers
+  clip it, scatters drop it); ``ids`` are global client ids (keys derive from them).
+  """
+  rows: jax.Array
+  ids: jax.Array
+  active: jax.Array   # selected this round
+  kept: jax.Array     # selected and not dropped: aggregated
+
+
+class SlotOutputs(NamedTuple):
+  """What a group's training hands to the aggregation.
+
+  ``uploads``/``weights`` are stacked over the group's slots, except for a linear server on
+  the sequential executor, which gets one row: the weighted mean with the total weight.
+  The per-slot statistics are always over the S slots.
+  """
+  uploads: Any
+  weights: jax.Array
+  active: jax.Array
+  kept: jax.Array
+  nonfinite: jax.Array
+  loss: jax.Array
+
+
+def gather(tree, rows):
+  return jax.tree.map(lambda a: jnp.take(a, rows, axis=0, mode="clip"), tree)
+
+
+def scatter(tree, rows, new):
+  return jax.tree.map(lambda a, n: a.at[rows].set(n, mode="drop"), tree, new)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupProgram:
+  """What an executor needs of the engine to train one group in one round.
+
+  ``step(shared, per_slot) -> (new_state, upload, weight, stats)`` runs ONE client (traced):
+  ``shared`` is the same for every client (server state, samples, swept values), ``per_slot``
+  is ``(state, train_idx, train_count, key, active, kept)``; ``stats`` is
+  ``(active, kept, nonfinite, loss)`` after masking. ``write`` is the sequential executor's
+  per-client program (a `fedjax_lib.core.engine` object with ``init``/``__call__``/``finish``).
+  """
+  step: Callable
+  shared: Any
+  tables: Any            # (train_idx, train_count) of the group's rows
+  in_place: bool         # the slots are the group's rows (no gather / scatter)
+  mesh: Any = None
+  write: Any = None
+
+
+class Executor:
+  """Iterates a group's slots. Subclasses implement ``map`` (traced) or :meth:`train`."""
+
+  name: str = ""
+  #: The whole round is traced into one jitted program.
+  traced: bool = True
+
+  def stage(self, round_fn: Callable, donate: tuple[int, ...]) -> Callable:
+    """The round as it is called: one jitted program, or (sequential) a host function."""
+    return jax.jit(round_fn, donate_argnums=donate) if self.traced else round_fn
+
+  def map(self, fn: Callable, per_slot):
+    raise NotImplementedError
+
+  def train(self, program: GroupProgram, states, slots: GroupSlots, keys, linear: bool):
+    """Trains the group's slots; returns ``(states, SlotOutputs)``."""
+    del linear  # a traced executor hands every upload to the server
+    train_idx, train_count = program.tables
+    if program.in_place:
+      per_slot = (states, train_idx, train_count, keys, slots.active, slots.kept)
+    else:
+      per_slot = (gather(states, slots.rows), *gather((train_idx, train_count), slots.rows),
+                  keys, slots.active, slots.kept)
+    run = lambda shared, per_slot: self.map(lambda args: program.step(shared, args), per_slot)
+    if program.mesh is None:
+      new_states, uploads, weights, stats = run(program.shared, per_slot)
+    else:
+      # Each device trains its block of slots (XLA's partitioner would replicate vmapped,
+      # i.e. grouped, convolutions). The outputs are per slot, so no value crosses devices
+      # here; the server update runs outside, on global arrays. check_vma=False: algorithm
+      # code (scan carries starting from replicated server parameters) need not annotate
+      # device-varying values; every output is per slot.
+      replicated = jax.tree.map(lambda _: P(), program.shared)
+      sharded = jax.tree.map(lambda _: P(CLIENTS), per_slot)
+      new_states, uploads, weights, stats = jax.shard_map(
+          run, mesh=program.mesh, in_specs=(replicated, sharded), out_specs=P(CLIENTS),
+          check_vma=False)(program.shared, per_slot)
+    states = new_states if program.in_place else scatter(states, slots.rows, new_states)
+    return states, SlotOutputs(uploads, weights, *stats)
+
+
+class VmapExecutor(Executor):
+  name = "vmap"
+
+  def map(self, fn, per_slot):
+    return jax.vmap(lambda args: fn(args))(per_slot)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkedExecutor(Executor):
+  chunk_size: int = 8
+  name = "chunked"
+
+  def map(self, fn, per_slot):
+    return jax.lax.map(fn, per_slot, batch_size=self.chunk_size)
+
+
+class SequentialExecutor(Executor):
+  """A host loop over the selected clients, one compiled per-client program.
+
+  Memory: each client's new state is written into the (donated) stacked states in place, so
+  a round holds the client states once. Uploads go into one preallocated ``[S, ...]`` buffer,
+  or, for a linear server, into a running weighted sum (the memory of one upload).
+  """
+
+  name = "sequential"
+  traced = False
+
+  def map(self, fn, per_slot):  # where a traced map is needed: one client at a time
+    return jax.lax.map(fn, per_slot)
+
+  def train(self, program, states, slots, keys, linear):
+    writer = program.write
+    rows = np.asarray(slots.rows)
+    kept = np.asarray(slots.kept)
+    buffers = writer.init(states, slots, linear)
+    for k in np.flatnonzero(np.asarray(slots.active)):
+      states, buffers = writer(states, buffers, np.int32(k), rows[k], keys[k], kept[k],
+                               linear=linear)
+    return states, writer.finish(buffers, linear)
+
+
+def make_executor(name: str, chunk_size: int = 8) -> Executor:
+  if name == "vmap":
+    return VmapExecutor()
+  if name == "chunked":
+    return ChunkedExecutor(chunk_size)
+  if name == "sequential":
+    return SequentialExecutor()
+  raise ValueError(f"unknown executor {name!r}; choose one of: vmap, chunked, sequential")

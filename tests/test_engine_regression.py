@@ -1,0 +1,37 @@
+"""The engine of architecture groups gives today's numbers on one architecture.
+
+tests/data/engine_regression.json was written by the engine before architecture groups, the
+executors as objects and the one run loop (commit "Pin the pre-refactor engine's numbers"):
+every registered algorithm, 2 rounds on digits (5 clients, the DNN, lr 0.05, join ratio 0.8,
+drop rate 0.25), with the vmap and with the sequential executor. The same config must give
+bit-identical histories (accuracy, AUC, train loss, the non-finite count) — with the same
+JAX version; a different JAX may compile differently, and is then held to float tolerance.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from fedjax_lib import Config, run_experiment
+
+PINNED = json.load(open(os.path.join(os.path.dirname(__file__), "data",
+                                     "engine_regression.json")))
+
+
+@pytest.mark.parametrize("key", sorted(PINNED["runs"]))
+def test_numbers_unchanged(key, tmp_path):
+  name, executor = key.split("/")
+  config = Config(algorithm=name, model="dnn", num_clients=5, learning_rate=0.05,
+                  global_rounds=2, join_ratio=0.8, client_drop_rate=0.25, executor=executor,
+                  out=str(tmp_path), progress=False)
+  history = run_experiment(config, log=lambda msg: None).runs[0].history
+  want = PINNED["runs"][key]
+  same_jax = jax.__version__ == PINNED["jax_version"]
+  for field, values in want.items():
+    if same_jax or field in ("rounds", "nonfinite_clients"):
+      assert history[field] == values, field
+    else:
+      np.testing.assert_allclose(history[field], values, rtol=1e-5, atol=1e-6, err_msg=field)
