@@ -6,6 +6,10 @@ every registered algorithm, 2 rounds on digits (5 clients, the DNN, lr 0.05, joi
 drop rate 0.25), with the vmap and with the sequential executor. The same config must give
 bit-identical histories (accuracy, AUC, train loss, the non-finite count) — with the same
 JAX version; a different JAX may compile differently, and is then held to float tolerance.
+
+CI checks every algorithm on the sequential executor (the CPU default) and four on vmap, to
+stay within its time budget; all 28 pinned runs were checked bit-identical when the engine
+landed (``FEDJAX_REGRESSION_ALL=1 python -m pytest tests/test_engine_regression.py``).
 """
 
 import json
@@ -21,7 +25,12 @@ PINNED = json.load(open(os.path.join(os.path.dirname(__file__), "data",
                                      "engine_regression.json")))
 
 
-@pytest.mark.parametrize("key", sorted(PINNED["runs"]))
+VMAP_IN_CI = ("FedAvg", "Ditto", "FedDBE", "LG-FedAvg")
+KEYS = sorted(k for k in PINNED["runs"] if os.environ.get("FEDJAX_REGRESSION_ALL")
+              or k.endswith("/sequential") or k.split("/")[0] in VMAP_IN_CI)
+
+
+@pytest.mark.parametrize("key", KEYS)
 def test_numbers_unchanged(key, tmp_path):
   name, executor = key.split("/")
   config = Config(algorithm=name, model="dnn", num_clients=5, learning_rate=0.05,
