@@ -1,8 +1,11 @@
 """`run_experiment(config) -> Results`: the whole experiment, as the CLI runs it.
 
-Data are loaded and partitioned once, moved to the device once, and every repetition (``times``)
-reuses one compiled round. Each repetition ``t`` uses seed ``config.seed + t`` for the model
-initialisation and every random event; the partition is drawn from ``config.seed``.
+Data are loaded and partitioned once and moved to the device once; `build` makes the models
+(one per architecture of ``config.model``), the algorithm and the engine; `run_loop` — the one
+run loop — advances every run side by side: the ``times`` repetitions (run ``t`` uses seed
+``config.seed + t`` for the model initialisation and every random event; the partition is drawn
+from ``partition_seed``, by default ``config.seed``) or every sweep combination
+(`fedjax_lib.sweep`). Results files are written when the runs finish.
 """
 
 from __future__ import annotations
@@ -364,7 +367,7 @@ class _Run:
     self.history = meta["history"]
     self.train_times, self.eval_times = meta["train_times"], meta["eval_times"]
     self.start_round = self.saved_step = step
-    self.last_ckpt = self.spec.checkpoint and self.open_checkpointer().path(step)
+    self.last_ckpt = self.open_checkpointer().path(step)
     for i, acc in enumerate(self.history["test_acc"]):
       if acc > self.best:
         self.best, self.best_at = acc, i
@@ -664,12 +667,15 @@ def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None):
   out_dir = os.path.abspath(config.out)
   base = f"{tag}_{algorithm.name}_{config.goal}"
   specs = run_specs(config, base, algorithm, data, model)
-  num_params = sum(models_lib.count_params(jax.eval_shape(
-      built.models[a].init, rng.root_key(0), data.x[:1])) for a in built.architectures[:1])
-  models_text = (f"model {config.model} ({num_params:,} parameters)"
-                 if len(set(built.architectures)) == 1 else
-                 f"models {', '.join(built.architectures)} (client i: model i mod "
-                 f"{len(built.architectures)}), feature dim {feature_dim_of(config, built.architectures)}")
+  sizes = {arch: models_lib.count_params(jax.eval_shape(model.init, rng.root_key(0),
+                                                         data.x[:1]))
+           for arch, model in built.models.items()}
+  if len(sizes) == 1:
+    models_text = f"model {config.model} ({sizes[built.architectures[0]]:,} parameters)"
+  else:
+    models_text = (f"models {', '.join(f'{a} ({n:,} parameters)' for a, n in sizes.items())}"
+                   f", client i uses {config.model}[i mod {len(built.architectures)}], "
+                   f"feature dim {feature_dim_of(config, built.architectures)}")
   what = (f"sweep of {len(specs)} combinations over {', '.join(config.sweep)}; "
           if config.sweep else "")
   log(f"{algorithm.name} on {tag}: {what}{data.num_clients} clients, {data.num_classes} "

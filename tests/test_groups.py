@@ -123,7 +123,8 @@ def test_feature_dim_makes_heads_interchangeable():
 def test_two_architectures_learn_on_digits(algorithm, bar, tmp_path):
   """CNN and DNN clients on the bundled digits (10 clients, Dir(0.1), lr 0.05, 5 rounds).
 
-  Measured (seed 0): Local .947, LG-FedAvg .933 after 5 rounds, from ~.1 at round 0."""
+  Measured over seeds 0/1/2 (round 0 → round 5): Local .070/.082/.086 → .947/.927/.929,
+  LG-FedAvg .070/.082/.086 → .941/.929/.943; the bar sits below the smallest."""
   res = run_experiment(Config(model="cnn,dnn", algorithm=algorithm, num_clients=10,
                               learning_rate=0.05, global_rounds=5, eval_gap=5,
                               out=str(tmp_path), progress=False), **QUIET)
