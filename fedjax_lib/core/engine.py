@@ -29,8 +29,8 @@ device whatever it computes (per-class means, a few SGD steps...).
 
 **Runs side by side.** Every program takes the swept hyperparameters as an argument
 (``{path: value}``, empty for a plain run; see `Algorithm.with_hyperparameter_values`), and
-the traced executors offer stacked variants (``*_stacked``) that ``vmap`` init, rounds and
-evaluation over a leading axis of S runs (`fedjax_lib.runner`).
+with a traced executor :meth:`Engine.stacked` gives init, rounds and evaluation ``vmap``-ped
+over a leading axis of S runs (:class:`StackedPrograms`, used by `fedjax_lib.runner`).
 """
 
 from __future__ import annotations
@@ -247,7 +247,6 @@ class Engine:
     self.groups = groups
     self.algorithm = groups[0].algorithm  # the server side (shared by every group)
     self.participation = participation
-    self.executor_name = executor
     self.executors = [executors_lib.make_executor(executor, g.chunk_size or chunk_size)
                       for g in groups]
     self.executor = executor

@@ -23,7 +23,7 @@ Every ``train`` returns the group's new stacked states and a :class:`SlotOutputs
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
