@@ -411,7 +411,7 @@ class _States:
 
   def __init__(self, engine, specs: list, sample_x):
     self.engine = engine
-    self.stacked = (len(specs) > 1 and engine.executors[0].traced and engine.mesh is None)
+    self.stacked = runs_stacked(engine, specs)
     roots = [rng.root_key(s.seed) for s in specs]
     if self.stacked:
       self.programs = engine.stacked()
@@ -428,8 +428,7 @@ class _States:
   def get(self, s: int):
     """Run ``s``'s ``(server_state, client_states)`` as checkpointed (real clients only)."""
     if self.stacked:
-      server, clients = jax.tree.map(lambda a: a[s], (self.server, self.clients))
-      return server, clients
+      return jax.tree.map(lambda a: a[s], (self.server, self.clients))
     server, clients = self.states[s]
     return server, self.engine.export_states(clients)
 
@@ -723,9 +722,9 @@ def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None):
   sweep_base = os.path.join(out_dir, f"{base}_sweep")
   files = {"summary_json": sweep_base + "_summary.json",
            "summary_md": sweep_base + "_summary.md"}
-  mean_round = float(np.mean([r.mean_round_time_s for r in results]))
-  if not runs_stacked(engine, specs):
-    mean_round = float(sum(r.mean_round_time_s for r in results))
+  # Stacked runs are each charged the whole round; runs one after another add up.
+  per_run = [r.mean_round_time_s for r in results]
+  mean_round = float(np.mean(per_run) if runs_stacked(engine, specs) else np.sum(per_run))
   total = max(r.total_time_s for r in results)
   if is_writer():
     results_lib.write_json(files["summary_json"], {
