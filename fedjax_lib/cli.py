@@ -14,8 +14,12 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from fedjax_lib.algorithms import algorithm_names, get_algorithm
 from fedjax_lib.config import DTYPES, EXECUTORS, ON_NAN, PARTITIONS, Config
+from fedjax_lib.data import BUILTIN_DATASETS
+from fedjax_lib.data.loading import DEFAULT_NUM_CLIENTS
 from fedjax_lib.errors import ConfigError, FedJaxError
+from fedjax_lib.models import MODEL_NAMES
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
@@ -68,25 +72,82 @@ SWEEP_ALIASES = {"lr": "learning_rate", "local_learning_rate": "learning_rate",
 
 
 # PFLlib's algorithm flags: (flags, hyperparameter name, type, help). Each is passed to the
-# algorithm only when given; an algorithm refuses hyperparameters it does not take.
+# algorithm only when given; an algorithm refuses hyperparameters it does not take. --help adds
+# the algorithms that take each one and its default, both read from the algorithm registry.
 ALGORITHM_FLAGS = (
-    (("-mu", "--mu"), "mu", float, "proximal / weight-decay coefficient (FedProx, Ditto, GPFL)"),
-    (("-lam", "--lamda", "--lam"), "lam", float, "regularisation weight λ (FedCP, GPFL)"),
-    (("-bt", "--beta"), "beta", float, "meta step β (PerAvg; default: the learning rate)"),
+    (("-mu", "--mu"), "mu", float, "proximal coefficient; GCE/CoV weight decay in GPFL"),
+    (("-lam", "--lamda", "--lam"), "lam", float, "regularisation weight λ (MMD in FedCP, "
+     "alignment in GPFL)"),
+    (("-bt", "--beta"), "beta", float, "meta step β"),
     (("-pls", "--plocal_epochs", "--plocal-epochs"), "plocal_epochs", int,
-     "personal/head epochs (Ditto, FedRep)"),
-    (("-et", "--eta"), "eta", float, "ALA weight learning rate (FedALA)"),
+     "personal-model / head epochs"),
+    (("-et", "--eta"), "eta", float, "ALA weight learning rate"),
     (("-s", "--rand_percent", "--rand-percent"), "rand_percent", int,
-     "percent of local data for ALA (FedALA)"),
+     "percent of local data ALA learns its weights on"),
     (("-p", "--layer_idx", "--layer-idx"), "layer_idx", int,
-     "ALA on the last p parameter tensors (FedALA)"),
-    (("-mo", "--momentum"), "momentum", float, "running-mean momentum (FedDBE)"),
-    (("-klw", "--kl_weight", "--kl-weight"), "kl_weight", float,
-     "mean-regularisation weight (FedDBE)"),
+     "ALA on the last p parameter tensors"),
+    (("-mo", "--momentum"), "momentum", float, "running-mean momentum"),
+    (("-klw", "--kl_weight", "--kl-weight"), "kl_weight", float, "mean-regularisation weight"),
     (("-fte", "--fine_tuning_epochs", "--fine-tuning-epochs"), "fine_tuning_epochs", int,
-     "fine-tuning epochs after the last round (FedBABU)"),
+     "fine-tuning epochs after the last round"),
 )
 _ALGO_DESTS = tuple(dest for _, dest, _, _ in ALGORITHM_FLAGS)
+
+# What an algorithm hyperparameter whose default is None stands for, as --help shows it.
+_UNSET_HYPERPARAMETER = {"beta": "the learning rate"}
+
+
+def _format_default(value) -> str:
+  return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def default_text(action: argparse.Action) -> Optional[str]:
+  """A flag's default as ``--help`` and the README's flag table show it; None for none.
+
+  A flag whose value stays ``None`` unless given shows what that means (``-ncl``: "the
+  data's"); a switch without a value and a repeatable flag show none.
+  """
+  shown = getattr(action, "shown_default", None)
+  if shown is not None:
+    return shown
+  value = action.default
+  if action.nargs == 0 or value is None or value is argparse.SUPPRESS or value == []:
+    return None
+  return _format_default(value)
+
+
+def algorithm_flag_defaults(dest: str) -> tuple[list[str], Optional[str]]:
+  """(algorithms that take hyperparameter ``dest``, its default as --help shows it).
+
+  Read from the registry; one value when every taker agrees, else ``value (names), ...``.
+  """
+  takers: dict[str, list[str]] = {}  # default text -> algorithm names
+  for name in algorithm_names():
+    accepted = get_algorithm(name).hyperparameters()
+    if dest in accepted:
+      value = accepted[dest]
+      text = _UNSET_HYPERPARAMETER.get(dest, "unset") if value is None else _format_default(value)
+      takers.setdefault(text, []).append(name)
+  names = [name for group in takers.values() for name in group]
+  if len(takers) <= 1:
+    return names, next(iter(takers), None)
+  return names, ", ".join(f"{text} ({', '.join(group)})" for text, group in takers.items())
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+  """Help listing a flag's spellings once before its value, with its default appended."""
+
+  def _format_action_invocation(self, action: argparse.Action) -> str:
+    if not action.option_strings or action.nargs == 0:
+      return super()._format_action_invocation(action)
+    value = self._format_args(action, self._get_default_metavar_for_optional(action))
+    return f"{', '.join(action.option_strings)} {value}"
+
+  def _get_help_string(self, action: argparse.Action) -> str:
+    shown = default_text(action)
+    if shown is None:
+      return action.help or ""
+    return f"{action.help or ''} (default: {shown.replace('%', '%%')})"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,101 +157,162 @@ class _Parser(argparse.ArgumentParser):
     self.exit(2, f"error: {message} (see --help)\n")
 
 
+def _add(group, *flags: str, shown_default: Optional[str] = None, **kwargs) -> None:
+  """``group.add_argument``; ``shown_default`` is what a ``None`` default means in --help."""
+  action = group.add_argument(*flags, **kwargs)
+  action.shown_default = shown_default
+
+
 def build_parser() -> argparse.ArgumentParser:
+  """The command line: PFLlib's flags and readable long options, grouped, with defaults."""
   d = Config()
-  p = _Parser(prog="python -m fedjax_lib", allow_abbrev=False,
-              description="Simulate (personalized) federated learning, PFLlib-compatible.")
-  add = p.add_argument
-  add("-data", "--dataset", default=d.dataset,
-      help="built-in dataset (digits, synthetic-cifar, mnist, fmnist, cifar10, cifar100) or a "
-           "PFLlib dataset folder (config.json, train/<id>.npz, test/<id>.npz)")
-  add("-m", "--model", default=d.model,
-      help="model: cnn (FedAvgCNN), dnn, mlr; or a comma-separated list (cnn,dnn): client i "
-           "uses model i mod K")
-  add("-fd", "--feature_dim", "--feature-dim", type=int, default=d.feature_dim,
-      dest="feature_dim", help="pool every model's features to this width (HtFLlib's -fd; "
-                               "default: 512 with several models, the model's own with one)")
-  add("-algo", "--algorithm", default=d.algorithm, help="algorithm (PFLlib names)")
-  add("--dtype", choices=DTYPES, default=d.dtype,
-      help="computation dtype of local training and evaluation: float32, or bfloat16 for "
-           "mixed precision (float32 parameters, bfloat16 convolutions/matmuls)")
-  add("-gr", "--global_rounds", "--global-rounds", type=int, default=d.global_rounds,
-      dest="global_rounds", help="rounds after round 0 (the loop runs gr+1 times)")
-  add("-ls", "--local_epochs", "--local-epochs", type=int, default=d.local_epochs,
-      dest="local_epochs")
-  add("-lbs", "--batch_size", "--batch-size", type=int, default=d.batch_size, dest="batch_size")
-  add("-lr", "--local_learning_rate", "--learning-rate", type=float, default=d.learning_rate,
-      dest="learning_rate")
-  add("-nc", "--num_clients", "--num-clients", type=int, default=None, dest="num_clients",
-      help="clients (default 20 for built-in data; a folder's own count)")
-  add("-ncl", "--num_classes", "--num-classes", type=int, default=None, dest="num_classes")
-  add("-jr", "--join_ratio", "--join-ratio", type=float, default=d.join_ratio, dest="join_ratio")
-  add("-rjr", "--random_join_ratio", "--random-join-ratio", type=str2bool, nargs="?",
-      const=True, default=d.random_join_ratio, dest="random_join_ratio")
-  add("-cdr", "--client_drop_rate", "--client-drop-rate", type=float,
-      default=d.client_drop_rate, dest="client_drop_rate")
-  add("-eg", "--eval_gap", "--eval-gap", type=int, default=d.eval_gap, dest="eval_gap")
-  add("-t", "--times", type=int, default=d.times, help="repetitions (seeds seed, seed+1, ...)")
-  add("-ab", "--auto_break", "--auto-break", type=str2bool, nargs="?", const=True,
-      default=d.auto_break, dest="auto_break")
-  add("-tc", "--top_cnt", "--top-cnt", type=int, default=d.top_cnt, dest="top_cnt")
-  add("-go", "--goal", default=d.goal, help="tag in result file names")
-  add("--seed", type=int, default=d.seed)
-  add("--out", default=d.out, help="output folder (default results/)")
-  add("--partition", choices=PARTITIONS, default=d.partition,
-      help="partition of built-in data: dir (Dirichlet), pat (pathological), iid, exdir")
-  add("--alpha", type=float, default=d.alpha, help="Dirichlet concentration")
-  add("--class-per-client", type=int, default=d.class_per_client, dest="class_per_client")
-  add("--balance", type=str2bool, nargs="?", const=True, default=d.balance)
-  add("--train-ratio", type=float, default=d.train_ratio, dest="train_ratio")
-  add("--executor", choices=EXECUTORS, default=d.executor)
-  add("--chunk-size", type=int, default=d.chunk_size, dest="chunk_size")
-  add("--unroll", type=int, default=None, help="local steps unrolled per loop iteration "
-      "(0 = all; default: per backend)")
-  add("--eval-chunk-size", type=int, default=d.eval_chunk_size, dest="eval_chunk_size")
+  p = _Parser(prog="python -m fedjax_lib", usage="%(prog)s [options]", allow_abbrev=False,
+              formatter_class=_HelpFormatter,
+              description="Simulate (personalized) federated learning with PFLlib's flags. "
+              "A first run: python -m fedjax_lib -gr 50 (FedAvg on the bundled digits, 20 "
+              "clients).")
+  boolean = dict(type=str2bool, nargs="?", const=True, metavar="BOOL")
+  _add(p, "--config", metavar="FILE", help="JSON of Config fields (or a results JSON, to rerun "
+       "its configuration); flags given on the command line override it")
+
+  data = p.add_argument_group("data")
+  _add(data, "-data", "--dataset", default=d.dataset,
+       help=f"a built-in dataset ({', '.join(BUILTIN_DATASETS)}; case-insensitive) or a PFLlib "
+       "dataset folder (config.json, train/<id>.npz, test/<id>.npz)")
+  _add(data, "-nc", "--num_clients", "--num-clients", type=int, default=None, dest="num_clients",
+       shown_default=f"{DEFAULT_NUM_CLIENTS} for built-in data, else the folder's",
+       help="number of clients")
+  _add(data, "-ncl", "--num_classes", "--num-classes", type=int, default=None,
+       dest="num_classes", shown_default="the data's",
+       help="number of classes; must match the data when given")
+  _add(data, "--partition", choices=PARTITIONS, default=d.partition,
+       help="how built-in data is split over clients: dir (Dirichlet), pat (pathological), "
+       "iid, exdir (extended Dirichlet)")
+  _add(data, "--alpha", type=float, default=d.alpha,
+       help="Dirichlet concentration of dir and exdir (smaller: more label skew)")
+  _add(data, "--class-per-client", type=int, default=d.class_per_client,
+       dest="class_per_client", help="labels per client in pat and exdir")
+  _add(data, "--balance", default=d.balance, **boolean,
+       help="equal client sizes in iid and pat")
+  _add(data, "--train-ratio", type=float, default=d.train_ratio, dest="train_ratio",
+       help="fraction of each client's samples it trains on; the rest is its test split")
+  _add(data, "--partition-seed", type=int, default=d.partition_seed, dest="partition_seed",
+       shown_default="--seed", help="seed of the data partition alone (fixes the clients "
+       "across seeds)")
+
+  model = p.add_argument_group("model")
+  _add(model, "-m", "--model", default=d.model,
+       help=f"architecture, one of {', '.join(MODEL_NAMES)} (case-insensitive; cnn is PFLlib's "
+       "FedAvgCNN), or a comma-separated list (cnn,dnn): client i uses model i mod K")
+  _add(model, "-fd", "--feature_dim", "--feature-dim", type=int, default=d.feature_dim,
+       dest="feature_dim", shown_default="512 with several models, else the model's own",
+       help="pool every model's features to this width (HtFLlib's -fd)")
+  _add(model, "--dtype", choices=DTYPES, default=d.dtype,
+       help="computation dtype of local training and evaluation: float32, or bfloat16 for "
+       "mixed precision (float32 parameters, bfloat16 convolutions/matmuls)")
+
+  algorithm = p.add_argument_group(
+      "algorithm", "Hyperparameter flags are passed only when given; an algorithm refuses one "
+      "it does not take.")
+  _add(algorithm, "-algo", "--algorithm", default=d.algorithm,
+       help=f"one of {', '.join(algorithm_names())} (case-insensitive)")
   for flags, dest, kind, text in ALGORITHM_FLAGS:
-    add(*flags, type=kind, default=None, dest=dest, help=text)
-  add("--pfllib-compat", type=str2bool, nargs="?", const=True, default=d.pfllib_compat,
-      dest="pfllib_compat", help="reproduce PFLlib's documented quirks where an algorithm "
-      "offers it (e.g. FedCP's Gumbel noise at test time)")
-  add("-nnc", "--num_new_clients", "--num-new-clients", type=int, default=d.num_new_clients,
-      dest="num_new_clients", help="clients held out of training and evaluated after it "
-      "(the data get num_clients + nnc clients)")
-  add("-ften", "--fine_tuning_epoch_new", "--fine-tuning-epoch-new", type=int,
-      default=d.fine_tuning_epoch_new, dest="fine_tuning_epoch_new",
-      help="fine-tuning epochs of each new client before its test")
-  add("--checkpoint-every", type=int, default=d.checkpoint_every, dest="checkpoint_every",
-      help="save an Orbax checkpoint every k rounds under <out>/checkpoints (0: only when "
-      "interrupted); a rerun with the same --out continues from the latest one")
-  add("--keep-checkpoints", type=int, default=d.keep_checkpoints, dest="keep_checkpoints",
-      help="checkpoints kept per run")
-  add("--resume", type=str2bool, nargs="?", const=True, default=d.resume,
-      help="require a checkpoint to continue from (a rerun resumes anyway when one exists)")
-  add("--on-nan", choices=ON_NAN, default=d.on_nan, dest="on_nan",
-      help="non-finite client update: stop the run, or skip-client (drop it and count it)")
-  add("--config", metavar="FILE", help="JSON of Config fields (or a results JSON, to rerun its "
-      "configuration); flags given on the command line override it")
-  add("--algo-param", type=_algo_param, action="append", default=[], dest="algo_params",
-      metavar="NAME=VALUE", help="algorithm hyperparameter (repeatable)")
-  add("--partition-seed", type=int, default=d.partition_seed, dest="partition_seed",
-      help="seed of the data partition (default: --seed); fixes the partition across seeds")
-  add("--sweep", type=_sweep_item, nargs="+", action="extend", default=[], metavar="NAME=V,..",
-      help="run every combination in one compiled program: seed=0,1,2 lr=0.01,0.005 and any "
-      "numeric hyperparameter of the algorithm (mu=..., lam=...)")
-  add("--devices", type=int, default=d.devices, help="shard the clients over this many "
-      "devices (0: all; default 1)")
-  add("--distributed", type=str2bool, nargs="?", const=True, default=d.distributed,
-      help="multi-host: call jax.distributed.initialize() first (coordinator, process count "
-      "and id from the environment or the cluster); only process 0 writes results")
-  add("-dev", "--device", choices=("auto", "cpu", "cuda", "gpu", "tpu"), default="auto",
-      help="JAX platform (default: JAX's choice)")
-  add("--no-progress", action="store_false", dest="progress", help="no progress bar")
+    names, shown = algorithm_flag_defaults(dest)
+    _add(algorithm, *flags, type=kind, default=None, dest=dest, shown_default=shown,
+         help=f"{text}; taken by {', '.join(names) or 'no algorithm'}")
+  _add(algorithm, "--algo-param", type=_algo_param, action="append", default=[],
+       dest="algo_params", metavar="NAME=VALUE",
+       help="any other algorithm hyperparameter (repeatable)")
+  _add(algorithm, "--pfllib-compat", default=d.pfllib_compat, dest="pfllib_compat", **boolean,
+       help="reproduce PFLlib's documented quirks where an algorithm offers it (e.g. FedCP's "
+       "Gumbel noise at test time)")
+
+  training = p.add_argument_group("training")
+  _add(training, "-gr", "--global_rounds", "--global-rounds", type=int,
+       default=d.global_rounds, dest="global_rounds",
+       help=f"rounds after round 0 (the loop runs gr+1 times); PFLlib's {d.global_rounds} take "
+       "~50 min on digits on a 2-core CPU: try -gr 50 first")
+  _add(training, "-ls", "--local_epochs", "--local-epochs", type=int, default=d.local_epochs,
+       dest="local_epochs", help="local epochs per round")
+  _add(training, "-lbs", "--batch_size", "--batch-size", type=int, default=d.batch_size,
+       dest="batch_size", help="local batch size (the last incomplete batch is dropped)")
+  _add(training, "-lr", "--local_learning_rate", "--learning-rate", type=float,
+       default=d.learning_rate, dest="learning_rate", help="local SGD learning rate")
+  _add(training, "-jr", "--join_ratio", "--join-ratio", type=float, default=d.join_ratio,
+       dest="join_ratio", help="fraction of the clients selected per round")
+  _add(training, "-rjr", "--random_join_ratio", "--random-join-ratio",
+       default=d.random_join_ratio, dest="random_join_ratio", **boolean,
+       help="select a uniform count in [int(N·jr), N] each round")
+  _add(training, "-cdr", "--client_drop_rate", "--client-drop-rate", type=float,
+       default=d.client_drop_rate, dest="client_drop_rate",
+       help="fraction of the selected clients whose update is dropped")
+  _add(training, "-t", "--times", type=int, default=d.times,
+       help="repetitions, with seeds seed, seed+1, ... on one partition")
+  _add(training, "--seed", type=int, default=d.seed, help="seed of the partition and of run 0")
+  _add(training, "--sweep", type=_sweep_item, nargs="+", action="extend", default=[],
+       metavar="NAME=V,..", help="run every combination side by side: seed=0,1,2 "
+       "lr=0.01,0.005 and any numeric hyperparameter of the algorithm (mu=..., lam=...)")
+  _add(training, "-ab", "--auto_break", "--auto-break", default=d.auto_break,
+       dest="auto_break", **boolean,
+       help="stop when the best accuracy is more than -tc evaluations old")
+  _add(training, "-tc", "--top_cnt", "--top-cnt", type=int, default=d.top_cnt, dest="top_cnt",
+       help="patience of -ab, in evaluations")
+  _add(training, "--on-nan", choices=ON_NAN, default=d.on_nan, dest="on_nan",
+       help="non-finite client update: stop the run, or skip-client (drop it and count it)")
+
+  evaluation = p.add_argument_group("evaluation")
+  _add(evaluation, "-eg", "--eval_gap", "--eval-gap", type=int, default=d.eval_gap,
+       dest="eval_gap", help="evaluate every eg rounds")
+  _add(evaluation, "-nnc", "--num_new_clients", "--num-new-clients", type=int,
+       default=d.num_new_clients, dest="num_new_clients", help="clients held out of training "
+       "and evaluated after it (the data get num_clients + nnc clients)")
+  _add(evaluation, "-ften", "--fine_tuning_epoch_new", "--fine-tuning-epoch-new", type=int,
+       default=d.fine_tuning_epoch_new, dest="fine_tuning_epoch_new",
+       help="fine-tuning epochs of each new client before its test")
+
+  output = p.add_argument_group("output and checkpoints")
+  _add(output, "--out", default=d.out, help="output folder")
+  _add(output, "-go", "--goal", default=d.goal, help="tag in result file names")
+  _add(output, "--checkpoint-every", type=int, default=d.checkpoint_every,
+       dest="checkpoint_every", help="save an Orbax checkpoint every k rounds under "
+       "<out>/checkpoints (0: only when interrupted); a rerun with the same --out continues "
+       "from the latest one")
+  _add(output, "--keep-checkpoints", type=int, default=d.keep_checkpoints,
+       dest="keep_checkpoints", help="checkpoints kept per run")
+  _add(output, "--resume", default=d.resume, **boolean,
+       help="require a checkpoint to continue from (a rerun resumes anyway when one exists)")
+  _add(output, "--overwrite", action="store_true", default=d.overwrite,
+       help="replace results files and checkpoints of a different config in --out (without "
+       "it, such a run is refused naming the file and the fields that differ)")
+  _add(output, "--no-plot", action="store_false", dest="plot",
+       help="write no PNG of the curves (skips matplotlib)")
+  _add(output, "--no-progress", action="store_false", dest="progress", help="no progress bar")
+  _add(output, "-q", "--quiet", action="store_true", default=False,
+       help="print only warnings, errors and the final summary")
+
+  execution = p.add_argument_group("execution")
+  _add(execution, "--executor", choices=EXECUTORS, default=d.executor,
+       help="how the selected clients are trained: auto (sequential on CPU, vmap on "
+       "accelerators), vmap, chunked (lax.map), sequential (a loop over one compiled program)")
+  _add(execution, "--chunk-size", type=int, default=d.chunk_size, dest="chunk_size",
+       help="clients per lax.map step of the chunked executor")
+  _add(execution, "--unroll", type=int, default=d.unroll, shown_default="per backend",
+       help="local steps unrolled per loop iteration (0: all)")
+  _add(execution, "--eval-chunk-size", type=int, default=d.eval_chunk_size,
+       dest="eval_chunk_size", help="clients evaluated per lax.map step")
+  _add(execution, "--devices", type=int, default=d.devices,
+       help="shard the clients over this many devices (0: all)")
+  _add(execution, "--distributed", default=d.distributed, **boolean,
+       help="multi-host: call jax.distributed.initialize() first (coordinator, process count "
+       "and id from the environment or the cluster); only process 0 writes results")
+  _add(execution, "-dev", "--device", choices=("auto", "cpu", "cuda", "gpu", "tpu"),
+       default="auto", help="JAX platform (auto: JAX's choice)")
   return p
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
   values = {k: v for k, v in vars(args).items()
-            if k not in ("device", "config") + _ALGO_DESTS}
+            if k not in ("device", "config", "quiet") + _ALGO_DESTS}
   values["algo_params"] = dict(values["algo_params"])
   sweep = {}
   for name, items in values["sweep"]:
@@ -249,6 +371,11 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs the command line; returns the exit status (0, 2 for bad input, 130 when stopped).
+
+  The run's report (header, warnings, round lines, summary) goes to stdout; ``error:`` lines,
+  stop notices and the progress bar go to stderr.
+  """
   try:
     args = _parse(argv)
   except FedJaxError as e:
@@ -257,28 +384,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.device != "auto":
     import jax  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_platforms", "cuda" if args.device == "gpu" else args.device)
-  from fedjax_lib.runner import run_experiment  # pylint: disable=import-outside-toplevel
+  from fedjax_lib import runner  # pylint: disable=import-outside-toplevel
+  quiet = args.quiet
   try:
     config = config_from_args(args).validate()
     if config.distributed:
-      from fedjax_lib.runner import initialize_distributed  # pylint: disable=import-outside-toplevel
-      initialize_distributed()
-    results = run_experiment(config)
+      runner.initialize_distributed()
+    log = None
+    if quiet:
+      config = config.replace(progress=False)
+      log = lambda line: print(line, flush=True) if line.startswith("warning:") else None
+    results = runner.run_experiment(config, log=log)
   except FedJaxError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt as e:
-    saved = getattr(e, "checkpoint", None)
-    where = (f"saved {saved}; rerun the same command to continue" if saved
-             else "nothing of the unfinished run was saved")
-    print(f"interrupted; no results file of the unfinished run was written; {where}",
-          file=sys.stderr)
+    if isinstance(e, runner.Interrupted):
+      more = "; rerun the same command to continue" if e.checkpoint else ""
+      print(f"stopped: {e}{more}", file=sys.stderr)
+    else:
+      print("stopped: nothing since the last checkpoint was saved; no results file of the "
+            "unfinished run was written", file=sys.stderr)
     return 130
-  from fedjax_lib.runner import is_writer  # pylint: disable=import-outside-toplevel
-  if is_writer():
+  if runner.is_writer():
     for line in results.summary_lines():
       print(line)
   return 0
+
+
+def console() -> None:
+  """The ``fedjax`` command: the signal handlers first (see `fedjax_lib.stopping`)."""
+  from fedjax_lib.stopping import STOPPER  # pylint: disable=import-outside-toplevel
+  STOPPER.install(exit_now=True)
+  sys.exit(main())
 
 
 if __name__ == "__main__":

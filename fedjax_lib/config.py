@@ -68,6 +68,10 @@ class Config:
     at the end; a rerun with the same ``out`` continues from the latest complete checkpoint
     (``resume`` makes a missing checkpoint an error). ``on_nan``: ``stop`` ends the run at the
     first non-finite client update; ``skip-client`` drops those updates and counts them.
+  Output: the results files go to ``out`` (see `fedjax_lib.output`: one writer per run family,
+    a different config's results are replaced only with ``overwrite``); ``plot`` = False
+    writes no PNG (and does not import matplotlib, which keeps a font cache in the home
+    folder); ``progress`` shows a progress bar on stderr.
   New clients (PFLlib's ``-nnc``/``-ften``): with ``num_new_clients`` = M > 0 the data hold
     N + M clients, the last M never train, and after the last round each of them fine-tunes
     the global model for ``fine_tuning_epoch_new`` epochs and is tested.
@@ -117,15 +121,17 @@ class Config:
   sweep: dict = dataclasses.field(default_factory=dict)
   out: str = "results"
   progress: bool = True
+  overwrite: bool = False
+  plot: bool = True
   checkpoint_every: int = 0
   keep_checkpoints: int = 3
   resume: bool = False
   on_nan: str = "stop"
 
   # Fields that may differ between a checkpointed run and its continuation.
-  RESUMABLE_CHANGES = ("global_rounds", "times", "out", "progress", "checkpoint_every",
-                       "keep_checkpoints", "resume", "auto_break", "top_cnt", "devices",
-                       "distributed", "eval_chunk_size")
+  RESUMABLE_CHANGES = ("global_rounds", "times", "out", "progress", "overwrite", "plot",
+                       "checkpoint_every", "keep_checkpoints", "resume", "auto_break",
+                       "top_cnt", "devices", "distributed", "eval_chunk_size")
 
   def resume_mismatch(self, saved: dict) -> list[str]:
     """``field: saved → now`` for every field that must match to continue a checkpoint.
@@ -188,7 +194,7 @@ class Config:
     if self.on_nan not in ON_NAN:
       raise ConfigError(f"on_nan={self.on_nan!r} is invalid; choose one of: {', '.join(ON_NAN)}")
     for name in ("balance", "random_join_ratio", "auto_break", "progress", "pfllib_compat",
-                 "resume"):
+                 "resume", "overwrite", "plot"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(f"{name}={getattr(self, name)!r} is not a boolean; use true/false")
     if self.executor not in EXECUTORS:
@@ -201,6 +207,8 @@ class Config:
                         f"{', '.join(PARTITIONS)}")
     if not isinstance(self.dataset, str) or not self.dataset:
       raise ConfigError(f"dataset={self.dataset!r}: give a built-in name or a folder path")
+    if not isinstance(self.out, str) or not self.out.strip():
+      raise ConfigError(f"out={self.out!r} is empty; give an output folder (default results)")
     if not isinstance(self.goal, str) or not self.goal or "/" in self.goal:
       raise ConfigError(f"goal={self.goal!r}: give a non-empty tag without '/'")
     if not isinstance(self.algo_params, dict):

@@ -1,33 +1,69 @@
 """Results files: a JSON per run, PFLlib-compatible ``.h5``, a PNG of the curves.
 
-Every file is written atomically: into a temporary file in the same folder, then renamed over
-the target, so an interrupted run never leaves a truncated results file.
+An experiment's results files are written as one transaction (:class:`FileSet`): every file
+goes to a temporary file in the same folder, and only when all of them are complete are they
+renamed over their targets, so an interrupted run, a full disk or a permission error never
+leaves a truncated or partial set of results. Files are created with mode ``0666`` minus the
+user's umask (readable by teammates in a shared folder when the umask allows it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
-from typing import Any, Iterator
+import secrets
+from typing import Any, Callable
 
 import numpy as np
 
+from fedjax_lib.output import os_error
+from fedjax_lib.stopping import STOPPER
 
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-  """Yields a temporary path next to ``path``; renames it onto ``path`` on success."""
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-  os.close(fd)
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+
+def _create_temp(path: str) -> str:
+  """An empty new file next to ``path`` (mode 0666 minus the umask); returns its path."""
+  folder, name = os.path.split(os.path.abspath(path))
+  tmp = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{name}")
+  os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+  return tmp
+
+
+class FileSet:
+  """Files written all together or not at all.
+
+  ``add(path, write)`` registers a file and the function that writes it to a given (temporary)
+  path; :meth:`commit` writes every temporary file, then renames them onto their targets.
+  """
+
+  def __init__(self):
+    self._files: list[tuple[str, Callable[[str], None]]] = []
+
+  def add(self, path: str, write: Callable[[str], None]) -> None:
+    self._files.append((path, write))
+
+  def commit(self) -> list[str]:
+    """Writes every registered file; returns their paths.
+
+    Raises:
+      ConfigError: an operating-system error (no space, no permission, ...); then no target
+        was created or replaced and no temporary file is left.
+    """
+    temps: list[str] = []
+    with STOPPER.writing():
+      try:
+        for path, write in self._files:
+          current = path
+          temps.append(_create_temp(path))
+          write(temps[-1])
+        for (path, _), tmp in zip(self._files, temps):
+          current = path
+          os.replace(tmp, path)
+      except OSError as e:
+        for tmp in temps:
+          if os.path.exists(tmp):
+            os.remove(tmp)
+        raise os_error("write the results file", current, e) from None
+    return [path for path, _ in self._files]
 
 
 def _jsonable(value: Any) -> Any:
@@ -46,29 +82,26 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json(path: str, payload: dict) -> None:
-  with atomic_path(path) as tmp:
-    with open(tmp, "w") as f:
-      json.dump(_jsonable(payload), f, indent=1)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(_jsonable(payload), f, indent=1)
 
 
 def write_text(path: str, text: str) -> None:
-  with atomic_path(path) as tmp:
-    with open(tmp, "w") as f:
-      f.write(text)
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
 
 
 def write_h5(path: str, history: dict) -> None:
   """PFLlib's result file: ``rs_test_acc``, ``rs_test_auc`` (filled), ``rs_train_loss``."""
   import h5py  # pylint: disable=import-outside-toplevel
-  with atomic_path(path) as tmp:
-    with h5py.File(tmp, "w") as f:
-      f.create_dataset("rs_test_acc", data=np.asarray(history["test_acc"], np.float64))
-      f.create_dataset("rs_test_auc", data=np.asarray(history["test_auc"], np.float64))
-      f.create_dataset("rs_train_loss", data=np.asarray(history["train_loss"], np.float64))
-      f.create_dataset("rounds", data=np.asarray(history["rounds"], np.int64))
-      for key in sorted(history):  # per-view columns, e.g. rs_test_acc_personal
-        if key.startswith(("test_acc_", "test_auc_")) and not key.endswith("_std"):
-          f.create_dataset(f"rs_{key}", data=np.asarray(history[key], np.float64))
+  with h5py.File(path, "w") as f:
+    f.create_dataset("rs_test_acc", data=np.asarray(history["test_acc"], np.float64))
+    f.create_dataset("rs_test_auc", data=np.asarray(history["test_auc"], np.float64))
+    f.create_dataset("rs_train_loss", data=np.asarray(history["train_loss"], np.float64))
+    f.create_dataset("rounds", data=np.asarray(history["rounds"], np.int64))
+    for key in sorted(history):  # per-view columns, e.g. rs_test_acc_personal
+      if key.startswith(("test_acc_", "test_auc_")) and not key.endswith("_std"):
+        f.create_dataset(f"rs_{key}", data=np.asarray(history[key], np.float64))
 
 
 def write_plot(path: str, history: dict, title: str) -> None:
@@ -90,6 +123,7 @@ def write_plot(path: str, history: dict, title: str) -> None:
   ax_loss.grid(alpha=0.3)
   fig.suptitle(title)
   fig.tight_layout()
-  with atomic_path(path) as tmp:
-    fig.savefig(tmp, format="png", dpi=100)
-  plt.close(fig)
+  try:
+    fig.savefig(path, format="png", dpi=100)
+  finally:
+    plt.close(fig)

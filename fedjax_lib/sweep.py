@@ -93,6 +93,7 @@ class SweepResults:
   files: dict
   mean_round_time_s: float
   total_time_s: float
+  warnings: list = dataclasses.field(default_factory=list)
 
   def summary_lines(self) -> list[str]:
     return summary_table(self.summary) + [

@@ -164,7 +164,8 @@ def test_bad_checkpoint_folders(tmp_path, capsys):
   for f in ckpts.rglob("*"):
     if f.is_file():
       f.write_text("garbage")
-  _check(base + ["--resume"], ["no readable checkpoint"], tmp_path, capsys)
+  _check(base + ["--resume"], ["none of the 2 checkpoint(s)", "can be read"], tmp_path, capsys)
+  assert sorted(os.listdir(ckpts)) == ["1", "2"]  # nothing moved aside
 
 
 # ---------------------------------------------------------------------------- properties

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -151,3 +152,97 @@ def test_end_to_end_cli_writes_results(pfllib_folder, tmp_path):
   # Different seeds per repetition: the two runs differ.
   other = json.loads((out / "digits5_FedAvg_test_1.json").read_text())
   assert other["seed"] == record["seed"] + 1 and other["test_acc"] != record["test_acc"]
+
+
+# ------------------------------------------------------------------ --help and the README table
+_FLAG = re.compile(r"`(-{1,2}[A-Za-z][\w-]*)")
+
+
+def readme_flag_rows():
+  """(flags, default cell without backticks, line) of each row of README.md's flag table.
+
+  Rows whose first two cells name no flag are group headings (``| **data** | | | |``).
+  """
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    section = f.read().split("\n## Flags\n", 1)[1].split("\n## ", 1)[0]
+  rows = []
+  for line in section.splitlines():
+    if not line.startswith("|"):
+      continue
+    short, long, default, _ = [c.strip() for c in line.strip()[1:-1].split("|", 3)]
+    if short == "short" or re.fullmatch(r":?-+:?", short):
+      continue  # the header and the separator row
+    flags = _FLAG.findall(f"{short} {long}")
+    if not flags:
+      assert short.startswith("**") and not long and not default, f"not a flag row: {line}"
+      continue
+    rows.append((flags, default.replace("`", ""), line))
+  return rows
+
+
+def parser_options(parser):
+  """The parser's flags (each action once), without -h/--help."""
+  return [a for a in parser._actions if a.option_strings and a.dest != "help"]
+
+
+def test_readme_flag_table_matches_the_parser():
+  parser = cli.build_parser()
+  by_flag = {flag: a for a in parser_options(parser) for flag in a.option_strings}
+  problems, covered = [], []
+  for flags, default, line in readme_flag_rows():
+    unknown = [f for f in flags if f not in by_flag]
+    if unknown:
+      problems.append(f"{unknown} not in the parser: {line}")
+      continue
+    action = by_flag[flags[0]]
+    if any(by_flag[f] is not action for f in flags):
+      problems.append(f"one row per flag (with its spellings): {line}")
+    if sorted(flags) != sorted(action.option_strings):
+      problems.append(f"give every spelling {action.option_strings}: {line}")
+    if default != (cli.default_text(action) or ""):
+      problems.append(f"default {default!r}, the parser's is {cli.default_text(action)!r}: "
+                      f"{line}")
+    covered.append(action)
+  for action in parser_options(parser):
+    count = sum(a is action for a in covered)
+    if count != 1:
+      problems.append(f"{'/'.join(action.option_strings)} is in the README table {count} times")
+  assert not problems, "\n".join(problems)
+
+
+def test_help_shows_defaults_and_valid_names():
+  from fedjax_lib.algorithms import algorithm_names  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.data import BUILTIN_DATASETS  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.models import MODEL_NAMES  # pylint: disable=import-outside-toplevel
+  proc = subprocess.run([sys.executable, "-m", "fedjax_lib", "--help"], capture_output=True,
+                        text=True, cwd=ROOT, check=False)
+  assert proc.returncode == 0, proc.stderr
+  text = " ".join(proc.stdout.split())  # undo the line wrapping
+  for action in parser_options(cli.build_parser()):
+    shown = cli.default_text(action)
+    if shown is not None:
+      assert f"(default: {shown})" in text, action.option_strings
+  assert "-gr, --global_rounds, --global-rounds GLOBAL_ROUNDS" in text
+  assert "try -gr 50 first (default: 2000)" in text
+  assert "taken by Ditto, FedProx, GPFL (default: 0.0)" in text
+  assert "(default: the learning rate)" in text  # PerAvg's beta, unset
+  for names in (algorithm_names(), MODEL_NAMES, BUILTIN_DATASETS):
+    assert f"{', '.join(names)}" in text
+
+
+def test_every_algorithm_flag_is_taken_by_an_algorithm():
+  for _, dest, _, _ in cli.ALGORITHM_FLAGS:
+    names, shown = cli.algorithm_flag_defaults(dest)
+    assert names and shown, dest
+
+
+def test_readme_names_every_algorithm_model_and_dataset():
+  from fedjax_lib.algorithms import algorithm_names  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.data import BUILTIN_DATASETS  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.models import MODEL_NAMES  # pylint: disable=import-outside-toplevel
+  rows = {flags[0]: line for flags, _, line in readme_flag_rows()}
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    algorithms = f.read().split("\n## Algorithms\n", 1)[1]
+  assert [n for n in algorithm_names() if f"| `{n}`" not in algorithms] == []
+  assert [n for n in MODEL_NAMES if f"`{n}`" not in rows["-m"]] == []
+  assert [n for n in BUILTIN_DATASETS if f"`{n}`" not in rows["-data"]] == []

@@ -12,23 +12,43 @@ one-line error. Nothing random is stored: every key
 derives from ``(seed, round, client id)``, so a resumed run is identical to an uninterrupted
 one. Saves are synchronous and atomic (Orbax writes a temporary directory and renames it when
 complete), so a run killed mid-save leaves the previous checkpoint as the latest complete one;
-a checkpoint that cannot be read is moved aside (``<step>.unreadable``) with a warning in favour
-of the one before it.
+a save holds `fedjax_lib.stopping.STOPPER`'s write lock, so a stop now waits for it. A
+checkpoint that cannot be read is moved aside (``<step>.unreadable``) with one warning line in
+favour of the one before it — unless the caller requires one (``--resume``) and none can be
+read: then nothing is moved and a `ConfigError` names every unreadable checkpoint. Orbax's
+background reads of a damaged checkpoint fail after the restore has given up; their "Event loop
+is closed" reports are silenced (:func:`_quiet_failed_reads`), nothing else is.
 """
 
 from __future__ import annotations
 
+import gc
+import glob
+import logging
 import os
+import shutil
+import sys
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
 from fedjax_lib.errors import ConfigError
+from fedjax_lib.output import os_error
+from fedjax_lib.stopping import STOPPER
 
 FORMAT = 2
 READABLE_FORMATS = (1, 2)
+
+
+def _not_a_damaged_metadata_file(record: logging.LogRecord) -> bool:
+  # Orbax logs every unparsable metadata file as an error each time it lists the steps; the
+  # restore reports an unreadable checkpoint once, as one warning line.
+  return not str(record.msg).startswith("Failed to json parse Metadata file")
+
+
+logging.getLogger("absl").addFilter(_not_a_damaged_metadata_file)
 
 
 class RunCheckpointer:
@@ -47,51 +67,91 @@ class RunCheckpointer:
     return os.path.join(self.directory, str(step))
 
   def save(self, step: int, server_state, client_states, meta: dict) -> str:
-    """Writes checkpoint ``step`` (the round to continue with); returns its path."""
+    """Writes checkpoint ``step`` (the round to continue with); returns its path.
+
+    Raises:
+      ConfigError: the file system refused the write (no space, no permission); the partial
+        checkpoint is removed and the previous ones are kept.
+    """
     state = {"server": server_state, "clients": client_states}
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave({**meta, "format": FORMAT, "step": step})), force=True)
-    self.manager.wait_until_finished()
+    with STOPPER.writing():
+      try:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave({**meta, "format": FORMAT, "step": step})), force=True)
+        self.manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        for tmp in glob.glob(os.path.join(glob.escape(self.directory), f"{step}.orbax-*")):
+          shutil.rmtree(tmp, ignore_errors=True)
+        error = _os_error_in(e)
+        if error is None:
+          raise
+        raise os_error("save the checkpoint", self.path(step), error) from None
     return self.path(step)
 
-  def restore_latest(self, server_state, client_states) -> Optional[tuple[int, Any, Any, dict]]:
+  def restore_latest(self, server_state, client_states, required: bool = False,
+                     warn: Optional[Callable[[str], None]] = None
+                     ) -> Optional[tuple[int, Any, Any, dict]]:
     """``(step, server_state, client_states, meta)`` of the newest readable checkpoint, or None.
 
     ``server_state``/``client_states`` (``{architecture: states}``) give the structure,
-    shapes and dtypes to restore into.
+    shapes and dtypes to restore into. Each unreadable checkpoint gets one ``warn`` line
+    (default: a Python warning) and is moved aside when an older one is read, or when none
+    is and ``required`` is False.
 
     Raises:
-      ConfigError: the checkpoint's format cannot be restored into these states.
+      ConfigError: the checkpoint's format cannot be restored into these states, or
+        ``required`` and no checkpoint can be read.
     """
+    unreadable = []
+    found = None
     for step in reversed(self.steps()):
       try:
-        meta = dict(self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore())).meta)
-        self._check_format(meta, step, client_states)
-        clients = client_states
-        if meta["format"] == 1:  # one architecture's stacked states, not keyed by group
-          (clients,) = client_states.values()
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                {"server": server_state, "clients": clients})
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))
+        with _quiet_failed_reads():
+          found = self._restore(step, server_state, client_states)
+        break
       except ConfigError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        aside = f"{self.path(step)}.unreadable"
-        warnings.warn(f"checkpoint {self.path(step)} could not be read ({type(e).__name__}: "
-                      f"{str(e)[:200]}); moved it to {aside} and trying the previous one",
-                      stacklevel=2)
-        if not os.path.exists(aside):
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+        unreadable.append((step, reason))
+    if found is None and required and unreadable:
+      raise ConfigError(
+          f"resume=True but none of the {len(unreadable)} checkpoint(s) in {self.directory} "
+          f"can be read ({'; '.join(f'{s}: {r}' for s, r in unreadable)}); run without "
+          "--resume to start afresh")
+    for step, reason in unreadable:
+      aside = f"{self.path(step)}.unreadable"
+      if not os.path.exists(aside):
+        try:
           os.replace(self.path(step), aside)
-        self.manager.reload()
-        continue
-      clients = restored.state["clients"]
-      if meta["format"] == 1:
-        clients = {next(iter(client_states)): clients}
-      return step, restored.state["server"], clients, meta
-    return None
+        except OSError as e:
+          raise os_error("move aside the unreadable checkpoint", self.path(step), e) from None
+      line = (f"checkpoint {self.path(step)} could not be read ({reason}); moved it to "
+              f"{aside}")
+      if warn is None:
+        warnings.warn(line, stacklevel=2)
+      else:
+        warn(line)
+    if unreadable:
+      self.manager.reload()
+    return found
+
+  def _restore(self, step: int, server_state, client_states):
+    meta = dict(self.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta)
+    self._check_format(meta, step, client_states)
+    clients = client_states
+    if meta["format"] == 1:  # one architecture's stacked states, not keyed by group
+      (clients,) = client_states.values()
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                            {"server": server_state, "clients": clients})
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))
+    clients = restored.state["clients"]
+    if meta["format"] == 1:
+      clients = {next(iter(client_states)): clients}
+    return step, restored.state["server"], clients, meta
 
   def _check_format(self, meta: dict, step: int, client_states) -> None:
     if meta.get("step") != step:
@@ -111,8 +171,9 @@ class RunCheckpointer:
     """The JSON item of the newest readable checkpoint (no arrays are read), or None."""
     for step in reversed(self.steps()):
       try:
-        meta = dict(self.manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore())).meta)
+        with _quiet_failed_reads():
+          meta = dict(self.manager.restore(step, args=ocp.args.Composite(
+              meta=ocp.args.JsonRestore())).meta)
       except Exception:  # pylint: disable=broad-except
         continue
       if meta.get("format") in READABLE_FORMATS:
@@ -121,3 +182,56 @@ class RunCheckpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _os_error_in(error: BaseException) -> Optional[OSError]:
+  """The OSError behind ``error`` (Orbax and TensorStore wrap them), or None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, OSError):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+class _quiet_failed_reads:  # pylint: disable=invalid-name
+  """Silences the reports of Orbax's background reads of a checkpoint that failed.
+
+  When one array of a damaged checkpoint cannot be read, Orbax gives up while its other reads
+  are still in flight; they end later on TensorStore's threads, after Orbax's event loop has
+  closed, and Python reports each through `sys.unraisablehook` ("Event loop is closed", or an
+  exception in an Orbax coroutine) — tracebacks about a failure already reported. The filter
+  stays installed for the process (those reads end at unpredictable times) and lets every
+  other report through.
+  """
+
+  installed = False
+
+  def __enter__(self):
+    self._absl = logging.getLogger("absl")
+    self._level = self._absl.level
+    self._absl.setLevel(logging.CRITICAL)  # Orbax logs each unparsable file as an error
+    if not _quiet_failed_reads.installed:
+      previous = sys.unraisablehook
+
+      def hook(unraisable):
+        if not _is_failed_read(unraisable):
+          previous(unraisable)
+
+      sys.unraisablehook = hook
+      _quiet_failed_reads.installed = True
+    return self
+
+  def __exit__(self, *exc):
+    if exc[0] is not None:
+      gc.collect()  # the failed reads' coroutines are reported now, through the filter
+    self._absl.setLevel(self._level)
+
+
+def _is_failed_read(unraisable) -> bool:
+  value = unraisable.exc_value
+  if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+    return True
+  code = getattr(unraisable.object, "cr_code", None)
+  return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename

@@ -1,0 +1,213 @@
+"""The output folder: one writer per run family, no silent overwrite, OS errors as one line.
+
+A run writes files named ``<dataset>_<algorithm>_<goal>_*`` (its *family*; a sweep's are
+``..._sweep_*``) under ``--out``. :class:`OutputLock` makes one process at a time the writer
+of a family: a second one is refused with a one-line error naming the first (its pid and
+command), while runs of different families share a folder freely. The lock is an advisory
+``flock`` on ``<out>/.<family>.lock``, so it is released by the operating system whenever the
+holder ends, even by SIGKILL; the file is removed when the run ends.
+
+:func:`check_overwrite` refuses to replace results files written with a different
+configuration unless ``overwrite`` is set. :func:`os_error` turns an operating-system error
+(no permission, a full disk, a path that is a file) into the library's one-line
+`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Iterable, Optional
+
+from fedjax_lib.errors import ConfigError
+
+try:
+  import fcntl
+except ImportError:  # Windows: no advisory locks; one writer is then the user's business
+  fcntl = None
+
+# Config fields that change how a run executes or where it writes, not its results.
+EXECUTION_FIELDS = ("out", "progress", "resume", "checkpoint_every", "keep_checkpoints",
+                    "times", "devices", "distributed", "eval_chunk_size", "chunk_size",
+                    "executor", "unroll", "overwrite", "plot")
+
+
+def os_error(what: str, path: str, error: OSError) -> ConfigError:
+  """A one-line error for an operating-system failure on ``path``."""
+  reason = error.strerror or str(error)
+  code = errno.errorcode.get(error.errno, "") if error.errno else ""
+  hint = {errno.ENOSPC: "free some space or use another --out",
+          errno.EDQUOT: "free some space or use another --out",
+          errno.EACCES: "use a folder you can write to (--out)",
+          errno.EPERM: "use a folder you can write to (--out)",
+          errno.EROFS: "use a folder on a writable file system (--out)",
+          errno.ENOTDIR: "--out must be a folder (or a path that does not exist yet)",
+          errno.EEXIST: "--out must be a folder (or a path that does not exist yet)",
+          errno.EFBIG: "the file size limit (ulimit -f) is too small for the results"}.get(
+              error.errno, "check the path and the file system")
+  return ConfigError(f"cannot {what} {path!r}: {reason}{f' ({code})' if code else ''}; {hint}")
+
+
+def prepare_folder(out: str) -> tuple[str, bool]:
+  """Makes ``out`` (and its parents) if needed; returns its absolute path and whether it
+  was created.
+
+  Raises:
+    ConfigError: an empty path, a path that is a file, or a folder that cannot be created
+      or written to.
+  """
+  if not isinstance(out, str) or not out.strip():
+    raise ConfigError(f"out={out!r} is empty; give an output folder (default results)")
+  path = os.path.abspath(out)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"out={out!r} is a file, not a folder; give a folder for the results")
+  created = not os.path.exists(path)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise os_error("create the output folder", path, e) from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    remove_if_created(path, created)
+    raise ConfigError(f"cannot write in the output folder {path!r}: permission denied; use a "
+                      "folder you can write to (--out)")
+  return path, created
+
+
+def remove_if_created(path: str, created: bool) -> None:
+  """Removes the folder ``path`` if this run created it and it is still empty."""
+  if created:
+    try:
+      os.rmdir(path)
+    except OSError:
+      pass
+
+
+class OutputLock:
+  """An exclusive, process-wide lock on one run family's files in a folder."""
+
+  def __init__(self, folder: str, family: str):
+    self.folder = folder
+    self.family = family
+    self.path = os.path.join(folder, f".{family}.lock")
+    self._fd: Optional[int] = None
+
+  def acquire(self) -> "OutputLock":
+    """Takes the lock or raises `ConfigError` naming the process that holds it."""
+    if fcntl is None:
+      return self
+    while True:
+      try:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+      except OSError as e:
+        raise os_error("create the lock file", self.path, e) from None
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise ConfigError(
+            f"another process ({holder}) is writing the {self.family}_* files in "
+            f"{self.folder}; wait for it to end, or use another --out or -go") from None
+      # The holder before us may have removed the file between our open and our flock.
+      try:
+        same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+      except FileNotFoundError:
+        same = False
+      if same:
+        break
+      os.close(fd)
+    info = f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: " + " ".join(
+        sys.argv)
+    try:
+      os.ftruncate(fd, 0)
+      os.write(fd, info[:2000].encode("utf-8", "replace"))
+    except OSError as e:
+      os.close(fd)
+      raise os_error("write the lock file", self.path, e) from None
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    if self._fd is None:
+      return
+    try:
+      os.remove(self.path)
+    except OSError:
+      pass
+    os.close(self._fd)  # closing releases the flock
+    self._fd = None
+
+  def __enter__(self) -> "OutputLock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def _read_holder(fd: int) -> str:
+  try:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 2000).decode("utf-8", "replace").strip()
+  except OSError:
+    text = ""
+  return text or "its pid is unknown"
+
+
+def config_difference(saved: dict, now: dict, ignore: Iterable[str] = ()) -> list[str]:
+  """``field: saved → now`` for every field that changes results (not execution fields, nor
+  ``ignore``)."""
+  keys = sorted((set(saved) | set(now)) - set(EXECUTION_FIELDS) - set(ignore))
+  return [f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in keys
+          if _canonical(saved.get(k)) != _canonical(now.get(k))]
+
+
+def _canonical(value):
+  return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def check_overwrite(files: Iterable[tuple[str, dict, Iterable[str]]],
+                    overwrite: bool) -> list[str]:
+  """Refuses to replace a results JSON of a different configuration.
+
+  ``files`` are ``(path, config dict, fields allowed to differ)`` for the results JSON files
+  this run will write (a run continued from its checkpoint may change the fields a resume
+  may change, e.g. extend ``global_rounds``). Returns the paths that hold a different configuration (to be replaced: ``overwrite`` is
+  set); an unreadable file counts as different.
+
+  Raises:
+    ConfigError: a file holds results of a different configuration and ``overwrite`` is
+      False; the message names the file and the fields that differ.
+  """
+  replaced = []
+  for path, config, ignore in files:
+    if not os.path.exists(path):
+      continue
+    try:
+      with open(path, encoding="utf-8") as f:
+        saved = json.load(f).get("config")
+      diff = config_difference(saved, config, ignore) if isinstance(saved, dict) else [
+          "no config in the file"]
+    except (OSError, ValueError, AttributeError) as e:
+      diff = [f"unreadable: {type(e).__name__}"]
+    if not diff:
+      continue
+    if not overwrite:
+      shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+      raise ConfigError(f"{path} holds results of a different config ({shown}); use "
+                        "--overwrite to replace them, or another --out or -go")
+    replaced.append(path)
+  return replaced
+
+
+def remove_tree(path: str) -> None:
+  """Removes a folder (a checkpoint folder replaced with ``overwrite``), OS errors as one line."""
+  try:
+    shutil.rmtree(path)
+  except FileNotFoundError:
+    pass
+  except OSError as e:
+    raise os_error("remove", path, e) from None
