@@ -8,4 +8,4 @@ STOPPER.install(exit_now=True)
 
 from fedjax_lib.cli import main  # pylint: disable=wrong-import-position
 
-sys.exit(main())
+sys.exit(STOPPER.finish(main()))

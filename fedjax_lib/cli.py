@@ -416,7 +416,7 @@ def console() -> None:
   """The ``fedjax`` command: the signal handlers first (see `fedjax_lib.stopping`)."""
   from fedjax_lib.stopping import STOPPER  # pylint: disable=import-outside-toplevel
   STOPPER.install(exit_now=True)
-  sys.exit(main())
+  sys.exit(STOPPER.finish(main()))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ EXECUTION_FIELDS = ("out", "progress", "resume", "checkpoint_every", "keep_check
 
 def os_error(what: str, path: str, error: OSError) -> ConfigError:
   """A one-line error for an operating-system failure on ``path``."""
-  reason = error.strerror or str(error)
+  reason = " ".join(str(error.strerror or error).split())  # one line, however it was raised
+  if len(reason) > 160:
+    reason = reason[:157] + "..."
   code = errno.errorcode.get(error.errno, "") if error.errno else ""
   hint = {errno.ENOSPC: "free some space or use another --out",
           errno.EDQUOT: "free some space or use another --out",
@@ -124,7 +126,7 @@ class OutputLock:
         sys.argv)
     try:
       os.ftruncate(fd, 0)
-      os.write(fd, info[:2000].encode("utf-8", "replace"))
+      os.write(fd, info[:1000].encode("utf-8", "replace"))
     except OSError as e:
       os.close(fd)
       raise os_error("write the lock file", self.path, e) from None

@@ -10,11 +10,10 @@ from ``partition_seed``, by default ``config.seed``) or every sweep combination
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -23,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_lib import algorithms as algorithms_lib
+from fedjax_lib import checks as checks_lib
 from fedjax_lib import data as data_lib
 from fedjax_lib import models as models_lib
+from fedjax_lib import output as output_lib
 from fedjax_lib import results as results_lib
 from fedjax_lib import sweep as sweep_lib
 from fedjax_lib.config import Config
@@ -34,6 +35,8 @@ from fedjax_lib.core import rng
 from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.data.loading import DEFAULT_NUM_CLIENTS, is_folder_path
 from fedjax_lib.errors import ConfigError
+from fedjax_lib import stopping
+from fedjax_lib.stopping import STOPPER, Interrupted  # pylint: disable=unused-import
 
 DEFAULT_FEATURE_DIM = 512  # HtFLlib's -fd
 HISTORY_KEYS = ("test_acc", "test_auc", "test_acc_std", "test_auc_std", "train_loss")
@@ -58,6 +61,7 @@ class Results:
   runs: list
   out_dir: str
   partition_file: str
+  warnings: list = dataclasses.field(default_factory=list)
 
   def _stat(self, key: str) -> tuple[float, float]:
     values = np.array([getattr(r, key) for r in self.runs], np.float64)
@@ -115,6 +119,7 @@ class Built:
   algorithm: Any
   engine: engine_lib.Engine
   architectures: tuple  # the -m list: client i uses architectures[i mod K]
+  warnings: tuple = ()  # one-line warnings about settings that waste work (fedjax_lib.checks)
 
   def _legacy(self):  # (data, model of the first architecture, algorithm, engine)
     return (self.data, self.models[self.architectures[0]], self.algorithm, self.engine)
@@ -200,7 +205,9 @@ def build(config: Config) -> Built:
                              skip_nonfinite=config.on_nan == "skip-client", mesh=mesh,
                              model_cycle=[unique.index(a) for a in architectures])
   engine.check_compatible(data.x[0])
-  return Built(data, models, algorithm, engine, architectures)
+  settings_warnings = checks_lib.check_settings(config, data, num_clients, algorithm, models)
+  return Built(data, models, algorithm, engine, architectures,
+               warnings=tuple(settings_warnings))
 
 
 def make_algorithm(config: Config, data, model):
@@ -268,6 +275,17 @@ def _progress(iterable, enabled: bool, desc: str):
   return tqdm(iterable, desc=desc, dynamic_ncols=True, file=sys.stderr)
 
 
+def _writer(bar, log: Callable[[str], None]) -> Callable[[str], None]:
+  """``log`` that first clears the progress bar (on stderr) and redraws it after."""
+  if not hasattr(bar, "external_write_mode"):
+    return log
+
+  def write(line: str) -> None:
+    with bar.external_write_mode():
+      log(line)
+  return write
+
+
 def _record(history: dict, metrics: dict, r: int) -> None:
   """Appends one evaluation's metrics (all views) to the history lists."""
   history["rounds"].append(r)
@@ -281,38 +299,6 @@ def _describe(metrics: dict) -> str:
                   if k.startswith("test_acc_") and k != "test_acc_std")
   return (f"test_acc {metrics['test_acc']:.4f} ± {metrics['test_acc_std']:.4f}{views}"
           f" | test_auc {metrics['test_auc']:.4f} | train_loss {metrics['train_loss']:.4f}")
-
-
-class Interrupted(KeyboardInterrupt):
-  """Ctrl-C / SIGTERM during a run; ``checkpoint`` is where the run was saved (or None)."""
-
-  def __init__(self, message: str, checkpoint: Optional[str]):
-    super().__init__(message)
-    self.checkpoint = checkpoint
-
-
-class _StopRequests:
-  """Turns SIGINT/SIGTERM into a flag checked between rounds (states are never half-updated)."""
-
-  def __init__(self):
-    self.signal = None
-    self._previous = {}
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGINT, signal.SIGTERM):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signal is not None:  # a second Ctrl-C: stop at once
-      raise KeyboardInterrupt
-    self.signal = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
 
 
 def checkpoint_dir(config: Config, base: str, t: int) -> str:
@@ -367,6 +353,7 @@ class _Run:
     self.history = meta["history"]
     self.train_times, self.eval_times = meta["train_times"], meta["eval_times"]
     self.start_round = self.saved_step = step
+    self.last_round = step - 1
     self.last_ckpt = self.open_checkpointer().path(step)
     for i, acc in enumerate(self.history["test_acc"]):
       if acc > self.best:
@@ -387,23 +374,36 @@ class _Run:
             "eval_times": self.eval_times}
 
 
-def _check_resumable(spec: RunSpec, resume: bool) -> None:
-  """Refuses (before anything is written) to continue a checkpoint of a different config."""
+def _check_resumable(spec: RunSpec, resume: bool, overwrite: bool) -> str:
+  """What to do with the run's checkpoints, checked before anything is written.
+
+  Returns ``"continue"`` (a checkpoint of the same config: the run continues from it),
+  ``"none"`` (no readable checkpoint) or ``"replace"`` (a different config's checkpoints,
+  removed once every check has passed, with ``overwrite``).
+
+  Raises:
+    ConfigError: a checkpoint of a different config without ``overwrite`` (or with
+      ``resume``), or ``resume`` without a checkpoint.
+  """
   directory = spec.checkpoint
   if not os.path.isdir(directory):
     if resume:
       raise ConfigError(f"resume=True but there is no checkpoint in {directory}; run without "
                         "--resume to start afresh")
-    return
+    return "none"
   meta = checkpoint_lib.RunCheckpointer(directory).latest_meta()
   if meta is None:
-    if resume:
-      raise ConfigError(f"resume=True but no readable checkpoint is in {directory}")
-    return
+    if resume and not any(name.isdigit() for name in os.listdir(directory)):
+      raise ConfigError(f"resume=True but no readable checkpoint is in {directory}; run "
+                        "without --resume to start afresh")
+    return "none"  # unreadable ones: restore_latest says which, once each
   diff = spec.config.resume_mismatch(meta.get("config", {}))
-  if diff:
-    raise ConfigError(f"the checkpoint in {directory} was written with a different config "
-                      f"({'; '.join(diff)}); use another --out or remove that folder")
+  if not diff:
+    return "continue"
+  if overwrite and not resume:
+    return "replace"
+  raise ConfigError(f"the checkpoint in {directory} was written with a different config "
+                    f"({'; '.join(diff)}); use --overwrite to start afresh, or another --out")
 
 
 class _States:
@@ -498,8 +498,7 @@ class _States:
                                             hparams=hparams)
 
 
-def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
-             stops: "_StopRequests") -> list:
+def run_loop(engine, specs: list, config: Config, log: Callable[[str], None]) -> list:
   """Advances the runs ``specs`` side by side, round by round: the one run loop.
 
   A plain run is S = 1; ``-t`` repetitions and sweep combinations are S > 1. With the vmap or
@@ -509,7 +508,16 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
   auto-break, the non-finite guard, checkpoints, resume, the last round's training, the final
   evaluation (FedBABU) and new-client evaluation — written once, here.
 
+  Stop requests (`fedjax_lib.stopping.STOPPER`) are honoured at the loop's safe points: before
+  every round, before the final and the new-client evaluations and before returning; every
+  run with rounds since its last checkpoint is then saved and `Interrupted` is raised.
+
   Returns one ``_Run`` per spec (history, timings, stop reason and extra results).
+
+  Raises:
+    ConfigError: ``config.resume`` and no checkpoint of a run can be read; a checkpoint
+      cannot be written (the file system's error, as one line).
+    Interrupted: SIGINT/SIGTERM; its ``checkpoint`` names what was saved.
   """
   sample_x = engine.data.x[0]
   states = _States(engine, specs, sample_x)
@@ -517,12 +525,16 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
   many = len(runs) > 1
   for s, run in enumerate(runs):
     if os.path.isdir(run.spec.checkpoint) or config.checkpoint_every:
-      restored = run.open_checkpointer().restore_latest(*states.get(s))
+      restored = run.open_checkpointer().restore_latest(
+          *states.get(s), required=config.resume, warn=lambda line: log(f"warning: {line}"))
       if restored is not None:
         step, server_state, client_states, meta = restored
         states.set(s, server_state, client_states)
         run.resume(meta, step)
         log(f"{run.spec.label}: resuming at round {step} from {run.last_ckpt}")
+      elif config.resume:
+        raise ConfigError(f"resume=True but there is no checkpoint in {run.spec.checkpoint}; "
+                          "run without --resume to start afresh")
 
   def save(run: _Run, next_round: int) -> str:
     run.saved_step = next_round
@@ -530,18 +542,36 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
                                                  run.meta())
     return run.last_ckpt
 
+  def unsaved() -> list:
+    return [run for run in runs
+            if run.finite and run.last_round >= 0 and run.saved_step != run.last_round + 1]
+
+  def note_progress() -> None:
+    if unsaved():
+      STOPPER.progress(f"round {max(run.last_round for run in runs)}")
+    else:
+      STOPPER.saved("every run is saved up to its last round, so nothing is lost" if any(
+          run.last_round >= 0 for run in runs) else stopping.NOTHING_YET)
+
+  def stop_if_requested(where: str) -> None:
+    if STOPPER.requested is None:
+      return
+    saved = [save(run, run.last_round + 1) for run in unsaved()]
+    note_progress()
+    what = saved[0] if len(saved) == 1 else (
+        f"{len(saved)} checkpoints under {os.path.dirname(saved[0])}" if saved else None)
+    raise Interrupted(f"{STOPPER.requested} {where}" + (f": saved {what}" if what else ""),
+                      what)
+
+  note_progress()
   start_round = min(run.start_round for run in runs)
   bar = _progress(range(start_round, config.global_rounds + 1), config.progress,
                   "sweep" if config.sweep else runs[0].spec.label)
-  write = getattr(bar, "write", log)
+  write = _writer(bar, log)
   start = time.perf_counter()
   for r in bar:
     live = [run for run in runs if not run.done and run.start_round <= r]
-    if stops.signal is not None:
-      saved = [save(run, r) for run in runs if not run.done]
-      where = saved[0] if len(saved) == 1 else (
-          f"{len(saved)} checkpoints under {os.path.dirname(saved[0])}" if saved else None)
-      raise Interrupted(f"{stops.signal} at round {r}: saved {where}", where)
+    stop_if_requested(f"at round {r}")
     if not live:
       if all(run.done for run in runs):
         break
@@ -583,6 +613,7 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
         continue
       if config.checkpoint_every and (r + 1) % config.checkpoint_every == 0:
         save(run, r + 1)
+    note_progress()
   for run in runs:
     run.done = True
     if run.stop:
@@ -591,6 +622,8 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
   for run in finishing:
     if config.checkpoint_every and run.saved_step != run.last_round + 1:
       save(run, run.last_round + 1)
+  note_progress()
+  stop_if_requested("after the last round")
   if finishing:
     # One more evaluation after fine-tuning (FedBABU), appended as PFLlib appends it.
     finals, _ = states.evaluate(finishing, final=True)
@@ -602,6 +635,7 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
       run.extra["final_eval"] = {k: v for k, v in final.items() if k != "client_test_acc"}
       write(f"{run.spec.label + ' | ' if many else ''}after fine-tuning | {_describe(final)}")
   if engine.num_new_clients:
+    stop_if_requested("before the new-client evaluation")
     for run in finishing:
       new = states.new_clients(run.spec.index, sample_x, config.fine_tuning_epoch_new)
       run.extra["new_clients"] = {k: v for k, v in new.items() if k != "client_test_acc"}
@@ -617,6 +651,7 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
     steady = round_times[1:] or round_times
     run.mean_round_time_s = float(np.mean(steady)) if steady else 0.0
     run.total_time_s = total
+  stop_if_requested("before writing the results")
   return runs
 
 
@@ -641,17 +676,46 @@ def run_specs(config: Config, base: str, algorithm, data, model) -> list:
   return specs
 
 
-def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None):
+def _stdout(line: str) -> None:
+  print(line, flush=True)
+
+
+def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None,
+                   quiet: bool = False):
   """Runs ``config.times`` repetitions, or every ``config.sweep`` combination, side by side,
   and writes their results under ``config.out``.
 
-  Returns `Results` (`fedjax_lib.sweep.SweepResults` for a sweep).
+  Human-readable lines (the header, ``warning:`` lines, one line per evaluation) go to ``log``
+  (default: stdout, process 0 only); ``quiet=True`` prints nothing and shows no progress
+  bar. Files are written under ``config.out`` only, and with ``config.plot`` = False nothing
+  else is written anywhere (matplotlib keeps a font cache in the home folder); the results
+  files appear together when the runs end. While it runs in the main thread, Ctrl-C or
+  SIGTERM stops after the current round with a checkpoint (`fedjax_lib.stopping`).
+
+  Returns `Results` (`fedjax_lib.sweep.SweepResults` for a sweep); ``.warnings`` lists the
+  settings warnings (`fedjax_lib.checks`), also recorded in every results JSON.
 
   Raises:
-    fedjax_lib.errors.FedJaxError: for bad configuration or data, before anything is written.
+    fedjax_lib.errors.FedJaxError: bad configuration or data (before anything is written), a
+      second writer of the same results, results of a different config without
+      ``overwrite``, or an operating-system error on the output folder (one line each).
+    fedjax_lib.stopping.Interrupted: SIGINT/SIGTERM; what was saved is in its message.
   """
-  if log is None:
-    log = (lambda msg: print(msg, file=sys.stderr)) if is_writer() else (lambda msg: None)
+  if quiet:
+    log = lambda line: None
+    config = config.replace(progress=False)
+  elif log is None:
+    log = _stdout if is_writer() else (lambda line: None)
+  installed = STOPPER.install(exit_now=False)
+  try:
+    return _run_experiment(config, log)
+  finally:
+    if installed:
+      STOPPER.uninstall()
+      STOPPER.reset()
+
+
+def _run_experiment(config: Config, log: Callable[[str], None]):
   config.validate()
   if config.sweep:
     sweep_config = config
@@ -663,8 +727,8 @@ def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None):
   if sweep_config is not None:
     config = sweep_config
   tag = dataset_tag(config.dataset)
-  out_dir = os.path.abspath(config.out)
   base = f"{tag}_{algorithm.name}_{config.goal}"
+  family = f"{base}_sweep" if config.sweep else base
   specs = run_specs(config, base, algorithm, data, model)
   sizes = {arch: models_lib.count_params(jax.eval_shape(model.init, rng.root_key(0),
                                                          data.x[:1]))
@@ -679,14 +743,53 @@ def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None):
           if config.sweep else "")
   log(f"{algorithm.name} on {tag}: {what}{data.num_clients} clients, {data.num_classes} "
       f"classes, {models_text}, executor {engine.executor}, backend {jax.default_backend()}")
-  for spec in specs:
-    _check_resumable(spec, config.resume)
+  for line in built.warnings:
+    log(f"warning: {line}")
+  with _output_folder(config, family) as out_dir:
+    checkpoints = [_check_resumable(spec, config.resume, config.overwrite) for spec in specs]
+    if is_writer():
+      output_lib.check_overwrite(
+          [(os.path.join(out_dir, spec.name + ".json"), spec.config.to_dict(),
+            Config.RESUMABLE_CHANGES if state == "continue" else ())
+           for spec, state in zip(specs, checkpoints)], config.overwrite)
+    for spec in (s for s, state in zip(specs, checkpoints) if state == "replace"):
+      log(f"{spec.label}: --overwrite: removing the checkpoints of a different config in "
+          f"{spec.checkpoint}")
+      output_lib.remove_tree(spec.checkpoint)
+    runs = run_loop(engine, specs, config, log)
+    return _write_results(config, built, specs, runs, out_dir, base, tag, log)
+
+
+@contextlib.contextmanager
+def _output_folder(config: Config, family: str):
+  """The output folder, locked for ``family`` (process 0 only): yields its absolute path.
+
+  A folder this run created is removed again when the run fails before writing anything.
+  """
+  if not is_writer():
+    yield os.path.abspath(config.out)
+    return
+  path, created = output_lib.prepare_folder(config.out)
+  lock = output_lib.OutputLock(path, family)
+  cleanup = lambda: (lock.release(), output_lib.remove_if_created(path, created))
+  try:
+    lock.acquire()
+    STOPPER.cleanups.append(cleanup)  # also when the process is stopped now
+    yield path
+  finally:
+    if cleanup in STOPPER.cleanups:
+      STOPPER.cleanups.remove(cleanup)
+    cleanup()
+
+
+def _write_results(config: Config, built: Built, specs: list, runs: list, out_dir: str,
+                   base: str, tag: str, log: Callable[[str], None]):
+  """Writes every results file in one transaction; returns `Results` / `SweepResults`."""
+  data, algorithm, engine = built.data, built.algorithm, built.engine
+  files_out = results_lib.FileSet()
   partition_file = os.path.join(out_dir, f"{base}{'_sweep' if config.sweep else ''}"
                                          "_partition.json")
-  if is_writer():
-    results_lib.write_json(partition_file, data.summary())
-  with _StopRequests() as stops:
-    runs = run_loop(engine, specs, config, log, stops)
+  files_out.add(partition_file, lambda tmp: results_lib.write_json(tmp, data.summary()))
   results = []
   for run in runs:
     spec, history = run.spec, run.history
@@ -695,19 +798,22 @@ def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None):
                "algorithm": algorithm.name, "executor": engine.executor,
                "backend": jax.default_backend(), "jax_version": jax.__version__,
                **history, **run.extra, "best_test_acc": max(acc), "last_test_acc": acc[-1],
-               "mean_round_time_s": run.mean_round_time_s, "total_time_s": run.total_time_s}
+               "mean_round_time_s": run.mean_round_time_s, "total_time_s": run.total_time_s,
+               "warnings": list(built.warnings)}
     if config.sweep:
       payload.update({"sweep": config.sweep, "combination": spec.combo, "index": spec.index,
                       "round_time_note": "time of one round of all combinations together"
                       if len(runs) > 1 else ""})
     run_base = os.path.join(out_dir, spec.name)
-    files = {"json": run_base + ".json", "h5": run_base + ".h5", "png": run_base + ".png"}
-    if is_writer():
-      results_lib.write_json(files["json"], payload)
-      results_lib.write_h5(files["h5"], history)
+    files = {"json": run_base + ".json", "h5": run_base + ".h5"}
+    files_out.add(files["json"], lambda tmp, p=payload: results_lib.write_json(tmp, p))
+    files_out.add(files["h5"], lambda tmp, h=history: results_lib.write_h5(tmp, h))
+    if config.plot:
+      files["png"] = run_base + ".png"
       title = (", ".join(f"{k}={v}" for k, v in spec.combo.items()) if spec.combo
                else f"run {spec.index}")
-      results_lib.write_plot(files["png"], history, f"{algorithm.name} on {tag} ({title})")
+      files_out.add(files["png"], lambda tmp, h=history, t=title: results_lib.write_plot(
+          tmp, h, f"{algorithm.name} on {tag} ({t})"))
     results.append(RunResult(seed=spec.seed, history=history, best_test_acc=float(max(acc)),
                              last_test_acc=float(acc[-1]),
                              mean_round_time_s=run.mean_round_time_s,
@@ -716,25 +822,35 @@ def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None):
       log(f"run {spec.index}: best test accuracy {max(acc):.4f}, last {acc[-1]:.4f}, "
           f"{run.mean_round_time_s:.3f} s/round")
   if not config.sweep:
-    return Results(config=config, runs=results, out_dir=out_dir, partition_file=partition_file)
-  combos = [spec.combo for spec in specs]
-  summary = sweep_lib.summarize(combos, results)
-  sweep_base = os.path.join(out_dir, f"{base}_sweep")
-  files = {"summary_json": sweep_base + "_summary.json",
-           "summary_md": sweep_base + "_summary.md"}
-  # Stacked runs are each charged the whole round; runs one after another add up.
-  per_run = [r.mean_round_time_s for r in results]
-  mean_round = float(np.mean(per_run) if runs_stacked(engine, specs) else np.sum(per_run))
-  total = max(r.total_time_s for r in results)
+    out = Results(config=config, runs=results, out_dir=out_dir, partition_file=partition_file,
+                  warnings=list(built.warnings))
+  else:
+    combos = [spec.combo for spec in specs]
+    summary = sweep_lib.summarize(combos, results)
+    sweep_base = os.path.join(out_dir, f"{base}_sweep")
+    files = {"summary_json": sweep_base + "_summary.json",
+             "summary_md": sweep_base + "_summary.md"}
+    # Stacked runs are each charged the whole round; runs one after another add up.
+    per_run = [r.mean_round_time_s for r in results]
+    mean_round = float(np.mean(per_run) if runs_stacked(engine, specs) else np.sum(per_run))
+    total = max(r.total_time_s for r in results)
+    summary_payload = {"config": config.to_dict(), "combinations": combos, "rows": summary,
+                       "mean_round_time_s": mean_round, "total_time_s": total,
+                       "warnings": list(built.warnings)}
+    files_out.add(files["summary_json"],
+                  lambda tmp: results_lib.write_json(tmp, summary_payload))
+    files_out.add(files["summary_md"], lambda tmp: results_lib.write_text(
+        tmp, "\n".join(sweep_lib.summary_table(summary)) + "\n"))
+    out = sweep_lib.SweepResults(config=config, combos=combos, runs=results, summary=summary,
+                                 out_dir=out_dir, files=files, mean_round_time_s=mean_round,
+                                 total_time_s=total, warnings=list(built.warnings))
   if is_writer():
-    results_lib.write_json(files["summary_json"], {
-        "config": config.to_dict(), "combinations": combos, "rows": summary,
-        "mean_round_time_s": mean_round, "total_time_s": total})
-    results_lib.write_text(files["summary_md"],
-                           "\n".join(sweep_lib.summary_table(summary)) + "\n")
-  return sweep_lib.SweepResults(config=config, combos=combos, runs=results, summary=summary,
-                                out_dir=out_dir, files=files, mean_round_time_s=mean_round,
-                                total_time_s=total)
+    files_out.commit()
+  STOPPER.saved("the results files are written")
+  if STOPPER.requested is not None:
+    raise Interrupted(f"{STOPPER.requested} while writing the results: they were written "
+                      f"completely to {out_dir}", None)
+  return out
 
 
 def runs_stacked(engine, specs) -> bool:

@@ -121,6 +121,14 @@ class Stopper:
     self._installed = True
     return True
 
+  def finish(self, status: int) -> int:
+    """Ignores SIGINT/SIGTERM from now on and returns ``status``: the process has done its
+    work and is exiting. (Python restores the default handlers while it shuts down, and a
+    signal in that moment would end the process with the signal's status instead.)"""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      signal.signal(sig, signal.SIG_IGN)
+    return status
+
   def uninstall(self) -> None:
     """Restores the previous handlers (Python callers; the CLI keeps its own to the end)."""
     if not self._installed or self._exit_now:

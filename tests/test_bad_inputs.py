@@ -57,6 +57,14 @@ FLAGS = [
     # partition settings that cannot be met
     (["--partition", "pat", "--class-per-client", "11"], ["class_per_client", "11"]),
     (["-nc", "2000"], ["2000"]),
+    # settings that would waste the run (fedjax_lib.checks; tests/test_settings_checks.py)
+    (["-m", "dnn", "-nc", "4", "-gr", "3", "-eg", "5"], ["eval_gap=5", "global_rounds=3"]),
+    (["-m", "dnn", "-nc", "4", "-algo", "FedALA", "-p", "5"], ["layer_idx=5", "0 (all"]),
+    (["-m", "dnn", "--partition", "iid", "--balance", "-algo", "FedALA", "-s", "1"],
+     ["rand_percent=1", "rand_percent >= 2"]),
+    (["-m", "mlr", "-nc", "4", "-algo", "FedPer"], ["FedPer", "'mlr'"]),
+    (["-m", "mlr", "-nc", "4", "-algo", "FedRep"], ["FedRep", "'mlr'"]),
+    (["-m", "mlr", "-nc", "4", "-algo", "FedBABU"], ["FedBABU", "'mlr'"]),
 ]
 
 

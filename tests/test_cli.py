@@ -128,7 +128,9 @@ def test_end_to_end_cli_writes_results(pfllib_folder, tmp_path):
                        "-lr", "0.05", "-t", "2", "-eg", "1"], tmp_path)
   assert proc.returncode == 0, proc.stderr
   assert "best test accuracy" in proc.stdout and "mean time per round" in proc.stdout
-  assert "round    3 | test_acc" in proc.stderr
+  # the report on stdout (header, round lines, summary); stderr only for errors and stops
+  assert "round    3 | test_acc" in proc.stdout and "FedAvg on digits5" in proc.stdout
+  assert proc.stderr == ""
   files = sorted(os.listdir(out))
   assert files == sorted(["digits5_FedAvg_test_0.json", "digits5_FedAvg_test_0.h5",
                           "digits5_FedAvg_test_0.png", "digits5_FedAvg_test_1.json",

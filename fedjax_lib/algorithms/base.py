@@ -43,6 +43,12 @@ the float fields :meth:`hyperparameter_values` lists (a sweep passes them as arr
 :meth:`with_hyperparameter_values`). Server-side functions (``server_update``,
 ``warmup_server``) must not depend on ``model``: one server serves every group.
 
+Settings checks: :meth:`Algorithm.check_settings` runs once per architecture before anything is
+trained (`fedjax_lib.checks`). It raises a ConfigError for hyperparameters the model or the
+clients cannot support and returns one-line warnings about settings that waste work; the
+default finds nothing. It reads shapes only (``jax.eval_shape``) and the clients' sizes
+(:class:`SettingsContext`).
+
 Nothing is kept on ``self`` between calls; the engine owns every piece of state.
 """
 
@@ -52,13 +58,31 @@ import copy
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 import jax
 import numpy as np
 
 from fedjax_lib.core.local import Batch, LocalSpec, masked_cross_entropy
 from fedjax_lib.errors import ConfigError
+
+
+class SettingsContext(NamedTuple):
+  """What :meth:`Algorithm.check_settings` checks an algorithm against: one architecture.
+
+  Attributes:
+    model_name: the architecture's name (``'cnn'``), for messages.
+    sample_x: one input sample without the batch axis (for shapes; see
+      :func:`abstract_variables`).
+    train_counts: ``[n]`` training-sample counts of this architecture's training clients.
+    num_new_clients: this architecture's new clients (``-nnc``), tested after training.
+    fine_tuning_epoch_new: their fine-tuning epochs before the test (``-ften``).
+  """
+  model_name: str
+  sample_x: Any
+  train_counts: np.ndarray
+  num_new_clients: int = 0
+  fine_tuning_epoch_new: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +149,23 @@ class Algorithm:
   def warmup_server(self, server_state, uploads, weights, key):
     """The server's part of the initialisation period (``weights``: sample counts)."""
     raise NotImplementedError
+
+  # ------------------------------------------------------------------ settings checks
+  def check_settings(self, context: SettingsContext) -> list[str]:
+    """Checks the hyperparameters against ``self.model`` and the clients of ``context``.
+
+    Called once per architecture (with that architecture's model) before anything runs.
+
+    Returns:
+      One-line warnings (without a ``warning:`` prefix) about settings that waste work or
+      make the reported numbers misleading, each naming the hyperparameter, its value, the
+      numbers and what to do. The default finds nothing.
+
+    Raises:
+      ConfigError: a setting this algorithm cannot work with on this model or these clients.
+    """
+    del context
+    return []
 
 
   # ------------------------------------------------------------------ swept values
@@ -228,6 +269,22 @@ def check_number(algorithm: str, name: str, value, minimum: float = 0,
     kind = "a finite number" if finite else "a number"
     raise ConfigError(f"{algorithm} hyperparameter {name}={value!r} must be "
                       f"{_accepted(kind, minimum, maximum)}")
+
+
+def abstract_variables(model, sample_x):
+  """``model``'s variables for one sample, as ``jax.ShapeDtypeStruct`` leaves (no FLOPs)."""
+  x = jax.ShapeDtypeStruct((1, *np.shape(sample_x)), sample_x.dtype)
+  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
+
+
+def untrained_new_clients(algorithm: str, fresh: str, context: SettingsContext) -> list[str]:
+  """The warning for new clients tested untrained: they start from a freshly initialised
+  ``fresh`` (e.g. ``'head'``) and are not fine-tuned (``fine_tuning_epoch_new = 0``)."""
+  if not context.num_new_clients or context.fine_tuning_epoch_new:
+    return []
+  return [f"num_new_clients={context.num_new_clients} with fine_tuning_epoch_new=0: a new "
+          f"{algorithm} client starts from a freshly initialised {fresh}, so it is tested "
+          "untrained (near chance); set fine_tuning_epoch_new >= 1 (-ften)"]
 
 
 def stack_clients(tree, num_clients: int):

@@ -70,7 +70,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from fedjax_lib.algorithms.base import check_number, linear_server, stack_clients
+from fedjax_lib.algorithms.base import (SettingsContext, check_number, linear_server,
+                                        stack_clients)
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.aggregate import weighted_average
@@ -161,6 +162,16 @@ class FedDBE(FedAvg):
   def __post_init__(self):
     check_number(self.name, "momentum", self.momentum, 0, 1)
     check_number(self.name, "kl_weight", self.kl_weight, finite=True)
+
+  def check_settings(self, context: SettingsContext) -> list[str]:
+    """Warns when ``momentum = 0`` silences a non-zero ``kl_weight``."""
+    del context
+    if self.momentum == 0 and self.kl_weight != 0:
+      return [f"{self.name} hyperparameter momentum=0 keeps the running mean of the "
+              f"representations at 0 (and the global mean with it), so the mean "
+              f"regularization kl_weight={self.kl_weight} has no effect; use momentum > 0 "
+              "(-mo)"]
+    return []
 
   def _zero_features(self, params, sample_x):
     rep = jax.eval_shape(lambda p, x: self.model.apply(p, x, method="features"), params,

@@ -79,10 +79,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lib.algorithms.base import check_int, check_number, stack_clients
+from fedjax_lib.algorithms.base import (SettingsContext, check_int, check_number,
+                                        stack_clients)
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.local import Batch, ClientData, train_locally
+from fedjax_lib.errors import ConfigError
 
 # fold_in tag of the ALA sample-window stream (local SGD uses the key as is).
 ALA_STREAM = 0xA1A
@@ -333,6 +335,54 @@ class FedALA(FedAvg):
     check_number(self.name, "threshold", self.threshold)
     check_int(self.name, "num_pre_loss", self.num_pre_loss, 1)
     check_int(self.name, "max_start_epochs", self.max_start_epochs, 1)
+
+  def check_settings(self, context: SettingsContext) -> list[str]:
+    """Refuses a ``layer_idx`` beyond the model's parameter tensors and a ``rand_percent``
+    that leaves every client's ALA sample empty; warns about clients with an empty sample,
+    ``eta = 0`` and start-phase settings under which ``threshold`` never acts."""
+    order = parameter_order(self.model, np.shape(context.sample_x), context.sample_x.dtype)
+    if self.layer_idx > len(order):
+      raise ConfigError(
+          f"{self.name} hyperparameter layer_idx={self.layer_idx} exceeds the {len(order)} "
+          f"parameter tensors of model {context.model_name!r}; use 0 (all of them) to "
+          f"{len(order)} (-p)")
+    warnings = []
+    counts = np.asarray(context.train_counts, np.int64)
+    with_data = counts[counts > 0]
+    if with_data.size:
+      sizes = window_sizes(self.rand_percent, int(with_data.max()))
+      empty = int((sizes[with_data] == 0).sum())
+
+      def percent_for(n):  # the smallest rand_percent giving n samples a non-empty window
+        return next(p for p in range(1, 101) if int(p / 100 * n) >= 1)
+
+      if empty == with_data.size:
+        raise ConfigError(
+            f"{self.name} hyperparameter rand_percent={self.rand_percent} gives every client "
+            f"int({self.rand_percent}/100·n) = 0 ALA samples (the largest client has "
+            f"n={int(with_data.max())}), so ALA would learn nothing; use rand_percent >= "
+            f"{percent_for(int(with_data.max()))} (-s)")
+      if empty:
+        warnings.append(
+            f"{self.name} hyperparameter rand_percent={self.rand_percent} gives {empty} of the "
+            f"{with_data.size} clients with training data 0 ALA samples (those with fewer "
+            f"than {int(np.argmax(sizes > 0))} samples): their ALA learns no weights; use "
+            f"rand_percent >= {percent_for(int(with_data.min()))} (-s)")
+    if self.eta == 0:
+      warnings.append(f"{self.name} hyperparameter eta=0 never changes the ALA weights (they "
+                      "stay 1), so every client starts each round from the global model, as "
+                      "in FedAvg; use eta > 0 (-et)")
+    if self.threshold == 0:
+      warnings.append(f"{self.name} hyperparameter threshold=0 never ends the start phase "
+                      "early (a standard deviation is never below 0): each client's first ALA "
+                      f"runs max_start_epochs={self.max_start_epochs} epochs; use threshold > 0")
+    elif self.max_start_epochs <= self.num_pre_loss:
+      warnings.append(
+          f"{self.name} hyperparameter max_start_epochs={self.max_start_epochs} <= "
+          f"num_pre_loss={self.num_pre_loss}: the start phase always runs to the cap (its "
+          f"loss test needs more than {self.num_pre_loss} epochs), so threshold="
+          f"{self.threshold} is never used; use max_start_epochs > {self.num_pre_loss}")
+    return warnings
 
   def init(self, key, sample_x, num_clients):
     params = self.init_params(key, sample_x)

@@ -25,10 +25,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from fedjax_lib.algorithms.base import Algorithm, check_int, linear_server
+import jax
+
+from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, abstract_variables,
+                                        check_int, linear_server)
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import PARTS, merge_parts, split_parts, train_parts
 from fedjax_lib.core.aggregate import weighted_average
+from fedjax_lib.errors import ConfigError
 
 
 @register("FedBABU")
@@ -78,3 +82,12 @@ class FedBABU(Algorithm):
 
   def new_client_variables(self, server_state, client_state):
     return merge_parts(server_state)
+
+  def check_settings(self, context: SettingsContext) -> list[str]:
+    """Refuses a model without base parameters: the rounds would train nothing."""
+    if not jax.tree.leaves(split_parts(abstract_variables(self.model, context.sample_x))["base"]):
+      raise ConfigError(
+          f"{self.name} trains only the base, but model {context.model_name!r} has no base "
+          "parameters, so every round would train nothing (only the fine-tuning after the "
+          "last round would); use a model with a base (cnn, dnn)")
+    return []

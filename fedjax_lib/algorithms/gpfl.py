@@ -77,7 +77,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lib.algorithms.base import Algorithm, check_number, linear_server, stack_clients
+from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, check_number,
+                                        linear_server, stack_clients,
+                                        untrained_new_clients)
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import merge_parts, split_parts
 from fedjax_lib.core.aggregate import weighted_average
@@ -331,3 +333,7 @@ class GPFL(Algorithm):
   def new_client_variables(self, server_state, client_state):
     """The global base with a freshly initialised head: a plain model without CoV."""
     return merge_parts({"base": server_state["base"]}, {"head": client_state["head"]})
+
+  def check_settings(self, context: SettingsContext) -> list[str]:
+    """Warns when new clients would be tested with their freshly initialised head."""
+    return untrained_new_clients(self.name, "head", context)

@@ -7,7 +7,8 @@ each round and every client is evaluated with its own model.
 
 import dataclasses
 
-from fedjax_lib.algorithms.base import Algorithm, linear_server, stack_clients
+from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, linear_server,
+                                        stack_clients, untrained_new_clients)
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.local import train_locally
 
@@ -35,3 +36,7 @@ class Local(Algorithm):
   def new_client_variables(self, server_state, client_state):
     """A new client trains its own freshly initialised model (PFLlib has no such tail)."""
     return client_state["params"]
+
+  def check_settings(self, context: SettingsContext) -> list[str]:
+    """Warns when new clients would be tested with their freshly initialised model."""
+    return untrained_new_clients(self.name, "model", context)

@@ -44,8 +44,10 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from fedjax_lib.algorithms.base import SettingsContext
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.local import Batch, ClientData, train_locally
@@ -113,6 +115,17 @@ class PerAvg(FedAvg):
       raise ConfigError(
           f"{self.name} trains on batches of 2*batch_size = {2 * self.local.batch_size} "
           "samples, but no client has that many training samples; use a smaller batch_size")
+
+  def check_settings(self, context: SettingsContext) -> list[str]:
+    """Warns about clients too small for one meta-batch of ``2·batch_size`` samples."""
+    counts = np.asarray(context.train_counts)
+    meta_batch = 2 * self.local.batch_size
+    small = int((counts < meta_batch).sum())
+    if not small:
+      return []
+    return [f"{self.name} takes meta-steps on 2*batch_size = {meta_batch} samples: {small} of "
+            f"{counts.size} clients have fewer training samples and never train (the smallest "
+            f"has {int(counts.min())}); use a smaller batch_size or fewer clients"]
 
   @property
   def meta_step(self) -> float:

@@ -23,9 +23,12 @@ from typing import Any, ClassVar, Iterable, Optional
 import jax
 import optax
 
-from fedjax_lib.algorithms.base import Algorithm, linear_server, stack_clients
+from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, abstract_variables,
+                                        linear_server, stack_clients,
+                                        untrained_new_clients)
 from fedjax_lib.core.aggregate import weighted_average
 from fedjax_lib.core.local import ClientData, LocalSpec, LossFn, train_locally
+from fedjax_lib.errors import ConfigError
 from fedjax_lib.models.base import merge_params, split_params
 
 PARTS = ("base", "head")
@@ -120,3 +123,20 @@ class SplitAlgorithm(Algorithm):
   def new_client_variables(self, server_state, client_state):
     """The global shared part with a freshly initialised personal part."""
     return merge_parts(server_state, client_state)
+
+  def check_settings(self, context: SettingsContext) -> list[str]:
+    """Refuses a model whose shared part is empty (nothing would be communicated); warns
+    when the personal part is empty (no personalization) or new clients are tested with an
+    untrained personal part."""
+    parts = split_parts(abstract_variables(self.model, context.sample_x))
+    if not jax.tree.leaves(parts[self.SHARED]):
+      raise ConfigError(
+          f"{self.name} shares the model's {self.SHARED}, but model {context.model_name!r} has "
+          f"no {self.SHARED} parameters, so nothing would be communicated (the run would be "
+          f"Local); use a model with a {self.SHARED} (cnn, dnn) or -algo Local")
+    if not jax.tree.leaves(parts[self.personal]):
+      return [f"{self.name} keeps the {self.personal} personal, but model "
+              f"{context.model_name!r} has no {self.personal} parameters: its clients are "
+              f"not personalized (they run FedAvg on the {self.SHARED}); use a model with a "
+              f"{self.personal} (cnn, dnn)"]
+    return untrained_new_clients(self.name, self.personal, context)

@@ -22,12 +22,15 @@ is closed" reports are silenced (:func:`_quiet_failed_reads`), nothing else is.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import glob
 import logging
 import os
+import re
 import shutil
 import sys
+import time
 import warnings
 from typing import Any, Callable, Optional
 
@@ -57,7 +60,8 @@ class RunCheckpointer:
   def __init__(self, directory: str, keep: int = 3):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=False)
+                                           enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def steps(self) -> list[int]:
@@ -74,20 +78,33 @@ class RunCheckpointer:
         checkpoint is removed and the previous ones are kept.
     """
     state = {"server": server_state, "clients": client_states}
-    with STOPPER.writing():
+    with STOPPER.writing(), _absl_silenced(), _quiet_failed_reads():
       try:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave({**meta, "format": FORMAT, "step": step})), force=True)
         self.manager.wait_until_finished()
       except Exception as e:  # pylint: disable=broad-except
-        for tmp in glob.glob(os.path.join(glob.escape(self.directory), f"{step}.orbax-*")):
-          shutil.rmtree(tmp, ignore_errors=True)
+        self._remove_partial(step)
         error = _os_error_in(e)
         if error is None:
           raise
         raise os_error("save the checkpoint", self.path(step), error) from None
     return self.path(step)
+
+  def _remove_partial(self, step: int) -> None:
+    """Removes the temporary folder of a failed save. Orbax's other writer threads may still
+    be writing into it for a moment: removed until it stays gone for half a second (at most
+    five seconds); a rerun's `CheckpointManager` also cleans up what would remain."""
+    pattern = os.path.join(glob.escape(self.directory), f"{step}.orbax-*")
+    deadline, quiet_since = time.monotonic() + 5, time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < 0.5:
+      leftovers = glob.glob(pattern)
+      for tmp in leftovers:
+        shutil.rmtree(tmp, ignore_errors=True)
+      if leftovers:
+        quiet_since = time.monotonic()
+      time.sleep(0.05)
 
   def restore_latest(self, server_state, client_states, required: bool = False,
                      warn: Optional[Callable[[str], None]] = None
@@ -190,16 +207,31 @@ def _os_error_in(error: BaseException) -> Optional[OSError]:
   while error is not None and id(error) not in seen:
     if isinstance(error, OSError):
       return error
+    code = re.search(r"os_error_code='(\d+)'", str(error))  # TensorStore's wording
+    if code:
+      return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
     seen.add(id(error))
     error = error.__cause__ or error.__context__
   return None
 
 
-class _quiet_failed_reads:  # pylint: disable=invalid-name
-  """Silences the reports of Orbax's background reads of a checkpoint that failed.
+@contextlib.contextmanager
+def _absl_silenced():
+  """Orbax logs a failed write with a traceback from its writer threads, some of them only
+  when the process ends; the save raises it as one line instead, and Orbax's log stays
+  silenced after a failed save."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  yield
+  logger.setLevel(level)
 
-  When one array of a damaged checkpoint cannot be read, Orbax gives up while its other reads
-  are still in flight; they end later on TensorStore's threads, after Orbax's event loop has
+
+class _quiet_failed_reads:  # pylint: disable=invalid-name
+  """Silences the reports of Orbax's background reads (or writes) that failed.
+
+  When one array of a damaged checkpoint cannot be read (or written: a full disk), Orbax
+  gives up while its other reads are still in flight; they end later on TensorStore's threads, after Orbax's event loop has
   closed, and Python reports each through `sys.unraisablehook` ("Event loop is closed", or an
   exception in an Orbax coroutine) — tracebacks about a failure already reported. The filter
   stays installed for the process (those reads end at unpredictable times) and lets every

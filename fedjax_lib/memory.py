@@ -1,0 +1,342 @@
+"""The memory runs will need, read from their compiled programs, and what the machine has.
+
+With the vmap or chunked executor, S runs side by side (a sweep, ``-t`` repetitions) are one
+compiled program per phase (`fedjax_lib.core.engine.StackedPrograms`: init, round, evaluation),
+and their memory grows with S × clients × what one client's local training keeps live. On
+XLA:CPU, where the local steps are unrolled, that is easily more than the machine has (a
+4-combination Ditto sweep on digits: 11.5 GB of temporaries in one round).
+:func:`estimate_runs` compiles those programs ahead of time — ``jax.jit`` keeps the compiled
+executables in its cache and the run loop's calls reuse them (tested), so nothing is compiled
+twice — and reads XLA's own account of each (``Compiled.memory_analysis()``)::
+
+    program = arguments + outputs − outputs aliased to donated arguments + temporaries
+              (+ on XLA:CPU, the run-time scratch of grouped convolutions, below)
+    needed  = max over the programs (they run one after another) − the data already resident
+
+:func:`check_fits` compares ``needed`` with :func:`available_bytes` (on CPU the machine's
+available RAM, on an accelerator its free memory) and refuses, with both numbers, what does
+not fit.
+
+What the estimate covers:
+
+- every buffer XLA allocates for the stacked programs: the states of all S runs, the data, the
+  swept values and every temporary (per-step activations, gathered batches, index buffers);
+- on XLA:CPU, a convolution vmapped over per-client kernels is a grouped convolution, and XLA
+  runs it with scratch it allocates at run time, outside ``memory_analysis`` (about its im2col
+  matrix: batch × output pixels × window × input channels, measured within 10% for one such
+  convolution); the largest two are added, as independent ones run concurrently.
+
+What it does not cover: compilation itself (it has happened by the time the estimate exists;
++0.4 to 0.8 GB of RSS for the digits CNN), host copies (metrics, checkpoints: one run's states)
+and allocator slack. Runs one after another (the sequential executor, several devices) are
+estimated by their states only (S × one run's states), without compiling anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_lib.algorithms.base import has_hook
+from fedjax_lib.core import rng
+from fedjax_lib.errors import ConfigError
+
+GB = 1e9
+
+
+# ---------------------------------------------------------------------------- the machine
+def _meminfo() -> dict:
+  """``/proc/meminfo`` in bytes (empty where there is none)."""
+  try:
+    with open("/proc/meminfo") as f:
+      rows = (line.split() for line in f)
+      return {row[0].rstrip(":"): int(row[1]) * 1024 for row in rows if len(row) >= 2}
+  except OSError:
+    return {}
+
+
+def _sysconf(name: str) -> Optional[int]:
+  try:
+    value = os.sysconf(name) * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return None
+  return value if value > 0 else None
+
+
+def _device(device=None):
+  return jax.devices()[0] if device is None else device
+
+
+def _device_stats(device) -> Optional[dict]:
+  """An accelerator's ``memory_stats()`` when it reports a limit (None on CPU)."""
+  if device.platform == "cpu":
+    return None
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except  (not every plugin implements it)
+    return None
+  return stats if stats and "bytes_limit" in stats else None
+
+
+def available_bytes(device=None) -> Optional[int]:
+  """Bytes a run can still allocate on ``device`` (default: the first device).
+
+  CPU: the machine's available RAM (``MemAvailable`` of ``/proc/meminfo``: free memory plus
+  what the kernel can reclaim; elsewhere ``os.sysconf``'s available pages). GPU/TPU:
+  ``bytes_limit - bytes_in_use`` of ``device.memory_stats()``. None when it cannot be known.
+  """
+  device = _device(device)
+  stats = _device_stats(device)
+  if stats is not None:
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  if device.platform != "cpu":
+    return None
+  info = _meminfo()
+  if "MemAvailable" in info:
+    return info["MemAvailable"]
+  return _sysconf("SC_AVPHYS_PAGES")
+
+
+def total_bytes(device=None) -> Optional[int]:
+  """The memory of ``device``: the machine's RAM on CPU, ``bytes_limit`` on an accelerator."""
+  device = _device(device)
+  stats = _device_stats(device)
+  if stats is not None:
+    return int(stats["bytes_limit"])
+  if device.platform != "cpu":
+    return None
+  return _meminfo().get("MemTotal") or _sysconf("SC_PHYS_PAGES")
+
+
+def in_use_bytes(device=None) -> int:
+  """What this process already holds: its resident set on CPU, ``bytes_in_use`` elsewhere."""
+  device = _device(device)
+  stats = _device_stats(device)
+  if stats is not None:
+    return int(stats.get("bytes_in_use", 0))
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, ValueError, IndexError, AttributeError):
+    import resource  # pylint: disable=import-outside-toplevel
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak if os.uname().sysname == "Darwin" else peak * 1024
+
+
+# ---------------------------------------------------------------------------- one program
+@dataclasses.dataclass(frozen=True)
+class ProgramMemory:
+  """XLA's account of one compiled program, in bytes.
+
+  ``bytes = arguments + outputs - aliased + temporaries + scratch``: an output aliased to a
+  donated argument (the round's states) is counted once; ``scratch`` is what XLA:CPU's grouped
+  convolutions allocate at run time (see :func:`grouped_conv_scratch_bytes`).
+  """
+  name: str
+  arguments: int
+  outputs: int
+  aliased: int
+  temporaries: int
+  scratch: int = 0
+
+  @property
+  def bytes(self) -> int:
+    return self.arguments + self.outputs - self.aliased + self.temporaries + self.scratch
+
+
+def program_memory(name: str, compiled, platform: str = "cpu") -> ProgramMemory:
+  """:class:`ProgramMemory` of a ``jax.stages.Compiled`` (``jit(f).lower(...).compile()``)
+  for ``platform`` (the device's: ``cpu`` adds the grouped convolutions' scratch)."""
+  analysis = compiled.memory_analysis()
+  scratch = grouped_conv_scratch_bytes(compiled.as_text()) if platform == "cpu" else 0
+  return ProgramMemory(name, int(analysis.argument_size_in_bytes),
+                       int(analysis.output_size_in_bytes), int(analysis.alias_size_in_bytes),
+                       int(analysis.temp_size_in_bytes), scratch)
+
+
+_DEF = re.compile(r"%([\w.\-]+) = (\w+)\[([\d,]*)\]")
+_CONV = re.compile(r"= (\w+)\[([\d,]*)\][^ ]* convolution\(%([\w.\-]+), %([\w.\-]+)\)(.*)")
+
+
+def grouped_conv_scratch_bytes(hlo_text: str, concurrent: int = 2) -> int:
+  """Run-time scratch of XLA:CPU's grouped convolutions in an optimized HLO module's text.
+
+  XLA:CPU runs a convolution with ``feature_group_count > 1`` (what ``vmap`` makes of a
+  convolution over per-client kernels) with buffers it allocates at run time, outside
+  ``memory_analysis()``: about the im2col matrix, ``batch × output pixels × window × input
+  channels`` elements (measured within 10% for single convolutions on XLA:CPU, jax 0.10).
+  Returns the sum of the ``concurrent`` largest (independent convolutions run concurrently).
+  """
+  shapes = {m.group(1): (m.group(2), m.group(3)) for m in _DEF.finditer(hlo_text)}
+  sizes = []
+  for m in _CONV.finditer(hlo_text):
+    dtype, out_dims, lhs, _, attrs = m.groups()
+    groups = re.search(r"feature_group_count=(\d+)", attrs)
+    if not groups or int(groups.group(1)) == 1 or lhs not in shapes:
+      continue
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", attrs)
+    window = re.search(r"size=([\dx]+)", attrs)
+    if not labels or not window:
+      continue
+    lhs_dims = [int(d) for d in shapes[lhs][1].split(",") if d]
+    out = [int(d) for d in out_dims.split(",") if d]
+    lhs_labels, out_labels = labels.group(1), labels.group(3)
+    in_features = lhs_dims[lhs_labels.index("f")]
+    out_positions = math.prod(n for n, label in zip(out, out_labels) if label != "f")
+    taps = math.prod(int(d) for d in window.group(1).split("x"))
+    sizes.append(out_positions * taps * in_features * _ITEMSIZE.get(dtype, 4))
+  return sum(sorted(sizes)[-concurrent:])
+
+
+_ITEMSIZE = {"f64": 8, "f32": 4, "f16": 2, "bf16": 2}
+
+
+# ---------------------------------------------------------------------------- the runs
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  """The memory S runs will need on one device, in bytes.
+
+  Attributes:
+    programs: each compiled program's account (empty for runs one after another).
+    resident: the data arguments already on the device, counted in ``programs`` too.
+    states: the states of all S runs.
+    in_use: what this process held when the estimate was made (its RSS on CPU).
+    covers: one line on what the number includes.
+  """
+  programs: tuple
+  resident: int
+  states: int
+  in_use: int
+  covers: str
+
+  @property
+  def additional(self) -> int:
+    """Bytes to allocate beyond what is in use: the largest program (or the states) less the
+    data already resident."""
+    if not self.programs:
+      return self.states
+    return max(max(p.bytes for p in self.programs) - self.resident, 0)
+
+  @property
+  def total(self) -> int:
+    """What the process will hold at its peak: in use now plus :attr:`additional`."""
+    return self.in_use + self.additional
+
+  def describe(self) -> str:
+    """One line: the total and the largest program's parts."""
+    text = f"about {self.total / GB:.1f} GB ({self.in_use / GB:.1f} GB in use now"
+    if self.programs:
+      top = max(self.programs, key=lambda p: p.bytes)
+      text += (f"; largest program: {top.name}, {top.temporaries / GB:.1f} GB temporaries, "
+               f"{(top.arguments + top.outputs - top.aliased) / GB:.1f} GB arguments and "
+               f"outputs")
+      if top.scratch:
+        text += f", {top.scratch / GB:.1f} GB convolution scratch"
+    return text + f"; {self.covers})"
+
+
+def _shape(tree):
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
+
+
+def _nbytes(tree) -> int:
+  return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+
+
+def _unique_nbytes(tree) -> int:
+  seen = {id(a): a for a in jax.tree.leaves(tree)}
+  return sum(a.nbytes for a in seen.values())
+
+
+def _stacked_inputs(num_runs: int, swept: Sequence[str]):
+  """Abstract swept values and root keys of S runs, as `fedjax_lib.runner` makes them."""
+  hparams = {k: jax.ShapeDtypeStruct((num_runs,), jnp.float32) for k in swept}
+  roots = jax.eval_shape(lambda: jnp.stack([rng.root_key(0)] * num_runs))
+  return hparams, roots
+
+
+def estimate_stacked(engine, num_runs: int, swept: Sequence[str]) -> Estimate:
+  """Compiles the stacked init, round and evaluation programs of S runs; their memory.
+
+  The programs are lowered with abstract arguments shaped as the run loop passes them, so
+  ``jax.jit`` reuses these compilations when the runs start. Compile time moves from round 0
+  to here; nothing is allocated for the states.
+
+  Args:
+    engine: an engine with a traced executor on one device.
+    num_runs: S, the runs side by side.
+    swept: the names of the swept hyperparameters (``RunSpec.hparams``' keys).
+  """
+  programs = engine.stacked()
+  arrays = engine.arrays
+  hparams, roots = _stacked_inputs(num_runs, swept)
+  sample_x = _shape(jnp.asarray(engine.data.x[0]))
+  compiled = [("init", programs._init.lower(hparams, arrays, roots, sample_x).compile())]  # pylint: disable=protected-access
+  server, clients = jax.eval_shape(programs._init, hparams, arrays, roots, sample_x)  # pylint: disable=protected-access
+  index = jax.ShapeDtypeStruct((), jnp.int32)
+  running = jax.ShapeDtypeStruct((num_runs,), jnp.bool_)
+  compiled.append(("round", programs._round.lower(  # pylint: disable=protected-access
+      hparams, server, clients, arrays, roots, index, running).compile()))
+  per_run_index = jax.ShapeDtypeStruct((num_runs,), jnp.int32)
+  finals = (False, True) if has_hook(engine.algorithm, "final_views") else (False,)
+  for gi, g in enumerate(engine.groups):
+    rows = jax.ShapeDtypeStruct((min(engine.eval_chunk_size, g.size),), jnp.int32)
+    for final in finals:
+      fn = programs._eval_program(gi, final)  # pylint: disable=protected-access
+      name = "final evaluation" if final else "evaluation"
+      if len(engine.groups) > 1:
+        name += f" of {g.name}"
+      compiled.append((name, fn.lower(hparams, server, clients[g.name], arrays, rows, roots,
+                                      per_run_index).compile()))
+  platform = engine.data.x.devices().pop().platform
+  return Estimate(tuple(program_memory(n, c, platform) for n, c in compiled),
+                  resident=_unique_nbytes(arrays), states=_nbytes((server, clients)),
+                  in_use=in_use_bytes(), covers=(
+                      f"{num_runs} runs in one program: every XLA buffer of init, round and "
+                      "evaluation; not compilation or host copies"))
+
+
+def estimate_separate(engine, num_runs: int, swept: Sequence[str]) -> Estimate:
+  """Runs one after another: the states of all S runs only (traced abstractly, no compile)."""
+  hparams = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in swept}
+  root = jax.eval_shape(lambda: rng.root_key(0))
+  sample_x = _shape(jnp.asarray(engine.data.x[0]))
+  states = jax.eval_shape(engine._init_fn, hparams, root, sample_x)  # pylint: disable=protected-access
+  return Estimate((), resident=0, states=num_runs * _nbytes(states), in_use=in_use_bytes(),
+                  covers=f"the states of {num_runs} runs one after another; not the "
+                         "per-client programs")
+
+
+def estimate_runs(engine, num_runs: int, swept: Sequence[str] = (),
+                  stacked: Optional[bool] = None) -> Estimate:
+  """:func:`estimate_stacked` for runs side by side in one program, else
+  :func:`estimate_separate`; ``stacked`` defaults to `fedjax_lib.runner.runs_stacked`'s rule."""
+  if stacked is None:
+    stacked = num_runs > 1 and engine.executors[0].traced and engine.mesh is None
+  if stacked:
+    return estimate_stacked(engine, num_runs, swept)
+  return estimate_separate(engine, num_runs, swept)
+
+
+def check_fits(needed: int, available: Optional[int], what: str, in_use: int = 0) -> None:
+  """Refuses ``what`` when ``needed`` bytes (``in_use`` of them already held) exceed
+  ``in_use + available``.
+
+  Raises:
+    ConfigError: one line naming both numbers in GB and what to change.
+  """
+  if available is None or needed - in_use <= available:
+    return
+  held = f" ({in_use / GB:.1f} GB of it already in use)" if in_use else ""
+  raise ConfigError(
+      f"{what} needs about {needed / GB:.1f} GB of memory{held} but {available / GB:.1f} GB "
+      f"{'more ' if in_use else ''}is available; run fewer combinations or repetitions at a "
+      "time, use --executor sequential, or --executor chunked with a smaller --chunk-size "
+      "(or --unroll 1, slower on CPU)")
