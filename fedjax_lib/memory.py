@@ -38,13 +38,12 @@ import dataclasses
 import math
 import os
 import re
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lib.algorithms.base import has_hook
 from fedjax_lib.core import rng
 from fedjax_lib.errors import ConfigError
 
@@ -209,12 +208,14 @@ class Estimate:
     states: the states of all S runs.
     in_use: what this process held when the estimate was made (its RSS on CPU).
     covers: one line on what the number includes.
+    device: the device the runs use (None: the first).
   """
   programs: tuple
   resident: int
   states: int
   in_use: int
   covers: str
+  device: Any = None
 
   @property
   def additional(self) -> int:
@@ -241,9 +242,18 @@ class Estimate:
         text += f", {top.scratch / GB:.1f} GB convolution scratch"
     return text + f"; {self.covers})"
 
+  def check(self, what: str) -> None:
+    """:func:`check_fits` of this estimate against :func:`available_bytes` of its device.
 
-def _shape(tree):
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
+    Raises:
+      ConfigError: it does not fit; the message names both numbers and what to change.
+    """
+    advice = DEFAULT_ADVICE
+    top = max(self.programs, key=lambda p: p.bytes, default=None)
+    if top is not None and "evaluation" in top.name:
+      advice = "use a smaller --eval-chunk-size, " + advice
+    check_fits(self.total, available_bytes(self.device), what, in_use=self.in_use,
+               advice=advice)
 
 
 def _nbytes(tree) -> int:
@@ -253,6 +263,10 @@ def _nbytes(tree) -> int:
 def _unique_nbytes(tree) -> int:
   seen = {id(a): a for a in jax.tree.leaves(tree)}
   return sum(a.nbytes for a in seen.values())
+
+
+def _engine_device(engine):
+  return next(iter(engine.data.x.devices()))
 
 
 def _stacked_inputs(num_runs: int, swept: Sequence[str]):
@@ -274,44 +288,27 @@ def estimate_stacked(engine, num_runs: int, swept: Sequence[str]) -> Estimate:
     num_runs: S, the runs side by side.
     swept: the names of the swept hyperparameters (``RunSpec.hparams``' keys).
   """
-  programs = engine.stacked()
-  arrays = engine.arrays
   hparams, roots = _stacked_inputs(num_runs, swept)
-  sample_x = _shape(jnp.asarray(engine.data.x[0]))
-  compiled = [("init", programs._init.lower(hparams, arrays, roots, sample_x).compile())]  # pylint: disable=protected-access
-  server, clients = jax.eval_shape(programs._init, hparams, arrays, roots, sample_x)  # pylint: disable=protected-access
-  index = jax.ShapeDtypeStruct((), jnp.int32)
-  running = jax.ShapeDtypeStruct((num_runs,), jnp.bool_)
-  compiled.append(("round", programs._round.lower(  # pylint: disable=protected-access
-      hparams, server, clients, arrays, roots, index, running).compile()))
-  per_run_index = jax.ShapeDtypeStruct((num_runs,), jnp.int32)
-  finals = (False, True) if has_hook(engine.algorithm, "final_views") else (False,)
-  for gi, g in enumerate(engine.groups):
-    rows = jax.ShapeDtypeStruct((min(engine.eval_chunk_size, g.size),), jnp.int32)
-    for final in finals:
-      fn = programs._eval_program(gi, final)  # pylint: disable=protected-access
-      name = "final evaluation" if final else "evaluation"
-      if len(engine.groups) > 1:
-        name += f" of {g.name}"
-      compiled.append((name, fn.lower(hparams, server, clients[g.name], arrays, rows, roots,
-                                      per_run_index).compile()))
-  platform = engine.data.x.devices().pop().platform
-  return Estimate(tuple(program_memory(n, c, platform) for n, c in compiled),
-                  resident=_unique_nbytes(arrays), states=_nbytes((server, clients)),
-                  in_use=in_use_bytes(), covers=(
+  compiled = engine.stacked().compile(hparams, roots, engine.data.x[0])
+  server, clients = engine.state_shapes(engine.data.x[0])
+  device = _engine_device(engine)
+  return Estimate(tuple(program_memory(n, c, device.platform) for n, c in compiled),
+                  resident=_unique_nbytes(engine.arrays),
+                  states=num_runs * _nbytes((server, clients)),
+                  in_use=in_use_bytes(device), device=device, covers=(
                       f"{num_runs} runs in one program: every XLA buffer of init, round and "
                       "evaluation; not compilation or host copies"))
 
 
 def estimate_separate(engine, num_runs: int, swept: Sequence[str]) -> Estimate:
   """Runs one after another: the states of all S runs only (traced abstractly, no compile)."""
-  hparams = {k: jax.ShapeDtypeStruct((), jnp.float32) for k in swept}
-  root = jax.eval_shape(lambda: rng.root_key(0))
-  sample_x = _shape(jnp.asarray(engine.data.x[0]))
-  states = jax.eval_shape(engine._init_fn, hparams, root, sample_x)  # pylint: disable=protected-access
-  return Estimate((), resident=0, states=num_runs * _nbytes(states), in_use=in_use_bytes(),
-                  covers=f"the states of {num_runs} runs one after another; not the "
-                         "per-client programs")
+  del swept  # the swept values do not change any shape
+  states = engine.state_shapes(engine.data.x[0])
+  per_device = num_runs * _nbytes(states) // engine.num_shards  # sharded along clients
+  device = _engine_device(engine)
+  return Estimate((), resident=0, states=per_device, in_use=in_use_bytes(device), device=device,
+                  covers=f"the states of {num_runs} run(s) one after another only, a lower "
+                         "bound: not the programs")
 
 
 def estimate_runs(engine, num_runs: int, swept: Sequence[str] = (),
@@ -325,18 +322,28 @@ def estimate_runs(engine, num_runs: int, swept: Sequence[str] = (),
   return estimate_separate(engine, num_runs, swept)
 
 
-def check_fits(needed: int, available: Optional[int], what: str, in_use: int = 0) -> None:
-  """Refuses ``what`` when ``needed`` bytes (``in_use`` of them already held) exceed
-  ``in_use + available``.
+DEFAULT_ADVICE = ("run fewer combinations or repetitions at a time, use --executor sequential, "
+                  "or --executor chunked with a smaller --chunk-size (or --unroll 1, slower "
+                  "on CPU)")
+
+
+def check_fits(needed: int, available: Optional[int], what: str, in_use: int = 0,
+               advice: str = DEFAULT_ADVICE) -> None:
+  """Refuses ``what`` when it needs more than there is.
+
+  Args:
+    needed: the bytes ``what`` will hold at its peak, ``in_use`` of them already held.
+    available: the bytes that can still be allocated (None: unknown, nothing is refused).
+    what: the subject of the message, e.g. ``"the sweep of 4 combinations"``.
+    in_use: what is already held (on CPU this process's RSS, not part of ``available``).
+    advice: what the user can change, ending the message.
 
   Raises:
-    ConfigError: one line naming both numbers in GB and what to change.
+    ConfigError: ``needed - in_use > available``; one line naming both numbers in GB.
   """
   if available is None or needed - in_use <= available:
     return
   held = f" ({in_use / GB:.1f} GB of it already in use)" if in_use else ""
   raise ConfigError(
       f"{what} needs about {needed / GB:.1f} GB of memory{held} but {available / GB:.1f} GB "
-      f"{'more ' if in_use else ''}is available; run fewer combinations or repetitions at a "
-      "time, use --executor sequential, or --executor chunked with a smaller --chunk-size "
-      "(or --unroll 1, slower on CPU)")
+      f"{'more ' if in_use else ''}is available; {advice}")

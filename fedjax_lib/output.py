@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from typing import Iterable, Optional
 
@@ -96,6 +97,7 @@ class OutputLock:
     self.family = family
     self.path = os.path.join(folder, f".{family}.lock")
     self._fd: Optional[int] = None
+    self._releasing = threading.Lock()
 
   def acquire(self) -> "OutputLock":
     """Takes the lock or raises `ConfigError` naming the process that holds it."""
@@ -108,6 +110,7 @@ class OutputLock:
         raise os_error("create the lock file", self.path, e) from None
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._fd = fd  # from here on `release` removes the file
       except BlockingIOError:
         holder = _read_holder(fd)
         os.close(fd)
@@ -121,6 +124,7 @@ class OutputLock:
         same = False
       if same:
         break
+      self._fd = None
       os.close(fd)
     info = f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: " + " ".join(
         sys.argv)
@@ -128,20 +132,22 @@ class OutputLock:
       os.ftruncate(fd, 0)
       os.write(fd, info[:1000].encode("utf-8", "replace"))
     except OSError as e:
-      os.close(fd)
+      self.release()
       raise os_error("write the lock file", self.path, e) from None
-    self._fd = fd
     return self
 
   def release(self) -> None:
-    if self._fd is None:
-      return
-    try:
-      os.remove(self.path)
-    except OSError:
-      pass
-    os.close(self._fd)  # closing releases the flock
-    self._fd = None
+    """Removes the lock file and releases the lock (the main thread and a stop now may both
+    call it)."""
+    with self._releasing:
+      fd, self._fd = self._fd, None
+      if fd is None:
+        return
+      try:
+        os.remove(self.path)
+      except OSError:
+        pass
+      os.close(fd)  # closing releases the flock
 
   def __enter__(self) -> "OutputLock":
     return self.acquire()

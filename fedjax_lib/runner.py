@@ -772,14 +772,13 @@ def _output_folder(config: Config, family: str):
   path, created = output_lib.prepare_folder(config.out)
   lock = output_lib.OutputLock(path, family)
   cleanup = lambda: (lock.release(), output_lib.remove_if_created(path, created))
+  STOPPER.cleanups.append(cleanup)  # also when the process is stopped now
   try:
     lock.acquire()
-    STOPPER.cleanups.append(cleanup)  # also when the process is stopped now
     yield path
   finally:
-    if cleanup in STOPPER.cleanups:
-      STOPPER.cleanups.remove(cleanup)
     cleanup()
+    STOPPER.cleanups.remove(cleanup)
 
 
 def _write_results(config: Config, built: Built, specs: list, runs: list, out_dir: str,

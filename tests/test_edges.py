@@ -87,16 +87,17 @@ def _results_files(out):
   return sorted(f for f in os.listdir(out) if f.startswith("digits_"))
 
 
-def _assert_consistent(out):
+def _assert_consistent(out, what=""):
   """No temporary file, no lock left; results files all there or none."""
   for root, dirs, files in os.walk(out):
     for name in files + dirs:
-      assert not name.startswith(".tmp-"), os.path.join(root, name)
-      assert not name.endswith(".lock"), os.path.join(root, name)
-      assert "orbax-checkpoint-tmp" not in name, os.path.join(root, name)
+      assert not name.startswith(".tmp-"), (os.path.join(root, name), what)
+      assert not name.endswith(".lock"), (os.path.join(root, name), what)
+      assert "orbax-checkpoint-tmp" not in name, (os.path.join(root, name), what)
   files = _results_files(out)
   assert files in ([], ["digits_FedAvg_test_0.h5", "digits_FedAvg_test_0.json",
-                        "digits_FedAvg_test_0.png", "digits_FedAvg_test_partition.json"]), files
+                        "digits_FedAvg_test_0.png", "digits_FedAvg_test_partition.json"]), (
+                            files, what)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +143,7 @@ def test_signals_at_random_moments(trial, references, tmp_path):
     assert first, (what, err)
     assert first[0][0] - sent < 2.0, (what, "the first line came late")
     assert err.startswith(f"{sig.name}: stopping"), (what, err)
-  _assert_consistent(tmp_path / "out")
+  _assert_consistent(tmp_path / "out", (what, code, err, process.text("stdout")[-500:]))
   again = subprocess.run(argv, capture_output=True, text=True, env=_env())
   assert again.returncode == 0, (what, again.stderr)
   result = json.load(open(tmp_path / "out" / "digits_FedAvg_test_0.json"))

@@ -570,6 +570,10 @@ class Engine:
       client_states[g.name] = clients
     return server_state, client_states
 
+  def state_shapes(self, sample_x, hparams=None):
+    """The shapes of one run's ``(server_state, client_states)`` (traced, nothing computed)."""
+    return jax.eval_shape(self._init_fn, hparams or {}, rng.root_key(0), sample_x)
+
   def init(self, root: jax.Array, sample_x, hparams=None):
     """``(server_state, client_states)`` from the run's root key.
 
@@ -867,6 +871,33 @@ class StackedPrograms:
 
   def init(self, hparams, roots, sample_x):
     return self._init(hparams, self.engine.arrays, roots, jnp.asarray(sample_x))
+
+  def compile(self, hparams, roots, sample_x) -> list:
+    """Compiles init, the round and every evaluation ahead of time: ``[(name, Compiled)]``.
+
+    The arguments may be abstract (``jax.ShapeDtypeStruct``); they are shaped as :meth:`init`,
+    :meth:`run_round` and :meth:`evaluate` pass them, so those calls find these compilations
+    in ``jax.jit``'s cache instead of compiling again (`fedjax_lib.memory` reads their
+    ``memory_analysis()`` before the runs start).
+    """
+    eng, arrays = self.engine, self.engine.arrays
+    size = roots.shape[0]
+    sample_x = jax.ShapeDtypeStruct(jnp.shape(sample_x), sample_x.dtype)
+    out = [("init", self._init.lower(hparams, arrays, roots, sample_x).compile())]
+    server_state, client_states = jax.eval_shape(self._init, hparams, arrays, roots, sample_x)
+    scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype)
+    out.append(("round", self._round.lower(hparams, server_state, client_states, arrays, roots,
+                                           scalar(jnp.int32), scalar(bool, (size,))).compile()))
+    finals = (False, True) if has_hook(eng.algorithm, "final_views") else (False,)
+    for gi, g in enumerate(eng.groups):
+      rows = scalar(jnp.int32, (min(eng.eval_chunk_size, g.size),))
+      for final in finals:
+        name = ("final evaluation" if final else "evaluation") + (
+            f" of {g.name}" if len(eng.groups) > 1 else "")
+        out.append((name, self._eval_program(gi, final).lower(
+            hparams, server_state, client_states[g.name], arrays, rows, roots,
+            scalar(jnp.int32, (size,))).compile()))
+    return out
 
   def run_round(self, hparams, server_state, client_states, roots, round_index, running):
     return self._round(hparams, server_state, client_states, self.engine.arrays, roots,
