@@ -92,15 +92,55 @@ def available_bytes(device=None) -> Optional[int]:
   ``bytes_limit - bytes_in_use`` of ``device.memory_stats()``. None when it cannot be known.
   """
   device = _device(device)
+  limit = memory_limit()
+  if limit is not None:
+    return limit - in_use_bytes(device)
   stats = _device_stats(device)
   if stats is not None:
     return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
   if device.platform != "cpu":
     return None
   info = _meminfo()
-  if "MemAvailable" in info:
-    return info["MemAvailable"]
-  return _sysconf("SC_AVPHYS_PAGES")
+  available = info.get("MemAvailable") or _sysconf("SC_AVPHYS_PAGES")
+  cgroup = _cgroup_available()  # a container's limit, which /proc/meminfo does not show
+  if cgroup is not None and (available is None or cgroup < available):
+    return cgroup
+  return available
+
+
+LIMIT_VARIABLE = "FEDJAX_MEMORY_LIMIT_GB"
+
+
+def memory_limit() -> Optional[int]:
+  """``$FEDJAX_MEMORY_LIMIT_GB`` in bytes: the memory this process may use in all, when the
+  machine's own number is not the one to plan with (a shared machine, a scheduler's limit).
+
+  Raises:
+    ConfigError: the variable is set but is not a positive number.
+  """
+  text = os.environ.get(LIMIT_VARIABLE)
+  if text is None or not text.strip():
+    return None
+  try:
+    value = float(text)
+  except ValueError:
+    value = float("nan")
+  if not math.isfinite(value) or value <= 0:
+    raise ConfigError(f"{LIMIT_VARIABLE}={text!r} is not a positive number of GB; unset it or "
+                      "give e.g. 16")
+  return int(value * GB)
+
+
+def _cgroup_available() -> Optional[int]:
+  """What the cgroup (v2) memory limit leaves, or None without one."""
+  try:
+    with open("/sys/fs/cgroup/memory.max") as f:
+      limit = f.read().strip()
+    with open("/sys/fs/cgroup/memory.current") as f:
+      current = int(f.read().strip())
+  except (OSError, ValueError):
+    return None
+  return None if limit == "max" else int(limit) - current
 
 
 def total_bytes(device=None) -> Optional[int]:
@@ -344,6 +384,9 @@ def check_fits(needed: int, available: Optional[int], what: str, in_use: int = 0
   if available is None or needed - in_use <= available:
     return
   held = f" ({in_use / GB:.1f} GB of it already in use)" if in_use else ""
-  raise ConfigError(
-      f"{what} needs about {needed / GB:.1f} GB of memory{held} but {available / GB:.1f} GB "
-      f"{'more ' if in_use else ''}is available; {advice}")
+  have = (f"{max(available, 0) / GB:.1f} GB {'more ' if in_use else ''}is available"
+          if available > 0 else "no more is available")
+  limit = memory_limit()
+  source = f" (limit {LIMIT_VARIABLE}={limit / GB:g})" if limit is not None else ""
+  raise ConfigError(f"{what} needs about {needed / GB:.1f} GB of memory{held} but {have}"
+                    f"{source}; {advice}")

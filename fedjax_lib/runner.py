@@ -24,6 +24,7 @@ import numpy as np
 from fedjax_lib import algorithms as algorithms_lib
 from fedjax_lib import checks as checks_lib
 from fedjax_lib import data as data_lib
+from fedjax_lib import memory as memory_lib
 from fedjax_lib import models as models_lib
 from fedjax_lib import output as output_lib
 from fedjax_lib import results as results_lib
@@ -746,6 +747,13 @@ def _run_experiment(config: Config, log: Callable[[str], None]):
   for line in built.warnings:
     log(f"warning: {line}")
   with _output_folder(config, family) as out_dir:
+    if len(specs) > 1:  # S runs side by side: state the memory they need, refuse what won't fit
+      what = (f"the sweep of {len(specs)} combinations" if config.sweep
+              else f"running {len(specs)} repetitions side by side")
+      estimate = memory_lib.estimate_runs(engine, len(specs), list(specs[0].hparams),
+                                          stacked=runs_stacked(engine, specs))
+      log(f"memory: {what} needs {estimate.describe()}")
+      estimate.check(what)
     checkpoints = [_check_resumable(spec, config.resume, config.overwrite) for spec in specs]
     if is_writer():
       output_lib.check_overwrite(

@@ -57,6 +57,9 @@ FLAGS = [
     # partition settings that cannot be met
     (["--partition", "pat", "--class-per-client", "11"], ["class_per_client", "11"]),
     (["-nc", "2000"], ["2000"]),
+    (["--overwrite", "yes"], ["unrecognized arguments: yes"]),
+    (["--no-plot", "0"], ["unrecognized arguments: 0"]),
+    (["--config", "/nonexistent/config.json"], ["cannot read config file", "/nonexistent"]),
     # settings that would waste the run (fedjax_lib.checks; tests/test_settings_checks.py)
     (["-m", "dnn", "-nc", "4", "-gr", "3", "-eg", "5"], ["eval_gap=5", "global_rounds=3"]),
     (["-m", "dnn", "-nc", "4", "-algo", "FedALA", "-p", "5"], ["layer_idx=5", "0 (all"]),

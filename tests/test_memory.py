@@ -154,3 +154,28 @@ def test_runs_one_after_another_are_estimated_by_their_states(tmp_path, monkeypa
   monkeypatch.setattr(memory, "available_bytes", lambda device=None: one_run)
   with pytest.raises(ConfigError, match=r"^the 3 repetitions needs about .* GB of memory"):
     estimate.check("the 3 repetitions")
+
+
+def test_a_sweep_that_does_not_fit_is_refused_before_anything_is_written(tmp_path):
+  """End to end: the CLI states the memory and refuses, exit 2, one line, no folder."""
+  out = tmp_path / "out"
+  proc = subprocess.run(
+      [sys.executable, "-m", "fedjax_lib", "-algo", "Ditto", "-m", "dnn", "-nc", "6", "-gr", "1",
+       "--executor", "vmap", "--sweep", "lr=0.01,0.005", "--no-progress", "--out", str(out)],
+      capture_output=True, text=True, env=dict(os.environ, FEDJAX_MEMORY_LIMIT_GB="0.3"))
+  assert proc.returncode == 2, proc.stderr
+  assert "memory: the sweep of 2 combinations needs about" in proc.stdout
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: the sweep of 2 combinations needs "
+                                                 "about"), lines
+  assert "FEDJAX_MEMORY_LIMIT_GB=0.3" in lines[0] and "--executor sequential" in lines[0]
+  assert not out.exists()
+
+
+def test_memory_limit_variable_is_validated(monkeypatch):
+  monkeypatch.setenv(memory.LIMIT_VARIABLE, "lots")
+  with pytest.raises(ConfigError, match="FEDJAX_MEMORY_LIMIT_GB='lots' is not a positive"):
+    memory.memory_limit()
+  monkeypatch.setenv(memory.LIMIT_VARIABLE, "2.5")
+  assert memory.memory_limit() == int(2.5e9)
+  assert memory.available_bytes() == int(2.5e9) - memory.in_use_bytes()

@@ -275,3 +275,22 @@ def test_sgd_steps_reduce_loss(name):
   final = float(loss_fn(variables))
   assert np.isfinite(final)
   assert final < 0.8 * initial
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_max_pool_2x2_equals_flax_max_pool_in_value_and_gradient(shape, dtype):
+  """Values and gradients bit-identical to nn.max_pool, ties included (rounded inputs make
+  many windows hold equal maxima; the gradient goes to the first, row-major)."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.models.layers import max_pool_2x2  # pylint: disable=import-outside-toplevel
+  x = jnp.round(jax.random.normal(jax.random.key(0), shape) * 2).astype(dtype)
+  g = jax.random.normal(jax.random.key(1), (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
+  reference = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(np.asarray(max_pool_2x2(x), np.float32),
+                                np.asarray(reference(x), np.float32))
+  loss = lambda f: lambda v: jnp.sum(f(v).astype(jnp.float32) * g)
+  ours, theirs = jax.grad(loss(max_pool_2x2))(x), jax.grad(loss(reference))(x)
+  np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(theirs, np.float32))
+  batched = jax.vmap(jax.grad(loss(max_pool_2x2)))(jnp.stack([x, -x]))
+  np.testing.assert_array_equal(np.asarray(batched[0], np.float32), np.asarray(ours, np.float32))

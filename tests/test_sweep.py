@@ -182,3 +182,16 @@ def test_cli_sweep_flags():
                                         "mu=1e-2,1"])
   config = cli.config_from_args(args)
   assert config.sweep == {"seed": [0, 1], "learning_rate": [0.05, 0.02], "mu": [0.01, 1]}
+
+
+def test_integer_values_of_a_float_hyperparameter_are_swept():
+  """``--sweep mu=0,0.1`` parses 0 as an int; the algorithm takes it as the float 0.0, so the
+  combinations stay one compiled program."""
+  from fedjax_lib import algorithms, models  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.core.local import LocalSpec  # pylint: disable=import-outside-toplevel
+  model = models.make_model("mlr", (1, 8, 8), 10)
+  algos = [algorithms.make_algorithm("FedProx", model, LocalSpec(), {"mu": mu})
+           for mu in (0, 0.1)]
+  assert algos[0].mu == 0.0 and isinstance(algos[0].mu, float)
+  values = sweep_lib.swept_values(algos, ["mu"])
+  np.testing.assert_allclose(values["mu"], [0.0, 0.1])

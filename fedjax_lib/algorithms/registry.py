@@ -52,4 +52,6 @@ def make_algorithm(name: str, model: Any, local: Any, params: dict | None = None
     if isinstance(default, (int, float)) and not isinstance(default, bool):
       if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{cls.name} hyperparameter {key}={value!r} must be a number")
+      if isinstance(default, float) and isinstance(value, int):
+        params[key] = float(value)  # mu=0 is the float 0.0 (a sweep mu=0,0.1 stays one program)
   return cls(model=model, local=local, **params)

@@ -21,7 +21,7 @@ import jax
 import flax.linen as nn
 
 from fedjax_lib.models.base import BaseHeadModel
-from fedjax_lib.models.layers import TorchConv, TorchDense
+from fedjax_lib.models.layers import TorchConv, TorchDense, max_pool_2x2
 
 #: Smallest height/width that survives two (conv 5x5 VALID, pool 2) stages with a
 #: non-empty output: floor((H - 4) / 2) - 4 >= 2.
@@ -53,9 +53,9 @@ class FedAvgCNNBase(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     x = TorchConv(32, 5, conv_impl=self.conv_impl, dtype=self.dtype, name='conv1')(x)
-    x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+    x = max_pool_2x2(nn.relu(x))
     x = TorchConv(64, 5, conv_impl=self.conv_impl, dtype=self.dtype, name='conv2')(x)
-    x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+    x = max_pool_2x2(nn.relu(x))
     x = x.reshape(x.shape[0], -1)
     return nn.relu(TorchDense(self.hidden_dim, dtype=self.dtype, name='fc1')(x))
 
