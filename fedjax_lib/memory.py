@@ -169,6 +169,21 @@ def in_use_bytes(device=None) -> int:
     return peak if os.uname().sysname == "Darwin" else peak * 1024
 
 
+def peak_rss_bytes() -> int:
+  """This process's peak resident set (``VmHWM``; ``ru_maxrss`` where there is no /proc,
+  which Linux carries over from the parent across exec)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  import resource  # pylint: disable=import-outside-toplevel
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+  return peak if os.uname().sysname == "Darwin" else peak * 1024
+
+
 # ---------------------------------------------------------------------------- one program
 @dataclasses.dataclass(frozen=True)
 class ProgramMemory:

@@ -50,7 +50,8 @@ def best(tmp_path_factory):
   @functools.lru_cache(maxsize=None)
   def run(algorithm: str, rounds: int, params: tuple = ()) -> float:
     config = Config(algorithm=algorithm, model="dnn", learning_rate=0.05, global_rounds=rounds,
-                    eval_gap=rounds, seed=0, progress=False, out=out, algo_params=dict(params))
+                    eval_gap=rounds, seed=0, progress=False, out=out, algo_params=dict(params),
+                    overwrite=True)  # one folder for every configuration of the module
     return run_experiment(config, log=lambda msg: None).best_test_acc[0]
   return run
 

@@ -38,7 +38,7 @@ _CHILD = textwrap.dedent("""
     logging.getLogger("jax._src.dispatch").addHandler(Names())
     jax.config.update("jax_log_compiles", True)
     runner.run_loop(built.engine, specs, config, lambda line: None)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = memory.peak_rss_bytes()
     print(json.dumps({"peak": peak, "total": estimate.total, "in_use": estimate.in_use,
                       "additional": estimate.additional,
                       "programs": [p.name for p in estimate.programs],
@@ -49,8 +49,10 @@ _CHILD = textwrap.dedent("""
 def _run_child(code: str, *args) -> dict:
   """Runs ``code`` in a fresh process (one CPU device); its last stdout line, as JSON.
 
-  Each child reports its own peak RSS (``getrusage(RUSAGE_SELF)`` before it exits): the
-  parent's ``RUSAGE_CHILDREN`` is the largest child so far, which an earlier test may set.
+  Each child reports its own peak RSS (``VmHWM``, `memory.peak_rss_bytes`): the parent's
+  ``RUSAGE_CHILDREN`` is the largest child so far, which an earlier test may set, and Linux
+  carries a process's ``ru_maxrss`` across exec, so a child of a large pytest worker would
+  report the worker's peak as its own.
   """
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
@@ -89,9 +91,9 @@ _CONV_CHILD = textwrap.dedent("""
     compiled = f.lower(x, k).compile()
     estimate = memory.program_memory("conv", compiled, "cpu")
     jax.block_until_ready((x, k))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = memory.peak_rss_bytes()
     compiled(x, k).block_until_ready()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = memory.peak_rss_bytes()
     print(json.dumps({"scratch": estimate.scratch, "temporaries": estimate.temporaries,
                       "grew": after - before}))
 """)
