@@ -59,12 +59,11 @@ def prepare_folder(out: str) -> tuple[str, bool]:
   """Makes ``out`` (and its parents) if needed; returns its absolute path and whether it
   was created.
 
+  ``out`` is a validated `Config.out` (a non-empty path).
+
   Raises:
-    ConfigError: an empty path, a path that is a file, or a folder that cannot be created
-      or written to.
+    ConfigError: a path that is a file, or a folder that cannot be created or written to.
   """
-  if not isinstance(out, str) or not out.strip():
-    raise ConfigError(f"out={out!r} is empty; give an output folder (default results)")
   path = os.path.abspath(out)
   if os.path.exists(path) and not os.path.isdir(path):
     raise ConfigError(f"out={out!r} is a file, not a folder; give a folder for the results")
@@ -177,20 +176,20 @@ def _canonical(value):
   return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def check_overwrite(files: Iterable[tuple[str, dict, Iterable[str]]],
-                    overwrite: bool) -> list[str]:
+def check_overwrite(files: Iterable[tuple[str, dict, Iterable[str]]], overwrite: bool) -> None:
   """Refuses to replace a results JSON of a different configuration.
 
   ``files`` are ``(path, config dict, fields allowed to differ)`` for the results JSON files
   this run will write (a run continued from its checkpoint may change the fields a resume
-  may change, e.g. extend ``global_rounds``). Returns the paths that hold a different configuration (to be replaced: ``overwrite`` is
-  set); an unreadable file counts as different.
+  may change, e.g. extend ``global_rounds``). An unreadable file counts as different; with
+  ``overwrite`` every file may be replaced.
 
   Raises:
     ConfigError: a file holds results of a different configuration and ``overwrite`` is
       False; the message names the file and the fields that differ.
   """
-  replaced = []
+  if overwrite:
+    return
   for path, config, ignore in files:
     if not os.path.exists(path):
       continue
@@ -201,14 +200,10 @@ def check_overwrite(files: Iterable[tuple[str, dict, Iterable[str]]],
           "no config in the file"]
     except (OSError, ValueError, AttributeError) as e:
       diff = [f"unreadable: {type(e).__name__}"]
-    if not diff:
-      continue
-    if not overwrite:
+    if diff:
       shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
       raise ConfigError(f"{path} holds results of a different config ({shown}); use "
                         "--overwrite to replace them, or another --out or -go")
-    replaced.append(path)
-  return replaced
 
 
 def remove_tree(path: str) -> None:

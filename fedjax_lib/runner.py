@@ -35,8 +35,8 @@ from fedjax_lib.core import engine as engine_lib
 from fedjax_lib.core import rng
 from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.data.loading import DEFAULT_NUM_CLIENTS, is_folder_path
-from fedjax_lib.errors import ConfigError
 from fedjax_lib import stopping
+from fedjax_lib.errors import ConfigError
 from fedjax_lib.stopping import STOPPER, Interrupted  # pylint: disable=unused-import
 
 DEFAULT_FEATURE_DIM = 512  # HtFLlib's -fd
@@ -393,11 +393,8 @@ def _check_resumable(spec: RunSpec, resume: bool, overwrite: bool) -> str:
                         "--resume to start afresh")
     return "none"
   meta = checkpoint_lib.RunCheckpointer(directory).latest_meta()
-  if meta is None:
-    if resume and not any(name.isdigit() for name in os.listdir(directory)):
-      raise ConfigError(f"resume=True but no readable checkpoint is in {directory}; run "
-                        "without --resume to start afresh")
-    return "none"  # unreadable ones: restore_latest says which, once each
+  if meta is None:  # none readable: restore_latest says which (and refuses with ``resume``)
+    return "none"
   diff = spec.config.resume_mismatch(meta.get("config", {}))
   if not diff:
     return "continue"
@@ -533,9 +530,6 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None]) ->
         states.set(s, server_state, client_states)
         run.resume(meta, step)
         log(f"{run.spec.label}: resuming at round {step} from {run.last_ckpt}")
-      elif config.resume:
-        raise ConfigError(f"resume=True but there is no checkpoint in {run.spec.checkpoint}; "
-                          "run without --resume to start afresh")
 
   def save(run: _Run, next_round: int) -> str:
     run.saved_step = next_round

@@ -118,7 +118,7 @@ class RunCheckpointer:
 
     Raises:
       ConfigError: the checkpoint's format cannot be restored into these states, or
-        ``required`` and no checkpoint can be read.
+        ``required`` and there is no checkpoint, or none can be read.
     """
     unreadable = []
     found = None
@@ -132,7 +132,10 @@ class RunCheckpointer:
       except Exception as e:  # pylint: disable=broad-except
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:160]
         unreadable.append((step, reason))
-    if found is None and required and unreadable:
+    if found is None and required and not unreadable:
+      raise ConfigError(f"resume=True but there is no checkpoint in {self.directory}; run "
+                        "without --resume to start afresh")
+    if found is None and required:
       raise ConfigError(
           f"resume=True but none of the {len(unreadable)} checkpoint(s) in {self.directory} "
           f"can be read ({'; '.join(f'{s}: {r}' for s, r in unreadable)}); run without "
