@@ -68,7 +68,7 @@ def _sweep_item(text: str) -> tuple[str, list]:
 
 # Short names accepted by --sweep.
 SWEEP_ALIASES = {"lr": "learning_rate", "local_learning_rate": "learning_rate",
-                 "lamda": "lam", "bt": "beta", "et": "eta", "mo": "momentum", "klw": "kl_weight"}
+                 "lamda": "lam", "mart": "margin_threshold", "bt": "beta", "et": "eta", "mo": "momentum", "klw": "kl_weight"}
 
 
 # PFLlib's algorithm flags: (flags, hyperparameter name, type, help). Each is passed to the
@@ -77,7 +77,7 @@ SWEEP_ALIASES = {"lr": "learning_rate", "local_learning_rate": "learning_rate",
 ALGORITHM_FLAGS = (
     (("-mu", "--mu"), "mu", float, "proximal coefficient; GCE/CoV weight decay in GPFL"),
     (("-lam", "--lamda", "--lam"), "lam", float, "regularisation weight λ (MMD in FedCP, "
-     "alignment in GPFL)"),
+     "alignment in GPFL, prototype MSE in FedProto and FedTGP)"),
     (("-bt", "--beta"), "beta", float, "meta step β"),
     (("-pls", "--plocal_epochs", "--plocal-epochs"), "plocal_epochs", int,
      "personal-model / head epochs"),
@@ -90,6 +90,10 @@ ALGORITHM_FLAGS = (
     (("-klw", "--kl_weight", "--kl-weight"), "kl_weight", float, "mean-regularisation weight"),
     (("-fte", "--fine_tuning_epochs", "--fine-tuning-epochs"), "fine_tuning_epochs", int,
      "fine-tuning epochs after the last round"),
+    (("-se", "--server_epochs", "--server-epochs"), "server_epochs", int,
+     "server training epochs per round"),
+    (("-mart", "--margin_threshold", "--margin-threshold"), "margin_threshold", float,
+     "cap τ of the adaptive margin"),
 )
 _ALGO_DESTS = tuple(dest for _, dest, _, _ in ALGORITHM_FLAGS)
 

@@ -26,6 +26,7 @@ from fedjax_lib import checks as checks_lib
 from fedjax_lib import data as data_lib
 from fedjax_lib import memory as memory_lib
 from fedjax_lib import models as models_lib
+from fedjax_lib.algorithms.base import supports_train_mode
 from fedjax_lib import output as output_lib
 from fedjax_lib import results as results_lib
 from fedjax_lib import sweep as sweep_lib
@@ -41,6 +42,36 @@ from fedjax_lib.stopping import STOPPER, Interrupted  # pylint: disable=unused-i
 
 DEFAULT_FEATURE_DIM = 512  # HtFLlib's -fd
 HISTORY_KEYS = ("test_acc", "test_auc", "test_acc_std", "test_auc_std", "train_loss")
+#: Per trained round: what the aggregated clients uploaded and every client downloaded.
+TRAFFIC_KEYS = ("upload_floats", "download_floats", "upload_bytes", "download_bytes")
+
+
+def traffic_summary(history: dict) -> dict:
+  """Total and per-round mean of each of :data:`TRAFFIC_KEYS` over the trained rounds."""
+  out = {}
+  for key in TRAFFIC_KEYS:
+    values = np.asarray(history.get(key, []), np.float64)
+    out[f"total_{key}"] = float(values.sum())
+    out[f"mean_{key}"] = float(values.mean()) if values.size else 0.0
+  return out
+
+
+def _amount(floats: float) -> str:
+  """``1.03M`` floats, readable."""
+  for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    if floats >= scale:
+      return f"{floats / scale:.3g}{unit}"
+  return f"{floats:.0f}"
+
+
+def describe_traffic(summary: dict) -> str:
+  """One line: floats (bytes) up and down per round, and in total."""
+  mib = lambda b: f"{b / 2**20:.3g} MiB"
+  return (f"communication per round: {_amount(summary['mean_upload_floats'])} floats up "
+          f"({mib(summary['mean_upload_bytes'])}), {_amount(summary['mean_download_floats'])} "
+          f"down ({mib(summary['mean_download_bytes'])}); total "
+          f"{_amount(summary['total_upload_floats'])} up, "
+          f"{_amount(summary['total_download_floats'])} down")
 
 
 @dataclasses.dataclass
@@ -53,6 +84,11 @@ class RunResult:
   mean_round_time_s: float
   total_time_s: float
   files: dict
+
+  @property
+  def traffic(self) -> dict:
+    """``total_`` and ``mean_`` (per trained round) of each of :data:`TRAFFIC_KEYS`."""
+    return traffic_summary(self.history)
 
 
 @dataclasses.dataclass
@@ -94,6 +130,7 @@ class Results:
         f"last test accuracy: {last:.4f} ± {last_std:.4f}",
         f"mean time per round: {self.mean_round_time_s:.3f} s (round 0, which compiles, "
         f"excluded); total time: {self.total_time_s:.1f} s",
+        describe_traffic(self.runs[0].traffic) + (" (run 0)" if n > 1 else ""),
         f"results in: {self.out_dir}",
     ]
 
@@ -179,6 +216,7 @@ def build(config: Config) -> Built:
             for arch in unique}
   backend = jax.default_backend()
   algorithm = make_algorithm(config, data, models[unique[0]])
+  check_train_mode(algorithm, models)
   if new and not algorithm.supports_new_clients:
     raise ConfigError(f"algorithm {algorithm.name} does not support new-client evaluation "
                       "(num_new_clients > 0)")
@@ -209,6 +247,26 @@ def build(config: Config) -> Built:
   settings_warnings = checks_lib.check_settings(config, data, num_clients, algorithm, models)
   return Built(data, models, algorithm, engine, architectures,
                warnings=tuple(settings_warnings))
+
+
+def check_train_mode(algorithm, models: dict) -> None:
+  """Refuses models with BatchNorm or dropout for an algorithm that would train them in
+  evaluation mode (see `fedjax_lib.algorithms.base`)."""
+  if supports_train_mode(algorithm):
+    return
+  needing = [arch for arch, model in models.items() if models_lib.has_train_mode(model)]
+  if not needing:
+    return
+  takers = [n for n in algorithms_lib.algorithm_names()
+            if supports_train_mode(algorithms_lib.get_algorithm(n))]
+  free = [n for n in models_lib.MODEL_NAMES
+          if not models_lib.has_train_mode(models_lib.make_model(
+              n, (32, 32, 3), 2))]
+  raise ConfigError(
+      f"algorithm {algorithm.name} cannot train model {needing[0]}: it has BatchNorm or "
+      "dropout layers, whose training mode (batch statistics, running statistics kept per "
+      f"client, dropout keys) only {', '.join(takers)} implement so far; use one of them, or "
+      f"a model without BatchNorm or dropout ({', '.join(free)})")
 
 
 def make_algorithm(config: Config, data, model):
@@ -331,6 +389,7 @@ class _Run:
     self.root = rng.root_key(spec.seed)
     self.history = {k: [] for k in ("rounds",) + HISTORY_KEYS}
     self.history["nonfinite_clients"] = []
+    self.history.update({k: [] for k in TRAFFIC_KEYS})
     self.train_times: list = []
     self.eval_times: list = []
     self.start_round = 0
@@ -352,6 +411,8 @@ class _Run:
 
   def resume(self, meta: dict, step: int) -> None:
     self.history = meta["history"]
+    for key in TRAFFIC_KEYS:  # checkpoints written before traffic was logged
+      self.history.setdefault(key, [])
     self.train_times, self.eval_times = meta["train_times"], meta["eval_times"]
     self.start_round = self.saved_step = step
     self.last_round = step - 1
@@ -589,6 +650,8 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None]) ->
         bad = sorted(int(c) for c in np.asarray(round_metrics[run.spec.index]["nonfinite"])
                      if c >= 0)
         run.history["nonfinite_clients"].append(len(bad))
+        for key in TRAFFIC_KEYS:
+          run.history[key].append(float(round_metrics[run.spec.index][key]))
         if bad and config.on_nan == "skip-client":
           write(f"{run.spec.label}: round {r}: skipped the non-finite update(s) of "
                 f"client(s) {bad}")
@@ -800,7 +863,7 @@ def _write_results(config: Config, built: Built, specs: list, runs: list, out_di
                "backend": jax.default_backend(), "jax_version": jax.__version__,
                **history, **run.extra, "best_test_acc": max(acc), "last_test_acc": acc[-1],
                "mean_round_time_s": run.mean_round_time_s, "total_time_s": run.total_time_s,
-               "warnings": list(built.warnings)}
+               **traffic_summary(history), "warnings": list(built.warnings)}
     if config.sweep:
       payload.update({"sweep": config.sweep, "combination": spec.combo, "index": spec.index,
                       "round_time_note": "time of one round of all combinations together"

@@ -1,8 +1,8 @@
 """Federated algorithms, one file each, registered under PFLlib's ``-algo`` names."""
 
 from fedjax_lib.algorithms import (  # noqa: F401  (registration)
-    dbe, ditto, fedala, fedavg, fedbabu, fedcp, fedper, fedprox, fedrep, fedrod, gpfl,
-    lgfedavg, local, perfedavg)
+    dbe, ditto, fedala, fedavg, fedbabu, fedcp, fedper, fedproto, fedprox, fedrep, fedrod,
+    fedtgp, gpfl, lgfedavg, local, perfedavg)
 from fedjax_lib.algorithms.base import Algorithm, stack_clients
 from fedjax_lib.algorithms.registry import (algorithm_names, get_algorithm, make_algorithm,
                                             register)

@@ -49,6 +49,18 @@ clients cannot support and returns one-line warnings about settings that waste w
 default finds nothing. It reads shapes only (``jax.eval_shape``) and the clients' sizes
 (:class:`SettingsContext`).
 
+Models with a training mode (BatchNorm, dropout; `fedjax_lib.models.base.has_train_mode`):
+an algorithm whose class body sets ``TRAIN_MODE = True`` trains them through
+`fedjax_lib.core.local.train_model` (batch statistics in training, running statistics kept
+per client as PyTorch does, dropout from the client's key); the declaration is not
+inherited (:func:`supports_train_mode`), because a subclass with its own loss would
+otherwise train such models in evaluation mode without anyone noticing. The others refuse
+those models before anything runs.
+
+Communication (:meth:`Algorithm.upload_traffic`, :meth:`Algorithm.download_traffic`): the
+floats and bytes one client sends and receives per round, from the actual pytrees; the
+defaults count every leaf of the upload and of ``download(server_state)``.
+
 Nothing is kept on ``self`` between calls; the engine owns every piece of state.
 """
 
@@ -93,6 +105,11 @@ class Algorithm:
   local: LocalSpec
 
   name: ClassVar[str] = ""
+  # Whether this class's client updates train models with BatchNorm or dropout properly
+  # (see the module docstring); read through supports_train_mode, never inherited.
+  TRAIN_MODE: ClassVar[bool] = False
+  # The evaluation view whose cross-entropy is reported as train_loss (None: the first).
+  TRAIN_LOSS_VIEW: ClassVar[Optional[str]] = None
   # Field names that are the model/spec rather than hyperparameters.
   _STRUCTURAL: ClassVar[tuple[str, ...]] = ("model", "local")
 
@@ -150,6 +167,22 @@ class Algorithm:
     """The server's part of the initialisation period (``weights``: sample counts)."""
     raise NotImplementedError
 
+  # ------------------------------------------------------------------ communication
+  def download(self, server_state):
+    """What the server sends every client at the start of a round (default: its whole
+    state; algorithms whose server keeps things it never sends override this)."""
+    return server_state
+
+  def upload_traffic(self, upload) -> "Traffic":
+    """``(floats, bytes)`` one client's ``upload`` puts on the network (traced; default:
+    every leaf)."""
+    return tree_traffic(upload)
+
+  def download_traffic(self, server_state) -> "Traffic":
+    """``(floats, bytes)`` the server sends one client per round (traced; default: every
+    leaf of :meth:`download`)."""
+    return tree_traffic(self.download(server_state))
+
   # ------------------------------------------------------------------ settings checks
   def check_settings(self, context: SettingsContext) -> list[str]:
     """Checks the hyperparameters against ``self.model`` and the clients of ``context``.
@@ -186,6 +219,40 @@ class Algorithm:
     if not values:
       return self
     return _substitute(self, {tuple(k.split(".")): v for k, v in values.items()})
+
+
+class Traffic(NamedTuple):
+  """Numbers sent over the network: scalar ``floats`` and ``bytes`` (float32 arrays, so they
+  add up inside compiled code)."""
+  floats: Any
+  bytes: Any
+
+
+def tree_traffic(tree) -> Traffic:
+  """Every floating-point leaf of ``tree``, counted whole (integer leaves, such as sample
+  counts or class indices, are metadata and are not counted)."""
+  floats = nbytes = 0
+  for leaf in jax.tree.leaves(tree):
+    if jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact):
+      size = int(np.prod(leaf.shape))
+      floats += size
+      nbytes += size * leaf.dtype.itemsize
+  return Traffic(jax.numpy.float32(floats), jax.numpy.float32(nbytes))
+
+
+def rows_traffic(rows: jax.Array, present: jax.Array) -> Traffic:
+  """The rows of ``rows [C, ...]`` whose ``present [C]`` flag is set (e.g. the prototypes of
+  the classes a client has), counted as sent; the others are not."""
+  per_row = int(np.prod(rows.shape[1:]))
+  count = jax.numpy.sum(present.astype(jax.numpy.float32)) * per_row
+  return Traffic(count, count * rows.dtype.itemsize)
+
+
+def supports_train_mode(algorithm) -> bool:
+  """Whether ``algorithm``'s own class (or ``algorithm``, a class) declares
+  ``TRAIN_MODE = True``; the declaration is not inherited."""
+  cls = algorithm if isinstance(algorithm, type) else type(algorithm)
+  return bool(cls.__dict__.get("TRAIN_MODE", False))
 
 
 HOOKS = ("eval_views", "final_views", "new_client_variables", "warmup_client",

@@ -25,3 +25,4 @@ class FedPer(SplitAlgorithm):
   """Shared base, personal head, joint training."""
 
   SHARED = "base"
+  TRAIN_MODE = True

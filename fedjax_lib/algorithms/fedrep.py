@@ -11,6 +11,7 @@ evaluated with the global base and its own head.
 Differences from PFLlib (``-algo FedRep``): none in the algorithm. PFLlib keeps two SGD
 optimizers with the same learning rate (stateless, so equivalent to one plain SGD per phase) and
 freezes parts with ``requires_grad``; here each phase takes gradients w.r.t. its part only.
+BatchNorm models train in training mode in both phases (running statistics per client).
 The two phases shuffle with independent keys (``fold_in(key, 0)`` and ``fold_in(key, 1)``).
 The reported local loss is the base phase's; ``head_loss`` is the head phase's.
 """
@@ -21,7 +22,8 @@ import jax
 
 from fedjax_lib.algorithms.base import check_int
 from fedjax_lib.algorithms.registry import register
-from fedjax_lib.algorithms.split import SplitAlgorithm, train_parts
+from fedjax_lib.algorithms.split import SplitAlgorithm
+from fedjax_lib.core.local import cross_entropy_objective, train_model
 
 
 @register("FedRep")
@@ -36,16 +38,18 @@ class FedRep(SplitAlgorithm):
   plocal_epochs: int = 1
 
   SHARED = "base"
+  TRAIN_MODE = True
 
   def __post_init__(self):
     check_int(self.name, "plocal_epochs", self.plocal_epochs, 1)
 
   def train_client(self, variables, data, key):
     head_spec = dataclasses.replace(self.local, local_epochs=self.plocal_epochs)
-    variables, head_stats = train_parts(variables, ("head",), data, jax.random.fold_in(key, 0),
-                                        head_spec, self.ce_loss)
-    variables, stats = train_parts(variables, ("base",), data, jax.random.fold_in(key, 1),
-                                   self.local, self.ce_loss)
+    variables, _, head_stats = train_model(self.model, variables, data,
+                                           jax.random.fold_in(key, 0), head_spec,
+                                           cross_entropy_objective, trainable=("head",))
+    variables, _, stats = train_model(self.model, variables, data, jax.random.fold_in(key, 1),
+                                      self.local, cross_entropy_objective, trainable=("base",))
     stats = {"loss": stats["loss"], "head_loss": head_stats["loss"],
              "steps": stats["steps"] + head_stats["steps"]}
     return variables, stats

@@ -26,3 +26,4 @@ class LGFedAvg(SplitAlgorithm):
   """Personal base, shared head, joint training."""
 
   SHARED = "head"
+  TRAIN_MODE = True

@@ -10,20 +10,23 @@ import dataclasses
 from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, linear_server,
                                         stack_clients, untrained_new_clients)
 from fedjax_lib.algorithms.registry import register
-from fedjax_lib.core.local import train_locally
+from fedjax_lib.core.local import cross_entropy_objective, train_model
 
 
 @register("Local")
 @dataclasses.dataclass(frozen=True)
 class Local(Algorithm):
-  """Purely local training."""
+  """Purely local training (BatchNorm running statistics are part of each client's model)."""
+
+  TRAIN_MODE = True
 
 
   def init(self, key, sample_x, num_clients):
     return {}, {"params": stack_clients(self.init_params(key, sample_x), num_clients)}
 
   def client_update(self, server_state, client_state, data, key):
-    params, _, stats = train_locally(client_state["params"], data, key, self.local, self.ce_loss)
+    params, _, stats = train_model(self.model, client_state["params"], data, key, self.local,
+                                   cross_entropy_objective)
     return {"params": params}, {}, stats
 
   @linear_server

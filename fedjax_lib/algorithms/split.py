@@ -13,6 +13,8 @@ regression) is ``{}``.
   personal part per client (``{PERSONAL: ...}`` stacked over clients, all clients starting
   from the same initial parameters); the server averages the uploaded shared parts weighted by
   sample count, and a client predicts with the server's shared part plus its own personal part.
+  A model with BatchNorm keeps its running statistics on the client (``'model_state'``), as
+  PFLlib and HtFLlib do (they communicate parameters only, never buffers).
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, abstract_var
                                         linear_server, stack_clients,
                                         untrained_new_clients)
 from fedjax_lib.core.aggregate import weighted_average
-from fedjax_lib.core.local import ClientData, LocalSpec, LossFn, train_locally
+from fedjax_lib.core.local import (ClientData, LocalSpec, LossFn, cross_entropy_objective,
+                                   train_locally, train_model)
 from fedjax_lib.errors import ConfigError
-from fedjax_lib.models.base import merge_params, split_params
+from fedjax_lib.models.base import merge_params, model_state, split_params
 
 PARTS = ("base", "head")
 
@@ -99,18 +102,33 @@ class SplitAlgorithm(Algorithm):
     return "head" if self.SHARED == "base" else "base"
 
   def init(self, key, sample_x, num_clients):
-    parts = split_parts(self.init_params(key, sample_x))
+    variables = self.init_params(key, sample_x)
+    parts = split_parts(variables)
     server = {self.SHARED: parts[self.SHARED]}
-    return server, stack_clients({self.personal: parts[self.personal]}, num_clients)
+    return server, stack_clients(self._client_state(variables), num_clients)
+
+  def _client_state(self, variables):
+    """The personal part of ``variables`` and, for BatchNorm models, the running statistics."""
+    state = {self.personal: split_parts(variables)[self.personal]}
+    if model_state(variables):
+      state["model_state"] = model_state(variables)
+    return state
+
+  def variables(self, server_state, client_state):
+    """A client's full model: the shared part, its personal part and running statistics."""
+    personal = {self.personal: client_state[self.personal]}
+    return {**merge_parts(server_state, personal), **client_state.get("model_state", {})}
 
   def train_client(self, variables, data, key):
     """Joint cross-entropy training of base and head (FedPer, LG-FedAvg)."""
-    return train_parts(variables, PARTS, data, key, self.local, self.ce_loss)
+    variables, _, stats = train_model(self.model, variables, data, key, self.local,
+                                      cross_entropy_objective)
+    return variables, stats
 
   def client_update(self, server_state, client_state, data, key):
-    variables, stats = self.train_client(merge_parts(server_state, client_state), data, key)
-    parts = split_parts(variables)
-    return ({self.personal: parts[self.personal]}, {self.SHARED: parts[self.SHARED]}, stats)
+    variables, stats = self.train_client(self.variables(server_state, client_state), data, key)
+    upload = {self.SHARED: split_parts(variables)[self.SHARED]}
+    return self._client_state(variables), upload, stats
 
   @linear_server
   def server_update(self, server_state, uploads, weights, key):
@@ -118,11 +136,11 @@ class SplitAlgorithm(Algorithm):
     return weighted_average(uploads, weights, fallback=server_state)
 
   def predict(self, server_state, client_state, x):
-    return self.model.apply(merge_parts(server_state, client_state), x)
+    return self.model.apply(self.variables(server_state, client_state), x)
 
   def new_client_variables(self, server_state, client_state):
     """The global shared part with a freshly initialised personal part."""
-    return merge_parts(server_state, client_state)
+    return self.variables(server_state, client_state)
 
   def check_settings(self, context: SettingsContext) -> list[str]:
     """Refuses a model whose shared part is empty (nothing would be communicated); warns

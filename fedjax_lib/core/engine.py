@@ -388,6 +388,12 @@ class Engine:
       for what, a, b in (("upload", shapes[0][1], upload), ("server state", shapes[0][0],
                                                              server)):
         diff = _first_difference(a, b)
+        if diff and what == "upload" and diff.startswith("head/"):
+          raise ConfigError(
+              f"algorithm {self.algorithm.name} shares the head, but architectures "
+              f"{first.name} and {g.name} have different heads (their uploads differ at "
+              f"{diff}); HtFLlib crashes here (its issue #3). Use an algorithm that shares "
+              "no head (Local, FedProto, FedTGP) or a model list whose heads are the same")
         if diff:
           raise ConfigError(
               f"algorithm {self.algorithm.name} cannot mix architectures {first.name} and "
@@ -454,7 +460,8 @@ class Engine:
     """One client's update, masked: the same for every executor (traced).
 
     ``per_slot = (state, train_idx, train_count, key, active, kept)``. Returns
-    ``(new_state, upload, weight, (active, kept, nonfinite, loss))``: an unselected slot keeps
+    ``(new_state, upload, weight, (active, kept, nonfinite, loss, upload_floats,
+    upload_bytes))``: an unselected slot keeps
     its state and weighs 0; a dropped one keeps its new state and weighs 0; a non-finite one
     is reported, and with ``skip_nonfinite`` keeps its state and weighs 0.
     """
@@ -476,7 +483,10 @@ class Engine:
     weight = jnp.where(kept, count.astype(jnp.float32), 0.0)
     new_state = _tree_where(active, new_state, state)
     loss = jnp.where(active, jnp.zeros(()) if loss is None else loss, 0.0)
-    return new_state, upload, weight, (active, kept, bad, loss)
+    traffic = alg.upload_traffic(upload)
+    sent = lambda amount: jnp.where(kept, jnp.asarray(amount, jnp.float32), 0.0)
+    return new_state, upload, weight, (active, kept, bad, loss, sent(traffic.floats),
+                                       sent(traffic.bytes))
 
   def _program(self, gi, hparams, server_state, arrays, phase):
     step = lambda shared, per_slot: self._step(gi, *shared, per_slot, phase)
@@ -511,6 +521,8 @@ class Engine:
     out = jax.tree.map(cat, *outputs) if len(outputs) > 1 else outputs[0]
     ids = cat(*slot_ids)
     alg = self._alg(0, hparams)
+    # Sent at the start of this round to every client (PFLlib and HtFLlib broadcast to all).
+    download = alg.download_traffic(server_state)
     if phase == WARMUP.name:
       server_state = alg.warmup_server(server_state, out.uploads, out.weights,
                                        rng.server_key(rng.warmup_key(root)))
@@ -523,6 +535,10 @@ class Engine:
         "num_selected": plan.active.sum(),
         "num_aggregated": out.kept.sum(),
         "local_loss": out.loss.sum() / jnp.maximum(out.active.sum(), 1),
+        "upload_floats": out.upload_floats.sum(),
+        "upload_bytes": out.upload_bytes.sum(),
+        "download_floats": jnp.asarray(download.floats, jnp.float32) * self.num_clients,
+        "download_bytes": jnp.asarray(download.bytes, jnp.float32) * self.num_clients,
     }
     return server_state, metrics
 
@@ -611,7 +627,9 @@ class Engine:
     hook = alg.final_views if final else alg.eval_views
     views = hook(server_state, state, client_data, rng.eval_key(rkey, cid))
     return evaluate_lib.view_metrics(views, data.x, data.y, test_idx[row], test_count[row],
-                                     train_idx[row], train_count[row])
+                                     train_idx[row], train_count[row],
+                                     loss_view=alg.TRAIN_LOSS_VIEW if alg.TRAIN_LOSS_VIEW in views
+                                     else None)
 
   def _group_ids(self, gi):
     g = self.groups[gi]
@@ -787,7 +805,8 @@ class _SequentialWriter:
       client_data = ClientData(data.x, data.y, tables[0][0], tables[1][0])
       upload = jax.eval_shape(hook, self.server_state, one, client_data, rng.root_key(0))[1]
       flag = jax.ShapeDtypeStruct((), jnp.bool_)
-      cache[key] = upload, (flag, flag, flag, jax.ShapeDtypeStruct((), jnp.float32))
+      number = jax.ShapeDtypeStruct((), jnp.float32)
+      cache[key] = upload, (flag, flag, flag, number, number, number)
     return cache[key]
 
   def init(self, states, slots, linear):

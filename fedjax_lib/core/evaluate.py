@@ -13,7 +13,7 @@ freshly shuffled drop_last pass (which skips up to ``batch_size - 1`` random sam
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -65,16 +65,21 @@ def client_metrics(predict: Callable, x_all, y_all, test_idx, test_count, train_
   return {"correct": correct, "auc": auc, "loss_sum": loss_sum}
 
 
-def view_metrics(views: dict, x_all, y_all, test_idx, test_count, train_idx, train_count):
+def view_metrics(views: dict, x_all, y_all, test_idx, test_count, train_idx, train_count,
+                 loss_view: Optional[str] = None):
   """:func:`client_metrics` of every view of one client.
 
-  The first view gives ``correct``, ``auc`` and ``loss_sum``; with several views each view
-  ``name`` also gives ``correct_<name>`` and ``auc_<name>``.
+  The first view gives ``correct`` and ``auc``, and ``loss_sum`` unless ``loss_view`` names
+  another view; with several views each view ``name`` also gives ``correct_<name>`` and
+  ``auc_<name>``.
   """
   out = {}
+  loss_view = next(iter(views)) if loss_view is None else loss_view
   for i, (name, predict) in enumerate(views.items()):
     m = client_metrics(predict, x_all, y_all, test_idx, test_count, train_idx, train_count,
-                       train_loss=i == 0)
+                       train_loss=name == loss_view)
+    if name == loss_view:
+      out["loss_sum"] = m.pop("loss_sum")
     if i == 0:
       out.update(m)
     if len(views) > 1:

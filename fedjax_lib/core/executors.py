@@ -50,7 +50,8 @@ class SlotOutputs(NamedTuple):
 
   ``uploads``/``weights`` are stacked over the group's slots, except for a linear server on
   the sequential executor, which gets one row: the weighted mean with the total weight.
-  The per-slot statistics are always over the S slots.
+  The per-slot statistics are always over the S slots; ``upload_floats``/``upload_bytes``
+  are what each slot's upload puts on the network (`Algorithm.upload_traffic`).
   """
   uploads: Any
   weights: jax.Array
@@ -58,6 +59,8 @@ class SlotOutputs(NamedTuple):
   kept: jax.Array
   nonfinite: jax.Array
   loss: jax.Array
+  upload_floats: jax.Array
+  upload_bytes: jax.Array
 
 
 def gather(tree, rows):

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_lib.models.base import apply_train, model_state
+
 
 class Batch(NamedTuple):
   """One mini-batch gathered from the shared sample arrays.
@@ -172,3 +174,56 @@ def train_locally(params, data: ClientData, key: jax.Array, spec: LocalSpec, los
   if has_aux:
     stats["aux"] = aux
   return params, opt_state, stats
+
+
+Objective = Callable[[jax.Array, jax.Array, Batch, Any], tuple[jax.Array, Any]]
+
+
+def train_model(model, variables, data: ClientData, key: jax.Array, spec: LocalSpec,
+                objective: Objective, trainable: Optional[tuple[str, ...]] = None,
+                carry: Any = None, tx: Optional[optax.GradientTransformation] = None):
+  """Trains a `BaseHeadModel` in training mode: BatchNorm and dropout as in PyTorch.
+
+  Each step runs ``model.forward`` with ``train=True``: BatchNorm normalises with the batch's
+  statistics and its running statistics (the collections of ``variables`` other than
+  ``params``) are carried from step to step; dropout draws from the step's key. The loss is
+  ``objective(features, logits, batch, carry) -> (loss, new_carry)``, whose carry (taken
+  without gradient, e.g. per-class feature sums) goes on to the next valid step; masked
+  steps change nothing. A model without BatchNorm or dropout trains as through
+  :func:`train_locally` with the loss on ``model.apply``.
+
+  Args:
+    model: a `fedjax_lib.models.BaseHeadModel`.
+    variables: its variables ``{'params': {'base', 'head'}, ...}``.
+    data, key, spec, tx: as for :func:`train_locally`.
+    objective: the loss on one batch's ``(features, logits)``, averaging over ``batch.mask``.
+    trainable: the parameter parts trained (``('base', 'head')`` by default; e.g.
+      ``('head',)``); the others are constants.
+    carry: the objective's initial carry (None: none).
+
+  Returns:
+    ``(variables, carry, stats)``: the trained variables with their new running
+    statistics, the final carry, and ``stats`` as :func:`train_locally` returns them.
+  """
+  params = variables["params"]
+  names = tuple(params) if trainable is None else tuple(trainable)
+  train = {k: v for k, v in params.items() if k in names}
+  frozen = {k: v for k, v in params.items() if k not in names}
+
+  def loss_fn(train_params, batch, step_key, aux):
+    state, objective_carry = aux
+    full = {"params": {**frozen, **train_params}, **state}
+    (features, logits), state = apply_train(model, full, batch.x, step_key)
+    loss, objective_carry = objective(features, logits, batch, objective_carry)
+    return loss, (state, objective_carry)
+
+  train, _, stats = train_locally(train, data, key, spec, loss_fn, tx=tx,
+                                  aux=(model_state(variables), carry))
+  state, carry = stats.pop("aux")
+  return {"params": {**frozen, **train}, **state}, carry, stats
+
+
+def cross_entropy_objective(features, logits, batch: Batch, carry):
+  """The plain cross-entropy objective of :func:`train_model` (``carry`` passes through)."""
+  del features
+  return masked_cross_entropy(logits, batch.y, batch.mask), carry

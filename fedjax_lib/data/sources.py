@@ -49,28 +49,31 @@ def _linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
   return weights
 
 
-def load_digits() -> tuple[np.ndarray, np.ndarray]:
+def load_digits(side: int = _DIGITS_SIDE, channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """scikit-learn's bundled 8×8 handwritten digits, shaped and scaled like PFLlib's MNIST.
 
   The 1,797 images (10 classes, pixel values 0..16) ship with scikit-learn, so this works
-  offline. Each image ``I`` is scaled to ``[0, 1]`` (``I / 16``), upsampled to 28×28 by
-  separable bilinear interpolation ``A I A^T`` (``A`` from `_linear_resize_matrix`, half-pixel
-  centres; implemented in numpy, not ``scipy.ndimage.zoom``), then normalised to ``[-1, 1]``
-  by ``(v - 0.5) / 0.5`` as PFLlib's MNIST.
+  offline. Each image ``I`` is scaled to ``[0, 1]`` (``I / 16``), upsampled to side × side
+  (28 by default) by separable bilinear interpolation ``A I A^T`` (``A`` from
+  `_linear_resize_matrix`, half-pixel centres; implemented in numpy, not
+  ``scipy.ndimage.zoom``), normalised to ``[-1, 1]`` by ``(v - 0.5) / 0.5`` as PFLlib's
+  MNIST, and repeated over ``channels`` (``digits32``: 32×32×3, the CIFAR shape HtFLlib's
+  image families are built for).
 
   Returns:
-    ``(x, y)``: x float32 ``[1797, 28, 28, 1]`` (NHWC) in ``[-1, 1]``; y int32 ``[1797]``.
+    ``(x, y)``: x float32 ``[1797, side, side, channels]`` (NHWC) in ``[-1, 1]``; y int32
+    ``[1797]``.
   """
   from sklearn import datasets  # pylint: disable=g-import-not-at-top  (heavy import)
 
   bunch = datasets.load_digits()
   images = np.asarray(bunch.images, dtype=np.float64) / 16.0  # [N, 8, 8] in [0, 1]
-  resize = _linear_resize_matrix(images.shape[1], _DIGITS_SIDE)  # [28, 8]
-  upsampled = np.einsum("ij,njk,lk->nil", resize, images, resize)  # [N, 28, 28]
+  resize = _linear_resize_matrix(images.shape[1], side)  # [side, 8]
+  upsampled = np.einsum("ij,njk,lk->nil", resize, images, resize)  # [N, side, side]
   upsampled = np.clip(upsampled, 0.0, 1.0)  # guard against rounding just outside [0, 1]
   x = ((upsampled - 0.5) / 0.5).astype(np.float32)[..., None]
   y = np.asarray(bunch.target, dtype=np.int32)
-  return x, y
+  return np.repeat(x, channels, axis=-1) if channels > 1 else x, y
 
 
 def synthetic(num_samples: int, sample_shape: Sequence[int] = (32, 32, 3),
@@ -115,8 +118,8 @@ def load_synthetic_cifar(num_samples: int = 6000, seed: int = 0) -> RawDataset:
   return x, y, 10
 
 
-def _load_digits_raw() -> RawDataset:
-  x, y = load_digits()
+def _load_digits_raw(side: int = _DIGITS_SIDE, channels: int = 1) -> RawDataset:
+  x, y = load_digits(side, channels)
   return x, y, 10
 
 
@@ -207,6 +210,7 @@ def load_tfds(name: str, split_names: Sequence[str] = ("train", "test"),
 # Names accepted on the command line (lower case) → loader returning (x, y, num_classes).
 BUILTIN_DATASETS: dict[str, Callable[[], RawDataset]] = {
     "digits": _load_digits_raw,
+    "digits32": functools.partial(_load_digits_raw, 32, 3),
     "synthetic-cifar": load_synthetic_cifar,
     "mnist": functools.partial(load_tfds, "mnist"),
     "fmnist": functools.partial(load_tfds, "fashion_mnist"),

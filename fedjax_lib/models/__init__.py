@@ -3,6 +3,7 @@
 from fedjax_lib.models.base import BaseHeadModel
 from fedjax_lib.models.base import count_params
 from fedjax_lib.models.base import feature_dim
+from fedjax_lib.models.base import has_train_mode
 from fedjax_lib.models.base import merge_params
 from fedjax_lib.models.base import split_params
 from fedjax_lib.models.cnn import FedAvgCNN
@@ -17,6 +18,7 @@ from fedjax_lib.models.pooling import AdaptiveAvgPool1d
 from fedjax_lib.models.pooling import adaptive_avg_pool1d
 from fedjax_lib.models.pooling import adaptive_avg_pool_bins
 from fedjax_lib.models.pooling import adaptive_avg_pool_matrix
+from fedjax_lib.models.zoo import FAMILIES
 from fedjax_lib.models.zoo import MODEL_NAMES
 from fedjax_lib.models.zoo import architecture_of_clients
 from fedjax_lib.models.zoo import init_model
@@ -31,6 +33,7 @@ __all__ = [
     'FedAvgCNN',
     'FedAvgCNNBase',
     'MLR',
+    'FAMILIES',
     'MODEL_NAMES',
     'TorchConv',
     'TorchDense',
@@ -40,6 +43,7 @@ __all__ = [
     'architecture_of_clients',
     'count_params',
     'feature_dim',
+    'has_train_mode',
     'init_model',
     'make_model',
     'merge_params',

@@ -25,6 +25,7 @@ Usage::
   variables = merge_params(base, head)
 """
 
+import inspect
 from typing import Any, Optional
 
 import jax
@@ -68,23 +69,63 @@ for heterogeneous models); it belongs to neither part's parameters (it has none)
   def _out(self, y: jax.Array) -> jax.Array:
     return y if self.dtype is None else y.astype(jnp.float32)
 
-  def _features(self, x: jax.Array) -> jax.Array:
-    z = self.base(x)
+  def _features(self, x: jax.Array, train: bool) -> jax.Array:
+    z = self.base(x, train=train) if _takes_train(self.base) else self.base(x)
     if self.feature_dim is not None:
       z = adaptive_avg_pool1d(z, self.feature_dim, self.dtype)
     return z
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Logits ``head(pool(base(x)))``."""
-    return self._out(self.head(self._features(x)))
+    return self._out(self.head(self._features(x, train)))
 
-  def features(self, x: jax.Array) -> jax.Array:
+  def features(self, x: jax.Array, train: bool = False) -> jax.Array:
     """The feature representation ``pool(base(x))`` (``base(x)`` without ``feature_dim``)."""
-    return self._out(self._features(x))
+    return self._out(self._features(x, train))
+
+  def forward(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    """``(features, logits)`` of one pass: ``pool(base(x))`` and ``head`` of it."""
+    z = self._features(x, train)
+    return self._out(z), self._out(self.head(z))
 
   def classify(self, z: jax.Array) -> jax.Array:
     """Logits ``head(z)`` of features ``z`` (``feature_dim`` wide when that is set)."""
     return self._out(self.head(z))
+
+
+def _takes_train(module: nn.Module) -> bool:
+  """Whether a base's ``__call__`` has a ``train`` argument (BatchNorm or dropout inside)."""
+  return 'train' in inspect.signature(type(module).__call__).parameters
+
+
+def model_state(variables: Variables) -> Variables:
+  """The collections of ``variables`` that are not trained: ``{'batch_stats': ...}`` for a
+  model with BatchNorm, ``{}`` for the others."""
+  return {k: v for k, v in variables.items() if k != 'params'}
+
+
+def has_train_mode(model: BaseHeadModel) -> bool:
+  """Whether ``model`` behaves differently in training: BatchNorm (batch statistics, and
+  running statistics to keep) or dropout in its base. Such a model must be trained through
+  :func:`apply_train` (`fedjax_lib.core.local.train_model`)."""
+  return _takes_train(model.base)
+
+
+def apply_train(model: BaseHeadModel, variables: Variables, x: jax.Array, key: jax.Array,
+                method: str = 'forward'):
+  """``model``'s ``method`` in training mode: ``(output, new_model_state)``.
+
+  BatchNorm normalises with the batch's statistics and updates its running statistics
+  (returned in ``new_model_state``, the collections other than ``params``); dropout draws
+  from ``key``. For a model without either this is ``model.apply`` and ``{}``.
+  """
+  state = model_state(variables)
+  if not state:
+    out = model.apply(variables, x, train=True, rngs={'dropout': key}, method=method)
+    return out, {}
+  out, updates = model.apply(variables, x, train=True, rngs={'dropout': key}, method=method,
+                             mutable=list(state))
+  return out, {**state, **updates}
 
 
 def _params_of(variables: Variables) -> Params:

@@ -94,20 +94,25 @@ class TorchDense(nn.Module):
     dtype: the computation dtype (e.g. ``jnp.bfloat16``): the input, kernel and bias are
       cast to it and the output has it. ``None`` computes in the inputs' and parameters'
       own dtype (float32). The parameters are float32 either way.
+    kernel_init, bias_init: initializers replacing PyTorch's default ``U(±1/sqrt(fan_in))``
+      (for architectures whose PyTorch constructor re-initialises, e.g. torchvision's).
   """
   features: int
   use_bias: bool = True
   dtype: Optional[Any] = None
+  kernel_init: Optional[Callable[..., jax.Array]] = None
+  bias_init: Optional[Callable[..., jax.Array]] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     fan_in = x.shape[-1]
     init = torch_uniform_init(fan_in)
-    kernel = self.param('kernel', init, (fan_in, self.features))
+    kernel = self.param('kernel', self.kernel_init or init, (fan_in, self.features))
     x, kernel = _cast(self.dtype, x, kernel)
     y = jnp.matmul(x, kernel)
     if self.use_bias:
-      y = y + _cast(self.dtype, self.param('bias', init, (self.features,)))[0]
+      bias = self.param('bias', self.bias_init or init, (self.features,))
+      y = y + _cast(self.dtype, bias)[0]
     return y
 
 
@@ -152,6 +157,10 @@ class TorchConv(nn.Module):
     use_bias: whether to add a per-channel bias.
     conv_impl: ``'lax'`` or ``'patches'``.
     dtype: the computation dtype, as for :class:`TorchDense` (``None``: float32).
+    feature_group_count: PyTorch's ``groups`` (depthwise convolutions: ``groups = in``);
+      the kernel is ``(kh, kw, in / groups, out)``. ``'lax'`` only.
+    kernel_init: an initializer replacing PyTorch's default (e.g. torchvision's
+      :func:`kaiming_normal_fan_out`).
   """
   features: int
   kernel_size: int | Sequence[int]
@@ -160,6 +169,8 @@ class TorchConv(nn.Module):
   use_bias: bool = True
   conv_impl: str = 'lax'
   dtype: Optional[Any] = None
+  feature_group_count: int = 1
+  kernel_init: Optional[Callable[..., jax.Array]] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -170,10 +181,11 @@ class TorchConv(nn.Module):
       raise ValueError(f'TorchConv expects NHWC input of rank 4, got shape {x.shape}')
     kh, kw = _pair(self.kernel_size, 'kernel_size')
     strides = _pair(self.strides, 'strides')
-    in_channels = x.shape[-1]
+    in_channels = x.shape[-1] // self.feature_group_count
     fan_in = in_channels * kh * kw
     init = torch_uniform_init(fan_in)
-    kernel = self.param('kernel', init, (kh, kw, in_channels, self.features))
+    kernel = self.param('kernel', self.kernel_init or init,
+                        (kh, kw, in_channels, self.features))
     x, kernel = _cast(self.dtype, x, kernel)
     padding = self.padding if isinstance(self.padding, str) else tuple(
         tuple(p) for p in self.padding)
@@ -181,7 +193,10 @@ class TorchConv(nn.Module):
     if self.conv_impl == 'lax':
       y = lax.conv_general_dilated(
           x, kernel, window_strides=strides, padding=padding,
-          dimension_numbers=dimension_numbers)
+          dimension_numbers=dimension_numbers, feature_group_count=self.feature_group_count)
+    elif self.feature_group_count != 1:
+      raise ConfigError(f'conv_impl={self.conv_impl!r} does not support grouped convolutions; '
+                        "use conv_impl='lax'")
     elif self.conv_impl == 'slices':
       if strides != (1, 1) or padding != 'VALID':
         raise ConfigError("conv_impl='slices' supports stride 1 and VALID padding only, got "
@@ -243,3 +258,79 @@ def _max_pool_bwd(residuals, g):
 
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def kaiming_normal_fan_out(key, shape, dtype=jnp.float32):
+  """PyTorch's ``kaiming_normal_(w, mode='fan_out', nonlinearity='relu')`` for an HWIO conv
+  kernel: ``N(0, 2 / fan_out)`` with ``fan_out = out_channels * kh * kw`` (torchvision's
+  ResNet and MobileNetV2 initialisation)."""
+  kh, kw, _, out = shape
+  return jax.random.normal(key, shape, dtype) * np.sqrt(2.0 / (out * kh * kw))
+
+
+def normal_init(stddev: float) -> Callable[..., jax.Array]:
+  """``N(0, stddev²)`` (PyTorch's ``nn.init.normal_(w, 0, stddev)``)."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.normal(key, shape, dtype) * stddev
+  return init
+
+
+def trunc_normal_init(stddev: float, bound: float = 2.0) -> Callable[..., jax.Array]:
+  """PyTorch's ``trunc_normal_(w, std=stddev, a=-bound, b=bound)``: ``N(0, stddev²)``
+  truncated to ``[-bound, bound]`` in absolute units (torchvision's GoogLeNet uses
+  ``std=0.01, a=-2, b=2``, so the truncation never bites)."""
+  def init(key, shape, dtype=jnp.float32):
+    lo, hi = -bound / stddev, bound / stddev
+    return jax.random.truncated_normal(key, lo, hi, shape, dtype) * stddev
+  return init
+
+
+def zeros_init(key, shape, dtype=jnp.float32):
+  del key
+  return jnp.zeros(shape, dtype)
+
+
+class TorchBatchNorm(nn.Module):
+  """``nn.BatchNorm2d`` / ``nn.BatchNorm1d`` with PyTorch's semantics, over the last axis.
+
+  Training (``train=True``): normalise with the batch mean and the *biased* batch variance,
+  and update the running statistics (collection ``batch_stats``) with PyTorch's rule
+
+      running_mean ← (1 − m)·running_mean + m·mean
+      running_var  ← (1 − m)·running_var + m·var·n/(n − 1)      (unbiased variance)
+
+  with ``m = momentum = 0.1`` (Flax's ``nn.BatchNorm`` would use the biased variance and
+  ``momentum`` as the weight of the old value). Evaluation: normalise with the running
+  statistics. ``eps = 1e-5``; the affine ``scale``/``bias`` start at 1/0. Statistics are
+  computed in float32 whatever the computation ``dtype``.
+
+  A masked (padding) sample is impossible here: the local-training batches are always full
+  (drop_last), so every row counts, as in PyTorch.
+  """
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Optional[Any] = None
+  scale_init: Callable[..., jax.Array] = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param('scale', self.scale_init, (features,))
+    bias = self.param('bias', zeros_init, (features,))
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32))
+    axes = tuple(range(x.ndim - 1))
+    if train:
+      xf = x.astype(jnp.float32)
+      mean = xf.mean(axes)
+      var = jnp.square(xf - mean).mean(axes)
+      n = int(np.prod([x.shape[a] for a in axes]))
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = (1 - m) * ra_mean.value + m * mean
+        ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    inv = jax.lax.rsqrt(var + self.epsilon) * scale
+    y = (x.astype(jnp.float32) - mean) * inv + bias
+    return y.astype(self.dtype or x.dtype)

@@ -1,14 +1,24 @@
 """Models chosen by name, with their inputs validated at the boundary.
 
-Names are case-insensitive and include PFLlib's ``-m`` names:
+Names are case-insensitive and include PFLlib's and HtFLlib's spellings (``CNN``,
+``ResNet18``, ``resnet18``, ``MobileNetV2``):
 
-=========  =====================  ============================================
-name       aliases                model
-=========  =====================  ============================================
-``cnn``    ``fedavgcnn``          :func:`~fedjax_lib.models.cnn.FedAvgCNN`
-``dnn``                           :func:`~fedjax_lib.models.mlp.DNN`
-``mlr``    ``mclr_logistic``      :func:`~fedjax_lib.models.mlp.MLR`
-=========  =====================  ============================================
+==================================  ===================================================
+name                                model
+==================================  ===================================================
+``cnn`` (``fedavgcnn``)             PFLlib's FedAvgCNN (:mod:`~fedjax_lib.models.cnn`)
+``dnn``, ``mlr``                    PFLlib's DNN and logistic regression (:mod:`~.mlp`)
+``resnet4/6/8/10``                  HtFLlib's small ResNets (:mod:`~.resnet`)
+``resnet18/34/50/101/152``          torchvision's ImageNet ResNets (:mod:`~.resnet`)
+``googlenet``                       torchvision's GoogLeNet, aux heads off (:mod:`~.googlenet`)
+``mobilenet_v2`` (``mobilenetv2``)  HtFLlib's MobileNetV2 (:mod:`~.mobilenet`)
+``vit_b_16``, ``vit_b_32``          torchvision's ViT-B at image size 32, HtFLlib's 2-layer
+                                    ViT head (:mod:`~.vit`)
+==================================  ===================================================
+
+A name may carry one of HtFLlib's heterogeneous heads: ``resnet34+head512-256`` is ResNet34
+with ``Head(hidden_dims=[512, 256])`` (:mod:`~fedjax_lib.models.heads`) instead of the dense
+head.
 
 Every model takes ``dtype='bfloat16'`` for mixed precision and ``feature_dim=F`` for a
 common feature width across architectures (HtFLlib's ``--feature_dim``: the base's output
@@ -16,15 +26,16 @@ is adaptively average-pooled to ``F`` and the head is ``F -> num_classes``; see
 :func:`make_model`).
 
 Heterogeneous FL takes a comma-separated list of architectures (:func:`parse_model_names`,
-e.g. ``'cnn,dnn'``); client ``i`` gets architecture ``i mod K``
+e.g. ``'cnn,dnn'``) or one of HtFLlib's model families by name (:data:`FAMILIES`,
+``'HtFE-img-8'``); client ``i`` gets architecture ``i mod K``
 (:func:`architecture_of_clients`).
 
 Example::
 
   model = make_model('CNN', sample_shape=(28, 28, 1), num_classes=10)
   variables = init_model(model, jax.random.PRNGKey(0), (28, 28, 1))
-  names = architecture_of_clients(parse_model_names('cnn,dnn'), num_clients=20)
-  models = {n: make_model(n, (28, 28, 1), 10, feature_dim=512) for n in set(names)}
+  names = architecture_of_clients(parse_model_names('HtFE-img-8'), num_clients=20)
+  models = {n: make_model(n, (32, 32, 3), 10, feature_dim=512) for n in set(names)}
 """
 
 from collections.abc import Sequence
@@ -39,21 +50,87 @@ import numpy as np
 from fedjax_lib.config import DTYPES
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import cnn
+from fedjax_lib.models import googlenet
 from fedjax_lib.models import mlp
+from fedjax_lib.models import mobilenet
+from fedjax_lib.models import resnet
+from fedjax_lib.models import vit
+from fedjax_lib.models import base as base_lib
+from fedjax_lib.models import heads
 from fedjax_lib.models.base import BaseHeadModel, Variables
 from fedjax_lib.models.layers import CONV_IMPLS
 
-#: Canonical model names accepted by :func:`make_model`.
-MODEL_NAMES = ('cnn', 'dnn', 'mlr')
+#: Canonical architecture names accepted by :func:`make_model` (without a head suffix).
+MODEL_NAMES = ('cnn', 'dnn', 'mlr', 'resnet4', 'resnet6', 'resnet8', 'resnet10', 'resnet18',
+               'resnet34', 'resnet50', 'resnet101', 'resnet152', 'googlenet', 'mobilenet_v2',
+               'vit_b_16', 'vit_b_32')
 
-_ALIASES = {'fedavgcnn': 'cnn', 'mclr_logistic': 'mlr'}
+_ALIASES = {'fedavgcnn': 'cnn', 'mclr_logistic': 'mlr', 'mobilenetv2': 'mobilenet_v2',
+            'vit_b16': 'vit_b_16', 'vit_b32': 'vit_b_32'}
+
+#: Architectures that take images ``(H, W, C)``.
+_IMAGE_MODELS = frozenset(MODEL_NAMES) - {'dnn', 'mlr'}
 
 #: Keyword options each model accepts.
-_OPTIONS = {
-    'cnn': ('conv_impl', 'hidden_dim'),
-    'dnn': ('hidden_dim',),
-    'mlr': (),
+_OPTIONS = {name: () for name in MODEL_NAMES}
+_OPTIONS.update({'cnn': ('conv_impl', 'hidden_dim'), 'dnn': ('hidden_dim',)})
+
+#: HtFLlib's four heterogeneous heads (the HtC families), ``Head(hidden_dims)``.
+_HTC_HEADS = ('head512', 'head512-512', 'head512-256', 'head512-128')
+_HTFE_8 = ('cnn', 'googlenet', 'mobilenet_v2', 'resnet18', 'resnet34', 'resnet50', 'resnet101',
+           'resnet152')
+
+#: HtFLlib's image model families (``-m``): ``(architectures, heads)``; client i uses
+#: architecture ``i mod K`` and, in the HtC families, head ``i mod 4`` (heads None: the
+#: dense head, or the ViT head for ViTs).
+FAMILIES = {
+    'HtFE-img-2': (('cnn', 'resnet18'), None),
+    'HtFE-img-3': (('resnet10', 'resnet18', 'resnet34'), None),
+    'HtFE-img-4': (('cnn', 'googlenet', 'mobilenet_v2', 'resnet18'), None),
+    'HtFE-img-5': (('googlenet', 'mobilenet_v2', 'resnet18', 'resnet34', 'resnet50'), None),
+    'HtFE-img-8': (_HTFE_8, None),
+    'HtFE-img-9': (('resnet4', 'resnet6', 'resnet8', 'resnet10', 'resnet18', 'resnet34',
+                    'resnet50', 'resnet101', 'resnet152'), None),
+    'HtFE-img-8-HtC-img-4': (_HTFE_8, _HTC_HEADS),
+    'Res34-HtC-img-4': (('resnet34',), _HTC_HEADS),
+    'HtM-img-10': (_HTFE_8 + ('vit_b_16', 'vit_b_32'), None),
 }
+
+#: The families' names in the FedTGP and FedKTL repositories (before HtFLlib renamed them).
+_FAMILY_ALIASES = {'htfe2': 'HtFE-img-2', 'htfe3': 'HtFE-img-3', 'htfe4': 'HtFE-img-4',
+                   'htfe5': 'HtFE-img-5', 'htfe8': 'HtFE-img-8', 'htfe9': 'HtFE-img-9',
+                   'htfe8-htc4': 'HtFE-img-8-HtC-img-4', 'res34-htc4': 'Res34-HtC-img-4',
+                   'htm10': 'HtM-img-10'}
+
+
+def family_architectures(family: str) -> tuple[str, ...]:
+  """The architecture of every model index of a family: ``base[j mod K]`` with
+  ``head[j mod H]`` for ``j < lcm(K, H)``, so that ``i mod len(result)`` gives client i
+  HtFLlib's base ``i mod K`` and head ``i mod H``."""
+  bases, heads = FAMILIES[family]
+  if heads is None:
+    return bases
+  period = int(np.lcm(len(bases), len(heads)))
+  return tuple(f'{bases[j % len(bases)]}+{heads[j % len(heads)]}' for j in range(period))
+
+
+def _family_name(spec) -> Optional[str]:
+  """The canonical family name of ``spec`` (case-insensitive, old names too), or None."""
+  if not isinstance(spec, str):
+    return None
+  key = spec.strip().lower()
+  by_lower = {name.lower(): name for name in FAMILIES}
+  return by_lower.get(key) or _FAMILY_ALIASES.get(key)
+
+
+def _parse_head(suffix: str) -> Optional[tuple[int, ...]]:
+  """``'head512-256'`` → ``(512, 256)``; None when it is not a head spec."""
+  if not suffix.startswith('head'):
+    return None
+  parts = suffix[len('head'):].split('-')
+  if not all(p.isdigit() and int(p) > 0 for p in parts):
+    return None
+  return tuple(int(p) for p in parts)
 
 
 def _is_int(value) -> bool:
@@ -75,6 +152,12 @@ def _check_sample_shape(name: str, sample_shape) -> None:
       raise ConfigError(
           f"model 'cnn' needs sample_shape (H, W, C) with H, W >= {cnn.MIN_SPATIAL}, "
           f'got {shape}')
+  if name in _IMAGE_MODELS and len(shape) != 3:
+    raise ConfigError(f'model {name!r} needs images: sample_shape (H, W, C), got {shape}')
+  if name.startswith('vit') and shape[:2] != (32, 32):
+    raise ConfigError(f'model {name!r} is HtFLlib\'s ViT at image size 32: it needs 32x32 '
+                      f'images, got {shape[0]}x{shape[1]} (use a 32x32 dataset such as '
+                      'digits32 or cifar10)')
 
 
 def compute_dtype(dtype) -> Optional[Any]:
@@ -99,36 +182,59 @@ def compute_dtype(dtype) -> Optional[Any]:
   return None if canonical == 'float32' else getattr(jnp, canonical)
 
 
-def _canonical_name(name) -> Optional[str]:
-  """The canonical model name of ``name`` (case-insensitive, alias-resolved), or None."""
+def _split_name(name) -> Optional[tuple[str, Optional[tuple[int, ...]]]]:
+  """``(canonical architecture, head dims or None)`` of a model name, or None if unknown."""
   if not isinstance(name, str):
     return None
-  key = name.strip().lower()
-  key = _ALIASES.get(key, key)
-  return key if key in MODEL_NAMES else None
+  key, _, suffix = name.strip().lower().partition('+')
+  key = _ALIASES.get(key.strip(), key.strip())
+  if key not in MODEL_NAMES:
+    return None
+  if not suffix:
+    return key, None
+  head = _parse_head(suffix.strip())
+  return None if head is None else (key, head)
+
+
+def _canonical_name(name) -> Optional[str]:
+  """The canonical model name of ``name`` (case-insensitive, alias-resolved), or None."""
+  parts = _split_name(name)
+  if parts is None:
+    return None
+  key, head = parts
+  return key if head is None else f'{key}+head{"-".join(map(str, head))}'
 
 
 def _accepted_names() -> str:
   aliases = ', '.join(f'{alias} ({name})' for alias, name in _ALIASES.items())
-  return f'{", ".join(MODEL_NAMES)}; aliases: {aliases}'
+  return (f'{", ".join(MODEL_NAMES)} (a head suffix such as +head512-256 gives HtFLlib\'s '
+          f'Head(hidden_dims=[512, 256])); aliases: {aliases}; or one family: '
+          f'{", ".join(FAMILIES)}')
 
 
 def parse_model_names(spec: str | Sequence[str]) -> tuple[str, ...]:
-  """Parses one model name or a comma-separated list of them (heterogeneous models).
+  """Parses one model name, a comma-separated list of them, or a family name.
 
   Names are case-insensitive, surrounding whitespace is ignored and aliases are resolved,
   so ``'CNN, FedAvgCNN,mlr'`` gives ``('cnn', 'cnn', 'mlr')``. Repeats are kept: they set
-  the proportions of architectures (see :func:`architecture_of_clients`).
+  the proportions of architectures (see :func:`architecture_of_clients`). A family of
+  :data:`FAMILIES` (``'HtFE-img-8'``, or its old name ``'HtFE8'``) gives its architectures
+  in HtFLlib's order (:func:`family_architectures`).
 
   Args:
-    spec: a string such as ``'cnn'`` or ``'cnn,dnn'``, or a sequence of names.
+    spec: a string such as ``'cnn'``, ``'cnn,resnet4+head512-256'`` or ``'HtFE-img-8'``, or
+      a sequence of names.
 
   Returns:
-    The canonical names (members of :data:`MODEL_NAMES`), in order, at least one.
+    The canonical names (members of :data:`MODEL_NAMES`, with a ``+head...`` suffix for a
+    heterogeneous head), in order, at least one.
 
   Raises:
     ConfigError: for an empty entry or an unknown name (naming it and the accepted names).
   """
+  family = _family_name(spec)
+  if family is not None:
+    return family_architectures(family)
   if isinstance(spec, str):
     entries = spec.split(',')
   elif isinstance(spec, Sequence) and spec:
@@ -142,6 +248,10 @@ def parse_model_names(spec: str | Sequence[str]) -> tuple[str, ...]:
       raise ConfigError(f'empty model name in {spec!r}; accepted names: {_accepted_names()}')
     key = _canonical_name(entry)
     if key is None:
+      family = _family_name(entry)
+      if family is not None:
+        raise ConfigError(f'model family {family!r} must be the whole -m value, not one entry '
+                          f'of the list {spec!r}')
       raise ConfigError(f'unknown model {entry!r} in {spec!r}; accepted names: '
                         f'{_accepted_names()}')
     names.append(key)
@@ -172,15 +282,32 @@ def architecture_of_clients(names: str | Sequence[str], num_clients: int) -> lis
   return [names[i % len(names)] for i in range(int(num_clients))]
 
 
+def _build(key: str, num_classes: int, options: dict) -> BaseHeadModel:
+  if key == 'cnn':
+    return cnn.FedAvgCNN(num_classes, **options)
+  if key == 'dnn':
+    return mlp.DNN(num_classes, **options)
+  if key == 'mlr':
+    return mlp.MLR(num_classes, **options)
+  if key.startswith('resnet'):
+    return resnet.resnet(key, num_classes, **options)
+  if key == 'googlenet':
+    return googlenet.googlenet(num_classes, **options)
+  if key == 'mobilenet_v2':
+    return mobilenet.mobilenet_v2(num_classes, **options)
+  return vit.vit(key, num_classes, **options)
+
+
 def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
                dtype='float32', feature_dim: Optional[int] = None,
                **kwargs) -> BaseHeadModel:
   """Builds the model called ``name`` for inputs of shape ``sample_shape``.
 
   Args:
-    name: a model name (see the module docstring), case-insensitive.
-    sample_shape: shape of one input without the batch axis: ``(H, W, C)`` for the CNN,
-      anything for the fully connected models (they flatten it).
+    name: a model name (see the module docstring), case-insensitive, optionally with a head
+      suffix (``resnet34+head512-256``).
+    sample_shape: shape of one input without the batch axis: ``(H, W, C)`` for the image
+      models (32x32 for the ViTs), anything for the fully connected models (they flatten it).
     num_classes: number of classes, at least 2.
     dtype: the computation dtype, ``'float32'`` or ``'bfloat16'`` (mixed precision: float32
       parameters, convolutions, matmuls and activations in bfloat16, features and logits
@@ -191,7 +318,7 @@ def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
       dense ``F -> num_classes`` layer, so heads of all architectures have the same shapes.
       The pool has no parameters; the base's parameters are unchanged.
     **kwargs: model options: ``conv_impl`` (``'lax'`` or ``'patches'``) and
-      ``hidden_dim`` for ``cnn``; ``hidden_dim`` for ``dnn``; none for ``mlr``.
+      ``hidden_dim`` for ``cnn``; ``hidden_dim`` for ``dnn``; none for the others.
 
   Returns:
     A :class:`BaseHeadModel`.
@@ -199,9 +326,10 @@ def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
   Raises:
     ConfigError: for an unknown name, option or dtype, or an invalid shape or value.
   """
-  key = _canonical_name(name)
-  if key is None:
-    raise ConfigError(f'unknown model {name!r}; choose one of: {", ".join(MODEL_NAMES)}')
+  parts = _split_name(name)
+  if parts is None:
+    raise ConfigError(f'unknown model {name!r}; accepted names: {_accepted_names()}')
+  key, head_dims = parts
   if not _is_int(num_classes) or num_classes < 2:
     raise ConfigError(f'num_classes must be an integer >= 2, got {num_classes!r}')
   if feature_dim is not None and (not _is_int(feature_dim) or feature_dim < 1):
@@ -220,16 +348,21 @@ def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
       raise ConfigError(f'unknown conv_impl {value!r}; choose one of: {", ".join(CONV_IMPLS)}')
     options[option] = value
   options['dtype'] = compute_dtype(dtype)
-  if key == 'cnn':
-    model = cnn.FedAvgCNN(int(num_classes), **options)
-  elif key == 'dnn':
-    model = mlp.DNN(int(num_classes), **options)
-  else:
-    model = mlp.MLR(int(num_classes), **options)
+  model = _build(key, int(num_classes), options)
+  if head_dims is not None:
+    width = feature_dim
+    if width is None:
+      width = base_lib.feature_dim(model, tuple(sample_shape))
+    if head_dims[0] != width:
+      raise ConfigError(f'model {name!r}: the head\'s first dimension {head_dims[0]} must be '
+                        f'the feature dimension {width} (HtFLlib\'s Head(hidden_dims=[...]) '
+                        'starts with the features\' width)')
+    model = model.clone(head=heads.MLPHead(head_dims, int(num_classes),
+                                           dtype=options['dtype']))
   if feature_dim is None:
     return model
-  # Every head is a TorchDense(num_classes) whose fan-in is read from its input, so pooling
-  # in front of it makes it a dense F -> num_classes layer.
+  # Every head reads its fan-in from its input, so pooling in front of it makes it a
+  # F -> num_classes head.
   return model.clone(feature_dim=int(feature_dim))
 
 

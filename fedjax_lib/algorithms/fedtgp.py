@@ -1,0 +1,226 @@
+"""FedTGP: Trainable Global Prototypes with Adaptive-Margin-Enhanced Contrastive Learning.
+
+Zhang, Liu, Hua, Cao, AAAI 2024 (arXiv:2401.03230). HtFLlib's ``-algo FedTGP``.
+
+Clients (any architectures; only prototypes cross the network) train for ``local_epochs`` on
+
+    L = CE(h(f(x)), y) + λ·MSE(f(x), P̂[y])          (λ = ``lam``, HtFLlib's ``-lam``)
+
+against the global prototypes ``P̂`` (none in round 0), then compute their prototypes in
+evaluation mode over their whole training set, ``P_i^c = mean f(x)`` of class c, and upload
+those of the classes they have.
+
+The server owns the **trainable global prototypes** (TGP): a network ``Embedding(C, d) →
+Linear(d, d) → ReLU → Linear(d, d)`` whose output row c is ``P̂^c``; it persists across
+rounds and is never sent. Each round:
+
+1. class centres ``Q^c`` = unweighted mean of the uploaded ``P_i^c``; the **adaptive margin**
+   ``δ(t) = min(max_c min_{k≠c} ‖Q^c − Q^k‖, τ)`` (:func:`adaptive_margin`; τ = ``-mart``);
+2. ``server_epochs`` epochs (``-se``) of SGD (lr = the clients' ``-lr``, as HtFLlib) over the
+   uploaded (prototype, class) pairs, shuffled, in batches of ``-lbs``, on the **ACL loss**
+   (:func:`acl_loss`): the cross-entropy over classes of the logits
+   ``−(φ(P_i^c, P̂^k) + δ(t)·[k = c])``, φ the Euclidean distance;
+3. the new ``P̂`` (all C classes) is sent to every client.
+
+Clients are evaluated by the nearest ``P̂`` (MSE), and by their head (``test_acc_head``).
+
+Differences from HtFLlib (``clienttgp.py``/``servertgp.py``):
+
+- φ is ``sqrt(max(‖p‖² − 2p·q + ‖q‖², 1e-12))``: HtFLlib takes the square root unclamped, which
+  is NaN for a slightly negative rounding error and has an infinite gradient at distance 0.
+- The server's shuffles and the TGP's initialisation derive from the run's keys (HtFLlib: the
+  unseeded global torch RNG); the TGP's SGD is stateless, so re-creating it every round, as
+  HtFLlib does, is the same.
+- Round 0 evaluation before any prototype exists: as FedProto (every class scores 0).
+- ``train_loss`` is the head's cross-entropy (HtFLlib adds ``λ·MSE``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_lib.algorithms.base import check_int, check_number
+from fedjax_lib.algorithms.prototypes import PrototypeAlgorithm, class_sums, mean_of_uploads
+from fedjax_lib.algorithms.registry import register
+from fedjax_lib.core.local import ClientData, train_model
+from fedjax_lib.models.layers import TorchDense, normal_init
+
+_FAR = 1e9  # HtFLlib's "no other class" gap
+
+
+def euclidean_distances(points: jax.Array, centres: jax.Array) -> jax.Array:
+  """``[n, C]`` Euclidean distances ``sqrt(max(‖p‖² − 2p·q + ‖q‖², 1e-12))``: finite, with a
+  finite gradient, at distance 0."""
+  squared = (jnp.square(points).sum(-1, keepdims=True) - 2.0 * points @ centres.T
+             + jnp.square(centres).sum(-1)[None])
+  return jnp.sqrt(jnp.maximum(squared, 1e-12))
+
+
+def acl_loss(points: jax.Array, labels: jax.Array, global_protos: jax.Array, margin,
+             mask: jax.Array) -> jax.Array:
+  """The adaptive-margin-enhanced contrastive loss, averaged over the rows with ``mask``.
+
+  For a client prototype ``p`` of class ``c``:
+  ``−log softmax_c(−(φ(p, P̂^k) + margin·[k = c]))_k`` — pulled towards ``P̂^c`` and pushed
+  from every other ``P̂^k`` by at least ``margin``.
+
+  Args:
+    points: ``[n, d]`` uploaded prototypes.
+    labels: ``[n]`` their classes.
+    global_protos: ``[C, d]`` the TGP's prototypes.
+    margin: the scalar margin ``δ(t)``.
+    mask: ``[n]`` 1 for real rows.
+  """
+  dist = euclidean_distances(points, global_protos)
+  logits = -(dist + margin * jax.nn.one_hot(labels, global_protos.shape[0]))
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  mask = mask.astype(jnp.float32)
+  return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def adaptive_margin(centres: jax.Array, present: jax.Array, threshold) -> jax.Array:
+  """``δ(t) = min(max_c gap_c, τ)`` with ``gap_c = min_{k≠c, k present} ‖Q^c − Q^k‖``.
+
+  A class without a centre, or with no other class present, gets the smallest gap of the
+  others (HtFLlib); with fewer than two classes present the margin is ``τ``.
+  """
+  diff = centres[:, None, :] - centres[None, :, :]
+  dist = jnp.sqrt(jnp.maximum(jnp.square(diff).sum(-1), 0.0))
+  num = centres.shape[0]
+  pair = present[:, None] & present[None, :] & ~jnp.eye(num, dtype=bool)
+  gap = jnp.where(pair, dist, _FAR).min(axis=1)
+  gap = jnp.where(present, gap, _FAR)
+  min_gap = gap.min()
+  gap = jnp.where(gap > _FAR / 10, min_gap, gap)
+  return jnp.minimum(gap.max(), threshold)
+
+
+class TrainableGlobalPrototypes(nn.Module):
+  """``Embedding(C, d) → Linear(d, hidden) → ReLU → Linear(hidden, d)``; row c = ``P̂^c``.
+
+  PyTorch's initialisation: embedding ``N(0, 1)``, linear layers ``U(±1/sqrt(fan_in))``.
+  """
+  num_classes: int
+  dim: int
+  hidden: int
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    table = self.param("embedding", normal_init(1.0), (self.num_classes, self.dim))
+    x = nn.relu(TorchDense(self.hidden, name="fc0")(table))
+    return TorchDense(self.dim, name="fc1")(x)
+
+
+@register("FedTGP")
+@dataclasses.dataclass(frozen=True)
+class FedTGP(PrototypeAlgorithm):
+  """Trainable global prototypes trained with the ACL loss on the uploaded prototypes.
+
+  Attributes:
+    lam: weight of ``MSE(f(x), P̂[y])`` in the client loss (``-lam``; scripts: 10).
+    server_epochs: epochs of TGP training per round (``-se``; HtFLlib's default 100).
+    margin_threshold: τ, the cap of the adaptive margin (``-mart``; 100).
+  """
+
+  server_epochs: int = 100
+  margin_threshold: float = 100.0
+
+  TRAIN_MODE = True
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_int(self.name, "server_epochs", self.server_epochs, 0)
+    check_number(self.name, "margin_threshold", self.margin_threshold, 0.0, finite=True)
+    if not self.margin_threshold > 0:
+      from fedjax_lib.errors import ConfigError  # pylint: disable=import-outside-toplevel
+      raise ConfigError(f"FedTGP hyperparameter margin_threshold={self.margin_threshold!r} "
+                        "must be a finite number > 0 (-mart)")
+
+  def tgp(self, num_classes: int, dim: int) -> TrainableGlobalPrototypes:
+    return TrainableGlobalPrototypes(num_classes, dim, dim)
+
+  def init(self, key, sample_x, num_clients):
+    server = self.empty_prototypes(sample_x)
+    num_classes, dim = server["protos"].shape
+    server["tgp"] = self.tgp(num_classes, dim).init(jax.random.fold_in(key, 1))["params"]
+    server["margin"] = jnp.zeros((), jnp.float32)
+    return server, self.init_clients(key, sample_x, num_clients)
+
+  def client_update(self, server_state, client_state, data, key):
+    variables, _, stats = train_model(self.model, client_state["params"], data, key,
+                                      self.local, self.objective(server_state))
+    protos, present = self.local_prototypes(variables, data, server_state["present"].shape[0])
+    return {"params": variables}, {"protos": protos, "present": present}, stats
+
+  def local_prototypes(self, variables, data: ClientData, num_classes: int):
+    """Per-class mean features over the whole training set, in evaluation mode."""
+    chunk = 50
+    width = data.train_idx.shape[0]
+    rows = -(-width // chunk) * chunk
+    idx = jnp.pad(data.train_idx, (0, rows - width))
+    valid = jnp.arange(rows) < data.train_count
+
+    def chunk_sums(args):
+      chunk_idx, chunk_valid = args
+      features = self.model.apply(variables, data.x[chunk_idx], method="features")
+      return class_sums(features, data.y[chunk_idx], chunk_valid, num_classes)
+
+    sums, counts = jax.lax.map(chunk_sums, (idx.reshape(-1, chunk), valid.reshape(-1, chunk)))
+    sums, counts = sums.sum(0), counts.sum(0)
+    return sums / jnp.maximum(counts, 1.0)[:, None], counts > 0
+
+  def server_update(self, server_state, uploads, weights, key):
+    has = uploads["present"] & (weights > 0)[:, None]            # [K, C]
+    num_classes, dim = server_state["protos"].shape
+    centres, centre_present = mean_of_uploads(uploads["protos"], has)
+    margin = adaptive_margin(centres, centre_present, self.margin_threshold)
+    points = uploads["protos"].reshape(-1, dim).astype(jnp.float32)
+    labels = jnp.tile(jnp.arange(num_classes), has.shape[0])
+    valid = has.reshape(-1)
+    tgp = self.tgp(num_classes, dim)
+    params = self.train_tgp(tgp, server_state["tgp"], points, labels, valid, margin, key)
+    any_upload = valid.any()
+    return {"tgp": params,
+            "protos": jnp.where(any_upload, tgp.apply({"params": params}),
+                                server_state["protos"]),
+            "present": server_state["present"] | any_upload,
+            "margin": margin}
+
+  def train_tgp(self, tgp, params, points, labels, valid, margin, key):
+    """``server_epochs`` epochs of SGD on the ACL loss over the valid (point, label) pairs:
+    each epoch shuffles them and takes ``ceil(n / batch_size)`` steps (the last batch holds
+    the remainder), as PyTorch's ``DataLoader(shuffle=True)`` does."""
+    batch = self.local.batch_size
+    total = points.shape[0]
+    count = valid.sum()
+    num_steps = -(-count // batch)
+    tx = optax.sgd(self.local.learning_rate)
+    padded = -(-total // batch) * batch + batch
+
+    def loss_fn(p, rows, mask):
+      protos = tgp.apply({"params": p})
+      return acl_loss(points[rows], labels[rows], protos, margin, mask)
+
+    def epoch(e, p):
+      scores = jnp.where(valid, jax.random.uniform(jax.random.fold_in(key, e), (total,)), 2.0)
+      order = jnp.pad(jnp.argsort(scores), (0, padded - total))
+
+      def step(s, p):
+        rows = jax.lax.dynamic_slice(order, (s * batch,), (batch,))
+        mask = s * batch + jnp.arange(batch) < count
+        grads = jax.grad(loss_fn)(p, rows, mask)
+        updates, _ = tx.update(grads, tx.init(p), p)
+        return optax.apply_updates(p, updates)
+
+      return jax.lax.fori_loop(0, num_steps, step, p)
+
+    return jax.lax.fori_loop(0, self.server_epochs, epoch, params)
+
+  def download(self, server_state):
+    """The prototypes only: the TGP network stays on the server."""
+    return {"protos": server_state["protos"], "present": server_state["present"]}

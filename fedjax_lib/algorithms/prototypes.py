@@ -1,0 +1,154 @@
+"""Shared pieces of the prototype algorithms (FedProto, FedTGP): class prototypes as arrays.
+
+A set of class prototypes is a pair of arrays: ``protos [C, d]`` (one feature vector per
+class) and ``present [C]`` (bool: whether class c has a prototype). A client uploads the
+prototypes of the classes it has; HtFLlib sends a dict ``{class: vector}``, so only the
+present rows count as traffic (:func:`~fedjax_lib.algorithms.base.rows_traffic`).
+
+- :func:`class_sums` — per-class feature sums and counts (segment sums as a one-hot matmul).
+- :func:`prototype_mse` — HtFLlib's regulariser ``MSE(f(x), P[y])``: the mean over the
+  batch's ``B x d`` entries, where samples of a class without a prototype contribute 0 (HtFLlib
+  puts the sample's own detached feature there) but still count in the mean.
+- :func:`nearest_prototype_logits` — scores ``-MSE(f(x), P[c])`` for the nearest-prototype
+  evaluation of FedProto and FedTGP (classes without a prototype score ``-inf``).
+- :func:`mean_of_uploads` — the server's per-class unweighted mean over the clients that
+  uploaded the class (weight 0 — dropped or padding — uploads nothing).
+- :class:`PrototypeAlgorithm` — what the two algorithms share: personal models (the whole
+  model stays on the client, BatchNorm statistics included), the prototype-regularised loss,
+  the two evaluation views (nearest prototype first, as HtFLlib reports it, then the head:
+  FedTGP issue #6) and the prototype traffic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, Traffic,
+                                        abstract_variables, check_number, rows_traffic,
+                                        stack_clients, untrained_new_clients)
+from fedjax_lib.core.local import Batch, masked_cross_entropy
+from fedjax_lib.errors import ConfigError
+from fedjax_lib.models.base import split_params
+
+
+def class_sums(features: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int):
+  """``(sums [C, d], counts [C])`` of the rows with ``mask == 1``, by label."""
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * mask.astype(
+      jnp.float32)[:, None]
+  return onehot.T @ features.astype(jnp.float32), onehot.sum(0)
+
+
+def prototype_mse(features: jax.Array, labels: jax.Array, mask: jax.Array, protos: jax.Array,
+                  present: jax.Array) -> jax.Array:
+  """``Σ_i mask_i·present[y_i]·‖f_i − P[y_i]‖² / (n·d)`` with ``n = Σ mask`` (HtFLlib's
+  ``MSELoss(proto_new, rep)``: samples without a prototype have ``proto_new = rep``)."""
+  target = protos[labels]
+  weight = mask.astype(jnp.float32) * present[labels].astype(jnp.float32)
+  squared = jnp.square(features - jax.lax.stop_gradient(target)).sum(-1)
+  n = jnp.maximum(mask.astype(jnp.float32).sum(), 1.0)
+  return (weight * squared).sum() / (n * features.shape[-1])
+
+
+def nearest_prototype_logits(features: jax.Array, protos: jax.Array,
+                             present: jax.Array) -> jax.Array:
+  """Scores ``-MSE(f, P[c])`` (mean over d) for every class; ``-inf`` for a class without a
+  prototype; all 0 (argmax: class 0) while no class has one."""
+  dist = jnp.square(features[:, None, :] - protos[None]).mean(-1)
+  logits = jnp.where(present[None], -dist, -jnp.inf)
+  return jnp.where(present.any(), logits, 0.0)
+
+
+def mean_of_uploads(protos: jax.Array, has: jax.Array):
+  """Per-class unweighted mean of ``protos [K, C, d]`` over the uploads with ``has [K, C]``;
+  returns ``(mean [C, d], present [C])``."""
+  has = has.astype(jnp.float32)
+  count = has.sum(0)
+  mean = jnp.einsum("kc,kcd->cd", has, protos.astype(jnp.float32)) / jnp.maximum(count, 1.0)[:, None]
+  return mean, count > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PrototypeAlgorithm(Algorithm):
+  """Personal models trained with ``CE + lam·MSE(f(x), P[y])`` against the server's
+  prototypes ``{'protos', 'present'}``; evaluated by the nearest prototype and by the head.
+
+  Subclasses define ``init``, ``client_update`` and ``server_update``.
+
+  Attributes:
+    lam: weight of the prototype regulariser (HtFLlib's ``-lam``; its scripts use 10).
+  """
+
+  lam: float = 1.0
+  # The train loss is the head's cross-entropy (the nearest-prototype view scores -inf for
+  # classes without a prototype).
+  TRAIN_LOSS_VIEW: ClassVar[str] = "head"
+
+  def __post_init__(self):
+    check_number(self.name, "lam", self.lam, 0.0, finite=True)
+
+  def shapes(self, sample_x):
+    """``(num_classes, feature_dim)`` of the model (traced abstractly)."""
+    variables = abstract_variables(self.model, sample_x)
+    x = jax.ShapeDtypeStruct((1, *sample_x.shape), sample_x.dtype)
+    features, logits = jax.eval_shape(
+        lambda v, x: self.model.apply(v, x, method="forward"), variables, x)
+    return logits.shape[-1], features.shape[-1]
+
+  def init_clients(self, key, sample_x, num_clients):
+    """Every client's model (the same initial parameters), stacked."""
+    return {"params": stack_clients(self.init_params(key, sample_x), num_clients)}
+
+  def empty_prototypes(self, sample_x):
+    num_classes, dim = self.shapes(sample_x)
+    return {"protos": jnp.zeros((num_classes, dim), jnp.float32),
+            "present": jnp.zeros((num_classes,), bool)}
+
+  def objective(self, server_state):
+    """``CE(logits, y) + lam·prototype_mse`` against the server's prototypes."""
+    def loss(features, logits, batch: Batch, carry):
+      ce = masked_cross_entropy(logits, batch.y, batch.mask)
+      reg = prototype_mse(features, batch.y, batch.mask, server_state["protos"],
+                          server_state["present"])
+      return ce + self.lam * reg, carry
+    return loss
+
+  def predict(self, server_state, client_state, x):
+    """The nearest global prototype of the client's features (HtFLlib's evaluation)."""
+    features = self.model.apply(client_state["params"], x, method="features")
+    return nearest_prototype_logits(features, server_state["protos"], server_state["present"])
+
+  def eval_views(self, server_state, client_state, data, key):
+    del data, key
+    return {"proto": lambda x: self.predict(server_state, client_state, x),
+            "head": lambda x: self.model.apply(client_state["params"], x)}
+
+  def new_client_variables(self, server_state, client_state):
+    """A new client trains its own freshly initialised model; it is tested with its head."""
+    return client_state["params"]
+
+  def download(self, server_state):
+    return {"protos": server_state["protos"], "present": server_state["present"]}
+
+  def download_traffic(self, server_state) -> Traffic:
+    """The prototypes of the classes the server has (HtFLlib sends a dict of them)."""
+    return rows_traffic(server_state["protos"], server_state["present"])
+
+  def upload_traffic(self, upload) -> Traffic:
+    """The prototypes of the classes the client has (``C_i x d``)."""
+    return rows_traffic(upload["protos"], upload["present"])
+
+  def check_settings(self, context: SettingsContext) -> list[str]:
+    """Refuses a model whose base has no parameters: its "features" are the raw inputs, so
+    there is no representation to align with prototypes."""
+    base, _ = split_params(abstract_variables(self.model, context.sample_x))
+    if not jax.tree.leaves(base):
+      raise ConfigError(
+          f"{self.name} learns prototypes of the model's features, but model "
+          f"{context.model_name!r} has no base/head split (its base has no parameters, so "
+          "its features are the raw inputs); use a model with a feature extractor (cnn, dnn, "
+          "resnet18, ...)")
+    return untrained_new_clients(self.name, "model", context)

@@ -1,0 +1,145 @@
+"""The conformance suite on a heterogeneous family: the HtFL algorithms over two architectures,
+one with BatchNorm and dropout (training mode, running statistics per client).
+
+Same checks as `tests/test_conformance.py` (finite, stable structure, one compilation per
+group, a checkpoint round trip, vmap == sequential, new clients), plus: BatchNorm running
+statistics change only for the clients that trained and differ between clients, and the
+traffic metrics are finite and non-negative.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from fedjax_lib.algorithms import make_algorithm
+from fedjax_lib.core import checkpoint as checkpoint_lib
+from fedjax_lib.core import engine as engine_lib
+from fedjax_lib.core import rng
+from fedjax_lib.core.local import LocalSpec
+from fedjax_lib.models import BaseHeadModel, TorchDense, make_model
+from fedjax_lib.models.layers import TorchBatchNorm
+from tests.test_engine import _small_data
+
+HTFL = ["Local", "LG-FedAvg", "FedProto", "FedTGP"]
+FEATURES = 16
+
+
+class BatchNormBase(nn.Module):
+  """Dense → BatchNorm → ReLU → dropout: the smallest base with a training mode."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = TorchDense(8, name="fc")(x.reshape(x.shape[0], -1))
+    x = nn.relu(TorchBatchNorm(name="bn")(x, train))
+    return nn.Dropout(0.2, deterministic=not train)(x)
+
+
+def _models(data):
+  bn = BaseHeadModel(base=BatchNormBase(), head=TorchDense(data.num_classes),
+                     feature_dim=FEATURES)
+  return {"bn": bn, "dnn": make_model("dnn", data.sample_shape, data.num_classes,
+                                      feature_dim=FEATURES)}
+
+
+def _engine(name, executor, data, new_clients=0, jr=0.8, cdr=0.25):
+  spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=2,
+                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
+  params = {"server_epochs": 2} if name == "FedTGP" else None
+  models = _models(data)
+  alg = make_algorithm(name, models["bn"], spec, params)
+  n = data.num_clients - new_clients
+  groups = [engine_lib.Group(arch, dataclasses.replace(alg, model=model),
+                             tuple(i for i in range(n) if i % 2 == k))
+            for k, (arch, model) in enumerate(models.items())]
+  return engine_lib.Engine(groups, engine_lib.DeviceData.from_federated(data),
+                           engine_lib.Participation(n, jr, False, cdr), executor=executor,
+                           chunk_size=2, eval_chunk_size=4, model_cycle=[0, 1])
+
+
+def _structure(tree):
+  return jax.tree.structure(tree), [(a.shape, a.dtype) for a in jax.tree.leaves(tree)]
+
+
+@pytest.fixture(scope="module")
+def data():
+  return _small_data(num_clients=6, seed=2)
+
+
+def _bn_stats(clients):
+  leaves = jax.tree_util.tree_flatten_with_path(clients["bn"])[0]
+  return np.concatenate([np.asarray(a).reshape(a.shape[0], -1) for path, a in leaves
+                         if "batch_stats" in jax.tree_util.keystr(path)], axis=1)
+
+
+@pytest.mark.parametrize("name", HTFL)
+def test_htfl_conformance(name, data, tmp_path):
+  eng = _engine(name, "vmap", data)
+  eng.check_compatible(data.x[0])
+  root = rng.root_key(0)
+  server, clients = eng.init(root, data.x[0])
+  structure = _structure((server, clients))
+  before = _bn_stats(clients)
+  for r in range(3):
+    server, clients, metrics = eng.run_round(server, clients, root, r)
+    assert _structure((server, clients)) == structure
+    for leaf in jax.tree.leaves((server, clients, metrics)):
+      assert np.all(np.isfinite(np.asarray(leaf, np.float64))), f"round {r}"
+    for key in ("upload_floats", "download_floats", "upload_bytes", "download_bytes"):
+      assert float(metrics[key]) >= 0
+  after = _bn_stats(clients)
+  changed = ~np.all(np.isclose(before, after), axis=1)
+  assert changed.any(), "no client's running statistics moved"
+  trained = after[changed]
+  assert len(trained) < 2 or not np.allclose(trained[0], trained[1]), "statistics shared"
+  summary = eng.evaluate(server, clients, root, 3)
+  assert np.isfinite([summary["test_acc"], summary["test_auc"], summary["train_loss"]]).all()
+  assert eng.trace_counts["round"] == 1 and eng.trace_counts["evaluate"] == 2
+
+  ckpt = checkpoint_lib.RunCheckpointer(str(tmp_path / "ckpt"))
+  s1, c1 = eng.init(root, data.x[0])
+  s1, c1, _ = eng.run_round(s1, c1, root, 0)
+  ckpt.save(1, s1, c1, {"history": {}})
+  _, s_r, c_r, _ = ckpt.restore_latest(s1, c1)
+  s1, c1, _ = eng.run_round(s1, c1, root, 1)
+  s_r, c_r, _ = eng.run_round(s_r, c_r, root, 1)
+  jax.tree.map(np.testing.assert_array_equal, (s1, c1), (s_r, c_r))
+
+  held_out = _engine(name, "vmap", data, new_clients=2)
+  s0, _ = held_out.init(root, data.x[0])
+  new = held_out.evaluate_new_clients(s0, root, data.x[0], epochs=1)
+  assert np.isfinite([new["test_acc"], new["train_loss"]]).all()
+
+  seq = _engine(name, "sequential", data)
+  s_v, c_v = eng.init(root, data.x[0])
+  s_s, c_s = seq.init(root, data.x[0])
+  for r in range(2):
+    s_v, c_v, m_v = eng.run_round(s_v, c_v, root, r)
+    s_s, c_s, m_s = seq.run_round(s_s, c_s, root, r)
+    for key in ("upload_floats", "download_floats"):
+      assert float(m_v[key]) == float(m_s[key])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+               (s_v, c_v), (s_s, c_s))
+  e_v, e_s = eng.evaluate(s_v, c_v, root, 2), seq.evaluate(s_s, c_s, root, 2)
+  assert e_v["test_acc"] == pytest.approx(e_s["test_acc"], abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["FedPer", "FedRep"])
+def test_base_sharing_algorithms_keep_running_statistics_per_client(name, data):
+  """FedPer and FedRep share the base's parameters, never its BatchNorm statistics."""
+  model = _models(data)["bn"]
+  spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
+                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
+  eng = engine_lib.Engine(make_algorithm(name, model, spec),
+                          engine_lib.DeviceData.from_federated(data),
+                          engine_lib.Participation(data.num_clients), executor="vmap")
+  root = rng.root_key(0)
+  server, clients = eng.init(root, data.x[0])
+  assert "batch_stats" not in jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(
+      server)[0])
+  server, clients, _ = eng.run_round(server, clients, root, 0)
+  stats = np.concatenate([np.asarray(a).reshape(a.shape[0], -1)
+                          for a in jax.tree.leaves(clients["model"]["model_state"])], axis=1)
+  assert not np.allclose(stats[0], stats[1])
