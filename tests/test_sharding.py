@@ -215,3 +215,34 @@ def test_two_processes_equal_one(tmp_path):
   assert multi["test_acc"] == one["test_acc"]
   assert multi["test_acc_global"] == one["test_acc_global"]
   np.testing.assert_allclose(multi["train_loss"], one["train_loss"], rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["FedTGP", "FedProto"])
+def test_prototype_servers_on_heterogeneous_groups_equal_one_device(name):
+  """FedTGP's server (TGP network trained with the ACL loss on every upload) and FedProto's
+  per-class means, over two architecture groups sharded on 8 devices: the server state is
+  replicated and equals the one-device state."""
+  data = _small_data(num_clients=11)
+  spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
+                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
+  models = {arch: make_model(arch, data.sample_shape, data.num_classes, feature_dim=16)
+            for arch in ("dnn", "dnn+head16-8")}
+  alg = make_algorithm(name, models["dnn"], spec,
+                       {"server_epochs": 3, "lam": 1.0} if name == "FedTGP" else None)
+  groups = [engine_lib.Group(arch, dataclasses.replace(alg, model=m),
+                             tuple(i for i in range(11) if i % 2 == k))
+            for k, (arch, m) in enumerate(models.items())]
+  device_data = engine_lib.DeviceData.from_federated(data)
+  part = engine_lib.Participation(11, 0.8, False, 0.25)
+  one = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=[0, 1])
+  many = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=[0, 1],
+                           mesh=engine_lib.client_mesh(8))
+  s1, c1, h1 = _run(one)
+  s8, c8, h8 = _run(many)
+  _assert_replicated(s8)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  jax.tree.map(close, s1, s8)
+  jax.tree.map(close, c1, many.export_states(c8))
+  for a, b in zip(h1, h8):
+    np.testing.assert_allclose(a["test_acc"], b["test_acc"], atol=1e-9)
+  assert bool(np.asarray(s1["present"]).any())

@@ -206,9 +206,14 @@ class FedTGP(PrototypeAlgorithm):
       protos = tgp.apply({"params": p})
       return acl_loss(points[rows], labels[rows], protos, margin, mask)
 
+    # A pair's shuffle score depends on its rank among the valid pairs, not on its position:
+    # on several devices the uploads come with padding slots in other places.
+    rank = jnp.cumsum(valid) - 1
+
     def epoch(e, p):
-      scores = jnp.where(valid, jax.random.uniform(jax.random.fold_in(key, e), (total,)), 2.0)
-      order = jnp.pad(jnp.argsort(scores), (0, padded - total))
+      epoch_key = jax.random.fold_in(key, e)
+      draw = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(epoch_key, r)))(rank)
+      order = jnp.pad(jnp.argsort(jnp.where(valid, draw, 2.0)), (0, padded - total))
 
       def step(s, p):
         rows = jax.lax.dynamic_slice(order, (s * batch,), (batch,))
