@@ -68,6 +68,21 @@ FLAGS = [
     (["-m", "mlr", "-nc", "4", "-algo", "FedPer"], ["FedPer", "'mlr'"]),
     (["-m", "mlr", "-nc", "4", "-algo", "FedRep"], ["FedRep", "'mlr'"]),
     (["-m", "mlr", "-nc", "4", "-algo", "FedBABU"], ["FedBABU", "'mlr'"]),
+    # heterogeneous models (HtFLlib's zoo, FedProto, FedTGP)
+    (["-m", "HtFE-img-7"], ["HtFE-img-7", "HtFE-img-8", "resnet18"]),
+    (["-m", "cnn,HtFE-img-8"], ["HtFE-img-8", "whole -m value"]),
+    (["-m", "resnet18+head256"], ["head", "first dimension 256", "feature dimension 512"]),
+    (["-m", "vit_b_16"], ["vit_b_16", "32x32"]),
+    (["-data", "digits32", "-nc", "4", "-m", "Res34-HtC-img-4", "-algo", "LG-FedAvg"],
+     ["LG-FedAvg shares the head", "different heads"]),
+    (["-data", "digits32", "-nc", "4", "-m", "resnet4", "-algo", "FedAvg"],
+     ["FedAvg cannot train model resnet4", "BatchNorm", "Local"]),
+    (["-m", "cnn,dnn", "-fd", "-3"], ["feature_dim", "-3"]),
+    (["-algo", "FedTGP", "-mart", "0"], ["margin_threshold=0", "> 0", "-mart"]),
+    (["-algo", "FedTGP", "-se", "-1"], ["server_epochs=-1"]),
+    (["-m", "cnn,mlr", "-nc", "4", "-algo", "FedProto"], ["FedProto", "'mlr'",
+                                                        "base/head split"]),
+    (["-m", "mlr", "-nc", "4", "-algo", "FedTGP"], ["FedTGP", "'mlr'", "base/head split"]),
 ]
 
 
