@@ -48,6 +48,7 @@ from fedjax_lib.algorithms.base import check_int, check_number
 from fedjax_lib.algorithms.prototypes import PrototypeAlgorithm, class_sums, mean_of_uploads
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.local import ClientData, train_model
+from fedjax_lib.errors import ConfigError
 from fedjax_lib.models.layers import TorchDense, normal_init
 
 _FAR = 1e9  # HtFLlib's "no other class" gap
@@ -137,7 +138,6 @@ class FedTGP(PrototypeAlgorithm):
     check_int(self.name, "server_epochs", self.server_epochs, 0)
     check_number(self.name, "margin_threshold", self.margin_threshold, 0.0, finite=True)
     if not self.margin_threshold > 0:
-      from fedjax_lib.errors import ConfigError  # pylint: disable=import-outside-toplevel
       raise ConfigError(f"FedTGP hyperparameter margin_threshold={self.margin_threshold!r} "
                         "must be a finite number > 0 (-mart)")
 

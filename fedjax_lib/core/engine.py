@@ -626,10 +626,9 @@ class Engine:
     client_data = ClientData(data.x, data.y, train_idx[row], train_count[row])
     hook = alg.final_views if final else alg.eval_views
     views = hook(server_state, state, client_data, rng.eval_key(rkey, cid))
+    loss_view = alg.TRAIN_LOSS_VIEW if alg.TRAIN_LOSS_VIEW in views else None
     return evaluate_lib.view_metrics(views, data.x, data.y, test_idx[row], test_count[row],
-                                     train_idx[row], train_count[row],
-                                     loss_view=alg.TRAIN_LOSS_VIEW if alg.TRAIN_LOSS_VIEW in views
-                                     else None)
+                                     train_idx[row], train_count[row], loss_view=loss_view)
 
   def _group_ids(self, gi):
     g = self.groups[gi]
