@@ -48,16 +48,7 @@ def test_conformance(name, data, tmp_path):
   assert np.isfinite([summary[k] for k in keys]).all(), summary
   assert eng.trace_counts["round"] == 1 and eng.trace_counts["evaluate"] == 1
 
-  # checkpoint round trip: continuing from a restored round-1 state is bit-identical
-  ckpt = checkpoint_lib.RunCheckpointer(str(tmp_path / "ckpt"))
-  s1, c1 = eng.init(root, data.x[0])
-  s1, c1, _ = eng.run_round(s1, c1, root, 0)
-  ckpt.save(1, s1, c1, {"history": {}})
-  _, s_r, c_r, _ = ckpt.restore_latest(s1, c1)
-  assert _structure((s_r, c_r)) == init_structure
-  s1, c1, _ = eng.run_round(s1, c1, root, 1)
-  s_r, c_r, _ = eng.run_round(s_r, c_r, root, 1)
-  jax.tree.map(np.testing.assert_array_equal, (s1, c1), (s_r, c_r))
+  assert_resume_is_exact(eng, root, data.x[0], str(tmp_path / "ckpt"), init_structure)
 
   final = eng.evaluate(server, clients, root, 3, final=True)
   assert final is None or np.isfinite(final["test_acc"])
@@ -110,6 +101,19 @@ def test_conformance(name, data, tmp_path):
     reduced = alg.server_update(server, mean, weights.sum()[None], rkey)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  full, reduced)
+
+
+def assert_resume_is_exact(eng, root, sample_x, folder: str, structure) -> None:
+  """Checkpoint round trip: continuing from a restored round-1 state is bit-identical."""
+  ckpt = checkpoint_lib.RunCheckpointer(folder)
+  s1, c1 = eng.init(root, sample_x)
+  s1, c1, _ = eng.run_round(s1, c1, root, 0)
+  ckpt.save(1, s1, c1, {"history": {}})
+  _, s_r, c_r, _ = ckpt.restore_latest(s1, c1)
+  assert _structure((s_r, c_r)) == structure
+  s1, c1, _ = eng.run_round(s1, c1, root, 1)
+  s_r, c_r, _ = eng.run_round(s_r, c_r, root, 1)
+  jax.tree.map(np.testing.assert_array_equal, (s1, c1), (s_r, c_r))
 
 
 def test_linear_mark_is_not_inherited_by_an_overriding_server():

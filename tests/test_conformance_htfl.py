@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 from fedjax_lib.algorithms import make_algorithm
-from fedjax_lib.core import checkpoint as checkpoint_lib
 from fedjax_lib.core import engine as engine_lib
 from fedjax_lib.core import rng
 from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.models import BaseHeadModel, TorchDense, make_model
 from fedjax_lib.models.layers import TorchBatchNorm
+from tests.test_conformance import _structure, assert_resume_is_exact
 from tests.test_engine import _small_data
 
 HTFL = ["Local", "LG-FedAvg", "FedProto", "FedTGP"]
@@ -59,10 +59,6 @@ def _engine(name, executor, data, new_clients=0, jr=0.8, cdr=0.25):
                            chunk_size=2, eval_chunk_size=4, model_cycle=[0, 1])
 
 
-def _structure(tree):
-  return jax.tree.structure(tree), [(a.shape, a.dtype) for a in jax.tree.leaves(tree)]
-
-
 @pytest.fixture(scope="module")
 def data():
   return _small_data(num_clients=6, seed=2)
@@ -98,14 +94,7 @@ def test_htfl_conformance(name, data, tmp_path):
   assert np.isfinite([summary["test_acc"], summary["test_auc"], summary["train_loss"]]).all()
   assert eng.trace_counts["round"] == 1 and eng.trace_counts["evaluate"] == 2
 
-  ckpt = checkpoint_lib.RunCheckpointer(str(tmp_path / "ckpt"))
-  s1, c1 = eng.init(root, data.x[0])
-  s1, c1, _ = eng.run_round(s1, c1, root, 0)
-  ckpt.save(1, s1, c1, {"history": {}})
-  _, s_r, c_r, _ = ckpt.restore_latest(s1, c1)
-  s1, c1, _ = eng.run_round(s1, c1, root, 1)
-  s_r, c_r, _ = eng.run_round(s_r, c_r, root, 1)
-  jax.tree.map(np.testing.assert_array_equal, (s1, c1), (s_r, c_r))
+  assert_resume_is_exact(eng, root, data.x[0], str(tmp_path / "ckpt"), structure)
 
   held_out = _engine(name, "vmap", data, new_clients=2)
   s0, _ = held_out.init(root, data.x[0])

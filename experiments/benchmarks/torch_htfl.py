@@ -195,7 +195,11 @@ def micro_auc(onehot: np.ndarray, scores: np.ndarray) -> float:
 
 
 def peak_rss_bytes() -> int:
-  """This process's peak resident set (``VmHWM``; ``ru_maxrss`` where there is no /proc)."""
+  """This process's peak resident set (``VmHWM``; ``ru_maxrss`` where there is no /proc).
+
+  Not `fedjax_lib.memory.peak_rss_bytes`: that module imports JAX, which the PyTorch
+  process must not load (it runs in an environment that may have no JAX).
+  """
   try:
     with open("/proc/self/status") as f:
       for line in f:

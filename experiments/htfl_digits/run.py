@@ -20,12 +20,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))
+import common  # pylint: disable=wrong-import-position  (experiments/common.py)
 
 ALGORITHMS = ("Local", "LG-FedAvg", "FedProto", "FedTGP")
 MODEL = "cnn,resnet4,resnet8"
@@ -54,24 +54,10 @@ def run_one(algorithm: str, args) -> dict:
       " 'last_runs': [run.last_test_acc for run in r.runs], 'head_runs': head,"
       " 'up': [run.traffic['mean_upload_floats'] for run in r.runs],"
       " 'down': [run.traffic['mean_download_floats'] for run in r.runs]}))\n")
-  start = time.perf_counter()
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       check=False)
-  if out.returncode != 0:
-    raise RuntimeError(f"{algorithm} failed:\n{out.stderr[-3000:]}")
-  summary = json.loads(out.stdout.strip().splitlines()[-1])
-  summary["wall_s"] = time.perf_counter() - start
+  summary = common.run_python(code, algorithm)
   summary["params"] = params
   return summary
 
-
-def _mean(v):
-  return sum(v) / len(v)
-
-
-def _std(v):
-  m = _mean(v)
-  return (sum((x - m) ** 2 for x in v) / len(v)) ** 0.5
 
 
 def _floats(v: float) -> str:
@@ -95,7 +81,7 @@ def table(results: dict, args) -> str:
   ]
   for name, r in results.items():
     head = r.get("head_runs") or []
-    head_text = f"{_mean(head):.3f} ± {_std(head):.3f}" if head else "—"
+    head_text = f"{common.mean(head):.3f} ± {common.std(head):.3f}" if head else "—"
     _, note = HYPERPARAMETERS.get(name, ({}, "HtFLlib defaults"))
     lines.append(f"| {name} | {r['best'][0]:.3f} ± {r['best'][1]:.3f} | {r['last'][0]:.3f} ± "
                  f"{r['last'][1]:.3f} | {head_text} | {r['round_s']:.3f} | "
@@ -127,13 +113,7 @@ def main() -> None:
     f.write("# Heterogeneous-model FL on digits\n\n" + text)
   print(text)
   if args.readme:
-    readme = os.path.join(ROOT, "README.md")
-    begin, end = "<!-- htfl_digits:begin -->", "<!-- htfl_digits:end -->"
-    content = open(readme).read()
-    i, j = content.index(begin) + len(begin), content.index(end)
-    with open(readme, "w") as f:
-      f.write(content[:i] + "\n" + text + content[j:])
-
+    common.replace_readme_section("htfl_digits", text)
 
 if __name__ == "__main__":
   main()

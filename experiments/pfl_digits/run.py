@@ -19,12 +19,12 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))
+import common  # pylint: disable=wrong-import-position  (experiments/common.py)
 
 ALGORITHMS = ("FedAvg", "Local", "FedProx", "PerAvg", "Ditto", "FedPer", "FedRep", "LG-FedAvg",
               "FedBABU", "FedROD", "FedALA", "FedCP", "GPFL", "FedDBE")
@@ -58,13 +58,7 @@ def run_one(algorithm: str, args) -> dict:
       "print(json.dumps({'best': best, 'last': last, 'round_s': r.mean_round_time_s,"
       " 'best_runs': [run.best_test_acc for run in r.runs],"
       " 'last_runs': [run.last_test_acc for run in r.runs], **views}))\n")
-  start = time.perf_counter()
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                       check=False)
-  if out.returncode != 0:
-    raise RuntimeError(f"{algorithm} failed:\n{out.stderr[-3000:]}")
-  summary = json.loads(out.stdout.strip().splitlines()[-1])
-  summary["wall_s"] = time.perf_counter() - start
+  summary = common.run_python(code, algorithm)
   summary["params"] = params
   return summary
 
@@ -91,21 +85,13 @@ def table(results: dict, args) -> str:
   ]
   for name, r in results.items():
     glob = r.get("test_acc_global")
-    glob_text = "—" if glob is None else f"{_mean(glob):.3f} ± {_std(glob):.3f}"
+    glob_text = "—" if glob is None else f"{common.mean(glob):.3f} ± {common.std(glob):.3f}"
     _, note = HYPERPARAMETERS.get(name, ({}, "PFLlib defaults"))
     lines.append(f"| {name} | {r['best'][0]:.3f} ± {r['best'][1]:.3f} | "
                  f"{r['last'][0]:.3f} ± {r['last'][1]:.3f} | {glob_text} | {r['round_s']:.3f} | "
                  f"{r['round_s'] / fedavg:.2f} | {note} |")
   return "\n".join(lines) + "\n"
 
-
-def _mean(v):
-  return sum(v) / len(v)
-
-
-def _std(v):
-  m = _mean(v)
-  return (sum((x - m) ** 2 for x in v) / len(v)) ** 0.5
 
 
 def main() -> None:
@@ -150,13 +136,7 @@ def main() -> None:
     f.write("# Personalized FL on digits\n\n" + text)
   print(text)
   if args.readme:
-    readme = os.path.join(ROOT, "README.md")
-    begin, end = "<!-- pfl_digits:begin -->", "<!-- pfl_digits:end -->"
-    content = open(readme).read()
-    i, j = content.index(begin) + len(begin), content.index(end)
-    with open(readme, "w") as f:
-      f.write(content[:i] + "\n" + text + content[j:])
-
+    common.replace_readme_section("pfl_digits", text)
 
 if __name__ == "__main__":
   main()
