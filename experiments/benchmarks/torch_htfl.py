@@ -94,6 +94,9 @@ for _p in (HERE, ROOT):
   if _p not in sys.path:
     sys.path.insert(0, _p)
 
+# PFLlib's and HtFLlib's FedAvgCNN are the same model (dim=1600 for 32×32 images).
+from torch_baseline import FedAvgCNN  # noqa: E402  pylint: disable=wrong-import-position
+
 NUM_CLIENTS = 20
 NUM_CLASSES = 10
 BATCH_SIZE = 10
@@ -127,23 +130,6 @@ def parse_family(spec: str) -> tuple[str, ...]:
     raise SystemExit(f"torch_htfl.py: unknown architecture(s) {bad}; accepted: "
                      f"{', '.join(ARCHITECTURES)} or one of {', '.join(FAMILIES)}")
   return names
-
-
-class FedAvgCNN(nn.Module):
-  """HtFLlib's FedAvgCNN for 32×32 images (``dim=1600``)."""
-
-  def __init__(self, in_features: int = 3, num_classes: int = 10, dim: int = 1600):
-    super().__init__()
-    self.conv1 = nn.Sequential(nn.Conv2d(in_features, 32, kernel_size=5, padding=0, stride=1),
-                               nn.ReLU(inplace=True), nn.MaxPool2d(kernel_size=(2, 2)))
-    self.conv2 = nn.Sequential(nn.Conv2d(32, 64, kernel_size=5, padding=0, stride=1),
-                               nn.ReLU(inplace=True), nn.MaxPool2d(kernel_size=(2, 2)))
-    self.fc1 = nn.Sequential(nn.Linear(dim, 512), nn.ReLU(inplace=True))
-    self.fc = nn.Linear(512, num_classes)
-
-  def forward(self, x: torch.Tensor) -> torch.Tensor:
-    out = torch.flatten(self.conv2(self.conv1(x)), 1)
-    return self.fc(self.fc1(out))
 
 
 def _backbone(name: str) -> nn.Module:
