@@ -301,7 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
   _add(execution, "--chunk-size", type=int, default=d.chunk_size, dest="chunk_size",
        help="clients per lax.map step of the chunked executor")
   _add(execution, "--unroll", type=int, default=d.unroll, shown_default="per backend",
-       help="local steps unrolled per loop iteration (0: all)")
+       help="local steps unrolled per loop iteration of the scan loop (0: all)")
+  _add(execution, "--local-loop", choices=("valid", "scan"), default=d.local_loop,
+       dest="local_loop", shown_default="per backend",
+       help="valid: each client runs only its own steps (CPU default); scan: every client "
+       "runs the largest client's step count, masked (accelerator default)")
   _add(execution, "--eval-chunk-size", type=int, default=d.eval_chunk_size,
        dest="eval_chunk_size", help="clients evaluated per lax.map step")
   _add(execution, "--devices", type=int, default=d.devices,

@@ -47,7 +47,9 @@ class Config:
     more leading axis of the same compiled round (see `fedjax_lib.sweep`).
   Execution: ``executor`` (``vmap`` | ``chunked`` | ``sequential`` | ``auto``), ``chunk_size``
     clients per chunk for ``chunked``, ``unroll`` local steps per compiled loop iteration
-    (0 = fully unrolled; ``None`` = the backend default, see `core.engine`).
+    (0 = fully unrolled; ``None`` = the backend default, see `core.engine`), ``local_loop``
+    how local steps run: ``'valid'`` (only each client's own steps) or ``'scan'`` (every
+    client the largest client's steps, masked; ``None`` = per backend, see `core.local`).
     ``devices``: shard the clients over this many devices (0 = all; 1 = no sharding);
     ``distributed``: call ``jax.distributed.initialize()`` first (one process per host;
     only process 0 writes results).
@@ -115,6 +117,7 @@ class Config:
   executor: str = "auto"
   chunk_size: int = 8
   unroll: Optional[int] = None
+  local_loop: Optional[str] = None
   eval_chunk_size: int = 64
   devices: int = 1
   distributed: bool = False
@@ -181,6 +184,9 @@ class Config:
       _positive_int("num_classes", self.num_classes, minimum=2)
     if self.unroll is not None:
       _positive_int("unroll", self.unroll, minimum=0)
+    if self.local_loop not in (None, "valid", "scan"):
+      raise ConfigError(f"local_loop must be 'valid', 'scan' or None (per backend), got "
+                        f"{self.local_loop!r}")
     if self.feature_dim is not None:
       _positive_int("feature_dim", self.feature_dim)
     from fedjax_lib.models.zoo import parse_model_names  # pylint: disable=import-outside-toplevel

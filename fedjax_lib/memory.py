@@ -2,9 +2,9 @@
 
 With the vmap or chunked executor, S runs side by side (a sweep, ``-t`` repetitions) are one
 compiled program per phase (`fedjax_lib.core.engine.StackedPrograms`: init, round, evaluation),
-and their memory grows with S × clients × what one client's local training keeps live. On
-XLA:CPU, where the local steps are unrolled, that is easily more than the machine has (a
-4-combination Ditto sweep on digits: 11.5 GB of temporaries in one round).
+and their memory grows with S × clients × what one client's local training keeps live; with
+the local steps unrolled (``--unroll 0``) that is easily more than the machine has (a
+4-combination Ditto sweep on digits once needed 11.5 GB of temporaries in one round).
 :func:`estimate_runs` compiles those programs ahead of time — ``jax.jit`` keeps the compiled
 executables in its cache and the run loop's calls reuse them (tested), so nothing is compiled
 twice — and reads XLA's own account of each (``Compiled.memory_analysis()``)::
@@ -378,8 +378,7 @@ def estimate_runs(engine, num_runs: int, swept: Sequence[str] = (),
 
 
 DEFAULT_ADVICE = ("run fewer combinations or repetitions at a time, use --executor sequential, "
-                  "or --executor chunked with a smaller --chunk-size (or --unroll 1, slower "
-                  "on CPU)")
+                  "or --executor chunked with a smaller --chunk-size (and no --unroll 0)")
 
 
 def check_fits(needed: int, available: Optional[int], what: str, in_use: int = 0,

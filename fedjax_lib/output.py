@@ -34,7 +34,7 @@ except ImportError:  # Windows: no advisory locks; one writer is then the user's
 # Config fields that change how a run executes or where it writes, not its results.
 EXECUTION_FIELDS = ("out", "progress", "resume", "checkpoint_every", "keep_checkpoints",
                     "times", "devices", "distributed", "eval_chunk_size", "chunk_size",
-                    "executor", "unroll", "overwrite", "plot")
+                    "executor", "unroll", "local_loop", "overwrite", "plot")
 
 
 def os_error(what: str, path: str, error: OSError) -> ConfigError:

@@ -275,9 +275,10 @@ def make_algorithm(config: Config, data, model):
   num_steps = steps_per_epoch * config.local_epochs
   unroll = config.unroll if config.unroll is not None else engine_lib.default_unroll(
       jax.default_backend(), num_steps)
+  loop = config.local_loop or engine_lib.default_local_loop(jax.default_backend())
   local = LocalSpec(learning_rate=float(config.learning_rate), batch_size=config.batch_size,
                     local_epochs=config.local_epochs, steps_per_epoch=steps_per_epoch,
-                    unroll=unroll)
+                    unroll=unroll, loop=loop)
   return algorithms_lib.make_algorithm(config.algorithm, model, local, algorithm_params(config))
 
 

@@ -94,12 +94,14 @@ def test_epoch_order_is_a_permutation_of_valid_positions():
   assert sorted(order[7:]) == list(range(7, 12))
 
 
-def test_train_locally_matches_hand_written_sgd():
+@pytest.mark.parametrize("loop", ["scan", "valid"])
+def test_train_locally_matches_hand_written_sgd(loop):
   """SGD over the schedule's batches equals a numpy-free manual loop over the same rows."""
   x, y = _toy_problem()
   idx = jnp.asarray(np.r_[np.arange(17), np.zeros(5)].astype(np.int32))
   data = local.ClientData(x, y, idx, jnp.asarray(17))
-  spec = local.LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=2, steps_per_epoch=4)
+  spec = local.LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=2, steps_per_epoch=4,
+                         loop=loop)
   params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
   key = jax.random.key(1)
   got, _, stats = local.train_locally(params, data, key, spec, _linear_loss)
@@ -111,7 +113,8 @@ def test_train_locally_matches_hand_written_sgd():
   assert int(stats["steps"]) == 8
 
 
-def test_masked_steps_change_nothing_and_padding_is_invariant():
+@pytest.mark.parametrize("loop", ["scan", "valid"])
+def test_masked_steps_change_nothing_and_padding_is_invariant(loop):
   """A client with 9 samples does 2 steps of 4 whether it is padded to 3 or to 8 steps."""
   x, y = _toy_problem()
   params = {"w": jnp.ones((3, 2)) * 0.1, "b": jnp.zeros(2)}
@@ -121,7 +124,7 @@ def test_masked_steps_change_nothing_and_padding_is_invariant():
   out = []
   for idx, steps in ((idx_short, 3), (idx_long, 8)):
     spec = local.LocalSpec(learning_rate=0.5, batch_size=4, local_epochs=1,
-                           steps_per_epoch=steps)
+                           steps_per_epoch=steps, loop=loop)
     data = local.ClientData(x, y, idx, jnp.asarray(9))
     rows, valid = local.batch_schedule(data, jax.random.split(key)[0], spec)
     assert np.asarray(valid).sum() == 2
@@ -138,10 +141,12 @@ def test_masked_steps_change_nothing_and_padding_is_invariant():
     assert int(stats["steps"]) == 2
 
 
-def test_client_with_no_full_batch_is_untouched():
+@pytest.mark.parametrize("loop", ["scan", "valid"])
+def test_client_with_no_full_batch_is_untouched(loop):
   x, y = _toy_problem()
   params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
-  spec = local.LocalSpec(learning_rate=1.0, batch_size=4, local_epochs=3, steps_per_epoch=2)
+  spec = local.LocalSpec(learning_rate=1.0, batch_size=4, local_epochs=3, steps_per_epoch=2,
+                         loop=loop)
   data = local.ClientData(x, y, jnp.arange(8, dtype=jnp.int32), jnp.asarray(3))
   got, _, stats = local.train_locally(params, data, jax.random.key(0), spec, _linear_loss)
   jax.tree.map(np.testing.assert_array_equal, got, params)
@@ -159,6 +164,47 @@ def test_unrolled_and_looped_local_training_agree():
   for other in outs[1:]:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  outs[0], other)
+
+
+def test_valid_loop_equals_masked_scan_for_uneven_clients_epochs_and_carry():
+  """'valid' runs only each client's own steps: the same parameters, optimizer state, loss,
+  step count, per-step keys and carry as the masked scan, for clients of 0..23 samples over
+  3 epochs, under jit and vmapped over clients (where its trip count differs per client)."""
+  x, y = _toy_problem()
+  counts = [0, 3, 5, 9, 14, 23]
+  idx = jnp.stack([jnp.asarray(np.r_[np.arange(c), np.zeros(23 - c)].astype(np.int32))
+                   for c in counts])
+  params = {"w": jnp.ones((3, 2)) * 0.1, "b": jnp.zeros(2)}
+  tx = optax.sgd(0.1, momentum=0.9)
+
+  def loss(p, batch, key, carry):  # uses the step key and a carry: both must line up
+    noise = jax.random.normal(key, ()) * 1e-3
+    return _linear_loss(p, batch, key) + noise, carry + batch.x.sum()
+
+  def run(loop, i, count, key):
+    spec = local.LocalSpec(0.1, 5, 3, 4, loop=loop)
+    data = local.ClientData(x, y, i, count)
+    return local.train_locally(params, data, key, spec, loss, tx=tx, aux=jnp.zeros(()))
+
+  keys = jax.random.split(jax.random.key(7), len(counts))
+  for c, i, k in zip(counts, idx, keys):
+    a = jax.jit(run, static_argnums=0)("scan", i, jnp.asarray(c), k)
+    b = jax.jit(run, static_argnums=0)("valid", i, jnp.asarray(c), k)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7), a, b)
+    assert int(b[2]["steps"]) == 3 * min(c // 5, 4)
+  vmapped = jax.vmap(lambda i, c, k: run("valid", i, c, k))(idx, jnp.asarray(counts), keys)
+  for n, (c, i, k) in enumerate(zip(counts, idx, keys)):
+    one = jax.tree.map(lambda a: a[n], vmapped)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7),
+                 one, run("scan", i, jnp.asarray(c), k))
+
+
+def test_unknown_local_loop_is_refused():
+  x, y = _toy_problem()
+  data = local.ClientData(x, y, jnp.arange(8, dtype=jnp.int32), jnp.asarray(8))
+  with pytest.raises(ValueError, match="unknown local loop 'while'"):
+    local.train_locally({"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}, data, jax.random.key(0),
+                        local.LocalSpec(loop="while"), _linear_loss)
 
 
 def test_train_locally_accepts_optax_transform_and_state():
@@ -201,6 +247,7 @@ def test_plan_round_is_deterministic_and_seed_dependent():
   assert not np.array_equal(a.cohort, c.cohort)
 
 
-def test_default_unroll_is_full_on_cpu_for_short_rounds():
-  assert engine.default_unroll("cpu", 20) == 0
-  assert engine.default_unroll("gpu", 20) == 1
+def test_backend_defaults_of_the_local_loop():
+  assert engine.default_local_loop("cpu") == "valid"
+  assert engine.default_local_loop("gpu") == "scan"
+  assert engine.default_unroll("cpu", 20) == engine.default_unroll("gpu", 20) == 1

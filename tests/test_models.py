@@ -154,6 +154,34 @@ def test_torch_conv_patches_with_stride_and_padding():
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel,strides,padding", [
+    ((3, 2), 2, 'SAME'), (7, 2, ((3, 3), (3, 3))), (1, 2, 'VALID'), ((5, 5), 1, 'VALID')])
+@pytest.mark.parametrize("impl", ['slices', 'hybrid'])
+def test_slices_and_hybrid_convs_equal_lax_values_and_gradients(impl, kernel, strides,
+                                                                 padding):
+  x = _batch(jax.random.PRNGKey(1), (9, 11, 3), n=2)
+  lax_conv = TorchConv(4, kernel, strides=strides, padding=padding, conv_impl='lax')
+  variables = _numpy_variables(jax.eval_shape(lax_conv.init, jax.random.PRNGKey(0), x))
+  conv = TorchConv(4, kernel, strides=strides, padding=padding, conv_impl=impl)
+  np.testing.assert_allclose(conv.apply(variables, x), lax_conv.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
+  got = jax.grad(loss(conv), argnums=(0, 1))(variables, x)
+  want = jax.grad(loss(lax_conv), argnums=(0, 1))(variables, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+
+
+def test_auto_conv_impl_per_backend_group_count_and_batch():
+  from fedjax_lib.models.layers import SLICES_MAX_BATCH, resolve_conv_impl
+  assert resolve_conv_impl('lax', 1, 4) == 'lax'
+  assert resolve_conv_impl('auto', 4, 4) == 'lax'  # grouped: only lax implements it
+  if jax.default_backend() == 'cpu':
+    assert resolve_conv_impl('auto', 1, SLICES_MAX_BATCH) == 'slices'
+    assert resolve_conv_impl('auto', 1, SLICES_MAX_BATCH + 1) == 'hybrid'
+  else:
+    assert resolve_conv_impl('auto', 1, 4) == 'lax'
+
+
 def test_patches_conv_equals_lax_conv_vmapped_over_stacked_params():
   lax_model = FedAvgCNN(10, conv_impl='lax')
   patch_model = FedAvgCNN(10, conv_impl='patches')
@@ -222,7 +250,7 @@ def test_cnn_minimum_shape_runs():
     (dict(sample_shape=MNIST, num_classes=1), r'num_classes must be an integer >= 2, got 1'),
     (dict(sample_shape=MNIST, num_classes=2.5), r'num_classes .* got 2\.5'),
     (dict(sample_shape=MNIST, num_classes=10, conv_impl='fft'),
-     r"unknown conv_impl 'fft'; choose one of: lax, patches"),
+     r"unknown conv_impl 'fft'; choose one of: auto, lax, patches, slices, hybrid"),
     (dict(sample_shape=MNIST, num_classes=10, hidden_dim=0), r'hidden_dim .* got 0'),
     (dict(sample_shape=MNIST, num_classes=10, width=3),
      r"unknown option 'width' for model 'cnn'; accepted: conv_impl, hidden_dim"),

@@ -1,6 +1,6 @@
 """Scale benchmarks: peak memory at 20–2,000 clients, and sweeps against separate runs.
 
-``memory``: the Cifar-100 4-layer CNN (924,708 parameters per model) on CIFAR-100-shaped
+``memory`` (the scaling curve): the Cifar-100 4-layer CNN (924,708 parameters per model) on CIFAR-100-shaped
 synthetic data (3×32×32, 100 classes), ``--samples`` images in all (CIFAR-100's 60,000 by
 default) split evenly over N clients (80 % train / 20 % test per client), batch 10, 1 local
 epoch, all clients selected and evaluated. Each (N, algorithm, executor) runs in a fresh process:
@@ -15,7 +15,8 @@ stacks them in one program), against the same S combinations as separate runs (w
 ``--separate-executors``), all in one script run on the same machine; seconds per round exclude
 the compiling round 0; throughput is relative to the first row.
 
-    python experiments/benchmarks/bench_scale.py memory --clients 20,100,500,2000
+    python experiments/benchmarks/bench_scale.py memory --clients 20,100,500,2000 \
+        --algorithms FedAvg,Ditto,FedTGP --per-client 50 --plot scaling.png
     python experiments/benchmarks/bench_scale.py sweep --seeds 0,1,2 --lrs 0.01,0.005
 """
 
@@ -69,7 +70,8 @@ def memory_single(num_clients: int, algorithm: str, executor: str, samples: int,
   steps = train // 10
   backend = jax.default_backend()
   spec = LocalSpec(learning_rate=0.005, batch_size=10, local_epochs=1, steps_per_epoch=steps,
-                   unroll=engine_lib.default_unroll(backend, steps))
+                   unroll=engine_lib.default_unroll(backend, steps),
+                   loop=engine_lib.default_local_loop(backend))
   algo = make_algorithm(algorithm, model, spec)
   eng = engine_lib.Engine(algo, engine_lib.DeviceData.from_federated(data),
                           engine_lib.Participation(num_clients), executor=executor)
@@ -110,6 +112,31 @@ def _subprocess(args: list[str], timeout: float) -> dict:
   if out.returncode < 0:
     err = [f"killed by signal {-out.returncode} (out of memory?)"]
   return {"error": err[-1][:200]}
+
+
+def scaling_plot(rows: list[dict], path: str, title: str) -> None:
+  """Log-log seconds per round (training + evaluation) and peak memory against clients."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.6))
+  for name in dict.fromkeys(f"{r['algorithm']} ({r['executor']})" for r in rows):
+    ok = [r for r in rows if "error" not in r and f"{r['algorithm']} ({r['executor']})" == name]
+    if not ok:
+      continue
+    n = [r["clients"] for r in ok]
+    left.plot(n, [r["train_s"] + r["eval_s"] for r in ok], "o-", label=name)
+    right.plot(n, [r["peak_memory_bytes"] / 1e9 for r in ok], "o-", label=name)
+  for ax, what in ((left, "seconds per round (train + eval)"), (right, "peak memory (GB)")):
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("clients")
+    ax.set_ylabel(what)
+    ax.grid(True, which="both", alpha=0.3)
+  left.legend(fontsize=8)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
 
 
 def memory_table(rows: list[dict]) -> str:
@@ -181,6 +208,8 @@ def main() -> None:
   m.add_argument("--per-client", type=int, default=0,
                  help="samples per client (overrides --samples: N × per-client in all)")
   m.add_argument("--timeout", type=float, default=1800)
+  m.add_argument("--plot", help="also write a log-log PNG of s/round and peak memory here")
+  m.add_argument("--json", help="also write the rows here")
   m.add_argument("--single", nargs=3, metavar=("CLIENTS", "ALGORITHM", "EXECUTOR"),
                  help=argparse.SUPPRESS)
   s = sub.add_parser("sweep")
@@ -222,6 +251,11 @@ def main() -> None:
   print(f"Cifar-100 4-layer CNN (924,708 parameters), {amount} (80 % train), batch 10, 1 local "
         "epoch. " + _header() + "\n")
   print(memory_table(rows))
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(rows, f)
+  if args.plot:
+    scaling_plot(rows, args.plot, f"Cifar-100 CNN, {amount}; {_header()}")
 
 
 if __name__ == "__main__":

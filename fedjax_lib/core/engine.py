@@ -141,15 +141,25 @@ def plan_round(rkey: jax.Array, p: Participation) -> RoundPlan:
 
 
 def default_unroll(backend: str, num_steps: int) -> int:
-  """Local steps unrolled per loop iteration, chosen from measurements.
+  """Local steps unrolled per iteration of the ``'scan'`` local loop: 1 (a rolled loop).
 
-  On XLA:CPU a convolution training step inside a ``lax.scan`` loop ran ~6x slower than the
-  same steps fully unrolled (experiments/benchmarks/RESULTS.md), so CPU unrolls every step up
-  to 128 steps (compile time grows with the step count beyond that). Accelerators keep the loop.
+  (XLA:CPU once needed full unrolling, its convolutions being ~10x slower inside loops; the
+  CPU default convolution, `fedjax_lib.models.layers.resolve_conv_impl`, has no such penalty,
+  and the CPU default loop is ``'valid'``, which does not unroll.)
   """
-  if backend == "cpu":
-    return 0 if num_steps <= 128 else 8
+  del backend, num_steps
   return 1
+
+
+def default_local_loop(backend: str) -> str:
+  """How local steps run (`fedjax_lib.core.local.LocalSpec.loop`), chosen from measurements.
+
+  XLA:CPU trains one client at a time (the sequential executor), so each client runs only its
+  own steps (``'valid'``): on the 20-client digits partition (Dir 0.1) every client otherwise
+  runs the largest client's 11 steps where the mean is 6.2. Vmapped clients on accelerators
+  share one static shape (``'scan'``). See experiments/benchmarks/RESULTS.md.
+  """
+  return "valid" if backend == "cpu" else "scan"
 
 
 def default_executor(backend: str) -> str:
@@ -547,11 +557,15 @@ class Engine:
     return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), tree)
 
   # ------------------------------------------------------------------ sequential pieces
-  def _write_fn(self, hparams, server_state, x, states, buffers, y, tables, slot, row, key,
+  def _write_fn(self, hparams, server_state, x, states, buffers, y, tables, slot, row, keys,
                 kept, gi, phase, linear):
-    """Trains the client of group row ``row``; writes its state (row) and outputs (slot)."""
+    """Trains the client of group row ``row``; writes its state (row) and outputs (slot).
+
+    ``keys`` are all the slots' keys (indexed here: slicing them on the host would be one more
+    dispatch per client, which waits for the previous client's program).
+    """
     state = jax.tree.map(lambda a: a[row], states)
-    per_slot = (state, tables[0][row], tables[1][row], key, jnp.asarray(True), kept)
+    per_slot = (state, tables[0][row], tables[1][row], keys[slot], jnp.asarray(True), kept)
     new_state, upload, weight, stats = self._step(gi, hparams, server_state, x, y, per_slot,
                                                   phase)
     uploads, weights, slot_stats = buffers
@@ -820,11 +834,11 @@ class _SequentialWriter:
       weights = jnp.zeros((size,), jnp.float32)
     return uploads, weights, jax.tree.map(lambda a: zeros(a, (size,)), stats)
 
-  def __call__(self, states, buffers, slot, row, key, kept, linear):
+  def __call__(self, states, buffers, slot, row, keys, kept, linear):
     data = self.arrays["data"]
     return self.engine._write(  # pylint: disable=protected-access
         self.hparams, self.server_state, data.x, states, buffers, data.y,
-        self.arrays["tables"][self.gi][:2], slot, row, key, kept, gi=self.gi,
+        self.arrays["tables"][self.gi][:2], slot, row, keys, kept, gi=self.gi,
         phase=self.phase, linear=linear)
 
   def finish(self, buffers, linear) -> SlotOutputs:

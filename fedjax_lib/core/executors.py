@@ -166,7 +166,7 @@ class SequentialExecutor(Executor):
     kept = np.asarray(slots.kept)
     buffers = writer.init(states, slots, linear)
     for k in np.flatnonzero(np.asarray(slots.active)):
-      states, buffers = writer(states, buffers, np.int32(k), rows[k], keys[k], kept[k],
+      states, buffers = writer(states, buffers, np.int32(k), rows[k], keys, kept[k],
                                linear=linear)
     return states, writer.finish(buffers, linear)
 

@@ -9,6 +9,13 @@ drop_last. Clients have different sizes, but a compiled program needs one shape,
 runs ``steps_per_epoch`` steps per epoch — the largest ``count // batch_size`` over all clients —
 and the steps past a client's own ``count // batch_size`` are masked: a masked step leaves the
 parameters, the optimizer state and the loss statistics unchanged.
+
+How the steps run is a static choice (``LocalSpec.loop``) with the same result: ``'scan'`` runs
+all ``steps_per_epoch`` steps of every epoch in a ``lax.scan`` and discards the masked ones
+(one static shape: the choice for vmapped clients on accelerators); ``'valid'`` runs only the
+client's own steps in a loop with a dynamic trip count (no work on masked steps: the choice for
+one client at a time on XLA:CPU, where the smallest client of a Dirichlet partition would
+otherwise pay for the largest's steps).
 """
 
 from __future__ import annotations
@@ -55,15 +62,19 @@ class LocalSpec:
     local_epochs: passes over the client's data per round.
     steps_per_epoch: steps every client runs per epoch (the largest ``count // batch_size``
       over all clients; smaller clients' extra steps are masked).
-    unroll: local steps unrolled per compiled loop iteration; 0 unrolls all of them. XLA:CPU
-      runs convolutions inside loops several times slower than unrolled (see
-      experiments/benchmarks/RESULTS.md), so the CPU default unrolls fully.
+    unroll: local steps unrolled per compiled loop iteration of the ``'scan'`` loop; 0
+      unrolls all of them.
+    loop: ``'scan'`` (every step of every epoch, masked steps computed and discarded) or
+      ``'valid'`` (only the client's valid steps, a dynamic trip count; ``unroll`` does not
+      apply). Equal results; see the module docstring and
+      `fedjax_lib.core.engine.default_local_loop`.
   """
   learning_rate: float = 0.005
   batch_size: int = 10
   local_epochs: int = 1
   steps_per_epoch: int = 1
   unroll: int = 1
+  loop: str = "scan"
 
   @property
   def num_steps(self) -> int:
@@ -136,6 +147,8 @@ def train_locally(params, data: ClientData, key: jax.Array, spec: LocalSpec, los
     ``(params, opt_state, stats)`` where ``stats = {"loss": mean loss over the valid steps,
     "steps": number of valid steps}``, plus ``"aux"``: the final carry when ``aux`` is given.
   """
+  if spec.loop not in ("scan", "valid"):
+    raise ValueError(f"unknown local loop {spec.loop!r}; choose 'scan' or 'valid'")
   tx = tx if tx is not None else optax.sgd(spec.learning_rate)
   opt_state = tx.init(params) if opt_state is None else opt_state
   shuffle_key, loss_key = jax.random.split(key)
@@ -156,19 +169,31 @@ def train_locally(params, data: ClientData, key: jax.Array, spec: LocalSpec, los
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss_sum + loss, aux
 
-  def step(carry, inputs):
+  def masked_step(carry, inputs):
     step_rows, step_valid, step_index = inputs
-    # A masked step is computed and discarded by a select. (lax.cond would skip it in the
-    # sequential executor, but XLA:CPU ran a cond-wrapped step several times slower.)
+    # A masked step is computed and discarded by a select: one static shape for all clients.
     new_carry = sgd_step(carry, step_rows, step_index)
     carry = jax.tree.map(lambda new, old: jnp.where(step_valid, new, old), new_carry, carry)
     return carry, None
 
+  init = (params, opt_state, jnp.zeros((), jnp.float32), aux)
   num_steps = spec.num_steps
-  unroll = num_steps if spec.unroll == 0 else max(1, min(spec.unroll, num_steps))
-  (params, opt_state, loss_sum, aux), _ = jax.lax.scan(
-      step, (params, opt_state, jnp.zeros((), jnp.float32), aux),
-      (rows, valid, jnp.arange(num_steps)), unroll=unroll)
+  if spec.loop == "valid":
+    # Epoch e's valid steps are its first count // batch_size ones: run exactly those, as
+    # the scan below would keep them (same rows, same step keys, same order).
+    per_epoch = jnp.minimum(data.train_count // spec.batch_size, spec.steps_per_epoch)
+    divisor = jnp.maximum(per_epoch, 1)
+
+    def valid_step(i, carry):
+      index = (i // divisor) * spec.steps_per_epoch + i % divisor
+      return sgd_step(carry, rows[index], index)
+
+    params, opt_state, loss_sum, aux = jax.lax.fori_loop(
+        0, per_epoch * spec.local_epochs, valid_step, init)
+  else:
+    unroll = num_steps if spec.unroll == 0 else max(1, min(spec.unroll, num_steps))
+    (params, opt_state, loss_sum, aux), _ = jax.lax.scan(
+        masked_step, init, (rows, valid, jnp.arange(num_steps)), unroll=unroll)
   steps = valid.sum()
   stats = {"loss": loss_sum / jnp.maximum(steps, 1), "steps": steps}
   if has_aux:

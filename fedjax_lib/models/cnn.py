@@ -43,11 +43,11 @@ class FedAvgCNNBase(nn.Module):
 
   Attributes:
     hidden_dim: width of ``fc1``, the feature dimension (512 in PFLlib).
-    conv_impl: ``'lax'`` or ``'patches'`` (see :class:`TorchConv`).
+    conv_impl: ``'auto'``, ``'lax'``, ``'patches'`` or ``'slices'`` (see :class:`TorchConv`).
     dtype: the computation dtype (``None``: float32); parameters stay float32.
   """
   hidden_dim: int = 512
-  conv_impl: str = 'lax'
+  conv_impl: str = 'auto'
   dtype: Optional[Any] = None
 
   @nn.compact
@@ -61,7 +61,7 @@ class FedAvgCNNBase(nn.Module):
 
 
 def FedAvgCNN(num_classes: int, hidden_dim: int = 512,  # pylint: disable=invalid-name
-              conv_impl: str = 'lax', dtype: Optional[Any] = None) -> BaseHeadModel:
+              conv_impl: str = 'auto', dtype: Optional[Any] = None) -> BaseHeadModel:
   """Builds PFLlib's FedAvgCNN as a :class:`BaseHeadModel`.
 
   Inputs are batches of NHWC images whose height and width are at least
@@ -70,8 +70,9 @@ def FedAvgCNN(num_classes: int, hidden_dim: int = 512,  # pylint: disable=invali
   Args:
     num_classes: number of output logits.
     hidden_dim: feature dimension (``fc1`` width).
-    conv_impl: ``'lax'`` (``lax.conv_general_dilated``) or ``'patches'`` (im2col and a
-      matmul; faster when vmapped over per-client kernels on some backends).
+    conv_impl: ``'auto'`` (``'slices'`` on XLA:CPU, ``'lax'`` elsewhere), ``'lax'``
+      (``lax.conv_general_dilated``), ``'patches'`` or ``'slices'`` (im2col and a matmul);
+      see :class:`fedjax_lib.models.layers.TorchConv`.
     dtype: the computation dtype of every layer, e.g. ``jnp.bfloat16`` for mixed precision
       (float32 parameters, float32 features and logits out); ``None`` is plain float32.
 

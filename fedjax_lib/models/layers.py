@@ -34,6 +34,7 @@ implementations reproduce PyTorch's logits to about 1e-7 (checked once on an H10
 highest matmul precision, 28x28x1 and 32x32x3 inputs).
 """
 
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -45,7 +46,30 @@ import flax.linen as nn
 from fedjax_lib.errors import ConfigError
 
 #: Accepted values of ``TorchConv.conv_impl``.
-CONV_IMPLS = ('lax', 'patches', 'slices')
+CONV_IMPLS = ('auto', 'lax', 'patches', 'slices', 'hybrid')
+
+
+#: Largest batch for which ``'auto'`` picks ``'slices'`` on XLA:CPU (``'hybrid'`` above).
+SLICES_MAX_BATCH = 16
+
+
+def resolve_conv_impl(conv_impl: str, feature_group_count: int = 1, batch: int = 1) -> str:
+  """The implementation ``'auto'`` stands for, given the backend computations run on.
+
+  Accelerators, and grouped convolutions anywhere: ``'lax'``. XLA:CPU runs its convolution
+  ops fast only outside loops, and their gradients slowly everywhere: a FedAvgCNN SGD step
+  (batch 10, 28x28x1) took 1.8 ms unrolled and ~20 ms inside a ``fori_loop`` or ``lax.cond``
+  (jax-ml/jax#12868 is one such report), against 1.2 ms with ``'slices'`` in either. But
+  ``'slices'`` forward passes over large batches are slow (111 samples: 21 ms against 2.6 ms).
+  So on XLA:CPU ``'auto'`` is ``'slices'`` up to :data:`SLICES_MAX_BATCH` samples (training
+  steps: the weight gradient reuses the forward's patches) and ``'hybrid'`` above it
+  (evaluation: XLA's convolution forward). Measurements: experiments/benchmarks/RESULTS.md.
+  """
+  if conv_impl != 'auto':
+    return conv_impl
+  if feature_group_count != 1 or jax.default_backend() != 'cpu':
+    return 'lax'
+  return 'slices' if batch <= SLICES_MAX_BATCH else 'hybrid'
 
 
 def torch_uniform_init(fan_in: int) -> Callable[..., jax.Array]:
@@ -137,9 +161,14 @@ class TorchConv(nn.Module):
 
   The kernel is HWIO ``(kh, kw, in, out)``; ``fan_in = in * kh * kw``.
 
-  Two numerically equivalent implementations are offered:
+  Numerically equivalent implementations (equal up to float rounding):
 
+  * ``'auto'`` (default): ``'slices'`` on XLA:CPU, ``'lax'`` elsewhere
+    (:func:`resolve_conv_impl`).
   * ``'lax'``: ``lax.conv_general_dilated``.
+  * ``'slices'``: im2col from ``kh * kw`` shifted (strided) views of the padded input, then
+    a matmul: no convolution op at all, which XLA:CPU runs fast inside loops too.
+  * ``'hybrid'``: ``lax.conv_general_dilated`` forward, ``'slices'``'s gradient.
   * ``'patches'``: im2col with ``lax.conv_general_dilated_patches`` followed by a
     matmul. ``jax.vmap`` over per-client kernels turns a convolution into a grouped
     convolution, which is slow on some backends; with patches the kernel only enters a
@@ -155,7 +184,7 @@ class TorchConv(nn.Module):
     strides: stride, an int or a pair.
     padding: ``'VALID'``, ``'SAME'`` or explicit ``((lo, hi), (lo, hi))`` pairs.
     use_bias: whether to add a per-channel bias.
-    conv_impl: ``'lax'`` or ``'patches'``.
+    conv_impl: ``'auto'``, ``'lax'``, ``'patches'`` or ``'slices'``.
     dtype: the computation dtype, as for :class:`TorchDense` (``None``: float32).
     feature_group_count: PyTorch's ``groups`` (depthwise convolutions: ``groups = in``);
       the kernel is ``(kh, kw, in / groups, out)``. ``'lax'`` only.
@@ -167,7 +196,7 @@ class TorchConv(nn.Module):
   strides: int | Sequence[int] = 1
   padding: str | Sequence[tuple[int, int]] = 'VALID'
   use_bias: bool = True
-  conv_impl: str = 'lax'
+  conv_impl: str = 'auto'
   dtype: Optional[Any] = None
   feature_group_count: int = 1
   kernel_init: Optional[Callable[..., jax.Array]] = None
@@ -190,22 +219,18 @@ class TorchConv(nn.Module):
     padding = self.padding if isinstance(self.padding, str) else tuple(
         tuple(p) for p in self.padding)
     dimension_numbers = ('NHWC', 'HWIO', 'NHWC')
-    if self.conv_impl == 'lax':
+    impl = resolve_conv_impl(self.conv_impl, self.feature_group_count, x.shape[0])
+    if impl == 'lax':
       y = lax.conv_general_dilated(
           x, kernel, window_strides=strides, padding=padding,
           dimension_numbers=dimension_numbers, feature_group_count=self.feature_group_count)
     elif self.feature_group_count != 1:
       raise ConfigError(f'conv_impl={self.conv_impl!r} does not support grouped convolutions; '
                         "use conv_impl='lax'")
-    elif self.conv_impl == 'slices':
-      if strides != (1, 1) or padding != 'VALID':
-        raise ConfigError("conv_impl='slices' supports stride 1 and VALID padding only, got "
-                          f'strides={strides}, padding={padding!r}')
-      out_h, out_w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-      # im2col from kh*kw shifted views, ordered (kh, kw, in) like the HWIO kernel.
-      patches = jnp.concatenate([x[:, i:i + out_h, j:j + out_w, :]
-                                 for i in range(kh) for j in range(kw)], axis=-1)
-      y = jnp.einsum('nhwp,po->nhwo', patches, kernel.reshape(fan_in, self.features))
+    elif impl == 'slices':
+      y = _slices_conv(x, kernel, strides, padding)
+    elif impl == 'hybrid':
+      y = _hybrid_conv(x, kernel, strides, padding)
     else:
       patches = lax.conv_general_dilated_patches(
           x, filter_shape=(kh, kw), window_strides=strides, padding=padding,
@@ -216,6 +241,44 @@ class TorchConv(nn.Module):
     if self.use_bias:
       y = y + _cast(self.dtype, self.param('bias', init, (self.features,)))[0]
     return y
+
+
+def _slices_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                 padding) -> jax.Array:
+  """``lax.conv_general_dilated`` (NHWC, HWIO, no dilation, no groups) as im2col + matmul."""
+  kh, kw, fan, out = kernel.shape
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
+  if any(p != 0 for pair in padding for p in pair):
+    x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  (sh, sw), (h, w) = strides, x.shape[1:3]
+  out_h, out_w = (h - kh) // sh + 1, (w - kw) // sw + 1
+  if out_h < 1 or out_w < 1:
+    raise ValueError(f'kernel {kh}x{kw} is larger than the padded input {h}x{w}')
+  # Ordered (kh, kw, in) like the HWIO kernel's rows.
+  views = [x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
+           for i in range(kh) for j in range(kw)]
+  patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+  return jnp.einsum('nhwp,po->nhwo', patches, kernel.reshape(kh * kw * fan, out))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _hybrid_conv(x, kernel, strides, padding):
+  return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=padding,
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _hybrid_fwd(x, kernel, strides, padding):
+  return _hybrid_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _hybrid_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  _, vjp = jax.vjp(lambda a, k: _slices_conv(a, k, strides, padding), x, kernel)
+  return vjp(dy)
+
+
+_hybrid_conv.defvjp(_hybrid_fwd, _hybrid_bwd)
 
 
 def _pool_windows(x: jax.Array) -> jax.Array:

@@ -144,7 +144,7 @@ class ResidualBlock(nn.Module):
   strides: int = 1
   downsample: bool = False
   zero_init_residual: bool = False
-  conv_impl: str = 'lax'
+  conv_impl: str = 'auto'
   dtype: Optional[Any] = None
 
   @nn.compact
@@ -184,7 +184,7 @@ class ResNetBase(nn.Module):
   block: str = 'basic'
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   zero_init_residual: bool = False
-  conv_impl: str = 'lax'
+  conv_impl: str = 'auto'
   dtype: Optional[Any] = None
 
   @nn.compact
@@ -213,7 +213,7 @@ class ResNetBase(nn.Module):
 
 
 def resnet(name: str, num_classes: int, dtype: Optional[Any] = None, *,
-           zero_init_residual: bool = False, conv_impl: str = 'lax') -> BaseHeadModel:
+           zero_init_residual: bool = False, conv_impl: str = 'auto') -> BaseHeadModel:
   """Builds one of HtFLlib's ResNets as a :class:`BaseHeadModel`.
 
   Args:

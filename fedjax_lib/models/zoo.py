@@ -317,7 +317,8 @@ def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
       ``AdaptiveAvgPool1d(F)``, as HtFLlib does for heterogeneous models) and the head is a
       dense ``F -> num_classes`` layer, so heads of all architectures have the same shapes.
       The pool has no parameters; the base's parameters are unchanged.
-    **kwargs: model options: ``conv_impl`` (``'lax'`` or ``'patches'``) and
+    **kwargs: model options: ``conv_impl`` (``'auto'``, ``'lax'``, ``'patches'``,
+      ``'slices'``; see `fedjax_lib.models.layers.TorchConv`) and
       ``hidden_dim`` for ``cnn``; ``hidden_dim`` for ``dnn``; none for the others.
 
   Returns:
