@@ -172,15 +172,16 @@ def test_losses_converged_uses_population_std():
 
 
 # ---------------------------------------------------------------- ALA vs numpy
+@pytest.mark.parametrize("loop", ["scan", "valid"])
 @pytest.mark.parametrize("layer_idx", [0, 1])
-def test_one_epoch_ala_matches_numpy(layer_idx):
+def test_one_epoch_ala_matches_numpy(layer_idx, loop):
   data, key = _toy_data(), jax.random.key(3)
   local, glob = _toy_vars(0.2, 0.9), _toy_vars(1.4, -0.8)
   upper = NAMES[-layer_idx:] if layer_idx else NAMES
   weights = {"params": {n: jnp.full((1,), 0.6, jnp.float32) for n in upper}}
   rows = _window_rows(data, key)
   assert len(rows) == 10  # int(0.8·13): batches of 4, 4 and a partial 2
-  out = _ala(local, glob, weights, False, data, key, layer_idx)
+  out = _ala(local, glob, weights, False, data, key, layer_idx, loop=loop)
   ref = _numpy_ala(local, glob, weights, False, data, rows, layer_idx)
   _check_against_numpy(out, ref, layer_idx)
   if layer_idx == 1:  # the lower tensor w is the global one
@@ -227,7 +228,8 @@ def test_lower_layers_come_from_the_global_model():
 
 
 # ---------------------------------------------------------------- the start phase
-def test_start_phase_stops_by_the_std_criterion():
+@pytest.mark.parametrize("loop", ["scan", "valid"])
+def test_start_phase_stops_by_the_std_criterion(loop):
   data, key = _toy_data(), jax.random.key(3)
   local, glob = _toy_vars(0.2, 0.9), _toy_vars(1.4, -0.8)
   weights = {"params": {n: jnp.full((1,), 0.6, jnp.float32) for n in NAMES}}
@@ -235,7 +237,7 @@ def test_start_phase_stops_by_the_std_criterion():
   kw = dict(eta=0.05, threshold=0.02, num_pre_loss=3, max_start_epochs=50)
   ref = _numpy_ala(local, glob, weights, True, data, rows, 0, **kw)
   assert 3 + 1 < ref[3] < 50  # the criterion, not the minimum count or the cap, stopped it
-  _check_against_numpy(_ala(local, glob, weights, True, data, key, **kw), ref, 0)
+  _check_against_numpy(_ala(local, glob, weights, True, data, key, loop=loop, **kw), ref, 0)
 
 
 def test_start_phase_stops_at_the_cap():
@@ -320,6 +322,29 @@ def test_state_persists_across_rounds_and_client_update_composes(rounds):
   fresh = dict(state, weights=jax.tree.map(jnp.ones_like, state["weights"]))
   upload_fresh = run(fresh)[1]
   assert not np.allclose(upload_fresh["params"]["head"]["bias"], upload["params"]["head"]["bias"])
+
+
+def test_head_only_ala_equals_the_full_model_ala(rounds):
+  """With head-only upper tensors FedALA learns W on features computed once; the result is
+  the full-model procedure's, in the start phase (many epochs) and after it."""
+  eng, states = rounds
+  alg = eng.algorithm
+  order = parameter_order(alg.model, eng.data.x.shape[1:], eng.data.x.dtype)
+  key = jax.random.key(11)
+  for r, start in ((1, True), (2, False)):
+    s, state, cd = _client(eng, states[r], 2)
+    assert alg._head_split(s["params"], order) is not None  # pylint: disable=protected-access
+    state = dict(state, start_phase=jnp.asarray(start))
+    fast = jax.jit(lambda st: alg.ala(s, st, cd, key))(state)
+    full = jax.jit(lambda st: adaptive_local_aggregation(
+        st["params"], s["params"], st["weights"], st["start_phase"], cd, key,
+        loss_fn=lambda v, b: alg.ce_loss(v, b, None), order=order, layer_idx=alg.layer_idx,
+        eta=alg.eta, rand_percent=alg.rand_percent, batch_size=alg.local.batch_size,
+        threshold=alg.threshold, num_pre_loss=alg.num_pre_loss,
+        max_start_epochs=alg.max_start_epochs))(state)
+    assert int(fast[3]) == int(full[3]) >= 1
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 fast[:2], full[:2])
 
 
 def test_eval_views_evaluate_the_ala_model_and_the_global_model(rounds):

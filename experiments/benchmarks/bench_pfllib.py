@@ -61,7 +61,8 @@ def timed(fn):
 for info in pkgutil.iter_modules(flcore.servers.__path__):
   module = importlib.import_module("flcore.servers." + info.name)
   for obj in list(vars(module).values()):
-    if isinstance(obj, type):
+    # Only the classes this module defines (each also imports serverbase.Server).
+    if isinstance(obj, type) and obj.__module__ == module.__name__:
       for name in ("evaluate", "evaluate_personalized"):
         if name in vars(obj):
           setattr(obj, name, timed(vars(obj)[name]))

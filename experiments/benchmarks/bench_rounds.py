@@ -67,8 +67,9 @@ def run_single(num_clients: int, executor: str, rounds: int, chunk_size: int,
   steps = TRAIN_PER_CLIENT // 10
   backend = jax.default_backend()
   unroll = engine_lib.default_unroll(backend, steps) if unroll is None else unroll
+  loop = engine_lib.default_local_loop(backend)
   spec = LocalSpec(learning_rate=0.005, batch_size=10, local_epochs=1, steps_per_epoch=steps,
-                   unroll=unroll)
+                   unroll=unroll, loop=loop)
   eng = engine_lib.Engine(make_algorithm("FedAvg", model, spec),
                           engine_lib.DeviceData.from_federated(data),
                           engine_lib.Participation(num_clients), executor=executor,
@@ -91,7 +92,7 @@ def run_single(num_clients: int, executor: str, rounds: int, chunk_size: int,
     evals.append(time.perf_counter() - t)
   kind, peak = peak_memory_bytes()
   return {"clients": num_clients, "executor": executor, "conv_impl": conv_impl,
-          "unroll": unroll, "chunk_size": chunk_size if executor == "chunked" else None,
+          "unroll": unroll, "loop": loop, "chunk_size": chunk_size if executor == "chunked" else None,
           "backend": backend, "device": str(jax.devices()[0].device_kind),
           "first_round_s": first, "train_s": min(train), "eval_s": min(evals),
           "train_s_all": train, "eval_s_all": evals, "memory_kind": kind,
@@ -127,7 +128,8 @@ def table(rows: list[dict]) -> str:
     name = r["executor"] if r["executor"] == "torch-sequential" else (
         f"fedjax {r['executor']}" + (f" (chunk {r['chunk_size']})" if r.get("chunk_size") else "")
         + (f", {r['conv_impl']} conv" if r.get("conv_impl", "lax") != "lax" else "")
-        + f", unroll {r.get('unroll')}")
+        + (f", {r['loop']} loop" if r.get("loop") else "")
+        + (f", unroll {r.get('unroll')}" if r.get("loop") != "valid" else ""))
     if "error" in r:
       lines.append(f"| {r['clients']} | {name} | {r['error']} | | | | | |")
       continue
@@ -144,7 +146,8 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--clients", default="20,100,500")
   p.add_argument("--executors", default="vmap,sequential,chunked")
-  p.add_argument("--conv-impls", default="lax", help="comma list of lax,patches")
+  p.add_argument("--conv-impls", default="auto",
+                 help="comma list of auto,lax,patches,slices,hybrid (auto: the backend's)")
   p.add_argument("--rounds", type=int, default=2, help="timed rounds after the warm-up")
   p.add_argument("--chunk-size", type=int, default=8)
   p.add_argument("--unroll", type=int, default=None)
@@ -155,7 +158,7 @@ def main() -> None:
   p.add_argument("--write", default=None, help="append the table to this markdown file")
   p.add_argument("--title", default=None)
   p.add_argument("--single", nargs=2, metavar=("CLIENTS", "EXECUTOR"), help=argparse.SUPPRESS)
-  p.add_argument("--conv-impl", default="lax", help=argparse.SUPPRESS)
+  p.add_argument("--conv-impl", default="auto", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.single:
     print(json.dumps(run_single(int(args.single[0]), args.single[1], args.rounds,

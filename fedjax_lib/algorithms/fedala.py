@@ -73,7 +73,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +83,7 @@ from fedjax_lib.algorithms.base import (SettingsContext, check_int, check_number
                                         stack_clients)
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
-from fedjax_lib.core.local import Batch, ClientData, train_locally
+from fedjax_lib.core.local import Batch, ClientData, masked_cross_entropy, train_locally
 from fedjax_lib.errors import ConfigError
 
 # fold_in tag of the ALA sample-window stream (local SGD uses the key as is).
@@ -233,7 +233,8 @@ def adaptive_local_aggregation(local, global_, weights, start_phase, data: Clien
                                key: jax.Array, *, loss_fn: Callable, order: Sequence[Path],
                                layer_idx: int, eta: float, rand_percent: int, batch_size: int,
                                threshold: float, num_pre_loss: int, max_start_epochs: int,
-                               unroll: int = 1):
+                               unroll: int = 1, loop: str = "scan",
+                               head_split: Optional[tuple[Callable, Callable]] = None):
   """One client's ALA (module docstring, steps 1-6).
 
   Args:
@@ -249,6 +250,14 @@ def adaptive_local_aggregation(local, global_, weights, start_phase, data: Clien
       :class:`FedALA`.
     batch_size: weight-learning batch size.
     unroll: batches unrolled per loop iteration; 0 unrolls the whole epoch.
+    loop: ``'scan'`` (every client the largest window's batches, the extra ones masked) or
+      ``'valid'`` (only the batches holding the client's window; equal results), as
+      `fedjax_lib.core.local.LocalSpec.loop`.
+    head_split: ``(features, head_loss)`` when every upper tensor is in the head: then the
+      lower layers, all global, give the same features in every batch and epoch, so
+      ``features(x)`` (the global model's) is computed once for the whole window, in one
+      batch, and the weights are learned on ``head_loss(variables, z, batch)``. The same
+      procedure, fewer FLOPs (exact up to float rounding); None: the full model per batch.
 
   Returns:
     ``(new_local, new_weights, new_start_phase, epochs)``; ``epochs`` (int32) is the number of
@@ -266,17 +275,27 @@ def adaptive_local_aggregation(local, global_, weights, start_phase, data: Clien
   offsets = jnp.arange(batch_size)
   lu, gu = take(local, upper), take(global_, upper)
 
-  def upper_loss(mixed, batch):
-    return loss_fn(put(global_, mixed), batch)  # lower tensors from the global model
+  window = num_batches * batch_size
+  rows_at = lambda pos: data.train_idx[jnp.minimum(start + pos, width - 1)]
+  if head_split is None:
+    def upper_loss(mixed, batch, pos):
+      del pos
+      return loss_fn(put(global_, mixed), batch)  # lower tensors from the global model
+  else:
+    features, head_loss = head_split
+    z = features(data.x[rows_at(jnp.arange(window))])
+
+    def upper_loss(mixed, batch, pos):
+      return head_loss(put(global_, mixed), z[pos], batch)
 
   grad_fn = jax.value_and_grad(upper_loss)
 
   def batch_step(carry, b):
     w, last = carry
     pos = b * batch_size + offsets
-    rows = data.train_idx[jnp.minimum(start + pos, width - 1)]
+    rows = rows_at(pos)
     batch = Batch(data.x[rows], data.y[rows], (pos < n).astype(jnp.float32))
-    loss, grads = grad_fn(ala_mix(lu, gu, w), batch)
+    loss, grads = grad_fn(ala_mix(lu, gu, w), batch, pos)
     valid = b * batch_size < n
     w = jax.tree.map(lambda new, old: jnp.where(valid, new, old),
                      weight_step(w, grads, lu, gu, eta), w)
@@ -284,8 +303,13 @@ def adaptive_local_aggregation(local, global_, weights, start_phase, data: Clien
 
   def epoch(carry):
     w, last_losses, epochs, _ = carry
-    (w, last), _ = jax.lax.scan(batch_step, (w, jnp.zeros((), jnp.float32)),
-                                jnp.arange(num_batches), unroll=unroll)
+    if loop == "valid":
+      (w, last) = jax.lax.fori_loop(0, (n + batch_size - 1) // batch_size,
+                                    lambda b, c: batch_step(c, b)[0],
+                                    (w, jnp.zeros((), jnp.float32)))
+    else:
+      (w, last), _ = jax.lax.scan(batch_step, (w, jnp.zeros((), jnp.float32)),
+                                  jnp.arange(num_batches), unroll=unroll)
     last_losses = jnp.concatenate([last_losses[1:], last[None]])
     epochs = epochs + 1
     done = (~start_phase | losses_converged(last_losses, epochs, threshold)
@@ -393,15 +417,27 @@ class FedALA(FedAvg):
 
   def ala(self, server_state, client_state, data, key):
     """:func:`adaptive_local_aggregation` of one client with this algorithm's settings."""
+    order = parameter_order(self.model, data.x.shape[1:], data.x.dtype)
     return adaptive_local_aggregation(
         client_state["params"], server_state["params"], client_state["weights"],
         client_state["start_phase"], data, key,
         loss_fn=lambda variables, batch: self.ce_loss(variables, batch, None),
-        order=parameter_order(self.model, data.x.shape[1:], data.x.dtype),
+        order=order,
         layer_idx=self.layer_idx, eta=self.eta, rand_percent=self.rand_percent,
         batch_size=self.local.batch_size, threshold=self.threshold,
         num_pre_loss=self.num_pre_loss, max_start_epochs=self.max_start_epochs,
-        unroll=self.local.unroll)
+        unroll=self.local.unroll, loop=self.local.loop, head_split=self._head_split(
+            server_state["params"], order))
+
+  def _head_split(self, global_variables, order):
+    """ALA on the head alone when its upper tensors are all head tensors (the default
+    ``layer_idx`` = 2: the classifier's weight and bias); see `adaptive_local_aggregation`."""
+    if not all(path[:2] == ("params", "head") for path in upper_paths(order, self.layer_idx)):
+      return None
+    features = lambda x: self.model.apply(global_variables, x, method="features")
+    head_loss = lambda variables, z, batch: masked_cross_entropy(
+        self.model.apply(variables, z, method="classify"), batch.y, batch.mask)
+    return features, head_loss
 
   def client_update(self, server_state, client_state, data, key):
     local, weights, start_phase, epochs = self.ala(server_state, client_state, data,
