@@ -10,6 +10,10 @@ JAX version; a different JAX may compile differently, and is then held to float 
 CI checks every algorithm on the sequential executor (the CPU default) and four on vmap, to
 stay within its time budget; all 28 pinned runs were checked bit-identical when the engine
 landed (``FEDJAX_REGRESSION_ALL=1 python -m pytest tests/test_engine_regression.py``).
+
+Changed on purpose since, and held to float tolerance: FedALA's ALA on cached features
+(its weighted tensors are the head's: the features of the whole sample window come from one
+forward pass instead of one per batch; the same arithmetic, rounded differently).
 """
 
 import json
@@ -26,6 +30,7 @@ PINNED = json.load(open(os.path.join(os.path.dirname(__file__), "data",
 
 
 VMAP_IN_CI = ("FedAvg", "Ditto", "FedDBE", "LG-FedAvg")
+ROUNDED_DIFFERENTLY = ("FedALA",)
 KEYS = sorted(k for k in PINNED["runs"] if os.environ.get("FEDJAX_REGRESSION_ALL")
               or k.endswith("/sequential") or k.split("/")[0] in VMAP_IN_CI)
 
@@ -38,7 +43,7 @@ def test_numbers_unchanged(key, tmp_path):
                   out=str(tmp_path), progress=False)
   history = run_experiment(config, log=lambda msg: None).runs[0].history
   want = PINNED["runs"][key]
-  same_jax = jax.__version__ == PINNED["jax_version"]
+  same_jax = jax.__version__ == PINNED["jax_version"] and name not in ROUNDED_DIFFERENTLY
   for field, values in want.items():
     if same_jax or field in ("rounds", "nonfinite_clients"):
       assert history[field] == values, field

@@ -95,7 +95,8 @@ def run_jax(family: str, algo: str, rounds: int, executor: str | None, unroll: i
   unroll = engine_lib.default_unroll(backend, steps) if unroll is None else unroll
   executor = executor or engine_lib.default_executor(backend)
   spec = LocalSpec(learning_rate=LEARNING_RATE, batch_size=BATCH_SIZE, local_epochs=1,
-                   steps_per_epoch=steps, unroll=unroll)
+                   steps_per_epoch=steps, unroll=unroll,
+                   loop=engine_lib.default_local_loop(backend))
   models = {n: make_model(n, SAMPLE_SHAPE, NUM_CLASSES, feature_dim=FEATURE_DIM) for n in unique}
   params = {n: count_params(jax.eval_shape(
       lambda m=m: init_model(m, jax.random.PRNGKey(0), SAMPLE_SHAPE))) for n, m in models.items()}
@@ -115,7 +116,7 @@ def run_jax(family: str, algo: str, rounds: int, executor: str | None, unroll: i
     except Exception:  # pylint: disable=broad-except
       pass
   row = {"impl": "jax", "algo": algo, "family": family, "architectures": list(names),
-         "executor": executor, "unroll": unroll,
+         "executor": executor, "unroll": unroll, "loop": spec.loop,
          "chunk_size": chunk_size if executor == "chunked" else None,
          "backend": backend, "device": str(device.device_kind), "versions": versions,
          "params": params, "complete": False, "train_s_all": [], "eval_s_all": []}
@@ -229,6 +230,8 @@ def _name(r: dict) -> str:
   text = f"fedjax {r.get('executor', '?')}"
   if r.get("chunk_size"):
     text += f" (chunk {r['chunk_size']})"
+  if r.get("loop") == "valid":
+    return text + ", valid loop"
   return text + f", unroll {r.get('unroll', '?')}"
 
 

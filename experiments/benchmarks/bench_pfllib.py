@@ -187,6 +187,8 @@ def main() -> None:
                  help="dataset folder name under <pfllib>/dataset ('MNIST' in it makes PFLlib "
                  "build its 1x28x28 CNN)")
   p.add_argument("--timeout", type=float, default=3600)
+  p.add_argument("--pfllib-commit", default=None,
+                 help="the checkout's commit, for the header when it has no .git")
   p.add_argument("--json", help="write every per-round number here")
   p.add_argument("--plot", help="write the accuracy curves here (PNG)")
   args = p.parse_args()
@@ -205,8 +207,9 @@ def main() -> None:
     print(json.dumps({algorithm: {k: summarize(v) for k, v in results[algorithm].items()}}),
           file=sys.stderr, flush=True)
   torch_version = next(iter(results.values()))["pfllib"]["torch"]
-  commit = subprocess.run(["git", "-C", args.pfllib, "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True, check=False).stdout.strip()
+  commit = args.pfllib_commit or subprocess.run(
+      ["git", "-C", args.pfllib, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+      check=False).stdout.strip()
   header = (f"Measured {datetime.date.today().isoformat()} on {platform.machine()} "
             f"({os.cpu_count()} cores): PFLlib {commit or '(checkout without git)'} "
             f"system/main.py with torch {torch_version} ({args.threads} threads) against "

@@ -155,6 +155,8 @@ def main() -> None:
   p.add_argument("--torch", action="store_true", help="also time the PyTorch baseline")
   p.add_argument("--torch-threads", type=int, default=0, help="0 = torch's default")
   p.add_argument("--torch-device", default="cpu", help="torch device for the baseline")
+  p.add_argument("--torch-python", default=sys.executable,
+                 help="the Python (with torch) that runs the baseline")
   p.add_argument("--write", default=None, help="append the table to this markdown file")
   p.add_argument("--title", default=None)
   p.add_argument("--single", nargs=2, metavar=("CLIENTS", "EXECUTOR"), help=argparse.SUPPRESS)
@@ -167,7 +169,7 @@ def main() -> None:
   rows = []
   for n in [int(v) for v in args.clients.split(",")]:
     if args.torch:
-      cmd = [sys.executable, os.path.join(HERE, "torch_baseline.py"), "--clients", str(n),
+      cmd = [args.torch_python, os.path.join(HERE, "torch_baseline.py"), "--clients", str(n),
              "--rounds", str(args.rounds), "--threads", str(args.torch_threads),
              "--device", args.torch_device]
       try:

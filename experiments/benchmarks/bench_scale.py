@@ -182,7 +182,8 @@ def sweep_bench(seeds: list[int], lrs: list[float], rounds: int, algorithm: str,
       for seed in seeds:
         for lr in lrs:
           t0 = time.perf_counter()
-          res = run_experiment(Config(out=tmp, seed=seed, learning_rate=lr, executor=executor,
+          out = os.path.join(tmp, f"separate-{executor}-{seed}-{lr}")
+          res = run_experiment(Config(out=out, seed=seed, learning_rate=lr, executor=executor,
                                       **base), **quiet)
           wall += time.perf_counter() - t0
           per_round += res.mean_round_time_s
