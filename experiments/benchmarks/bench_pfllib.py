@@ -37,6 +37,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(HERE))
+import common  # noqa: E402  pylint: disable=wrong-import-position  (experiments/common.py)
 
 FLAGS = ["-m", "CNN", "-lbs", "10", "-ls", "1", "-lr", "0.005", "-jr", "1", "-eg", "1",
          "-nc", "20", "-ncl", "10"]
@@ -131,16 +133,11 @@ def run_ours(folder: str, algorithm: str, rounds: int, extra: list[str], timeout
           "test_acc": res["test_acc"], "wall_s": wall, "executor": res["executor"]}
 
 
-def _mean(values) -> float:
-  values = list(values)
-  return sum(values) / len(values)
-
-
 def summarize(run: dict) -> dict:
   """Means over rounds 1.. (round 0 excluded), best accuracy, mean of the last 10 rounds."""
-  return {"train": _mean(run["train"][1:]), "eval": _mean(run["eval"][1:]),
-          "total": _mean(run["total"][1:]), "best_acc": max(run["test_acc"]),
-          "last10_acc": _mean(run["test_acc"][-10:]), "first_round": run["total"][0]}
+  return {"train": common.mean(run["train"][1:]), "eval": common.mean(run["eval"][1:]),
+          "total": common.mean(run["total"][1:]), "best_acc": max(run["test_acc"]),
+          "last10_acc": common.mean(run["test_acc"][-10:]), "first_round": run["total"][0]}
 
 
 def plot(results: dict, path: str) -> None:

@@ -246,6 +246,21 @@ class Client:
     return total, count
 
 
+def evaluate_clients(clients) -> dict:
+  """PFLlib's ``evaluate``: every client's test metrics, then its train loss, sample-weighted
+  (clients with ``test_metrics() -> (correct, n, auc)`` and ``train_metrics() -> (loss, n)``)."""
+  correct, tested, auc_sum = 0, 0, 0.0
+  for c in clients:
+    ok, n, auc = c.test_metrics()
+    correct, tested, auc_sum = correct + ok, tested + n, auc_sum + auc * n
+  loss_sum, trained = 0.0, 0
+  for c in clients:
+    loss, n = c.train_metrics()
+    loss_sum, trained = loss_sum + loss, trained + n
+  return {"test_acc": correct / tested, "test_auc": auc_sum / tested,
+          "train_loss": loss_sum / trained}
+
+
 class Server:
   """PFLlib's serveravg round, one client after another."""
 
@@ -269,16 +284,7 @@ class Server:
       client.set_parameters(self.global_model)
 
   def evaluate(self) -> dict:
-    correct, tested, auc_sum = 0, 0, 0.0
-    for c in self.clients:
-      ok, n, auc = c.test_metrics()
-      correct, tested, auc_sum = correct + ok, tested + n, auc_sum + auc * n
-    loss_sum, trained = 0.0, 0
-    for c in self.clients:
-      loss, n = c.train_metrics()
-      loss_sum, trained = loss_sum + loss, trained + n
-    return {"test_acc": correct / tested, "test_auc": auc_sum / tested,
-            "train_loss": loss_sum / trained}
+    return evaluate_clients(self.clients)
 
   def receive_models(self) -> None:
     active = random.sample(self.selected, self.num_join)  # client_drop_rate = 0

@@ -96,6 +96,8 @@ for _p in (HERE, ROOT):
 
 # PFLlib's and HtFLlib's FedAvgCNN are the same model (dim=1600 for 32×32 images).
 from torch_baseline import FedAvgCNN  # noqa: E402  pylint: disable=wrong-import-position
+# PFLlib's evaluate: the same per-client loop over test and train metrics.
+from torch_baseline import evaluate_clients  # noqa: E402  pylint: disable=wrong-import-position
 
 NUM_CLIENTS = 20
 NUM_CLASSES = 10
@@ -290,16 +292,7 @@ class Server:
     return list(np.random.choice(self.clients, self.num_join, replace=False))
 
   def evaluate(self) -> dict:
-    correct, tested, auc_sum = 0, 0, 0.0
-    for c in self.clients:
-      ok, n, auc = c.test_metrics()
-      correct, tested, auc_sum = correct + ok, tested + n, auc_sum + auc * n
-    loss_sum, trained = 0.0, 0
-    for c in self.clients:
-      loss, n = c.train_metrics()
-      loss_sum, trained = loss_sum + loss, trained + n
-    return {"test_acc": correct / tested, "test_auc": auc_sum / tested,
-            "train_loss": loss_sum / trained}
+    return evaluate_clients(self.clients)
 
   def round(self) -> tuple[float, float, dict]:
     """One round; returns (train seconds, eval seconds, metrics)."""

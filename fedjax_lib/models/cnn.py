@@ -43,7 +43,8 @@ class FedAvgCNNBase(nn.Module):
 
   Attributes:
     hidden_dim: width of ``fc1``, the feature dimension (512 in PFLlib).
-    conv_impl: ``'auto'``, ``'lax'``, ``'patches'`` or ``'slices'`` (see :class:`TorchConv`).
+    conv_impl: ``'auto'``, ``'lax'``, ``'patches'``, ``'slices'`` or ``'hybrid'`` (see
+      :class:`TorchConv`).
     dtype: the computation dtype (``None``: float32); parameters stay float32.
   """
   hidden_dim: int = 512
@@ -71,7 +72,8 @@ def FedAvgCNN(num_classes: int, hidden_dim: int = 512,  # pylint: disable=invali
     num_classes: number of output logits.
     hidden_dim: feature dimension (``fc1`` width).
     conv_impl: ``'auto'`` (``'slices'`` on XLA:CPU, ``'lax'`` elsewhere), ``'lax'``
-      (``lax.conv_general_dilated``), ``'patches'`` or ``'slices'`` (im2col and a matmul);
+      (``lax.conv_general_dilated``), ``'patches'`` or ``'slices'`` (im2col and a matmul),
+      ``'hybrid'`` (lax forward, im2col gradient);
       see :class:`fedjax_lib.models.layers.TorchConv`.
     dtype: the computation dtype of every layer, e.g. ``jnp.bfloat16`` for mixed precision
       (float32 parameters, float32 features and logits out); ``None`` is plain float32.

@@ -184,7 +184,7 @@ class TorchConv(nn.Module):
     strides: stride, an int or a pair.
     padding: ``'VALID'``, ``'SAME'`` or explicit ``((lo, hi), (lo, hi))`` pairs.
     use_bias: whether to add a per-channel bias.
-    conv_impl: ``'auto'``, ``'lax'``, ``'patches'`` or ``'slices'``.
+    conv_impl: ``'auto'``, ``'lax'``, ``'patches'``, ``'slices'`` or ``'hybrid'``.
     dtype: the computation dtype, as for :class:`TorchDense` (``None``: float32).
     feature_group_count: PyTorch's ``groups`` (depthwise convolutions: ``groups = in``);
       the kernel is ``(kh, kw, in / groups, out)``. ``'lax'`` only.

@@ -318,7 +318,7 @@ def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
       dense ``F -> num_classes`` layer, so heads of all architectures have the same shapes.
       The pool has no parameters; the base's parameters are unchanged.
     **kwargs: model options: ``conv_impl`` (``'auto'``, ``'lax'``, ``'patches'``,
-      ``'slices'``; see `fedjax_lib.models.layers.TorchConv`) and
+      ``'slices'``, ``'hybrid'``; see `fedjax_lib.models.layers.TorchConv`) and
       ``hidden_dim`` for ``cnn``; ``hidden_dim`` for ``dnn``; none for the others.
 
   Returns:
