@@ -68,16 +68,18 @@ def _sweep_item(text: str) -> tuple[str, list]:
 
 # Short names accepted by --sweep.
 SWEEP_ALIASES = {"lr": "learning_rate", "local_learning_rate": "learning_rate",
-                 "lamda": "lam", "mart": "margin_threshold", "bt": "beta", "et": "eta", "mo": "momentum", "klw": "kl_weight"}
+                 "lamda": "lam", "mart": "margin_threshold", "slr": "server_learning_rate",
+                 "bt": "beta", "et": "eta", "mo": "momentum", "klw": "kl_weight"}
 
 
 # PFLlib's algorithm flags: (flags, hyperparameter name, type, help). Each is passed to the
 # algorithm only when given; an algorithm refuses hyperparameters it does not take. --help adds
 # the algorithms that take each one and its default, both read from the algorithm registry.
 ALGORITHM_FLAGS = (
-    (("-mu", "--mu"), "mu", float, "proximal coefficient; GCE/CoV weight decay in GPFL"),
+    (("-mu", "--mu"), "mu", float, "proximal coefficient; GCE/CoV weight decay in GPFL; "
+     "generated-pair MSE weight in FedKTL"),
     (("-lam", "--lamda", "--lam"), "lam", float, "regularisation weight λ (MMD in FedCP, "
-     "alignment in GPFL, prototype MSE in FedProto and FedTGP)"),
+     "alignment in GPFL, prototype MSE in FedProto and FedTGP, centroid MSE in FedKTL)"),
     (("-bt", "--beta"), "beta", float, "meta step β"),
     (("-pls", "--plocal_epochs", "--plocal-epochs"), "plocal_epochs", int,
      "personal-model / head epochs"),
@@ -94,6 +96,14 @@ ALGORITHM_FLAGS = (
      "server training epochs per round"),
     (("-mart", "--margin_threshold", "--margin-threshold"), "margin_threshold", float,
      "cap τ of the adaptive margin"),
+    (("-slr", "--server_learning_rate", "--server-learning-rate"), "server_learning_rate",
+     float, "server learning rate (FedKTL's feature transformer and centroids)"),
+    (("-sbs", "--server_batch_size", "--server-batch-size"), "server_batch_size", int,
+     "server batch size"),
+    (("-gbs", "--generation_batch_size", "--generation-batch-size"), "generation_batch_size",
+     int, "images decoded per generator call"),
+    (("-GPath", "--generator_path", "--generator-path"), "generator_path", str,
+     "generator folder (python -m fedjax_lib.generators train ... --out DIR)"),
 )
 _ALGO_DESTS = tuple(dest for _, dest, _, _ in ALGORITHM_FLAGS)
 
@@ -200,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
        help="equal client sizes in iid and pat")
   _add(data, "--train-ratio", type=float, default=d.train_ratio, dest="train_ratio",
        help="fraction of each client's samples it trains on; the rest is its test split")
+  _add(data, "-fs", "--few_shot", "--few-shot", type=int, default=d.few_shot, dest="few_shot",
+       help="keep the first k training samples of each class per client (HtFLlib's "
+       "few-shot setting; 0: all)")
   _add(data, "--partition-seed", type=int, default=d.partition_seed, dest="partition_seed",
        shown_default="--seed", help="seed of the data partition alone (fixes the clients "
        "across seeds)")

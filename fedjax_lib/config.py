@@ -32,6 +32,8 @@ class Config:
     num_classes: ``None`` takes the data's class count; a given value must match the data.
     partition, alpha, class_per_client, balance, train_ratio: partitioning of built-in data
       (PFLlib's ``dir`` with α=0.1 and a 75/25 per-client split by default).
+    few_shot: HtFLlib's ``-fs``: each client keeps the first ``few_shot`` training samples of
+      each class (0: all); test splits are unchanged.
   Training (per round): ``local_epochs`` passes over each selected client's data with batch
     ``batch_size`` (drop_last, reshuffled every epoch), plain SGD at ``learning_rate``.
   Rounds: ``global_rounds`` + 1 iterations as in PFLlib (round 0 evaluates the initial model).
@@ -88,6 +90,7 @@ class Config:
   class_per_client: int = 2
   balance: bool = False
   train_ratio: float = 0.75
+  few_shot: int = 0
   # model and algorithm
   model: str = "cnn"
   feature_dim: Optional[int] = None
@@ -195,6 +198,7 @@ class Config:
     _positive_float("learning_rate", self.learning_rate)
     _positive_float("alpha", self.alpha)
     _in_range("train_ratio", self.train_ratio, 0.0, 1.0, low_open=True, high_open=True)
+    _positive_int("few_shot", self.few_shot, minimum=0)
     _in_range("join_ratio", self.join_ratio, 0.0, 1.0, low_open=True)
     _in_range("client_drop_rate", self.client_drop_rate, 0.0, 1.0, high_open=True)
     if self.on_nan not in ON_NAN:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -127,3 +127,36 @@ def write_plot(path: str, history: dict, title: str) -> None:
     fig.savefig(path, format="png", dpi=100)
   finally:
     plt.close(fig)
+
+
+def image_grid(images, columns: Optional[int] = None, min_side: int = 64,
+               gap: int = 2) -> np.ndarray:
+  """``uint8 [rows·h', cols·w', 3]``: NHWC images in ``[-1, 1]`` tiled row by row.
+
+  One channel is shown as grey; each image is enlarged by an integer factor (nearest
+  neighbour) to at least ``min_side`` pixels; ``gap`` pixels of white separate the tiles.
+  """
+  arr = np.clip(np.asarray(images, np.float32), -1.0, 1.0)
+  if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+    raise ValueError(f"expected images [n, H, W, 1 or 3], got shape {arr.shape}")
+  arr = np.round((arr + 1.0) * 127.5).astype(np.uint8)
+  if arr.shape[-1] == 1:
+    arr = np.repeat(arr, 3, axis=-1)
+  n, h, w, _ = arr.shape
+  factor = max(1, -(-min_side // max(h, w)))
+  arr = arr.repeat(factor, axis=1).repeat(factor, axis=2)
+  h, w = h * factor, w * factor
+  cols = columns or int(np.ceil(np.sqrt(n)))
+  rows = -(-n // cols)
+  grid = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, np.uint8)
+  for i in range(n):
+    r, c = divmod(i, cols)
+    grid[r * (h + gap): r * (h + gap) + h, c * (w + gap): c * (w + gap) + w] = arr[i]
+  return grid
+
+
+def write_image_grid(path: str, images, columns: Optional[int] = None,
+                     min_side: int = 64) -> None:
+  """Writes :func:`image_grid` of ``images`` as a PNG (Pillow, no matplotlib)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  Image.fromarray(image_grid(images, columns, min_side)).save(path, format="PNG")

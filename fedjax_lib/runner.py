@@ -26,7 +26,7 @@ from fedjax_lib import checks as checks_lib
 from fedjax_lib import data as data_lib
 from fedjax_lib import memory as memory_lib
 from fedjax_lib import models as models_lib
-from fedjax_lib.algorithms.base import supports_train_mode
+from fedjax_lib.algorithms.base import has_hook, supports_train_mode
 from fedjax_lib import output as output_lib
 from fedjax_lib import results as results_lib
 from fedjax_lib import sweep as sweep_lib
@@ -198,6 +198,8 @@ def build(config: Config) -> Built:
       scheme=config.partition, alpha=config.alpha, class_per_client=config.class_per_client,
       balance=config.balance, train_ratio=config.train_ratio, batch_size=config.batch_size,
       seed=config.seed if config.partition_seed is None else config.partition_seed)
+  if config.few_shot:
+    data = data.few_shot(config.few_shot)
   num_clients = data.num_clients - new
   if num_clients < 1:
     raise ConfigError(f"num_new_clients={new} leaves no training clients: the dataset has "
@@ -662,6 +664,9 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None]) ->
                       f"run (last finite checkpoint: "
                       f"{run.last_ckpt or 'none; use --checkpoint-every'}; "
                       "--on-nan skip-client drops such updates instead)")
+    if training and config.plot and has_hook(engine.algorithm, "generated_images"):
+      for run in training:
+        write_generated(run, states, engine.algorithm, config)
     for run in live:
       run.train_times.append(train_time.get(run.spec.index, 0.0))
       run.eval_times.append(eval_time.get(run.spec.index, 0.0))
@@ -712,6 +717,21 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None]) ->
     run.total_time_s = total
   stop_if_requested("before writing the results")
   return runs
+
+
+def write_generated(run, states: _States, algorithm, config: Config) -> None:
+  """Writes the server's generated images of ``run`` as ``<run>_generated.png`` (replaced
+  each round; the results JSON records the path as ``generated_images``)."""
+  server_state, _ = states.get(run.spec.index)
+  images = algorithm.generated_images(server_state)
+  if images is None or not is_writer():
+    return
+  path = os.path.join(os.path.abspath(config.out), run.spec.name + "_generated.png")
+  files = results_lib.FileSet()
+  files.add(path, lambda tmp: results_lib.write_image_grid(tmp, images))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  files.commit()
+  run.extra["generated_images"] = path
 
 
 def run_specs(config: Config, base: str, algorithm, data, model) -> list:

@@ -16,9 +16,16 @@ from fedjax_lib.algorithms.base import has_hook, is_linear_server
 from fedjax_lib.core import checkpoint as checkpoint_lib
 from fedjax_lib.core import rng
 from fedjax_lib.core.local import ClientData
+from tests.helpers import as_images
 from tests.test_engine import _engine, _run, _small_data
 
 ALGORITHMS = algorithm_names()
+
+# Executors round differently (vmapped against per-client matmuls, ~3e-8 relative in round
+# 0's loss). FedKTL's margin loss multiplies cosines by s = 64, and at this suite's lr 0.1
+# those differences grow to ~5e-4 relative in the train loss by round 2 (measured
+# 2026-12-01: 22.728 vs 22.716 with no server training); accuracy still agrees exactly.
+LOSS_RTOL = {"FedKTL": 2e-3}
 
 
 def _structure(tree):
@@ -32,6 +39,8 @@ def data():
 
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_conformance(name, data, tmp_path):
+  if name == "FedKTL":
+    data = as_images(data)
   eng = _engine(name, "vmap", data, jr=0.8, cdr=0.25)
   root = rng.root_key(0)
   server, clients = eng.init(root, data.x[0])
@@ -69,7 +78,8 @@ def test_conformance(name, data, tmp_path):
     for k in a:
       if k.startswith("test_acc"):
         assert a[k] == pytest.approx(b[k], abs=1e-6), k
-    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4, abs=1e-6)
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=LOSS_RTOL.get(name, 1e-4),
+                                            abs=1e-6)
 
   # client-order invariance of client_update; a linear server's declared linearity
   server, clients = eng.init(root, data.x[0])

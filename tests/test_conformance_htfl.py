@@ -21,9 +21,10 @@ from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.models import BaseHeadModel, TorchDense, make_model
 from fedjax_lib.models.layers import TorchBatchNorm
 from tests.test_conformance import _structure, assert_resume_is_exact
+from tests.helpers import as_images, fedktl_params
 from tests.test_engine import _small_data
 
-HTFL = ["Local", "LG-FedAvg", "FedProto", "FedTGP"]
+HTFL = ["Local", "LG-FedAvg", "FedProto", "FedTGP", "FedKTL"]
 FEATURES = 16
 
 
@@ -47,7 +48,8 @@ def _models(data):
 def _engine(name, executor, data, new_clients=0, jr=0.8, cdr=0.25):
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=2,
                    steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
-  params = {"server_epochs": 2} if name == "FedTGP" else None
+  params = ({"server_epochs": 2} if name == "FedTGP" else fedktl_params() if name == "FedKTL"
+            else None)
   models = _models(data)
   alg = make_algorithm(name, models["bn"], spec, params)
   n = data.num_clients - new_clients
@@ -72,6 +74,8 @@ def _bn_stats(clients):
 
 @pytest.mark.parametrize("name", HTFL)
 def test_htfl_conformance(name, data, tmp_path):
+  if name == "FedKTL":
+    data = as_images(data)
   eng = _engine(name, "vmap", data)
   eng.check_compatible(data.x[0])
   root = rng.root_key(0)
@@ -96,10 +100,11 @@ def test_htfl_conformance(name, data, tmp_path):
 
   assert_resume_is_exact(eng, root, data.x[0], str(tmp_path / "ckpt"), structure)
 
-  held_out = _engine(name, "vmap", data, new_clients=2)
-  s0, _ = held_out.init(root, data.x[0])
-  new = held_out.evaluate_new_clients(s0, root, data.x[0], epochs=1)
-  assert np.isfinite([new["test_acc"], new["train_loss"]]).all()
+  if eng.algorithm.supports_new_clients:
+    held_out = _engine(name, "vmap", data, new_clients=2)
+    s0, _ = held_out.init(root, data.x[0])
+    new = held_out.evaluate_new_clients(s0, root, data.x[0], epochs=1)
+    assert np.isfinite([new["test_acc"], new["train_loss"]]).all()
 
   seq = _engine(name, "sequential", data)
   s_v, c_v = eng.init(root, data.x[0])
@@ -109,7 +114,10 @@ def test_htfl_conformance(name, data, tmp_path):
     s_s, c_s, m_s = seq.run_round(s_s, c_s, root, r)
     for key in ("upload_floats", "download_floats"):
       assert float(m_v[key]) == float(m_s[key])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+  # FedKTL's margin loss scales cosines by s = 64: the executors' rounding differences grow
+  # to ~5e-5 in two rounds (see LOSS_RTOL in test_conformance).
+  atol = 1e-4 if name == "FedKTL" else 2e-5
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=atol),
                (s_v, c_v), (s_s, c_s))
   e_v, e_s = eng.evaluate(s_v, c_v, root, 2), seq.evaluate(s_s, c_s, root, 2)
   assert e_v["test_acc"] == pytest.approx(e_s["test_acc"], abs=1e-6)

@@ -29,6 +29,7 @@ from fedjax_lib.core import engine as engine_lib
 from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
+from tests.helpers import as_images, fedktl_params
 from tests.test_engine import _engine, _run, _small_data
 
 QUIET = dict(log=lambda msg: None)
@@ -217,18 +218,27 @@ def test_two_processes_equal_one(tmp_path):
   np.testing.assert_allclose(multi["train_loss"], one["train_loss"], rtol=2e-5)
 
 
-@pytest.mark.parametrize("name", ["FedTGP", "FedProto"])
+SERVER_PARAMS = {"FedTGP": {"server_epochs": 3, "lam": 1.0},
+                 "FedKTL": {"server_epochs": 3, "server_batch_size": 8}}
+
+
+@pytest.mark.parametrize("name", ["FedTGP", "FedProto", "FedKTL"])
 def test_prototype_servers_on_heterogeneous_groups_equal_one_device(name):
-  """FedTGP's server (TGP network trained with the ACL loss on every upload) and FedProto's
-  per-class means, over two architecture groups sharded on 8 devices: the server state is
-  replicated and equals the one-device state."""
+  """FedTGP's server (TGP network trained with the ACL loss on every upload), FedProto's
+  per-class means and FedKTL's (a feature transformer trained with MMD against generator
+  latents, centroids, decoded images), over two architecture groups sharded on 8 devices:
+  the server state is replicated and equals the one-device state."""
   data = _small_data(num_clients=11)
+  if name == "FedKTL":
+    data = as_images(data)
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
                    steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
   models = {arch: make_model(arch, data.sample_shape, data.num_classes, feature_dim=16)
             for arch in ("dnn", "dnn+head16-8")}
-  alg = make_algorithm(name, models["dnn"], spec,
-                       {"server_epochs": 3, "lam": 1.0} if name == "FedTGP" else None)
+  params = SERVER_PARAMS.get(name)
+  if name == "FedKTL":
+    params = fedktl_params(**params)
+  alg = make_algorithm(name, models["dnn"], spec, params)
   groups = [engine_lib.Group(arch, dataclasses.replace(alg, model=m),
                              tuple(i for i in range(11) if i % 2 == k))
             for k, (arch, m) in enumerate(models.items())]
@@ -245,4 +255,4 @@ def test_prototype_servers_on_heterogeneous_groups_equal_one_device(name):
   jax.tree.map(close, c1, many.export_states(c8))
   for a, b in zip(h1, h8):
     np.testing.assert_allclose(a["test_acc"], b["test_acc"], atol=1e-9)
-  assert bool(np.asarray(s1["present"]).any())
+  assert bool(np.asarray(s1["generated" if name == "FedKTL" else "present"]).any())

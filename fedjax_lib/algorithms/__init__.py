@@ -2,7 +2,7 @@
 
 from fedjax_lib.algorithms import (  # noqa: F401  (registration)
     dbe, ditto, fedala, fedavg, fedbabu, fedcp, fedper, fedproto, fedprox, fedrep, fedrod,
-    fedtgp, gpfl, lgfedavg, local, perfedavg)
+    fedktl, fedtgp, gpfl, lgfedavg, local, perfedavg)
 from fedjax_lib.algorithms.base import Algorithm, stack_clients
 from fedjax_lib.algorithms.registry import (algorithm_names, get_algorithm, make_algorithm,
                                             register)

@@ -35,6 +35,14 @@ Optional hooks. A hook exists exactly when the algorithm's class defines it (see
   freshly initialised client state.
 - ``warmup_client`` / ``warmup_server`` (both or neither): an initialisation period run once
   over ALL clients before round 0 (FedDBE's global mean).
+- ``server_inputs() -> pytree``: constant inputs of the server that are not state (FedKTL's
+  pretrained generator parameters), loaded once on the host. The engine passes them to
+  ``server_update(..., inputs=...)`` as an argument of the compiled round (never a constant
+  captured by a closure), replicated over a mesh; they are not checkpointed (they are
+  loaded again on resume).
+- ``generated_images(server_state) -> [n, H, W, C] or None``: images the server made (FedKTL's
+  one image per class), which the runner writes as a PNG grid after every round in which
+  they exist (``<run>_generated.png``, recorded in the results JSON).
 
 What the engine reads from an algorithm, besides these functions: ``model`` (its architecture
 group's Flax model; `dataclasses.replace(algorithm, model=...)` makes the instance of another
@@ -159,6 +167,15 @@ class Algorithm:
     """Full-model variables a new client starts from (new-client evaluation)."""
     raise NotImplementedError
 
+  def server_inputs(self):
+    """Constant server inputs (a hook: see :func:`has_hook`), passed to ``server_update`` as
+    ``inputs``."""
+    raise NotImplementedError
+
+  def generated_images(self, server_state):
+    """Images the server generated, or None (a hook: see :func:`has_hook`)."""
+    raise NotImplementedError
+
   def warmup_client(self, server_state, client_state, data, key):
     """One client's part of the initialisation period: ``(client_state, upload)``."""
     raise NotImplementedError
@@ -256,7 +273,7 @@ def supports_train_mode(algorithm) -> bool:
 
 
 HOOKS = ("eval_views", "final_views", "new_client_variables", "warmup_client",
-         "warmup_server")
+         "warmup_server", "server_inputs", "generated_images")
 
 
 def has_hook(algorithm, name: str) -> bool:

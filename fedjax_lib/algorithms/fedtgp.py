@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_lib.algorithms.base import check_int, check_number
-from fedjax_lib.algorithms.prototypes import PrototypeAlgorithm, class_sums, mean_of_uploads
+from fedjax_lib.algorithms.prototypes import (PrototypeAlgorithm, eval_class_means,
+                                              mean_of_uploads)
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.local import ClientData, train_model
 from fedjax_lib.errors import ConfigError
@@ -159,20 +160,8 @@ class FedTGP(PrototypeAlgorithm):
 
   def local_prototypes(self, variables, data: ClientData, num_classes: int):
     """Per-class mean features over the whole training set, in evaluation mode."""
-    chunk = 50
-    width = data.train_idx.shape[0]
-    rows = -(-width // chunk) * chunk
-    idx = jnp.pad(data.train_idx, (0, rows - width))
-    valid = jnp.arange(rows) < data.train_count
-
-    def chunk_sums(args):
-      chunk_idx, chunk_valid = args
-      features = self.model.apply(variables, data.x[chunk_idx], method="features")
-      return class_sums(features, data.y[chunk_idx], chunk_valid, num_classes)
-
-    sums, counts = jax.lax.map(chunk_sums, (idx.reshape(-1, chunk), valid.reshape(-1, chunk)))
-    sums, counts = sums.sum(0), counts.sum(0)
-    return sums / jnp.maximum(counts, 1.0)[:, None], counts > 0
+    return eval_class_means(
+        lambda x: self.model.apply(variables, x, method="features"), data, num_classes)
 
   def server_update(self, server_state, uploads, weights, key):
     has = uploads["present"] & (weights > 0)[:, None]            # [K, C]

@@ -11,6 +11,8 @@ present rows count as traffic (:func:`~fedjax_lib.algorithms.base.rows_traffic`)
   puts the sample's own detached feature there) but still count in the mean.
 - :func:`nearest_prototype_logits` — scores ``-MSE(f(x), P[c])`` for the nearest-prototype
   evaluation of FedProto and FedTGP (classes without a prototype score ``-inf``).
+- :func:`eval_class_means` — a client's per-class mean embedding over its training set, in
+  evaluation mode (FedTGP's features, FedKTL's normalised head outputs).
 - :func:`mean_of_uploads` — the server's per-class unweighted mean over the clients that
   uploaded the class (weight 0 — dropped or padding — uploads nothing).
 - :class:`PrototypeAlgorithm` — what the two algorithms share: personal models (the whole
@@ -60,6 +62,24 @@ def nearest_prototype_logits(features: jax.Array, protos: jax.Array,
   dist = jnp.square(features[:, None, :] - protos[None]).mean(-1)
   logits = jnp.where(present[None], -dist, -jnp.inf)
   return jnp.where(present.any(), logits, 0.0)
+
+
+def eval_class_means(embed, data, num_classes: int, chunk: int = 50):
+  """``(means [C, k], present [C])``: per-class means of ``embed(x) [n, k]`` over a client's
+  whole training set (evaluation mode: ``embed`` is a fixed function), ``chunk`` samples at a
+  time; a class the client lacks has a zero row and ``present`` False."""
+  width = data.train_idx.shape[0]
+  rows = -(-width // chunk) * chunk
+  idx = jnp.pad(data.train_idx, (0, rows - width))
+  valid = jnp.arange(rows) < data.train_count
+
+  def chunk_sums(args):
+    chunk_idx, chunk_valid = args
+    return class_sums(embed(data.x[chunk_idx]), data.y[chunk_idx], chunk_valid, num_classes)
+
+  sums, counts = jax.lax.map(chunk_sums, (idx.reshape(-1, chunk), valid.reshape(-1, chunk)))
+  sums, counts = sums.sum(0), counts.sum(0)
+  return sums / jnp.maximum(counts, 1.0)[:, None], counts > 0
 
 
 def mean_of_uploads(protos: jax.Array, has: jax.Array):

@@ -17,7 +17,7 @@ checkpoint that cannot be read is moved aside (``<step>.unreadable``) with one w
 favour of the one before it — unless the caller requires one (``--resume``) and none can be
 read: then nothing is moved and a `ConfigError` names every unreadable checkpoint. Orbax's
 background reads of a damaged checkpoint fail after the restore has given up; their "Event loop
-is closed" reports are silenced (:func:`_quiet_failed_reads`), nothing else is.
+is closed" reports are silenced (:func:`quiet_failed_reads`), nothing else is.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class RunCheckpointer:
         checkpoint is removed and the previous ones are kept.
     """
     state = {"server": server_state, "clients": client_states}
-    with STOPPER.writing(), _absl_silenced(), _quiet_failed_reads():
+    with STOPPER.writing(), _absl_silenced(), quiet_failed_reads():
       try:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
@@ -124,7 +124,7 @@ class RunCheckpointer:
     found = None
     for step in reversed(self.steps()):
       try:
-        with _quiet_failed_reads():
+        with quiet_failed_reads():
           found = self._restore(step, server_state, client_states)
         break
       except ConfigError:
@@ -191,7 +191,7 @@ class RunCheckpointer:
     """The JSON item of the newest readable checkpoint (no arrays are read), or None."""
     for step in reversed(self.steps()):
       try:
-        with _quiet_failed_reads():
+        with quiet_failed_reads():
           meta = dict(self.manager.restore(step, args=ocp.args.Composite(
               meta=ocp.args.JsonRestore())).meta)
       except Exception:  # pylint: disable=broad-except
@@ -230,8 +230,9 @@ def _absl_silenced():
   logger.setLevel(level)
 
 
-class _quiet_failed_reads:  # pylint: disable=invalid-name
-  """Silences the reports of Orbax's background reads (or writes) that failed.
+class quiet_failed_reads:  # pylint: disable=invalid-name
+  """Silences the reports of Orbax's background reads (or writes) that failed (a context
+  manager around an Orbax save or restore; also used for generator folders).
 
   When one array of a damaged checkpoint cannot be read (or written: a full disk), Orbax
   gives up while its other reads are still in flight; they end later on TensorStore's threads, after Orbax's event loop has
@@ -247,7 +248,7 @@ class _quiet_failed_reads:  # pylint: disable=invalid-name
     self._absl = logging.getLogger("absl")
     self._level = self._absl.level
     self._absl.setLevel(logging.CRITICAL)  # Orbax logs each unparsable file as an error
-    if not _quiet_failed_reads.installed:
+    if not quiet_failed_reads.installed:
       previous = sys.unraisablehook
 
       def hook(unraisable):
@@ -255,12 +256,16 @@ class _quiet_failed_reads:  # pylint: disable=invalid-name
           previous(unraisable)
 
       sys.unraisablehook = hook
-      _quiet_failed_reads.installed = True
+      quiet_failed_reads.installed = True
     return self
 
   def __exit__(self, *exc):
     if exc[0] is not None:
-      gc.collect()  # the failed reads' coroutines are reported now, through the filter
+      with warnings.catch_warnings():
+        # Reads never started are "never awaited": the same failure again.
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                                category=RuntimeWarning)
+        gc.collect()  # the failed reads' coroutines are reported now, through the filter
     self._absl.setLevel(self._level)
 
 

@@ -287,7 +287,8 @@ class Engine:
     # Every array a compiled program reads, passed as an argument (never closed over):
     # samples, all index tables (new clients), and each group's index tables by row.
     self.arrays = {"data": self.data,
-                   "tables": [self._group_tables(data, gi) for gi in range(len(groups))]}
+                   "tables": [self._group_tables(data, gi) for gi in range(len(groups))],
+                   "server_inputs": self._server_inputs()}
     self._model_cycle = None if model_cycle is None else tuple(model_cycle)
     # Incremented while tracing: a compile counter for tests and a guard against retracing.
     self.trace_counts: collections.Counter = collections.Counter()
@@ -321,6 +322,20 @@ class Engine:
     return DeviceData(_put(data.x, replicated), _put(data.y, replicated),
                       table(data.train_idx), table(data.train_count),
                       table(data.test_idx), table(data.test_count))
+
+  def _server_inputs(self):
+    """The algorithm's constant server inputs (`Algorithm.server_inputs`, e.g. a pretrained
+    generator's parameters): loaded once, an argument of every round (never closed over),
+    replicated over a mesh; ``{}`` for an algorithm without them."""
+    if not has_hook(self.algorithm, "server_inputs"):
+      return {}
+    # Through host memory: arrays restored by Orbax are committed to a device, and mixing
+    # committed with the engine's uncommitted arrays would make each round's outputs
+    # committed one round after another, recompiling every program (measured: 3 rounds).
+    inputs = jax.tree.map(np.asarray, self.algorithm.server_inputs())
+    if self.mesh is None:
+      return jax.tree.map(jnp.asarray, inputs)
+    return jax.tree.map(lambda a: _put(a, NamedSharding(self.mesh, P())), inputs)
 
   def _group_tables(self, data: DeviceData, gi: int):
     """``(train_idx, train_count, test_idx, test_count)`` of a group's rows (padding: empty)."""
@@ -515,17 +530,17 @@ class Engine:
           self._program(gi, hparams, server_state, arrays, phase), client_states[g.name], slots[gi],
           keys[gi], linear)
       outputs.append(out)
-    server_state, metrics = self._finish(hparams, server_state, outputs,
-                                         [s.ids for s in slots], plan, root, round_index,
-                                         phase=phase)
+    server_state, metrics = self._finish(hparams, server_state, arrays["server_inputs"],
+                                         outputs, [s.ids for s in slots], plan, root,
+                                         round_index, phase=phase)
     if self.mesh is not None:  # fixed layouts in and out: every round reuses one program
       server_state = self._constrain(server_state, P())
       new_states = self._constrain(new_states, P(CLIENTS))
       metrics = self._constrain(metrics, P())
     return server_state, new_states, metrics
 
-  def _finish_fn(self, hparams, server_state, outputs, slot_ids, plan, root, round_index,
-                 phase):
+  def _finish_fn(self, hparams, server_state, server_inputs, outputs, slot_ids, plan, root,
+                 round_index, phase):
     """Aggregation over every group's uploads, and the round's metrics (traced)."""
     cat = lambda *xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)
     out = jax.tree.map(cat, *outputs) if len(outputs) > 1 else outputs[0]
@@ -538,7 +553,8 @@ class Engine:
                                        rng.server_key(rng.warmup_key(root)))
     else:
       skey = rng.server_key(rng.round_key(root, round_index))
-      server_state = alg.server_update(server_state, out.uploads, out.weights, skey)
+      extra = {"inputs": server_inputs} if has_hook(alg, "server_inputs") else {}
+      server_state = alg.server_update(server_state, out.uploads, out.weights, skey, **extra)
     metrics = {
         "nonfinite": jnp.where(out.nonfinite, ids, -1),
         "num_nonfinite": out.nonfinite.sum(),

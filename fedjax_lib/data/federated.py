@@ -86,6 +86,23 @@ class FederatedData:
                train_count=train_count, test_idx=test_idx, test_count=test_count,
                num_classes=int(num_classes))
 
+  def few_shot(self, shots: int) -> "FederatedData":
+    """A copy whose clients keep the first ``shots`` training samples of each class, in
+    their order (HtFLlib's ``-fs``); test sets are unchanged."""
+    lists = []
+    for i in range(self.num_clients):
+      rows = self.train_idx[i, : self.train_count[i]]
+      seen = np.zeros(self.num_classes, np.int64)
+      keep = []
+      for row in rows:
+        label = self.y[row]
+        if seen[label] < shots:
+          seen[label] += 1
+          keep.append(row)
+      lists.append(np.asarray(keep, np.int32))
+    train_idx, train_count = _pad_table(lists)
+    return dataclasses.replace(self, train_idx=train_idx, train_count=train_count)
+
   def client_arrays(self, client: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """Returns ``(x, y)`` of one client's train or test samples (host copies)."""
     idx, count = ((self.train_idx, self.train_count) if split == "train"
