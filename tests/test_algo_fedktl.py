@@ -366,3 +366,16 @@ def test_few_shot_keeps_the_first_k_samples_of_each_class():
   np.testing.assert_array_equal(shots.test_idx, full.test_idx)
   with pytest.raises(ConfigError, match="few_shot=-1 is invalid"):
     Config(few_shot=-1).validate()
+
+
+def test_a_sweep_ignores_the_generator_loaded_per_combination(data):
+  """Each combination's FedKTL loads its own copy of the generator; only the swept values
+  differ (the generator and its parameters are not settings)."""
+  from fedjax_lib import sweep  # pylint: disable=import-outside-toplevel
+  model = make_model("dnn", data.sample_shape, data.num_classes)
+  algs = [make_algorithm("FedKTL", model, LocalSpec(), fedktl_params(mu=mu))
+          for mu in (0.0, 50.0)]
+  assert algs[0].generator_params is not algs[1].generator_params
+  values = sweep.swept_values(algs, ["mu"])
+  assert list(values) == ["mu"]
+  np.testing.assert_array_equal(values["mu"], [0.0, 50.0])

@@ -312,6 +312,8 @@ def is_linear_server(algorithm) -> bool:
 def _fields(obj, prefix: str = "") -> dict[str, Any]:
   out = {}
   for f in dataclasses.fields(obj):
+    if not f.compare:  # not part of the settings (FedKTL's generator and its parameters)
+      continue
     value = getattr(obj, f.name)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
       out.update(_fields(value, f"{prefix}{f.name}."))
