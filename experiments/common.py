@@ -1,10 +1,12 @@
 """What the experiment scripts share: running one configuration in a fresh process, mean/std
-over seeds, and replacing a marked table in the README."""
+over seeds, table cells, the machine's description, and replacing a marked section of a
+Markdown file (the README's tables, an experiment's RESULTS.md)."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -25,6 +27,38 @@ def run_python(code: str, what: str) -> dict:
   return summary
 
 
+# The summary `run_config` prints: seed-mean/std of best and last accuracy, the steady s/round,
+# per-seed accuracies (and of the head view where an algorithm reports one), per-seed traffic.
+_SUMMARY = (
+    "r = run_experiment(Config(**config), log=lambda m: None)\n"
+    "head = [max(run.history['test_acc_head']) for run in r.runs"
+    " if 'test_acc_head' in run.history]\n"
+    "summary = {'best': r.best_test_acc, 'last': r.last_test_acc,"
+    " 'round_s': r.mean_round_time_s, 'best_runs': [run.best_test_acc for run in r.runs],"
+    " 'last_runs': [run.last_test_acc for run in r.runs], 'head_runs': head,"
+    " 'up': [run.traffic['mean_upload_floats'] for run in r.runs],"
+    " 'down': [run.traffic['mean_download_floats'] for run in r.runs]}\n"
+    "if curves:\n"
+    "  summary['acc_curves'] = [run.history['test_acc'] for run in r.runs]\n"
+    "  summary['nonfinite_runs'] = [sum(run.history['nonfinite_clients']) for run in r.runs]\n"
+    "print(json.dumps(summary))\n")
+
+
+def run_config(config: dict, what: str, *, curves: bool = False) -> dict:
+  """Runs ``run_experiment(Config(**config))`` in a fresh interpreter; returns its summary.
+
+  The summary: ``best``/``last`` ``(mean, std)`` over seeds, ``round_s``, ``best_runs``,
+  ``last_runs``, ``head_runs`` (best ``test_acc_head`` per seed, empty when the algorithm has
+  no head view), ``up``/``down`` (mean floats per trained round, per seed) and ``wall_s``; with
+  ``curves`` also ``acc_curves`` (each seed's test accuracy per evaluation) and
+  ``nonfinite_runs`` (each seed's count of non-finite client updates, which stop a run).
+  """
+  code = ("import json\n"
+          "from fedjax_lib import Config, run_experiment\n"
+          f"config, curves = {config!r}, {curves!r}\n" + _SUMMARY)
+  return run_python(code, what)
+
+
 def mean(values) -> float:
   return sum(values) / len(values)
 
@@ -34,12 +68,47 @@ def std(values) -> float:
   return (sum((x - m) ** 2 for x in values) / len(values)) ** 0.5
 
 
-def replace_readme_section(name: str, text: str) -> None:
-  """Puts ``text`` between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in README.md."""
-  readme = os.path.join(ROOT, "README.md")
+def mean_std(pair) -> str:
+  """A ``(mean, std)`` pair as ``0.123 ± 0.004``."""
+  return f"{pair[0]:.3f} ± {pair[1]:.3f}"
+
+
+def floats_text(v: float) -> str:
+  """A float count as ``1.234M``, ``56.7k`` or ``0``."""
+  return f"{v / 1e6:.3f}M" if v >= 1e5 else f"{v / 1e3:.1f}k" if v else "0"
+
+
+def machine() -> str:
+  """The processor's model name (``/proc/cpuinfo``, else `platform`) and the core count."""
+  name = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      name = next((line.split(":", 1)[1].strip() for line in f
+                   if line.startswith("model name")), name)
+  except OSError:
+    pass
+  return f"{name}, {os.cpu_count()} cores"
+
+
+def has_section(path: str, name: str) -> bool:
+  """Whether the file ``path`` exists and holds the markers of section ``name``."""
+  if not os.path.isfile(path):
+    return False
+  with open(path, encoding="utf-8") as f:
+    content = f.read()
+  return f"<!-- {name}:begin -->" in content and f"<!-- {name}:end -->" in content
+
+
+def replace_section(path: str, name: str, text: str) -> None:
+  """Puts ``text`` between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in ``path``."""
   begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-  with open(readme, encoding="utf-8") as f:
+  with open(path, encoding="utf-8") as f:
     content = f.read()
   i, j = content.index(begin) + len(begin), content.index(end)
-  with open(readme, "w", encoding="utf-8") as f:
+  with open(path, "w", encoding="utf-8") as f:
     f.write(content[:i] + "\n" + text + content[j:])
+
+
+def replace_readme_section(name: str, text: str) -> None:
+  """Puts ``text`` between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in README.md."""
+  replace_section(os.path.join(ROOT, "README.md"), name, text)

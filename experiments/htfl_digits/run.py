@@ -36,32 +36,39 @@ HYPERPARAMETERS = {
 }
 
 
+def config(algorithm: str, params: dict, *, rounds: int, times: int, lr: float, eval_gap: int,
+           out: str) -> dict:
+  """The `Config` keywords of this setting for ``algorithm`` with ``params``."""
+  return dict(dataset="digits32", algorithm=algorithm, model=MODEL, learning_rate=lr,
+              batch_size=10, local_epochs=1, global_rounds=rounds, eval_gap=eval_gap,
+              times=times, seed=0, out=out, progress=False, plot=False, overwrite=True,
+              algo_params=params)
+
+
 def run_one(algorithm: str, args) -> dict:
   """Runs one algorithm (``times`` seeds) in a subprocess; returns its summary."""
   params, _ = HYPERPARAMETERS.get(algorithm, ({}, ""))
-  code = (
-      "import json\n"
-      "from fedjax_lib import Config, run_experiment\n"
-      f"c = Config(dataset='digits32', algorithm={algorithm!r}, model={MODEL!r},"
-      f" learning_rate={args.lr}, batch_size=10, local_epochs=1, global_rounds={args.rounds},"
-      f" eval_gap={args.eval_gap}, times={args.times}, seed=0, out={args.out!r},"
-      f" progress=False, plot=False, overwrite=True, algo_params={params!r})\n"
-      "r = run_experiment(c, log=lambda m: None)\n"
-      "head = [max(run.history['test_acc_head']) for run in r.runs"
-      " if 'test_acc_head' in run.history]\n"
-      "print(json.dumps({'best': r.best_test_acc, 'last': r.last_test_acc,"
-      " 'round_s': r.mean_round_time_s, 'best_runs': [run.best_test_acc for run in r.runs],"
-      " 'last_runs': [run.last_test_acc for run in r.runs], 'head_runs': head,"
-      " 'up': [run.traffic['mean_upload_floats'] for run in r.runs],"
-      " 'down': [run.traffic['mean_download_floats'] for run in r.runs]}))\n")
-  summary = common.run_python(code, algorithm)
+  summary = common.run_config(
+      config(algorithm, params, rounds=args.rounds, times=args.times, lr=args.lr,
+             eval_gap=args.eval_gap, out=args.out), algorithm)
   summary["params"] = params
   return summary
 
 
-
-def _floats(v: float) -> str:
-  return f"{v / 1e6:.3f}M" if v >= 1e5 else f"{v / 1e3:.1f}k" if v else "0"
+def table_rows(results: dict, notes: dict) -> list:
+  """The table's header and one row per algorithm; ``notes``: the hyperparameters column."""
+  lines = [
+      "| Algorithm | Best acc | Last acc | Best head acc | s/round | floats up | floats down | "
+      "Hyperparameters |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for name, r in results.items():
+    head = r.get("head_runs") or []
+    head_text = f"{common.mean(head):.3f} ± {common.std(head):.3f}" if head else "—"
+    lines.append(f"| {name} | {common.mean_std(r['best'])} | {common.mean_std(r['last'])} | "
+                 f"{head_text} | {r['round_s']:.3f} | {common.floats_text(r['up'][0])} | "
+                 f"{common.floats_text(r['down'][0])} | {notes.get(name, 'HtFLlib defaults')} |")
+  return lines
 
 
 def table(results: dict, args) -> str:
@@ -75,17 +82,7 @@ def table(results: dict, args) -> str:
       f"{args.rounds}`. Floats up/down: per round, all clients together (seed 0's mean over "
       "the trained rounds).",
       "",
-      "| Algorithm | Best acc | Last acc | Best head acc | s/round | floats up | floats down | "
-      "Hyperparameters |",
-      "|---|---|---|---|---|---|---|---|",
-  ]
-  for name, r in results.items():
-    head = r.get("head_runs") or []
-    head_text = f"{common.mean(head):.3f} ± {common.std(head):.3f}" if head else "—"
-    _, note = HYPERPARAMETERS.get(name, ({}, "HtFLlib defaults"))
-    lines.append(f"| {name} | {r['best'][0]:.3f} ± {r['best'][1]:.3f} | {r['last'][0]:.3f} ± "
-                 f"{r['last'][1]:.3f} | {head_text} | {r['round_s']:.3f} | "
-                 f"{_floats(r['up'][0])} | {_floats(r['down'][0])} | {note} |")
+  ] + table_rows(results, {name: note for name, (_, note) in HYPERPARAMETERS.items()})
   return "\n".join(lines) + "\n"
 
 
