@@ -69,7 +69,7 @@ def _sweep_item(text: str) -> tuple[str, list]:
 # Short names accepted by --sweep.
 SWEEP_ALIASES = {"lr": "learning_rate", "local_learning_rate": "learning_rate",
                  "lamda": "lam", "mart": "margin_threshold", "slr": "server_learning_rate",
-                 "bt": "beta", "et": "eta", "mo": "momentum", "klw": "kl_weight"}
+                 "bt": "beta", "al": "fml_alpha", "et": "eta", "mo": "momentum", "klw": "kl_weight"}
 
 
 # PFLlib's algorithm flags: (flags, hyperparameter name, type, help). Each is passed to the
@@ -79,8 +79,14 @@ ALGORITHM_FLAGS = (
     (("-mu", "--mu"), "mu", float, "proximal coefficient; GCE/CoV weight decay in GPFL; "
      "generated-pair MSE weight in FedKTL"),
     (("-lam", "--lamda", "--lam"), "lam", float, "regularisation weight λ (MMD in FedCP, "
-     "alignment in GPFL, prototype MSE in FedProto and FedTGP, centroid MSE in FedKTL)"),
-    (("-bt", "--beta"), "beta", float, "meta step β"),
+     "alignment in GPFL, prototype MSE in FedProto and FedTGP, centroid MSE in FedKTL, "
+     "soft-target cross-entropy in FD)"),
+    (("-bt", "--beta"), "beta", float,
+     "meta step β (PerAvg); the shared model's cross-entropy weight β (FML)"),
+    (("-al", "--fml_alpha", "--fml-alpha"), "fml_alpha", float,
+     "the private model's cross-entropy weight α in FML (1 − α on its KL to the shared model)"),
+    (("-sfd", "--sub_feature_dim", "--sub-feature-dim"), "sub_feature_dim", int,
+     "feature width s of FedMRL's shared model (its head reads the first s fused features)"),
     (("-pls", "--plocal_epochs", "--plocal-epochs"), "plocal_epochs", int,
      "personal-model / head epochs"),
     (("-et", "--eta"), "eta", float, "ALA weight learning rate"),
@@ -97,7 +103,8 @@ ALGORITHM_FLAGS = (
     (("-mart", "--margin_threshold", "--margin-threshold"), "margin_threshold", float,
      "cap τ of the adaptive margin"),
     (("-slr", "--server_learning_rate", "--server-learning-rate"), "server_learning_rate",
-     float, "server learning rate (FedKTL's feature transformer and centroids)"),
+     float, "server learning rate (FedKTL's feature transformer and centroids, FedGH's global "
+     "head)"),
     (("-sbs", "--server_batch_size", "--server-batch-size"), "server_batch_size", int,
      "server batch size"),
     (("-gbs", "--generation_batch_size", "--generation-batch-size"), "generation_batch_size",
@@ -108,7 +115,7 @@ ALGORITHM_FLAGS = (
 _ALGO_DESTS = tuple(dest for _, dest, _, _ in ALGORITHM_FLAGS)
 
 # What an algorithm hyperparameter whose default is None stands for, as --help shows it.
-_UNSET_HYPERPARAMETER = {"beta": "the learning rate"}
+_UNSET_HYPERPARAMETER = {"beta": "the learning rate", "generator_path": "required by FedKTL"}
 
 
 def _format_default(value) -> str:

@@ -227,7 +227,7 @@ def test_help_shows_defaults_and_valid_names():
   assert "-gr, --global_rounds, --global-rounds GLOBAL_ROUNDS" in text
   assert "try -gr 50 first (default: 2000)" in text
   assert "(default: 0.0 (Ditto, FedProx, GPFL), 50.0 (FedKTL))" in text
-  assert "(default: the learning rate)" in text  # PerAvg's beta, unset
+  assert "(default: 1.0 (FML), the learning rate (PerAvg))" in text  # PerAvg: unset
   for names in (algorithm_names(), MODEL_NAMES, BUILTIN_DATASETS):
     assert f"{', '.join(names)}" in text
 

@@ -32,6 +32,8 @@ def _engine(algo, executor, data, model="dnn", jr=0.7, rjr=False, cdr=0.25, unro
   m = make_model(model, data.sample_shape, data.num_classes)
   if params is None and algo == "FedKTL":
     params = fedktl_params()
+  if params is None and algo == "FedMRL":
+    params = {"sub_feature_dim": 8}  # dnn has 100 features; FedMRL's default s = 128 exceeds them
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=2,
                    steps_per_epoch=int(data.train_count.max()) // 4, unroll=unroll)
   return engine_lib.Engine(

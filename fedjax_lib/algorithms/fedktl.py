@@ -61,7 +61,7 @@ executor is exactly reproducible from the seed, and they agree in distribution, 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
@@ -237,7 +237,7 @@ class FedKTL(Algorithm):
       when not given).
   """
 
-  generator_path: str = ""
+  generator_path: Optional[str] = None
   lam: float = 1.0
   mu: float = 50.0
   server_learning_rate: float = 0.01
@@ -266,7 +266,7 @@ class FedKTL(Algorithm):
     if not isinstance(self.pfllib_compat, bool):
       raise ConfigError(f"{self.name} hyperparameter pfllib_compat={self.pfllib_compat!r} "
                         "must be true or false")
-    if not isinstance(self.generator_path, str):
+    if self.generator_path is not None and not isinstance(self.generator_path, str):
       raise ConfigError(f"{self.name} hyperparameter generator_path={self.generator_path!r} "
                         "must be a folder path (-GPath)")
     if self.generator is None:

@@ -32,7 +32,7 @@ import dataclasses
 
 import jax
 
-from fedjax_lib.algorithms.prototypes import PrototypeAlgorithm, class_sums, mean_of_uploads
+from fedjax_lib.algorithms.prototypes import PrototypeAlgorithm, class_mean_server, class_sums
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.local import train_model
 
@@ -66,6 +66,4 @@ class FedProto(PrototypeAlgorithm):
 
   def server_update(self, server_state, uploads, weights, key):
     del server_state, key
-    has = uploads["present"] & (weights > 0)[:, None]
-    protos, present = mean_of_uploads(uploads["protos"], has)
-    return {"protos": protos, "present": present}
+    return class_mean_server(uploads, weights)

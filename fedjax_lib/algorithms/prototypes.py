@@ -91,6 +91,14 @@ def mean_of_uploads(protos: jax.Array, has: jax.Array):
   return mean, count > 0
 
 
+def class_mean_server(uploads, weights) -> dict:
+  """``{'protos', 'present'}``: per class, the unweighted mean of the rows uploaded with
+  weight > 0 (FedProto's prototypes, FD's logits); no row for a class nobody uploaded."""
+  has = uploads["present"] & (weights > 0)[:, None]
+  protos, present = mean_of_uploads(uploads["protos"], has)
+  return {"protos": protos, "present": present}
+
+
 @dataclasses.dataclass(frozen=True)
 class PrototypeAlgorithm(Algorithm):
   """Personal models trained with ``CE + lam·MSE(f(x), P[y])`` against the server's

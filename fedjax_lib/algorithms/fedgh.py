@@ -1,0 +1,190 @@
+"""FedGH: Heterogeneous Federated Learning with Generalized Global Header.
+
+Yi, Wang, Liu, Shi, Yu, ACM Multimedia 2023 (arXiv:2303.13137). HtFLlib's ``-algo FedGH``
+(its scripts: ``-slr 0.01 -se 1``).
+
+Each client keeps its own base ``f_i`` (any architecture, features pooled to one width d);
+the head ``h = Linear(d, C)`` is global and lives on the server. Every round the server
+sends ``h`` to every client, which replaces its head with it (so clients are trained and
+evaluated with ``h(f_i(x))``). A selected client then
+
+1. trains its whole model ``h_i ∘ f_i`` (``h_i`` starting from ``h``) with cross-entropy for
+   ``local_epochs``;
+2. computes in evaluation mode its class prototypes ``P_i^c = mean f_i(x)`` over its training
+   samples of class c, and uploads those of the classes it has (``C_i x d`` floats).
+
+The server gathers the (prototype, class) pairs ``(P_i^c, c)`` of the clients that uploaded
+and trains ``h`` on them with plain SGD (lr ``server_learning_rate``, ``-slr``) for
+``server_epochs`` epochs (``-se``), each a fresh shuffle in batches of ``-lbs`` (the last batch
+holds the remainder; PyTorch's ``DataLoader(shuffle=True)``), minimising
+
+    L(W, b) = (1/|batch|) Σ_{(p, c) ∈ batch} −log softmax(W^T p + b)_c .
+
+The trained head persists on the server (initially client 0's initial head). Download:
+``dC + C`` floats per client.
+
+The head must be one dense layer of the same shape for every architecture (the server trains
+that layer for all of them); other heads are refused (HtFLlib crashes on them, its issue #3).
+
+Differences from HtFLlib (``clientgh.py``/``servergh.py``):
+
+- Prototypes average every training sample of the client (HtFLlib iterates its drop_last
+  training loader, leaving out the last ``count mod B`` samples).
+- The server's shuffles derive from the run's keys (HtFLlib: the unseeded global torch RNG);
+  its SGD is stateless, so re-creating it every round, as HtFLlib does, is the same.
+- ``server_epochs`` defaults to HtFLlib's argparse default 100; its ``total.sh`` uses ``-se 1``.
+- Dropped clients (``-cdr``) upload nothing, as in HtFLlib.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_lib.algorithms.base import (SettingsContext, Traffic, abstract_variables,
+                                        check_int, check_number, rows_traffic)
+from fedjax_lib.algorithms.prototypes import eval_class_means
+from fedjax_lib.algorithms.registry import register
+from fedjax_lib.algorithms.split import SplitAlgorithm, split_parts
+from fedjax_lib.core.local import cross_entropy_objective, masked_cross_entropy, train_model
+from fedjax_lib.errors import ConfigError
+
+
+def valid_row_order(key: jax.Array, valid: jax.Array) -> jax.Array:
+  """A uniformly random order of the rows with ``valid``, followed by the others.
+
+  Row i's shuffle score is drawn from ``fold_in(key, rank_i)``, ``rank_i`` its position among
+  the valid rows, never its position in ``valid``: the uploads of several devices come with
+  padding slots elsewhere, and the order of the valid rows must not depend on that.
+  """
+  rank = jnp.cumsum(valid) - 1
+  scores = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(key, r)))(rank)
+  return jnp.argsort(jnp.where(valid, scores, 2.0))
+
+
+def train_on_rows(params, loss_fn: Callable, valid: jax.Array, batch_size: int,
+                  num_epochs: int, tx: optax.GradientTransformation, key: jax.Array):
+  """``num_epochs`` epochs of ``tx`` over the rows with ``valid`` (a server's training set).
+
+  Epoch e visits the valid rows in the order :func:`valid_row_order` draws from
+  ``fold_in(key, e)``, in ``ceil(n / batch_size)`` batches (``n`` valid rows; the last batch
+  holds the remainder and is masked beyond it). The optimizer state starts fresh and runs on
+  through the epochs. No valid row: ``params`` unchanged.
+
+  Args:
+    params: the parameters trained.
+    loss_fn: ``loss_fn(params, rows [B] int, mask [B] float) -> scalar``; must average over
+      ``mask`` (rows under ``mask == 0`` are arbitrary).
+    valid: ``[n_rows]`` bool.
+    batch_size, num_epochs: static.
+    tx: the optax transform.
+    key: the round's server key.
+  """
+  total = valid.shape[0]
+  count = valid.sum()
+  padded = (-(-total // batch_size) + 1) * batch_size
+  grad_fn = jax.grad(loss_fn)
+
+  def epoch(e, carry):
+    order = jnp.pad(valid_row_order(jax.random.fold_in(key, e), valid), (0, padded - total))
+
+    def step(s, carry):
+      params, opt_state = carry
+      rows = jax.lax.dynamic_slice(order, (s * batch_size,), (batch_size,))
+      mask = (s * batch_size + jnp.arange(batch_size) < count).astype(jnp.float32)
+      updates, opt_state = tx.update(grad_fn(params, rows, mask), opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    return jax.lax.fori_loop(0, -(-count // batch_size), step, carry)
+
+  params, _ = jax.lax.fori_loop(0, num_epochs, epoch, (params, tx.init(params)))
+  return params
+
+
+def dense_head_shape(variables, model_name: str = "this model") -> tuple[int, int]:
+  """``(d, C)`` of a head that is one dense layer ``{'kernel': [d, C], 'bias': [C]}``; a
+  ConfigError for any other head (shapes only: works on abstract variables)."""
+  head = split_parts(variables)["head"]
+  shapes = {k: tuple(v.shape) for k, v in head.items() if hasattr(v, "shape")}
+  if set(head) == {"kernel", "bias"} and len(shapes) == 2 and len(shapes["kernel"]) == 2 \
+      and shapes["bias"] == shapes["kernel"][1:]:
+    return shapes["kernel"]
+  structure = jax.tree.map(lambda a: list(a.shape), head)
+  raise ConfigError(
+      f"FedGH trains one global head Linear(d, C) on the server and every client replaces its "
+      f"head with it, but {model_name}'s head is {structure}; HtFLlib crashes here too (its "
+      "issue #3). Use models whose head is one dense layer (no +head suffix, no ViT), or an "
+      "algorithm that shares no head (Local, FD, FedProto, FedTGP)")
+
+
+@register("FedGH")
+@dataclasses.dataclass(frozen=True)
+class FedGH(SplitAlgorithm):
+  """Personal bases; a global dense head trained on the server from uploaded prototypes.
+
+  Attributes:
+    server_learning_rate: SGD step size of the server's head training (``-slr``; 0.01).
+    server_epochs: epochs over the uploaded prototypes per round (``-se``; HtFLlib's default
+      100, its scripts 1).
+  """
+
+  server_learning_rate: float = 0.01
+  server_epochs: int = 100
+
+  SHARED = "head"
+  TRAIN_MODE = True
+
+  def __post_init__(self):
+    check_number(self.name, "server_learning_rate", self.server_learning_rate, 0.0,
+                 finite=True)
+    check_int(self.name, "server_epochs", self.server_epochs, 0)
+
+  def init(self, key, sample_x, num_clients):
+    dense_head_shape(abstract_variables(self.model, sample_x))
+    return super().init(key, sample_x, num_clients)
+
+  def client_update(self, server_state, client_state, data, key):
+    variables, _, stats = train_model(self.model, self.variables(server_state, client_state),
+                                      data, key, self.local, cross_entropy_objective)
+    num_classes = server_state["head"]["bias"].shape[0]
+    protos, present = eval_class_means(
+        lambda x: self.model.apply(variables, x, method="features"), data, num_classes)
+    # The trained head is dropped: the server's head replaces it before anything uses it.
+    return self._client_state(variables), {"protos": protos, "present": present}, stats
+
+  def server_update(self, server_state, uploads, weights, key):
+    has = uploads["present"] & (weights > 0)[:, None]               # [K, C]
+    num_classes, dim = uploads["protos"].shape[1:]
+    valid = has.reshape(-1)
+    # Rows that are not pairs may hold anything (dropped slots): zero them before use.
+    points = jnp.where(valid[:, None], uploads["protos"].reshape(-1, dim), 0.0)
+    labels = jnp.tile(jnp.arange(num_classes), has.shape[0])
+
+    def loss_fn(head, rows, mask):
+      logits = points[rows] @ head["kernel"] + head["bias"]
+      return masked_cross_entropy(logits, labels[rows], mask)
+
+    head = train_on_rows(server_state["head"], loss_fn, valid, self.local.batch_size,
+                         self.server_epochs, optax.sgd(self.server_learning_rate), key)
+    return {"head": head}
+
+  def upload_traffic(self, upload) -> Traffic:
+    """The prototypes of the classes the client has (``C_i x d``)."""
+    return rows_traffic(upload["protos"], upload["present"])
+
+  def check_settings(self, context: SettingsContext) -> list[str]:
+    """Refuses a model without a base (its features would be the raw inputs) or whose head
+    is not one dense layer."""
+    variables = abstract_variables(self.model, context.sample_x)
+    dense_head_shape(variables, f"model {context.model_name!r}")
+    if not jax.tree.leaves(split_parts(variables)["base"]):
+      raise ConfigError(
+          f"FedGH learns prototypes of the model's features, but model "
+          f"{context.model_name!r} has no base/head split (its base has no parameters, so "
+          "its features are the raw inputs); use a model with a feature extractor (cnn, dnn, "
+          "resnet18, ...)")
+    return super().check_settings(context)
