@@ -248,8 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
        dest="algo_params", metavar="NAME=VALUE",
        help="any other algorithm hyperparameter (repeatable)")
   _add(algorithm, "--pfllib-compat", default=d.pfllib_compat, dest="pfllib_compat", **boolean,
-       help="reproduce PFLlib's documented quirks where an algorithm offers it (e.g. FedCP's "
-       "Gumbel noise at test time)")
+       help="reproduce PFLlib's / HtFLlib's documented quirks where an algorithm offers it "
+       "(FedCP's Gumbel noise at test time, FD's raw-logit targets, FedKTL's and FedMRL's "
+       "projector reset, FML's undetached peers)")
 
   training = p.add_argument_group("training")
   _add(training, "-gr", "--global_rounds", "--global-rounds", type=int,
