@@ -14,15 +14,15 @@ from fedjax_lib import Config, run_experiment
 from fedjax_lib.algorithms import fd as fd_lib  # importing registers "FD"/"FedDistill"
 from fedjax_lib.algorithms import fedgh as gh_lib  # and "FedGH"
 from fedjax_lib.algorithms import get_algorithm, make_algorithm
+from fedjax_lib.algorithms import prototypes as proto_lib
 from fedjax_lib.algorithms.base import SettingsContext, is_linear_server
 from fedjax_lib.core import engine as engine_lib
 from fedjax_lib.core import rng
 from fedjax_lib.core.local import LocalSpec, batch_schedule, masked_cross_entropy
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
-from tests import test_conformance_htfl as htfl_suite
-from tests.test_algo_proto import _alg, _client, _toy
-from tests.test_engine import _run, _small_data
+from tests.test_algo_proto import _alg, _client, _toy, _traffic
+from tests.test_engine import _small_data
 
 QUIET = dict(log=lambda msg: None)
 
@@ -184,12 +184,12 @@ def test_fd_raw_logit_targets_diverge_while_softmax_targets_stay_bounded():
 def test_valid_row_order_puts_valid_rows_first_and_ignores_padding_positions():
   key = jax.random.PRNGKey(3)
   valid = jnp.array([1, 0, 1, 1, 0, 1, 1], bool)
-  order = np.asarray(gh_lib.valid_row_order(key, valid))
+  order = np.asarray(proto_lib.valid_row_order(key, valid))
   assert sorted(order[:5]) == [0, 2, 3, 5, 6] and sorted(order[5:]) == [1, 4]
   # the same five valid rows with the padding elsewhere: the same order of valid ranks
   moved = jnp.array([1, 1, 1, 1, 1, 0, 0], bool)
   rank = lambda v, o: list(np.cumsum(np.asarray(v))[o[:5]] - 1)
-  assert rank(valid, order) == rank(moved, np.asarray(gh_lib.valid_row_order(key, moved)))
+  assert rank(valid, order) == rank(moved, np.asarray(proto_lib.valid_row_order(key, moved)))
 
 
 def test_fedgh_server_trains_the_head_like_numpy_sgd_on_the_shuffled_pairs():
@@ -213,7 +213,7 @@ def test_fedgh_server_trains_the_head_like_numpy_sgd_on_the_shuffled_pairs():
   points, labels = protos.reshape(-1, 8), np.tile(np.arange(4), 4)
   batches = []
   for e in range(3):
-    order = np.asarray(gh_lib.valid_row_order(jax.random.fold_in(key, e), jnp.asarray(valid)))
+    order = np.asarray(proto_lib.valid_row_order(jax.random.fold_in(key, e), jnp.asarray(valid)))
     batches += [order[s:min(s + 3, 7)] for s in range(0, 7, 3)]
   kernel, bias = np_head_sgd(np.asarray(server["head"]["kernel"], np.float64),
                              np.asarray(server["head"]["bias"], np.float64), points, labels,
@@ -297,20 +297,6 @@ def test_registry_names_and_defaults():
 
 
 # ---------------------------------------------------------------- communication
-def _traffic(name, data, num_rounds=2):
-  alg = _alg(name, data, **({"server_epochs": 1} if name == "FedGH" else {}))
-  eng = engine_lib.Engine(alg, engine_lib.DeviceData.from_federated(data),
-                          engine_lib.Participation(data.num_clients), executor="vmap")
-  root = rng.root_key(0)
-  server, clients = eng.init(root, data.x[0])
-  out = []
-  for r in range(num_rounds):
-    server, clients, metrics = eng.run_round(server, clients, root, r)
-    out.append({k: float(metrics[k]) for k in ("upload_floats", "download_floats",
-                                               "upload_bytes", "download_bytes")})
-  return out
-
-
 def test_traffic_follows_the_reference_formulas():
   """Reference §6 per client: FD C_i·C up, C·C down (nothing before the first aggregation);
   FedGH C_i·d up, dC + C down (the head exists from the start)."""
@@ -324,42 +310,6 @@ def test_traffic_follows_the_reference_formulas():
   for t in gh:
     assert t["upload_floats"] == sum_ci * d and t["upload_bytes"] == 4 * sum_ci * d
     assert t["download_floats"] == n * (d * c + c)
-
-
-# ---------------------------------------------------------------- engine-level checks
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
-def test_fedgh_server_on_heterogeneous_groups_equals_one_device():
-  """FedGH's head training (SGD on every uploaded prototype) over two architecture groups
-  sharded on 8 devices: the server state is replicated and equals the one-device state. (FD's
-  server is FedProto's per-class mean, covered by tests/test_sharding.py.)"""
-  data = _small_data(num_clients=11)
-  spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
-                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
-  models = htfl_suite._models(data)
-  alg = make_algorithm("FedGH", models["dnn"], spec,
-                       {"server_epochs": 3, "server_learning_rate": 0.5})
-  groups = [engine_lib.Group(arch, dataclasses.replace(alg, model=m),
-                             tuple(i for i in range(11) if i % 2 == k))
-            for k, (arch, m) in enumerate(models.items())]
-  device_data = engine_lib.DeviceData.from_federated(data)
-  part = engine_lib.Participation(11, 0.8, False, 0.25)
-  one = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=[0, 1])
-  many = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=[0, 1],
-                           mesh=engine_lib.client_mesh(8))
-  s1, c1, h1 = _run(one)
-  s8, c8, h8 = _run(many)
-  for leaf in jax.tree.leaves(s8):
-    shards = [np.asarray(s.data) for s in leaf.addressable_shards]
-    assert len(shards) == 8 or leaf.sharding.is_fully_replicated
-    for shard in shards[1:]:
-      np.testing.assert_array_equal(shard, shards[0])
-  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  jax.tree.map(close, s1, s8)
-  jax.tree.map(close, c1, many.export_states(c8))
-  for a, b in zip(h1, h8):
-    np.testing.assert_allclose(a["test_acc"], b["test_acc"], atol=1e-9)
-  init, _ = one.init(rng.root_key(0), data.x[0])
-  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, init, s1)))
 
 
 @pytest.mark.parametrize("algorithm,bar", [("FD", 0.8), ("FedGH", 0.9)])

@@ -7,13 +7,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from fedjax_lib.algorithms import fedmrl, fml  # importing them registers FML and FedMRL
 from fedjax_lib.algorithms.base import SettingsContext, tree_traffic
 from fedjax_lib.algorithms.registry import make_algorithm
 from fedjax_lib.config import Config
-from fedjax_lib.core.local import ClientData, LocalSpec
+from fedjax_lib.core.local import ClientData, LocalSpec, clip_each
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
 from fedjax_lib.runner import run_experiment
@@ -87,7 +88,7 @@ def test_mutual_learning_gradients_route_as_documented(detach):
 
 def test_each_model_is_clipped_to_norm_ten_separately():
   """HtFLlib clips each model's gradient (not their joint one) to norm 10, then SGD."""
-  tx = fml.clipped_sgd(0.5, ("private", "shared"))
+  tx = clip_each(optax.sgd(0.5), ("private", "shared"), fml.CLIP_NORM)
   params = {"private": {"w": jnp.zeros(4)}, "shared": {"w": jnp.zeros(3)}}
   grads = {"private": {"w": jnp.asarray([30.0, 40.0, 0.0, 0.0])},
            "shared": {"w": jnp.asarray([1.0, 2.0, 2.0])}}

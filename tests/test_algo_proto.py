@@ -241,7 +241,7 @@ def test_fedtgp_server_steps_per_epoch_follow_the_number_of_pairs():
 
 # ---------------------------------------------------------------- communication
 def _traffic(name, data, num_rounds=2, jr=1.0, cdr=0.0):
-  alg = _alg(name, data, **({"server_epochs": 1} if name == "FedTGP" else {}))
+  alg = _alg(name, data, **({"server_epochs": 1} if name in ("FedTGP", "FedGH") else {}))
   eng = engine_lib.Engine(alg, engine_lib.DeviceData.from_federated(data),
                           engine_lib.Participation(data.num_clients, jr, False, cdr),
                           executor="vmap")

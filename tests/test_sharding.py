@@ -26,9 +26,11 @@ from fedjax_lib.algorithms.base import is_linear_server
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.core import aggregate
 from fedjax_lib.core import engine as engine_lib
+from fedjax_lib.core import rng
 from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
+from tests import test_conformance_htfl as htfl_suite
 from tests.helpers import as_images, fedktl_params
 from tests.test_engine import _engine, _run, _small_data
 
@@ -220,34 +222,23 @@ def test_two_processes_equal_one(tmp_path):
 
 SERVER_PARAMS = {"FedTGP": {"server_epochs": 3, "lam": 1.0},
                  "FedKTL": {"server_epochs": 3, "server_batch_size": 8},
-                 "FedMRL": {"sub_feature_dim": 8}}
+                 "FedMRL": {"sub_feature_dim": 8},
+                 "FedGH": {"server_epochs": 3, "server_learning_rate": 0.5}}
 
 
-@pytest.mark.parametrize("name", ["FedTGP", "FedProto", "FedKTL", "FML", "FedMRL"])
-def test_prototype_servers_on_heterogeneous_groups_equal_one_device(name):
-  """FedTGP's server (TGP network trained with the ACL loss on every upload), FedProto's
-  per-class means, FedKTL's (a feature transformer trained with MMD against generator
-  latents, centroids, decoded images) and FML's and FedMRL's uniform means of the shared
-  model, over two architecture groups sharded on 8 devices:
-  the server state is replicated and equals the one-device state."""
-  data = _small_data(num_clients=11)
-  if name == "FedKTL":
-    data = as_images(data)
-  spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
-                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
-  models = {arch: make_model(arch, data.sample_shape, data.num_classes, feature_dim=16)
-            for arch in ("dnn", "dnn+head16-8")}
-  params = SERVER_PARAMS.get(name)
-  if name == "FedKTL":
-    params = fedktl_params(**params)
-  alg = make_algorithm(name, models["dnn"], spec, params)
+def assert_groups_equal_on_one_and_eight_devices(alg, models, data):
+  """Runs ``alg`` over one architecture group per entry of ``models`` (clients dealt out in
+  turn; 80% join, 25% drop), on one device and sharded on 8: the server state must be
+  replicated and equal the one-device state, the client states and accuracies too. Returns
+  the one-device server state."""
   groups = [engine_lib.Group(arch, dataclasses.replace(alg, model=m),
-                             tuple(i for i in range(11) if i % 2 == k))
+                             tuple(i for i in range(data.num_clients) if i % len(models) == k))
             for k, (arch, m) in enumerate(models.items())]
   device_data = engine_lib.DeviceData.from_federated(data)
-  part = engine_lib.Participation(11, 0.8, False, 0.25)
-  one = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=[0, 1])
-  many = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=[0, 1],
+  part = engine_lib.Participation(data.num_clients, 0.8, False, 0.25)
+  cycle = list(range(len(models)))
+  one = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=cycle)
+  many = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=cycle,
                            mesh=engine_lib.client_mesh(8))
   s1, c1, h1 = _run(one)
   s8, c8, h8 = _run(many)
@@ -257,5 +248,33 @@ def test_prototype_servers_on_heterogeneous_groups_equal_one_device(name):
   jax.tree.map(close, c1, many.export_states(c8))
   for a, b in zip(h1, h8):
     np.testing.assert_allclose(a["test_acc"], b["test_acc"], atol=1e-9)
+  init, _ = one.init(rng.root_key(0), data.x[0])
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, init, s1))), "server never moved"
+  return s1
+
+
+@pytest.mark.parametrize("name", ["FedTGP", "FedProto", "FedKTL", "FML", "FedMRL", "FedGH"])
+def test_htfl_servers_on_heterogeneous_groups_equal_one_device(name):
+  """Non-linear HtFL servers over two architecture groups sharded on 8 devices: FedTGP's
+  (TGP network trained with the ACL loss on every upload), FedProto's per-class means,
+  FedKTL's (a feature transformer trained with MMD against generator latents, centroids,
+  decoded images), FML's and FedMRL's uniform means of the shared model, FedGH's head
+  trained by SGD on every uploaded prototype (FD's server is FedProto's per-class mean).
+  The server state is replicated and equals the one-device state."""
+  data = _small_data(num_clients=11)
+  if name == "FedKTL":
+    data = as_images(data)
+  spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
+                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
+  if name == "FedGH":  # one dense head for both architectures
+    models = htfl_suite._models(data)
+  else:
+    models = {arch: make_model(arch, data.sample_shape, data.num_classes, feature_dim=16)
+              for arch in ("dnn", "dnn+head16-8")}
+  params = SERVER_PARAMS.get(name)
+  if name == "FedKTL":
+    params = fedktl_params(**params)
+  alg = make_algorithm(name, models["dnn"], spec, params)
+  s1 = assert_groups_equal_on_one_and_eight_devices(alg, models, data)
   if name in ("FedTGP", "FedProto", "FedKTL"):
     assert bool(np.asarray(s1["generated" if name == "FedKTL" else "present"]).any())

@@ -39,70 +39,17 @@ Differences from HtFLlib (``clientgh.py``/``servergh.py``):
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_lib.algorithms.base import (SettingsContext, Traffic, abstract_variables,
                                         check_int, check_number, rows_traffic)
-from fedjax_lib.algorithms.prototypes import eval_class_means
+from fedjax_lib.algorithms.prototypes import eval_class_means, train_on_rows
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import SplitAlgorithm, split_parts
 from fedjax_lib.core.local import cross_entropy_objective, masked_cross_entropy, train_model
 from fedjax_lib.errors import ConfigError
-
-
-def valid_row_order(key: jax.Array, valid: jax.Array) -> jax.Array:
-  """A uniformly random order of the rows with ``valid``, followed by the others.
-
-  Row i's shuffle score is drawn from ``fold_in(key, rank_i)``, ``rank_i`` its position among
-  the valid rows, never its position in ``valid``: the uploads of several devices come with
-  padding slots elsewhere, and the order of the valid rows must not depend on that.
-  """
-  rank = jnp.cumsum(valid) - 1
-  scores = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(key, r)))(rank)
-  return jnp.argsort(jnp.where(valid, scores, 2.0))
-
-
-def train_on_rows(params, loss_fn: Callable, valid: jax.Array, batch_size: int,
-                  num_epochs: int, tx: optax.GradientTransformation, key: jax.Array):
-  """``num_epochs`` epochs of ``tx`` over the rows with ``valid`` (a server's training set).
-
-  Epoch e visits the valid rows in the order :func:`valid_row_order` draws from
-  ``fold_in(key, e)``, in ``ceil(n / batch_size)`` batches (``n`` valid rows; the last batch
-  holds the remainder and is masked beyond it). The optimizer state starts fresh and runs on
-  through the epochs. No valid row: ``params`` unchanged.
-
-  Args:
-    params: the parameters trained.
-    loss_fn: ``loss_fn(params, rows [B] int, mask [B] float) -> scalar``; must average over
-      ``mask`` (rows under ``mask == 0`` are arbitrary).
-    valid: ``[n_rows]`` bool.
-    batch_size, num_epochs: static.
-    tx: the optax transform.
-    key: the round's server key.
-  """
-  total = valid.shape[0]
-  count = valid.sum()
-  padded = (-(-total // batch_size) + 1) * batch_size
-  grad_fn = jax.grad(loss_fn)
-
-  def epoch(e, carry):
-    order = jnp.pad(valid_row_order(jax.random.fold_in(key, e), valid), (0, padded - total))
-
-    def step(s, carry):
-      params, opt_state = carry
-      rows = jax.lax.dynamic_slice(order, (s * batch_size,), (batch_size,))
-      mask = (s * batch_size + jnp.arange(batch_size) < count).astype(jnp.float32)
-      updates, opt_state = tx.update(grad_fn(params, rows, mask), opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-
-    return jax.lax.fori_loop(0, -(-count // batch_size), step, carry)
-
-  params, _ = jax.lax.fori_loop(0, num_epochs, epoch, (params, tx.init(params)))
-  return params
 
 
 def dense_head_shape(variables, model_name: str = "this model") -> tuple[int, int]:

@@ -70,9 +70,9 @@ import optax
 
 from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, Traffic, abstract_variables,
                                         check_int, check_number, rows_traffic, stack_clients)
-from fedjax_lib.algorithms.prototypes import eval_class_means
+from fedjax_lib.algorithms.prototypes import eval_class_means, valid_row_order
 from fedjax_lib.algorithms.registry import register
-from fedjax_lib.core.local import Batch, train_locally
+from fedjax_lib.core.local import Batch, clip_each, train_locally
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models.base import apply_train, model_state, split_params
 
@@ -338,9 +338,7 @@ class FedKTL(Algorithm):
       state = jax.tree.map(lambda g, s: jnp.where(generated, g, s), state_g, state)
       return loss + jnp.where(generated, self.mu * extra, 0.0), (state, gen_step + 1)
 
-    clipped = optax.chain(optax.clip_by_global_norm(_CLIP), optax.sgd(self.local.learning_rate))
-    tx = optax.multi_transform({"model": clipped, "projector": clipped},
-                               {"model": "model", "projector": "projector"})
+    tx = clip_each(optax.sgd(self.local.learning_rate), ("model", "projector"), _CLIP)
     variables = client_state["params"]
     params, _, stats = train_locally(params, data, key, self.local, loss_fn, tx=tx,
                                      aux=(model_state(variables), jnp.zeros((), jnp.int32)))
@@ -391,9 +389,7 @@ class FedKTL(Algorithm):
     count = valid.sum()
     num_steps = -(-count // batch)
     padded = -(-total // batch) * batch + batch
-    clipped = optax.chain(optax.clip_by_global_norm(_CLIP), optax.adam(self.server_learning_rate))
-    tx = optax.multi_transform({"f": clipped, "q": clipped}, {"f": "f", "q": "q"})
-    rank = jnp.cumsum(valid) - 1  # shuffle scores by rank among valid uploads (device-invariant)
+    tx = clip_each(optax.adam(self.server_learning_rate), ("f", "q"), _CLIP)
 
     def loss_fn(trained, stats, rows, mask, latents):
       out, stats = transformer_apply(trained["f"], stats, points[rows], mask)
@@ -403,8 +399,7 @@ class FedKTL(Algorithm):
 
     def epoch(e, carry):
       epoch_key = jax.random.fold_in(key, e)
-      draw = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(epoch_key, r)))(rank)
-      order = jnp.pad(jnp.argsort(jnp.where(valid, draw, 2.0)), (0, padded - total))
+      order = jnp.pad(valid_row_order(epoch_key, valid), (0, padded - total))
 
       def step(s, carry):
         trained, opt_state, stats = carry

@@ -50,8 +50,8 @@ import jax.numpy as jnp
 
 from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, abstract_variables,
                                         check_int, stack_clients)
-from fedjax_lib.algorithms.fml import uniform_average
 from fedjax_lib.algorithms.registry import register
+from fedjax_lib.core.aggregate import uniform_average
 from fedjax_lib.core.local import masked_cross_entropy, train_locally
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models.base import apply_train, model_state

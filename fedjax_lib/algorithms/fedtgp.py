@@ -46,7 +46,7 @@ import optax
 
 from fedjax_lib.algorithms.base import check_int, check_number
 from fedjax_lib.algorithms.prototypes import (PrototypeAlgorithm, eval_class_means,
-                                              mean_of_uploads)
+                                              mean_of_uploads, train_on_rows)
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.local import ClientData, train_model
 from fedjax_lib.errors import ConfigError
@@ -184,36 +184,11 @@ class FedTGP(PrototypeAlgorithm):
     """``server_epochs`` epochs of SGD on the ACL loss over the valid (point, label) pairs:
     each epoch shuffles them and takes ``ceil(n / batch_size)`` steps (the last batch holds
     the remainder), as PyTorch's ``DataLoader(shuffle=True)`` does."""
-    batch = self.local.batch_size
-    total = points.shape[0]
-    count = valid.sum()
-    num_steps = -(-count // batch)
-    tx = optax.sgd(self.local.learning_rate)
-    padded = -(-total // batch) * batch + batch
-
     def loss_fn(p, rows, mask):
-      protos = tgp.apply({"params": p})
-      return acl_loss(points[rows], labels[rows], protos, margin, mask)
+      return acl_loss(points[rows], labels[rows], tgp.apply({"params": p}), margin, mask)
 
-    # A pair's shuffle score depends on its rank among the valid pairs, not on its position:
-    # on several devices the uploads come with padding slots in other places.
-    rank = jnp.cumsum(valid) - 1
-
-    def epoch(e, p):
-      epoch_key = jax.random.fold_in(key, e)
-      draw = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(epoch_key, r)))(rank)
-      order = jnp.pad(jnp.argsort(jnp.where(valid, draw, 2.0)), (0, padded - total))
-
-      def step(s, p):
-        rows = jax.lax.dynamic_slice(order, (s * batch,), (batch,))
-        mask = s * batch + jnp.arange(batch) < count
-        grads = jax.grad(loss_fn)(p, rows, mask)
-        updates, _ = tx.update(grads, tx.init(p), p)
-        return optax.apply_updates(p, updates)
-
-      return jax.lax.fori_loop(0, num_steps, step, p)
-
-    return jax.lax.fori_loop(0, self.server_epochs, epoch, params)
+    return train_on_rows(params, loss_fn, valid, self.local.batch_size, self.server_epochs,
+                         optax.sgd(self.local.learning_rate), key)
 
   def download(self, server_state):
     """The prototypes only: the TGP network stays on the server."""

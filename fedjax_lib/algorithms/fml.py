@@ -55,8 +55,8 @@ import optax
 from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, abstract_variables,
                                         check_number, stack_clients, untrained_new_clients)
 from fedjax_lib.algorithms.registry import register
-from fedjax_lib.core.aggregate import weighted_average
-from fedjax_lib.core.local import masked_cross_entropy, train_locally
+from fedjax_lib.core.aggregate import uniform_average
+from fedjax_lib.core.local import clip_each, masked_cross_entropy, train_locally
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models.base import apply_train, model_state
 
@@ -88,19 +88,6 @@ def mutual_learning_loss(out: jax.Array, out_shared: jax.Array, labels: jax.Arra
   shared = (beta * masked_cross_entropy(out_shared, labels, mask)
             + (1.0 - beta) * kl_div_mean(log_p_shared, target(jnp.exp(log_p)), mask))
   return private + shared
-
-
-def uniform_average(uploads, weights, fallback):
-  """The unweighted mean of the uploads whose weight is positive (``fallback`` when none)."""
-  return weighted_average(uploads, (jnp.asarray(weights) > 0).astype(jnp.float32),
-                          fallback=fallback)
-
-
-def clipped_sgd(learning_rate: float, parts: tuple[str, ...],
-                clip: float = CLIP_NORM) -> optax.GradientTransformation:
-  """SGD with each part's gradient (``{part: tree}``) clipped to global norm ``clip``."""
-  tx = optax.chain(optax.clip_by_global_norm(clip), optax.sgd(learning_rate))
-  return optax.multi_transform({p: tx for p in parts}, {p: p for p in parts})
 
 
 @register("FML")
@@ -165,7 +152,7 @@ class FML(Algorithm):
     params = {"private": private["params"], "shared": shared["params"]}
     params, _, stats = train_locally(
         params, data, key, self.local, loss_fn,
-        tx=clipped_sgd(self.local.learning_rate, ("private", "shared")),
+        tx=clip_each(optax.sgd(self.local.learning_rate), ("private", "shared"), CLIP_NORM),
         aux=(model_state(private), model_state(shared)))
     private_state, shared_state = stats.pop("aux")
     new_state = {"private": {"params": params["private"], **private_state}}

@@ -49,3 +49,10 @@ def weighted_average(stacked, weights: jax.Array, fallback=None):
   if fallback is None:
     return jax.tree.map(avg, stacked)
   return jax.tree.map(avg, stacked, fallback)
+
+
+def uniform_average(uploads, weights: jax.Array, fallback):
+  """The unweighted mean of the uploads whose weight is positive (``fallback`` when none):
+  the servers that average ``1/#clients that trained``, not by sample count."""
+  return weighted_average(uploads, (jnp.asarray(weights) > 0).astype(jnp.float32),
+                          fallback=fallback)

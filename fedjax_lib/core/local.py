@@ -252,3 +252,12 @@ def cross_entropy_objective(features, logits, batch: Batch, carry):
   """The plain cross-entropy objective of :func:`train_model` (``carry`` passes through)."""
   del features
   return masked_cross_entropy(logits, batch.y, batch.mask), carry
+
+
+def clip_each(inner: optax.GradientTransformation, parts: tuple[str, ...],
+              clip: float) -> optax.GradientTransformation:
+  """``inner`` on a ``{part: tree}`` with each part's gradient first clipped to global norm
+  ``clip`` on its own (PyTorch's ``clip_grad_norm_`` called once per module, as the
+  references do for two models trained together); each part has its own optimizer state."""
+  tx = optax.chain(optax.clip_by_global_norm(clip), inner)
+  return optax.multi_transform({p: tx for p in parts}, {p: p for p in parts})
