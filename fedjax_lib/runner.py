@@ -141,11 +141,14 @@ def dataset_tag(dataset: str) -> str:
 
 
 def algorithm_params(config: Config) -> dict:
-  """``config.algo_params`` plus ``pfllib_compat`` for algorithms that offer it."""
+  """``config.algo_params`` plus ``pfllib_compat`` and ``global_rounds`` for the algorithms
+  that take them."""
   params = dict(config.algo_params)
   accepted = algorithms_lib.get_algorithm(config.algorithm).hyperparameters()
   if config.pfllib_compat and "pfllib_compat" in accepted:
     params["pfllib_compat"] = True
+  if "global_rounds" in accepted:  # FedKD's energy schedule runs over the whole run
+    params.setdefault("global_rounds", config.global_rounds)
   return params
 
 
@@ -272,7 +275,9 @@ def check_train_mode(algorithm, models: dict) -> None:
 
 
 def make_algorithm(config: Config, data, model):
-  """The configured algorithm (local-training spec from ``config`` and the data's sizes)."""
+  """The configured algorithm for the architecture ``model`` (local-training spec from
+  ``config`` and the data's sizes; an algorithm with a shared model gets the family's global
+  model where the family names one, see `fedjax_lib.models.family_global_model`)."""
   steps_per_epoch = int(data.train_count.max()) // config.batch_size
   num_steps = steps_per_epoch * config.local_epochs
   unroll = config.unroll if config.unroll is not None else engine_lib.default_unroll(
@@ -281,7 +286,19 @@ def make_algorithm(config: Config, data, model):
   local = LocalSpec(learning_rate=float(config.learning_rate), batch_size=config.batch_size,
                     local_epochs=config.local_epochs, steps_per_epoch=steps_per_epoch,
                     unroll=unroll, loop=loop)
-  return algorithms_lib.make_algorithm(config.algorithm, model, local, algorithm_params(config))
+  params = algorithm_params(config)
+  global_arch = models_lib.family_global_model(config.model)
+  if global_arch is None or "shared_model" not in {
+      f.name for f in dataclasses.fields(algorithms_lib.get_algorithm(config.algorithm))}:
+    return algorithms_lib.make_algorithm(config.algorithm, model, local, params)
+  # The family's own global model (HtFLlib's args.global_model) is the shared model: the
+  # algorithm made with it derives its shared model from it, which replacing the model keeps.
+  architectures = models_lib.parse_model_names(config.model)
+  global_model = models_lib.make_model(global_arch, data.sample_shape, data.num_classes,
+                                       dtype=config.dtype,
+                                       feature_dim=feature_dim_of(config, architectures))
+  return dataclasses.replace(
+      algorithms_lib.make_algorithm(config.algorithm, global_model, local, params), model=model)
 
 
 def make_mesh(devices: int):

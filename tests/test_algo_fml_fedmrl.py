@@ -270,3 +270,22 @@ def test_two_architectures_learn_on_digits(algorithm, params, bar, tmp_path):
                               algo_params=params, out=str(tmp_path), progress=False), **QUIET)
   acc = res.runs[0].history["test_acc"]
   assert acc[0] < 0.3 and acc[-1] >= bar, acc
+
+
+@pytest.mark.parametrize("name", ["FML", "FedMRL"])
+def test_htc_families_share_fedavgcnn_as_htfllib_does(name):
+  """HtFLlib's HtC families name their own global model (FedAvgCNN with the dense head); the
+  other families and model lists share architecture 0 (reference §1.4)."""
+  import types  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.runner import make_algorithm as runner_algorithm  # pylint: disable=import-outside-toplevel
+  data = types.SimpleNamespace(train_count=np.array([40]), sample_shape=(32, 32, 3),
+                               num_classes=10)
+  resnet = make_model("resnet34+head512-256", (32, 32, 3), 10, feature_dim=512)
+  alg = runner_algorithm(Config(algorithm=name, model="Res34-HtC-img-4"), data, resnet)
+  assert alg.model is resnet
+  assert type(alg.shared_model.base).__name__ == "FedAvgCNNBase"
+  assert alg.shared_model.head == make_model("cnn", (32, 32, 3), 10).head
+  assert dataclasses.replace(alg, model=make_model("cnn", (32, 32, 3), 10)).shared_model \
+      is alg.shared_model  # every architecture group keeps it
+  alg = runner_algorithm(Config(algorithm=name, model="resnet34,cnn"), data, resnet)
+  assert type(alg.shared_model.base).__name__ == "ResNetBase"

@@ -21,6 +21,7 @@ from fedjax_lib.models.pooling import adaptive_avg_pool_matrix
 from fedjax_lib.models.zoo import FAMILIES
 from fedjax_lib.models.zoo import MODEL_NAMES
 from fedjax_lib.models.zoo import architecture_of_clients
+from fedjax_lib.models.zoo import family_global_model
 from fedjax_lib.models.zoo import init_model
 from fedjax_lib.models.zoo import make_model
 from fedjax_lib.models.zoo import parse_model_names

@@ -96,6 +96,11 @@ FAMILIES = {
     'HtM-img-10': (_HTFE_8 + ('vit_b_16', 'vit_b_32'), None),
 }
 
+#: The families that name their own ``global_model`` (the shared model of FML, FedKD and
+#: FedMRL); every other family, and a model list, shares its architecture 0 (HtFLlib's
+#: ``BaseHeadSplit(args, 0)``).
+FAMILY_GLOBAL_MODELS = {'HtFE-img-8-HtC-img-4': 'cnn', 'Res34-HtC-img-4': 'cnn'}
+
 #: The families' names in the FedTGP and FedKTL repositories (before HtFLlib renamed them).
 _FAMILY_ALIASES = {'htfe2': 'HtFE-img-2', 'htfe3': 'HtFE-img-3', 'htfe4': 'HtFE-img-4',
                    'htfe5': 'HtFE-img-5', 'htfe8': 'HtFE-img-8', 'htfe9': 'HtFE-img-9',
@@ -112,6 +117,12 @@ def family_architectures(family: str) -> tuple[str, ...]:
     return bases
   period = int(np.lcm(len(bases), len(heads)))
   return tuple(f'{bases[j % len(bases)]}+{heads[j % len(heads)]}' for j in range(period))
+
+
+def family_global_model(spec) -> Optional[str]:
+  """The architecture HtFLlib's ``args.global_model`` is for the family ``spec`` (the HtC
+  families: FedAvgCNN with the dense head), or None: the shared model is architecture 0."""
+  return FAMILY_GLOBAL_MODELS.get(_family_name(spec))
 
 
 def _family_name(spec) -> Optional[str]:
