@@ -112,3 +112,34 @@ def replace_section(path: str, name: str, text: str) -> None:
 def replace_readme_section(name: str, text: str) -> None:
   """Puts ``text`` between ``<!-- name:begin -->`` and ``<!-- name:end -->`` in README.md."""
   replace_section(os.path.join(ROOT, "README.md"), name, text)
+
+
+# FedKTL generators (experiments/fedktl_digits, experiments/htfl_digits)
+_RANDOM_GENERATOR = (
+    "import json, jax\n"
+    "from fedjax_lib.generators import save_generator, vae\n"
+    "save_generator(path, 'vae', vae.DEFAULT_CONFIG,"
+    " vae.init_params(vae.DEFAULT_CONFIG, jax.random.key(0)),"
+    " info={'training': {'data': 'none (random initialisation, key 0)', 'steps': 0}})\n"
+    "print(json.dumps({}))\n")
+
+
+def ensure_generator(kind: str, root: str, steps: int) -> str:
+  """The generator folder ``root/kind``, trained (or initialised) first when it is missing."""
+  path = os.path.join(root, kind)
+  if os.path.isfile(os.path.join(path, "generator.json")):
+    return path
+  print(f"making the {kind} generator in {path}", flush=True)
+  if kind == "random":
+    run_python(f"path = {os.path.abspath(path)!r}\n" + _RANDOM_GENERATOR, kind)
+  else:
+    subprocess.run([sys.executable, "-m", "fedjax_lib.generators", "train", "--data", kind,
+                    "--out", os.path.abspath(path), "--steps", str(steps), "--no-progress"],
+                   cwd=ROOT, check=True)
+  return path
+
+
+def generator_info(path: str) -> dict:
+  with open(os.path.join(path, "generator.json"), encoding="utf-8") as f:
+    content = json.load(f)
+  return {"path": os.path.abspath(path), "config": content["config"], **content["info"]}

@@ -60,7 +60,7 @@ def check_settings(config: Config, data, num_clients: int, algorithm,
     ConfigError: for a setting that cannot work (see the module docstring).
   """
   sample_x = data.x[0]
-  warnings = (_rounds(config) + _clients(config, data, num_clients)
+  warnings = (_rounds(config, algorithm) + _clients(config, data, num_clients)
               + _participation(config, num_clients, algorithm, sample_x)
               + _new_clients(config, data, num_clients, algorithm)
               + _ignored(config, algorithm)
@@ -69,10 +69,19 @@ def check_settings(config: Config, data, num_clients: int, algorithm,
   return list(dict.fromkeys(warnings))
 
 
-def _rounds(config: Config) -> list[str]:
-  """Evaluation gap, auto-break patience and checkpoint interval against the round count."""
+def _rounds(config: Config, algorithm) -> list[str]:
+  """Evaluation gap, auto-break patience, checkpoint interval and the algorithm's first
+  evaluated round against the round count."""
   rounds, gap = config.global_rounds, config.eval_gap
   out = []
+  first = algorithm.first_evaluated_round()
+  evaluated = [r for r in range(first, rounds + 1) if r % gap == 0]
+  if first and not evaluated:
+    raise ConfigError(
+        f"{algorithm.name} hyperparameter warmup_rounds={first}: the run has global_rounds="
+        f"{rounds} and evaluates nothing before round {first} (its warm-up), so no round "
+        f"would be evaluated; use warmup_rounds <= {rounds - rounds % gap} (-wu) or more "
+        "rounds")
   if rounds >= 1 and gap > rounds:
     raise ConfigError(f"eval_gap={gap} is larger than global_rounds={rounds}: only round 0, the "
                       f"untrained model, would be evaluated; use eval_gap <= {rounds}")

@@ -69,7 +69,8 @@ def _sweep_item(text: str) -> tuple[str, list]:
 # Short names accepted by --sweep.
 SWEEP_ALIASES = {"lr": "learning_rate", "local_learning_rate": "learning_rate",
                  "lamda": "lam", "mart": "margin_threshold", "slr": "server_learning_rate",
-                 "bt": "beta", "al": "fml_alpha", "et": "eta", "mo": "momentum", "klw": "kl_weight"}
+                 "bt": "beta", "al": "fml_alpha", "glr": "generator_learning_rate",
+                 "mlr": "mentee_learning_rate", "Ts": "energy_start", "Te": "energy_end", "et": "eta", "mo": "momentum", "klw": "kl_weight"}
 
 
 # PFLlib's algorithm flags: (flags, hyperparameter name, type, help). Each is passed to the
@@ -99,18 +100,37 @@ ALGORITHM_FLAGS = (
     (("-fte", "--fine_tuning_epochs", "--fine-tuning-epochs"), "fine_tuning_epochs", int,
      "fine-tuning epochs after the last round"),
     (("-se", "--server_epochs", "--server-epochs"), "server_epochs", int,
-     "server training epochs per round"),
+     "server training epochs per round (FedGen: Adam steps on its generator, B labels each)"),
     (("-mart", "--margin_threshold", "--margin-threshold"), "margin_threshold", float,
      "cap τ of the adaptive margin"),
     (("-slr", "--server_learning_rate", "--server-learning-rate"), "server_learning_rate",
      float, "server learning rate (FedKTL's feature transformer and centroids, FedGH's global "
-     "head)"),
+     "head, FedL2G's guiding vectors)"),
     (("-sbs", "--server_batch_size", "--server-batch-size"), "server_batch_size", int,
      "server batch size"),
     (("-gbs", "--generation_batch_size", "--generation-batch-size"), "generation_batch_size",
      int, "images decoded per generator call"),
     (("-GPath", "--generator_path", "--generator-path"), "generator_path", str,
      "generator folder (python -m fedjax_lib.generators train ... --out DIR)"),
+    (("-nd", "--noise_dim", "--noise-dim"), "noise_dim", int,
+     "width of FedGen's uniform generator noise ε"),
+    (("-glr", "--generator_learning_rate", "--generator-learning-rate"),
+     "generator_learning_rate", float, "Adam step size of FedGen's server generator"),
+    (("-hd", "--hidden_dim", "--hidden-dim"), "hidden_dim", int,
+     "hidden width of FedGen's generator"),
+    (("-mlr", "--mentee_learning_rate", "--mentee-learning-rate"), "mentee_learning_rate",
+     float, "SGD learning rate of FedKD's shared mentee (the mentor and W_h use -lr)"),
+    (("-Ts", "--T_start", "--T-start", "--energy_start", "--energy-start"), "energy_start",
+     float, "singular-value energy FedKD's SVD compression keeps in round 0"),
+    (("-Te", "--T_end", "--T-end", "--energy_end", "--energy-end"), "energy_end", float,
+     "energy FedKD keeps from round -gr on (linear from -Ts)"),
+    (("-mdb", "--meta_study_batches", "--meta-study-batches"), "meta_study_batches", int,
+     "study batches of FedL2G's meta step (its loss before the differentiable SGD step)"),
+    (("-mqb", "--meta_quiz_batches", "--meta-quiz-batches"), "meta_quiz_batches", int,
+     "quiz batches of FedL2G's meta step; the quiz set is the first mqb·batch_size training "
+     "samples, the rest is trained on"),
+    (("-wu", "--warm_up_rounds", "--warmup-rounds", "--warmup_rounds"), "warmup_rounds", int,
+     "FedL2G's first rounds with meta steps only (no local training)"),
 )
 _ALGO_DESTS = tuple(dest for _, dest, _, _ in ALGORITHM_FLAGS)
 
@@ -250,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add(algorithm, "--pfllib-compat", default=d.pfllib_compat, dest="pfllib_compat", **boolean,
        help="reproduce PFLlib's / HtFLlib's documented quirks where an algorithm offers it "
        "(FedCP's Gumbel noise at test time, FD's raw-logit targets, FedKTL's and FedMRL's "
-       "projector reset, FML's undetached peers)")
+       "projector reset, FML's undetached peers, FedGen's untrained generator, FedKD's "
+       "compressed parameters and per-slice SVD)")
 
   training = p.add_argument_group("training")
   _add(training, "-gr", "--global_rounds", "--global-rounds", type=int,

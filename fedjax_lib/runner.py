@@ -645,6 +645,7 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None]) ->
                   "sweep" if config.sweep else runs[0].spec.label)
   write = _writer(bar, log)
   start = time.perf_counter()
+  first_evaluated = engine.algorithm.first_evaluated_round()
   for r in bar:
     live = [run for run in runs if not run.done and run.start_round <= r]
     stop_if_requested(f"at round {r}")
@@ -653,7 +654,7 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None]) ->
         break
       continue
     eval_time, train_time = {}, {}
-    if r % config.eval_gap == 0:
+    if r % config.eval_gap == 0 and r >= first_evaluated:
       metrics, eval_time = states.evaluate(live, r)
       for run in live:
         m = metrics[run.spec.index]
@@ -680,7 +681,8 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None]) ->
           run.stop = (f"round {r}: non-finite update(s) from client(s) {bad}; stopping this "
                       f"run (last finite checkpoint: "
                       f"{run.last_ckpt or 'none; use --checkpoint-every'}; "
-                      "--on-nan skip-client drops such updates instead)")
+                      f"{engine.algorithm.divergence_advice()}, or --on-nan skip-client to "
+                      "drop such updates)")
     if training and config.plot and has_hook(engine.algorithm, "generated_images"):
       for run in training:
         write_generated(run, states, engine.algorithm, config)

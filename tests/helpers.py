@@ -1,9 +1,11 @@
-"""Shared test fixtures that are not pytest fixtures: a tiny generator for FedKTL.
+"""Shared test fixtures that are not pytest fixtures: a tiny generator for FedKTL, and the
+hyperparameters that keep every algorithm quick in the shared suites.
 
 `tiny_generator` is a randomly initialised built-in VAE decoder (w_dim 4, 16×16×3, width 4):
 a real `fedjax_lib.generators` generator, small enough that FedKTL's server compiles in
 seconds. `tiny_generator_path` writes it once per process as a generator folder (what
-``-GPath`` reads).
+``-GPath`` reads). `suite_params` is what the conformance, engine, dtype and sharding suites
+pass each algorithm.
 """
 
 import functools
@@ -44,3 +46,42 @@ def as_images(data, shape=(2, 2, 3)):
   images, so it runs the shared suites on image-shaped samples."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   return dataclasses.replace(data, x=data.x.reshape(-1, *shape))
+
+
+# Small sizes for the suites' tiny models: FedMRL's s must not exceed the dnn's 100 features
+# (default 128); FedGen's default generator (512 wide, 100 Adam steps) is slow to compile and
+# amplifies rounding (see its Numerics), at 4/8 wide the executors agree to the bit; FedL2G's
+# default 50 warm-up rounds would leave the suites' 2-3 rounds without local training.
+_SUITE_PARAMS = {
+    "FedMRL": {"sub_feature_dim": 8},
+    "FedGen": {"noise_dim": 4, "hidden_dim": 8, "server_epochs": 2},
+    "FedL2G-feat": {"warmup_rounds": 1},
+    "FedL2G-logit": {"warmup_rounds": 1},
+}
+
+
+def suite_params(name: str, **overrides):
+  """The hyperparameters the shared suites give algorithm ``name`` (``overrides`` on top),
+  or None: its defaults."""
+  base = fedktl_params() if name == "FedKTL" else _SUITE_PARAMS.get(name)
+  if base is None and not overrides:
+    return None
+  return {**(base or {}), **overrides}
+
+
+def assert_mixed_heads_refused(algorithm, data, match: str) -> None:
+  """Two architecture groups of ``algorithm`` (4 clients), ``dnn`` and ``dnn+head16-8`` (a
+  two-layer head): the engine's compatibility check refuses them before anything runs."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import pytest  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.core import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.models import make_model  # pylint: disable=import-outside-toplevel
+  models = {n: make_model(n, data.sample_shape, data.num_classes, feature_dim=16)
+            for n in ("dnn", "dnn+head16-8")}
+  groups = [engine_lib.Group(n, dataclasses.replace(algorithm, model=m), (k, k + 2))
+            for k, (n, m) in enumerate(models.items())]
+  eng = engine_lib.Engine(groups, engine_lib.DeviceData.from_federated(data),
+                          engine_lib.Participation(4), executor="vmap", model_cycle=[0, 1])
+  with pytest.raises(ConfigError, match=match):
+    eng.check_compatible(data.x[0])

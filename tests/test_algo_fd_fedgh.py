@@ -3,7 +3,6 @@ communication they report against HtFLlib's formulas (reference §6), FD's raw-l
 (``pfllib_compat``) divergence, learning on the bundled digits with two architectures, one vs
 eight devices, and the HtFL conformance suite."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +15,11 @@ from fedjax_lib.algorithms import fedgh as gh_lib  # and "FedGH"
 from fedjax_lib.algorithms import get_algorithm, make_algorithm
 from fedjax_lib.algorithms import prototypes as proto_lib
 from fedjax_lib.algorithms.base import SettingsContext, is_linear_server
-from fedjax_lib.core import engine as engine_lib
 from fedjax_lib.core import rng
 from fedjax_lib.core.local import LocalSpec, batch_schedule, masked_cross_entropy
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
+from tests.helpers import assert_mixed_heads_refused
 from tests.test_algo_proto import _alg, _client, _toy, _traffic
 from tests.test_engine import _small_data
 
@@ -267,15 +266,9 @@ def test_fedgh_refuses_heads_that_are_not_one_dense_layer():
       make_algorithm("FedGH", model, spec).check_settings(ctx(name))
     assert "\n" not in str(err.value) and name in str(err.value)
   # two architecture groups, one with a two-layer head: refused before anything runs
-  models = {n: make_model(n, data.sample_shape, data.num_classes, feature_dim=16)
-            for n in ("dnn", "dnn+head16-8")}
-  alg = make_algorithm("FedGH", models["dnn"], spec)
-  groups = [engine_lib.Group(n, dataclasses.replace(alg, model=m), (k, k + 2))
-            for k, (n, m) in enumerate(models.items())]
-  eng = engine_lib.Engine(groups, engine_lib.DeviceData.from_federated(data),
-                          engine_lib.Participation(4), executor="vmap", model_cycle=[0, 1])
-  with pytest.raises(ConfigError, match="one global head Linear"):
-    eng.check_compatible(data.x[0])
+  assert_mixed_heads_refused(make_algorithm("FedGH", make_model("dnn", data.sample_shape,
+                                                                data.num_classes), spec),
+                             data, "one global head Linear")
 
 
 @pytest.mark.parametrize("name,params", [

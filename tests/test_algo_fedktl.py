@@ -15,7 +15,7 @@ from fedjax_lib.algorithms import fedktl
 from fedjax_lib.algorithms.registry import make_algorithm
 from fedjax_lib.config import Config
 from fedjax_lib.core import rng
-from fedjax_lib.core.local import ClientData, LocalSpec
+from fedjax_lib.core.local import ClientData, LocalSpec, masked_mse
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
 from fedjax_lib.runner import build, run_experiment
@@ -106,7 +106,7 @@ def test_masked_mse_and_reset_centroids_match_numpy():
   r = _rng(3)
   a, b = r.normal(size=(5, 4)), r.normal(size=(5, 4))
   mask = np.array([1, 0, 1, 1, 0], bool)
-  got = fedktl.masked_mse(jnp.asarray(a), jnp.asarray(b), jnp.asarray(mask))
+  got = masked_mse(jnp.asarray(a), jnp.asarray(b), jnp.asarray(mask))
   np.testing.assert_allclose(float(got), ((a - b)[mask] ** 2).mean(), rtol=1e-5)
 
   transformed = r.normal(size=(6, 3))
@@ -263,7 +263,7 @@ def test_server_training_lowers_its_loss(data):
     out, _ = fedktl.transformer_apply(server_state["transformer"],
                                       server_state["transformer_stats"], points)
     latents = alg.generator.sample(alg.generator_params, jax.random.key(77), points.shape[0])
-    return float(fedktl.mmd(out, latents, valid) + alg.lam * fedktl.masked_mse(
+    return float(fedktl.mmd(out, latents, valid) + alg.lam * masked_mse(
         out, server_state["centroids"][labels], valid))
 
   before = loss({**server, "centroids": fedktl.reset_centroids(

@@ -21,10 +21,11 @@ from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.models import BaseHeadModel, TorchDense, make_model
 from fedjax_lib.models.layers import TorchBatchNorm
 from tests.test_conformance import _structure, assert_resume_is_exact
-from tests.helpers import as_images, fedktl_params
+from tests.helpers import as_images, suite_params
 from tests.test_engine import _small_data
 
-HTFL = ["Local", "LG-FedAvg", "FD", "FedProto", "FedGH", "FedTGP", "FedKTL", "FML", "FedMRL"]
+HTFL = ["Local", "LG-FedAvg", "FD", "FedProto", "FedGH", "FedTGP", "FedKTL", "FML", "FedMRL",
+        "FedGen", "FedL2G-feat", "FedL2G-logit", "FedKD"]
 FEATURES = 16
 
 
@@ -48,8 +49,7 @@ def _models(data):
 def _engine(name, executor, data, new_clients=0, jr=0.8, cdr=0.25):
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=2,
                    steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
-  params = ({"server_epochs": 2} if name == "FedTGP" else fedktl_params() if name == "FedKTL"
-            else {"sub_feature_dim": 8} if name == "FedMRL" else None)
+  params = suite_params(name, **({"server_epochs": 2} if name == "FedTGP" else {}))
   models = _models(data)
   alg = make_algorithm(name, models["bn"], spec, params)
   n = data.num_clients - new_clients

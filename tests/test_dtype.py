@@ -18,7 +18,7 @@ from fedjax_lib.core.local import ClientData, LocalSpec
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import init_model, make_model
 from fedjax_lib.runner import build
-from tests.helpers import as_images, fedktl_params
+from tests.helpers import as_images, suite_params
 from tests.test_engine import _small_data
 
 # PFLlib's models; HtFLlib's zoo has its own tests (tests/test_models_resnet.py,
@@ -195,10 +195,9 @@ def _one_round(name, data):
   the final views (FedBABU), with the bf16 model: a dtype clash between bf16 features and
   float32 parameters fails while tracing it.
   """
-  params = ({"fine_tuning_epochs": 1} if name == "FedBABU" else
-            {"sub_feature_dim": 8} if name == "FedMRL" else {})
-  if name == "FedKTL":  # generates images: image-shaped samples, the tiny generator
-    data, params = as_images(data), fedktl_params()
+  params = ({"fine_tuning_epochs": 1} if name == "FedBABU" else suite_params(name) or {})
+  if name == "FedKTL":  # generates images: image-shaped samples
+    data = as_images(data)
   model = make_model("dnn", data.sample_shape, data.num_classes, dtype="bfloat16")
   algorithm = make_algorithm(name, model, _spec(), params)
   x, y = jnp.asarray(data.x), jnp.asarray(data.y)

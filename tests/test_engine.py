@@ -10,7 +10,7 @@ from fedjax_lib.core import rng
 from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.data.federated import FederatedData
 from fedjax_lib.models import make_model
-from tests.helpers import fedktl_params
+from tests.helpers import suite_params
 
 
 def _small_data(num_clients=6, seed=0, dim=12):
@@ -30,10 +30,8 @@ def _small_data(num_clients=6, seed=0, dim=12):
 def _engine(algo, executor, data, model="dnn", jr=0.7, rjr=False, cdr=0.25, unroll=0,
             params=None, new_clients=0):
   m = make_model(model, data.sample_shape, data.num_classes)
-  if params is None and algo == "FedKTL":
-    params = fedktl_params()
-  if params is None and algo == "FedMRL":
-    params = {"sub_feature_dim": 8}  # dnn has 100 features; FedMRL's default s = 128 exceeds them
+  if params is None:
+    params = suite_params(algo)
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=2,
                    steps_per_epoch=int(data.train_count.max()) // 4, unroll=unroll)
   return engine_lib.Engine(

@@ -173,7 +173,7 @@ def test_new_clients_tested_untrained(algorithm, part):
 # ---------------------------------------------------------------------------- ignored flags
 def test_flags_the_dataset_or_algorithm_does_not_read(tmp_path):
   _one(_warnings(pfllib_compat=True), "pfllib_compat=True", "FedAvg",
-       "only FD, FedCP, FedKTL, FedMRL, FML offer")
+       "only FD, FedCP, FedGen, FedKD, FedKTL, FedMRL, FML offer")
   assert not _warnings(algorithm="FedCP", pfllib_compat=True)
   _one(_warnings(alpha=0.5), "alpha=0.5", "partition='iid'")
   _one(build(Config(**UNEVEN, class_per_client=3)).warnings, "class_per_client=3",

@@ -31,7 +31,7 @@ from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
 from tests import test_conformance_htfl as htfl_suite
-from tests.helpers import as_images, fedktl_params
+from tests.helpers import as_images, suite_params
 from tests.test_engine import _engine, _run, _small_data
 
 QUIET = dict(log=lambda msg: None)
@@ -223,7 +223,8 @@ def test_two_processes_equal_one(tmp_path):
 SERVER_PARAMS = {"FedTGP": {"server_epochs": 3, "lam": 1.0},
                  "FedKTL": {"server_epochs": 3, "server_batch_size": 8},
                  "FedMRL": {"sub_feature_dim": 8},
-                 "FedGH": {"server_epochs": 3, "server_learning_rate": 0.5}}
+                 "FedGH": {"server_epochs": 3, "server_learning_rate": 0.5},
+                 "FedGen": {"server_epochs": 3}}
 
 
 def assert_groups_equal_on_one_and_eight_devices(alg, models, data):
@@ -253,28 +254,30 @@ def assert_groups_equal_on_one_and_eight_devices(alg, models, data):
   return s1
 
 
-@pytest.mark.parametrize("name", ["FedTGP", "FedProto", "FedKTL", "FML", "FedMRL", "FedGH"])
+@pytest.mark.parametrize("name", ["FedTGP", "FedProto", "FedKTL", "FML", "FedMRL", "FedGH",
+                                  "FedGen", "FedL2G-feat", "FedL2G-logit", "FedKD"])
 def test_htfl_servers_on_heterogeneous_groups_equal_one_device(name):
   """Non-linear HtFL servers over two architecture groups sharded on 8 devices: FedTGP's
   (TGP network trained with the ACL loss on every upload), FedProto's per-class means,
   FedKTL's (a feature transformer trained with MMD against generator latents, centroids,
   decoded images), FML's and FedMRL's uniform means of the shared model, FedGH's head
-  trained by SGD on every uploaded prototype (FD's server is FedProto's per-class mean).
+  trained by SGD on every uploaded prototype, FedGen's generator trained with Adam against
+  the ensemble of uploaded heads, FedL2G's clipped step on the mean meta-gradients, FedKD's
+  SVD-compressed uniform mean of the mentee updates (FD's
+  server is FedProto's per-class mean).
   The server state is replicated and equals the one-device state."""
   data = _small_data(num_clients=11)
   if name == "FedKTL":
     data = as_images(data)
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
                    steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
-  if name == "FedGH":  # one dense head for both architectures
+  if name in ("FedGH", "FedGen"):  # one dense head for both architectures
     models = htfl_suite._models(data)
   else:
     models = {arch: make_model(arch, data.sample_shape, data.num_classes, feature_dim=16)
               for arch in ("dnn", "dnn+head16-8")}
-  params = SERVER_PARAMS.get(name)
-  if name == "FedKTL":
-    params = fedktl_params(**params)
-  alg = make_algorithm(name, models["dnn"], spec, params)
+  alg = make_algorithm(name, models["dnn"], spec,
+                       suite_params(name, **SERVER_PARAMS.get(name, {})))
   s1 = assert_groups_equal_on_one_and_eight_devices(alg, models, data)
   if name in ("FedTGP", "FedProto", "FedKTL"):
     assert bool(np.asarray(s1["generated" if name == "FedKTL" else "present"]).any())

@@ -71,6 +71,22 @@ def _log(msg: str) -> None:
   print(msg, flush=True)
 
 
+def algorithm_params(algo: str) -> dict:
+  """HtFLlib's total.sh hyperparameters of ``algo`` (those of experiments/htfl_digits); FedKTL
+  gets an untrained built-in VAE (the same cost as a trained one), FedL2G no warm-up rounds
+  (the timed rounds train)."""
+  sys.path.insert(0, os.path.dirname(HERE))
+  import common  # pylint: disable=import-outside-toplevel  (experiments/common.py)
+  from htfl_digits import run as htfl  # pylint: disable=import-outside-toplevel
+  params = dict(htfl.HYPERPARAMETERS.get(algo, ({}, ""))[0])
+  if algo == "FedKTL":
+    params["generator_path"] = common.ensure_generator(
+        "random", os.path.join(tempfile.gettempdir(), "fedjax_bench_generators"), 0)
+  if algo.startswith("FedL2G"):
+    params["warmup_rounds"] = 0
+  return params
+
+
 # ---------------------------------------------------------------------------- the JAX child
 def run_jax(family: str, algo: str, rounds: int, executor: str | None, unroll: int | None,
             chunk_size: int, out: str | None) -> dict:
@@ -100,7 +116,7 @@ def run_jax(family: str, algo: str, rounds: int, executor: str | None, unroll: i
   models = {n: make_model(n, SAMPLE_SHAPE, NUM_CLASSES, feature_dim=FEATURE_DIM) for n in unique}
   params = {n: count_params(jax.eval_shape(
       lambda m=m: init_model(m, jax.random.PRNGKey(0), SAMPLE_SHAPE))) for n, m in models.items()}
-  alg = make_algorithm(algo, models[unique[0]], spec)
+  alg = make_algorithm(algo, models[unique[0]], spec, algorithm_params(algo))
   groups = [engine_lib.Group(n, dataclasses.replace(alg, model=models[n]),
                              tuple(i for i in range(NUM_CLIENTS) if names[i % len(names)] == n))
             for n in unique]
@@ -340,7 +356,8 @@ def main() -> None:
   p.add_argument("--rounds", type=int, default=3, help="timed rounds after the first round")
   p.add_argument("--impl", default="jax,torch", help="comma list of jax,torch")
   p.add_argument("--algos", default="Local",
-                 help="comma list for the JAX side (e.g. Local,FedTGP); PyTorch runs Local only")
+                 help="comma list for the JAX side (e.g. Local,FedTGP), or all: the twelve "
+                      "HtFLlib algorithms with its total.sh values; PyTorch runs Local only")
   p.add_argument("--executor", default=None,
                  help="vmap|chunked|sequential (default: the engine's default for the backend)")
   p.add_argument("--unroll", type=int, default=None,
@@ -377,6 +394,10 @@ def main() -> None:
 
   impls = [s.strip() for s in args.impl.split(",") if s.strip()]
   algos = [s.strip() for s in args.algos.split(",") if s.strip()]
+  if algos == ["all"]:
+    sys.path.insert(0, os.path.dirname(HERE))
+    from htfl_digits import run as htfl  # pylint: disable=import-outside-toplevel
+    algos = list(htfl.ALGORITHMS)
   unknown = set(impls) - {"jax", "torch"}
   if unknown:
     p.error(f"unknown --impl {sorted(unknown)}")

@@ -49,7 +49,6 @@ import importlib.metadata
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
@@ -77,37 +76,6 @@ KTL_RUNS = (("Local", None, {}), ("FedKTL", "sample-photos", {}),
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")
 RESULTS_JSON = os.path.join(HERE, "results.json")
 SECTIONS = ("setting", "main", "ablation", "ktl")
-
-
-# ---------------------------------------------------------------------------- generators
-_RANDOM_GENERATOR = (
-    "import json, jax\n"
-    "from fedjax_lib.generators import save_generator, vae\n"
-    "save_generator(path, 'vae', vae.DEFAULT_CONFIG,"
-    " vae.init_params(vae.DEFAULT_CONFIG, jax.random.key(0)),"
-    " info={'training': {'data': 'none (random initialisation, key 0)', 'steps': 0}})\n"
-    "print(json.dumps({}))\n")
-
-
-def ensure_generator(kind: str, root: str, steps: int) -> str:
-  """The generator folder ``root/kind``, trained (or initialised) first when it is missing."""
-  path = os.path.join(root, kind)
-  if os.path.isfile(os.path.join(path, "generator.json")):
-    return path
-  print(f"making the {kind} generator in {path}", flush=True)
-  if kind == "random":
-    common.run_python(f"path = {os.path.abspath(path)!r}\n" + _RANDOM_GENERATOR, kind)
-  else:
-    subprocess.run([sys.executable, "-m", "fedjax_lib.generators", "train", "--data", kind,
-                    "--out", os.path.abspath(path), "--steps", str(steps), "--no-progress"],
-                   cwd=common.ROOT, check=True)
-  return path
-
-
-def generator_info(path: str) -> dict:
-  with open(os.path.join(path, "generator.json"), encoding="utf-8") as f:
-    content = json.load(f)
-  return {"path": os.path.abspath(path), "config": content["config"], **content["info"]}
 
 
 # ---------------------------------------------------------------------------- runs
@@ -320,7 +288,7 @@ def main() -> None:
     kinds.add("sample-photos")
   if "ablation" in args.only:
     kinds.update(generator for generator, _ in ABLATION)
-  args.generators = {kind: ensure_generator(kind, root, args.generator_steps)
+  args.generators = {kind: common.ensure_generator(kind, root, args.generator_steps)
                      for kind in GENERATORS if kind in kinds}
   results = {}
   if os.path.isfile(RESULTS_JSON):
@@ -330,7 +298,7 @@ def main() -> None:
                  jax=importlib.metadata.version("jax"),
                  args={k: v for k, v in vars(args).items() if k != "generators"})
   results.setdefault("generators", {}).update(
-      {kind: generator_info(path) for kind, path in args.generators.items()})
+      {kind: common.generator_info(path) for kind, path in args.generators.items()})
   results["wall_s"] = {"generators": time.perf_counter() - start}
 
   def save():

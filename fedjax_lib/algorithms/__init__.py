@@ -1,8 +1,9 @@
 """Federated algorithms, one file each, registered under PFLlib's ``-algo`` names."""
 
 from fedjax_lib.algorithms import (  # noqa: F401  (registration)
-    dbe, ditto, fd, fedala, fedavg, fedbabu, fedcp, fedgh, fedktl, fedmrl, fedper, fedproto,
-    fedprox, fedrep, fedrod, fedtgp, fml, gpfl, lgfedavg, local, perfedavg)
+    dbe, ditto, fd, fedala, fedavg, fedbabu, fedcp, fedgen, fedgh, fedkd, fedktl, fedl2g,
+    fedmrl, fedper, fedproto, fedprox, fedrep, fedrod, fedtgp, fml, gpfl, lgfedavg, local,
+    perfedavg)
 from fedjax_lib.algorithms.base import Algorithm, stack_clients
 from fedjax_lib.algorithms.registry import (algorithm_names, get_algorithm, make_algorithm,
                                             register)

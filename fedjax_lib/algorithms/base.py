@@ -200,6 +200,16 @@ class Algorithm:
     leaf of :meth:`download`)."""
     return tree_traffic(self.download(server_state))
 
+  def divergence_advice(self) -> str:
+    """What to change when this algorithm's updates turn non-finite (appended to the
+    runner's stop message)."""
+    return "lower the learning rate (-lr)"
+
+  def first_evaluated_round(self) -> int:
+    """The first round the runner evaluates (HtFLlib's FedL2G evaluates nothing during its
+    warm-up rounds); 0 for every other algorithm."""
+    return 0
+
   # ------------------------------------------------------------------ settings checks
   def check_settings(self, context: SettingsContext) -> list[str]:
     """Checks the hyperparameters against ``self.model`` and the clients of ``context``.
@@ -344,6 +354,12 @@ def check_int(algorithm: str, name: str, value, minimum: int,
       or (maximum is not None and value > maximum):
     raise ConfigError(f"{algorithm} hyperparameter {name}={value!r} must be "
                       f"{_accepted('an integer', minimum, maximum)}")
+
+
+def check_bool(algorithm: str, name: str, value) -> None:
+  """Raises a ConfigError unless hyperparameter ``name`` is True or False."""
+  if not isinstance(value, bool):
+    raise ConfigError(f"{algorithm} hyperparameter {name}={value!r} must be true or false")
 
 
 def check_number(algorithm: str, name: str, value, minimum: float = 0,

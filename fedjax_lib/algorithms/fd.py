@@ -44,13 +44,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, Traffic,
-                                        abstract_variables, check_number, rows_traffic,
-                                        stack_clients, untrained_new_clients)
+from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, Traffic, abstract_variables,
+                                        check_bool, check_number, rows_traffic, stack_clients,
+                                        untrained_new_clients)
 from fedjax_lib.algorithms.prototypes import class_mean_server, class_sums
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.local import masked_cross_entropy, train_model
-from fedjax_lib.errors import ConfigError
 
 
 def distillation_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array,
@@ -103,9 +102,7 @@ class FD(Algorithm):
 
   def __post_init__(self):
     check_number(self.name, "lam", self.lam, 0.0, finite=True)
-    if not isinstance(self.pfllib_compat, bool):
-      raise ConfigError(f"{self.name} hyperparameter pfllib_compat={self.pfllib_compat!r} "
-                        "must be true or false")
+    check_bool(self.name, "pfllib_compat", self.pfllib_compat)
 
   def num_classes(self, sample_x) -> int:
     """The model's number of logits (traced abstractly)."""

@@ -39,6 +39,7 @@ Differences from HtFLlib (``clientgh.py``/``servergh.py``):
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -47,25 +48,13 @@ from fedjax_lib.algorithms.base import (SettingsContext, Traffic, abstract_varia
                                         check_int, check_number, rows_traffic)
 from fedjax_lib.algorithms.prototypes import eval_class_means, train_on_rows
 from fedjax_lib.algorithms.registry import register
-from fedjax_lib.algorithms.split import SplitAlgorithm, split_parts
+from fedjax_lib.algorithms.split import SplitAlgorithm, dense_head_shape, split_parts
 from fedjax_lib.core.local import cross_entropy_objective, masked_cross_entropy, train_model
 from fedjax_lib.errors import ConfigError
 
 
-def dense_head_shape(variables, model_name: str = "this model") -> tuple[int, int]:
-  """``(d, C)`` of a head that is one dense layer ``{'kernel': [d, C], 'bias': [C]}``; a
-  ConfigError for any other head (shapes only: works on abstract variables)."""
-  head = split_parts(variables)["head"]
-  shapes = {k: tuple(v.shape) for k, v in head.items() if hasattr(v, "shape")}
-  if set(head) == {"kernel", "bias"} and len(shapes) == 2 and len(shapes["kernel"]) == 2 \
-      and shapes["bias"] == shapes["kernel"][1:]:
-    return shapes["kernel"]
-  structure = jax.tree.map(lambda a: list(a.shape), head)
-  raise ConfigError(
-      f"FedGH trains one global head Linear(d, C) on the server and every client replaces its "
-      f"head with it, but {model_name}'s head is {structure}; HtFLlib crashes here too (its "
-      "issue #3). Use models whose head is one dense layer (no +head suffix, no ViT), or an "
-      "algorithm that shares no head (Local, FD, FedProto, FedTGP)")
+_PURPOSE = ("FedGH trains one global head Linear(d, C) on the server and every client replaces "
+            "its head with it")
 
 
 @register("FedGH")
@@ -91,7 +80,7 @@ class FedGH(SplitAlgorithm):
     check_int(self.name, "server_epochs", self.server_epochs, 0)
 
   def init(self, key, sample_x, num_clients):
-    dense_head_shape(abstract_variables(self.model, sample_x))
+    dense_head_shape(abstract_variables(self.model, sample_x), purpose=_PURPOSE)
     return super().init(key, sample_x, num_clients)
 
   def client_update(self, server_state, client_state, data, key):
@@ -127,7 +116,7 @@ class FedGH(SplitAlgorithm):
     """Refuses a model without a base (its features would be the raw inputs) or whose head
     is not one dense layer."""
     variables = abstract_variables(self.model, context.sample_x)
-    dense_head_shape(variables, f"model {context.model_name!r}")
+    dense_head_shape(variables, f"model {context.model_name!r}", _PURPOSE)
     if not jax.tree.leaves(split_parts(variables)["base"]):
       raise ConfigError(
           f"FedGH learns prototypes of the model's features, but model "

@@ -69,10 +69,11 @@ import numpy as np
 import optax
 
 from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, Traffic, abstract_variables,
-                                        check_int, check_number, rows_traffic, stack_clients)
+                                        check_bool, check_int, check_number, rows_traffic,
+                                        stack_clients)
 from fedjax_lib.algorithms.prototypes import eval_class_means, valid_row_order
 from fedjax_lib.algorithms.registry import register
-from fedjax_lib.core.local import Batch, clip_each, train_locally
+from fedjax_lib.core.local import Batch, clip_each, masked_mse, train_locally
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models.base import apply_train, model_state, split_params
 
@@ -141,12 +142,6 @@ def mmd(x: jax.Array, y: jax.Array, mask: jax.Array, bandwidths=BANDWIDTHS) -> j
   total = (kernel(squared_distances(x, x)) + kernel(squared_distances(y, y))
            - 2.0 * kernel(squared_distances(x, y)))
   return (pairs * total).sum() / jnp.maximum(m.sum() ** 2, 1.0)
-
-
-def masked_mse(a: jax.Array, b: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean of ``(a − b)²`` over every element of the rows with ``mask``."""
-  m = mask.astype(jnp.float32)
-  return (jnp.square(a - b).sum(-1) * m).sum() / jnp.maximum(m.sum() * a.shape[-1], 1.0)
 
 
 def torch_linear_init(key: jax.Array, fan_in: int, fan_out: int) -> dict:
@@ -263,9 +258,7 @@ class FedKTL(Algorithm):
     for name in ("server_batch_size", "generation_batch_size"):
       check_int(self.name, name, getattr(self, name), 1)
     check_int(self.name, "server_epochs", self.server_epochs, 0)
-    if not isinstance(self.pfllib_compat, bool):
-      raise ConfigError(f"{self.name} hyperparameter pfllib_compat={self.pfllib_compat!r} "
-                        "must be true or false")
+    check_bool(self.name, "pfllib_compat", self.pfllib_compat)
     if self.generator_path is not None and not isinstance(self.generator_path, str):
       raise ConfigError(f"{self.name} hyperparameter generator_path={self.generator_path!r} "
                         "must be a folder path (-GPath)")
@@ -338,7 +331,8 @@ class FedKTL(Algorithm):
       state = jax.tree.map(lambda g, s: jnp.where(generated, g, s), state_g, state)
       return loss + jnp.where(generated, self.mu * extra, 0.0), (state, gen_step + 1)
 
-    tx = clip_each(optax.sgd(self.local.learning_rate), ("model", "projector"), _CLIP)
+    tx = clip_each(dict.fromkeys(("model", "projector"), optax.sgd(self.local.learning_rate)),
+                   _CLIP)
     variables = client_state["params"]
     params, _, stats = train_locally(params, data, key, self.local, loss_fn, tx=tx,
                                      aux=(model_state(variables), jnp.zeros((), jnp.int32)))
@@ -389,7 +383,7 @@ class FedKTL(Algorithm):
     count = valid.sum()
     num_steps = -(-count // batch)
     padded = -(-total // batch) * batch + batch
-    tx = clip_each(optax.adam(self.server_learning_rate), ("f", "q"), _CLIP)
+    tx = clip_each(dict.fromkeys(("f", "q"), optax.adam(self.server_learning_rate)), _CLIP)
 
     def loss_fn(trained, stats, rows, mask, latents):
       out, stats = transformer_apply(trained["f"], stats, points[rows], mask)

@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, abstract_variables,
+from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, abstract_variables, check_bool,
                                         check_int, stack_clients)
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.aggregate import uniform_average
@@ -80,9 +80,7 @@ class FedMRL(Algorithm):
 
   def __post_init__(self):
     check_int(self.name, "sub_feature_dim", self.sub_feature_dim, 1)
-    if not isinstance(self.pfllib_compat, bool):
-      raise ConfigError(f"{self.name} hyperparameter pfllib_compat={self.pfllib_compat!r} "
-                        "must be true or false")
+    check_bool(self.name, "pfllib_compat", self.pfllib_compat)
     if self.shared_model is None:
       object.__setattr__(self, "shared_model",
                          self.model.clone(feature_dim=int(self.sub_feature_dim)))

@@ -12,18 +12,16 @@ copy of one **shared model** ("meme" model; the same architecture for every clie
     KL(q ‖ p) = 1/(B·C) · Σ_b Σ_c q_bc (log q_bc − log p_bc)
 
 (PyTorch's ``nn.KLDivLoss()`` with its default reduction ``'mean'``: divided by B·C, not B;
-:func:`kl_div_mean`). Each model's gradient is clipped to global norm 10 and both take a plain
-SGD step at the client learning rate. The client uploads its shared model; the server
+`fedjax_lib.core.local.kl_div_mean`). Each model's gradient is clipped to global norm 10
+and both take a plain SGD step at the client learning rate. The client uploads its shared model; the server
 replaces the shared model with the **uniform** mean of the uploads (1/#clients that trained,
 not sample-weighted, as HtFLlib's server does), which every client loads at the start of its
 next round. Clients are evaluated with their private model. Communication per round: the
 whole shared model up and down (FedAvgCNN on 32×32×3 with C = 10: 878,538 floats).
 
-The shared model is the field ``shared_model``; when None it is the ``model`` the algorithm
-is constructed with. The runner constructs it with architecture 0's model and makes the
-other groups with ``dataclasses.replace(algorithm, model=...)``, which keeps the field, so
-every group shares architecture 0's model as HtFLlib does. A model with BatchNorm keeps the
-running statistics of both models on each client; only parameters are communicated.
+The shared model, its running statistics and the private evaluation are
+`fedjax_lib.algorithms.shared_model`'s (architecture 0's model, or the family's global model,
+for every group, as HtFLlib does).
 
 Differences from HtFLlib (``clientfml.py``/``serverfml.py``):
 
@@ -46,30 +44,19 @@ Differences from HtFLlib (``clientfml.py``/``serverfml.py``):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
-
 import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, abstract_variables,
-                                        check_number, stack_clients, untrained_new_clients)
+from fedjax_lib.algorithms.base import check_bool, check_number, stack_clients
 from fedjax_lib.algorithms.registry import register
+from fedjax_lib.algorithms.shared_model import SharedModelAlgorithm
 from fedjax_lib.core.aggregate import uniform_average
-from fedjax_lib.core.local import clip_each, masked_cross_entropy, train_locally
-from fedjax_lib.errors import ConfigError
+from fedjax_lib.core.local import (clip_each, kl_div_mean, masked_cross_entropy,
+                                   train_locally)
 from fedjax_lib.models.base import apply_train, model_state
 
 CLIP_NORM = 10.0  # HtFLlib's clip_grad_norm_ on each model
-
-
-def kl_div_mean(log_input: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
-  """PyTorch's ``nn.KLDivLoss()(log_input, target)``: ``Σ target·(log target − log_input)``
-  over the rows with ``mask``, divided by (their number)·C (reduction ``'mean'``)."""
-  pointwise = jax.scipy.special.xlogy(target, target) - target * log_input
-  mask = mask.astype(jnp.float32)
-  rows = (pointwise.sum(-1) * mask).sum()
-  return rows / (jnp.maximum(mask.sum(), 1.0) * log_input.shape[-1])
 
 
 def mutual_learning_loss(out: jax.Array, out_shared: jax.Array, labels: jax.Array,
@@ -84,15 +71,15 @@ def mutual_learning_loss(out: jax.Array, out_shared: jax.Array, labels: jax.Arra
   log_p, log_p_shared = jax.nn.log_softmax(out), jax.nn.log_softmax(out_shared)
   target = (lambda a: jax.lax.stop_gradient(a)) if detach else (lambda a: a)
   private = (alpha * masked_cross_entropy(out, labels, mask)
-             + (1.0 - alpha) * kl_div_mean(log_p, target(jnp.exp(log_p_shared)), mask))
+             + (1.0 - alpha) * kl_div_mean(log_p, target(log_p_shared), mask))
   shared = (beta * masked_cross_entropy(out_shared, labels, mask)
-            + (1.0 - beta) * kl_div_mean(log_p_shared, target(jnp.exp(log_p)), mask))
+            + (1.0 - beta) * kl_div_mean(log_p_shared, target(log_p), mask))
   return private + shared
 
 
 @register("FML")
 @dataclasses.dataclass(frozen=True)
-class FML(Algorithm):
+class FML(SharedModelAlgorithm):
   """Private models and one shared model trained by mutual learning on every client.
 
   Attributes:
@@ -106,32 +93,18 @@ class FML(Algorithm):
   fml_alpha: float = 1.0
   beta: float = 1.0
   pfllib_compat: bool = False
-  shared_model: Any = None
 
   TRAIN_MODE = True
-  _STRUCTURAL: ClassVar[tuple[str, ...]] = ("model", "local", "shared_model")
 
   def __post_init__(self):
     for name in ("fml_alpha", "beta"):
       check_number(self.name, name, getattr(self, name), 0.0, 1.0, finite=True)
-    if not isinstance(self.pfllib_compat, bool):
-      raise ConfigError(f"{self.name} hyperparameter pfllib_compat={self.pfllib_compat!r} "
-                        "must be true or false")
-    if self.shared_model is None:
-      object.__setattr__(self, "shared_model", self.model)
+    check_bool(self.name, "pfllib_compat", self.pfllib_compat)
+    super().__post_init__()
 
-  # ------------------------------------------------------------------ state
   def init(self, key, sample_x, num_clients):
-    k_private, k_shared = jax.random.split(key)
-    shared = self.shared_model.init(k_shared, sample_x[None])
-    client = {"private": self.init_params(k_private, sample_x)}
-    if model_state(shared):
-      client["shared_state"] = model_state(shared)
-    return {"shared": shared["params"]}, stack_clients(client, num_clients)
-
-  def shared_variables(self, server_state, client_state):
-    """The server's shared parameters with this client's running statistics."""
-    return {"params": server_state["shared"], **client_state.get("shared_state", {})}
+    client, shared = self.init_private_and_shared(key, sample_x)
+    return {"shared": shared}, stack_clients(client, num_clients)
 
   # ------------------------------------------------------------------ client
   def client_update(self, server_state, client_state, data, key):
@@ -152,12 +125,12 @@ class FML(Algorithm):
     params = {"private": private["params"], "shared": shared["params"]}
     params, _, stats = train_locally(
         params, data, key, self.local, loss_fn,
-        tx=clip_each(optax.sgd(self.local.learning_rate), ("private", "shared"), CLIP_NORM),
+        tx=clip_each(dict.fromkeys(("private", "shared"), optax.sgd(self.local.learning_rate)),
+                     CLIP_NORM),
         aux=(model_state(private), model_state(shared)))
     private_state, shared_state = stats.pop("aux")
-    new_state = {"private": {"params": params["private"], **private_state}}
-    if shared_state:
-      new_state["shared_state"] = shared_state
+    new_state = self.trained_client_state(client_state, params["private"], private_state,
+                                          shared_state)
     return new_state, params["shared"], stats
 
   # ------------------------------------------------------------------ server
@@ -166,25 +139,3 @@ class FML(Algorithm):
     say who trained)."""
     del key
     return {"shared": uniform_average(uploads, weights, server_state["shared"])}
-
-  # ------------------------------------------------------------------ evaluation
-  def predict(self, server_state, client_state, x):
-    return self.model.apply(client_state["private"], x)
-
-  def new_client_variables(self, server_state, client_state):
-    """A new client fine-tunes its freshly initialised private model."""
-    del server_state
-    return client_state["private"]
-
-  def check_settings(self, context: SettingsContext) -> list[str]:
-    """Refuses a shared model whose logits differ in width from the private model's."""
-    x = jax.ShapeDtypeStruct((1, *context.sample_x.shape), context.sample_x.dtype)
-    widths = []
-    for model in (self.model, self.shared_model):
-      variables = abstract_variables(model, context.sample_x)
-      widths.append(jax.eval_shape(model.apply, variables, x).shape[-1])
-    if widths[0] != widths[1]:
-      raise ConfigError(f"FML's shared model has {widths[1]} outputs but model "
-                        f"{context.model_name!r} has {widths[0]}; both must predict the same "
-                        "classes")
-    return untrained_new_clients(self.name, "private model", context)

@@ -158,3 +158,21 @@ class SplitAlgorithm(Algorithm):
               f"not personalized (they run FedAvg on the {self.SHARED}); use a model with a "
               f"{self.personal} (cnn, dnn)"]
     return untrained_new_clients(self.name, self.personal, context)
+
+
+def dense_head_shape(variables, model_name: str = "this model",
+                     purpose: str = "this algorithm shares one global head Linear(d, C)"
+                     ) -> tuple[int, int]:
+  """``(d, C)`` of a head that is one dense layer ``{'kernel': [d, C], 'bias': [C]}``; a
+  ConfigError saying ``purpose`` for any other head (shapes only: works on abstract
+  variables). FedGH and FedGen share such a head across architectures."""
+  head = split_parts(variables)["head"]
+  shapes = {k: tuple(v.shape) for k, v in head.items() if hasattr(v, "shape")}
+  if set(head) == {"kernel", "bias"} and len(shapes) == 2 and len(shapes["kernel"]) == 2 \
+      and shapes["bias"] == shapes["kernel"][1:]:
+    return shapes["kernel"]
+  structure = jax.tree.map(lambda a: list(a.shape), head)
+  raise ConfigError(
+      f"{purpose}, but {model_name}'s head is {structure}; HtFLlib crashes here too (its "
+      "issue #3). Use models whose head is one dense layer (no +head suffix, no ViT), or an "
+      "algorithm that shares no head (Local, FD, FedProto, FedTGP)")

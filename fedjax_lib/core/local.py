@@ -254,10 +254,31 @@ def cross_entropy_objective(features, logits, batch: Batch, carry):
   return masked_cross_entropy(logits, batch.y, batch.mask), carry
 
 
-def clip_each(inner: optax.GradientTransformation, parts: tuple[str, ...],
+def clip_each(transforms: dict[str, optax.GradientTransformation],
               clip: float) -> optax.GradientTransformation:
-  """``inner`` on a ``{part: tree}`` with each part's gradient first clipped to global norm
-  ``clip`` on its own (PyTorch's ``clip_grad_norm_`` called once per module, as the
-  references do for two models trained together); each part has its own optimizer state."""
-  tx = optax.chain(optax.clip_by_global_norm(clip), inner)
-  return optax.multi_transform({p: tx for p in parts}, {p: p for p in parts})
+  """``transforms[part]`` on each part of a ``{part: tree}``, each part's gradient first
+  clipped to global norm ``clip`` on its own (PyTorch's ``clip_grad_norm_`` called once per
+  module, as the references do for models trained together); each part has its own
+  optimizer state."""
+  parts = {p: optax.chain(optax.clip_by_global_norm(clip), tx) for p, tx in transforms.items()}
+  return optax.multi_transform(parts, {p: p for p in transforms})
+
+
+def masked_mse(a: jax.Array, b: jax.Array, mask: jax.Array) -> jax.Array:
+  """PyTorch's ``nn.MSELoss()`` over the rows with ``mask``: ``Σ (a − b)² / (rows · width)``
+  in float32 (0 without rows)."""
+  mask = mask.astype(jnp.float32)
+  rows = (jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)).sum(-1) * mask).sum()
+  return rows / (jnp.maximum(mask.sum(), 1.0) * a.shape[-1])
+
+
+def kl_div_mean(log_input: jax.Array, log_target: jax.Array, mask: jax.Array) -> jax.Array:
+  """PyTorch's ``nn.KLDivLoss()(log_input, exp(log_target))`` (reduction ``'mean'``) over the
+  rows with ``mask``: ``Σ q (log q − log_input) / (rows · C)``, ``q = exp(log_target)``.
+
+  Taken from the target's log-probabilities, so a probability that underflows to 0 gives a
+  zero term and a zero gradient, not ``0 · log 0``.
+  """
+  pointwise = jnp.exp(log_target) * (log_target - log_input)
+  mask = mask.astype(jnp.float32)
+  return (pointwise.sum(-1) * mask).sum() / (jnp.maximum(mask.sum(), 1.0) * log_input.shape[-1])
