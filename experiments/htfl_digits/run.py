@@ -52,8 +52,8 @@ HYPERPARAMETERS = {
                 "server_epochs": 100},
                "λ = 1, μ = 50, server lr 0.01, batch 100, 100 epochs; sample-photos VAE"),
     "FedMRL": ({"sub_feature_dim": 128}, "sub-feature dim 128"),
-    "FedL2G-feat": ({}, "HtFLlib defaults; warm-up scaled"),
-    "FedL2G-logit": ({}, "HtFLlib defaults; warm-up scaled"),
+    "FedL2G-feat": ({}, "HtFLlib defaults, 1 warm-up round (HtFLlib: 50 of 2,000)"),
+    "FedL2G-logit": ({}, "HtFLlib defaults, 1 warm-up round (HtFLlib: 50 of 2,000)"),
 }
 
 
