@@ -69,7 +69,7 @@ def _sweep_item(text: str) -> tuple[str, list]:
 # Short names accepted by --sweep.
 SWEEP_ALIASES = {"lr": "learning_rate", "local_learning_rate": "learning_rate",
                  "lamda": "lam", "mart": "margin_threshold", "slr": "server_learning_rate",
-                 "bt": "beta", "al": "fml_alpha", "glr": "generator_learning_rate",
+                 "bt": "beta", "al": "alpha", "glr": "generator_learning_rate",
                  "mlr": "mentee_learning_rate", "Ts": "energy_start", "Te": "energy_end", "et": "eta", "mo": "momentum", "klw": "kl_weight"}
 
 
@@ -84,8 +84,9 @@ ALGORITHM_FLAGS = (
      "soft-target cross-entropy in FD)"),
     (("-bt", "--beta"), "beta", float,
      "meta step β (PerAvg); the shared model's cross-entropy weight β (FML)"),
-    (("-al", "--fml_alpha", "--fml-alpha"), "fml_alpha", float,
-     "the private model's cross-entropy weight α in FML (1 − α on its KL to the shared model)"),
+    (("-al", "--algo_alpha", "--algo-alpha", "--fml_alpha", "--fml-alpha"), "alpha", float,
+     "PFLlib's -al/--alpha (--alpha here is the Dirichlet partition's): the private model's "
+     "cross-entropy weight α in FML (1 − α on its KL to the shared model)"),
     (("-sfd", "--sub_feature_dim", "--sub-feature-dim"), "sub_feature_dim", int,
      "feature width s of FedMRL's shared model (its head reads the first s fused features)"),
     (("-pls", "--plocal_epochs", "--plocal-epochs"), "plocal_epochs", int,
@@ -133,6 +134,11 @@ ALGORITHM_FLAGS = (
      "FedL2G's first rounds with meta steps only (no local training)"),
 )
 _ALGO_DESTS = tuple(dest for _, dest, _, _ in ALGORITHM_FLAGS)
+
+
+def _arg_dest(name: str) -> str:
+  """The argparse dest of algorithm hyperparameter ``name`` (``alpha`` is also a data flag)."""
+  return f"algo_{name}"
 
 # What an algorithm hyperparameter whose default is None stands for, as --help shows it.
 _UNSET_HYPERPARAMETER = {"beta": "the learning rate", "generator_path": "required by FedKTL"}
@@ -262,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
        help=f"one of {', '.join(algorithm_names())} (case-insensitive)")
   for flags, dest, kind, text in ALGORITHM_FLAGS:
     names, shown = algorithm_flag_defaults(dest)
-    _add(algorithm, *flags, type=kind, default=None, dest=dest, shown_default=shown,
+    _add(algorithm, *flags, type=kind, default=None, dest=_arg_dest(dest), shown_default=shown,
          help=f"{text}; taken by {', '.join(names) or 'no algorithm'}")
   _add(algorithm, "--algo-param", type=_algo_param, action="append", default=[],
        dest="algo_params", metavar="NAME=VALUE",
@@ -362,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Config:
   values = {k: v for k, v in vars(args).items()
-            if k not in ("device", "config", "quiet") + _ALGO_DESTS}
+            if k not in ("device", "config", "quiet")
+            and k not in {_arg_dest(name) for name in _ALGO_DESTS}}
   values["algo_params"] = dict(values["algo_params"])
   sweep = {}
   for name, items in values["sweep"]:
@@ -372,8 +379,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
   values["sweep"] = sweep
   # PFLlib's algorithm flags, passed only when given (an algorithm refuses those it lacks).
   for name in _ALGO_DESTS:
-    if getattr(args, name) is not None:
-      values["algo_params"][name] = getattr(args, name)
+    if getattr(args, _arg_dest(name)) is not None:
+      values["algo_params"][name] = getattr(args, _arg_dest(name))
   return Config(**values)
 
 

@@ -113,7 +113,7 @@ def test_fml_client_update_detaching_matters_only_with_kl_terms():
   out = {}
   for weights in ((1.0, 1.0), (0.5, 0.5)):
     for compat in (False, True):
-      alg = _fml(data, fml_alpha=weights[0], beta=weights[1], pfllib_compat=compat)
+      alg = _fml(data, alpha=weights[0], beta=weights[1], pfllib_compat=compat)
       server, clients = alg.init(jax.random.key(0), jnp.asarray(data.x[0]), 2)
       client = jax.tree.map(lambda a: a[0], clients)
       new_client, upload, stats = alg.client_update(server, client, _client_data(data), key)
@@ -209,7 +209,7 @@ def test_fedmrl_projector_persists_unless_compat(compat):
 
 # ---------------------------------------------------------------------------- settings
 @pytest.mark.parametrize("name,params,match", [
-    ("FML", {"fml_alpha": 1.5}, r"fml_alpha=1.5 must be a finite number in \[0.0, 1.0\]"),
+    ("FML", {"alpha": 1.5}, r"alpha=1.5 must be a finite number in \[0.0, 1.0\]"),
     ("FML", {"beta": float("nan")}, r"beta=nan must be"),
     ("FML", {"pfllib_compat": "yes"}, r"pfllib_compat='yes' must be true or false"),
     ("FedMRL", {"sub_feature_dim": 0}, r"sub_feature_dim=0 must be an integer >= 1"),
@@ -255,7 +255,7 @@ def test_groups_share_the_model_the_algorithm_was_made_with():
 
 # ---------------------------------------------------------------------------- end to end
 @pytest.mark.parametrize("algorithm,params,bar", [
-    ("FML", {"fml_alpha": 0.5, "beta": 0.5}, 0.85),
+    ("FML", {"alpha": 0.5, "beta": 0.5}, 0.85),
     ("FedMRL", {}, 0.85),
 ])
 def test_two_architectures_learn_on_digits(algorithm, params, bar, tmp_path):

@@ -39,7 +39,7 @@ MODEL = "cnn,resnet4,resnet8"
 # HtFLlib's total.sh values (written out so results.json shows them) and the table's note.
 HYPERPARAMETERS = {
     "FD": ({"lam": 1.0}, "λ = 1"),
-    "FML": ({"fml_alpha": 0.5, "beta": 0.5}, "α = 0.5, β = 0.5"),
+    "FML": ({"alpha": 0.5, "beta": 0.5}, "α = 0.5, β = 0.5"),
     "FedGen": ({"noise_dim": 32, "generator_learning_rate": 0.1, "hidden_dim": 512,
                 "server_epochs": 100}, "noise 32, generator lr 0.1, hidden 512, 100 steps"),
     "FedProto": ({"lam": 10.0}, "λ = 10"),

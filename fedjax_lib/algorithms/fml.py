@@ -31,7 +31,8 @@ Differences from HtFLlib (``clientfml.py``/``serverfml.py``):
   through both targets, so each model also gets the gradient of the other's KL term;
   ``pfllib_compat=True`` (``--pfllib-compat``) restores that. In both modes the two models
   are updated simultaneously from the same batch (DML updates them in turn).
-- ``alpha`` is the hyperparameter ``fml_alpha`` (``--alpha`` is the Dirichlet partition's).
+- HtFLlib's ``-al``/``--alpha`` is the hyperparameter ``alpha`` (on this CLI ``-al``,
+  ``--algo-alpha``; ``--alpha`` is the Dirichlet partition's).
 - The shared model's BatchNorm running statistics stay on each client (HtFLlib averages
   ``parameters()`` only, so its clients reload the server's never-updated buffers); the
   evaluation uses the private model only, so this touches training in neither version.
@@ -83,21 +84,21 @@ class FML(SharedModelAlgorithm):
   """Private models and one shared model trained by mutual learning on every client.
 
   Attributes:
-    fml_alpha: α, the private model's cross-entropy weight (HtFLlib ``-al``; 1.0,
+    alpha: α, the private model's cross-entropy weight (HtFLlib ``-al``; 1.0,
       total.sh 0.5); 1 − α weighs its KL to the shared model.
     beta: β, the shared model's cross-entropy weight (``-bt``; 1.0, total.sh 0.5).
     pfllib_compat: backpropagate through the KL targets as HtFLlib does.
     shared_model: the shared model (None: ``model``, see the module docstring).
   """
 
-  fml_alpha: float = 1.0
+  alpha: float = 1.0
   beta: float = 1.0
   pfllib_compat: bool = False
 
   TRAIN_MODE = True
 
   def __post_init__(self):
-    for name in ("fml_alpha", "beta"):
+    for name in ("alpha", "beta"):
       check_number(self.name, name, getattr(self, name), 0.0, 1.0, finite=True)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
     super().__post_init__()
@@ -110,7 +111,7 @@ class FML(SharedModelAlgorithm):
   def client_update(self, server_state, client_state, data, key):
     private = client_state["private"]
     shared = self.shared_variables(server_state, client_state)
-    alpha, beta, detach = self.fml_alpha, self.beta, not self.pfllib_compat
+    alpha, beta, detach = self.alpha, self.beta, not self.pfllib_compat
 
     def loss_fn(params, batch, step_key, states):
       private_state, shared_state = states
