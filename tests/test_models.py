@@ -172,14 +172,39 @@ def test_slices_and_hybrid_convs_equal_lax_values_and_gradients(impl, kernel, st
 
 
 def test_auto_conv_impl_per_backend_group_count_and_batch():
-  from fedjax_lib.models.layers import SLICES_MAX_BATCH, resolve_conv_impl
+  from fedjax_lib.models.layers import (SLICES_MAX_BATCH, SLICES_MAX_OUTPUT_AREA,
+                                        resolve_conv_impl)
   assert resolve_conv_impl('lax', 1, 4) == 'lax'
-  assert resolve_conv_impl('auto', 4, 4) == 'lax'  # grouped: only lax implements it
+  assert resolve_conv_impl('auto', 4, 4) == 'lax'  # grouped, not depthwise: only lax
   if jax.default_backend() == 'cpu':
     assert resolve_conv_impl('auto', 1, SLICES_MAX_BATCH) == 'slices'
     assert resolve_conv_impl('auto', 1, SLICES_MAX_BATCH + 1) == 'hybrid'
+    assert resolve_conv_impl('auto', 1, SLICES_MAX_BATCH + 1, 16) == 'hybrid'
+    # XLA:CPU's convolution is slow on tiny output maps, at any batch size.
+    assert resolve_conv_impl('auto', 1, 100, SLICES_MAX_OUTPUT_AREA) == 'slices'
+    assert resolve_conv_impl('auto', 4, 100, 16, depthwise=True) == 'slices'
   else:
     assert resolve_conv_impl('auto', 1, 4) == 'lax'
+    assert resolve_conv_impl('auto', 4, 100, 4, depthwise=True) == 'lax'
+
+
+@pytest.mark.parametrize("strides,padding", [(1, ((1, 1), (1, 1))), (2, ((1, 1), (1, 1))),
+                                             (1, 'VALID')])
+def test_depthwise_slices_conv_equals_lax_values_and_gradients(strides, padding):
+  x = _batch(jax.random.PRNGKey(1), (7, 6, 5), n=3)
+  def conv(impl):
+    return TorchConv(5, 3, strides=strides, padding=padding, feature_group_count=5,
+                     conv_impl=impl)
+  variables = _numpy_variables(jax.eval_shape(conv('lax').init, jax.random.PRNGKey(0), x))
+  np.testing.assert_allclose(conv('slices').apply(variables, x),
+                             conv('lax').apply(variables, x), rtol=1e-5, atol=1e-5)
+  loss = lambda m: lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
+  got = jax.grad(loss(conv('slices')), argnums=(0, 1))(variables, x)
+  want = jax.grad(loss(conv('lax')), argnums=(0, 1))(variables, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+  grouped = TorchConv(10, 3, padding=padding, feature_group_count=5, conv_impl='slices')
+  with pytest.raises(ConfigError, match="'slices' implements depthwise"):
+    grouped.init(jax.random.PRNGKey(0), x)
 
 
 def test_patches_conv_equals_lax_conv_vmapped_over_stacked_params():

@@ -52,23 +52,39 @@ CONV_IMPLS = ('auto', 'lax', 'patches', 'slices', 'hybrid')
 #: Largest batch for which ``'auto'`` picks ``'slices'`` on XLA:CPU (``'hybrid'`` above).
 SLICES_MAX_BATCH = 16
 
+#: Largest output map (``out_h * out_w``) for which ``'auto'`` picks ``'slices'`` on XLA:CPU
+#: at any batch size: XLA:CPU's convolution runs 1–6 GFLOP/s on 1×1 and 2×2 outputs.
+SLICES_MAX_OUTPUT_AREA = 4
 
-def resolve_conv_impl(conv_impl: str, feature_group_count: int = 1, batch: int = 1) -> str:
+
+def resolve_conv_impl(conv_impl: str, feature_group_count: int = 1, batch: int = 1,
+                      output_area: Optional[int] = None, depthwise: bool = False) -> str:
   """The implementation ``'auto'`` stands for, given the backend computations run on.
 
-  Accelerators, and grouped convolutions anywhere: ``'lax'``. XLA:CPU runs its convolution
+  Accelerators, and grouped convolutions other than depthwise ones anywhere: ``'lax'``;
+  depthwise ones (``groups = in = out``, MobileNetV2's) on XLA:CPU: ``'slices'``, a sum of
+  shifted views times per-channel weights (XLA:CPU's grouped convolution: MobileNetV2's
+  forward 1.4 ms per sample against 0.14 ms). XLA:CPU runs its convolution
   ops fast only outside loops, and their gradients slowly everywhere: a FedAvgCNN SGD step
   (batch 10, 28x28x1) took 1.8 ms unrolled and ~20 ms inside a ``fori_loop`` or ``lax.cond``
   (jax-ml/jax#12868 is one such report), against 1.2 ms with ``'slices'`` in either. But
-  ``'slices'`` forward passes over large batches are slow (111 samples: 21 ms against 2.6 ms).
-  So on XLA:CPU ``'auto'`` is ``'slices'`` up to :data:`SLICES_MAX_BATCH` samples (training
-  steps: the weight gradient reuses the forward's patches) and ``'hybrid'`` above it
-  (evaluation: XLA's convolution forward). Measurements: experiments/benchmarks/RESULTS.md.
+  ``'slices'`` forward passes over large batches of large maps are slow (111 samples: 21 ms
+  against 2.6 ms). So on XLA:CPU ``'auto'`` is ``'slices'`` up to :data:`SLICES_MAX_BATCH`
+  samples (training steps: the weight gradient reuses the forward's patches) and ``'hybrid'``
+  above it (evaluation: XLA's convolution forward) — except for outputs of at most
+  :data:`SLICES_MAX_OUTPUT_AREA` positions (a ResNet's last stages on 32×32 inputs), where
+  XLA:CPU's convolution is two orders of magnitude slower than im2col (a 3×3 convolution of
+  256 channels on a 2×2 map, batch 100: 3.5 ms per sample against 20 µs), so ``'slices'``
+  at any batch size. Measurements: experiments/benchmarks/RESULTS.md.
   """
   if conv_impl != 'auto':
     return conv_impl
-  if feature_group_count != 1 or jax.default_backend() != 'cpu':
+  if jax.default_backend() != 'cpu':
     return 'lax'
+  if feature_group_count != 1:
+    return 'slices' if depthwise else 'lax'
+  if output_area is not None and output_area <= SLICES_MAX_OUTPUT_AREA:
+    return 'slices'
   return 'slices' if batch <= SLICES_MAX_BATCH else 'hybrid'
 
 
@@ -187,7 +203,8 @@ class TorchConv(nn.Module):
     conv_impl: ``'auto'``, ``'lax'``, ``'patches'``, ``'slices'`` or ``'hybrid'``.
     dtype: the computation dtype, as for :class:`TorchDense` (``None``: float32).
     feature_group_count: PyTorch's ``groups`` (depthwise convolutions: ``groups = in``);
-      the kernel is ``(kh, kw, in / groups, out)``. ``'lax'`` only.
+      the kernel is ``(kh, kw, in / groups, out)``. ``'lax'``, and ``'slices'`` for
+      depthwise convolutions (``groups = in = out``).
     kernel_init: an initializer replacing PyTorch's default (e.g. torchvision's
       :func:`kaiming_normal_fan_out`).
   """
@@ -219,14 +236,21 @@ class TorchConv(nn.Module):
     padding = self.padding if isinstance(self.padding, str) else tuple(
         tuple(p) for p in self.padding)
     dimension_numbers = ('NHWC', 'HWIO', 'NHWC')
-    impl = resolve_conv_impl(self.conv_impl, self.feature_group_count, x.shape[0])
+    depthwise = (self.feature_group_count == x.shape[-1] and in_channels == 1
+                 and self.features == x.shape[-1])
+    impl = resolve_conv_impl(self.conv_impl, self.feature_group_count, x.shape[0],
+                             _output_area(x.shape[1:3], (kh, kw), strides, padding),
+                             depthwise)
     if impl == 'lax':
       y = lax.conv_general_dilated(
           x, kernel, window_strides=strides, padding=padding,
           dimension_numbers=dimension_numbers, feature_group_count=self.feature_group_count)
     elif self.feature_group_count != 1:
-      raise ConfigError(f'conv_impl={self.conv_impl!r} does not support grouped convolutions; '
-                        "use conv_impl='lax'")
+      if impl != 'slices' or not depthwise:
+        raise ConfigError(f'conv_impl={self.conv_impl!r} does not support this grouped '
+                          "convolution; use conv_impl='lax' ('slices' implements depthwise "
+                          'ones)')
+      y = _depthwise_conv(x, kernel, strides, padding)
     elif impl == 'slices':
       y = _slices_conv(x, kernel, strides, padding)
     elif impl == 'hybrid':
@@ -243,10 +267,20 @@ class TorchConv(nn.Module):
     return y
 
 
-def _slices_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-                 padding) -> jax.Array:
-  """``lax.conv_general_dilated`` (NHWC, HWIO, no dilation, no groups) as im2col + matmul."""
-  kh, kw, fan, out = kernel.shape
+def _output_area(spatial, window, strides, padding) -> int:
+  """``out_h * out_w`` of a convolution (no dilation) of an input map ``spatial``."""
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(spatial, window, strides, padding)
+  area = 1
+  for size, k, s, (lo, hi) in zip(spatial, window, strides, padding):
+    area *= max((size + lo + hi - k) // s + 1, 0)
+  return area
+
+
+def _shifted_views(x: jax.Array, window, strides, padding) -> list:
+  """The ``kh * kw`` strided views of the padded NHWC ``x`` that a convolution's window
+  positions read, ordered (kh, kw)."""
+  (kh, kw) = window
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, padding)
   if any(p != 0 for pair in padding for p in pair):
@@ -255,9 +289,30 @@ def _slices_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   out_h, out_w = (h - kh) // sh + 1, (w - kw) // sw + 1
   if out_h < 1 or out_w < 1:
     raise ValueError(f'kernel {kh}x{kw} is larger than the padded input {h}x{w}')
+  return [x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
+          for i in range(kh) for j in range(kw)]
+
+
+def _depthwise_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                    padding) -> jax.Array:
+  """A depthwise convolution (``groups = in = out``, kernel ``(kh, kw, 1, C)``) as a sum of
+  the shifted views times their per-channel weights: no convolution op (XLA:CPU's grouped
+  convolution is slow)."""
+  kh, kw, _, _ = kernel.shape
+  views = _shifted_views(x, (kh, kw), strides, padding)
+  weights = kernel.reshape(kh * kw, -1)
+  out = views[0] * weights[0]
+  for view, weight in zip(views[1:], weights[1:]):
+    out = out + view * weight
+  return out
+
+
+def _slices_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                 padding) -> jax.Array:
+  """``lax.conv_general_dilated`` (NHWC, HWIO, no dilation, no groups) as im2col + matmul."""
+  kh, kw, fan, out = kernel.shape
   # Ordered (kh, kw, in) like the HWIO kernel's rows.
-  views = [x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
-           for i in range(kh) for j in range(kw)]
+  views = _shifted_views(x, (kh, kw), strides, padding)
   patches = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
   return jnp.einsum('nhwp,po->nhwo', patches, kernel.reshape(kh * kw * fan, out))
 
