@@ -68,7 +68,7 @@ def _sweep_item(text: str) -> tuple[str, list]:
 
 # Short names accepted by --sweep.
 SWEEP_ALIASES = {"lr": "learning_rate", "local_learning_rate": "learning_rate",
-                 "lamda": "lam", "mart": "margin_threshold", "slr": "server_learning_rate",
+                 "lamda": "lam", "mart": "margin_threshold", "lrp": "p_learning_rate", "slr": "server_learning_rate",
                  "bt": "beta", "al": "alpha", "glr": "generator_learning_rate",
                  "mlr": "mentee_learning_rate", "Ts": "energy_start", "Te": "energy_end", "et": "eta", "mo": "momentum", "klw": "kl_weight"}
 
@@ -78,17 +78,24 @@ SWEEP_ALIASES = {"lr": "learning_rate", "local_learning_rate": "learning_rate",
 # the algorithms that take each one and its default, both read from the algorithm registry.
 ALGORITHM_FLAGS = (
     (("-mu", "--mu"), "mu", float, "proximal coefficient; GCE/CoV weight decay in GPFL; "
-     "generated-pair MSE weight in FedKTL"),
+     "generated-pair MSE weight in FedKTL; model-contrastive loss weight in MOON"),
     (("-lam", "--lamda", "--lam"), "lam", float, "regularisation weight λ (MMD in FedCP, "
      "alignment in GPFL, prototype MSE in FedProto and FedTGP, centroid MSE in FedKTL, "
-     "soft-target cross-entropy in FD)"),
+     "soft-target cross-entropy in FD, the Moreau envelope's pull in pFedMe)"),
     (("-bt", "--beta"), "beta", float,
-     "meta step β (PerAvg); the shared model's cross-entropy weight β (FML)"),
+     "meta step β (PerAvg); the shared model's cross-entropy weight β (FML); the server's "
+     "step toward the uploads' average (pFedMe); not-true distillation weight (FedNTD)"),
     (("-al", "--algo_alpha", "--algo-alpha", "--fml_alpha", "--fml-alpha"), "alpha", float,
      "PFLlib's -al/--alpha (--alpha here is the Dirichlet partition's): the private model's "
-     "cross-entropy weight α in FML (1 − α on its KL to the shared model)"),
+     "cross-entropy weight α in FML (1 − α on its KL to the shared model); the "
+     "regularisation α in FedDyn; the initial mixing weight α in APFL"),
     (("-sfd", "--sub_feature_dim", "--sub-feature-dim"), "sub_feature_dim", int,
      "feature width s of FedMRL's shared model (its head reads the first s fused features)"),
+    (("-tau", "--tau"), "tau", float, "temperature τ of MOON's contrastive loss and of "
+     "FedNTD's not-true distillation; calibration strength τ of FedLC"),
+    (("-K", "--K"), "K", int, "pFedMe's inner steps on the personalised model θ per batch"),
+    (("-lrp", "--p_learning_rate", "--p-learning-rate"), "p_learning_rate", float,
+     "pFedMe's inner step size on θ"),
     (("-pls", "--plocal_epochs", "--plocal-epochs"), "plocal_epochs", int,
      "personal-model / head epochs"),
     (("-et", "--eta"), "eta", float, "ALA weight learning rate"),
@@ -311,6 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
        help="patience of -ab, in evaluations")
   _add(training, "--on-nan", choices=ON_NAN, default=d.on_nan, dest="on_nan",
        help="non-finite client update: stop the run, or skip-client (drop it and count it)")
+
+  privacy = p.add_argument_group(
+      "differential privacy", "DP-SGD in every client's local training, with an RDP "
+      "accountant's ε per evaluated round (see the README's \"Differential privacy\").")
+  _add(privacy, "-dp", "--privacy", default=d.privacy, dest="privacy", **boolean,
+       help="train with DP-SGD: per-example clipping and Gaussian noise; refused by algorithms "
+       "that upload anything else computed from client data")
+  _add(privacy, "-dps", "--dp_sigma", "--dp-sigma", type=float, default=d.dp_sigma,
+       dest="dp_sigma", help="noise multiplier σ: the noise's standard deviation is σ·C "
+       "(0: clipping only, ε = ∞)")
+  _add(privacy, "--dp-clip", type=float, default=d.dp_clip, dest="dp_clip",
+       help="per-example L2 clipping norm C over the whole trained tree")
+  _add(privacy, "--dp-delta", type=float, default=d.dp_delta, dest="dp_delta",
+       help="δ of the reported (ε, δ)")
 
   evaluation = p.add_argument_group("evaluation")
   _add(evaluation, "-eg", "--eval_gap", "--eval-gap", type=int, default=d.eval_gap,

@@ -76,6 +76,12 @@ class Config:
     a different config's results are replaced only with ``overwrite``); ``plot`` = False
     writes no PNG (and does not import matplotlib, which keeps a font cache in the home
     folder); ``progress`` shows a progress bar on stderr.
+  Differential privacy (`fedjax_lib.privacy`): with ``privacy`` every client trains with
+    DP-SGD — each example's gradient clipped to L2 norm ``dp_clip`` (PFLlib's
+    ``MAX_GRAD_NORM`` = 1.0), Gaussian noise of standard deviation ``dp_sigma``·``dp_clip``
+    (``dp_sigma``: the noise multiplier, PFLlib's ``-dps``, default 0.0 = no noise) — and an
+    RDP accountant reports each evaluated round's ε at ``dp_delta`` (PFLlib's 1e-5) for the
+    worst-off client. Algorithms whose uploads are not all DP-SGD outputs refuse it.
   New clients (PFLlib's ``-nnc``/``-ften``): with ``num_new_clients`` = M > 0 the data hold
     N + M clients, the last M never train, and after the last round each of them fine-tunes
     the global model for ``fine_tuning_epoch_new`` epochs and is tested.
@@ -106,6 +112,11 @@ class Config:
   join_ratio: float = 1.0
   random_join_ratio: bool = False
   client_drop_rate: float = 0.0
+  # differential privacy (PFLlib's removed -dp/-dps; MAX_GRAD_NORM = 1.0, DELTA = 1e-5)
+  privacy: bool = False
+  dp_sigma: float = 0.0
+  dp_clip: float = 1.0
+  dp_delta: float = 1e-5
   # evaluation and repetitions
   eval_gap: int = 1
   times: int = 1
@@ -201,10 +212,16 @@ class Config:
     _positive_int("few_shot", self.few_shot, minimum=0)
     _in_range("join_ratio", self.join_ratio, 0.0, 1.0, low_open=True)
     _in_range("client_drop_rate", self.client_drop_rate, 0.0, 1.0, high_open=True)
+    if isinstance(self.dp_sigma, bool) or not isinstance(self.dp_sigma, (int, float)) \
+        or not math.isfinite(self.dp_sigma) or self.dp_sigma < 0:
+      raise ConfigError(f"dp_sigma={self.dp_sigma!r} is invalid; accepted: the noise "
+                        "multiplier σ, a finite number >= 0")
+    _positive_float("dp_clip", self.dp_clip)
+    _in_range("dp_delta", self.dp_delta, 0.0, 1.0, low_open=True, high_open=True)
     if self.on_nan not in ON_NAN:
       raise ConfigError(f"on_nan={self.on_nan!r} is invalid; choose one of: {', '.join(ON_NAN)}")
     for name in ("balance", "random_join_ratio", "auto_break", "progress", "pfllib_compat",
-                 "resume", "overwrite", "plot"):
+                 "resume", "overwrite", "plot", "privacy"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(f"{name}={getattr(self, name)!r} is not a boolean; use true/false")
     if self.executor not in EXECUTORS:

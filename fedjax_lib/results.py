@@ -99,6 +99,8 @@ def write_h5(path: str, history: dict) -> None:
     f.create_dataset("rs_test_auc", data=np.asarray(history["test_auc"], np.float64))
     f.create_dataset("rs_train_loss", data=np.asarray(history["train_loss"], np.float64))
     f.create_dataset("rounds", data=np.asarray(history["rounds"], np.int64))
+    if "epsilon" in history:  # differential privacy: ε per evaluated round (inf: no noise)
+      f.create_dataset("rs_epsilon", data=np.asarray(history["epsilon"], np.float64))
     for key in sorted(history):  # per-view columns, e.g. rs_test_acc_personal
       if key.startswith(("test_acc_", "test_auc_")) and not key.endswith("_std"):
         f.create_dataset(f"rs_{key}", data=np.asarray(history[key], np.float64))

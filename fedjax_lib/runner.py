@@ -28,6 +28,7 @@ from fedjax_lib import memory as memory_lib
 from fedjax_lib import models as models_lib
 from fedjax_lib.algorithms.base import has_hook, supports_train_mode
 from fedjax_lib import output as output_lib
+from fedjax_lib import privacy as privacy_lib
 from fedjax_lib import results as results_lib
 from fedjax_lib import sweep as sweep_lib
 from fedjax_lib.config import Config
@@ -42,6 +43,8 @@ from fedjax_lib.stopping import STOPPER, Interrupted  # pylint: disable=unused-i
 
 DEFAULT_FEATURE_DIM = 512  # HtFLlib's -fd
 HISTORY_KEYS = ("test_acc", "test_auc", "test_acc_std", "test_auc_std", "train_loss")
+#: Per evaluated round of a run with ``privacy``: the worst-off client's ε spent before it.
+EPSILON_KEY = "epsilon"
 #: Per trained round: what the aggregated clients uploaded and every client downloaded.
 TRAFFIC_KEYS = ("upload_floats", "download_floats", "upload_bytes", "download_bytes")
 
@@ -84,6 +87,7 @@ class RunResult:
   mean_round_time_s: float
   total_time_s: float
   files: dict
+  privacy: Optional[dict] = None  # with ``privacy``: `fedjax_lib.privacy.Accountant.summary`
 
   @property
   def traffic(self) -> dict:
@@ -125,9 +129,12 @@ class Results:
     best, best_std = self.best_test_acc
     last, last_std = self.last_test_acc
     n = len(self.runs)
+    privacy = [privacy_lib.describe(self.runs[0].privacy, self.config.dp_clip)
+               + (" (run 0)" if n > 1 else "")] if self.runs[0].privacy else []
     return [
         f"best test accuracy: {best:.4f} ± {best_std:.4f} (mean ± std over {n} run(s))",
         f"last test accuracy: {last:.4f} ± {last_std:.4f}",
+        *privacy,
         f"mean time per round: {self.mean_round_time_s:.3f} s (round 0, which compiles, "
         f"excluded); total time: {self.total_time_s:.1f} s",
         describe_traffic(self.runs[0].traffic) + (" (run 0)" if n > 1 else ""),
@@ -141,14 +148,16 @@ def dataset_tag(dataset: str) -> str:
 
 
 def algorithm_params(config: Config) -> dict:
-  """``config.algo_params`` plus ``pfllib_compat`` and ``global_rounds`` for the algorithms
-  that take them."""
+  """``config.algo_params`` plus ``pfllib_compat``, ``global_rounds`` and ``join_ratio`` for
+  the algorithms that take them."""
   params = dict(config.algo_params)
   accepted = algorithms_lib.get_algorithm(config.algorithm).hyperparameters()
   if config.pfllib_compat and "pfllib_compat" in accepted:
     params["pfllib_compat"] = True
   if "global_rounds" in accepted:  # FedKD's energy schedule runs over the whole run
     params.setdefault("global_rounds", config.global_rounds)
+  if "join_ratio" in accepted:  # SCAFFOLD's / FedDyn's PFLlib divisor int(N·jr)
+    params.setdefault("join_ratio", config.join_ratio)
   return params
 
 
@@ -161,6 +170,7 @@ class Built:
   engine: engine_lib.Engine
   architectures: tuple  # the -m list: client i uses architectures[i mod K]
   warnings: tuple = ()  # one-line warnings about settings that waste work (fedjax_lib.checks)
+  privacy: Optional[privacy_lib.Plan] = None  # private steps per client, with config.privacy
 
   def _legacy(self):  # (data, model of the first architecture, algorithm, engine)
     return (self.data, self.models[self.architectures[0]], self.algorithm, self.engine)
@@ -250,8 +260,10 @@ def build(config: Config) -> Built:
                              model_cycle=[unique.index(a) for a in architectures])
   engine.check_compatible(data.x[0])
   settings_warnings = checks_lib.check_settings(config, data, num_clients, algorithm, models)
+  privacy = (privacy_lib.plan(engine, np.asarray(data.train_count), config) if config.privacy
+             else None)
   return Built(data, models, algorithm, engine, architectures,
-               warnings=tuple(settings_warnings))
+               warnings=tuple(settings_warnings), privacy=privacy)
 
 
 def check_train_mode(algorithm, models: dict) -> None:
@@ -283,9 +295,11 @@ def make_algorithm(config: Config, data, model):
   unroll = config.unroll if config.unroll is not None else engine_lib.default_unroll(
       jax.default_backend(), num_steps)
   loop = config.local_loop or engine_lib.default_local_loop(jax.default_backend())
+  private = ({"dp_clip": float(config.dp_clip), "dp_sigma": float(config.dp_sigma)}
+             if config.privacy else {})
   local = LocalSpec(learning_rate=float(config.learning_rate), batch_size=config.batch_size,
                     local_epochs=config.local_epochs, steps_per_epoch=steps_per_epoch,
-                    unroll=unroll, loop=loop)
+                    unroll=unroll, loop=loop, **private)
   params = algorithm_params(config)
   global_arch = models_lib.family_global_model(config.model)
   if global_arch is None or "shared_model" not in {
@@ -369,15 +383,18 @@ def _record(history: dict, metrics: dict, r: int) -> None:
   """Appends one evaluation's metrics (all views) to the history lists."""
   history["rounds"].append(r)
   for k, v in metrics.items():
-    if k in HISTORY_KEYS or k.startswith(("test_acc_", "test_auc_")) and not k.endswith("_std"):
+    if k in HISTORY_KEYS or k == EPSILON_KEY or k.startswith(("test_acc_", "test_auc_")) \
+        and not k.endswith("_std"):
       history.setdefault(k, []).append(v)
 
 
 def _describe(metrics: dict) -> str:
   views = "".join(f" | {k[len('test_acc_'):]} {v:.4f}" for k, v in metrics.items()
                   if k.startswith("test_acc_") and k != "test_acc_std")
+  privacy = f" | ε {metrics[EPSILON_KEY]:.3g}" if EPSILON_KEY in metrics else ""
   return (f"test_acc {metrics['test_acc']:.4f} ± {metrics['test_acc_std']:.4f}{views}"
-          f" | test_auc {metrics['test_auc']:.4f} | train_loss {metrics['train_loss']:.4f}")
+          f" | test_auc {metrics['test_auc']:.4f} | train_loss {metrics['train_loss']:.4f}"
+          f"{privacy}")
 
 
 def checkpoint_dir(config: Config, base: str, t: int) -> str:
@@ -423,6 +440,7 @@ class _Run:
     self.checkpointer = None
     self.extra: dict = {}
     self.best, self.best_at = -1.0, 0
+    self.accountant: Optional[privacy_lib.Accountant] = None
 
   def open_checkpointer(self):
     if self.checkpointer is None:
@@ -437,6 +455,8 @@ class _Run:
     self.start_round = self.saved_step = step
     self.last_round = step - 1
     self.last_ckpt = self.open_checkpointer().path(step)
+    if self.accountant is not None:
+      self.accountant.load(meta.get("dp_steps"))
     for i, acc in enumerate(self.history["test_acc"]):
       if acc > self.best:
         self.best, self.best_at = acc, i
@@ -450,10 +470,19 @@ class _Run:
     elif config.auto_break and len(self.history["test_acc"]) - 1 - self.best_at > config.top_cnt:
       self.stop = f"auto-break at round {r}: no improvement in {config.top_cnt} evaluations"
 
+  def with_epsilon(self, metrics: dict) -> dict:
+    """``metrics`` plus the privacy spent so far (a run with ``privacy``)."""
+    if self.accountant is None:
+      return metrics
+    return {**metrics, EPSILON_KEY: self.accountant.epsilon()}
+
   def meta(self) -> dict:
-    return {"config": self.spec.config.to_dict(), "seed": self.spec.seed,
+    meta = {"config": self.spec.config.to_dict(), "seed": self.spec.seed,
             "history": self.history, "train_times": self.train_times,
             "eval_times": self.eval_times}
+    if self.accountant is not None:
+      meta["dp_steps"] = self.accountant.state()
+    return meta
 
 
 def _check_resumable(spec: RunSpec, resume: bool, overwrite: bool) -> str:
@@ -577,7 +606,8 @@ class _States:
                                             hparams=hparams)
 
 
-def run_loop(engine, specs: list, config: Config, log: Callable[[str], None]) -> list:
+def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
+             privacy: Optional[privacy_lib.Plan] = None) -> list:
   """Advances the runs ``specs`` side by side, round by round: the one run loop.
 
   A plain run is S = 1; ``-t`` repetitions and sweep combinations are S > 1. With the vmap or
@@ -586,6 +616,10 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None]) ->
   another with the same compiled programs. Per run: evaluation every ``eval_gap`` rounds,
   auto-break, the non-finite guard, checkpoints, resume, the last round's training, the final
   evaluation (FedBABU) and new-client evaluation — written once, here.
+
+  With ``privacy`` (the plan of `fedjax_lib.privacy`) each run has an accountant fed with
+  every round's selected clients; every evaluation records the ε spent before it (history
+  ``epsilon``) and the run's ``extra["privacy"]`` the ε after its last round.
 
   Stop requests (`fedjax_lib.stopping.STOPPER`) are honoured at the loop's safe points: before
   every round, before the final and the new-client evaluations and before returning; every
@@ -602,6 +636,10 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None]) ->
   states = _States(engine, specs, sample_x)
   runs = [_Run(spec, config.keep_checkpoints) for spec in specs]
   many = len(runs) > 1
+  if privacy is not None:
+    for run in runs:
+      run.accountant = privacy_lib.Accountant(privacy)
+      run.accountant.start()
   for s, run in enumerate(runs):
     if os.path.isdir(run.spec.checkpoint) or config.checkpoint_every:
       restored = run.open_checkpointer().restore_latest(
@@ -657,7 +695,7 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None]) ->
     if r % config.eval_gap == 0 and r >= first_evaluated:
       metrics, eval_time = states.evaluate(live, r)
       for run in live:
-        m = metrics[run.spec.index]
+        m = run.with_epsilon(metrics[run.spec.index])
         run.record(m, r, config)
         prefix = f"{run.spec.label} | " if many else ""
         write(f"{prefix}round {r:4d} | {_describe(m)}")
@@ -667,6 +705,9 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None]) ->
     training = [run for run in live if run.stop is None]
     if training:
       round_metrics, train_time = states.train(training, r)
+      for run in training:
+        if run.accountant is not None:
+          run.accountant.record_round(round_metrics[run.spec.index]["selected"])
       for run in training:
         bad = sorted(int(c) for c in np.asarray(round_metrics[run.spec.index]["nonfinite"])
                      if c >= 0)
@@ -701,6 +742,8 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None]) ->
     run.done = True
     if run.stop:
       run.extra["stopped"] = run.stop
+    if run.accountant is not None:
+      run.extra["privacy"] = run.accountant.summary()
   finishing = [run for run in runs if run.finite]
   for run in finishing:
     if config.checkpoint_every and run.saved_step != run.last_round + 1:
@@ -714,6 +757,7 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None]) ->
       final = finals[run.spec.index]
       if final is None:
         continue
+      final = run.with_epsilon(final)
       _record(run.history, final, run.last_round)
       run.extra["final_eval"] = {k: v for k, v in final.items() if k != "client_test_acc"}
       write(f"{run.spec.label + ' | ' if many else ''}after fine-tuning | {_describe(final)}")
@@ -841,6 +885,10 @@ def _run_experiment(config: Config, log: Callable[[str], None]):
           if config.sweep else "")
   log(f"{algorithm.name} on {tag}: {what}{data.num_clients} clients, {data.num_classes} "
       f"classes, {models_text}, executor {engine.executor}, backend {jax.default_backend()}")
+  if config.privacy:
+    log(f"differential privacy: DP-SGD with noise multiplier σ = {config.dp_sigma:g} and "
+        f"per-example clip C = {config.dp_clip:g}; each evaluation reports ε at δ = "
+        f"{config.dp_delta:g} of the worst-off client (RDP accountant)")
   for line in built.warnings:
     log(f"warning: {line}")
   with _output_folder(config, family) as out_dir:
@@ -861,7 +909,7 @@ def _run_experiment(config: Config, log: Callable[[str], None]):
       log(f"{spec.label}: --overwrite: removing the checkpoints of a different config in "
           f"{spec.checkpoint}")
       output_lib.remove_tree(spec.checkpoint)
-    runs = run_loop(engine, specs, config, log)
+    runs = run_loop(engine, specs, config, log, privacy=built.privacy)
     return _write_results(config, built, specs, runs, out_dir, base, tag, log)
 
 
@@ -918,13 +966,15 @@ def _write_results(config: Config, built: Built, specs: list, runs: list, out_di
                else f"run {spec.index}")
       files_out.add(files["png"], lambda tmp, h=history, t=title: results_lib.write_plot(
           tmp, h, f"{algorithm.name} on {tag} ({t})"))
+    privacy = run.extra.get("privacy")
     results.append(RunResult(seed=spec.seed, history=history, best_test_acc=float(max(acc)),
                              last_test_acc=float(acc[-1]),
                              mean_round_time_s=run.mean_round_time_s,
-                             total_time_s=run.total_time_s, files=files))
+                             total_time_s=run.total_time_s, files=files, privacy=privacy))
     if not config.sweep:
+      spent = f", ε {privacy['epsilon']:.3g} at δ {privacy['delta']:g}" if privacy else ""
       log(f"run {spec.index}: best test accuracy {max(acc):.4f}, last {acc[-1]:.4f}, "
-          f"{run.mean_round_time_s:.3f} s/round")
+          f"{run.mean_round_time_s:.3f} s/round{spent}")
   if not config.sweep:
     out = Results(config=config, runs=results, out_dir=out_dir, partition_file=partition_file,
                   warnings=list(built.warnings))

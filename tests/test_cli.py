@@ -226,8 +226,8 @@ def test_help_shows_defaults_and_valid_names():
       assert f"(default: {shown})" in text, action.option_strings
   assert "-gr, --global_rounds, --global-rounds GLOBAL_ROUNDS" in text
   assert "try -gr 50 first (default: 2000)" in text
-  assert "(default: 0.0 (Ditto, FedProx, GPFL), 50.0 (FedKTL))" in text
-  assert "(default: 1.0 (FML), the learning rate (PerAvg))" in text  # PerAvg: unset
+  assert "(default: 0.0 (Ditto, FedProx, GPFL, MOON), 50.0 (FedKTL))" in text
+  assert "(default: 1.0 (FedNTD, FML, pFedMe), the learning rate (PerAvg))" in text  # PerAvg: unset
   for names in (algorithm_names(), MODEL_NAMES, BUILTIN_DATASETS):
     assert f"{', '.join(names)}" in text
 

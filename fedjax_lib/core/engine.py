@@ -559,6 +559,8 @@ class Engine:
         "nonfinite": jnp.where(out.nonfinite, ids, -1),
         "num_nonfinite": out.nonfinite.sum(),
         "num_selected": plan.active.sum(),
+        # Who trained this round (ids; -1: not selected): the privacy accountant's record.
+        "selected": jnp.where(plan.active, plan.cohort, -1),
         "num_aggregated": out.kept.sum(),
         "local_loss": out.loss.sum() / jnp.maximum(out.active.sum(), 1),
         "upload_floats": out.upload_floats.sum(),

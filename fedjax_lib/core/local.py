@@ -16,17 +16,28 @@ all ``steps_per_epoch`` steps of every epoch in a ``lax.scan`` and discards the 
 client's own steps in a loop with a dynamic trip count (no work on masked steps: the choice for
 one client at a time on XLA:CPU, where the smallest client of a Dirichlet partition would
 otherwise pay for the largest's steps).
+
+**DP-SGD** (``LocalSpec.dp_clip`` set; `fedjax_lib.privacy` accounts for it): every step's
+gradient is replaced by Abadi et al.'s private gradient (:func:`private_value_and_grad`): each
+example's gradient, computed alone through the same ``loss_fn`` as a batch of one, is clipped
+to L2 norm ``dp_clip`` over the whole trained tree; the clipped gradients are summed, Gaussian
+noise ``N(0, (dp_sigma·dp_clip)²)`` is added to every coordinate and the sum is divided by the
+batch size. The optimizer then applies it as any gradient. Masked steps still change nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_lib.core import rng
 from fedjax_lib.models.base import apply_train, model_state
 
 
@@ -68,6 +79,9 @@ class LocalSpec:
       ``'valid'`` (only the client's valid steps, a dynamic trip count; ``unroll`` does not
       apply). Equal results; see the module docstring and
       `fedjax_lib.core.engine.default_local_loop`.
+    dp_clip: None (plain SGD gradients), or DP-SGD's per-example clipping norm C > 0.
+    dp_sigma: DP-SGD's noise multiplier σ >= 0 (the noise's standard deviation is σ·C); read
+      only when ``dp_clip`` is set.
   """
   learning_rate: float = 0.005
   batch_size: int = 10
@@ -75,6 +89,8 @@ class LocalSpec:
   steps_per_epoch: int = 1
   unroll: int = 1
   loop: str = "scan"
+  dp_clip: Optional[float] = None
+  dp_sigma: float = 0.0
 
   @property
   def num_steps(self) -> int:
@@ -125,6 +141,132 @@ def batch_schedule(data: ClientData, key: jax.Array, spec: LocalSpec):
   return jnp.concatenate(rows), jnp.concatenate(valid)
 
 
+class DPTrainingCall(NamedTuple):
+  """One DP-SGD `train_locally` call of a traced client update (see :func:`record_dp_training`).
+
+  ``full_data``: it trains on exactly the client's training set (the ``train_idx`` and
+  ``train_count`` the client update received), so its sampling rate is ``batch_size / n``.
+  """
+  spec: LocalSpec
+  full_data: bool
+
+
+# (client data of the traced client update, list of DPTrainingCall), while recording.
+_DP_RECORDER: contextvars.ContextVar = contextvars.ContextVar("fedjax_dp_recorder", default=None)
+
+
+@contextlib.contextmanager
+def record_dp_training(client_data: ClientData):
+  """Collects the DP-SGD calls of `train_locally` traced inside the block.
+
+  The privacy accountant traces one client update abstractly (``jax.eval_shape``) inside this
+  block, with ``client_data`` the data it passes, and reads from the yielded list how many
+  private steps of which batch size a client takes per round. Recording observes tracing
+  only; it changes nothing that is computed. (A call inside a traced loop would be recorded
+  once: an algorithm is accounted correctly when it calls `train_locally` at the top level of
+  its update, which reviewing it for `fedjax_lib.privacy.REVIEWED` includes.)
+  """
+  calls: list = []
+  token = _DP_RECORDER.set((client_data, calls))
+  try:
+    yield calls
+  finally:
+    _DP_RECORDER.reset(token)
+
+
+def _note_dp_call(data: ClientData, spec: LocalSpec) -> None:
+  recording = _DP_RECORDER.get()
+  if recording is not None:
+    client_data, calls = recording
+    full = (data.train_idx is client_data.train_idx
+            and data.train_count is client_data.train_count)
+    calls.append(DPTrainingCall(spec, full))
+
+
+def clip_factors(per_example, clip: float) -> jax.Array:
+  """``[B]``: ``C / max(‖g_b‖₂, C)`` of each example's gradient ``g_b`` (a tree whose leaves
+  have a leading batch axis), the norm taken over all leaves together: multiplying ``g_b``
+  by it clips it to norm at most ``C`` (and leaves it unchanged when it is within ``C``)."""
+  leaves = jax.tree.leaves(per_example)
+  squares = sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1).sum(1)
+                for g in leaves)
+  return clip / jnp.maximum(jnp.sqrt(squares), clip)
+
+
+def gaussian_noise(tree, key: jax.Array, stddev):
+  """Independent ``N(0, stddev²)`` noise shaped like every leaf of ``tree`` (float32 draws,
+  cast to each leaf's dtype); leaf ``i`` draws from ``split(key, L)[i]``."""
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(key, len(leaves))
+  noise = [(stddev * jax.random.normal(k, g.shape, jnp.float32)).astype(g.dtype)
+           for k, g in zip(keys, leaves)]
+  return jax.tree.unflatten(treedef, noise)
+
+
+def private_value_and_grad(loss_fn: LossFn, clip: float, sigma: float, batch_size: int,
+                           has_aux: bool = False):
+  """DP-SGD's gradient of ``loss_fn`` (Abadi et al., CCS 2016), with the call signature and
+  return value of ``jax.value_and_grad(loss_fn, has_aux)``.
+
+  For a batch of B examples and step key ``k``::
+
+      ℓ_b = loss_fn(θ, (x_b, y_b, mask_b), dp_example_key(k, b)[, aux])   (a batch of one)
+      g   = (Σ_b ∇ℓ_b · C / max(‖∇ℓ_b‖₂, C)  +  σ·C·ξ) / batch_size
+
+  with ``ξ ~ N(0, I)`` drawn from ``dp_noise_key(k)``.
+
+  ``‖·‖₂`` is over the whole trained tree. The per-example gradients are one ``jax.vmap``
+  over the batch; they give the clip factors ``f_b = C / max(‖∇ℓ_b‖₂, C)``, and the clipped
+  sum is then the gradient of ``Σ_b f_b·ℓ_b`` (``f`` constant; each ``ℓ_b`` depends on
+  example b alone), one more pass over the batch (on XLA:CPU, scaling and summing the stored
+  per-example gradients instead, which XLA fuses into one loop, ran ~10x slower). The sum is
+  divided by the *expected* batch size ``batch_size`` (Opacus's and TF-Privacy's convention;
+  every valid step here holds exactly that many examples), never by a count that depends on
+  the data. σ = 0 adds no noise.
+
+  Reported loss: the mean of the examples' losses (``mask``-weighted). With ``has_aux``
+  every example's pass receives the carried ``aux``; the new ``aux`` comes from one more pass
+  of ``loss_fn`` over the whole batch (no gradient), whose loss is then reported — unless
+  the new ``aux`` has no array leaves (the usual case: no BatchNorm, no accumulators), when
+  that pass is skipped. Such a full-batch ``aux`` is computed from the raw batch and is NOT
+  privatised: an algorithm whose gradients read it is not private (`fedjax_lib.privacy`).
+  """
+
+  def value_and_grad(params, batch: Batch, step_key, *aux):
+    index = jnp.arange(batch.x.shape[0])
+    mask = batch.mask.astype(jnp.float32)
+
+    def example_loss(params, x, y, m, i):
+      example = Batch(x[None], y[None], m[None])
+      return loss_fn(params, example, rng.dp_example_key(step_key, i), *aux)
+
+    per_example = jax.vmap(jax.value_and_grad(example_loss, has_aux=has_aux),
+                           (None, 0, 0, 0, 0))
+    outs, grads = per_example(params, batch.x, batch.y, mask, index)
+    factors = jax.lax.stop_gradient(clip_factors(grads, clip))
+
+    def clipped_sum(params):
+      outs = jax.vmap(example_loss, (None, 0, 0, 0, 0))(params, batch.x, batch.y, mask, index)
+      return (factors * (outs[0] if has_aux else outs)).sum()
+
+    summed = jax.grad(clipped_sum)(params)
+    if not (isinstance(sigma, (int, float)) and sigma == 0):
+      noise = gaussian_noise(summed, rng.dp_noise_key(step_key), sigma * clip)
+      summed = jax.tree.map(jnp.add, summed, noise)
+    grads = jax.tree.map(lambda g: g / batch_size, summed)
+    losses, new_aux = outs if has_aux else (outs, None)
+    loss = (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    if not has_aux:
+      return loss, grads
+    if jax.tree.leaves(new_aux):
+      loss, new_aux = jax.lax.stop_gradient(loss_fn(params, batch, step_key, *aux))
+    else:  # no array to carry: keep the (leafless) structure
+      new_aux = jax.tree.map(lambda a: a[0], new_aux)
+    return (loss, new_aux), grads
+
+  return value_and_grad
+
+
 def train_locally(params, data: ClientData, key: jax.Array, spec: LocalSpec, loss_fn: LossFn,
                   tx: Optional[optax.GradientTransformation] = None, opt_state=None,
                   aux: Any = None):
@@ -134,7 +276,9 @@ def train_locally(params, data: ClientData, key: jax.Array, spec: LocalSpec, los
     params: the parameters being trained (any pytree).
     data: the client's data view.
     key: the client's key for this round (shuffling and any loss-side randomness).
-    spec: static local-training settings.
+    spec: static local-training settings; with ``spec.dp_clip`` set every step uses the
+      DP-SGD gradient of :func:`private_value_and_grad` (loss-side keys then differ per
+      example, see `fedjax_lib.core.rng`).
     loss_fn: ``loss_fn(params, batch, key) -> scalar``; must average over ``batch.mask``.
     tx: the optax transform; defaults to plain SGD at ``spec.learning_rate``.
     opt_state: optimizer state to continue from (e.g. persisted per client); a fresh
@@ -154,7 +298,15 @@ def train_locally(params, data: ClientData, key: jax.Array, spec: LocalSpec, los
   shuffle_key, loss_key = jax.random.split(key)
   rows, valid = batch_schedule(data, shuffle_key, spec)
   has_aux = aux is not None
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
+  if spec.dp_clip is None:
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=has_aux)
+  else:
+    if not (spec.dp_clip > 0 and math.isfinite(spec.dp_clip) and spec.dp_sigma >= 0):
+      raise ValueError(f"DP-SGD needs dp_clip > 0 (finite) and dp_sigma >= 0, got "
+                       f"dp_clip={spec.dp_clip!r}, dp_sigma={spec.dp_sigma!r}")
+    _note_dp_call(data, spec)
+    grad_fn = private_value_and_grad(loss_fn, spec.dp_clip, spec.dp_sigma, spec.batch_size,
+                                     has_aux)
   ones = jnp.ones((spec.batch_size,), jnp.float32)
 
   def sgd_step(carry, step_rows, step_index):

@@ -12,6 +12,11 @@ the cohort), through a separate stream tag so that streams never collide::
     root ──fold_in(WARMUP)──> an initialisation period before round 0 (FedDBE)
     root ──fold_in(NEW)──fold_in(client_id)──> fine-tuning of new clients
 
+Inside local training (`fedjax_lib.core.local`), step ``t`` of a client uses
+``step_key = fold_in(loss_key, t)``; with DP-SGD on, example ``b`` of the step's batch gets
+``fold_in(fold_in(step_key, DP_EXAMPLE), b)`` for its loss and the step's Gaussian noise comes
+from ``fold_in(step_key, DP_NOISE)``, independent of every loss-side draw.
+
 Same seed, same platform, same config ⇒ the same numbers, whatever the executor or cohort order.
 """
 
@@ -25,6 +30,8 @@ SERVER = 0x5E4
 EVAL = 0xE7A1
 WARMUP = 0x3A53
 NEW = 0x4E3
+DP_EXAMPLE = 0xD9E8
+DP_NOISE = 0xD9A0
 
 
 def root_key(seed: int) -> jax.Array:
@@ -61,3 +68,13 @@ def warmup_key(root: jax.Array) -> jax.Array:
 
 def new_client_key(root: jax.Array, client_id) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(root, NEW), client_id)
+
+
+def dp_example_key(step_key: jax.Array, example) -> jax.Array:
+  """The loss key of example ``example`` of a DP-SGD step (its own per-example pass)."""
+  return jax.random.fold_in(jax.random.fold_in(step_key, DP_EXAMPLE), example)
+
+
+def dp_noise_key(step_key: jax.Array) -> jax.Array:
+  """The key of a DP-SGD step's Gaussian noise."""
+  return jax.random.fold_in(step_key, DP_NOISE)
