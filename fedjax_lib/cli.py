@@ -284,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
        help="reproduce PFLlib's / HtFLlib's documented quirks where an algorithm offers it "
        "(FedCP's Gumbel noise at test time, FD's raw-logit targets, FedKTL's and FedMRL's "
        "projector reset, FML's undetached peers, FedGen's untrained generator, FedKD's "
-       "compressed parameters and per-slice SVD)")
+       "compressed parameters and per-slice SVD, SCAFFOLD's and FedDyn's int(N·jr) divisor, "
+       "FedDyn's unsquared norm, FedLC's global counts, FedNTD's unweighted mean, APFL's "
+       "CE(v) and final mix, pFedMe's evaluation of the global model)")
 
   training = p.add_argument_group("training")
   _add(training, "-gr", "--global_rounds", "--global-rounds", type=int,
