@@ -10,7 +10,8 @@ anything is written, and applies one rule:
 - **refuse** (`~fedjax_lib.errors.ConfigError`, one line naming the value and what is accepted)
   a setting that cannot work: nothing would be trained or evaluated, or the algorithm would
   silently be another one, or differential privacy (``-dp``) for an algorithm or a model that
-  DP-SGD does not make private (`fedjax_lib.privacy`);
+  DP-SGD does not make private (`fedjax_lib.privacy`), or the DLG attack (``-dlg``) for an
+  algorithm that does not upload its whole model (`fedjax_lib.dlg`);
 - **warn** (one line, with the numbers and what to do) about a setting that works badly:
   clients that never train or are never tested, flags that have no effect, training that is
   never evaluated.
@@ -31,6 +32,7 @@ import jax
 import numpy as np
 
 from fedjax_lib import algorithms as algorithms_lib
+from fedjax_lib import dlg as dlg_lib
 from fedjax_lib import models as models_lib
 from fedjax_lib import privacy as privacy_lib
 from fedjax_lib.algorithms.base import SettingsContext
@@ -69,6 +71,7 @@ def check_settings(config: Config, data, num_clients: int, algorithm,
               + _feature_dim(config, data, models)
               + privacy_lib.check(config, np.asarray(data.train_count[:num_clients]),
                                   algorithm, models, sample_x)
+              + dlg_lib.check(config, data, algorithm, models)
               + _algorithm(config, data, num_clients, algorithm, models))
   return list(dict.fromkeys(warnings))
 

@@ -335,6 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
   _add(privacy, "--dp-delta", type=float, default=d.dp_delta, dest="dp_delta",
        help="δ of the reported (ε, δ)")
 
+  leakage = p.add_argument_group(
+      "DLG privacy evaluation", "Deep Leakage from Gradients against the clients' uploads, "
+      "with the reconstructions' PSNR (see the README's \"DLG privacy evaluation\").")
+  _add(leakage, "-dlg", "--dlg_eval", "--dlg-eval", default=d.dlg_eval, dest="dlg_eval",
+       **boolean, help="every -dlgg rounds, reconstruct each aggregated client's first -bnpc "
+       "training batches from its model delta and report their PSNR (higher: more leakage); "
+       "algorithms that upload their whole model only")
+  _add(leakage, "-dlgg", "--dlg_gap", "--dlg-gap", type=int, default=d.dlg_gap,
+       dest="dlg_gap", help="attack every dlgg rounds, from round 0")
+  _add(leakage, "-bnpc", "--batch_num_per_client", "--batch-num-per-client", type=int,
+       default=d.batch_num_per_client, dest="batch_num_per_client",
+       help="training batches attacked per client")
+
   evaluation = p.add_argument_group("evaluation")
   _add(evaluation, "-eg", "--eval_gap", "--eval-gap", type=int, default=d.eval_gap,
        dest="eval_gap", help="evaluate every eg rounds")

@@ -82,6 +82,11 @@ class Config:
     (``dp_sigma``: the noise multiplier, PFLlib's ``-dps``, default 0.0 = no noise) — and an
     RDP accountant reports each evaluated round's ε at ``dp_delta`` (PFLlib's 1e-5) for the
     worst-off client. Algorithms whose uploads are not all DP-SGD outputs refuse it.
+  DLG privacy evaluation (`fedjax_lib.dlg`; PFLlib's ``-dlg``/``-dlgg``/``-bnpc``): with
+    ``dlg_eval``, every ``dlg_gap`` rounds (from round 0) the server attacks each aggregated
+    client's model delta with Deep Leakage from Gradients, reconstructing its first
+    ``batch_num_per_client`` training batches, and the run reports their mean PSNR. Only
+    algorithms that upload their whole model accept it.
   New clients (PFLlib's ``-nnc``/``-ften``): with ``num_new_clients`` = M > 0 the data hold
     N + M clients, the last M never train, and after the last round each of them fine-tunes
     the global model for ``fine_tuning_epoch_new`` epochs and is tested.
@@ -117,6 +122,10 @@ class Config:
   dp_sigma: float = 0.0
   dp_clip: float = 1.0
   dp_delta: float = 1e-5
+  # DLG privacy evaluation (PFLlib's -dlg/-dlgg/-bnpc)
+  dlg_eval: bool = False
+  dlg_gap: int = 100
+  batch_num_per_client: int = 2
   # evaluation and repetitions
   eval_gap: int = 1
   times: int = 1
@@ -192,6 +201,8 @@ class Config:
     _positive_int("checkpoint_every", self.checkpoint_every, minimum=0)
     _positive_int("keep_checkpoints", self.keep_checkpoints)
     _positive_int("fine_tuning_epoch_new", self.fine_tuning_epoch_new, minimum=0)
+    _positive_int("dlg_gap", self.dlg_gap)
+    _positive_int("batch_num_per_client", self.batch_num_per_client)
     if self.num_clients is not None:
       _positive_int("num_clients", self.num_clients)
     if self.num_classes is not None:
@@ -221,7 +232,7 @@ class Config:
     if self.on_nan not in ON_NAN:
       raise ConfigError(f"on_nan={self.on_nan!r} is invalid; choose one of: {', '.join(ON_NAN)}")
     for name in ("balance", "random_join_ratio", "auto_break", "progress", "pfllib_compat",
-                 "resume", "overwrite", "plot", "privacy"):
+                 "resume", "overwrite", "plot", "privacy", "dlg_eval"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(f"{name}={getattr(self, name)!r} is not a boolean; use true/false")
     if self.executor not in EXECUTORS:

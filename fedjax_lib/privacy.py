@@ -87,6 +87,12 @@ REVIEWED: dict[str, tuple[bool, str]] = {
     "FedNTD": (True, "the not-true distillation term is each example's KL to the received "
                "global model"),
     "APFL": (True, "w, v and α all move by the noised gradient of one per-example loss"),
+    "PFL-DA": (True, "both phases train with DP-SGD; the head regulariser depends on "
+               "parameters only, so it is part of each example's clipped loss"),
+    "FedMTL": (True, "its regulariser depends on parameters only (its own and the other "
+               "clients' DP outputs), so it is part of each example's clipped loss"),
+    "FedBN": (True, "without BatchNorm it is FedAvg; models with BatchNorm are refused "
+              "under -dp anyway"),
     "FedLC": (False, "its calibrated loss puts the client's raw class counts into every "
               "gradient"),
     "pFedMe": (False, "its K inner steps take plain gradients on the batch and carry the "

@@ -92,7 +92,8 @@ def write_text(path: str, text: str) -> None:
 
 
 def write_h5(path: str, history: dict) -> None:
-  """PFLlib's result file: ``rs_test_acc``, ``rs_test_auc`` (filled), ``rs_train_loss``."""
+  """PFLlib's result file: ``rs_test_acc``, ``rs_test_auc`` (filled), ``rs_train_loss``;
+  ``rounds``, and ``rs_epsilon`` (``-dp``), ``rs_dlg_psnr`` with ``dlg_rounds`` (``-dlg``)."""
   import h5py  # pylint: disable=import-outside-toplevel
   with h5py.File(path, "w") as f:
     f.create_dataset("rs_test_acc", data=np.asarray(history["test_acc"], np.float64))
@@ -101,6 +102,10 @@ def write_h5(path: str, history: dict) -> None:
     f.create_dataset("rounds", data=np.asarray(history["rounds"], np.int64))
     if "epsilon" in history:  # differential privacy: ε per evaluated round (inf: no noise)
       f.create_dataset("rs_epsilon", data=np.asarray(history["epsilon"], np.float64))
+    if "dlg_psnr" in history:  # DLG attack: mean PSNR per attacked round (NaN: none)
+      f.create_dataset("rs_dlg_psnr", data=np.asarray(
+          [np.nan if v is None else v for v in history["dlg_psnr"]], np.float64))
+      f.create_dataset("dlg_rounds", data=np.asarray(history["dlg_rounds"], np.int64))
     for key in sorted(history):  # per-view columns, e.g. rs_test_acc_personal
       if key.startswith(("test_acc_", "test_auc_")) and not key.endswith("_std"):
         f.create_dataset(f"rs_{key}", data=np.asarray(history[key], np.float64))

@@ -24,6 +24,7 @@ import numpy as np
 from fedjax_lib import algorithms as algorithms_lib
 from fedjax_lib import checks as checks_lib
 from fedjax_lib import data as data_lib
+from fedjax_lib import dlg as dlg_lib
 from fedjax_lib import memory as memory_lib
 from fedjax_lib import models as models_lib
 from fedjax_lib.algorithms.base import has_hook, supports_train_mode
@@ -45,6 +46,8 @@ DEFAULT_FEATURE_DIM = 512  # HtFLlib's -fd
 HISTORY_KEYS = ("test_acc", "test_auc", "test_acc_std", "test_auc_std", "train_loss")
 #: Per evaluated round of a run with ``privacy``: the worst-off client's ε spent before it.
 EPSILON_KEY = "epsilon"
+#: With ``dlg_eval``: the attacked rounds and the mean PSNR of each (`fedjax_lib.dlg`).
+DLG_KEYS = ("dlg_rounds", "dlg_psnr")
 #: Per trained round: what the aggregated clients uploaded and every client downloaded.
 TRAFFIC_KEYS = ("upload_floats", "download_floats", "upload_bytes", "download_bytes")
 
@@ -90,6 +93,11 @@ class RunResult:
   privacy: Optional[dict] = None  # with ``privacy``: `fedjax_lib.privacy.Accountant.summary`
 
   @property
+  def dlg_psnr(self) -> list:
+    """``[(round, mean PSNR)]`` of the DLG attacks (empty without ``dlg_eval``)."""
+    return list(zip(self.history.get("dlg_rounds", []), self.history.get("dlg_psnr", [])))
+
+  @property
   def traffic(self) -> dict:
     """``total_`` and ``mean_`` (per trained round) of each of :data:`TRAFFIC_KEYS`."""
     return traffic_summary(self.history)
@@ -131,6 +139,8 @@ class Results:
     n = len(self.runs)
     privacy = [privacy_lib.describe(self.runs[0].privacy, self.config.dp_clip)
                + (" (run 0)" if n > 1 else "")] if self.runs[0].privacy else []
+    attacks = self.runs[0].dlg_psnr  # the DLG evaluation, also a privacy line
+    privacy += [dlg_lib.summary_line(attacks) + (" (run 0)" if n > 1 else "")] if attacks else []
     return [
         f"best test accuracy: {best:.4f} ± {best_std:.4f} (mean ± std over {n} run(s))",
         f"last test accuracy: {last:.4f} ± {last_std:.4f}",
@@ -171,6 +181,7 @@ class Built:
   architectures: tuple  # the -m list: client i uses architectures[i mod K]
   warnings: tuple = ()  # one-line warnings about settings that waste work (fedjax_lib.checks)
   privacy: Optional[privacy_lib.Plan] = None  # private steps per client, with config.privacy
+  dlg: Optional[dlg_lib.Evaluator] = None  # the DLG attack, with config.dlg_eval
 
   def _legacy(self):  # (data, model of the first architecture, algorithm, engine)
     return (self.data, self.models[self.architectures[0]], self.algorithm, self.engine)
@@ -262,8 +273,10 @@ def build(config: Config) -> Built:
   settings_warnings = checks_lib.check_settings(config, data, num_clients, algorithm, models)
   privacy = (privacy_lib.plan(engine, np.asarray(data.train_count), config) if config.privacy
              else None)
+  dlg = (dlg_lib.Evaluator(engine, config, *dlg_lib.data_range(data.x)) if config.dlg_eval
+         else None)
   return Built(data, models, algorithm, engine, architectures,
-               warnings=tuple(settings_warnings), privacy=privacy)
+               warnings=tuple(settings_warnings), privacy=privacy, dlg=dlg)
 
 
 def check_train_mode(algorithm, models: dict) -> None:
@@ -598,16 +611,19 @@ class _States:
       out[s] = jax.device_get(metrics)
     return out, seconds
 
+  def hparams_of(self, s: int) -> dict:
+    """Run ``s``'s swept hyperparameter values ``{path: scalar}`` (empty: none swept)."""
+    return {k: v[s] for k, v in self.hparams.items()} if self.stacked else self.hparams[s]
+
   def new_clients(self, s: int, sample_x, epochs: int) -> dict:
     server, _ = self.get(s) if self.stacked else self.states[s]
-    hparams = ({k: v[s] for k, v in self.hparams.items()} if self.stacked
-               else self.hparams[s])
     return self.engine.evaluate_new_clients(server, self.roots[s], sample_x, epochs,
-                                            hparams=hparams)
+                                            hparams=self.hparams_of(s))
 
 
 def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
-             privacy: Optional[privacy_lib.Plan] = None) -> list:
+             privacy: Optional[privacy_lib.Plan] = None,
+             dlg: Optional[dlg_lib.Evaluator] = None) -> list:
   """Advances the runs ``specs`` side by side, round by round: the one run loop.
 
   A plain run is S = 1; ``-t`` repetitions and sweep combinations are S > 1. With the vmap or
@@ -620,6 +636,11 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
   With ``privacy`` (the plan of `fedjax_lib.privacy`) each run has an accountant fed with
   every round's selected clients; every evaluation records the ε spent before it (history
   ``epsilon``) and the run's ``extra["privacy"]`` the ε after its last round.
+
+  With ``dlg`` (`fedjax_lib.dlg.Evaluator`), every round it is due the states before the
+  round are kept, and after the round each run's aggregated clients are attacked; the round
+  and the mean PSNR go to the history (``dlg_rounds``, ``dlg_psnr``) and to one log line. The
+  attack's time is not part of the round's time.
 
   Stop requests (`fedjax_lib.stopping.STOPPER`) are honoured at the loop's safe points: before
   every round, before the final and the new-client evaluations and before returning; every
@@ -704,6 +725,11 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
         bar.set_postfix(acc=f"{m['test_acc']:.4f}", loss=f"{m['train_loss']:.4f}")
     training = [run for run in live if run.stop is None]
     if training:
+      snapshots = {}
+      if dlg is not None and dlg.due(r):  # before the round donates its input states
+        snapshots = {run.spec.index: dlg.snapshot(*states.get(run.spec.index), run.root, r,
+                                                  states.hparams_of(run.spec.index))
+                     for run in training}
       round_metrics, train_time = states.train(training, r)
       for run in training:
         if run.accountant is not None:
@@ -724,6 +750,13 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
                       f"{run.last_ckpt or 'none; use --checkpoint-every'}; "
                       f"{engine.algorithm.divergence_advice()}, or --on-nan skip-client to "
                       "drop such updates)")
+      for run in training:
+        if run.spec.index in snapshots and run.finite:
+          attack = dlg.attack(snapshots[run.spec.index])
+          for key, value in zip(DLG_KEYS, (r, attack["psnr"])):
+            run.history.setdefault(key, []).append(value)
+          write(f"{run.spec.label + ' | ' if many else ''}round {r:4d} | "
+                f"{dlg_lib.describe(attack)}")
     if training and config.plot and has_hook(engine.algorithm, "generated_images"):
       for run in training:
         write_generated(run, states, engine.algorithm, config)
@@ -889,6 +922,11 @@ def _run_experiment(config: Config, log: Callable[[str], None]):
     log(f"differential privacy: DP-SGD with noise multiplier σ = {config.dp_sigma:g} and "
         f"per-example clip C = {config.dp_clip:g}; each evaluation reports ε at δ = "
         f"{config.dp_delta:g} of the worst-off client (RDP accountant)")
+  if config.dlg_eval:
+    log(f"DLG attack: every {config.dlg_gap} rounds from round 0, the first "
+        f"{config.batch_num_per_client} training batches of every aggregated client are "
+        f"reconstructed from its model delta; PSNR over the data's range "
+        f"[{built.dlg.low:g}, {built.dlg.high:g}] (higher: more leakage)")
   for line in built.warnings:
     log(f"warning: {line}")
   with _output_folder(config, family) as out_dir:
@@ -909,7 +947,7 @@ def _run_experiment(config: Config, log: Callable[[str], None]):
       log(f"{spec.label}: --overwrite: removing the checkpoints of a different config in "
           f"{spec.checkpoint}")
       output_lib.remove_tree(spec.checkpoint)
-    runs = run_loop(engine, specs, config, log, privacy=built.privacy)
+    runs = run_loop(engine, specs, config, log, privacy=built.privacy, dlg=built.dlg)
     return _write_results(config, built, specs, runs, out_dir, base, tag, log)
 
 
