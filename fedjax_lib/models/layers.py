@@ -53,7 +53,7 @@ CONV_IMPLS = ('auto', 'lax', 'patches', 'slices', 'hybrid')
 SLICES_MAX_BATCH = 16
 
 #: Largest output map (``out_h * out_w``) for which ``'auto'`` picks ``'slices'`` on XLA:CPU
-#: at any batch size: XLA:CPU's convolution runs 1–6 GFLOP/s on 1×1 and 2×2 outputs.
+#: at any batch size: XLA:CPU's convolution runs 3–27 GFLOP/s on 1×1 and 2×2 outputs.
 SLICES_MAX_OUTPUT_AREA = 4
 
 
@@ -74,7 +74,7 @@ def resolve_conv_impl(conv_impl: str, feature_group_count: int = 1, batch: int =
   above it (evaluation: XLA's convolution forward) — except for outputs of at most
   :data:`SLICES_MAX_OUTPUT_AREA` positions (a ResNet's last stages on 32×32 inputs), where
   XLA:CPU's convolution is two orders of magnitude slower than im2col (a 3×3 convolution of
-  256 channels on a 2×2 map, batch 100: 3.5 ms per sample against 20 µs), so ``'slices'``
+  256 channels on a 2×2 map, batch 100: 635 µs per sample against 11 µs), so ``'slices'``
   at any batch size. Measurements: experiments/benchmarks/RESULTS.md.
   """
   if conv_impl != 'auto':
