@@ -88,8 +88,8 @@ def test_conformance(name, data, tmp_path):
   rkey = rng.round_key(root, 0)
   d = eng.data
 
+  @jax.jit  # one compilation for both orders (eagerly, each call costs seconds)
   def train(order):
-    order = jnp.asarray(order)
     keys = jax.vmap(rng.client_key, (None, 0))(rkey, order)
     states = jax.tree.map(lambda a: a[order], clients)
     fn = lambda st, i, k: alg.client_update(
@@ -97,7 +97,7 @@ def test_conformance(name, data, tmp_path):
     return jax.vmap(fn)(states, order, keys)[:2]  # new client states and uploads
 
   order = np.arange(data.num_clients)
-  forward, backward = train(order), train(order[::-1])
+  forward, backward = train(jnp.asarray(order)), train(jnp.asarray(order[::-1]))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[::-1], rtol=1e-5, atol=1e-6),
                forward, backward)
 
@@ -121,6 +121,9 @@ def assert_resume_is_exact(eng, root, sample_x, folder: str, structure) -> None:
   ckpt.save(1, s1, c1, {"history": {}})
   _, s_r, c_r, _ = ckpt.restore_latest(s1, c1)
   assert _structure((s_r, c_r)) == structure
+  # placed as the live state is, so the compiled round runs on it without compiling again
+  assert ([a.committed for a in jax.tree.leaves((s_r, c_r))]
+          == [a.committed for a in jax.tree.leaves((s1, c1))])
   s1, c1, _ = eng.run_round(s1, c1, root, 1)
   s_r, c_r, _ = eng.run_round(s_r, c_r, root, 1)
   jax.tree.map(np.testing.assert_array_equal, (s1, c1), (s_r, c_r))

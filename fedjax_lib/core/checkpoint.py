@@ -35,6 +35,7 @@ import warnings
 from typing import Any, Callable, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from fedjax_lib.errors import ConfigError
@@ -52,6 +53,16 @@ def _not_a_damaged_metadata_file(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("absl").addFilter(_not_a_damaged_metadata_file)
+
+
+def _like(restored: jax.Array, template) -> jax.Array:
+  """``restored`` placed as ``template`` is: Orbax returns arrays committed to a device, and a
+  compiled round called with committed arrays where it was compiled for uncommitted ones
+  compiles again (seconds per program). An uncommitted template gets an uncommitted copy."""
+  if (isinstance(template, jax.Array) and not template.committed and restored.committed
+      and not jax.dtypes.issubdtype(restored.dtype, jax.dtypes.extended)):
+    return jax.numpy.asarray(np.asarray(restored))
+  return restored
 
 
 class RunCheckpointer:
@@ -168,10 +179,11 @@ class RunCheckpointer:
                             {"server": server_state, "clients": clients})
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))
-    clients = restored.state["clients"]
+    state = jax.tree.map(_like, restored.state, {"server": server_state, "clients": clients})
+    clients = state["clients"]
     if meta["format"] == 1:
       clients = {next(iter(client_states)): clients}
-    return step, restored.state["server"], clients, meta
+    return step, state["server"], clients, meta
 
   def _check_format(self, meta: dict, step: int, client_states) -> None:
     if meta.get("step") != step:
