@@ -69,7 +69,7 @@ def _sweep_item(text: str) -> tuple[str, list]:
 # Short names accepted by --sweep.
 SWEEP_ALIASES = {"lr": "learning_rate", "local_learning_rate": "learning_rate",
                  "lamda": "lam", "mart": "margin_threshold", "lrp": "p_learning_rate", "slr": "server_learning_rate",
-                 "bt": "beta", "al": "alpha", "glr": "generator_learning_rate",
+                 "bt": "beta", "al": "algo_alpha", "glr": "generator_learning_rate",
                  "mlr": "mentee_learning_rate", "Ts": "energy_start", "Te": "energy_end", "et": "eta", "mo": "momentum", "klw": "kl_weight"}
 
 

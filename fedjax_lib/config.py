@@ -154,10 +154,12 @@ class Config:
   resume: bool = False
   on_nan: str = "stop"
 
-  # Fields that may differ between a checkpointed run and its continuation.
+  # Fields that may differ between a checkpointed run and its continuation (the DLG attack
+  # reads the states and never changes them).
   RESUMABLE_CHANGES = ("global_rounds", "times", "out", "progress", "overwrite", "plot",
                        "checkpoint_every", "keep_checkpoints", "resume", "auto_break",
-                       "top_cnt", "devices", "distributed", "eval_chunk_size")
+                       "top_cnt", "devices", "distributed", "eval_chunk_size", "dlg_eval",
+                       "dlg_gap", "batch_num_per_client")
 
   def resume_mismatch(self, saved: dict) -> list[str]:
     """``field: saved → now`` for every field that must match to continue a checkpoint.

@@ -46,9 +46,12 @@ def combo_config(config: Config, combo: dict) -> Config:
   for name, value in combo.items():
     if name in ("seed", "learning_rate"):
       changes[name] = value
+    elif name.startswith("algo_"):  # PFLlib's -al is the algorithm's alpha, not the data's
+      params[name[len("algo_"):]] = value
     elif name in fields:
+      hint = " (the algorithm's α, PFLlib's -al: al=...)" if name == "alpha" else ""
       raise ConfigError(f"sweep {name}: only seed, learning_rate and numeric algorithm "
-                        f"hyperparameters can be swept, not the config field {name!r}")
+                        f"hyperparameters can be swept, not the config field {name!r}{hint}")
     else:
       params[name] = value
   return config.replace(algo_params=params, **changes)

@@ -85,3 +85,21 @@ def assert_mixed_heads_refused(algorithm, data, match: str) -> None:
                           engine_lib.Participation(4), executor="vmap", model_cycle=[0, 1])
   with pytest.raises(ConfigError, match=match):
     eng.check_compatible(data.x[0])
+
+
+def assert_cli_refuses(argv, words, tmp_path, capsys) -> None:
+  """``fedjax`` with ``argv`` (plus a one-round, four-client run into ``tmp_path/out``) exits
+  with status 2 and one ``error: ...`` line containing every string of ``words``, writing
+  nothing."""
+  import sys  # pylint: disable=import-outside-toplevel
+  import pytest  # pylint: disable=import-outside-toplevel
+  from fedjax_lib import cli  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit) as exc:  # parser errors exit from inside argparse
+    sys.exit(cli.main(list(argv) + ["-gr", "1", "--out", str(out), "--no-progress", "-nc",
+                                    "4"]))
+  err = capsys.readouterr().err
+  assert exc.value.code == 2, err
+  assert err.startswith("error: ") and err.count("\n") == 1, err
+  assert all(w in err for w in words), err
+  assert not out.exists()

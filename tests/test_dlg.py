@@ -9,7 +9,6 @@ same scale: 8–11 dB).
 """
 
 import json
-import sys
 
 import h5py
 import jax
@@ -17,13 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_lib import Config, cli, dlg
+from fedjax_lib import Config, dlg
 from fedjax_lib.algorithms import make_algorithm
 from fedjax_lib.core import engine as engine_lib
 from fedjax_lib.core import rng
 from fedjax_lib.core.local import ClientData, LocalSpec
 from fedjax_lib.models import make_model
 from fedjax_lib.runner import run_experiment
+from tests.helpers import assert_cli_refuses
 from tests.test_engine import _small_data
 
 
@@ -124,14 +124,7 @@ def test_rerun_upload_equals_the_aggregated_one():
     (["-dlg", "-algo", "FedPer", "-m", "dnn"], ["FedPer", "DLG", "base", "FedAvg"]),
 ])
 def test_bad_dlg_flags_exit_2_with_one_line(argv, words, tmp_path, capsys):
-  out = tmp_path / "out"
-  with pytest.raises(SystemExit) as exc:  # parser errors exit from inside argparse
-    sys.exit(cli.main(argv + ["-gr", "1", "--out", str(out), "--no-progress", "-nc", "4"]))
-  err = capsys.readouterr().err
-  assert exc.value.code == 2, err
-  assert err.startswith("error: ") and err.count("\n") == 1, err
-  assert all(w in err for w in words), err
-  assert not out.exists()
+  assert_cli_refuses(argv, words, tmp_path, capsys)
 
 
 def test_run_records_psnr_per_attacked_round(tmp_path):
@@ -148,3 +141,11 @@ def test_run_records_psnr_per_attacked_round(tmp_path):
     np.testing.assert_array_equal(f["dlg_rounds"][()], [0, 1])
   assert sum("| DLG PSNR " in line for line in lines) == 2, lines
   assert any(line.startswith("DLG attack: mean PSNR") for line in results.summary_lines())
+
+
+def test_the_attack_may_be_switched_on_or_off_when_resuming():
+  """The attack only reads the states: a continuation may change -dlg/-dlgg/-bnpc, nothing
+  else it would refuse."""
+  saved = Config().to_dict()
+  assert Config(dlg_eval=True, dlg_gap=3, batch_num_per_client=1).resume_mismatch(saved) == []
+  assert Config(dlg_eval=True, eval_gap=2).resume_mismatch(saved) == ["eval_gap: 1 → 2"]

@@ -11,14 +11,13 @@ classic RDP → (ε, δ) conversion).
 import dataclasses
 import json
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedjax_lib import Config, cli, privacy
+from fedjax_lib import Config, privacy
 from fedjax_lib.algorithms import algorithm_names, make_algorithm
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.core import engine as engine_lib
@@ -29,6 +28,7 @@ from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
 from fedjax_lib.results import _jsonable
 from fedjax_lib.runner import build, run_experiment
+from tests.helpers import assert_cli_refuses
 from tests.test_engine import _small_data
 
 
@@ -244,14 +244,7 @@ def test_accountant_counts_participation_only():
     (["-dp", "-algo", "Local", "-m", "resnet4"], ["resnet4", "BatchNorm"]),
 ])
 def test_bad_dp_flags_exit_2_with_one_line(argv, words, tmp_path, capsys):
-  out = tmp_path / "out"
-  with pytest.raises(SystemExit) as exc:  # parser errors exit from inside argparse
-    sys.exit(cli.main(argv + ["-gr", "1", "--out", str(out), "--no-progress", "-nc", "4"]))
-  err = capsys.readouterr().err
-  assert exc.value.code == 2, err
-  assert err.startswith("error: ") and err.count("\n") == 1, err
-  assert all(w in err for w in words), err
-  assert not out.exists()
+  assert_cli_refuses(argv, words, tmp_path, capsys)
 
 
 def test_reviewed_names_are_algorithms_and_unreviewed_ones_are_refused():

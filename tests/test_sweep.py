@@ -167,6 +167,7 @@ def test_swept_values_follow_derived_values():
     (dict(algorithm="Ditto", sweep={"plocal_epochs": [1, 2]}), "plocal_epochs"),
     (dict(sweep={"mu": [0.1, 0.2]}), "mu"),
     (dict(sweep={"join_ratio": [0.5, 1.0]}), "join_ratio"),
+    (dict(algorithm="FedDyn", sweep={"alpha": [0.5, 1.0]}), "the algorithm's α.*al="),
     (dict(sweep={"seed": [0, 0]}), "repeats"),
     (dict(sweep={"learning_rate": ["a"]}), "'a'"),
     (dict(sweep={"seed": [0, 1]}, times=2), "times=2"),
@@ -182,6 +183,15 @@ def test_cli_sweep_flags():
                                         "mu=1e-2,1"])
   config = cli.config_from_args(args)
   assert config.sweep == {"seed": [0, 1], "learning_rate": [0.05, 0.02], "mu": [0.01, 1]}
+
+
+def test_pfllib_al_sweeps_the_algorithms_alpha_not_the_partitions():
+  config = cli.config_from_args(cli.build_parser().parse_args(
+      ["-algo", "FedDyn", "--alpha", "0.3", "--sweep", "al=0.1,0.5"]))
+  assert config.sweep == {"algo_alpha": [0.1, 0.5]}
+  combos = [sweep_lib.combo_config(config, c) for c in sweep_lib.combinations(config.sweep)]
+  assert [(c.alpha, c.algo_params) for c in combos] == [(0.3, {"alpha": 0.1}),
+                                                        (0.3, {"alpha": 0.5})]
 
 
 def test_integer_values_of_a_float_hyperparameter_are_swept():

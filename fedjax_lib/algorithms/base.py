@@ -373,6 +373,14 @@ def check_number(algorithm: str, name: str, value, minimum: float = 0,
                       f"{_accepted(kind, minimum, maximum)}")
 
 
+def check_positive(algorithm: str, name: str, value, flag: str) -> None:
+  """Raises a ConfigError unless ``value`` is a finite number > 0."""
+  check_number(algorithm, name, value, 0.0, finite=True)
+  if not value > 0:
+    raise ConfigError(f"{algorithm} hyperparameter {name}={value!r} must be a finite number "
+                      f"> 0 ({flag})")
+
+
 def abstract_variables(model, sample_x):
   """``model``'s variables for one sample, as ``jax.ShapeDtypeStruct`` leaves (no FLOPs)."""
   x = jax.ShapeDtypeStruct((1, *np.shape(sample_x)), sample_x.dtype)

@@ -50,11 +50,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fedjax_lib.algorithms.base import check_bool
+from fedjax_lib.algorithms.base import check_bool, check_positive
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
-from fedjax_lib.algorithms.scaffold import (arrived_sum, check_join_ratio, check_positive,
-                                            client_counts)
+from fedjax_lib.algorithms.scaffold import check_join_ratio, client_counts
+from fedjax_lib.core.aggregate import arrived_sum
 from fedjax_lib.core.local import train_locally
 
 

@@ -43,12 +43,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fedjax_lib.algorithms.base import check_bool, check_number, linear_server
+from fedjax_lib.algorithms.base import check_bool, check_number, check_positive, linear_server
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.aggregate import weighted_average
 from fedjax_lib.core.local import masked_cross_entropy, train_locally
-from fedjax_lib.errors import ConfigError
 
 
 def not_true_logits(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -110,10 +109,7 @@ class FedNTD(FedAvg):
 
   def __post_init__(self):
     check_number(self.name, "beta", self.beta, finite=True)
-    check_number(self.name, "tau", self.tau, finite=True)
-    if not self.tau > 0:
-      raise ConfigError(f"{self.name} hyperparameter tau={self.tau!r} must be a finite "
-                        "number > 0 (-tau)")
+    check_positive(self.name, "tau", self.tau, "-tau")
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
 
   def local_loss(self, server_state):

@@ -57,12 +57,11 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lib.algorithms.base import (SettingsContext, abstract_variables, check_number,
-                                        stack_clients)
+                                        check_positive, stack_clients)
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import merge_parts, split_parts
 from fedjax_lib.core.local import masked_cross_entropy, train_locally
-from fedjax_lib.errors import ConfigError
 
 # PyTorch's default eps of F.cosine_similarity.
 COSINE_EPS = 1e-8
@@ -124,10 +123,7 @@ class MOON(FedAvg):
   mu: float = 0.0
 
   def __post_init__(self):
-    check_number(self.name, "tau", self.tau, finite=True)
-    if not self.tau > 0:
-      raise ConfigError(f"{self.name} hyperparameter tau={self.tau!r} must be a finite "
-                        "number > 0 (-tau)")
+    check_positive(self.name, "tau", self.tau, "-tau")
     check_number(self.name, "mu", self.mu, finite=True)
 
   def check_settings(self, context: SettingsContext) -> list[str]:
@@ -157,10 +153,13 @@ class MOON(FedAvg):
       del key
       z = self.model.apply(params, batch.x, method="features")
       logits = self.model.apply(params, z, method="classify")
+      ce = masked_cross_entropy(logits, batch.y, batch.mask)
+      if isinstance(self.mu, (int, float)) and self.mu == 0:  # FedAvg: skip two base passes
+        return ce
       contrastive = model_contrastive_loss(z, self.features(global_base, batch.x),
                                            self.features(prev_base, batch.x), self.tau,
                                            batch.mask)
-      return masked_cross_entropy(logits, batch.y, batch.mask) + self.mu * contrastive
+      return ce + self.mu * contrastive
     return loss
 
   def client_update(self, server_state, client_state, data, key):

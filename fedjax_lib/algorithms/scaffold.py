@@ -57,9 +57,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lib.algorithms.base import check_bool, check_number
+from fedjax_lib.algorithms.base import check_bool, check_number, check_positive
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
+from fedjax_lib.core.aggregate import arrived_sum
 from fedjax_lib.core.local import train_locally
 from fedjax_lib.errors import ConfigError
 
@@ -110,26 +111,6 @@ def updated_control(client_control, server_control, x, y, num_steps, learning_ra
     return jnp.where(trained, new, ci.astype(jnp.float32)).astype(ci.dtype)
 
   return jax.tree.map(leaf, client_control, server_control, x, y)
-
-
-def arrived_sum(uploads, weights):
-  """``Σ_{k: w_k > 0} u_k`` over the leading axis of every leaf, in float32 (slots of weight 0
-  are excluded by a select, so whatever they hold never reaches the result)."""
-  kept = jnp.asarray(weights) > 0
-
-  def leaf(u):
-    mask = kept.reshape((-1,) + (1,) * (u.ndim - 1))
-    return jnp.where(mask, u.astype(jnp.float32), 0.0).sum(0)
-
-  return jax.tree.map(leaf, uploads)
-
-
-def check_positive(algorithm: str, name: str, value, flag: str) -> None:
-  """Raises a ConfigError unless ``value`` is a finite number > 0."""
-  check_number(algorithm, name, value, 0.0, finite=True)
-  if not value > 0:
-    raise ConfigError(f"{algorithm} hyperparameter {name}={value!r} must be a finite number "
-                      f"> 0 ({flag})")
 
 
 def check_join_ratio(algorithm: str, value) -> None:

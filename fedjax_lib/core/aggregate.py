@@ -56,3 +56,15 @@ def uniform_average(uploads, weights: jax.Array, fallback):
   the servers that average ``1/#clients that trained``, not by sample count."""
   return weighted_average(uploads, (jnp.asarray(weights) > 0).astype(jnp.float32),
                           fallback=fallback)
+
+
+def arrived_sum(uploads, weights):
+  """``Σ_{k: w_k > 0} u_k`` over the leading axis of every leaf, in float32 (slots of weight 0
+  are excluded by a select, so whatever they hold never reaches the result)."""
+  kept = jnp.asarray(weights) > 0
+
+  def leaf(u):
+    mask = kept.reshape((-1,) + (1,) * (u.ndim - 1))
+    return jnp.where(mask, u.astype(jnp.float32), 0.0).sum(0)
+
+  return jax.tree.map(leaf, uploads)
