@@ -55,6 +55,7 @@ def _run_child(code: str, *args) -> dict:
   report the worker's peak as its own.
   """
   env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # measure compiling, not loading from the cache
   env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
       "--xla_force_host_platform_device_count=8", "")
   out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
