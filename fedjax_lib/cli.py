@@ -15,7 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from fedjax_lib.algorithms import algorithm_names, get_algorithm
-from fedjax_lib.config import DTYPES, EXECUTORS, ON_NAN, PARTITIONS, Config
+from fedjax_lib.config import DTYPES, EXECUTORS, ON_NAN, PARTITION_RNGS, PARTITIONS, Config
 from fedjax_lib.data import BUILTIN_DATASETS
 from fedjax_lib.data.loading import DEFAULT_NUM_CLIENTS
 from fedjax_lib.errors import ConfigError, FedJaxError
@@ -256,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
   _add(data, "--partition-seed", type=int, default=d.partition_seed, dest="partition_seed",
        shown_default="--seed", help="seed of the data partition alone (fixes the clients "
        "across seeds)")
+  _add(data, "--partition-rng", choices=PARTITION_RNGS, default=d.partition_rng,
+       dest="partition_rng", help="numpy (Generator) or pfllib: numpy's legacy stream in "
+       "PFLlib's call order (with --partition-seed 1, PFLlib's generate_*.py clients)")
+  _add(data, "--rebalance", default=d.rebalance, **boolean,
+       help="dir/exdir: when no draw gives every client the minimum size, move random "
+       "samples from the largest clients to the short ones instead of failing")
 
   model = p.add_argument_group("model")
   _add(model, "-m", "--model", default=d.model,

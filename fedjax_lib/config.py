@@ -17,6 +17,7 @@ from fedjax_lib.errors import ConfigError
 EXECUTORS = ("auto", "vmap", "chunked", "sequential")
 ON_NAN = ("stop", "skip-client")
 PARTITIONS = ("dir", "pat", "iid", "exdir")
+PARTITION_RNGS = ("numpy", "pfllib")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -34,6 +35,12 @@ class Config:
       (PFLlib's ``dir`` with α=0.1 and a 75/25 per-client split by default).
     few_shot: HtFLlib's ``-fs``: each client keeps the first ``few_shot`` training samples of
       each class (0: all); test splits are unchanged.
+    partition_rng: ``numpy`` (a ``np.random.Generator``) or ``pfllib``: numpy's legacy
+      ``RandomState`` stream in PFLlib's call order, so ``pfllib`` with ``partition_seed=1``
+      gives the clients PFLlib's ``generate_*.py`` scripts give from the same source order.
+    rebalance: ``dir``/``exdir``: when no draw gives every client the minimum size (HtFLlib
+      issue #14), move random samples from the largest clients to the short ones instead of
+      failing (`fedjax_lib.data.partition.rebalance_pools`).
   Training (per round): ``local_epochs`` passes over each selected client's data with batch
     ``batch_size`` (drop_last, reshuffled every epoch), plain SGD at ``learning_rate``.
   Rounds: ``global_rounds`` + 1 iterations as in PFLlib (round 0 evaluates the initial model).
@@ -102,6 +109,8 @@ class Config:
   balance: bool = False
   train_ratio: float = 0.75
   few_shot: int = 0
+  partition_rng: str = "numpy"
+  rebalance: bool = False
   # model and algorithm
   model: str = "cnn"
   feature_dim: Optional[int] = None
@@ -245,6 +254,11 @@ class Config:
     if self.partition not in PARTITIONS:
       raise ConfigError(f"unknown partition {self.partition!r}; choose one of: "
                         f"{', '.join(PARTITIONS)}")
+    if self.partition_rng not in PARTITION_RNGS:
+      raise ConfigError(f"unknown partition_rng {self.partition_rng!r}; choose one of: "
+                        f"{', '.join(PARTITION_RNGS)}")
+    if not isinstance(self.rebalance, bool):
+      raise ConfigError(f"rebalance={self.rebalance!r} is not a boolean; use true/false")
     if not isinstance(self.dataset, str) or not self.dataset:
       raise ConfigError(f"dataset={self.dataset!r}: give a built-in name or a folder path")
     if not isinstance(self.out, str) or not self.out.strip():

@@ -201,15 +201,9 @@ def feature_dim_of(config: Config, architectures: tuple) -> Optional[int]:
   return DEFAULT_FEATURE_DIM if len(set(architectures)) > 1 else None
 
 
-def build(config: Config) -> Built:
-  """Validates ``config`` and builds the data, models, algorithm and engine.
-
-  With ``num_new_clients`` = M the data hold N + M clients; the engine trains and evaluates
-  the first N and keeps the last M for new-client evaluation. With several architectures
-  (``model="cnn,dnn"``) client i uses architecture i mod K, each architecture is one group of
-  the engine, and groups whose uploads differ are refused here, before anything is written.
-  """
-  config.validate()
+def load_data(config: Config):
+  """The run's `FederatedData`: ``num_clients`` + ``num_new_clients`` clients of a built-in
+  dataset partitioned as ``config`` says (or a PFLlib folder's), few-shot applied."""
   new = config.num_new_clients
   if config.num_clients is not None:
     total_clients = config.num_clients + new
@@ -221,9 +215,22 @@ def build(config: Config) -> Built:
       config.dataset, num_clients=total_clients, num_classes=config.num_classes,
       scheme=config.partition, alpha=config.alpha, class_per_client=config.class_per_client,
       balance=config.balance, train_ratio=config.train_ratio, batch_size=config.batch_size,
-      seed=config.seed if config.partition_seed is None else config.partition_seed)
-  if config.few_shot:
-    data = data.few_shot(config.few_shot)
+      seed=config.seed if config.partition_seed is None else config.partition_seed,
+      pfllib_rng=config.partition_rng == "pfllib", rebalance=config.rebalance)
+  return data.few_shot(config.few_shot) if config.few_shot else data
+
+
+def build(config: Config) -> Built:
+  """Validates ``config`` and builds the data, models, algorithm and engine.
+
+  With ``num_new_clients`` = M the data hold N + M clients; the engine trains and evaluates
+  the first N and keeps the last M for new-client evaluation. With several architectures
+  (``model="cnn,dnn"``) client i uses architecture i mod K, each architecture is one group of
+  the engine, and groups whose uploads differ are refused here, before anything is written.
+  """
+  config.validate()
+  new = config.num_new_clients
+  data = load_data(config)
   num_clients = data.num_clients - new
   if num_clients < 1:
     raise ConfigError(f"num_new_clients={new} leaves no training clients: the dataset has "

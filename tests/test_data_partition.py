@@ -12,6 +12,7 @@ from fedjax_lib.data.partition import build_federated
 from fedjax_lib.data.partition import EXDIR_MIN_CLIENT_SIZE
 from fedjax_lib.data.partition import least_samples
 from fedjax_lib.data.partition import partition
+from fedjax_lib.data.partition import rebalance_pools
 from fedjax_lib.data.partition import split_train_test
 from fedjax_lib.data.sources import load_digits
 from fedjax_lib.errors import PartitionError
@@ -214,6 +215,41 @@ def test_retry_cap_raises_quickly_with_an_informative_message(digits_labels):
   assert f"at least {least} are required" in message
   assert "smallest client got" in message
   assert "larger alpha (got 0.01)" in message and "fewer clients (got 200)" in message
+  assert "--rebalance" in message
+
+
+def test_rebalance_meets_the_minimum_where_no_draw_can(digits_labels):
+  """HtFLlib issue #14's setting in small: 200 clients at Dir(0.01) never give every client
+  least_samples = 4, however often redrawn; rebalanced, every client has it, every sample is
+  still assigned once, and the same seed gives the same clients."""
+  kwargs = dict(scheme="dir", alpha=0.01, rebalance=True, max_retries=20)
+  pools = partition(digits_labels, 200, NUM_CLASSES, rng=np.random.default_rng(0), **kwargs)
+  assert min(p.size for p in pools) == least_samples(digits_labels.size, 200) == 4
+  np.testing.assert_array_equal(np.sort(np.concatenate(pools)), np.arange(digits_labels.size))
+  again = partition(digits_labels, 200, NUM_CLASSES, rng=np.random.default_rng(0), **kwargs)
+  assert all(np.array_equal(a, b) for a, b in zip(pools, again))
+  exdir = partition(digits_labels, 150, NUM_CLASSES, rng=np.random.default_rng(0),
+                    scheme="exdir", alpha=0.01, class_per_client=2, rebalance=True,
+                    max_retries=20)
+  assert min(p.size for p in exdir) >= EXDIR_MIN_CLIENT_SIZE
+
+
+def test_rebalance_moves_from_the_largest_pools_and_leaves_a_valid_draw_alone(digits_labels):
+  pools = [np.arange(0, 10), np.arange(10, 12), np.arange(12, 20), np.arange(20, 21)]
+  out = rebalance_pools(pools, 4, np.random.default_rng(0))
+  # sizes 10 2 8 1 -> 9 2 8 2 -> 8 3 8 2 -> 7 3 8 3 -> 7 4 7 3 -> 6 4 7 4 (smallest takes one
+  # from the largest; ties go to the lowest index)
+  assert [p.size for p in out] == [6, 4, 7, 4]
+  assert set(np.concatenate(out)) == set(range(21))
+  assert set(out[1]) >= {10, 11} and set(out[3]) >= {20}
+  assert set(out[0]) < set(range(10)) and set(out[2]) < set(range(12, 20))
+  with pytest.raises(PartitionError, match="cannot rebalance 21 samples over 4 clients"):
+    rebalance_pools(pools, 6, np.random.default_rng(0))
+  # where draws succeed, rebalance changes nothing
+  plain = partition(digits_labels, 20, NUM_CLASSES, scheme="dir", rng=np.random.default_rng(3))
+  kept = partition(digits_labels, 20, NUM_CLASSES, scheme="dir", rng=np.random.default_rng(3),
+                   rebalance=True)
+  assert all(np.array_equal(a, b) for a, b in zip(plain, kept))
 
 
 def test_exdir_retry_cap_raises(digits_labels):
@@ -351,3 +387,27 @@ def test_pat_properties(num_clients, class_per_client, balance, seed, num_classe
     _assert_exact_cover(pools, labels.size)
   else:
     assert "without a client" in str(caught[0].message)
+
+
+def test_cli_partition_rng_and_rebalance_reach_the_partition(monkeypatch):
+  """--partition-rng pfllib draws from numpy's legacy stream, as PFLlib's scripts; with
+  --partition-seed 1 that is their np.random.seed(1). --rebalance reaches the partition."""
+  from fedjax_lib import cli, runner  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.data.sources import BUILTIN_DATASETS  # pylint: disable=import-outside-toplevel
+  args = cli.build_parser().parse_args(["--partition-rng", "pfllib", "--partition-seed", "1",
+                                        "-nc", "10"])
+  config = cli.config_from_args(args)
+  assert (config.partition_rng, config.rebalance) == ("pfllib", False)
+  x, y, classes = BUILTIN_DATASETS["digits"]()
+  expected = build_federated("digits", x, y, classes, 10, "dir", 1, pfllib_rng=True)
+  np.testing.assert_array_equal(runner.load_data(config).train_count, expected.train_count)
+  numpy = runner.load_data(config.replace(partition_rng="numpy"))
+  assert not np.array_equal(numpy.train_count, expected.train_count)
+  rebalanced = cli.config_from_args(cli.build_parser().parse_args(["--rebalance"]))
+  seen = {}
+  monkeypatch.setattr(runner.data_lib, "load_federated",
+                      lambda *a, **kw: seen.update(kw) or "data")
+  assert runner.load_data(rebalanced) == "data"
+  assert seen["rebalance"] is True and seen["pfllib_rng"] is False
+  with pytest.raises(SystemExit):
+    cli.build_parser().parse_args(["--partition-rng", "torch"])

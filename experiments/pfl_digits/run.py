@@ -1,4 +1,4 @@
-"""Personalized FL on the bundled digits data: every issue-3 algorithm plus FedAvg and Local.
+"""Personalized and traditional FL on the bundled digits data: every PFLlib algorithm.
 
 Setting (PFLlib's defaults): 20 clients, Dirichlet α = 0.1 label skew, the 4-layer CNN
 (FedAvgCNN), SGD lr 0.005, batch 10, 1 local epoch, all clients every round, evaluation every
@@ -26,12 +26,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import common  # pylint: disable=wrong-import-position  (experiments/common.py)
 
-ALGORITHMS = ("FedAvg", "Local", "FedProx", "PerAvg", "Ditto", "FedPer", "FedRep", "LG-FedAvg",
-              "FedBABU", "FedROD", "FedALA", "FedCP", "GPFL", "FedDBE")
+# PFLlib's -algo names, in the order of its table (traditional FL first).
+ALGORITHMS = ("FedAvg", "SCAFFOLD", "FedProx", "FedDyn", "MOON", "FedLC", "FedGen", "FedNTD",
+              "FedCross", "Local", "PerAvg", "pFedMe", "Ditto", "APFL", "FedFomo", "FedAMP",
+              "FedPHP", "APPLE", "FedALA", "FedPer", "LG-FedAvg", "FedRep", "FedROD", "FedBABU",
+              "FedGC", "FedCP", "GPFL", "FedGH", "FedDBE", "FedCAC", "PFL-DA", "FedAS", "FD",
+              "FML", "FedKD", "FedProto", "FedPCL", "FedPAC", "FedMTL", "FedBN")
 
 # Non-default hyperparameters and where they come from.
 HYPERPARAMETERS = {
     "FedProx": ({"mu": 0.01}, "μ = 0.01 (PFLlib's default 0 is FedAvg)"),
+    "MOON": ({"mu": 1.0}, "μ = 1 (MOON paper; PFLlib's default 0 is FedAvg)"),
+    "pFedMe": ({"lam": 15.0}, "λ = 15 (PFLlib issue #102), β = 1 (PFLlib's 0 freezes the "
+               "global model)"),
+    "FedPHP": ({"mu": 0.9, "lam": 0.01}, "μ = 0.9, λ = 0.01 (PFLlib issue #102)"),
     "Ditto": ({"mu": 0.01}, "μ = 0.01 (default 0 trains the personal model purely locally)"),
     "FedCP": ({"lam": 5.0}, "λ = 5 (FedCP repository, MNIST)"),
     "GPFL": ({"lam": 0.01, "mu": 0.1}, "λ = 0.01, μ = 0.1 (GPFL run_me.sh, 4-layer CNN)"),
@@ -57,6 +65,8 @@ def run_one(algorithm: str, args) -> dict:
       "  views['test_acc_global'] = [float(max(run.history['test_acc_global'])) for run in r.runs]\n"
       "print(json.dumps({'best': best, 'last': last, 'round_s': r.mean_round_time_s,"
       " 'best_runs': [run.best_test_acc for run in r.runs],"
+      " 'up': r.runs[0].traffic['mean_upload_floats'],"
+      " 'down': r.runs[0].traffic['mean_download_floats'],"
       " 'last_runs': [run.last_test_acc for run in r.runs], **views}))\n")
   summary = common.run_python(code, algorithm)
   summary["params"] = params
@@ -80,16 +90,18 @@ def table(results: dict, args) -> str:
                   "all algorithms one after another on the otherwise idle machine; ×FedAvg is "
                   "their ratio to FedAvg's.", ""]
   lines += [
-      "| Algorithm | Best acc | Last acc | Best global-model acc | s/round | × FedAvg | Hyperparameters |",
-      "|---|---|---|---|---|---|---|",
+      "| Algorithm | Best acc | Last acc | Best global-model acc | s/round | × FedAvg | floats up / down per round | Hyperparameters |",
+      "|---|---|---|---|---|---|---|---|",
   ]
   for name, r in results.items():
     glob = r.get("test_acc_global")
     glob_text = "—" if glob is None else f"{common.mean(glob):.3f} ± {common.std(glob):.3f}"
     _, note = HYPERPARAMETERS.get(name, ({}, "PFLlib defaults"))
+    traffic = (f"{common.floats_text(r['up'])} / {common.floats_text(r['down'])}" if "up" in r
+               else "not recorded")
     lines.append(f"| {name} | {r['best'][0]:.3f} ± {r['best'][1]:.3f} | "
                  f"{r['last'][0]:.3f} ± {r['last'][1]:.3f} | {glob_text} | {r['round_s']:.3f} | "
-                 f"{r['round_s'] / fedavg:.2f} | {note} |")
+                 f"{r['round_s'] / fedavg:.2f} | {traffic} | {note} |")
   return "\n".join(lines) + "\n"
 
 

@@ -24,7 +24,8 @@ def load_federated(dataset: str, *, num_clients: int | None = None,
                    num_classes: int | None = None, scheme: str = "dir", alpha: float = 0.1,
                    class_per_client: int = 2, balance: bool = False,
                    train_ratio: float = 0.75, batch_size: int = 10, seed: int = 0,
-                   max_retries: int = DEFAULT_MAX_RETRIES, pfllib_rng: bool = False) -> FederatedData:
+                   max_retries: int = DEFAULT_MAX_RETRIES, pfllib_rng: bool = False,
+                   rebalance: bool = False) -> FederatedData:
   """Builds a federated dataset from a built-in name or reads a PFLlib folder.
 
   * A path (contains a path separator, or exists on disk) is read with `read_pfllib_folder`;
@@ -48,6 +49,8 @@ def load_federated(dataset: str, *, num_clients: int | None = None,
     seed: partition seed.
     max_retries: cap on Dirichlet redraws.
     pfllib_rng: draw from ``np.random.RandomState(seed)`` as PFLlib's scripts do.
+    rebalance: move samples to clients below the minimum size instead of failing (see
+      `partition.rebalance_pools`).
 
   Returns:
     The `FederatedData`.
@@ -71,4 +74,5 @@ def load_federated(dataset: str, *, num_clients: int | None = None,
       key, x, y, data_classes,
       DEFAULT_NUM_CLIENTS if num_clients is None else num_clients, scheme, seed,
       pfllib_rng=pfllib_rng, train_ratio=train_ratio, balance=balance, alpha=alpha,
-      class_per_client=class_per_client, batch_size=batch_size, max_retries=max_retries)
+      class_per_client=class_per_client, batch_size=batch_size, max_retries=max_retries,
+      rebalance=rebalance)

@@ -28,7 +28,12 @@ Deliberate differences from PFLlib (each replaces a hang, a crash, silent garbag
 lopsided split):
 
 * Dirichlet retries are capped by ``max_retries``; exceeding it raises `PartitionError`
-  (PFLlib loops forever, issue #120).
+  (PFLlib loops forever, issue #120). With ``rebalance`` (``--rebalance``), a setting no draw
+  can satisfy (HtFLlib issue #14: 200 clients at Dir(0.1)) is made to: after
+  ``max_retries`` failed draws the last one is kept and, until every client holds the
+  minimum, the smallest client receives a random sample (drawn from ``rng``) of the currently
+  largest one (`rebalance_pools`). The samples keep their labels, so an ``exdir`` client may
+  end up with a few samples of labels it did not draw.
 * Balanced ``pat``/``iid`` spread a class's remainder one sample each over the first
   receiving clients, so balanced client sizes differ by at most ``C``; PFLlib gives the whole
   remainder to the last receiving client.
@@ -204,26 +209,53 @@ def _too_few_error(scheme: str, max_retries: int, smallest: int, required: int,
       f"{scheme} partition failed after {max_retries} tries: the smallest client got "
       f"{smallest} samples but at least {required} are required ({num_samples} samples over "
       f"{num_clients} clients); use a larger alpha (got {alpha}), fewer clients (got "
-      f"{num_clients}) or a larger max_retries")
+      f"{num_clients}), a larger max_retries, or --rebalance (rebalance=True: move random "
+      "samples from the largest clients to the smallest until each has the minimum)")
+
+
+def rebalance_pools(pools: list[np.ndarray], min_size: int, rng: Rng) -> list[np.ndarray]:
+  """Moves samples until every pool holds ``min_size``: while some pool is short, the
+  smallest pool (lowest index among ties) receives one sample, drawn uniformly from the
+  currently largest pool (lowest index among ties) with ``rng``. Pools already at the
+  minimum are returned unchanged, and no pool is taken below it.
+
+  Raises:
+    PartitionError: the pools hold fewer than ``len(pools) · min_size`` samples.
+  """
+  total = sum(p.size for p in pools)
+  if total < len(pools) * min_size:
+    raise PartitionError(f"cannot rebalance {total} samples over {len(pools)} clients to "
+                         f"at least {min_size} each; use fewer clients")
+  pools = [list(p) for p in pools]
+  sizes = np.array([len(p) for p in pools])
+  while sizes.min() < min_size:
+    small, large = int(np.argmin(sizes)), int(np.argmax(sizes))
+    moved = pools[large].pop(int(_randint(rng, 0, sizes[large], 1)[0]))
+    pools[small].append(moved)
+    sizes[small] += 1
+    sizes[large] -= 1
+  return [np.asarray(p, dtype=np.int64) for p in pools]
 
 
 def _dirichlet_attempts(labels: np.ndarray, num_clients: int, num_classes: int, alpha: float,
                         min_size: int, max_retries: int, rng: Rng,
-                        owners: np.ndarray | None, scheme: str) -> list[np.ndarray]:
+                        owners: np.ndarray | None, scheme: str,
+                        rebalance: bool = False) -> list[np.ndarray]:
   """The Dirichlet loop shared by ``dir`` (``owners=None``) and ``exdir``.
 
   One attempt: for each class ``k`` in order, shuffle its indices, draw
   ``p ~ Dir(alpha · 1_K)``, zero ``p_j`` for every client already holding ``>= N / K``
   samples (and, for ``exdir``, for clients not owning label ``k``), renormalise and cut (see
   `_dirichlet_amounts`). ``exdir`` hands the samples the truncation leaves over to label
-  ``k``'s last owner. Attempts repeat until the smallest client holds ``>= min_size``.
+  ``k``'s last owner. Attempts repeat until the smallest client holds ``>= min_size``, at
+  most ``max_retries`` times; with ``rebalance`` the last draw is then rebalanced.
   """
   num_samples = labels.size
   cap = num_samples / num_clients
   class_indices = [np.flatnonzero(labels == cls) for cls in range(num_classes)]
   concentration = np.repeat(alpha, num_clients)
   smallest = 0
-  for _ in range(max_retries):
+  for attempt in range(max_retries):
     sizes = np.zeros(num_clients, dtype=np.int64)
     orders, amounts_per_class = [], []
     for cls in range(num_classes):
@@ -247,12 +279,15 @@ def _dirichlet_attempts(labels: np.ndarray, num_clients: int, num_classes: int, 
     smallest = int(sizes.min())
     if smallest >= min_size:
       return _gather_pools(orders, amounts_per_class)
+    if rebalance and attempt == max_retries - 1:
+      return rebalance_pools(_gather_pools(orders, amounts_per_class), min_size, rng)
   raise _too_few_error(scheme, max_retries, smallest, min_size, alpha, num_clients,
                        num_samples)
 
 
 def _dirichlet(labels: np.ndarray, num_clients: int, num_classes: int, alpha: float,
-               min_size: int, max_retries: int, rng: Rng) -> list[np.ndarray]:
+               min_size: int, max_retries: int, rng: Rng,
+               rebalance: bool = False) -> list[np.ndarray]:
   """PFLlib's ``dir`` routine: Dirichlet label skew with a per-client cap.
 
   For each class ``k``: shuffle, ``p ~ Dir(alpha · 1_K)``, ``p_j = 0`` for clients holding
@@ -262,12 +297,12 @@ def _dirichlet(labels: np.ndarray, num_clients: int, num_classes: int, alpha: fl
   times).
   """
   return _dirichlet_attempts(labels, num_clients, num_classes, alpha, min_size, max_retries,
-                             rng, owners=None, scheme="dir")
+                             rng, owners=None, scheme="dir", rebalance=rebalance)
 
 
 def _extended_dirichlet(labels: np.ndarray, num_clients: int, num_classes: int, alpha: float,
                         class_per_client: int, max_retries: int,
-                        rng: Rng) -> list[np.ndarray]:
+                        rng: Rng, rebalance: bool = False) -> list[np.ndarray]:
   """PFLlib's ``exdir`` routine (two-level label skew, arXiv 2311.03154).
 
   Level 1: every client draws ``class_per_client`` distinct labels uniformly; redrawn until each
@@ -291,7 +326,8 @@ def _extended_dirichlet(labels: np.ndarray, num_clients: int, num_classes: int, 
         f"{min_owners} owning clients (best: {fewest_owners}); use a larger class_per_client "
         f"(got {class_per_client}) or more clients (got {num_clients})")
   pools = _dirichlet_attempts(labels, num_clients, num_classes, alpha, EXDIR_MIN_CLIENT_SIZE,
-                              max_retries, rng, owners=owners, scheme="exdir")
+                              max_retries, rng, owners=owners, scheme="exdir",
+                              rebalance=rebalance)
   for pool in pools:
     rng.shuffle(pool)
   return pools
@@ -300,7 +336,8 @@ def _extended_dirichlet(labels: np.ndarray, num_clients: int, num_classes: int, 
 def partition(labels: np.ndarray, num_clients: int, num_classes: int, *, scheme: str,
               rng: Rng, balance: bool = False, alpha: float = 0.1,
               class_per_client: int = 2, batch_size: int = 10, train_ratio: float = 0.75,
-              max_retries: int = DEFAULT_MAX_RETRIES) -> list[np.ndarray]:
+              max_retries: int = DEFAULT_MAX_RETRIES,
+              rebalance: bool = False) -> list[np.ndarray]:
   """Splits sample indices across clients with one of PFLlib's schemes.
 
   Args:
@@ -317,6 +354,9 @@ def partition(labels: np.ndarray, num_clients: int, num_classes: int, *, scheme:
     batch_size: used only for the minimum client size ``least_samples``.
     train_ratio: used only for ``least_samples`` here (the split is `split_train_test`).
     max_retries: cap on Dirichlet redraws for ``dir``/``exdir``.
+    rebalance: ``dir``/``exdir`` only: after ``max_retries`` draws without every client at
+      the minimum size, move samples to the short clients of the last one
+      (`rebalance_pools`) instead of failing; a setting some draw satisfies is unchanged.
 
   Returns:
     ``K`` int64 arrays, each client's pool of sample indices (train and test together).
@@ -337,9 +377,10 @@ def partition(labels: np.ndarray, num_clients: int, num_classes: int, *, scheme:
     return _pathological(labels, num_clients, num_classes, class_per_client, balance, min_size,
                          rng)
   if scheme == "dir":
-    return _dirichlet(labels, num_clients, num_classes, alpha, min_size, max_retries, rng)
+    return _dirichlet(labels, num_clients, num_classes, alpha, min_size, max_retries, rng,
+                      rebalance)
   return _extended_dirichlet(labels, num_clients, num_classes, alpha, class_per_client,
-                             max_retries, rng)
+                             max_retries, rng, rebalance)
 
 
 def split_train_test(client_pools: Sequence[np.ndarray], rng: Rng,
