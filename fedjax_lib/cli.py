@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from typing import Optional, Sequence
 
 from fedjax_lib.algorithms import algorithm_names, get_algorithm
 from fedjax_lib.config import DTYPES, EXECUTORS, ON_NAN, PARTITION_RNGS, PARTITIONS, Config
-from fedjax_lib.data import BUILTIN_DATASETS
+from fedjax_lib.data import registry as data_registry
 from fedjax_lib.data.loading import DEFAULT_NUM_CLIENTS
 from fedjax_lib.errors import ConfigError, FedJaxError
 from fedjax_lib.models import MODEL_NAMES
@@ -70,7 +71,9 @@ def _sweep_item(text: str) -> tuple[str, list]:
 SWEEP_ALIASES = {"lr": "learning_rate", "local_learning_rate": "learning_rate",
                  "lamda": "lam", "mart": "margin_threshold", "lrp": "p_learning_rate", "slr": "server_learning_rate",
                  "bt": "beta", "al": "algo_alpha", "glr": "generator_learning_rate",
-                 "mlr": "mentee_learning_rate", "Ts": "energy_start", "Te": "energy_end", "et": "eta", "mo": "momentum", "klw": "kl_weight"}
+                 "mlr": "mentee_learning_rate", "Ts": "energy_start", "Te": "energy_end", "et": "eta", "mo": "momentum", "klw": "kl_weight",
+                 "alk": "alphaK", "sg": "sigma", "dlr": "dr_learning_rate",
+                 "ca": "fedcross_alpha"}
 
 
 # PFLlib's algorithm flags: (flags, hyperparameter name, type, help). Each is passed to the
@@ -78,21 +81,27 @@ SWEEP_ALIASES = {"lr": "learning_rate", "local_learning_rate": "learning_rate",
 # the algorithms that take each one and its default, both read from the algorithm registry.
 ALGORITHM_FLAGS = (
     (("-mu", "--mu"), "mu", float, "proximal coefficient; GCE/CoV weight decay in GPFL; "
-     "generated-pair MSE weight in FedKTL; model-contrastive loss weight in MOON"),
+     "generated-pair MSE weight in FedKTL; model-contrastive loss weight in MOON; weight of "
+     "APPLE's proximal term ‖p_i − p_0‖²; final weight μ of FedPHP's inherited private model "
+     "(μ·R/global_rounds)"),
     (("-lam", "--lamda", "--lam"), "lam", float, "regularisation weight λ (MMD in FedCP, "
      "alignment in GPFL, prototype MSE in FedProto and FedTGP, centroid MSE in FedKTL, "
-     "soft-target cross-entropy in FD, the Moreau envelope's pull in pFedMe)"),
+     "soft-target cross-entropy in FD, the Moreau envelope's pull in pFedMe, the pull toward "
+     "the attentive message in FedAMP (λ/α_K), MMD in FedPHP (1 − λ on cross-entropy), the "
+     "server's correction step λ·lr on FedGC's heads, feature alignment in FedPAC)"),
     (("-bt", "--beta"), "beta", float,
      "meta step β (PerAvg); the shared model's cross-entropy weight β (FML); the server's "
-     "step toward the uploads' average (pFedMe); not-true distillation weight (FedNTD)"),
+     "step toward the uploads' average (pFedMe); not-true distillation weight (FedNTD); "
+     "rounds ⌊β⌋ over which FedCAC's collaboration threshold rises to the largest overlap"),
     (("-al", "--algo_alpha", "--algo-alpha", "--fml_alpha", "--fml-alpha"), "alpha", float,
      "PFLlib's -al/--alpha (--alpha here is the Dirichlet partition's): the private model's "
      "cross-entropy weight α in FML (1 − α on its KL to the shared model); the "
      "regularisation α in FedDyn; the initial mixing weight α in APFL"),
     (("-sfd", "--sub_feature_dim", "--sub-feature-dim"), "sub_feature_dim", int,
      "feature width s of FedMRL's shared model (its head reads the first s fused features)"),
-    (("-tau", "--tau"), "tau", float, "temperature τ of MOON's contrastive loss and of "
-     "FedNTD's not-true distillation; calibration strength τ of FedLC"),
+    (("-tau", "--tau"), "tau", float, "temperature τ of MOON's contrastive loss, of "
+     "FedNTD's not-true distillation and of FedPCL's prototype-contrastive loss; calibration "
+     "strength τ of FedLC; fraction τ of each tensor's critical parameters in FedCAC"),
     (("-K", "--K"), "K", int, "pFedMe's inner steps on the personalised model θ per batch"),
     (("-lrp", "--p_learning_rate", "--p-learning-rate"), "p_learning_rate", float,
      "pFedMe's inner step size on θ"),
@@ -139,6 +148,23 @@ ALGORITHM_FLAGS = (
      "samples, the rest is trained on"),
     (("-wu", "--warm_up_rounds", "--warmup-rounds", "--warmup_rounds"), "warmup_rounds", int,
      "FedL2G's first rounds with meta steps only (no local training)"),
+    (("-M", "--M"), "M", int,
+     "models each FedFomo client receives per round (the top M of its affinity row)"),
+    (("-alk", "--alphaK"), "alphaK", float,
+     "attention step α_K of FedAMP's messages (the pull toward them is λ/α_K)"),
+    (("-sg", "--sigma"), "sigma", float,
+     "scale σ of FedAMP's attention kernel exp(−‖w_c − w_j‖²/σ)/σ"),
+    (("-dlr", "--dr_learning_rate", "--dr-learning-rate"), "dr_learning_rate", float,
+     "SGD step size of APPLE's directed-relationship vectors p_i (0: p never changes)"),
+    (("-L", "--L"), "L", float,
+     "fraction of the rounds over which APPLE's proximal weight λ falls from 1 to 0 (cosine)"),
+    (("-fsb", "--first_stage_bound", "--first-stage-bound"), "first_stage_bound", int,
+     "FedCross's first rounds, in which every middleware model is reset to the global model"),
+    (("-ca", "--fedcross_alpha", "--fedcross-alpha"), "fedcross_alpha", float,
+     "weight α a FedCross middleware model keeps in cross-aggregation"),
+    (("-cmss", "--collaberative_model_select_strategy",
+      "--collaborative-model-select-strategy"), "collaberative_model_select_strategy", int,
+     "FedCross's collaborator: 0 in order, 1 least similar, 2 most similar"),
 )
 _ALGO_DESTS = tuple(dest for _, dest, _, _ in ALGORITHM_FLAGS)
 
@@ -197,6 +223,11 @@ class _HelpFormatter(argparse.HelpFormatter):
     value = self._format_args(action, self._get_default_metavar_for_optional(action))
     return f"{', '.join(action.option_strings)} {value}"
 
+  def _split_lines(self, text: str, width: int) -> list[str]:
+    # Never inside a hyphenated name (PFL-DA, FedL2G-feat): wrap at spaces only.
+    return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width,
+                         break_on_hyphens=False)
+
   def _get_help_string(self, action: argparse.Action) -> str:
     shown = default_text(action)
     if shown is None:
@@ -231,8 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
 
   data = p.add_argument_group("data")
   _add(data, "-data", "--dataset", default=d.dataset,
-       help=f"a built-in dataset ({', '.join(BUILTIN_DATASETS)}; case-insensitive) or a PFLlib "
-       "dataset folder (config.json, train/<id>.npz, test/<id>.npz)")
+       help=f"a dataset name ({', '.join(data_registry.names())}; case-insensitive, PFLlib's "
+       "spellings too; --list-datasets describes them) or a PFLlib dataset folder "
+       "(config.json, train/<id>.npz, test/<id>.npz)")
+  _add(data, "--data-dir", "--data_dir", default=d.data_dir, dest="data_dir",
+       shown_default="$TFDS_DATA_DIR or ~/tensorflow_datasets",
+       help="tfds data directory; converted arrays are cached in <data-dir>/fedjax_arrays")
+  _add(data, "--list-datasets", action="store_true", default=False, dest="list_datasets",
+       help="list every dataset name (modality, shape, classes, scenario, source, whether "
+       "cached) and exit")
   _add(data, "-nc", "--num_clients", "--num-clients", type=int, default=None, dest="num_clients",
        shown_default=f"{DEFAULT_NUM_CLIENTS} for built-in data, else the folder's",
        help="number of clients")
@@ -270,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
   _add(model, "-fd", "--feature_dim", "--feature-dim", type=int, default=d.feature_dim,
        dest="feature_dim", shown_default="512 with several models, else the model's own",
        help="pool every model's features to this width (HtFLlib's -fd)")
+  _add(model, "-vs", "--vocab_size", "--vocab-size", type=int, default=d.vocab_size,
+       dest="vocab_size", shown_default="the dataset's (ag_news 32000), else 80",
+       help="vocabulary of the text models (token ids must lie below it)")
   _add(model, "--dtype", choices=DTYPES, default=d.dtype,
        help="computation dtype of local training and evaluation: float32, or bfloat16 for "
        "mixed precision (float32 parameters, bfloat16 convolutions/matmuls)")
@@ -292,7 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
        "projector reset, FML's undetached peers, FedGen's untrained generator, FedKD's "
        "compressed parameters and per-slice SVD, SCAFFOLD's and FedDyn's int(N·jr) divisor, "
        "FedDyn's unsquared norm, FedLC's global counts, FedNTD's unweighted mean, APFL's "
-       "CE(v) and final mix, pFedMe's evaluation of the global model)")
+       "CE(v) and final mix, pFedMe's evaluation of the global model, FedAMP's client (its "
+       "own model, an unsquared regulariser without gradient: Local), FedPHP's evaluation of "
+       "the locally trained model, FedPCL's training gate, FedPAC's permuted head "
+       "combination, FedFomo's per-batch validation mean and [-0:] split, APPLE's uploaded "
+       "mixture, uniform p start, per-tensor-mean p gradient and λ lag, FedCAC's round 0, "
+       "FedCross's evaluation, round index and similarity)")
 
   training = p.add_argument_group("training")
   _add(training, "-gr", "--global_rounds", "--global-rounds", type=int,
@@ -410,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Config:
   values = {k: v for k, v in vars(args).items()
-            if k not in ("device", "config", "quiet")
+            if k not in ("device", "config", "quiet", "list_datasets")
             and k not in {_arg_dest(name) for name in _ALGO_DESTS}}
   values["algo_params"] = dict(values["algo_params"])
   sweep = {}
@@ -480,6 +526,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except FedJaxError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if args.list_datasets:
+    print(data_registry.format_table(data_registry.list_datasets(args.data_dir), args.data_dir))
+    return 0
   if args.device != "auto":
     import jax  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_platforms", "cuda" if args.device == "gpu" else args.device)

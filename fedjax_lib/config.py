@@ -41,6 +41,10 @@ class Config:
     rebalance: ``dir``/``exdir``: when no draw gives every client the minimum size (HtFLlib
       issue #14), move random samples from the largest clients to the short ones instead of
       failing (`fedjax_lib.data.partition.rebalance_pools`).
+    data_dir: the tfds data directory (``None``: ``$TFDS_DATA_DIR``, else
+      ``~/tensorflow_datasets``); converted arrays are cached in ``<data_dir>/fedjax_arrays``.
+    vocab_size: the text models' vocabulary (PFLlib's ``-vs``); ``None``: the dataset's
+      (32,000 for ``ag_news``), else PFLlib's 80.
   Training (per round): ``local_epochs`` passes over each selected client's data with batch
     ``batch_size`` (drop_last, reshuffled every epoch), plain SGD at ``learning_rate``.
   Rounds: ``global_rounds`` + 1 iterations as in PFLlib (round 0 evaluates the initial model).
@@ -111,9 +115,11 @@ class Config:
   few_shot: int = 0
   partition_rng: str = "numpy"
   rebalance: bool = False
+  data_dir: Optional[str] = None
   # model and algorithm
   model: str = "cnn"
   feature_dim: Optional[int] = None
+  vocab_size: Optional[int] = None
   dtype: str = "float32"
   algorithm: str = "FedAvg"
   algo_params: dict = dataclasses.field(default_factory=dict)
@@ -168,7 +174,7 @@ class Config:
   RESUMABLE_CHANGES = ("global_rounds", "times", "out", "progress", "overwrite", "plot",
                        "checkpoint_every", "keep_checkpoints", "resume", "auto_break",
                        "top_cnt", "devices", "distributed", "eval_chunk_size", "dlg_eval",
-                       "dlg_gap", "batch_num_per_client")
+                       "dlg_gap", "batch_num_per_client", "data_dir")
 
   def resume_mismatch(self, saved: dict) -> list[str]:
     """``field: saved → now`` for every field that must match to continue a checkpoint.
@@ -225,6 +231,10 @@ class Config:
                         f"{self.local_loop!r}")
     if self.feature_dim is not None:
       _positive_int("feature_dim", self.feature_dim)
+    if self.vocab_size is not None:
+      _positive_int("vocab_size", self.vocab_size)
+    if self.data_dir is not None and (not isinstance(self.data_dir, str) or not self.data_dir):
+      raise ConfigError(f"data_dir={self.data_dir!r}: give a folder path or leave it unset")
     from fedjax_lib.models.zoo import parse_model_names  # pylint: disable=import-outside-toplevel
     parse_model_names(self.model)
     _int("seed", self.seed)

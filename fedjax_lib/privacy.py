@@ -93,8 +93,27 @@ REVIEWED: dict[str, tuple[bool, str]] = {
                "clients' DP outputs), so it is part of each example's clipped loss"),
     "FedBN": (True, "without BatchNorm it is FedAvg; models with BatchNorm are refused "
               "under -dp anyway"),
+    "FedAMP": (True, "its pull toward the attentive message depends on parameters only, and "
+               "the messages are mixtures of DP outputs (post-processing)"),
+    "FedPHP": (True, "the MMD to the private model's features is computed per example under "
+               "DP-SGD; the private model is a mixture of DP outputs (post-processing)"),
+    "FedCAC": (True, "its critical-parameter mask is computed from the DP-SGD output and the "
+               "customised models are mixtures of DP outputs (post-processing)"),
+    "FedCross": (True, "each middleware model trains with DP-SGD; cross-aggregation and the "
+                 "similarities are computed from DP outputs (post-processing)"),
+    "APPLE": (True, "the core model and the relationship vector p train together with DP-SGD; "
+              "p's starting point comes from the sample counts, which are public"),
     "FedLC": (False, "its calibrated loss puts the client's raw class counts into every "
               "gradient"),
+    "FedFomo": (False, "its aggregation weights are raw validation-loss differences on the "
+                "client's data, uploaded to the server's affinity matrix"),
+    "FedAS": (False, "its uploaded Fisher trace and its alignment of the received base to "
+              "the client's class prototypes take plain gradients on raw data"),
+    "FedPAC": (False, "it uploads class prototypes and feature statistics of raw client "
+               "data"),
+    "FedGC": (False, "the server learns each client's set of classes from raw labels and "
+              "corrects the heads with it"),
+    "FedPCL": (False, "it uploads class prototypes of raw client data"),
     "pFedMe": (False, "its K inner steps take plain gradients on the batch and carry the "
                "result into later gradients"),
     "PerAvg": (False, "its meta-gradient of an example depends on the other half-batch's "

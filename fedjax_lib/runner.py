@@ -37,7 +37,8 @@ from fedjax_lib.core import checkpoint as checkpoint_lib
 from fedjax_lib.core import engine as engine_lib
 from fedjax_lib.core import rng
 from fedjax_lib.core.local import LocalSpec
-from fedjax_lib.data.loading import DEFAULT_NUM_CLIENTS, is_folder_path
+from fedjax_lib.data import registry as data_registry
+from fedjax_lib.data.loading import default_num_clients, is_folder_path
 from fedjax_lib import stopping
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.stopping import STOPPER, Interrupted  # pylint: disable=unused-import
@@ -201,22 +202,32 @@ def feature_dim_of(config: Config, architectures: tuple) -> Optional[int]:
   return DEFAULT_FEATURE_DIM if len(set(architectures)) > 1 else None
 
 
+def model_options(config: Config, arch: str) -> dict:
+  """The options the runner gives model ``arch``: the text models' ``vocab_size`` (``-vs``,
+  else the dataset's, else PFLlib's 80)."""
+  if "vocab_size" not in models_lib.model_option_names(arch):
+    return {}
+  spec = data_registry.resolve(config.dataset) if not is_folder_path(config.dataset) else None
+  vocab = config.vocab_size or (spec.vocab_size if spec is not None else None)
+  return {} if vocab is None else {"vocab_size": vocab}
+
+
 def load_data(config: Config):
   """The run's `FederatedData`: ``num_clients`` + ``num_new_clients`` clients of a built-in
   dataset partitioned as ``config`` says (or a PFLlib folder's), few-shot applied."""
   new = config.num_new_clients
   if config.num_clients is not None:
     total_clients = config.num_clients + new
-  elif is_folder_path(config.dataset):
-    total_clients = None  # as many as the folder holds
-  else:
-    total_clients = DEFAULT_NUM_CLIENTS + new
+  else:  # None: a folder's clients, one per domain, a natural split's
+    default = default_num_clients(config.dataset)
+    total_clients = None if default is None else default + new
   data = data_lib.load_federated(
       config.dataset, num_clients=total_clients, num_classes=config.num_classes,
       scheme=config.partition, alpha=config.alpha, class_per_client=config.class_per_client,
       balance=config.balance, train_ratio=config.train_ratio, batch_size=config.batch_size,
       seed=config.seed if config.partition_seed is None else config.partition_seed,
-      pfllib_rng=config.partition_rng == "pfllib", rebalance=config.rebalance)
+      pfllib_rng=config.partition_rng == "pfllib", rebalance=config.rebalance,
+      data_dir=config.data_dir)
   return data.few_shot(config.few_shot) if config.few_shot else data
 
 
@@ -245,7 +256,8 @@ def build(config: Config) -> Built:
   unique = tuple(dict.fromkeys(architectures))
   feature_dim = feature_dim_of(config, architectures)
   models = {arch: models_lib.make_model(arch, data.sample_shape, data.num_classes,
-                                        dtype=config.dtype, feature_dim=feature_dim)
+                                        dtype=config.dtype, feature_dim=feature_dim,
+                                        **model_options(config, arch))
             for arch in unique}
   backend = jax.default_backend()
   algorithm = make_algorithm(config, data, models[unique[0]])
@@ -330,7 +342,8 @@ def make_algorithm(config: Config, data, model):
   architectures = models_lib.parse_model_names(config.model)
   global_model = models_lib.make_model(global_arch, data.sample_shape, data.num_classes,
                                        dtype=config.dtype,
-                                       feature_dim=feature_dim_of(config, architectures))
+                                       feature_dim=feature_dim_of(config, architectures),
+                                       **model_options(config, global_arch))
   return dataclasses.replace(
       algorithms_lib.make_algorithm(config.algorithm, global_model, local, params), model=model)
 

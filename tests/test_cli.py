@@ -214,7 +214,7 @@ def test_readme_flag_table_matches_the_parser():
 
 def test_help_shows_defaults_and_valid_names():
   from fedjax_lib.algorithms import algorithm_names  # pylint: disable=import-outside-toplevel
-  from fedjax_lib.data import BUILTIN_DATASETS  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.data import registry as data_registry  # pylint: disable=import-outside-toplevel
   from fedjax_lib.models import MODEL_NAMES  # pylint: disable=import-outside-toplevel
   proc = subprocess.run([sys.executable, "-m", "fedjax_lib", "--help"], capture_output=True,
                         text=True, cwd=ROOT, check=False)
@@ -226,9 +226,11 @@ def test_help_shows_defaults_and_valid_names():
       assert f"(default: {shown})" in text, action.option_strings
   assert "-gr, --global_rounds, --global-rounds GLOBAL_ROUNDS" in text
   assert "try -gr 50 first (default: 2000)" in text
-  assert "(default: 0.0 (Ditto, FedProx, GPFL, MOON), 50.0 (FedKTL))" in text
-  assert "(default: 1.0 (FedNTD, FML, pFedMe), the learning rate (PerAvg))" in text  # PerAvg: unset
-  for names in (algorithm_names(), MODEL_NAMES, BUILTIN_DATASETS):
+  assert ("(default: 0.0 (APPLE, Ditto, FedProx, GPFL, MOON), 50.0 (FedKTL), 0.9 (FedPHP))"
+          in text)
+  assert ("(default: 100.0 (FedCAC), 1.0 (FedNTD, FML, pFedMe), the learning rate (PerAvg))"
+          in text)  # PerAvg: unset
+  for names in (algorithm_names(), MODEL_NAMES, data_registry.names()):
     assert f"{', '.join(names)}" in text
 
 
@@ -240,11 +242,36 @@ def test_every_algorithm_flag_is_taken_by_an_algorithm():
 
 def test_readme_names_every_algorithm_model_and_dataset():
   from fedjax_lib.algorithms import algorithm_names  # pylint: disable=import-outside-toplevel
-  from fedjax_lib.data import BUILTIN_DATASETS  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.data import registry as data_registry  # pylint: disable=import-outside-toplevel
   from fedjax_lib.models import MODEL_NAMES  # pylint: disable=import-outside-toplevel
   rows = {flags[0]: line for flags, _, line in readme_flag_rows()}
   with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
     algorithms = f.read().split("\n## Algorithms\n", 1)[1]
   assert [n for n in algorithm_names() if f"| `{n}`" not in algorithms] == []
   assert [n for n in MODEL_NAMES if f"`{n}`" not in rows["-m"]] == []
-  assert [n for n in BUILTIN_DATASETS if f"`{n}`" not in rows["-data"]] == []
+  assert [n for n in data_registry.names() if f"`{n}`" not in rows["-data"]] == []
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    data_section = f.read().split("\n## Data\n", 1)[1].split("\n## ", 1)[0]
+  # every name, loadable or a PFLlib folder, has its row (modality, shape, scenario, source)
+  assert [n for n in data_registry.names(available_only=False)
+          if f"| `{n}` |" not in data_section] == []
+
+
+def test_list_datasets_prints_every_name_and_exits(capsys):
+  from fedjax_lib.data import registry as data_registry  # pylint: disable=import-outside-toplevel
+  assert cli.main(["--list-datasets", "--data-dir", "/nonexistent/tfds"]) == 0
+  out = capsys.readouterr().out
+  assert out.splitlines()[0].split()[:4] == ["name", "modality", "shape", "classes"]
+  for name in data_registry.names(available_only=False):
+    assert any(line.startswith(name + " ") for line in out.splitlines()), name
+  assert "cache: /nonexistent/tfds/fedjax_arrays" in out
+
+
+def test_text_models_get_the_vocabulary_of_vs_else_the_datasets():
+  from fedjax_lib import runner  # pylint: disable=import-outside-toplevel
+  config = parse(["-data", "ag_news", "-m", "lstm"])
+  assert runner.model_options(config, "lstm") == {"vocab_size": 32000}
+  assert runner.model_options(config.replace(vocab_size=100), "lstm") == {"vocab_size": 100}
+  assert runner.model_options(config.replace(dataset="digits"), "lstm") == {}  # the model's 80
+  assert runner.model_options(config, "cnn") == {}
+  assert parse(["-vs", "5000"]).vocab_size == 5000

@@ -21,6 +21,8 @@ from fedjax_lib.runner import build
 from tests.helpers import as_images, suite_params
 from tests.test_engine import _small_data
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # see tests/conftest.py
+
 # PFLlib's models; HtFLlib's zoo has its own tests (tests/test_models_resnet.py,
 # tests/test_models_htfl_zoo.py), which trace its large models instead of compiling them.
 PFLLIB_MODELS = ('cnn', 'dnn', 'mlr')
@@ -52,15 +54,6 @@ def _floating_dtypes(tree):
 def _abstract_init(model, shape):
   """The model's variables as shapes and dtypes (nothing compiled or computed)."""
   return jax.eval_shape(lambda: init_model(model, jax.random.PRNGKey(0), shape))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compile():
-  """XLA without most optimisations: compiling dominates these tests, not running."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 @pytest.mark.parametrize("name", PFLLIB_MODELS)

@@ -105,6 +105,17 @@ def test_mismatched_uploads_are_refused_before_writing(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+def test_algorithms_with_per_client_server_state_run_one_architecture(tmp_path):
+  """FedPCL uploads prototypes only (the same shapes for every architecture at one feature
+  width), but its server keeps each client's prototype set by the client's id, which restarts
+  in every group: two architectures are refused before anything is written."""
+  with pytest.raises(ConfigError, match=r"FedPCL keeps server-side state per client.*one -m "
+                                        r"model \(got 2: dnn, mlr\)"):
+    run_experiment(Config(model="dnn,mlr", algorithm="FedPCL", num_clients=4, global_rounds=1,
+                          feature_dim=16, out=str(tmp_path), progress=False), **QUIET)
+  assert not os.listdir(tmp_path)
+
+
 def test_feature_dim_makes_heads_interchangeable():
   built = build(Config(model="cnn,dnn,mlr", algorithm="LG-FedAvg", num_clients=6,
                        feature_dim=64))

@@ -35,7 +35,8 @@ from tests.helpers import as_images, suite_params
 from tests.test_engine import _engine, _run, _small_data
 
 QUIET = dict(log=lambda msg: None)
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+pytestmark = [pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices"),
+              pytest.mark.usefixtures("fast_compile")]  # see tests/conftest.py
 
 
 def _config(out, **kw):

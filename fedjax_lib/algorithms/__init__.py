@@ -1,9 +1,10 @@
 """Federated algorithms, one file each, registered under PFLlib's ``-algo`` names."""
 
 from fedjax_lib.algorithms import (  # noqa: F401  (registration)
-    apfl, dbe, ditto, fd, fedala, fedavg, fedbabu, fedbn, fedcp, feddyn, fedgen, fedgh, fedkd,
-    fedktl, fedl2g, fedlc, fedmrl, fedmtl, fedntd, fedper, fedproto, fedprox, fedrep, fedrod,
-    fedtgp, fml, gpfl, lgfedavg, local, moon, perfedavg, pfedme, pflda, scaffold)
+    apfl, apple, dbe, ditto, fd, fedala, fedamp, fedas, fedavg, fedbabu, fedbn, fedcac, fedcp,
+    fedcross, feddyn, fedfomo, fedgc, fedgen, fedgh, fedkd, fedktl, fedl2g, fedlc, fedmrl, fedmtl,
+    fedntd, fedpac, fedpcl, fedper, fedphp, fedproto, fedprox, fedrep, fedrod, fedtgp, fml, gpfl,
+    lgfedavg, local, moon, perfedavg, pfedme, pflda, scaffold)
 from fedjax_lib.algorithms.base import Algorithm, stack_clients
 from fedjax_lib.algorithms.registry import (algorithm_names, get_algorithm, make_algorithm,
                                             register)

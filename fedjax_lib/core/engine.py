@@ -390,7 +390,9 @@ class Engine:
 
   # ------------------------------------------------------------------ compatibility
   def check_compatible(self, sample_x) -> None:
-    """Refuses groups whose server state or upload differ (structure, shapes or dtypes).
+    """Refuses groups whose server state or upload differ (structure, shapes or dtypes), and
+    several groups for an algorithm whose clients keep their id (a client state ``"id"``:
+    its server banks are indexed by it, and ids restart in every group).
 
     Every group's ``init`` and ``client_update`` are traced abstractly (``jax.eval_shape``,
     nothing compiled or run). Raises a ConfigError naming two architectures and a leaf.
@@ -408,6 +410,12 @@ class Engine:
       client_data = ClientData(self.data.x, self.data.y, tables[0][0], tables[1][0])
       upload = jax.eval_shape(g.algorithm.client_update, server, one, client_data, key)[1]
       shapes.append((server, upload))
+      if isinstance(clients, dict) and "id" in clients:
+        raise ConfigError(
+            f"algorithm {self.algorithm.name} keeps server-side state per client, indexed by "
+            "the client's id within its architecture group, so it runs one architecture; "
+            f"use one -m model (got {len(self.groups)}: "
+            f"{', '.join(x.name for x in self.groups)})")
     first = self.groups[0]
     for g, (server, upload) in zip(self.groups[1:], shapes[1:]):
       for what, a, b in (("upload", shapes[0][1], upload), ("server state", shapes[0][0],

@@ -1,10 +1,19 @@
-"""`load_federated`: one entry point from a dataset name or a PFLlib folder to `FederatedData`."""
+"""`load_federated`: one entry point from a dataset name or a PFLlib folder to `FederatedData`.
+
+A name is looked up in `registry` and routed by its kind: centralised datasets (bundled,
+synthetic, tfds images, tfds text) are partitioned with `build_federated`; feature-shift and
+natural-split datasets come already split into clients (`feature_shift`); PFLlib datasets
+tfds lacks raise a `DataError` naming the PFLlib script whose folder to pass instead.
+"""
 
 from __future__ import annotations
 
 import os
 
+from fedjax_lib.data import feature_shift
+from fedjax_lib.data import registry
 from fedjax_lib.data import sources
+from fedjax_lib.data import tfds_arrays
 from fedjax_lib.data.federated import FederatedData
 from fedjax_lib.data.partition import build_federated
 from fedjax_lib.data.partition import DEFAULT_MAX_RETRIES
@@ -20,20 +29,44 @@ def is_folder_path(dataset: str) -> bool:
   return any(sep in dataset for sep in separators) or os.path.exists(dataset)
 
 
+def default_num_clients(dataset: str) -> int | None:
+  """The client count a run uses when none is given: ``None`` ("as many as the data has")
+  for a PFLlib folder, a feature-shift dataset (one client per domain) or a natural split
+  (Omniglot: 20); `DEFAULT_NUM_CLIENTS` (20) for a centralised dataset."""
+  if is_folder_path(dataset):
+    return None
+  spec = registry.resolve(dataset)
+  if spec is not None and spec.kind in ("domains", "natural"):
+    return None
+  return DEFAULT_NUM_CLIENTS
+
+
+def unknown_dataset_error(dataset: str) -> DataError:
+  """The one-line error for a name no loader knows."""
+  return DataError(f"unknown dataset {dataset!r}; datasets are {', '.join(registry.names())} "
+                   "(case-insensitive; --list-datasets describes them), or give the path of a "
+                   "PFLlib dataset folder (with train/ and test/)")
+
+
 def load_federated(dataset: str, *, num_clients: int | None = None,
                    num_classes: int | None = None, scheme: str = "dir", alpha: float = 0.1,
                    class_per_client: int = 2, balance: bool = False,
                    train_ratio: float = 0.75, batch_size: int = 10, seed: int = 0,
                    max_retries: int = DEFAULT_MAX_RETRIES, pfllib_rng: bool = False,
-                   rebalance: bool = False) -> FederatedData:
+                   rebalance: bool = False, data_dir: str | None = None) -> FederatedData:
   """Builds a federated dataset from a built-in name or reads a PFLlib folder.
 
   * A path (contains a path separator, or exists on disk) is read with `read_pfllib_folder`;
     it is already partitioned, so the partition arguments are ignored and ``num_clients=None``
     means "as many as the folder has".
-  * Otherwise ``dataset`` is a `sources.BUILTIN_DATASETS` name (case-insensitive; PFLlib
-    spellings such as ``MNIST``, ``Cifar10`` work), partitioned by `build_federated` with
-    ``num_clients`` defaulting to 20.
+  * A centralised dataset name (`registry` kinds ``builtin``, ``tfds``, ``text``;
+    case-insensitive, PFLlib spellings such as ``MNIST``, ``Cifar10``, ``AGNews`` work) is
+    loaded (tfds sets: converted once and cached under ``data_dir``) and partitioned by
+    `build_federated` with ``num_clients`` defaulting to 20.
+  * A feature-shift name (``domainnet``, ``domainnet10``, ``digits-fs``) gives one client per
+    domain (``num_clients=None``) or ``k`` IID shares per domain (``num_clients = k · D``);
+    a natural split (``omniglot``) its 20 drawers. The partition arguments other than
+    ``train_ratio``, ``seed`` and ``pfllib_rng`` do not apply to them.
 
   Args:
     dataset: built-in name or folder path.
@@ -51,6 +84,8 @@ def load_federated(dataset: str, *, num_clients: int | None = None,
     pfllib_rng: draw from ``np.random.RandomState(seed)`` as PFLlib's scripts do.
     rebalance: move samples to clients below the minimum size instead of failing (see
       `partition.rebalance_pools`).
+    data_dir: tfds data directory, also where converted arrays are cached (``None``:
+      ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``).
 
   Returns:
     The `FederatedData`.
@@ -61,18 +96,33 @@ def load_federated(dataset: str, *, num_clients: int | None = None,
   """
   if is_folder_path(dataset):
     return read_pfllib_folder(dataset, num_clients=num_clients, num_classes=num_classes)
-  key = sources.resolve_builtin(dataset)
-  if key is None:
-    raise DataError(f"unknown dataset {dataset!r}; built-in datasets are "
-                    f"{', '.join(sources.BUILTIN_DATASETS)} (case-insensitive), or give the "
-                    "path of a PFLlib dataset folder (with train/ and test/)")
-  x, y, data_classes = sources.BUILTIN_DATASETS[key]()
-  if num_classes is not None and num_classes != data_classes:
-    raise DataError(f"num_classes={num_classes} but dataset {dataset!r} has {data_classes} "
-                    f"classes; pass {data_classes} or leave it unset")
+  spec = registry.resolve(dataset)
+  if spec is None:
+    raise unknown_dataset_error(dataset)
+  if not spec.available:
+    raise DataError(f"dataset {dataset!r} ({spec.source}) cannot be loaded by name: "
+                    f"{registry.folder_hint(spec)}")
+  if spec.kind != "builtin":  # known before anything is downloaded or converted
+    _check_num_classes(dataset, num_classes, spec.num_classes)
+  if spec.kind in ("domains", "natural"):
+    load = {"domains": feature_shift.load_feature_shift,
+            "natural": feature_shift.load_natural}[spec.kind]
+    return load(spec.name, data_dir=data_dir, num_clients=num_clients,
+                train_ratio=train_ratio, seed=seed, pfllib_rng=pfllib_rng)
+  if spec.kind == "builtin":
+    x, y, data_classes = sources.BUILTIN_DATASETS[spec.builtin_key]()
+    _check_num_classes(dataset, num_classes, data_classes)
+  else:
+    x, y, data_classes = tfds_arrays.load_arrays(spec.name, data_dir)
   return build_federated(
-      key, x, y, data_classes,
+      spec.name, x, y, data_classes,
       DEFAULT_NUM_CLIENTS if num_clients is None else num_clients, scheme, seed,
       pfllib_rng=pfllib_rng, train_ratio=train_ratio, balance=balance, alpha=alpha,
       class_per_client=class_per_client, batch_size=batch_size, max_retries=max_retries,
       rebalance=rebalance)
+
+
+def _check_num_classes(dataset: str, expected: int | None, found: int) -> None:
+  if expected is not None and expected != found:
+    raise DataError(f"num_classes={expected} but dataset {dataset!r} has {found} "
+                    f"classes; pass {found} or leave it unset")

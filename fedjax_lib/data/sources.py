@@ -6,9 +6,13 @@ PFLlib's generator scripts do it (``ToTensor`` then ``Normalize(0.5, 0.5)``):
 
 .. math::  v' = (v / v_{max} - 0.5) / 0.5 \\in [-1, 1].
 
-`BUILTIN_DATASETS` maps the dataset names accepted on the command line to loaders that return
-``(x, y, num_classes)``; `resolve_builtin` does the case-insensitive lookup, including PFLlib's
-spellings (``MNIST``, ``FashionMNIST``, ``Cifar10``, ``Cifar100``).
+`BUILTIN_DATASETS` maps centralised dataset names to loaders that return
+``(x, y, num_classes)``: the bundled and synthetic sets here, and MNIST, Fashion-MNIST and
+CIFAR through the registry's cached tfds loader (`tfds_arrays.load_arrays`: converted once,
+then read from the array cache); `resolve_builtin` does the case-insensitive lookup, including
+PFLlib's spellings (``MNIST``, ``FashionMNIST``, ``Cifar10``, ``Cifar100``). Every other
+dataset name (`registry`) is routed by `loading.load_federated`. `load_tfds` is the uncached
+whole-split reader for any other tfds image set.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from fedjax_lib.data import registry
+from fedjax_lib.data import tfds_arrays
 from fedjax_lib.errors import DataError
 
 # (x float32 [N, ...], y int32 [N], num_classes)
@@ -207,16 +213,23 @@ def load_tfds(name: str, split_names: Sequence[str] = ("train", "test"),
   return x, y, num_classes
 
 
+def _cached_tfds(name: str) -> Callable[[], RawDataset]:
+  """The registry's cached loader of a label-skew tfds dataset (`tfds_arrays.load_arrays`)."""
+  return functools.partial(tfds_arrays.load_arrays, name)
+
+
 # Names accepted on the command line (lower case) → loader returning (x, y, num_classes).
+# The registry knows more (emnist, svhn, flowers102, stanford_cars, ag_news, and the
+# feature-shift sets); `loading.load_federated` routes every registry name.
 BUILTIN_DATASETS: dict[str, Callable[[], RawDataset]] = {
     "digits": _load_digits_raw,
     "digits32": functools.partial(_load_digits_raw, 32, 3),
     "synthetic-cifar": load_synthetic_cifar,
-    "mnist": functools.partial(load_tfds, "mnist"),
-    "fmnist": functools.partial(load_tfds, "fashion_mnist"),
-    "fashion_mnist": functools.partial(load_tfds, "fashion_mnist"),
-    "cifar10": functools.partial(load_tfds, "cifar10"),
-    "cifar100": functools.partial(load_tfds, "cifar100"),
+    "mnist": _cached_tfds("mnist"),
+    "fmnist": _cached_tfds("fashion_mnist"),
+    "fashion_mnist": _cached_tfds("fashion_mnist"),
+    "cifar10": _cached_tfds("cifar10"),
+    "cifar100": _cached_tfds("cifar100"),
 }
 
 # Other spellings (compared in lower case), among them PFLlib's dataset folder names.
@@ -236,7 +249,10 @@ def resolve_builtin(name: str) -> str | None:
   """
   key = name.strip().lower()
   key = _ALIASES.get(key, key)
-  return key if key in BUILTIN_DATASETS else None
+  if key in BUILTIN_DATASETS:
+    return key
+  spec = registry.resolve(name)  # other spellings of the registry's names ("CIFAR-10")
+  return spec.name if spec is not None and spec.name in BUILTIN_DATASETS else None
 
 
 def load_builtin(name: str) -> RawDataset:

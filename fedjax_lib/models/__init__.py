@@ -8,29 +8,36 @@ from fedjax_lib.models.base import merge_params
 from fedjax_lib.models.base import split_params
 from fedjax_lib.models.cnn import FedAvgCNN
 from fedjax_lib.models.cnn import FedAvgCNNBase
+from fedjax_lib.models.digit5 import Digit5CNN
 from fedjax_lib.models.layers import CONV_IMPLS
 from fedjax_lib.models.layers import TorchConv
 from fedjax_lib.models.layers import TorchDense
 from fedjax_lib.models.layers import torch_fc1_permutation
+from fedjax_lib.models.mlp import AmazonMLP
 from fedjax_lib.models.mlp import DNN
 from fedjax_lib.models.mlp import MLR
 from fedjax_lib.models.pooling import AdaptiveAvgPool1d
 from fedjax_lib.models.pooling import adaptive_avg_pool1d
 from fedjax_lib.models.pooling import adaptive_avg_pool_bins
 from fedjax_lib.models.pooling import adaptive_avg_pool_matrix
+from fedjax_lib.models.sensor import harcnn
+from fedjax_lib.models.text import text_model
 from fedjax_lib.models.zoo import FAMILIES
 from fedjax_lib.models.zoo import MODEL_NAMES
 from fedjax_lib.models.zoo import architecture_of_clients
 from fedjax_lib.models.zoo import family_global_model
 from fedjax_lib.models.zoo import init_model
 from fedjax_lib.models.zoo import make_model
+from fedjax_lib.models.zoo import model_option_names
 from fedjax_lib.models.zoo import parse_model_names
 
 __all__ = [
     'AdaptiveAvgPool1d',
+    'AmazonMLP',
     'BaseHeadModel',
     'CONV_IMPLS',
     'DNN',
+    'Digit5CNN',
     'FedAvgCNN',
     'FedAvgCNNBase',
     'MLR',
@@ -44,11 +51,14 @@ __all__ = [
     'architecture_of_clients',
     'count_params',
     'feature_dim',
+    'harcnn',
     'has_train_mode',
     'init_model',
     'make_model',
+    'model_option_names',
     'merge_params',
     'parse_model_names',
     'split_params',
+    'text_model',
     'torch_fc1_permutation',
 ]

@@ -1,4 +1,4 @@
-"""PFLlib's fully connected models: ``DNN`` and ``Mclr_Logistic`` (``-m MLR``).
+"""PFLlib's fully connected models: ``DNN``, ``Mclr_Logistic`` (``-m MLR``) and ``AmazonMLP``.
 
 Both flatten their input (NHWC images or flat vectors) after the batch axis.
 
@@ -6,6 +6,17 @@ Both flatten their input (NHWC images or flat vectors) after the batch axis.
   ``100 -> num_classes``. 79,510 parameters for 784 inputs and 10 classes.
 * ``MLR`` (multinomial logistic regression): base = flatten (identity features, no
   parameters); head = dense ``in -> num_classes``. 7,850 parameters for 784 / 10.
+
+* ``AmazonMLP`` (Amazon Review: 5000-d bag-of-words, 2 classes): base = flatten, dense
+  layers of ``hidden_dims`` with ReLU, then dense -> 100 with ReLU; head = dense
+  ``100 -> num_classes``. PFLlib's has ``hidden_dims = (1000, 500)`` (5,551,802 parameters);
+  HtFLlib's ``AmazonMLP(feature_dim=[...])`` takes the list, and its families ``MLPs``,
+  ``MLP_1layer`` and ``MLP_layers`` use ``[]``, ``[200]``, ``[500]``, ``[1000, 500]`` and
+  ``[1000, 500, 200]``: the names ``amazonmlp_0``, ``amazonmlp_200``, ``amazonmlp_500``,
+  ``amazonmlp`` and ``amazonmlp_1000_500_200`` (:func:`parse_amazonmlp_name`). Under
+  HtFLlib's ``feature_dim`` (512) the 100-d features are pooled (replicated) to 512 and the
+  head is ``512 -> 2``: bases 500,100 / 1,020,300 / 2,550,600 / 5,551,600 / 5,621,800
+  parameters, head 1,026 (PyTorch's counts of the reference modules).
 
 Deliberate difference: PFLlib ends both forwards with ``log_softmax`` and then applies
 ``CrossEntropyLoss``, i.e. a second log-softmax. ``log_softmax`` is idempotent
@@ -17,6 +28,7 @@ features; here the base emits the ReLU features, as for every other model.)
 Initialisation follows PyTorch's defaults (see :mod:`fedjax_lib.models.layers`).
 """
 
+import re
 from typing import Any, Optional
 
 import jax
@@ -79,3 +91,75 @@ def MLR(num_classes: int,  # pylint: disable=invalid-name
     ``{'head': ...}`` only.
   """
   return BaseHeadModel(base=Flatten(), head=TorchDense(num_classes, dtype=dtype), dtype=dtype)
+
+
+#: PFLlib's ``AmazonMLP``: hidden widths before the 100-d output layer.
+AMAZON_HIDDEN = (1000, 500)
+#: The width of ``AmazonMLP``'s features.
+AMAZON_FEATURES = 100
+
+_AMAZON_NAME = re.compile(r'^amazonmlp((?:_\d+)*)$')
+
+
+def parse_amazonmlp_name(key: str) -> Optional[tuple[int, ...]]:
+  """The hidden widths of a lower-case ``AmazonMLP`` name, or None.
+
+  ``'amazonmlp'`` is PFLlib's ``(1000, 500)``; ``'amazonmlp_500'`` → ``(500,)``,
+  ``'amazonmlp_1000_500_200'`` → ``(1000, 500, 200)``; ``'amazonmlp_0'`` → ``()`` (no hidden
+  layer: 5000 -> 100 directly, HtFLlib's ``feature_dim=[]``).
+  """
+  match = _AMAZON_NAME.match(key)
+  if match is None:
+    return None
+  widths = tuple(int(w) for w in match.group(1).split('_')[1:])
+  if not widths:
+    return AMAZON_HIDDEN
+  if widths == (0,):
+    return ()
+  return widths if all(w >= 1 for w in widths) else None
+
+
+def amazonmlp_name(hidden_dims: tuple[int, ...]) -> str:
+  """The canonical name of ``AmazonMLP(hidden_dims)``; inverse of :func:`parse_amazonmlp_name`."""
+  if tuple(hidden_dims) == AMAZON_HIDDEN:
+    return 'amazonmlp'
+  return 'amazonmlp_' + ('_'.join(str(w) for w in hidden_dims) if hidden_dims else '0')
+
+
+class AmazonMLPBase(nn.Module):
+  """Flatten, dense + ReLU layers of ``hidden_dims``, dense -> ``out_dim`` + ReLU: the base of
+  :func:`AmazonMLP` (layers ``fc1``, ``fc2``, ...; PyTorch's ``encoder.0``, ``encoder.2``, ...).
+
+  Attributes:
+    hidden_dims: the hidden widths.
+    out_dim: the feature width (100).
+    dtype: the computation dtype (``None``: float32).
+  """
+  hidden_dims: tuple = AMAZON_HIDDEN
+  out_dim: int = AMAZON_FEATURES
+  dtype: Optional[Any] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = Flatten()(x)
+    for i, width in enumerate((*self.hidden_dims, self.out_dim)):
+      x = nn.relu(TorchDense(width, dtype=self.dtype, name=f'fc{i + 1}')(x))
+    return x
+
+
+def AmazonMLP(num_classes: int = 2,  # pylint: disable=invalid-name
+              hidden_dims: tuple = AMAZON_HIDDEN,
+              dtype: Optional[Any] = None) -> BaseHeadModel:
+  """Builds PFLlib's / HtFLlib's ``AmazonMLP`` as a :class:`BaseHeadModel`.
+
+  Args:
+    num_classes: number of logits (2 for Amazon Review; the reference hard-codes 2).
+    hidden_dims: the hidden widths before the 100-d feature layer (PFLlib: (1000, 500);
+      HtFLlib's ``feature_dim`` list).
+    dtype: the computation dtype (``None``: float32).
+
+  Returns:
+    The model; parameters ``{'base': {'fc1', ...}, 'head': ...}``.
+  """
+  return BaseHeadModel(base=AmazonMLPBase(tuple(hidden_dims), dtype=dtype),
+                       head=TorchDense(num_classes, dtype=dtype), dtype=dtype)

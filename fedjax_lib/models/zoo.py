@@ -14,11 +14,23 @@ name                                model
 ``mobilenet_v2`` (``mobilenetv2``)  HtFLlib's MobileNetV2 (:mod:`~.mobilenet`)
 ``vit_b_16``, ``vit_b_32``          torchvision's ViT-B at image size 32, HtFLlib's 2-layer
                                     ViT head (:mod:`~.vit`)
+``digit5cnn``                       PFLlib's Digit5CNN (:mod:`~.digit5`)
+``amazonmlp`` (``amazonmlp_500``,   PFLlib's/HtFLlib's AmazonMLP; the suffix lists the hidden
+``amazonmlp_0``, ...)               widths (:mod:`~.mlp`)
+``harcnn``, ``harcnn1``,            PFLlib's HARCNN, HtFLlib's HARCNN1/HARCNN3; ``_s2``,
+``harcnn3`` (``harcnn_s2``, ...)    ``_s3``: conv stride (:mod:`~.sensor`)
+``fasttext``, ``textlr``,           PFLlib's and HtFLlib's text models over token ids
+``textcnn``, ``lstm``, ``bilstm``,  ``(L,)``; ``transformer_h4_l2``: 4 heads, 2 layers
+``gru``, ``transformer``            (:mod:`~.text`)
 ==================================  ===================================================
 
 A name may carry one of HtFLlib's heterogeneous heads: ``resnet34+head512-256`` is ResNet34
 with ``Head(hidden_dims=[512, 256])`` (:mod:`~fedjax_lib.models.heads`) instead of the dense
 head.
+
+The text models take ``vocab_size`` (PFLlib's ``-vs``, default 80) and, those whose reference
+ends in ``log_softmax``, ``log_softmax_features=True`` to reproduce that quirk (see
+:mod:`~fedjax_lib.models.text`); their width is ``feature_dim`` (default 512).
 
 Every model takes ``dtype='bfloat16'`` for mixed precision and ``feature_dim=F`` for a
 common feature width across architectures (HtFLlib's ``--feature_dim``: the base's output
@@ -50,10 +62,13 @@ import numpy as np
 from fedjax_lib.config import DTYPES
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import cnn
+from fedjax_lib.models import digit5
 from fedjax_lib.models import googlenet
 from fedjax_lib.models import mlp
 from fedjax_lib.models import mobilenet
 from fedjax_lib.models import resnet
+from fedjax_lib.models import sensor
+from fedjax_lib.models import text
 from fedjax_lib.models import vit
 from fedjax_lib.models import base as base_lib
 from fedjax_lib.models import heads
@@ -63,17 +78,28 @@ from fedjax_lib.models.layers import CONV_IMPLS
 #: Canonical architecture names accepted by :func:`make_model` (without a head suffix).
 MODEL_NAMES = ('cnn', 'dnn', 'mlr', 'resnet4', 'resnet6', 'resnet8', 'resnet10', 'resnet18',
                'resnet34', 'resnet50', 'resnet101', 'resnet152', 'googlenet', 'mobilenet_v2',
-               'vit_b_16', 'vit_b_32')
+               'vit_b_16', 'vit_b_32', 'digit5cnn', 'amazonmlp', 'harcnn', 'harcnn1', 'harcnn3',
+               *text.TEXT_MODELS)
 
 _ALIASES = {'fedavgcnn': 'cnn', 'mclr_logistic': 'mlr', 'mobilenetv2': 'mobilenet_v2',
-            'vit_b16': 'vit_b_16', 'vit_b32': 'vit_b_32'}
+            'vit_b16': 'vit_b_16', 'vit_b32': 'vit_b_32', 'textlogisticregression': 'textlr',
+            'lstmnet': 'lstm', 'grunet': 'gru', 'bilstm_textclassification': 'bilstm',
+            'transformermodel': 'transformer'}
 
-#: Architectures that take images ``(H, W, C)``.
-_IMAGE_MODELS = frozenset(MODEL_NAMES) - {'dnn', 'mlr'}
+#: Architectures that take images ``(H, W, C)`` (HARCNN: sensor windows laid out NHWC). The
+#: text models' ``(L,)`` is checked when they are first traced, not here: the runner builds
+#: every model on an image shape to list those without a train mode.
+_IMAGE_MODELS = frozenset(MODEL_NAMES) - {'dnn', 'mlr', 'amazonmlp', *text.TEXT_MODELS}
 
 #: Keyword options each model accepts.
 _OPTIONS = {name: () for name in MODEL_NAMES}
-_OPTIONS.update({'cnn': ('conv_impl', 'hidden_dim'), 'dnn': ('hidden_dim',)})
+_OPTIONS.update({'cnn': ('conv_impl', 'hidden_dim'), 'dnn': ('hidden_dim',),
+                 'digit5cnn': ('conv_impl',), 'harcnn': ('conv_impl',),
+                 'harcnn1': ('conv_impl',), 'harcnn3': ('conv_impl',)})
+_OPTIONS.update({name: ('vocab_size',) + (('log_softmax_features',)
+                                          if name in text.LOG_SOFTMAX_MODELS else ())
+                 for name in text.TEXT_MODELS})
+_OPTIONS['textcnn'] += ('conv_impl',)
 
 #: HtFLlib's four heterogeneous heads (the HtC families), ``Head(hidden_dims)``.
 _HTC_HEADS = ('head512', 'head512-512', 'head512-256', 'head512-128')
@@ -94,6 +120,26 @@ FAMILIES = {
     'HtFE-img-8-HtC-img-4': (_HTFE_8, _HTC_HEADS),
     'Res34-HtC-img-4': (('resnet34',), _HTC_HEADS),
     'HtM-img-10': (_HTFE_8 + ('vit_b_16', 'vit_b_32'), None),
+    # Text (token ids (L,)); the models' width is feature_dim.
+    'HtFE-txt-2': (('fasttext', 'textlr'), None),
+    'HtFE-txt-4': (('fasttext', 'textlr', 'lstm', 'bilstm'), None),
+    'HtFE-txt-5-1': (('transformer_h8_l1', 'transformer', 'transformer_h8_l4',
+                      'transformer_h8_l8', 'transformer_h8_l16'), None),
+    'HtFE-txt-5-2': (('transformer_h1_l4', 'transformer_h2_l4', 'transformer_h4_l4',
+                      'transformer_h8_l4', 'transformer_h16_l4'), None),
+    'HtFE-txt-5-3': (('transformer_h1_l1', 'transformer_h2_l2', 'transformer_h4_l4',
+                      'transformer_h8_l8', 'transformer_h16_l16'), None),
+    'HtFE-txt-6': (('fasttext', 'lstm', 'bilstm', 'transformer', 'textlr', 'gru'), None),
+    # Sensor windows (HAR: (1, 128, 9)).
+    'HtFE-sen-2': (('harcnn', 'harcnn_s2'), None),
+    'HtFE-sen-3': (('harcnn', 'harcnn_s2', 'harcnn_s3'), None),
+    'HtFE-sen-5': (('harcnn', 'harcnn_s2', 'harcnn_s3', 'harcnn1', 'harcnn3'), None),
+    'HtFE-sen-8': (('harcnn', 'harcnn_s2', 'harcnn_s3', 'harcnn1', 'harcnn1_s2', 'harcnn1_s3',
+                    'harcnn3', 'harcnn3_s2'), None),
+    # Tabular (Amazon Review, 5000-d).
+    'MLPs': (('amazonmlp_0', 'amazonmlp_500', 'amazonmlp', 'amazonmlp_1000_500_200'), None),
+    'MLP_1layer': (('amazonmlp_200', 'amazonmlp_500'), None),
+    'MLP_layers': (('amazonmlp_500', 'amazonmlp', 'amazonmlp_1000_500_200'), None),
 }
 
 #: The families that name their own ``global_model`` (the shared model of FML, FedKD and
@@ -193,6 +239,30 @@ def compute_dtype(dtype) -> Optional[Any]:
   return None if canonical == 'float32' else getattr(jnp, canonical)
 
 
+def _variant(key: str) -> Optional[tuple[str, dict, str]]:
+  """``(architecture, its constructor arguments, canonical name)`` of a lower-case model name
+  with a variant suffix (``transformer_h4_l2``, ``harcnn_s2``, ``amazonmlp_500``), or None."""
+  for module in (text, sensor):
+    found = module.parse_name(key)
+    if found is not None:
+      return (*found, module.canonical_name(key))
+  hidden = mlp.parse_amazonmlp_name(key)
+  if hidden is None:
+    return None
+  return 'amazonmlp', {'hidden_dims': hidden}, mlp.amazonmlp_name(hidden)
+
+
+def _architecture(key: str) -> tuple[str, dict]:
+  """``(architecture, constructor arguments)`` of a canonical name (``('cnn', {})``)."""
+  return (key, {}) if key in MODEL_NAMES and key != 'amazonmlp' else _variant(key)[:2]
+
+
+def model_option_names(name: str) -> tuple[str, ...]:
+  """The options `make_model` accepts for model ``name`` (empty for an unknown name)."""
+  parts = _split_name(name)
+  return () if parts is None else _OPTIONS[_architecture(parts[0])[0]]
+
+
 def _split_name(name) -> Optional[tuple[str, Optional[tuple[int, ...]]]]:
   """``(canonical architecture, head dims or None)`` of a model name, or None if unknown."""
   if not isinstance(name, str):
@@ -200,7 +270,10 @@ def _split_name(name) -> Optional[tuple[str, Optional[tuple[int, ...]]]]:
   key, _, suffix = name.strip().lower().partition('+')
   key = _ALIASES.get(key.strip(), key.strip())
   if key not in MODEL_NAMES:
-    return None
+    variant = _variant(key)
+    if variant is None:
+      return None
+    key = variant[2]
   if not suffix:
     return key, None
   head = _parse_head(suffix.strip())
@@ -219,7 +292,9 @@ def _canonical_name(name) -> Optional[str]:
 def _accepted_names() -> str:
   aliases = ', '.join(f'{alias} ({name})' for alias, name in _ALIASES.items())
   return (f'{", ".join(MODEL_NAMES)} (a head suffix such as +head512-256 gives HtFLlib\'s '
-          f'Head(hidden_dims=[512, 256])); aliases: {aliases}; or one family: '
+          f'Head(hidden_dims=[512, 256]); variants: transformer_h<heads>_l<layers>, '
+          f'harcnn[1|3]_s<stride>, amazonmlp_<hidden widths> or amazonmlp_0); aliases: '
+          f'{aliases}; or one family: '
           f'{", ".join(FAMILIES)}')
 
 
@@ -293,7 +368,18 @@ def architecture_of_clients(names: str | Sequence[str], num_clients: int) -> lis
   return [names[i % len(names)] for i in range(int(num_clients))]
 
 
-def _build(key: str, num_classes: int, options: dict) -> BaseHeadModel:
+def _build(key: str, num_classes: int, options: dict,
+           feature_dim: Optional[int]) -> BaseHeadModel:
+  key, variant = _architecture(key)
+  options = {**options, **variant}
+  if key in text.TEXT_MODELS:
+    return text.text_model(key, num_classes, feature_dim=feature_dim, **options)
+  if key in sensor.ARCHITECTURES:
+    return sensor.harcnn(key, num_classes, feature_dim=feature_dim, **options)
+  if key == 'amazonmlp':
+    return mlp.AmazonMLP(num_classes, **options)
+  if key == 'digit5cnn':
+    return digit5.Digit5CNN(num_classes, **options)
   if key == 'cnn':
     return cnn.FedAvgCNN(num_classes, **options)
   if key == 'dnn':
@@ -330,7 +416,12 @@ def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
       The pool has no parameters; the base's parameters are unchanged.
     **kwargs: model options: ``conv_impl`` (``'auto'``, ``'lax'``, ``'patches'``,
       ``'slices'``, ``'hybrid'``; see `fedjax_lib.models.layers.TorchConv`) and
-      ``hidden_dim`` for ``cnn``; ``hidden_dim`` for ``dnn``; none for the others.
+      ``hidden_dim`` for ``cnn``; ``hidden_dim`` for ``dnn``; ``conv_impl`` for
+      ``digit5cnn``, the ``harcnn`` models and ``textcnn``; ``vocab_size`` (PFLlib's ``-vs``,
+      default 80) for the text models, and ``log_softmax_features`` (default False) for
+      ``fasttext``, ``textlr``, ``textcnn``, ``lstm`` and ``gru``: True makes their features
+      the ``log_softmax`` of the hidden representation, as PFLlib's and HtFLlib's split
+      models compute them (`fedjax_lib.models.text`); none for the others.
 
   Returns:
     A :class:`BaseHeadModel`.
@@ -342,25 +433,29 @@ def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
   if parts is None:
     raise ConfigError(f'unknown model {name!r}; accepted names: {_accepted_names()}')
   key, head_dims = parts
+  arch = _architecture(key)[0]
   if not _is_int(num_classes) or num_classes < 2:
     raise ConfigError(f'num_classes must be an integer >= 2, got {num_classes!r}')
   if feature_dim is not None and (not _is_int(feature_dim) or feature_dim < 1):
     raise ConfigError(f'feature_dim must be a positive integer or None, got {feature_dim!r}')
-  _check_sample_shape(key, sample_shape)
+  _check_sample_shape(arch, sample_shape)
   options = {}
   for option, value in kwargs.items():
-    if option not in _OPTIONS[key]:
-      accepted = ', '.join(_OPTIONS[key]) or 'none'
+    if option not in _OPTIONS[arch]:
+      accepted = ', '.join(_OPTIONS[arch]) or 'none'
       raise ConfigError(f'unknown option {option!r} for model {key!r}; accepted: {accepted}')
-    if option == 'hidden_dim':
+    if option in ('hidden_dim', 'vocab_size'):
       if not _is_int(value) or value < 1:
-        raise ConfigError(f'hidden_dim must be a positive integer, got {value!r}')
+        raise ConfigError(f'{option} must be a positive integer, got {value!r}')
       value = int(value)
+    if option == 'log_softmax_features' and not isinstance(value, (bool, np.bool_)):
+      raise ConfigError(f'log_softmax_features must be True or False, got {value!r}')
     if option == 'conv_impl' and value not in CONV_IMPLS:
       raise ConfigError(f'unknown conv_impl {value!r}; choose one of: {", ".join(CONV_IMPLS)}')
     options[option] = value
   options['dtype'] = compute_dtype(dtype)
-  model = _build(key, int(num_classes), options)
+  model = _build(key, int(num_classes), options,
+                 None if feature_dim is None else int(feature_dim))
   if head_dims is not None:
     width = feature_dim
     if width is None:
