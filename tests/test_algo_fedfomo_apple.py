@@ -30,12 +30,15 @@ DIM, CLASSES = 5, 3
 
 @contextlib.contextmanager
 def _xla_optimizations(enabled: bool):
-  """XLA's optimisations on or off inside the block (restored after)."""
+  """XLA's optimisations on or off inside the block (restored after; jit's caches are
+  cleared at both ends, since they do not key on this setting: see tests/conftest.py)."""
   previous = jax.config.read("jax_disable_most_optimizations")
+  jax.clear_caches()
   jax.config.update("jax_disable_most_optimizations", not enabled)
   try:
     yield
   finally:
+    jax.clear_caches()
     jax.config.update("jax_disable_most_optimizations", previous)
 
 
