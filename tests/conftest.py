@@ -65,8 +65,10 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="module")
 def fast_compile():
   """XLA with most optimisations off, for modules whose time is compiling many small programs
-  run a few times each (the conformance suites: ~40% less CPU, measured 2026-12-01); the
-  checks there compare executors and devices under the same setting."""
+  run a few times each (~40% less CPU on the conformance suite, measured 2026-12-01). Not for
+  the suites comparing executors or device counts at tight tolerances: there FedTGP's and
+  FedKTL's executors differed by 3e-3 (loss) and 5e-4 (state) in two CI runs under load,
+  never with the optimisations on."""
   import jax  # pylint: disable=import-outside-toplevel
   # jit's in-memory cache does not key on this setting: without clearing, a function object
   # that outlives a module (a cached program) would run code compiled under the other setting

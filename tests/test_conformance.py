@@ -19,8 +19,6 @@ from fedjax_lib.core.local import ClientData
 from tests.helpers import as_images
 from tests.test_engine import _engine, _run, _small_data
 
-pytestmark = pytest.mark.usefixtures("fast_compile")  # see tests/conftest.py
-
 ALGORITHMS = algorithm_names()
 
 # Executors round differently (vmapped against per-client matmuls, ~3e-8 relative in round

@@ -24,8 +24,6 @@ from tests.test_conformance import _structure, assert_resume_is_exact
 from tests.helpers import as_images, suite_params
 from tests.test_engine import _small_data
 
-pytestmark = pytest.mark.usefixtures("fast_compile")  # see tests/conftest.py
-
 HTFL = ["Local", "LG-FedAvg", "FD", "FedProto", "FedGH", "FedTGP", "FedKTL", "FML", "FedMRL",
         "FedGen", "FedL2G-feat", "FedL2G-logit", "FedKD"]
 FEATURES = 16

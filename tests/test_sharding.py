@@ -35,8 +35,7 @@ from tests.helpers import as_images, suite_params
 from tests.test_engine import _engine, _run, _small_data
 
 QUIET = dict(log=lambda msg: None)
-pytestmark = [pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices"),
-              pytest.mark.usefixtures("fast_compile")]  # see tests/conftest.py
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 
 
 def _config(out, **kw):
