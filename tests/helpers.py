@@ -103,3 +103,27 @@ def assert_cli_refuses(argv, words, tmp_path, capsys) -> None:
   assert err.startswith("error: ") and err.count("\n") == 1, err
   assert all(w in err for w in words), err
   assert not out.exists()
+
+
+def numpy_cross_entropy(logits, y) -> float:
+  """Mean softmax cross-entropy of ``logits`` [n, C] at labels ``y``, in numpy."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  z = logits - logits.max(1, keepdims=True)
+  return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
+
+
+def numeric_grad(f, tree, eps=1e-6):
+  """Central differences of ``f(tree)`` w.r.t. every entry of every leaf (numpy, float64)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  leaves, treedef = jax.tree.flatten(tree)
+  grads = []
+  for i, leaf in enumerate(leaves):
+    g = np.zeros_like(leaf)
+    for j in np.ndindex(leaf.shape):
+      for sign in (1, -1):
+        moved = [a.copy() for a in leaves]
+        moved[i][j] += sign * eps
+        g[j] += sign * f(jax.tree.unflatten(treedef, moved)) / (2 * eps)
+    grads.append(g)
+  return jax.tree.unflatten(treedef, grads)

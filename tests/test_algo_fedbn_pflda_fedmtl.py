@@ -25,6 +25,8 @@ from fedjax_lib.models.layers import TorchBatchNorm
 from fedjax_lib.runner import build
 from tests.test_engine import _small_data
 from tests.test_sharding import _assert_replicated
+from tests.helpers import numeric_grad as _numeric_grad
+from tests.helpers import numpy_cross_entropy as _cross_entropy
 
 N_SAMPLES, DIM, HIDDEN, CLASSES, LR = 6, 4, 3, 3, 0.3
 EPS = 1e-5  # BatchNorm epsilon
@@ -71,26 +73,6 @@ def _close(a, b, rtol=1e-4, atol=1e-5):
 
 def _tree_close(a, b, **kw):
   jax.tree.map(lambda u, v: _close(u, v, **kw), a, b)
-
-
-def _cross_entropy(logits, y):
-  z = logits - logits.max(1, keepdims=True)
-  return float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]))
-
-
-def _numeric_grad(f, tree, eps=1e-6):
-  """Central differences of ``f(tree)`` w.r.t. every entry of every leaf (float64)."""
-  leaves, treedef = jax.tree.flatten(tree)
-  grads = []
-  for i, leaf in enumerate(leaves):
-    g = np.zeros_like(leaf)
-    for j in np.ndindex(leaf.shape):
-      for sign in (1, -1):
-        moved = [a.copy() for a in leaves]
-        moved[i][j] += sign * eps
-        g[j] += sign * f(jax.tree.unflatten(treedef, moved)) / (2 * eps)
-    grads.append(g)
-  return jax.tree.unflatten(treedef, grads)
 
 
 def _sgd(f, tree, steps=2):

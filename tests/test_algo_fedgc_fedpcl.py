@@ -24,6 +24,7 @@ from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
 from tests.test_engine import _small_data
 from tests.test_sharding import _assert_replicated
+from tests.helpers import numeric_grad as _numeric_grad
 
 DIM, HIDDEN, CLASSES, LR = 4, 3, 3, 0.3
 
@@ -34,21 +35,6 @@ pytestmark = pytest.mark.usefixtures("fast_compile")  # see tests/conftest.py
 def _close(a, b, rtol=1e-4, atol=1e-5):
   np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol,
                              atol=atol)
-
-
-def _numeric_grad(f, tree, eps=1e-6):
-  """Central differences of ``f(tree)`` w.r.t. every entry of every leaf (float64)."""
-  leaves, treedef = jax.tree.flatten(tree)
-  grads = []
-  for i, leaf in enumerate(leaves):
-    g = np.zeros_like(leaf)
-    for j in np.ndindex(leaf.shape):
-      for sign in (1, -1):
-        moved = [a.copy() for a in leaves]
-        moved[i][j] += sign * eps
-        g[j] += sign * f(jax.tree.unflatten(treedef, moved)) / (2 * eps)
-    grads.append(g)
-  return jax.tree.unflatten(treedef, grads)
 
 
 def _f64(tree):

@@ -126,9 +126,14 @@ def main() -> None:
   if args.update and os.path.exists(path):
     results = json.load(open(path))["results"]
   for name in args.algorithms:
-    fresh = run_one(name, args)
+    try:
+      fresh = run_one(name, args)
+    except RuntimeError as e:  # one algorithm's failure is reported, the others still run
+      print(f"{name}: FAILED {str(e).splitlines()[-1][:300]}", flush=True)
+      continue
     if args.timing_only and name in results:
       results[name]["round_s"] = fresh["round_s"]
+      results[name].update({k: fresh[k] for k in ("up", "down")})  # per round, seed-independent
       results[name]["timing"] = {"rounds": args.rounds, "times": args.times}
     else:
       results[name] = fresh
