@@ -14,48 +14,18 @@ from fedjax_lib.algorithms.base import SettingsContext, is_linear_server
 from fedjax_lib.algorithms.fedamp import (amp_penalty, attentive_messages,
                                           pairwise_squared_distances)
 from fedjax_lib.algorithms.fedphp import mmd
-from fedjax_lib.core import engine as engine_lib
-from fedjax_lib.core import rng
-from fedjax_lib.core.local import ClientData, LocalSpec
+from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
 from tests.test_engine import _small_data
-from tests.test_sharding import _assert_replicated
+from tests.test_sharding import one_and_eight_device_states
 from tests.helpers import numeric_grad as _numeric_grad
 from tests.helpers import numpy_cross_entropy as _cross_entropy
-
-N_SAMPLES, DIM, HIDDEN, CLASSES, LR = 6, 4, 3, 3, 0.3
-
+# The same toy problem and numpy helpers as the FedBN/PFL-DA/FedMTL tests.
+from tests.test_algo_fedbn_pflda_fedmtl import (CLASSES, DIM, HIDDEN, N_SAMPLES, _close, _f64,
+                                                _perturb, _problem, _sgd, _tree_close, _xy)
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # see tests/conftest.py
-
-
-def _problem(seed=0):
-  """6 samples (index table padded to 12), one full batch per epoch, 2 epochs: the client
-  takes 2 steps on the whole batch (the shuffle does not matter)."""
-  r = np.random.default_rng(seed)
-  x = r.normal(size=(2 * N_SAMPLES, DIM)).astype(np.float32)
-  y = r.integers(0, CLASSES, 2 * N_SAMPLES)
-  spec = LocalSpec(learning_rate=LR, batch_size=N_SAMPLES, local_epochs=2, steps_per_epoch=1)
-  data = ClientData(jnp.asarray(x), jnp.asarray(y), jnp.arange(2 * N_SAMPLES),
-                    jnp.asarray(N_SAMPLES))
-  return spec, data, r
-
-
-def _perturb(tree, r, scale=0.3):
-  return jax.tree.map(lambda a: a + (scale * r.normal(size=a.shape)).astype(np.float32), tree)
-
-
-def _f64(tree):
-  return jax.tree.map(lambda a: np.array(a, np.float64), tree)
-
-
-def _close(a, b, rtol=1e-4, atol=1e-5):
-  np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
-
-
-def _tree_close(a, b, **kw):
-  jax.tree.map(lambda u, v: _close(u, v, **kw), a, b)
 
 
 def _zeros(tree):
@@ -64,16 +34,6 @@ def _zeros(tree):
 
 def _flat(tree):
   return np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
-
-
-def _sgd(f, tree, steps=2):
-  for _ in range(steps):
-    tree = jax.tree.map(lambda p, g: p - LR * g, tree, _numeric_grad(f, tree))
-  return tree
-
-
-def _xy(data):
-  return np.float64(data.x)[:N_SAMPLES], np.asarray(data.y)[:N_SAMPLES]
 
 
 # ---------------------------------------------------------------- FedAMP
@@ -198,19 +158,7 @@ def test_fedamp_server_on_eight_devices_equals_one():
                    steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
   alg = make_algorithm("FedAMP", make_model("mlr", data.sample_shape, data.num_classes), spec,
                        {"sigma": 50.0, "alphaK": 5.0})
-  device_data = engine_lib.DeviceData.from_federated(data)
-  part = engine_lib.Participation(data.num_clients, 0.8, False, 0.25)
-  root = rng.root_key(0)
-  states = []
-  for mesh in (None, engine_lib.client_mesh(8)):
-    eng = engine_lib.Engine(alg, device_data, part, executor="vmap", mesh=mesh)
-    server, clients = eng.init(root, data.x[0])
-    for r in range(2):
-      server, clients, _ = eng.run_round(server, clients, root, r)
-    states.append((server, eng.export_states(clients)))
-  (s1, c1), (s8, c8) = states
-  _assert_replicated(s8)
-  jax.tree.map(lambda a, b: _close(a, b, rtol=1e-4, atol=1e-5), (s1, c1), (s8, c8))
+  (s1, c1), (s8, c8) = one_and_eight_device_states(alg, data)
   messages = np.stack([_flat(jax.tree.map(lambda a: a[k], s1["messages"])) for k in range(11)])
   (clients,) = c1.values()
   models = np.stack([_flat(jax.tree.map(lambda a: a[k], clients["model"]["params"]))

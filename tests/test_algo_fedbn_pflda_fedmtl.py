@@ -24,7 +24,7 @@ from fedjax_lib.models import BaseHeadModel, TorchDense, make_model
 from fedjax_lib.models.layers import TorchBatchNorm
 from fedjax_lib.runner import build
 from tests.test_engine import _small_data
-from tests.test_sharding import _assert_replicated
+from tests.test_sharding import one_and_eight_device_states
 from tests.helpers import numeric_grad as _numeric_grad
 from tests.helpers import numpy_cross_entropy as _cross_entropy
 
@@ -409,20 +409,8 @@ def test_fedmtl_server_on_eight_devices_equals_one():
                    steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
   alg = make_algorithm("FedMTL", make_model("mlr", data.sample_shape, data.num_classes), spec,
                        {"lam": 10.0})  # s = 10 · 10⁻³ for the 39 parameters
-  device_data = engine_lib.DeviceData.from_federated(data)
-  part = engine_lib.Participation(data.num_clients, 0.8, False, 0.25)
-  root = rng.root_key(0)
-  states = []
-  for mesh in (None, engine_lib.client_mesh(8)):
-    eng = engine_lib.Engine(alg, device_data, part, executor="vmap", mesh=mesh)
-    server, clients = eng.init(root, data.x[0])
-    for r in range(2):
-      server, clients, _ = eng.run_round(server, clients, root, r)
-    states.append((server, eng.export_states(clients)))
-  (s1, c1), (s8, c8) = states
-  _assert_replicated(s8)
+  (s1, c1), (s8, c8) = one_and_eight_device_states(alg, data)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  jax.tree.map(close, (s1, c1), (s8, c8))
   jax.tree.map(close, s8["sum"], jax.tree.map(lambda w: w.sum(0), s8["models"]))
   moved = sum(np.abs(np.asarray(a[1:] - a[:1])).sum() for a in jax.tree.leaves(s8["models"]))
   assert moved > 0, "no row of W was written"

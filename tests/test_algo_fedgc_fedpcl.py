@@ -18,12 +18,11 @@ from fedjax_lib.algorithms import fedgc as gc_lib
 from fedjax_lib.algorithms import fedpcl as pcl_lib
 from fedjax_lib.algorithms.base import SettingsContext, is_linear_server
 from fedjax_lib.core import engine as engine_lib
-from fedjax_lib.core import rng
 from fedjax_lib.core.local import ClientData, LocalSpec
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
 from tests.test_engine import _small_data
-from tests.test_sharding import _assert_replicated
+from tests.test_sharding import _assert_replicated, one_and_eight_device_states
 from tests.helpers import numeric_grad as _numeric_grad
 
 DIM, HIDDEN, CLASSES, LR = 4, 3, 3, 0.3
@@ -419,19 +418,7 @@ def test_fedgc_on_eight_devices_equals_one():
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
                    steps_per_epoch=int(data.train_count.max()) // 4, unroll=1)
   alg = make_algorithm("FedGC", make_model("dnn", data.sample_shape, data.num_classes), spec)
-  device_data = engine_lib.DeviceData.from_federated(data)
-  part = engine_lib.Participation(data.num_clients, 0.8, False, 0.25)
-  root = rng.root_key(0)
-  states = []
-  for mesh in (None, engine_lib.client_mesh(8)):
-    eng = engine_lib.Engine(alg, device_data, part, executor="vmap", mesh=mesh)
-    server, clients = eng.init(root, data.x[0])
-    for r in range(2):
-      server, clients, _ = eng.run_round(server, clients, root, r)
-    states.append((server, eng.export_states(clients)))
-  (s1, c1), (s8, c8) = states
-  _assert_replicated(s8)
-  jax.tree.map(lambda a, b: _close(a, b, rtol=1e-4, atol=1e-5), (s1, c1), (s8, c8))
+  (s1, c1), (s8, c8) = one_and_eight_device_states(alg, data)
   assert np.asarray(s8["classes"]).sum(1).min() >= 1    # the warm-up recorded every client
 
 

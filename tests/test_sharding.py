@@ -120,6 +120,26 @@ def _assert_replicated(tree):
       np.testing.assert_array_equal(shard, shards[0])
 
 
+def one_and_eight_device_states(alg, data, rounds=2):
+  """``((server, clients) on one device, the same on 8)`` after ``rounds`` vmapped rounds of
+  ``alg`` (80% join, 25% drop); the 8-device server state is checked to be replicated and both
+  runs to agree (rtol 1e-4, atol 1e-5)."""
+  device_data = engine_lib.DeviceData.from_federated(data)
+  part = engine_lib.Participation(data.num_clients, 0.8, False, 0.25)
+  root = rng.root_key(0)
+  states = []
+  for mesh in (None, engine_lib.client_mesh(8)):
+    eng = engine_lib.Engine(alg, device_data, part, executor="vmap", mesh=mesh)
+    server, clients = eng.init(root, data.x[0])
+    for r in range(rounds):
+      server, clients, _ = eng.run_round(server, clients, root, r)
+    states.append((server, eng.export_states(clients)))
+  _assert_replicated(states[1][0])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               states[0], states[1])
+  return states
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentiveAvg(FedAvg):
   """A test server that is not a weighted average: uploads far from the cohort mean weigh
