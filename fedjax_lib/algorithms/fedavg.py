@@ -7,14 +7,22 @@ and uploads its parameters ``w_k``; the server replaces ``w`` with the sample-we
 ``Σ_k n_k w_k / Σ_k n_k`` over the clients that did not drop out. Clients keep no state, and
 every client is evaluated with the global model (PFLlib: the model is sent to all clients before
 evaluation).
+
+Models with BatchNorm or dropout (ResNet, LSTM, Transformer ...) train in training mode
+(`fedjax_lib.core.local.train_model`). As in PFLlib, only parameters are communicated: each
+client keeps its own BatchNorm running statistics (``client_state['model_state']``; PFLlib's
+``set_parameters`` and ``aggregate_parameters`` loop over ``model.parameters()``, never the
+buffers), updated when it trains and used when it is evaluated with the global parameters.
+The subclasses below (FedProx, MOON ...) do not inherit this: each declares its own support.
 """
 
 import dataclasses
 
-from fedjax_lib.algorithms.base import Algorithm, linear_server
+from fedjax_lib.algorithms.base import Algorithm, linear_server, stack_clients
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.aggregate import weighted_average
-from fedjax_lib.core.local import train_locally
+from fedjax_lib.core.local import cross_entropy_objective, train_locally, train_model
+from fedjax_lib.models.base import has_train_mode, model_state
 
 
 @register("FedAvg")
@@ -22,9 +30,19 @@ from fedjax_lib.core.local import train_locally
 class FedAvg(Algorithm):
   """Federated averaging of the whole model."""
 
+  TRAIN_MODE = True
 
   def init(self, key, sample_x, num_clients):
-    return {"params": self.init_params(key, sample_x)}, {}
+    variables = self.init_params(key, sample_x)
+    state = model_state(variables)
+    if not state:
+      return {"params": variables}, {}
+    return ({"params": {"params": variables["params"]}},
+            stack_clients({"model_state": state}, num_clients))
+
+  def variables(self, server_state, client_state):
+    """A client's model: the global parameters with its own running statistics, if any."""
+    return {**server_state["params"], **client_state.get("model_state", {})}
 
   def local_loss(self, server_state):
     """The local training loss given the received server state (a hook: FedProx adds μ)."""
@@ -32,6 +50,12 @@ class FedAvg(Algorithm):
     return self.ce_loss
 
   def client_update(self, server_state, client_state, data, key):
+    if has_train_mode(self.model):  # only FedAvg itself gets here (TRAIN_MODE is not inherited)
+      variables, _, stats = train_model(self.model, self.variables(server_state, client_state),
+                                        data, key, self.local, cross_entropy_objective)
+      state = model_state(variables)
+      return ({"model_state": state} if state else client_state,
+              {"params": variables["params"]}, stats)
     params, _, stats = train_locally(server_state["params"], data, key, self.local,
                                      self.local_loss(server_state))
     return client_state, params, stats
@@ -42,9 +66,8 @@ class FedAvg(Algorithm):
     return {"params": weighted_average(uploads, weights, fallback=server_state["params"])}
 
   def predict(self, server_state, client_state, x):
-    return self.model.apply(server_state["params"], x)
+    return self.model.apply(self.variables(server_state, client_state), x)
 
   def new_client_variables(self, server_state, client_state):
-    """A new client fine-tunes a copy of the global model."""
-    del client_state
-    return server_state["params"]
+    """A new client fine-tunes a copy of the global model (with its own running statistics)."""
+    return self.variables(server_state, client_state)
