@@ -6,7 +6,6 @@ checkpoint round trip on a BatchNorm + dropout model, the CLI, and learning on d
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from fedjax_lib import cli
 from fedjax_lib.algorithms import make_algorithm
