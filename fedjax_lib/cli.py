@@ -338,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
        "the locally trained model, FedPCL's training gate, FedPAC's permuted head "
        "combination, FedFomo's per-batch validation mean and [-0:] split, APPLE's uploaded "
        "mixture, uniform p start, per-tensor-mean p gradient and λ lag, FedCAC's round 0, "
-       "FedCross's evaluation, round index and similarity)")
+       "FedCross's evaluation, round index and similarity) and in the text models (fasttext, "
+       "textlr, textcnn, lstm and gru emit log_softmax of their hidden representation as "
+       "features, as PFLlib's and HtFLlib's BaseHeadSplit keeps it)")
 
   training = p.add_argument_group("training")
   _add(training, "-gr", "--global_rounds", "--global-rounds", type=int,

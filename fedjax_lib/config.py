@@ -77,7 +77,8 @@ class Config:
   algo_params: algorithm hyperparameters by name (e.g. ``{"mu": 0.01}``); each algorithm
     declares which it accepts.
   pfllib_compat: reproduce PFLlib's documented quirks where an algorithm offers it (e.g.
-    FedCP's Gumbel noise at test time); by default every algorithm follows its paper.
+    FedCP's Gumbel noise at test time) and the text models' log-softmax features
+    (`fedjax_lib.models.text`); by default every algorithm and model follows its paper.
   Recovery: ``checkpoint_every`` = k > 0 saves an Orbax checkpoint every k rounds under
     ``<out>/checkpoints/`` (keeping the last ``keep_checkpoints``), and on Ctrl-C / SIGTERM and
     at the end; a rerun with the same ``out`` continues from the latest complete checkpoint

@@ -204,12 +204,18 @@ def feature_dim_of(config: Config, architectures: tuple) -> Optional[int]:
 
 def model_options(config: Config, arch: str) -> dict:
   """The options the runner gives model ``arch``: the text models' ``vocab_size`` (``-vs``,
-  else the dataset's, else PFLlib's 80)."""
-  if "vocab_size" not in models_lib.model_option_names(arch):
-    return {}
+  else the dataset's, else PFLlib's 80) and, with ``--pfllib-compat``, the references'
+  log-softmax features of fasttext, textlr, textcnn, lstm and gru
+  (`fedjax_lib.models.text`)."""
+  names = models_lib.model_option_names(arch)
+  options = {}
+  if config.pfllib_compat and "log_softmax_features" in names:
+    options["log_softmax_features"] = True
+  if "vocab_size" not in names:
+    return options
   spec = data_registry.resolve(config.dataset) if not is_folder_path(config.dataset) else None
   vocab = config.vocab_size or (spec.vocab_size if spec is not None else None)
-  return {} if vocab is None else {"vocab_size": vocab}
+  return options if vocab is None else {**options, "vocab_size": vocab}
 
 
 def load_data(config: Config):

@@ -275,3 +275,21 @@ def test_text_models_get_the_vocabulary_of_vs_else_the_datasets():
   assert runner.model_options(config.replace(dataset="digits"), "lstm") == {}  # the model's 80
   assert runner.model_options(config, "cnn") == {}
   assert parse(["-vs", "5000"]).vocab_size == 5000
+
+
+def test_pfllib_compat_gives_text_models_the_references_log_softmax_features():
+  from fedjax_lib import runner  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.models import make_model  # pylint: disable=import-outside-toplevel
+  config = parse(["-data", "digits", "-m", "lstm", "--pfllib-compat"])
+  assert runner.model_options(config, "lstm") == {"log_softmax_features": True}
+  assert runner.model_options(config, "bilstm") == {}  # no log_softmax in its reference
+  assert runner.model_options(config, "cnn") == {}
+  assert runner.model_options(config.replace(pfllib_compat=False), "lstm") == {}
+  # the features are log-probabilities: their exponentials sum to one per sample
+  import jax  # pylint: disable=import-outside-toplevel
+  model = make_model("fasttext", (6,), 3, vocab_size=20,
+                     **runner.model_options(config, "fasttext"))
+  x = jax.numpy.arange(12).reshape(2, 6) % 20
+  variables = model.init(jax.random.key(0), x)
+  features = model.apply(variables, x, method="features")
+  np.testing.assert_allclose(np.exp(np.asarray(features)).sum(-1), 1.0, rtol=1e-5)
