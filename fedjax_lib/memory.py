@@ -321,7 +321,7 @@ def _unique_nbytes(tree) -> int:
 
 
 def _engine_device(engine):
-  return next(iter(engine.data.x.devices()))
+  return next(iter(jax.tree.leaves(engine.data.x)[0].devices()))
 
 
 def _stacked_inputs(num_runs: int, swept: Sequence[str]):

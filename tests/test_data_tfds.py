@@ -23,6 +23,7 @@ from fedjax_lib.data import registry
 from fedjax_lib.data import sources
 from fedjax_lib.data import text
 from fedjax_lib.data import tfds_arrays
+from fedjax_lib.data.quantized import QuantizedImages
 from fedjax_lib.data import tfds_io
 from fedjax_lib.errors import DataError
 
@@ -176,7 +177,9 @@ def test_image_loader_converts_caches_and_reads_back(tmp_path, monkeypatch, tf_f
   assert num_classes == classes
   assert x.shape == (4 * splits, *shape) and x.dtype == np.float32
   assert y.shape == (4 * splits,) and y.dtype == np.int32
-  assert -1.0 <= x.min() and x.max() <= 1.0
+  # uint8 pixels held as stored, scaled when indexed (4x less memory than float32)
+  assert isinstance(x, QuantizedImages) and x.raw.dtype == np.uint8
+  assert -1.0 <= np.asarray(x).min() and np.asarray(x).max() <= 1.0
   # The values are PFLlib's preprocessing of the raw examples (every split mocks the same 4).
   raw = mock_examples(tfds_name, "train", 4)
   expected = np.stack([images.resize(images.to_channels(e["image"], shape[2]), *shape[:2])
@@ -188,7 +191,7 @@ def test_image_loader_converts_caches_and_reads_back(tmp_path, monkeypatch, tf_f
       f"{registry.image_entry(tfds_name, shape)}-p{registry.IMAGE_VERSION}.npz"]
   forbid_tfds_reads(monkeypatch)
   x2, y2, _ = tfds_arrays.load_arrays(name, str(tmp_path))
-  np.testing.assert_array_equal(x2, x)
+  np.testing.assert_array_equal(np.asarray(x2), np.asarray(x))
   np.testing.assert_array_equal(y2, y)
 
 
@@ -420,7 +423,8 @@ def test_domainnet_one_client_per_domain(tmp_path, monkeypatch, tf_free):
     data = load_federated("DomainNet", data_dir=str(tmp_path), seed=3)
   assert data.num_clients == 6 and data.num_classes == 345
   assert data.sample_shape == (64, 64, 3) and data.x.dtype == np.float32
-  assert 0.0 <= data.x.min() and data.x.max() <= 1.0  # ToTensor only, as PFLlib
+  assert isinstance(data.x, QuantizedImages) and data.x.value_range == "unit"
+  assert 0.0 <= np.asarray(data.x).min() and np.asarray(data.x).max() <= 1.0  # ToTensor only
   sizes = data.train_count + data.test_count
   np.testing.assert_array_equal(sizes, [8, 9, 10, 11, 12, 13])
   np.testing.assert_array_equal(data.train_count, np.floor(0.75 * sizes))

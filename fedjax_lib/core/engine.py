@@ -66,7 +66,8 @@ class DeviceData(NamedTuple):
 
   @classmethod
   def from_federated(cls, data) -> "DeviceData":
-    return cls(*(jnp.asarray(getattr(data, f)) for f in cls._fields))
+    # tree.map: ``x`` may be a pytree (QuantizedImages: its uint8 pixels go to the device)
+    return cls(*(jax.tree.map(jnp.asarray, getattr(data, f)) for f in cls._fields))
 
 
 def client_mesh(num_devices: Optional[int] = None) -> Mesh:
@@ -319,7 +320,8 @@ class Engine:
       pad = np.zeros((rows - a.shape[0],) + a.shape[1:], a.dtype)
       return _put(np.concatenate([a, pad]), sharded)
 
-    return DeviceData(_put(data.x, replicated), _put(data.y, replicated),
+    return DeviceData(jax.tree.map(lambda a: _put(a, replicated), data.x),
+                      _put(data.y, replicated),
                       table(data.train_idx), table(data.train_count),
                       table(data.test_idx), table(data.test_count))
 

@@ -10,6 +10,7 @@ from fedjax_lib.data.partition import split_train_test
 from fedjax_lib.data.pfllib_format import partition_meta
 from fedjax_lib.data.pfllib_format import read_pfllib_folder
 from fedjax_lib.data.pfllib_format import write_pfllib_folder
+from fedjax_lib.data.quantized import QuantizedImages
 from fedjax_lib.data.sources import BUILTIN_DATASETS
 from fedjax_lib.data.sources import load_digits
 from fedjax_lib.data.sources import load_tfds
@@ -19,6 +20,7 @@ from fedjax_lib.data.sources import synthetic
 __all__ = [
     "BUILTIN_DATASETS",
     "FederatedData",
+    "QuantizedImages",
     "SCHEMES",
     "build_federated",
     "least_samples",

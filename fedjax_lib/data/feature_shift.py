@@ -33,11 +33,11 @@ from typing import Optional
 
 import numpy as np
 
-from fedjax_lib.data import images
 from fedjax_lib.data import registry
 from fedjax_lib.data import tfds_arrays
 from fedjax_lib.data.federated import FederatedData
 from fedjax_lib.data.partition import Rng
+from fedjax_lib.data.quantized import QuantizedImages
 from fedjax_lib.data.partition import split_train_test
 from fedjax_lib.errors import DataError
 
@@ -126,7 +126,7 @@ def load_feature_shift(name: str, *, data_dir: Optional[str] = None,
     xs.append(arrays["x"][rows])
     ys.append(labels)
     offset += rows.size
-  x = images.to_float(np.concatenate(xs), spec.value_range)
+  x = QuantizedImages(np.concatenate(xs), spec.value_range)
   y = np.concatenate(ys)
   train_lists, test_lists = split_train_test(pools, rng, train_ratio)
   return FederatedData.from_client_indices(spec.name, x, y, train_lists, test_lists,
@@ -171,6 +171,6 @@ def load_natural(name: str, *, data_dir: Optional[str] = None,
   client_of = drawing_ranks(arrays["character"]) % count
   pools = [np.flatnonzero(client_of == j) for j in range(count)]
   train_lists, test_lists = split_train_test(pools, _rng(seed, pfllib_rng), train_ratio)
-  x = images.to_float(arrays["x"], spec.value_range)
+  x = QuantizedImages(arrays["x"], spec.value_range)
   return FederatedData.from_client_indices(spec.name, x, arrays["y"], train_lists,
                                            test_lists, spec.num_classes)

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fedjax_lib.data.quantized import QuantizedImages
 from fedjax_lib.errors import DataError
 
 
@@ -33,7 +34,8 @@ class FederatedData:
 
   Attributes:
     name: dataset name (for results files).
-    x: ``[num_samples, ...]`` float32 features (images NHWC).
+    x: ``[num_samples, ...]`` float32 features (images NHWC), or a `QuantizedImages` (uint8
+      pixels that read as float32 when indexed: the tfds image sets).
     y: ``[num_samples]`` int32 labels in ``[0, num_classes)``.
     train_idx: ``[num_clients, max_train]`` int32 rows of each client's training samples.
     train_count: ``[num_clients]`` int32 number of valid entries in ``train_idx``.
@@ -64,8 +66,12 @@ class FederatedData:
                           train_lists: Sequence[np.ndarray],
                           test_lists: Sequence[np.ndarray],
                           num_classes: int) -> "FederatedData":
-    """Builds the padded tables from per-client lists of row indices, validating the data."""
-    x = np.asarray(x, dtype=np.float32)
+    """Builds the padded tables from per-client lists of row indices, validating the data.
+
+    ``x`` is converted to float32, except a `QuantizedImages` (uint8 pixels, finite by
+    construction), which is kept as it is."""
+    if not isinstance(x, QuantizedImages):
+      x = np.asarray(x, dtype=np.float32)
     y = np.asarray(y)
     if len(train_lists) != len(test_lists):
       raise DataError(f"got {len(train_lists)} train clients but {len(test_lists)} test "
@@ -78,7 +84,7 @@ class FederatedData:
       raise DataError(f"dataset {name!r} has labels in [{int(y.min())}, {int(y.max())}] but "
                       f"num_classes={num_classes}; labels must lie in [0, {num_classes - 1}] "
                       f"(set num_classes to at least {int(y.max()) + 1})")
-    if not np.all(np.isfinite(x)):
+    if not isinstance(x, QuantizedImages) and not np.all(np.isfinite(x)):
       raise DataError(f"dataset {name!r} has non-finite (NaN or inf) feature values")
     train_idx, train_count = _pad_table(train_lists)
     test_idx, test_count = _pad_table(test_lists)

@@ -27,6 +27,7 @@ from fedjax_lib.data import images
 from fedjax_lib.data import registry
 from fedjax_lib.data import text
 from fedjax_lib.data import tfds_io
+from fedjax_lib.data.quantized import QuantizedImages
 from fedjax_lib.errors import DataError
 
 # Seed of the frozen train-split augmentation (PFLlib's is an unseeded torch draw).
@@ -166,7 +167,8 @@ def load_arrays(name: str, data_dir: Optional[str] = None) -> tuple[np.ndarray, 
   later calls read the cache.
 
   Returns:
-    x: images float32 NHWC in the spec's value range, or text int32 ``[N, L]`` token ids;
+    x: images NHWC as `QuantizedImages` (uint8, read as float32 in the spec's value range),
+      or text int32 ``[N, L]`` token ids;
     y: int32 labels; num_classes.
 
   Raises:
@@ -183,5 +185,5 @@ def load_arrays(name: str, data_dir: Optional[str] = None) -> tuple[np.ndarray, 
             spec.num_classes)
   arrays = image_arrays(spec.tfds_name, spec.splits, spec.shape, data_dir=data_dir,
                         num_classes=spec.num_classes)
-  return (images.to_float(arrays["x"], spec.value_range), arrays["y"].astype(np.int32),
+  return (QuantizedImages(arrays["x"], spec.value_range), arrays["y"].astype(np.int32),
           spec.num_classes)
