@@ -1,4 +1,4 @@
-"""FedAvg on models with BatchNorm or dropout: the client update against a float64 numpy
+"""FedAvg (and FedProx) on models with BatchNorm or dropout: the client update against a float64 numpy
 reference (PyTorch's training-mode BatchNorm and running-statistics rule), parameters-only
 communication with running statistics kept per client (PFLlib's FedAvg), the executors and a
 checkpoint round trip on a BatchNorm + dropout model, the CLI, and learning on digits."""
@@ -6,6 +6,7 @@ checkpoint round trip on a BatchNorm + dropout model, the CLI, and learning on d
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fedjax_lib import cli
 from fedjax_lib.algorithms import make_algorithm
@@ -24,9 +25,9 @@ from tests.test_conformance_htfl import BatchNormBase
 from tests.test_engine import _small_data
 
 
-def _setup(seed=0):
+def _setup(seed=0, name="FedAvg", params=None):
   spec, data, r = _problem(seed)
-  algo = make_algorithm("FedAvg", _bn_model(), spec)
+  algo = make_algorithm(name, _bn_model(), spec, params)
   server, clients = algo.init(jax.random.key(0), data.x[0], 3)
   client = jax.tree.map(lambda a: a[1], clients)
   server, client = _perturb(server, r), _perturb(client, r)
@@ -35,8 +36,14 @@ def _setup(seed=0):
   return algo, data, server, client
 
 
-def test_fedavg_trains_batchnorm_in_training_mode_like_numpy():
-  algo, data, server, client = _setup()
+def _proximal(p, anchor):
+  return 0.5 * sum(np.sum((p[k][n] - anchor[k][n]) ** 2) for k in p for n in p[k])
+
+
+@pytest.mark.parametrize("name,prox", [("FedAvg", 0.0), ("FedProx", 0.7)])
+def test_fedavg_trains_batchnorm_in_training_mode_like_numpy(name, prox):
+  """FedAvg, and FedProx with its proximal term on every parameter (not the statistics)."""
+  algo, data, server, client = _setup(name=name, params={"mu": prox} if prox else None)
   # the server holds parameters only; each client its running statistics
   assert set(server["params"]) == {"params"}
   assert set(client) == {"model_state"}
@@ -45,6 +52,7 @@ def test_fedavg_trains_batchnorm_in_training_mode_like_numpy():
   assert int(stats["steps"]) == 2
   s = _f64(server["params"]["params"])
   p = {"fc": s["base"]["fc"], "bn": s["base"]["bn"], "head": s["head"]}
+  anchor = dict(p)
   running = _f64(client["model_state"]["batch_stats"]["base"]["bn"])
   mean, var = running["mean"], running["var"]
   x, y = _xy(data)
@@ -52,7 +60,8 @@ def test_fedavg_trains_batchnorm_in_training_mode_like_numpy():
     _, (mu, sigma2) = _bn_forward(p, x)
     mean = 0.9 * mean + 0.1 * mu
     var = 0.9 * var + 0.1 * sigma2 * N_SAMPLES / (N_SAMPLES - 1)
-    p = _sgd(lambda q: _cross_entropy(_bn_forward(q, x)[0], y), p, steps=1)
+    p = _sgd(lambda q: _cross_entropy(_bn_forward(q, x)[0], y) + prox * _proximal(q, anchor), p,
+             steps=1)
   # the upload is every parameter (BatchNorm's scale and bias too), never the buffers
   _tree_close(upload, {"params": {"base": {"fc": p["fc"], "bn": p["bn"]}, "head": p["head"]}})
   _tree_close(new_state["model_state"]["batch_stats"]["base"]["bn"], {"mean": mean, "var": var})

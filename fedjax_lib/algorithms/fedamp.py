@@ -79,8 +79,8 @@ import jax.numpy as jnp
 from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, check_bool, check_number,
                                         check_positive, stack_clients)
 from fedjax_lib.algorithms.fedprox import proximal_term
-from fedjax_lib.algorithms.pflda import train_with_penalty
 from fedjax_lib.algorithms.registry import register
+from fedjax_lib.core.local import cross_entropy_objective, train_model
 
 HIGHEST = jax.lax.Precision.HIGHEST  # float32 products on accelerators too (no TF32/bf16 passes)
 
@@ -200,9 +200,9 @@ class FedAMP(Algorithm):
     message = jax.tree.map(lambda bank: bank[cid], server_state["messages"])
     start = own if self.pfllib_compat else {**own, "params": message}
     coefficient = self.lam / self.alphaK
-    variables, stats = train_with_penalty(
-        self.model, start, data, key, self.local,
-        lambda params: amp_penalty(params, message, coefficient, self.pfllib_compat))
+    variables, _, stats = train_model(
+        self.model, start, data, key, self.local, cross_entropy_objective,
+        penalty=lambda params: amp_penalty(params, message, coefficient, self.pfllib_compat))
     return ({"model": variables, "id": cid}, {"params": variables["params"], "id": cid},
             stats)
 

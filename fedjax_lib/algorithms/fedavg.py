@@ -13,7 +13,8 @@ Models with BatchNorm or dropout (ResNet, LSTM, Transformer ...) train in traini
 client keeps its own BatchNorm running statistics (``client_state['model_state']``; PFLlib's
 ``set_parameters`` and ``aggregate_parameters`` loop over ``model.parameters()``, never the
 buffers), updated when it trains and used when it is evaluated with the global parameters.
-The subclasses below (FedProx, MOON ...) do not inherit this: each declares its own support.
+The subclasses (MOON, SCAFFOLD ...) do not inherit this: each declares its own support
+(FedProx does, through :meth:`FedAvg.penalty`).
 """
 
 import dataclasses
@@ -49,10 +50,17 @@ class FedAvg(Algorithm):
     del server_state
     return self.ce_loss
 
+  def penalty(self, server_state):
+    """For a model with a training mode, the parameter penalty added to cross-entropy
+    (``penalty({'base', 'head'}) -> scalar``; a hook: FedProx's proximal term); None: none."""
+    del server_state
+    return None
+
   def client_update(self, server_state, client_state, data, key):
     if has_train_mode(self.model):  # only FedAvg itself gets here (TRAIN_MODE is not inherited)
       variables, _, stats = train_model(self.model, self.variables(server_state, client_state),
-                                        data, key, self.local, cross_entropy_objective)
+                                        data, key, self.local, cross_entropy_objective,
+                                        penalty=self.penalty(server_state))
       state = model_state(variables)
       return ({"model_state": state} if state else client_state,
               {"params": variables["params"]}, stats)

@@ -70,8 +70,8 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lib.algorithms.base import Algorithm, check_bool, check_number, stack_clients
-from fedjax_lib.algorithms.pflda import train_with_penalty
 from fedjax_lib.algorithms.registry import register
+from fedjax_lib.core.local import cross_entropy_objective, train_model
 from fedjax_lib.models.base import count_params
 
 
@@ -167,10 +167,10 @@ class FedMTL(Algorithm):
     scale = self.lam * pfllib_scale(count_params(variables))
     compat = self.pfllib_compat
     # The trained parts ({'base', 'head'}) have the structure of a row of W.
-    variables, stats = train_with_penalty(
-        self.model, variables, data, key, self.local,
-        lambda parts: mtl_regularizer(parts, others_sum, others_sq, num_clients, scale,
-                                      compat))
+    variables, _, stats = train_model(
+        self.model, variables, data, key, self.local, cross_entropy_objective,
+        penalty=lambda parts: mtl_regularizer(parts, others_sum, others_sq, num_clients, scale,
+                                              compat))
     return ({"model": variables, "id": cid}, {"params": variables["params"], "id": cid},
             stats)
 

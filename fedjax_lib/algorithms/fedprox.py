@@ -19,6 +19,9 @@ Differences from PFLlib:
   (``local_loss``) includes (μ/2)·‖w − w_g‖².
 - PFLlib's ``train_metrics`` adds ``0.5·μ·‖w − w_g‖₂`` (the norm, not its square) to the reported
   train loss; the evaluated ``train_loss`` here is plain cross-entropy of the global model.
+- Models with BatchNorm or dropout train in training mode as FedAvg's do (running statistics
+  kept by each client, never communicated, as PFLlib's ``model.parameters()`` loops); the
+  proximal term covers the parameters only, as PFLlib's optimizer does.
 - The paper's inexact local solves with a variable amount of work per device are not modelled
   (neither does PFLlib): every client runs ``local_epochs`` epochs.
 """
@@ -71,6 +74,8 @@ class FedProx(FedAvg):
     mu: proximal coefficient μ (PFLlib ``-mu``, default 0.0 = FedAvg).
   """
 
+  TRAIN_MODE = True
+
   mu: float = 0.0
 
   def __post_init__(self):
@@ -79,3 +84,9 @@ class FedProx(FedAvg):
   def local_loss(self, server_state):
     # The anchor is the received global model.
     return with_proximal_term(self.ce_loss, self.mu, server_state["params"])
+
+  def penalty(self, server_state):
+    """Models with BatchNorm or dropout: the same term on the parameters (the running
+    statistics, kept by each client, are not pulled)."""
+    anchor = server_state["params"]["params"]
+    return lambda params: self.mu * proximal_term(params, anchor)

@@ -50,44 +50,8 @@ from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, check_bool, 
 from fedjax_lib.algorithms.feddyn import safe_norm
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.aggregate import weighted_average
-from fedjax_lib.core.local import (cross_entropy_objective, masked_cross_entropy,
-                                   train_locally, train_model)
-from fedjax_lib.models.base import apply_train, merge_params, model_state, split_params
-
-
-def train_with_penalty(model, variables, data, key, spec, penalty, trainable=None):
-  """`fedjax_lib.core.local.train_model` with cross-entropy plus a parameter penalty.
-
-  Each step minimises ``CE(model(x), y) + penalty(trained)`` in training mode (BatchNorm
-  batch statistics, running statistics carried; dropout from the step's key), where
-  ``trained`` is the dict of the trained parameter parts; the other parts are constants.
-
-  Args:
-    model: a `fedjax_lib.models.BaseHeadModel`.
-    variables: its variables ``{'params': {'base', 'head'}, ...}``.
-    data, key, spec: as for `fedjax_lib.core.local.train_locally`.
-    penalty: ``penalty({part: params}) -> scalar``, a function of the parameters only (so
-      under DP-SGD it is part of every example's loss).
-    trainable: the parameter parts trained (all by default).
-
-  Returns:
-    ``(variables, stats)``: the trained variables with their new running statistics, and
-    ``stats`` as `train_locally` returns them.
-  """
-  params = variables["params"]
-  names = tuple(params) if trainable is None else tuple(trainable)
-  train = {k: v for k, v in params.items() if k in names}
-  frozen = {k: v for k, v in params.items() if k not in names}
-
-  def loss_fn(train_params, batch, step_key, state):
-    full = {"params": {**frozen, **train_params}, **state}
-    (_, logits), state = apply_train(model, full, batch.x, step_key)
-    loss = masked_cross_entropy(logits, batch.y, batch.mask) + penalty(train_params)
-    return loss, state
-
-  train, _, stats = train_locally(train, data, key, spec, loss_fn, aux=model_state(variables))
-  state = stats.pop("aux")
-  return {"params": {**frozen, **train}, **state}, stats
+from fedjax_lib.core.local import cross_entropy_objective, train_model
+from fedjax_lib.models.base import merge_params, model_state, split_params
 
 
 def head_regularizer(head, global_head, lam, detached: bool = False) -> jax.Array:
@@ -145,9 +109,10 @@ class PFLDA(Algorithm):
     detached = self.pfllib_compat
     lam = self.lam
     # Phase 1: the local head, toward the global head.
-    variables, head_stats = train_with_penalty(
+    variables, _, head_stats = train_model(
         self.model, self.variables(client_state), data, jax.random.fold_in(key, 0), self.local,
-        lambda p: head_regularizer(p["head"], global_head, lam, detached), trainable=("head",))
+        cross_entropy_objective, trainable=("head",),
+        penalty=lambda p: head_regularizer(p["head"], global_head, lam, detached))
     _, local_head = split_params(variables)
     # Phase 2: the base under the global head, both trained.
     variables, _, stats = train_model(

@@ -358,7 +358,8 @@ Objective = Callable[[jax.Array, jax.Array, Batch, Any], tuple[jax.Array, Any]]
 
 def train_model(model, variables, data: ClientData, key: jax.Array, spec: LocalSpec,
                 objective: Objective, trainable: Optional[tuple[str, ...]] = None,
-                carry: Any = None, tx: Optional[optax.GradientTransformation] = None):
+                carry: Any = None, tx: Optional[optax.GradientTransformation] = None,
+                penalty: Optional[Callable[[Any], jax.Array]] = None):
   """Trains a `BaseHeadModel` in training mode: BatchNorm and dropout as in PyTorch.
 
   Each step runs ``model.forward`` with ``train=True``: BatchNorm normalises with the batch's
@@ -377,6 +378,9 @@ def train_model(model, variables, data: ClientData, key: jax.Array, spec: LocalS
     trainable: the parameter parts trained (``('base', 'head')`` by default; e.g.
       ``('head',)``); the others are constants.
     carry: the objective's initial carry (None: none).
+    penalty: ``penalty({part: params}) -> scalar`` added to every step's loss, a function of
+      the trained parameter parts only (FedProx's proximal term, PFL-DA's head regulariser;
+      under DP-SGD part of every example's loss). None: no penalty.
 
   Returns:
     ``(variables, carry, stats)``: the trained variables with their new running
@@ -392,6 +396,8 @@ def train_model(model, variables, data: ClientData, key: jax.Array, spec: LocalS
     full = {"params": {**frozen, **train_params}, **state}
     (features, logits), state = apply_train(model, full, batch.x, step_key)
     loss, objective_carry = objective(features, logits, batch, objective_carry)
+    if penalty is not None:
+      loss = loss + penalty(train_params)
     return loss, (state, objective_carry)
 
   train, _, stats = train_locally(train, data, key, spec, loss_fn, tx=tx,
