@@ -40,6 +40,29 @@ def _proximal(p, anchor):
   return 0.5 * sum(np.sum((p[k][n] - anchor[k][n]) ** 2) for k in p for n in p[k])
 
 
+def _numpy_track(p, running, x, y, steps, prox=0.0, anchor=None):
+  """``steps`` training-mode SGD steps of the toy BatchNorm model on CE (+ prox·½‖p − anchor‖²)
+  with PyTorch's running-statistics update: ``(params, (mean, var))``."""
+  mean, var = running
+  for _ in range(steps):
+    _, (mu, sigma2) = _bn_forward(p, x)
+    mean = 0.9 * mean + 0.1 * mu
+    var = 0.9 * var + 0.1 * sigma2 * N_SAMPLES / (N_SAMPLES - 1)
+    p = _sgd(lambda q: _cross_entropy(_bn_forward(q, x)[0], y)
+             + (prox * _proximal(q, anchor) if prox else 0.0), p, steps=1)
+  return p, (mean, var)
+
+
+def _flat(variables):
+  v = _f64(variables["params"])
+  return {"fc": v["base"]["fc"], "bn": v["base"]["bn"], "head": v["head"]}
+
+
+def _stats(variables):
+  bn = _f64(variables["batch_stats"]["base"]["bn"])
+  return bn["mean"], bn["var"]
+
+
 @pytest.mark.parametrize("name,prox", [("FedAvg", 0.0), ("FedProx", 0.7)])
 def test_fedavg_trains_batchnorm_in_training_mode_like_numpy(name, prox):
   """FedAvg, and FedProx with its proximal term on every parameter (not the statistics)."""
@@ -50,21 +73,13 @@ def test_fedavg_trains_batchnorm_in_training_mode_like_numpy(name, prox):
   new_state, upload, stats = jax.jit(algo.client_update)(server, client, data,
                                                          jax.random.key(1))
   assert int(stats["steps"]) == 2
-  s = _f64(server["params"]["params"])
-  p = {"fc": s["base"]["fc"], "bn": s["base"]["bn"], "head": s["head"]}
-  anchor = dict(p)
-  running = _f64(client["model_state"]["batch_stats"]["base"]["bn"])
-  mean, var = running["mean"], running["var"]
+  anchor = _flat(server["params"])
   x, y = _xy(data)
-  for _ in range(2):  # batch statistics in training; PyTorch's running-statistics update
-    _, (mu, sigma2) = _bn_forward(p, x)
-    mean = 0.9 * mean + 0.1 * mu
-    var = 0.9 * var + 0.1 * sigma2 * N_SAMPLES / (N_SAMPLES - 1)
-    p = _sgd(lambda q: _cross_entropy(_bn_forward(q, x)[0], y) + prox * _proximal(q, anchor), p,
-             steps=1)
+  p, (mean, var) = _numpy_track(anchor, _stats(client["model_state"]), x, y, steps=2,
+                                prox=prox, anchor=anchor)
   # the upload is every parameter (BatchNorm's scale and bias too), never the buffers
-  _tree_close(upload, {"params": {"base": {"fc": p["fc"], "bn": p["bn"]}, "head": p["head"]}})
-  _tree_close(new_state["model_state"]["batch_stats"]["base"]["bn"], {"mean": mean, "var": var})
+  _tree_close(_flat(upload), p)
+  _tree_close(_stats(new_state["model_state"]), (mean, var))
   # the server averages the uploads; a client evaluates them with its own statistics
   server2 = algo.server_update(server, jax.tree.map(lambda a: a[None], upload), jnp.ones(1),
                                jax.random.key(0))
@@ -74,6 +89,31 @@ def test_fedavg_trains_batchnorm_in_training_mode_like_numpy(name, prox):
   size = sum(a.size for a in jax.tree.leaves(server["params"]))
   assert float(algo.download_traffic(server).floats) == size
   assert float(algo.upload_traffic(upload).floats) == size
+
+
+def test_ditto_keeps_personal_and_global_running_statistics_like_numpy():
+  """Ditto on a BatchNorm model: the personal model (its own statistics) trains one epoch on
+  CE + μ·½‖v − w_g‖²; the global track is FedAvg's (the client's statistics of its copy of the
+  global model); each evaluation uses its own statistics."""
+  algo, data, server, client = _setup(name="Ditto", params={"mu": 0.7})
+  assert set(client) == {"params", "model_state"}  # personal variables; global-track stats
+  client["params"]["batch_stats"]["base"]["bn"]["var"] = jnp.abs(
+      client["params"]["batch_stats"]["base"]["bn"]["var"]) + 0.5
+  new_state, upload, _ = jax.jit(algo.client_update)(server, client, data, jax.random.key(1))
+  x, y = _xy(data)
+  anchor = _flat(server["params"])
+  personal, personal_stats = _numpy_track(_flat(client["params"]), _stats(client["params"]),
+                                          x, y, steps=1, prox=0.7, anchor=anchor)
+  global_p, global_stats = _numpy_track(anchor, _stats(client["model_state"]), x, y, steps=2)
+  _tree_close(_flat(new_state["params"]), personal)
+  _tree_close(_stats(new_state["params"]), personal_stats)
+  _tree_close(_flat(upload), global_p)
+  _tree_close(_stats(new_state["model_state"]), global_stats)
+  test_x = np.float64(data.x)[N_SAMPLES:]
+  _close(algo.predict(server, new_state, data.x[N_SAMPLES:]),
+         _bn_forward(personal, test_x, personal_stats)[0])
+  _close(algo.predict_global(server, new_state, data.x[N_SAMPLES:]),
+         _bn_forward(anchor, test_x, global_stats)[0])
 
 
 def test_fedavg_server_is_the_weighted_average_of_the_parameters():
@@ -97,12 +137,13 @@ def test_fedavg_without_training_mode_is_unchanged():
   assert set(server["params"]["params"]) == {"head"}
 
 
-def _engine(executor, data, new_clients=0):
+def _engine(executor, data, new_clients=0, name="FedAvg"):
   model = BaseHeadModel(base=BatchNormBase(), head=TorchDense(data.num_classes))
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=2,
                    steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
   n = data.num_clients - new_clients
-  return engine_lib.Engine(make_algorithm("FedAvg", model, spec),
+  return engine_lib.Engine(make_algorithm(name, model, spec, {"mu": 0.1} if name == "Ditto"
+                                          else None),
                            engine_lib.DeviceData.from_federated(data),
                            engine_lib.Participation(n, 0.8, False, 0.25), executor=executor,
                            chunk_size=2)
@@ -113,11 +154,12 @@ def _running_means(clients):
   return np.asarray(group["model_state"]["batch_stats"]["base"]["bn"]["mean"])
 
 
-def test_fedavg_conformance_on_batchnorm_and_dropout(tmp_path):
+@pytest.mark.parametrize("name", ["FedAvg", "Ditto"])
+def test_conformance_on_batchnorm_and_dropout(name, tmp_path):
   """Running statistics move only for trained clients and differ between them; the executors
   agree; a checkpoint round trip is exact; new clients fine-tune with their own statistics."""
   data = _small_data(num_clients=6, seed=2)
-  eng, seq = _engine("vmap", data), _engine("sequential", data)
+  eng, seq = _engine("vmap", data, name=name), _engine("sequential", data, name=name)
   root = rng.root_key(0)
   server, clients = eng.init(root, data.x[0])
   structure = _structure((server, clients))
@@ -136,7 +178,7 @@ def test_fedavg_conformance_on_batchnorm_and_dropout(tmp_path):
   summary = eng.evaluate(server, clients, root, 2)
   assert np.isfinite([summary["test_acc"], summary["train_loss"]]).all()
   assert_resume_is_exact(eng, root, data.x[0], str(tmp_path / "ckpt"), structure)
-  held_out = _engine("vmap", data, new_clients=2)
+  held_out = _engine("vmap", data, new_clients=2, name=name)
   s0, _ = held_out.init(root, data.x[0])
   new = held_out.evaluate_new_clients(s0, root, data.x[0], epochs=1)
   assert np.isfinite([new["test_acc"], new["train_loss"]]).all()

@@ -30,6 +30,11 @@ Differences from PFLlib:
   step). ``client_update`` returns the personal track's mean loss as the ``personal_loss``
   metric; the engine's round ``local_loss`` is the global track's.
 - The personal model's optimizer state is not kept across rounds (plain SGD has none).
+- Models with BatchNorm or dropout train in training mode, and each client keeps two sets of
+  running statistics, as PFLlib's two module copies do: its personal model's (inside
+  ``client_state['params']``, used by the personalized evaluation) and those of its copy of the
+  global model (``client_state['model_state']``, used by the global evaluation and updated by
+  the global track); the proximal term covers the parameters only.
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ import jax
 
 from fedjax_lib.algorithms.base import check_int, check_number, stack_clients
 from fedjax_lib.algorithms.fedavg import FedAvg
-from fedjax_lib.algorithms.fedprox import with_proximal_term
+from fedjax_lib.algorithms.fedprox import proximal_term, with_proximal_term
 from fedjax_lib.algorithms.registry import register
-from fedjax_lib.core.local import train_locally
+from fedjax_lib.core.local import cross_entropy_objective, train_locally, train_model
+from fedjax_lib.models.base import has_train_mode
 
 # fold_in tag of the personal-model training stream (the global track uses the key as is).
 PERSONAL_STREAM = 0xD1770
@@ -69,23 +75,35 @@ class Ditto(FedAvg):
     check_number(self.name, "mu", self.mu)
     check_int(self.name, "plocal_epochs", self.plocal_epochs, 1)
 
+  TRAIN_MODE = True
+
   def init(self, key, sample_x, num_clients):
     params = self.init_params(key, sample_x)
-    return {"params": params}, {"params": stack_clients(params, num_clients)}
+    server, clients = super().init(key, sample_x, num_clients)  # FedAvg's global track
+    return server, {"params": stack_clients(params, num_clients), **clients}
 
   def personal_spec(self):
     """The local-training spec of the personal model: ``plocal_epochs`` epochs."""
     return dataclasses.replace(self.local, local_epochs=self.plocal_epochs)
 
   def client_update(self, server_state, client_state, data, key):
-    personal_loss = with_proximal_term(self.ce_loss, self.mu, server_state["params"])
-    personal, _, personal_stats = train_locally(
-        client_state["params"], data, jax.random.fold_in(key, PERSONAL_STREAM),
-        self.personal_spec(), personal_loss)
+    personal_key = jax.random.fold_in(key, PERSONAL_STREAM)
+    if has_train_mode(self.model):
+      anchor = server_state["params"]["params"]
+      personal, _, personal_stats = train_model(
+          self.model, client_state["params"], data, personal_key, self.personal_spec(),
+          cross_entropy_objective, penalty=lambda p: self.mu * proximal_term(p, anchor))
+    else:
+      personal_loss = with_proximal_term(self.ce_loss, self.mu, server_state["params"])
+      personal, _, personal_stats = train_locally(
+          client_state["params"], data, personal_key, self.personal_spec(), personal_loss)
     # The global track is FedAvg's client update, with the unchanged key.
-    _, params, stats = super().client_update(server_state, client_state, data, key)
+    global_state, params, stats = super().client_update(server_state, client_state, data, key)
     metrics = dict(stats, personal_loss=personal_stats["loss"])
-    return {"params": personal}, params, metrics
+    state = {"params": personal}
+    if "model_state" in global_state:  # the global track's running statistics
+      state["model_state"] = global_state["model_state"]
+    return state, params, metrics
 
   def predict(self, server_state, client_state, x):
     """The personal model's logits (the personalized evaluation)."""
@@ -98,6 +116,6 @@ class Ditto(FedAvg):
             "global": functools.partial(self.predict_global, server_state, client_state)}
 
   def predict_global(self, server_state, client_state, x):
-    """The global model's logits (PFLlib's ``evaluate`` of Ditto)."""
-    del client_state
-    return self.model.apply(server_state["params"], x)
+    """The global model's logits (PFLlib's ``evaluate`` of Ditto; with BatchNorm, the
+    client's running statistics of its global-track copy)."""
+    return self.model.apply(self.variables(server_state, client_state), x)
