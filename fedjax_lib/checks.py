@@ -38,6 +38,7 @@ from fedjax_lib import privacy as privacy_lib
 from fedjax_lib.algorithms.base import SettingsContext
 from fedjax_lib.config import Config
 from fedjax_lib.data.loading import is_folder_path
+from fedjax_lib.data.quantized import QuantizedImages
 from fedjax_lib.errors import ConfigError
 
 # Partition settings and the schemes that read them (`fedjax_lib.data.partition`).
@@ -69,6 +70,7 @@ def check_settings(config: Config, data, num_clients: int, algorithm,
               + _new_clients(config, data, num_clients, algorithm)
               + _ignored(config, algorithm)
               + _feature_dim(config, data, models)
+              + _vocabulary(config, data, models)
               + privacy_lib.check(config, np.asarray(data.train_count[:num_clients]),
                                   algorithm, models, sample_x)
               + dlg_lib.check(config, data, algorithm, models)
@@ -242,6 +244,24 @@ def _feature_dim(config: Config, data, models: dict) -> list[str]:
                  f"head parameters (and scales the head's effective learning rate); use "
                  f"feature_dim <= {width}")
   return out
+
+
+def _vocabulary(config: Config, data, models: dict) -> list[str]:
+  """Refuses token ids at or above a text model's vocabulary (``-vs``): they would look up
+  NaN embeddings (`fedjax_lib.models.text`) and stop the run at its first update."""
+  vocabularies = {arch: getattr(model.base, "vocab_size", None) for arch, model in models.items()}
+  vocabularies = {arch: v for arch, v in vocabularies.items() if v is not None}
+  if not vocabularies or isinstance(data.x, QuantizedImages) or not len(data.x):
+    return []
+  top = int(np.max(np.asarray(data.x)))
+  for arch, vocab in vocabularies.items():
+    if top >= vocab:
+      given = f"-vs {config.vocab_size}" if config.vocab_size else "the default -vs"
+      raise ConfigError(
+          f"the data holds token ids up to {top}, but model {arch!r} has a vocabulary of "
+          f"{vocab} ({given}); use -vs {top + 1} or more (PFLlib: -vs 32000 for AG News and "
+          "Sogou News, 80 for Shakespeare)")
+  return []
 
 
 def _algorithm(config: Config, data, num_clients: int, algorithm, models: dict) -> list[str]:

@@ -179,11 +179,11 @@ def test_write_is_atomic(tmp_path, digits_data, monkeypatch):
   calls = []
   original = pfllib_format._save_client
 
-  def failing_save(path, x, y):
+  def failing_save(path, *args):
     calls.append(path)
     if len(calls) == 5:
       raise KeyboardInterrupt  # an interrupted write
-    original(path, x, y)
+    original(path, *args)
 
   monkeypatch.setattr(pfllib_format, "_save_client", failing_save)
   folder = os.path.join(str(tmp_path), "Digits")
@@ -416,12 +416,146 @@ def test_inconsistent_sample_shapes(tmp_path):
   assert path in message
 
 
-def test_text_datasets_are_rejected_clearly(tmp_path):
+# ---------------------------------------------------------------- text
+
+
+def _text_pairs(ids, as_list=False, lengths=None):
+  """PFLlib's text ``x``: (token list, length) pairs, as an ``[N, 2]`` object array (what
+  ``np.array(pairs, dtype=object)`` in generate_AGNews.py makes) or a plain list."""
+  lengths = [len(row) for row in ids] if lengths is None else lengths
+  pairs = [(list(row), n) for row, n in zip(ids, lengths)]
+  return pairs if as_list else np.array(pairs, dtype=object)
+
+
+def _assert_same_clients(got, want):
+  assert got.num_clients == want.num_clients
+  for client in range(want.num_clients):
+    for split in ("train", "test"):
+      for g, w in zip(got.client_arrays(client, split), want.client_arrays(client, split)):
+        np.testing.assert_array_equal(g, w)
+
+
+def _text_folder(root, ids_per_client, labels_per_client, **kwargs):
+  folder = os.path.join(str(root), "SogouNews")
+  for client, (ids, y) in enumerate(zip(ids_per_client, labels_per_client)):
+    for split in ("train", "test"):
+      _save(os.path.join(folder, split, f"{client}.npz"), _text_pairs(ids, **kwargs), y)
+  return folder
+
+
+@pytest.mark.parametrize("as_list", [False, True])
+def test_reads_pfllib_text_pairs_as_exact_token_ids(tmp_path, as_list):
+  rng = np.random.default_rng(0)
+  ids = [rng.integers(0, 2 ** 24, (5, 7)), rng.integers(0, 100, (3, 7))]
+  ids[0][0, :3] = [1, 2 ** 24 - 1, 0]  # <cls>, the largest exact id, padding
+  labels = [np.array([0, 1, 2, 3, 4]), np.array([4, 0, 1])]
+  data = read_pfllib_folder(_text_folder(tmp_path, ids, labels, as_list=as_list))
+  assert data.sample_shape == (7,) and data.num_classes == 5 and data.x.dtype == np.float32
+  for client in range(2):
+    got_x, got_y = data.client_arrays(client, "test")
+    np.testing.assert_array_equal(got_x.astype(np.int64), ids[client])  # float32, exact
+    np.testing.assert_array_equal(got_y, labels[client])
+
+
+def test_reads_one_dimensional_object_arrays_of_pairs(tmp_path):
+  folder = _make_folder(tmp_path, sample_shape=(4,))
+  x = np.empty(6, dtype=object)  # pairs kept as tuples in a 1-D object array
+  for i in range(6):
+    x[i] = ([i, i + 1, 0, 0], 4)
+  _save(os.path.join(folder, "train", "0.npz"), x, np.zeros(6, np.int64))
+  np.testing.assert_array_equal(read_pfllib_folder(folder).client_arrays(0)[0],
+                                [[i, i + 1, 0, 0] for i in range(6)])
+
+
+def test_text_round_trip_writes_what_pfllib_reads(tmp_path):
+  rng = np.random.default_rng(1)
+  x = rng.integers(0, 32000, (40, 200)).astype(np.float32)
+  y = rng.integers(0, 4, 40)
+  data = build_federated("ag_news", x, y, 4, 4, "iid", 0, balance=True)
+  folder = os.path.join(str(tmp_path), "AGNews")
+  write_pfllib_folder(data, folder)  # ag_news: PFLlib's text pairs
+  with open(os.path.join(folder, "train", "1.npz"), "rb") as f:
+    stored = np.load(f, allow_pickle=True)["data"].tolist()
+  assert stored["x"].dtype == object and stored["x"].shape[1] == 2
+  tokens, lengths = list(zip(*stored["x"]))  # PFLlib's read_client_data_text
+  assert all(isinstance(t, list) for t in tokens) and set(lengths) == {200}
+  want_x, want_y = data.client_arrays(1)
+  np.testing.assert_array_equal(np.array(tokens, dtype=np.int64), want_x)
+  assert stored["y"].dtype == np.int64
+  np.testing.assert_array_equal(stored["y"], want_y)
+  _assert_same_clients(read_pfllib_folder(folder), data)
+
+
+def test_shakespeare_style_int_ids_round_trip(tmp_path):
+  rng = np.random.default_rng(2)
+  x = rng.integers(0, 80, (30, 80)).astype(np.float32)
+  rows = np.arange(30).reshape(3, 10)
+  data = FederatedData.from_client_indices("shakespeare", x, rng.integers(0, 80, 30),
+                                           [r[:7] for r in rows], [r[7:] for r in rows], 80)
+  folder = os.path.join(str(tmp_path), "Shakespeare")
+  write_pfllib_folder(data, folder)  # shakespeare: int64 [N, 80]
+  with open(os.path.join(folder, "test", "0.npz"), "rb") as f:
+    stored = np.load(f, allow_pickle=True)["data"].tolist()
+  assert stored["x"].dtype == np.int64 and stored["x"].shape[1:] == (80,)
+  os.remove(os.path.join(folder, "config.json"))  # PFLlib's Shakespeare has none
+  _assert_same_clients(read_pfllib_folder(folder, num_classes=80), data)
+
+
+def test_write_x_format_can_be_chosen_and_is_checked(tmp_path, digits_data):
+  rng = np.random.default_rng(3)
+  ids = build_federated("tokens", rng.integers(0, 50, (20, 6)).astype(np.float32),
+                        rng.integers(0, 2, 20), 2, 2, "iid", 0)
+  folder = os.path.join(str(tmp_path), "pairs")
+  write_pfllib_folder(ids, folder, x_format="token_pairs")
+  _assert_same_clients(read_pfllib_folder(folder), ids)
+  _assert_one_line_error(r"x_format='text'; choose one of float32, token_pairs, token_ids",
+                         write_pfllib_folder, ids, os.path.join(str(tmp_path), "a"),
+                         x_format="text")
+  _assert_one_line_error(r"x_format='token_ids', dataset 'digits', train client 0: token ids "
+                         r"must be a numeric \[N, max_len\] array, got shape "
+                         r"\(\d+, 28, 28, 1\)", write_pfllib_folder, digits_data,
+                         os.path.join(str(tmp_path), "b"), x_format="token_ids")
+  _assert_one_line_error(r"token ids must be integers", write_pfllib_folder,
+                         build_federated("f", rng.normal(size=(20, 3)).astype(np.float32),
+                                         rng.integers(0, 2, 20), 2, 2, "iid", 0),
+                         os.path.join(str(tmp_path), "c"), x_format="token_pairs")
+  assert not os.path.exists(os.path.join(str(tmp_path), "b"))
+
+
+BAD_TEXT = [
+    # (ids of the two samples, stored lengths, expected message)
+    ([[1, 2, 3], [4, 5]], None, r"text sequences have different lengths \(sample 0 has 3 "
+     r"tokens, sample 1 has 2\); PFLlib pads or cuts every sequence to max_len"),
+    ([[1, 2, 3], [4, -5, 6]], None, r"negative token id -5 in sample 1; token ids must be >= 0"),
+    ([[1, 2.5, 3], [4, 5, 6]], None, r"token ids must be integers, sample 0 has 2\.5"),
+    ([[1, 2, 3], [4, 5, 2 ** 24]], None, r"token id 16777216 is above 16777215"),
+    ([[1, 2, 3], [4, 5, 6]], [3, 4], r"stored text lengths must be integers in \[0, 3\]"),
+    ([[1, 2, 3], [4, 5, 6]], [3, "3"], r"stored text lengths must be integers"),
+    ([[1, 2, 3], ["a", "b", "c"]], None, r"token ids must be a numeric"),
+]
+
+
+@pytest.mark.parametrize("ids, lengths, pattern", BAD_TEXT,
+                         ids=["ragged", "negative", "fractional", "too-large", "length",
+                              "length-type", "strings"])
+def test_bad_text_files_are_one_line_errors(tmp_path, ids, lengths, pattern):
+  folder = _make_folder(tmp_path, sample_shape=(3,))
+  path = os.path.join(folder, "train", "1.npz")
+  _save(path, _text_pairs(ids, lengths=lengths, as_list=True), np.array([0, 1]))
+  assert path in _assert_one_line_error(pattern, read_pfllib_folder, folder)
+
+
+def test_object_x_that_is_not_text_pairs(tmp_path):
   folder = _make_folder(tmp_path)
+  path = os.path.join(folder, "train", "0.npz")
   x = np.empty(2, dtype=object)
-  x[0], x[1] = ([1, 2, 3], 3), ([4, 5], 2)
-  _save(os.path.join(folder, "train", "0.npz"), x, np.array([0, 1]))
-  _assert_one_line_error(r"x has dtype object \(a text dataset\?\)", read_pfllib_folder, folder)
+  x[0], x[1] = {"a": 1}, {"b": 2}
+  _save(path, x, np.array([0, 1]))
+  _assert_one_line_error(r"x is neither a numeric array nor PFLlib's text format",
+                         read_pfllib_folder, folder)
+  _save(path, np.array([(5, 1), (6, 1)], dtype=object), np.array([0, 1]))
+  _assert_one_line_error(r"x holds pairs whose first item is not a list of token ids",
+                         read_pfllib_folder, folder)
 
 
 def test_federated_data_round_trip_is_a_federated_data(tmp_path):

@@ -3,7 +3,9 @@
 A name is looked up in `registry` and routed by its kind: centralised datasets (bundled,
 synthetic, tfds images, tfds text) are partitioned with `build_federated`; feature-shift and
 natural-split datasets come already split into clients (`feature_shift`); PFLlib datasets
-tfds lacks raise a `DataError` naming the PFLlib script whose folder to pass instead.
+tfds lacks are read from PFLlib's folder where one is found (`find_pfllib_folder`: PFLlib's
+own ``../dataset/<Folder>``, as seen from its ``system/`` directory), else raise a
+`DataError` naming the PFLlib script that generates it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from fedjax_lib.data import tfds_arrays
 from fedjax_lib.data.federated import FederatedData
 from fedjax_lib.data.partition import build_federated
 from fedjax_lib.data.partition import DEFAULT_MAX_RETRIES
+from fedjax_lib.data.pfllib_format import CONFIG_FILE
 from fedjax_lib.data.pfllib_format import read_pfllib_folder
 from fedjax_lib.errors import DataError
 
@@ -31,14 +34,32 @@ def is_folder_path(dataset: str) -> bool:
 
 def default_num_clients(dataset: str) -> int | None:
   """The client count a run uses when none is given: ``None`` ("as many as the data has")
-  for a PFLlib folder, a feature-shift dataset (one client per domain) or a natural split
-  (Omniglot: 20); `DEFAULT_NUM_CLIENTS` (20) for a centralised dataset."""
+  for a PFLlib folder (a path, or a ``pfllib-folder`` name), a feature-shift dataset (one
+  client per domain) or a natural split (Omniglot: 20); `DEFAULT_NUM_CLIENTS` (20) for a
+  centralised dataset."""
   if is_folder_path(dataset):
     return None
   spec = registry.resolve(dataset)
-  if spec is not None and spec.kind in ("domains", "natural"):
+  if spec is not None and spec.kind in ("domains", "natural", "pfllib-folder"):
     return None
   return DEFAULT_NUM_CLIENTS
+
+
+def pfllib_folder_candidates(spec: registry.DatasetSpec,
+                             data_dir: str | None = None) -> list[str]:
+  """Where `load_federated` looks for a ``pfllib-folder`` dataset's folder, in order:
+  ``<data_dir>/<Folder>`` (when ``data_dir`` is given), then PFLlib's own
+  ``../dataset/<Folder>`` relative to the current directory (PFLlib runs from its
+  ``system/`` directory). ``<Folder>`` is the spec's ``pfllib_folder`` (``HAR``,
+  ``TinyImagenet`` ...)."""
+  candidates = [os.path.join(data_dir, spec.pfllib_folder)] if data_dir else []
+  return candidates + [os.path.join(os.pardir, "dataset", spec.pfllib_folder)]
+
+
+def find_pfllib_folder(spec: registry.DatasetSpec, data_dir: str | None = None) -> str | None:
+  """The first of `pfllib_folder_candidates` that is a directory, or ``None``."""
+  return next((path for path in pfllib_folder_candidates(spec, data_dir)
+               if os.path.isdir(path)), None)
 
 
 def unknown_dataset_error(dataset: str) -> DataError:
@@ -67,6 +88,11 @@ def load_federated(dataset: str, *, num_clients: int | None = None,
     domain (``num_clients=None``) or ``k`` IID shares per domain (``num_clients = k · D``);
     a natural split (``omniglot``) its 20 drawers. The partition arguments other than
     ``train_ratio``, ``seed`` and ``pfllib_rng`` do not apply to them.
+  * A name only PFLlib's generators make (`registry` kind ``pfllib-folder``: ``har``,
+    ``femnist``, ``shakespeare``, ``tiny_imagenet`` ...) is read from its PFLlib folder,
+    ``<data_dir>/<Folder>`` or, as PFLlib's ``system/main.py`` does, ``../dataset/<Folder>``
+    (`find_pfllib_folder`); without a config.json (Shakespeare) ``num_classes`` defaults
+    to the registry's count (80) rather than the largest label + 1.
 
   Args:
     dataset: built-in name or folder path.
@@ -85,14 +111,15 @@ def load_federated(dataset: str, *, num_clients: int | None = None,
     rebalance: move samples to clients below the minimum size instead of failing (see
       `partition.rebalance_pools`).
     data_dir: tfds data directory, also where converted arrays are cached (``None``:
-      ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``).
+      ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``); also searched for PFLlib folders.
 
   Returns:
     The `FederatedData`.
 
   Raises:
-    DataError: unknown name, bad folder, class-count mismatch; `PartitionError` for bad
-      partition settings.
+    DataError: unknown name, bad folder, a ``pfllib-folder`` name whose folder is in none
+      of the places searched, class-count mismatch; `PartitionError` for bad partition
+      settings.
   """
   if is_folder_path(dataset):
     return read_pfllib_folder(dataset, num_clients=num_clients, num_classes=num_classes)
@@ -100,8 +127,7 @@ def load_federated(dataset: str, *, num_clients: int | None = None,
   if spec is None:
     raise unknown_dataset_error(dataset)
   if not spec.available:
-    raise DataError(f"dataset {dataset!r} ({spec.source}) cannot be loaded by name: "
-                    f"{registry.folder_hint(spec)}")
+    return _read_named_folder(dataset, spec, num_clients, num_classes, data_dir)
   if spec.kind != "builtin":  # known before anything is downloaded or converted
     _check_num_classes(dataset, num_classes, spec.num_classes)
   if spec.kind in ("domains", "natural"):
@@ -126,3 +152,18 @@ def _check_num_classes(dataset: str, expected: int | None, found: int) -> None:
   if expected is not None and expected != found:
     raise DataError(f"num_classes={expected} but dataset {dataset!r} has {found} "
                     f"classes; pass {found} or leave it unset")
+
+
+def _read_named_folder(dataset: str, spec: registry.DatasetSpec, num_clients: int | None,
+                       num_classes: int | None, data_dir: str | None) -> FederatedData:
+  """A ``pfllib-folder`` dataset from the first folder `find_pfllib_folder` finds."""
+  folder = find_pfllib_folder(spec, data_dir)
+  if folder is None:
+    looked = " or ".join(repr(os.path.abspath(path))
+                         for path in pfllib_folder_candidates(spec, data_dir))
+    raise DataError(f"no PFLlib folder for dataset {dataset!r} ({spec.source}) at {looked}; "
+                    f"{registry.folder_hint(spec)}")
+  if num_classes is None and not os.path.exists(os.path.join(folder, CONFIG_FILE)):
+    num_classes = spec.num_classes  # PFLlib's count, not the largest label seen + 1
+  return read_pfllib_folder(folder, num_clients=num_clients, num_classes=num_classes,
+                            name=spec.name)

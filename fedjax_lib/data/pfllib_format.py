@@ -1,18 +1,47 @@
-"""Reading and writing PFLlib's dataset folders.
+"""Reading and writing PFLlib's dataset folders, of every modality.
 
 Layout (PFLlib ``dataset/<Name>/``)::
 
-  config.json          optional metadata; PFLlib's runtime never reads it
+  config.json          optional metadata; PFLlib's runtime never reads it (Shakespeare has none)
   train/<id>.npz       id = 0 .. K-1
   test/<id>.npz
 
 Each ``.npz`` is written with ``np.savez_compressed(f, data={'x': x, 'y': y})``: the dict is
 stored as a pickled 0-d object array, so reading needs ``allow_pickle=True`` and ``.tolist()``.
-Images are stored normalised, float32, in PyTorch's NCHW layout; labels int64.
+A plain npz with arrays ``x`` and ``y`` is read too. Labels ``y`` are integers (PFLlib: int64).
+What ``x`` holds, and what `read_pfllib_folder` makes of it (every ``x`` ends up float32 in
+`FederatedData`):
 
-This library keeps images NHWC, so every 4-D ``x`` is transposed on the way in
-(``[N, C, H, W] → [N, H, W, C]``) and back on the way out. Other ranks (flat features
-``[N, D]``) are kept as they are.
+=======================  ====================================  ==========================
+PFLlib folders           stored ``x``                          read as (one sample)
+=======================  ====================================  ==========================
+images (MNIST, Cifar10,  float32 ``[N, C, H, W]`` (NCHW),      ``(H, W, C)`` (NHWC)
+TinyImagenet, Digit5 …)  normalised
+HAR                      float32 ``[N, 9, 1, 128]``            ``(1, 128, 9)``
+PAMAP2                   float32 ``[N, 9, 3, 256]``            ``(3, 256, 9)``
+AG News, Sogou News      ``(token_ids, length)`` pairs: an     ``(max_len,)`` token ids
+                         object array ``[N, 2]`` (or a list)
+                         of (list of max_len ints, int)
+Shakespeare              int ``[N, 80]`` character ids         ``(80,)`` ids
+AmazonReview             float32 ``[N, 5000]``                 ``(5000,)``
+=======================  ====================================  ==========================
+
+Every 4-D ``x`` is transposed ``[N, C, H, W] → [N, H, W, C]`` on the way in and back on the
+way out: images become this library's NHWC, and the sensor windows (9 channels of 1 × 128 or
+3 × 256 steps) the NHWC windows the HARCNN models (`fedjax_lib.models.sensor`) take. Other
+ranks (flat features ``[N, D]``, token ids ``[N, L]``) are kept as they are.
+
+Text pairs: PFLlib's generators store every sequence ``<cls>`` + tokens, zero-padded or cut
+to ``max_len`` (200), paired with its length measured *after* padding, so the length always
+equals ``max_len`` and carries nothing; it is dropped (the text models here read every
+position, id 0 being padding). All sequences of a file must have one length, every id must
+be an integer in ``[0, 2**24)`` (float32 holds them exactly) and every stored length an
+integer in ``[0, max_len]``; anything else is a one-line `DataError` naming the file.
+PFLlib's runtime picks its text reader by the folder's name (``"News"`` in it), this reader
+by what the file holds.
+
+`write_pfllib_folder` writes the same formats (see its ``x_format``), so a folder written
+here reads back to the same arrays, here and in PFLlib.
 
 Security: ``allow_pickle=True`` can run code embedded in a file; read only folders you trust
 (PFLlib's format needs it).
@@ -31,6 +60,7 @@ import zipfile
 
 import numpy as np
 
+from fedjax_lib.data import registry
 from fedjax_lib.data.federated import FederatedData
 from fedjax_lib.errors import DataError
 
@@ -65,15 +95,109 @@ def _from_storage_layout(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if x.ndim == 4 else x
 
 
-def _save_client(path: str, x: np.ndarray, y: np.ndarray) -> None:
+#: ``x`` layouts `write_pfllib_folder` writes (see its ``x_format``).
+X_FORMATS = ("float32", "token_pairs", "token_ids")
+#: Token ids above this are not exact in float32 (`FederatedData` keeps ``x`` float32).
+MAX_TOKEN_ID = 2 ** 24 - 1
+
+
+def default_x_format(name: str) -> str:
+  """The ``x_format`` PFLlib stores dataset ``name`` in: ``token_pairs`` for its text sets
+  (AG News, Sogou News), ``token_ids`` for Shakespeare, ``float32`` for everything else (a
+  name the registry does not know included)."""
+  spec = registry.resolve(name)
+  if spec is None or spec.modality != "text":
+    return "float32"
+  return "token_ids" if spec.name == "shakespeare" else "token_pairs"
+
+
+def _token_matrix(ids: np.ndarray, what: str) -> np.ndarray:
+  """``ids`` as ``[N, L]`` int64 token ids; a DataError naming ``what`` unless ``ids`` is 2-D
+  and every id an integer in ``[0, MAX_TOKEN_ID]``."""
+  if ids.ndim != 2 or not (np.issubdtype(ids.dtype, np.number) or ids.dtype == bool):
+    raise DataError(f"{what}: token ids must be a numeric [N, max_len] array, got shape "
+                    f"{ids.shape} and dtype {ids.dtype}")
+  if not ids.size:
+    return ids.astype(np.int64)
+  if not np.issubdtype(ids.dtype, np.integer) and not np.all(np.mod(ids, 1) == 0):
+    bad = np.flatnonzero(np.mod(ids, 1) != 0)[0] // ids.shape[1]
+    raise DataError(f"{what}: token ids must be integers, sample {bad} has "
+                    f"{ids[bad][np.mod(ids[bad], 1) != 0][0].item()!r}")
+  if ids.min() < 0:
+    bad = int(np.flatnonzero(ids.min(axis=1) < 0)[0])
+    raise DataError(f"{what}: negative token id {ids[bad].min().item()!r} in sample {bad}; token "
+                    "ids must be >= 0")
+  if ids.max() > MAX_TOKEN_ID:
+    raise DataError(f"{what}: token id {ids.max().item()!r} is above {MAX_TOKEN_ID} (float32 holds "
+                    "ids exactly only up to 2**24)")
+  return ids.astype(np.int64)
+
+
+def _text_token_ids(path: str, x: Any) -> np.ndarray:
+  """PFLlib's text ``x`` (AG News, Sogou News: a list, or an ``[N, 2]`` or ``[N]`` object
+  array, of ``(token ids, length)`` pairs) as ``[N, max_len]`` int64 ids; the lengths are
+  checked to lie in ``[0, max_len]`` and dropped."""
+  if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[1] == 2:
+    tokens, lengths = list(x[:, 0]), list(x[:, 1])
+  else:
+    try:
+      items = list(x)
+      if not all(len(item) == 2 for item in items):
+        raise TypeError("not pairs")
+    except TypeError as e:
+      raise DataError(f"{path!r}: x is neither a numeric array nor PFLlib's text format (a "
+                      "list of (token ids, length) pairs)") from e
+    tokens, lengths = [item[0] for item in items], [item[1] for item in items]
+  if not tokens:
+    return np.zeros((0, 0), np.int64)
+  try:
+    sizes = [len(t) for t in tokens]
+  except TypeError as e:
+    raise DataError(f"{path!r}: x holds pairs whose first item is not a list of token ids; "
+                    "PFLlib's text format is (token ids, length) pairs") from e
+  ragged = next((i for i, n in enumerate(sizes) if n != sizes[0]), None)
+  if ragged is not None:
+    raise DataError(f"{path!r}: text sequences have different lengths (sample 0 has "
+                    f"{sizes[0]} tokens, sample {ragged} has {sizes[ragged]}); PFLlib pads or "
+                    "cuts every sequence to max_len")
+  try:
+    ids = np.array(tokens)
+  except ValueError as e:
+    raise DataError(f"{path!r}: token lists must be flat lists of integer ids") from e
+  ids = _token_matrix(ids, repr(path))
+  lengths = np.asarray(lengths)
+  max_len = ids.shape[1]
+  if (lengths.ndim != 1 or not np.issubdtype(lengths.dtype, np.number)
+      or not np.all(np.mod(lengths, 1) == 0) or lengths.min() < 0 or lengths.max() > max_len):
+    raise DataError(f"{path!r}: the stored text lengths must be integers in [0, {max_len}] "
+                    "(the second item of each (token ids, length) pair)")
+  return ids
+
+
+def _to_pairs(ids: np.ndarray) -> np.ndarray:
+  """PFLlib's text ``x``: an ``[N, 2]`` object array of (list of ids, length), as its
+  generators' ``np.array([(text, len(text)), ...], dtype=object)`` makes it."""
+  pairs = np.empty((ids.shape[0], 2), dtype=object)
+  for i, row in enumerate(ids):
+    pairs[i, 0], pairs[i, 1] = row.tolist(), int(ids.shape[1])
+  return pairs
+
+
+def _save_client(path: str, x: np.ndarray, y: np.ndarray, x_format: str, what: str) -> None:
+  """Writes one client file; ``what`` names the client in errors."""
+  if x_format == "token_pairs":
+    stored = _to_pairs(_token_matrix(x, what))
+  elif x_format == "token_ids":
+    stored = _token_matrix(x, what)
+  else:
+    stored = _to_storage_layout(x).astype(np.float32)
   with open(path, "wb") as f:
-    np.savez_compressed(f, data={"x": _to_storage_layout(x).astype(np.float32),
-                                 "y": y.astype(np.int64)})
+    np.savez_compressed(f, data={"x": stored, "y": y.astype(np.int64)})
 
 
 def write_pfllib_folder(data: FederatedData, folder: str | os.PathLike, *,
                         partition_meta: dict[str, Any] | None = None,
-                        overwrite: bool = False) -> None:
+                        overwrite: bool = False, x_format: str | None = None) -> None:
   """Writes ``data`` as a PFLlib dataset folder (config.json, train/<id>.npz, test/<id>.npz).
 
   The folder is first written next to the target under a temporary name and then renamed,
@@ -84,16 +208,36 @@ def write_pfllib_folder(data: FederatedData, folder: str | os.PathLike, *,
   train and test samples, labels it holds only), ``alpha`` and ``batch_size``, the fields
   PFLlib's generator writes; extra ``partition_meta`` keys are written after them.
 
+  ``x`` is stored as PFLlib stores the dataset (``x_format``):
+
+  * ``"float32"``: float32, 4-D arrays transposed to NCHW (images, sensor windows), others as
+    they are (tabular features);
+  * ``"token_pairs"``: AG News / Sogou News: an ``[N, 2]`` object array of (list of the
+    ``max_len`` token ids, ``max_len``), what PFLlib's text reader unzips;
+  * ``"token_ids"``: Shakespeare: an int64 ``[N, max_len]`` array.
+
+  Either way `read_pfllib_folder` gives back the same arrays. PFLlib's runtime reads text
+  pairs only from folders whose name contains ``"News"`` (and int ids only from names with
+  ``"Shakespeare"``): name the folder accordingly to use it there.
+
   Args:
     data: the federated dataset.
     folder: target folder; must not exist unless ``overwrite``.
     partition_meta: ``non_iid``, ``balance``, ``partition``, ``alpha``, ``batch_size`` (see
       `partition_meta`); missing fields are written as null.
     overwrite: replace an existing folder.
+    x_format: ``"float32"``, ``"token_pairs"`` or ``"token_ids"`` (see above); ``None``: the
+      format PFLlib uses for ``data.name`` (`default_x_format`: ``token_pairs`` for AG News
+      and Sogou News, ``token_ids`` for Shakespeare, else ``float32``).
 
   Raises:
-    DataError: the target exists and ``overwrite`` is false, or its parent does not exist.
+    DataError: the target exists and ``overwrite`` is false, its parent does not exist, an
+      unknown ``x_format``, or a token format for ``x`` that is not ``[N, L]`` integer ids
+      in ``[0, 2**24)``.
   """
+  x_format = default_x_format(data.name) if x_format is None else x_format
+  if x_format not in X_FORMATS:
+    raise DataError(f"x_format={x_format!r}; choose one of {', '.join(X_FORMATS)}")
   folder = os.path.abspath(os.fspath(folder))
   parent = os.path.dirname(folder)
   if os.path.exists(folder) and not overwrite:
@@ -122,7 +266,8 @@ def write_pfllib_folder(data: FederatedData, folder: str | os.PathLike, *,
       os.mkdir(os.path.join(staging, split))
       for client in range(data.num_clients):
         x, y = data.client_arrays(client, split)
-        _save_client(os.path.join(staging, split, f"{client}.npz"), x, y)
+        _save_client(os.path.join(staging, split, f"{client}.npz"), x, y, x_format,
+                     f"x_format={x_format!r}, dataset {data.name!r}, {split} client {client}")
     with open(os.path.join(staging, CONFIG_FILE), "w") as f:
       json.dump(config, f)
     if os.path.exists(folder):  # overwrite: move the old folder aside, then swap
@@ -184,10 +329,15 @@ def _load_client(path: str) -> tuple[np.ndarray, np.ndarray]:
             TypeError, AttributeError, ImportError) as e:  # a corrupt member
       raise DataError(f"{path!r} is not a valid .npz file: {type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''}") from e
-  x, y = np.asarray(x), np.asarray(y)
-  if x.dtype == object:
-    raise DataError(f"{path!r}: x has dtype object (a text dataset?); only numeric arrays are "
-                    "supported")
+  if isinstance(x, (list, tuple)):  # a list of rows, or PFLlib's list of text pairs
+    try:
+      rows = np.asarray(x)
+    except ValueError:  # ragged: (token list, length) pairs
+      rows = None
+    x = x if rows is None else rows
+  if not isinstance(x, np.ndarray) or x.dtype == object:
+    x = _text_token_ids(path, x)
+  y = np.asarray(y)
   if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
     raise DataError(f"{path!r}: x has non-numeric dtype {x.dtype}")
   if y.ndim != 1:
@@ -229,7 +379,8 @@ def read_pfllib_folder(folder: str | os.PathLike, *, num_clients: int | None = N
 
   Clients are the files ``train/0.npz .. train/{K-1}.npz`` (ids must be consecutive from 0),
   each with a matching ``test/<id>.npz``. The flat ``x`` holds every client's train samples
-  (clients in order) followed by every client's test samples. 4-D NCHW arrays become NHWC.
+  (clients in order) followed by every client's test samples. 4-D NCHW arrays become NHWC,
+  PFLlib's text pairs ``[N, max_len]`` token ids (see the module docstring for each modality).
 
   ``num_classes`` is, in order: the argument, config.json's value, ``max label + 1``. A
   config.json is optional, but when present its ``num_clients``/``num_classes`` must agree with

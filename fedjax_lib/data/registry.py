@@ -12,8 +12,9 @@ ignored, and PFLlib's folder names are aliases: ``FashionMNIST``, ``Cifar10``,
                    (`feature_shift.load_feature_shift`)
 ``natural``        a natural split: clients from a property of the samples (Omniglot's
                    drawers; `feature_shift.load_natural`)
-``pfllib-folder``  PFLlib/HtFLlib datasets that tfds does not have: the error says which
-                   PFLlib script generates the folder to pass instead
+``pfllib-folder``  PFLlib/HtFLlib datasets that tfds does not have: read from PFLlib's
+                   folder ``../dataset/<pfllib_folder>`` (or ``<data_dir>/...``) when it
+                   exists, else the error says which PFLlib script generates it
 =================  ==========================================================================
 
 The preprocessing follows PFLlib's ``dataset/generate_*.py`` (see `images` for resizing and
@@ -65,8 +66,9 @@ class DatasetSpec:
     name: the canonical name (lower case).
     kind: ``builtin``, ``tfds``, ``text``, ``domains``, ``natural`` or ``pfllib-folder``.
     modality: ``image``, ``text``, ``sensor`` or ``tabular``.
-    shape: one sample's shape after preprocessing (NHWC images: ``(H, W, C)``; text:
-      ``(max_len,)`` token ids); ``None`` where unknown.
+    shape: one sample's shape after preprocessing (NHWC images: ``(H, W, C)``; sensor
+      windows NHWC too, PFLlib's 9×1×128 read as ``(1, 128, 9)``; text: ``(max_len,)``
+      token ids); ``None`` where unknown.
     num_classes: number of classes.
     scenario: `LABEL_SKEW`, `FEATURE_SHIFT` or `NATURAL`.
     source: where the data come from, in words.
@@ -114,7 +116,9 @@ class DatasetSpec:
 
   @property
   def available(self) -> bool:
-    """Whether this library can load it by name (not only from a PFLlib folder)."""
+    """Whether this library can make it by itself (``pfllib-folder`` datasets need the folder
+    PFLlib's generator writes; `loading.load_federated` finds it by name in the usual
+    places)."""
     return self.kind != "pfllib-folder"
 
   @property
@@ -287,12 +291,13 @@ def _specs() -> list[DatasetSpec]:
       DatasetSpec("sogou_news", modality="text", shape=(200,), num_classes=5,
                   scenario=LABEL_SKEW, source="PFLlib folder (not in tfds)",
                   pfllib_command="python generate_SogouNews.py noniid - dir",
-                  pfllib_folder="SogouNews", aliases=("sogounews",),
+                  pfllib_folder="SogouNews", aliases=("sogounews",), vocab_size=32000,
                   missing_from_tfds=("sogou_news",), **folder),
       DatasetSpec("shakespeare", modality="text", shape=(80,), num_classes=80,
                   scenario=NATURAL, source="PFLlib folder (LEAF; not in tfds)",
                   pfllib_command="python generate_Shakespeare.py",
-                  pfllib_folder="Shakespeare", missing_from_tfds=("shakespeare",), **folder),
+                  pfllib_folder="Shakespeare", missing_from_tfds=("shakespeare",),
+                  vocab_size=80, **folder),
       DatasetSpec("covidx", modality="image", shape=(64, 64, 3), num_classes=2,
                   scenario=LABEL_SKEW, source="PFLlib folder (Kaggle; not in tfds)",
                   pfllib_command="python generate_COVIDx.py noniid - dir",
@@ -309,11 +314,11 @@ def _specs() -> list[DatasetSpec]:
                   scenario=NATURAL, source="PFLlib folder (WILDS; not in tfds)",
                   pfllib_command="python generate_iWildCam.py", pfllib_folder="iWildCam",
                   missing_from_tfds=("iwildcam", "wilds"), **folder),
-      DatasetSpec("har", modality="sensor", shape=(9, 1, 128), num_classes=6,
+      DatasetSpec("har", modality="sensor", shape=(1, 128, 9), num_classes=6,
                   scenario=NATURAL, source="PFLlib folder (UCI HAR; not in tfds)",
                   pfllib_command="python generate_HAR.py", pfllib_folder="HAR",
                   missing_from_tfds=("har", "uci_har"), **folder),
-      DatasetSpec("pamap2", modality="sensor", shape=None, num_classes=12,
+      DatasetSpec("pamap2", modality="sensor", shape=(3, 256, 9), num_classes=12,
                   scenario=NATURAL, source="PFLlib folder (not in tfds)",
                   pfllib_command="python generate_PAMAP2.py", pfllib_folder="PAMAP2",
                   missing_from_tfds=("pamap2",), **folder),
@@ -367,8 +372,9 @@ def names(available_only: bool = True) -> list[str]:
 
 def folder_hint(spec: DatasetSpec) -> str:
   """How to get a ``pfllib-folder`` dataset: the PFLlib command and the path to pass."""
-  return (f"generate it with PFLlib (in PFLlib's dataset/ folder run `{spec.pfllib_command}`) "
-          f"and pass the folder: -data /path/to/PFLlib/dataset/{spec.pfllib_folder}")
+  return (f"generate it with PFLlib (in PFLlib's dataset/ folder run `{spec.pfllib_command}`), "
+          "then run from PFLlib's system/ folder or pass the folder: "
+          f"-data /path/to/PFLlib/dataset/{spec.pfllib_folder}")
 
 
 # ------------------------------------------------------------------ listing
@@ -436,5 +442,6 @@ def format_table(rows: list[dict], data_dir: Optional[str] = None) -> str:
   lines += [line(cell) for cell in cells]
   lines.append("")
   lines.append(f"cache: {cache.resolve_data_dir(data_dir)}/{cache.CACHE_FOLDER}  "
-               "(source 'PFLlib folder': pass the generated folder's path as -data)")
+               "(source 'PFLlib folder': -data NAME reads ../dataset/<Folder>, or pass the "
+               "generated folder's path as -data)")
   return "\n".join(lines)
