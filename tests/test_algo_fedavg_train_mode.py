@@ -14,11 +14,9 @@ from fedjax_lib.core import engine as engine_lib
 from fedjax_lib.core import rng
 from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.models import BaseHeadModel, TorchDense
-from fedjax_lib.runner import build
-from fedjax_lib import Config
-from tests.test_algo_fedbn_pflda_fedmtl import (N_SAMPLES, _BatchNormBase, _bn_forward,
-                                                _bn_model, _close, _f64, _perturb, _problem,
-                                                _sgd, _tree_close, _xy)
+from tests.test_algo_fedbn_pflda_fedmtl import (N_SAMPLES, _bn_forward, _bn_model, _close,
+                                                _f64, _perturb, _problem, _sgd, _tree_close,
+                                                _xy, train_batchnorm_dnn_on_digits)
 from tests.helpers import numpy_cross_entropy as _cross_entropy
 from tests.test_conformance import _structure, assert_resume_is_exact
 from tests.test_conformance_htfl import BatchNormBase
@@ -213,17 +211,5 @@ def test_fedavg_learns_on_digits_with_batchnorm():
   (partition seed and root key), measured 2026-12-01:
   .921 / .950 / .937; with Dirichlet 0.1 label skew .432 / .425 / .314 (each client's
   statistics cover one or two classes; FedBN's test has the comparison). Bar: 0.85."""
-  config = Config(algorithm="FedAvg", model="dnn", learning_rate=0.05, global_rounds=5,
-                  partition="iid", seed=0, progress=False)
-  built = build(config)
-  data = built.data
-  model = BaseHeadModel(base=_BatchNormBase(hidden=100), head=TorchDense(data.num_classes))
-  alg = make_algorithm("FedAvg", model, built.algorithm.local)
-  eng = engine_lib.Engine(alg, engine_lib.DeviceData.from_federated(data),
-                          engine_lib.Participation(data.num_clients), executor="vmap")
-  root = rng.root_key(0)
-  server, clients = eng.init(root, data.x[0])
-  assert eng.evaluate(server, clients, root, 0)["test_acc"] < 0.3
-  for r in range(5):
-    server, clients, _ = eng.run_round(server, clients, root, r)
+  eng, server, clients, root = train_batchnorm_dnn_on_digits("FedAvg", "vmap")
   assert eng.evaluate(server, clients, root, 5)["test_acc"] > 0.85

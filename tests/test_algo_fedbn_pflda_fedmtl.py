@@ -438,6 +438,26 @@ def test_learns_on_digits(name, tmp_path):
   assert results.best_test_acc[0] > LEARNING_BARS[name], history["test_acc"]
 
 
+def train_batchnorm_dnn_on_digits(name, executor, rounds=5):
+  """``name`` on the DNN with a BatchNorm after its hidden layer, IID digits (20 clients, lr
+  0.05, seed 0), checked untrained at round 0: ``(engine, server, clients, root)`` after
+  ``rounds`` rounds."""
+  config = Config(algorithm="FedAvg", model="dnn", learning_rate=0.05, global_rounds=rounds,
+                  partition="iid", seed=0, progress=False)
+  built = build(config)
+  data = built.data
+  model = BaseHeadModel(base=_BatchNormBase(hidden=100), head=TorchDense(data.num_classes))
+  alg = make_algorithm(name, model, built.algorithm.local)
+  eng = engine_lib.Engine(alg, engine_lib.DeviceData.from_federated(data),
+                          engine_lib.Participation(data.num_clients), executor=executor)
+  root = rng.root_key(0)
+  server, clients = eng.init(root, data.x[0])
+  assert eng.evaluate(server, clients, root, 0)["test_acc"] < 0.3
+  for r in range(rounds):
+    server, clients, _ = eng.run_round(server, clients, root, r)
+  return eng, server, clients, root
+
+
 def test_fedbn_learns_on_digits_with_batchnorm():
   """FedBN on the DNN with a BatchNorm after its hidden layer (the zoo's BatchNorm models,
   ResNets, take ~10 s a round here), IID digits (20 clients, lr 0.05, 5 rounds). Accuracy
@@ -447,19 +467,7 @@ def test_fedbn_learns_on_digits_with_batchnorm():
   for the same model with its BatchNorm scale and bias averaged (running statistics local,
   what PFLlib's FedAvg does with BatchNorm), and FedAvg on the plain DNN .700 / .689 / .667.
   Bar: 0.85 after round 5."""
-  config = Config(algorithm="FedAvg", model="dnn", learning_rate=0.05, global_rounds=5,
-                  partition="iid", seed=0, progress=False)
-  built = build(config)
-  data = built.data
-  model = BaseHeadModel(base=_BatchNormBase(hidden=100), head=TorchDense(data.num_classes))
-  alg = make_algorithm("FedBN", model, built.algorithm.local)
-  eng = engine_lib.Engine(alg, engine_lib.DeviceData.from_federated(data),
-                          engine_lib.Participation(data.num_clients), executor="sequential")
-  root = rng.root_key(0)
-  server, clients = eng.init(root, data.x[0])
-  assert eng.evaluate(server, clients, root, 0)["test_acc"] < 0.3
-  for r in range(5):
-    server, clients, _ = eng.run_round(server, clients, root, r)
+  eng, server, clients, root = train_batchnorm_dnn_on_digits("FedBN", "sequential")
   (stats,) = clients.values()
   means = np.asarray(stats["model_state"]["batch_stats"]["base"]["bn"]["mean"])
   assert not np.allclose(means[0], means[1])  # running statistics per client
