@@ -1,4 +1,4 @@
-"""FedAvg (and FedProx) on models with BatchNorm or dropout: the client update against a float64 numpy
+"""FedAvg, FedProx, Ditto and SCAFFOLD on models with BatchNorm or dropout: the client update against a float64 numpy
 reference (PyTorch's training-mode BatchNorm and running-statistics rule), parameters-only
 communication with running statistics kept per client (PFLlib's FedAvg), the executors and a
 checkpoint round trip on a BatchNorm + dropout model, the CLI, and learning on digits."""
@@ -14,7 +14,7 @@ from fedjax_lib.core import engine as engine_lib
 from fedjax_lib.core import rng
 from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.models import BaseHeadModel, TorchDense
-from tests.test_algo_fedbn_pflda_fedmtl import (N_SAMPLES, _bn_forward, _bn_model, _close,
+from tests.test_algo_fedbn_pflda_fedmtl import (LR, N_SAMPLES, _bn_forward, _bn_model, _close,
                                                 _f64, _perturb, _problem, _sgd, _tree_close,
                                                 _xy, train_batchnorm_dnn_on_digits)
 from tests.helpers import numpy_cross_entropy as _cross_entropy
@@ -38,16 +38,25 @@ def _proximal(p, anchor):
   return 0.5 * sum(np.sum((p[k][n] - anchor[k][n]) ** 2) for k in p for n in p[k])
 
 
-def _numpy_track(p, running, x, y, steps, prox=0.0, anchor=None):
-  """``steps`` training-mode SGD steps of the toy BatchNorm model on CE (+ prox·½‖p − anchor‖²)
-  with PyTorch's running-statistics update: ``(params, (mean, var))``."""
+def _numpy_track(p, running, x, y, steps, prox=0.0, anchor=None, correction=None):
+  """``steps`` training-mode SGD steps of the toy BatchNorm model on CE (+ prox·½‖p − anchor‖²;
+  + ⟨correction, p⟩, SCAFFOLD's corrected gradient) with PyTorch's running-statistics update:
+  ``(params, (mean, var))``."""
   mean, var = running
+
+  def loss(q):
+    value = _cross_entropy(_bn_forward(q, x)[0], y)
+    if prox:
+      value += prox * _proximal(q, anchor)
+    if correction is not None:
+      value += sum(np.sum(correction[k][n] * q[k][n]) for k in q for n in q[k])
+    return value
+
   for _ in range(steps):
     _, (mu, sigma2) = _bn_forward(p, x)
     mean = 0.9 * mean + 0.1 * mu
     var = 0.9 * var + 0.1 * sigma2 * N_SAMPLES / (N_SAMPLES - 1)
-    p = _sgd(lambda q: _cross_entropy(_bn_forward(q, x)[0], y)
-             + (prox * _proximal(q, anchor) if prox else 0.0), p, steps=1)
+    p = _sgd(loss, p, steps=1)
   return p, (mean, var)
 
 
@@ -87,6 +96,25 @@ def test_fedavg_trains_batchnorm_in_training_mode_like_numpy(name, prox):
   size = sum(a.size for a in jax.tree.leaves(server["params"]))
   assert float(algo.download_traffic(server).floats) == size
   assert float(algo.upload_traffic(upload).floats) == size
+
+
+def test_scaffold_corrects_batchnorm_training_like_numpy():
+  """SCAFFOLD on a BatchNorm model: controls over the parameters only, the corrected step
+  ``−lr·(g + c − c_i)``, option II's control update; statistics stay on the client."""
+  algo, data, server, client = _setup(name="SCAFFOLD")
+  assert set(client) == {"control", "model_state"}
+  assert set(server["control"]) == {"params"}  # no control for the running statistics
+  new_state, upload, _ = jax.jit(algo.client_update)(server, client, data, jax.random.key(1))
+  x, y = _xy(data)
+  start, c, ci = _flat(server["params"]), _flat(server["control"]), _flat(client["control"])
+  correction = jax.tree.map(lambda a, b: a - b, c, ci)
+  p, stats = _numpy_track(start, _stats(client["model_state"]), x, y, steps=2,
+                          correction=correction)
+  _tree_close(_stats(new_state["model_state"]), stats)
+  _tree_close(_flat({"params": upload["delta_params"]["params"]}),
+              jax.tree.map(lambda a, b: a - b, p, start))
+  new_ci = jax.tree.map(lambda a, b, s0, s1: a - b + (s0 - s1) / (2 * LR), ci, c, start, p)
+  _tree_close(_flat(new_state["control"]), new_ci)
 
 
 def test_ditto_keeps_personal_and_global_running_statistics_like_numpy():
@@ -152,7 +180,7 @@ def _running_means(clients):
   return np.asarray(group["model_state"]["batch_stats"]["base"]["bn"]["mean"])
 
 
-@pytest.mark.parametrize("name", ["FedAvg", "Ditto"])
+@pytest.mark.parametrize("name", ["FedAvg", "Ditto", "SCAFFOLD"])
 def test_conformance_on_batchnorm_and_dropout(name, tmp_path):
   """Running statistics move only for trained clients and differ between them; the executors
   agree; a checkpoint round trip is exact; new clients fine-tune with their own statistics."""

@@ -44,6 +44,9 @@ Differences from PFLlib:
 - A client that trained but dropped out keeps its new ``c_i`` (the engine keeps a dropped
   client's state, as PFLlib's clients keep theirs) while the server never adds its ``Δc``, so
   ``c`` is then no longer the mean of the ``c_i``. PFLlib does the same.
+- Models with BatchNorm or dropout train in training mode; the controls, ``Δy`` and ``Δc``
+  cover the parameters only and each client keeps its running statistics
+  (``client_state['model_state']``), as PFLlib's loops over ``model.parameters()`` do.
 - The gradient correction is a transform in front of SGD, ``−lr·(g + (c − c_i))``; PFLlib's
   optimizer computes ``−lr·((g + c) − c_i)`` (float rounding only).
 """
@@ -61,8 +64,9 @@ from fedjax_lib.algorithms.base import check_bool, check_number, check_positive
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.aggregate import arrived_sum
-from fedjax_lib.core.local import train_locally
+from fedjax_lib.core.local import cross_entropy_objective, train_locally, train_model
 from fedjax_lib.errors import ConfigError
+from fedjax_lib.models.base import has_train_mode, model_state
 
 
 class _NoState(NamedTuple):
@@ -150,13 +154,16 @@ class SCAFFOLD(FedAvg):
     check_join_ratio(self.name, self.join_ratio)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
 
+  TRAIN_MODE = True
+
   def init(self, key, sample_x, num_clients):
-    params = self.init_params(key, sample_x)
+    server, clients = super().init(key, sample_x, num_clients)  # FedAvg's: statistics apart
+    params = server["params"]
     zeros = jax.tree.map(jnp.zeros_like, params)
     server = {"params": params, "control": zeros,
               **client_counts(num_clients, self.join_ratio)}
     clients = {"control": jax.tree.map(
-        lambda a: jnp.zeros((num_clients,) + a.shape, a.dtype), params)}
+        lambda a: jnp.zeros((num_clients,) + a.shape, a.dtype), params), **clients}
     return server, clients
 
   def download(self, server_state):
@@ -165,12 +172,22 @@ class SCAFFOLD(FedAvg):
   def client_update(self, server_state, client_state, data, key):
     x, c, ci = server_state["params"], server_state["control"], client_state["control"]
     correction = jax.tree.map(lambda a, b: a - b, c, ci)
-    tx = optax.chain(control_correction(correction), optax.sgd(self.local.learning_rate))
-    y, _, stats = train_locally(x, data, key, self.local, self.ce_loss, tx=tx)
+    sgd = optax.sgd(self.local.learning_rate)
+    new_state = {}
+    if has_train_mode(self.model):  # x = {'params': ...}; statistics stay on the client
+      variables, _, stats = train_model(
+          self.model, self.variables(server_state, client_state), data, key, self.local,
+          cross_entropy_objective, tx=optax.chain(control_correction(correction["params"]), sgd))
+      y = {"params": variables["params"]}
+      if model_state(variables):
+        new_state["model_state"] = model_state(variables)
+    else:
+      tx = optax.chain(control_correction(correction), sgd)
+      y, _, stats = train_locally(x, data, key, self.local, self.ce_loss, tx=tx)
     new_ci = updated_control(ci, c, x, y, stats["steps"], self.local.learning_rate)
     upload = {"delta_params": jax.tree.map(lambda a, b: a - b, y, x),
               "delta_control": jax.tree.map(lambda a, b: a - b, new_ci, ci)}
-    return {"control": new_ci}, upload, stats
+    return {"control": new_ci, **new_state}, upload, stats
 
   def server_update(self, server_state, uploads, weights, key):
     """``x ← x + η_g·ΣΔy/|S|``, ``c ← c + ΣΔc/N`` over the uploads that arrived."""
