@@ -10,6 +10,7 @@ import pytest
 
 from fedjax_lib import cli
 from fedjax_lib.algorithms import make_algorithm
+from fedjax_lib.algorithms.base import SettingsContext
 from fedjax_lib.core import engine as engine_lib
 from fedjax_lib.core import rng
 from fedjax_lib.core.local import LocalSpec
@@ -241,3 +242,16 @@ def test_fedavg_learns_on_digits_with_batchnorm():
   statistics cover one or two classes; FedBN's test has the comparison). Bar: 0.85."""
   eng, server, clients, root = train_batchnorm_dnn_on_digits("FedAvg", "vmap")
   assert eng.evaluate(server, clients, root, 5)["test_acc"] > 0.85
+
+
+def test_new_clients_without_fine_tuning_are_warned_about_fresh_statistics():
+  spec, data, _ = _problem()
+  sample = np.asarray(data.x[0])
+  context = SettingsContext("toy-bn", sample, np.array([6, 6]), num_new_clients=2,
+                            fine_tuning_epoch_new=0)
+  (warning,) = make_algorithm("FedAvg", _bn_model(), spec).check_settings(context)
+  assert "num_new_clients=2" in warning and "BatchNorm running statistics" in warning
+  assert make_algorithm("FedProx", _bn_model(), spec).check_settings(
+      context._replace(fine_tuning_epoch_new=1)) == []
+  plain = BaseHeadModel(base=lambda x: x.reshape(x.shape[0], -1), head=TorchDense(3))
+  assert make_algorithm("FedAvg", plain, spec).check_settings(context) == []

@@ -19,7 +19,8 @@ The subclasses (MOON, SCAFFOLD ...) do not inherit this: each declares its own s
 
 import dataclasses
 
-from fedjax_lib.algorithms.base import Algorithm, linear_server, stack_clients
+from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, abstract_variables,
+                                        linear_server, stack_clients, untrained_new_clients)
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.aggregate import weighted_average
 from fedjax_lib.core.local import cross_entropy_objective, train_locally, train_model
@@ -75,6 +76,14 @@ class FedAvg(Algorithm):
 
   def predict(self, server_state, client_state, x):
     return self.model.apply(self.variables(server_state, client_state), x)
+
+  def check_settings(self, context: SettingsContext) -> list[str]:
+    """Warns when new clients would test the global parameters with the freshly initialised
+    running statistics of a BatchNorm model (they are kept per client, never sent)."""
+    if not model_state(abstract_variables(self.model, context.sample_x)):
+      return []
+    return untrained_new_clients(self.name, "copy of the BatchNorm running statistics (mean 0, "
+                                 "variance 1; they are never sent)", context)
 
   def new_client_variables(self, server_state, client_state):
     """A new client fine-tunes a copy of the global model (with its own running statistics)."""
