@@ -167,6 +167,16 @@ def pfllib_checkout(root, folder_name, make_split, num_classes, **kwargs):
 LEARN = ["-algo", "FedAvg", "-gr", "10", "-ls", "2", "-t", "3"]
 
 
+def test_news_folder_learns_with_dropout_under_fedavg(tmp_path):
+  """TextCNN has dropout: FedAvg trains it in training mode (dropout keys per client).
+  Measured 2026-12-01 at lr 0.3, runs of -t 3 on data seeds 0, 1, 2: all nine 1.0 (lr 0.1:
+  1.0 / .635 / .927 on data seed 0; lr 1.0: .427 once)."""
+  folder = write_folder(tmp_path / "AGNews", news, 4)
+  acc = run_cli(["-data", folder, "-m", "textcnn", "-fd", "32", "-vs", str(TEXT_VOCAB),
+                 "-lr", "0.3", *LEARN], tmp_path / "out")
+  assert len(acc) == 3 and min(acc) >= 0.9, acc  # chance: 0.25
+
+
 def test_image_folder_learns(tmp_path):
   folder = write_folder(tmp_path / "MNIST", images, 4)
   acc = run_cli(["-data", folder, "-m", "cnn", "-lr", "0.05", *LEARN], tmp_path / "out")
