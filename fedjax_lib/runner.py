@@ -314,9 +314,7 @@ def check_train_mode(algorithm, models: dict) -> None:
     return
   takers = [n for n in algorithms_lib.algorithm_names()
             if supports_train_mode(algorithms_lib.get_algorithm(n))]
-  free = [n for n in models_lib.MODEL_NAMES
-          if not models_lib.has_train_mode(models_lib.make_model(
-              n, (32, 32, 3), 2))]
+  free = [n for n in models_lib.MODEL_NAMES if not models_lib.architecture_has_train_mode(n)]
   raise ConfigError(
       f"algorithm {algorithm.name} cannot train model {needing[0]}: it has BatchNorm or "
       "dropout layers, whose training mode (batch statistics, running statistics kept per "

@@ -337,3 +337,41 @@ def test_tabular_model_learns_feature_sign():
   model = make_model('amazonmlp_0', (20,), 2)
   losses = _learns(model, jnp.asarray(x), jnp.asarray(y), learning_rate=0.2)
   assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_every_pfllib_model_name_resolves():
+  """PFLlib's -m strings (reference §4) name this library's models."""
+  pfllib = ("MLR, CNN, DNN, ResNet18, ResNet10, ResNet34, AlexNet, GoogleNet, MobileNet, LSTM, "
+            "BiLSTM, fastText, TextCNN, Transformer, AmazonMLP, HARCNN")
+  assert parse_model_names(pfllib.replace(" ", "")) == (
+      "mlr", "cnn", "dnn", "resnet18", "resnet10", "resnet34", "alexnet", "googlenet",
+      "mobilenet_v2", "lstm", "bilstm", "fasttext", "textcnn", "transformer", "amazonmlp",
+      "harcnn")
+
+
+def test_alexnet_counts_pools_and_input_size():
+  """torchvision's AlexNet: 61,100,840 parameters at 1000 classes, so 57,044,810 at 10;
+  AdaptiveAvgPool2d((6, 6)) against PyTorch's bin rule in numpy; 63x63 is the smallest input
+  (three 3x3/2 max-pools), as in PyTorch; dropout makes it a training-mode model."""
+  from fedjax_lib.models import alexnet  # pylint: disable=import-outside-toplevel
+  for classes, count in ((1000, 61_100_840), (10, 57_044_810)):
+    model = make_model("AlexNet", (64, 64, 3), classes)
+    variables = jax.eval_shape(lambda m=model: m.init(jax.random.key(0),
+                                                      jnp.zeros((1, 64, 64, 3))))
+    assert count_params(variables) == count
+  assert has_train_mode(make_model("alexnet", (64, 64, 3), 10))
+  x = np.random.default_rng(0).normal(size=(2, 5, 3, 4)).astype(np.float32)
+  expected = np.zeros((2, 6, 6, 4))
+  for i in range(6):
+    for j in range(6):
+      rows = slice(i * 5 // 6, -(-(i + 1) * 5 // 6))
+      cols = slice(j * 3 // 6, -(-(j + 1) * 3 // 6))
+      expected[:, i, j] = x[:, rows, cols].mean(axis=(1, 2))
+  np.testing.assert_allclose(alexnet.adaptive_avg_pool2d(jnp.asarray(x), 6), expected,
+                             rtol=1e-6, atol=1e-6)
+  features = jax.eval_shape(
+      lambda: make_model("alexnet", (63, 63, 3), 10).init_with_output(
+          jax.random.key(0), jnp.zeros((2, 63, 63, 3)), method="features")[0])
+  assert features.shape == (2, 4096)
+  with pytest.raises(ConfigError, match="at least 63x63"):
+    make_model("alexnet", (62, 62, 3), 10)

@@ -28,6 +28,7 @@ from fedjax_lib.models.zoo import architecture_of_clients
 from fedjax_lib.models.zoo import family_global_model
 from fedjax_lib.models.zoo import init_model
 from fedjax_lib.models.zoo import make_model
+from fedjax_lib.models.zoo import architecture_has_train_mode
 from fedjax_lib.models.zoo import model_option_names
 from fedjax_lib.models.zoo import parse_model_names
 
@@ -52,6 +53,7 @@ __all__ = [
     'count_params',
     'feature_dim',
     'harcnn',
+    'architecture_has_train_mode',
     'has_train_mode',
     'init_model',
     'make_model',

@@ -11,7 +11,10 @@ name                                model
 ``resnet4/6/8/10``                  HtFLlib's small ResNets (:mod:`~.resnet`)
 ``resnet18/34/50/101/152``          torchvision's ImageNet ResNets (:mod:`~.resnet`)
 ``googlenet``                       torchvision's GoogLeNet, aux heads off (:mod:`~.googlenet`)
-``mobilenet_v2`` (``mobilenetv2``)  HtFLlib's MobileNetV2 (:mod:`~.mobilenet`)
+``mobilenet_v2`` (``mobilenetv2``,  HtFLlib's MobileNetV2, PFLlib's ``MobileNet``
+``mobilenet``)                      (:mod:`~.mobilenet`)
+``alexnet``                         torchvision's AlexNet, PFLlib's ``-m AlexNet``; 63x63
+                                    images or larger (:mod:`~.alexnet`)
 ``vit_b_16``, ``vit_b_32``          torchvision's ViT-B at image size 32, HtFLlib's 2-layer
                                     ViT head (:mod:`~.vit`)
 ``digit5cnn``                       PFLlib's Digit5CNN (:mod:`~.digit5`)
@@ -61,6 +64,7 @@ import numpy as np
 
 from fedjax_lib.config import DTYPES
 from fedjax_lib.errors import ConfigError
+from fedjax_lib.models import alexnet
 from fedjax_lib.models import cnn
 from fedjax_lib.models import digit5
 from fedjax_lib.models import googlenet
@@ -78,10 +82,11 @@ from fedjax_lib.models.layers import CONV_IMPLS
 #: Canonical architecture names accepted by :func:`make_model` (without a head suffix).
 MODEL_NAMES = ('cnn', 'dnn', 'mlr', 'resnet4', 'resnet6', 'resnet8', 'resnet10', 'resnet18',
                'resnet34', 'resnet50', 'resnet101', 'resnet152', 'googlenet', 'mobilenet_v2',
-               'vit_b_16', 'vit_b_32', 'digit5cnn', 'amazonmlp', 'harcnn', 'harcnn1', 'harcnn3',
+               'alexnet', 'vit_b_16', 'vit_b_32', 'digit5cnn', 'amazonmlp', 'harcnn', 'harcnn1', 'harcnn3',
                *text.TEXT_MODELS)
 
 _ALIASES = {'fedavgcnn': 'cnn', 'mclr_logistic': 'mlr', 'mobilenetv2': 'mobilenet_v2',
+            'mobilenet': 'mobilenet_v2',  # PFLlib's -m MobileNet: its custom MobileNetV2
             'vit_b16': 'vit_b_16', 'vit_b32': 'vit_b_32', 'textlogisticregression': 'textlr',
             'lstmnet': 'lstm', 'grunet': 'gru', 'bilstm_textclassification': 'bilstm',
             'transformermodel': 'transformer'}
@@ -211,6 +216,11 @@ def _check_sample_shape(name: str, sample_shape) -> None:
           f'got {shape}')
   if name in _IMAGE_MODELS and len(shape) != 3:
     raise ConfigError(f'model {name!r} needs images: sample_shape (H, W, C), got {shape}')
+  if name == 'alexnet' and min(shape[:2]) < alexnet.MIN_SPATIAL:
+    raise ConfigError(f"model 'alexnet' needs images of at least {alexnet.MIN_SPATIAL}x"
+                      f"{alexnet.MIN_SPATIAL} (its three 3x3/2 max-pools; PyTorch fails there "
+                      f"too), got {shape[0]}x{shape[1]}; use a 64x64 dataset (tiny_imagenet, "
+                      "flowers102, stanford_cars) or another model")
   if name.startswith('vit') and shape[:2] != (32, 32):
     raise ConfigError(f'model {name!r} is HtFLlib\'s ViT at image size 32: it needs 32x32 '
                       f'images, got {shape[0]}x{shape[1]} (use a 32x32 dataset such as '
@@ -392,7 +402,15 @@ def _build(key: str, num_classes: int, options: dict,
     return googlenet.googlenet(num_classes, **options)
   if key == 'mobilenet_v2':
     return mobilenet.mobilenet_v2(num_classes, **options)
+  if key == 'alexnet':
+    return alexnet.alexnet(num_classes, **options)
   return vit.vit(key, num_classes, **options)
+
+
+def architecture_has_train_mode(name: str) -> bool:
+  """Whether architecture ``name`` (a `MODEL_NAMES` entry) has BatchNorm or dropout
+  (`fedjax_lib.models.base.has_train_mode`), without an input shape to validate."""
+  return base_lib.has_train_mode(_build(name, 2, {}, None))
 
 
 def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
