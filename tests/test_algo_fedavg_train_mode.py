@@ -1,4 +1,4 @@
-"""FedAvg, FedProx, Ditto and SCAFFOLD on models with BatchNorm or dropout: the client update against a float64 numpy
+"""FedAvg, FedProx, Ditto, SCAFFOLD and FedBABU on models with BatchNorm or dropout: the client update against a float64 numpy
 reference (PyTorch's training-mode BatchNorm and running-statistics rule), parameters-only
 communication with running statistics kept per client (PFLlib's FedAvg), the executors and a
 checkpoint round trip on a BatchNorm + dropout model, the CLI, and learning on digits."""
@@ -39,14 +39,16 @@ def _proximal(p, anchor):
   return 0.5 * sum(np.sum((p[k][n] - anchor[k][n]) ** 2) for k in p for n in p[k])
 
 
-def _numpy_track(p, running, x, y, steps, prox=0.0, anchor=None, correction=None):
+def _numpy_track(p, running, x, y, steps, prox=0.0, anchor=None, correction=None,
+                 wrap=lambda q: q):
   """``steps`` training-mode SGD steps of the toy BatchNorm model on CE (+ prox·½‖p − anchor‖²;
   + ⟨correction, p⟩, SCAFFOLD's corrected gradient) with PyTorch's running-statistics update:
-  ``(params, (mean, var))``."""
+  ``(params, (mean, var))``. ``wrap(p)`` completes the trained ``p`` to the model's
+  parameters (constants for the parts not trained)."""
   mean, var = running
 
   def loss(q):
-    value = _cross_entropy(_bn_forward(q, x)[0], y)
+    value = _cross_entropy(_bn_forward(wrap(q), x)[0], y)
     if prox:
       value += prox * _proximal(q, anchor)
     if correction is not None:
@@ -54,7 +56,7 @@ def _numpy_track(p, running, x, y, steps, prox=0.0, anchor=None, correction=None
     return value
 
   for _ in range(steps):
-    _, (mu, sigma2) = _bn_forward(p, x)
+    _, (mu, sigma2) = _bn_forward(wrap(p), x)
     mean = 0.9 * mean + 0.1 * mu
     var = 0.9 * var + 0.1 * sigma2 * N_SAMPLES / (N_SAMPLES - 1)
     p = _sgd(loss, p, steps=1)
@@ -116,6 +118,35 @@ def test_scaffold_corrects_batchnorm_training_like_numpy():
               jax.tree.map(lambda a, b: a - b, p, start))
   new_ci = jax.tree.map(lambda a, b, s0, s1: a - b + (s0 - s1) / (2 * LR), ci, c, start, p)
   _tree_close(_flat(new_state["control"]), new_ci)
+
+
+def test_fedbabu_trains_the_base_in_training_mode_like_numpy():
+  """FedBABU on a BatchNorm model: the base (BatchNorm's scale and bias included) trains under
+  the frozen head in training mode; the client keeps its statistics; the final fine-tuning
+  trains base and head from them."""
+  algo, data, server, client = _setup(name="FedBABU", params={"fine_tuning_epochs": 1})
+  assert set(server) == {"base", "head"} and set(client) == {"model_state"}
+  new_state, upload, _ = jax.jit(algo.client_update)(server, client, data, jax.random.key(1))
+  x, y = _xy(data)
+  start = _flat({"params": server})
+  head = start["head"]
+
+  def frozen_head(q):  # numeric gradients of the base only: the head is a constant
+    return {**q, "head": head}
+
+  base = {k: v for k, v in start.items() if k != "head"}
+  p, stats = _numpy_track(base, _stats(client["model_state"]), x, y, steps=2,
+                          wrap=frozen_head)
+  _tree_close(_flat({"params": {"base": upload["base"], "head": server["head"]}}),
+              {**p, "head": head})
+  _tree_close(_stats(new_state["model_state"]), stats)
+  trained_server = {"base": upload["base"], "head": server["head"]}
+  _close(algo.predict(trained_server, new_state, data.x[N_SAMPLES:]),
+         _bn_forward({**p, "head": head}, np.float64(data.x)[N_SAMPLES:], stats)[0])
+  tuned = algo.fine_tune(server, client, data, jax.random.key(2))
+  p, stats = _numpy_track(start, _stats(client["model_state"]), x, y, steps=1)
+  _tree_close(_flat(tuned), p)
+  _tree_close(_stats(tuned), stats)
 
 
 def test_ditto_keeps_personal_and_global_running_statistics_like_numpy():
@@ -181,7 +212,7 @@ def _running_means(clients):
   return np.asarray(group["model_state"]["batch_stats"]["base"]["bn"]["mean"])
 
 
-@pytest.mark.parametrize("name", ["FedAvg", "Ditto", "SCAFFOLD"])
+@pytest.mark.parametrize("name", ["FedAvg", "Ditto", "SCAFFOLD", "FedBABU"])
 def test_conformance_on_batchnorm_and_dropout(name, tmp_path):
   """Running statistics move only for trained clients and differ between them; the executors
   agree; a checkpoint round trip is exact; new clients fine-tune with their own statistics."""

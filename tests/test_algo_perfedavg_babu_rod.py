@@ -111,7 +111,7 @@ def test_fedbabu_head_stays_at_init_and_fine_tunes_at_the_end():
   jax.tree.map(np.testing.assert_array_equal, server["head"], server0["head"])
   assert not np.allclose(jax.tree.leaves(server["base"])[0], jax.tree.leaves(server0["base"])[0])
   algo = eng.algorithm
-  tuned = algo.fine_tune(server, _client(eng), jax.random.key(0))
+  tuned = algo.fine_tune(server, {}, _client(eng), jax.random.key(0))
   assert not np.allclose(split_parts(tuned)["head"]["kernel"], server["head"]["kernel"])
   final = eng.evaluate(server, clients, root, 2, final=True)
   regular = eng.evaluate(server, clients, root, 2)

@@ -12,7 +12,10 @@ evaluation of the fine-tuned models is appended to the history (as PFLlib append
 ``rs_test_acc``).
 
 Server state ``{"base": averaged base, "head": the initial head (never changes)}``; clients keep
-no state (their fine-tuned models exist only inside the final evaluation).
+no state (their fine-tuned models exist only inside the final evaluation), except a model with
+BatchNorm, whose running statistics each client keeps (``{"model_state"}``, never sent, as
+PFLlib's parameter loops leave them) and uses in its evaluations and fine-tuning; such models,
+and those with dropout, train in training mode.
 
 Differences from PFLlib: none in the procedure. PFLlib keeps a frozen head copy on every client;
 since all of them are the same initial head, it is held once in the server state here. The
@@ -28,11 +31,13 @@ import functools
 import jax
 
 from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, abstract_variables,
-                                        check_int, linear_server)
+                                        check_int, linear_server, stack_clients)
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import PARTS, merge_parts, split_parts, train_parts
 from fedjax_lib.core.aggregate import weighted_average
+from fedjax_lib.core.local import cross_entropy_objective, train_model
 from fedjax_lib.errors import ConfigError
+from fedjax_lib.models.base import has_train_mode, model_state
 
 
 @register("FedBABU")
@@ -45,19 +50,38 @@ class FedBABU(Algorithm):
   """
 
 
-  fine_tuning_epochs: int = 10
+  TRAIN_MODE = True
 
+  fine_tuning_epochs: int = 10
 
   def __post_init__(self):
     check_int(self.name, "fine_tuning_epochs", self.fine_tuning_epochs, 0)
 
   def init(self, key, sample_x, num_clients):
-    return split_parts(self.init_params(key, sample_x)), {}
+    variables = self.init_params(key, sample_x)
+    state = model_state(variables)
+    clients = stack_clients({"model_state": state}, num_clients) if state else {}
+    return split_parts(variables), clients
+
+  def variables(self, server_state, client_state):
+    """The global base and head with the client's running statistics (if any)."""
+    return {**merge_parts(server_state), **client_state.get("model_state", {})}
+
+  def _train(self, variables, parts, data, key, spec):
+    """``(variables, stats)`` after training ``parts`` on cross-entropy; BatchNorm/dropout
+    models in training mode."""
+    if has_train_mode(self.model):
+      variables, _, stats = train_model(self.model, variables, data, key, spec,
+                                        cross_entropy_objective, trainable=parts)
+      return variables, stats
+    return train_parts(variables, parts, data, key, spec, self.ce_loss)
 
   def client_update(self, server_state, client_state, data, key):
-    variables, stats = train_parts(merge_parts(server_state), ("base",), data, key, self.local,
-                                   self.ce_loss)
-    return client_state, {"base": split_parts(variables)["base"]}, stats
+    variables, stats = self._train(self.variables(server_state, client_state), ("base",), data,
+                                   key, self.local)
+    state = model_state(variables)
+    return ({"model_state": state} if state else client_state,
+            {"base": split_parts(variables)["base"]}, stats)
 
   @linear_server
   def server_update(self, server_state, uploads, weights, key):
@@ -66,22 +90,23 @@ class FedBABU(Algorithm):
     return {"base": base, "head": server_state["head"]}
 
   def predict(self, server_state, client_state, x):
-    return self.model.apply(merge_parts(server_state), x)
+    return self.model.apply(self.variables(server_state, client_state), x)
 
-  def fine_tune(self, server_state, data, key):
-    """The whole model fine-tuned for ``fine_tuning_epochs`` epochs on one client's data."""
-    variables = merge_parts(server_state)
+  def fine_tune(self, server_state, client_state, data, key):
+    """The client's whole model fine-tuned for ``fine_tuning_epochs`` epochs on its data."""
+    variables = self.variables(server_state, client_state)
     if self.fine_tuning_epochs == 0:
       return variables
     spec = dataclasses.replace(self.local, local_epochs=self.fine_tuning_epochs)
-    variables, _ = train_parts(variables, PARTS, data, key, spec, self.ce_loss)
+    variables, _ = self._train(variables, PARTS, data, key, spec)
     return variables
 
   def final_views(self, server_state, client_state, data, key):
-    return {"": functools.partial(self.model.apply, self.fine_tune(server_state, data, key))}
+    return {"": functools.partial(self.model.apply,
+                                  self.fine_tune(server_state, client_state, data, key))}
 
   def new_client_variables(self, server_state, client_state):
-    return merge_parts(server_state)
+    return self.variables(server_state, client_state)
 
   def check_settings(self, context: SettingsContext) -> list[str]:
     """Refuses a model without base parameters: the rounds would train nothing."""
