@@ -1,4 +1,4 @@
-"""FedAvg, FedProx, Ditto, SCAFFOLD and FedBABU on models with BatchNorm or dropout: the client update against a float64 numpy
+"""FedAvg, FedProx, Ditto, SCAFFOLD, FedBABU and FedLC on models with BatchNorm or dropout: the client update against a float64 numpy
 reference (PyTorch's training-mode BatchNorm and running-statistics rule), parameters-only
 communication with running statistics kept per client (PFLlib's FedAvg), the executors and a
 checkpoint round trip on a BatchNorm + dropout model, the CLI, and learning on digits."""
@@ -40,15 +40,16 @@ def _proximal(p, anchor):
 
 
 def _numpy_track(p, running, x, y, steps, prox=0.0, anchor=None, correction=None,
-                 wrap=lambda q: q):
+                 wrap=lambda q: q, margin=0.0):
   """``steps`` training-mode SGD steps of the toy BatchNorm model on CE (+ prox·½‖p − anchor‖²;
   + ⟨correction, p⟩, SCAFFOLD's corrected gradient) with PyTorch's running-statistics update:
   ``(params, (mean, var))``. ``wrap(p)`` completes the trained ``p`` to the model's
-  parameters (constants for the parts not trained)."""
+  parameters (constants for the parts not trained); ``margin`` is subtracted from the logits
+  (FedLC)."""
   mean, var = running
 
   def loss(q):
-    value = _cross_entropy(_bn_forward(wrap(q), x)[0], y)
+    value = _cross_entropy(_bn_forward(wrap(q), x)[0] - margin, y)
     if prox:
       value += prox * _proximal(q, anchor)
     if correction is not None:
@@ -149,6 +150,20 @@ def test_fedbabu_trains_the_base_in_training_mode_like_numpy():
   _tree_close(_stats(tuned), stats)
 
 
+def test_fedlc_calibrates_batchnorm_training_like_numpy():
+  """FedLC on a BatchNorm model: cross-entropy of ``logits − τ·n_c^(−1/4)`` in training mode,
+  the client's own class counts; statistics kept per client."""
+  algo, data, server, client = _setup(name="FedLC", params={"tau": 0.8})
+  new_state, upload, _ = jax.jit(algo.client_update)(server, client, data, jax.random.key(1))
+  x, y = _xy(data)
+  counts = np.bincount(y, minlength=3)
+  margin = 0.8 * np.maximum(counts, 1) ** -0.25
+  p, stats = _numpy_track(_flat(server["params"]), _stats(client["model_state"]), x, y, steps=2,
+                          margin=margin)
+  _tree_close(_flat(upload), p)
+  _tree_close(_stats(new_state["model_state"]), stats)
+
+
 def test_ditto_keeps_personal_and_global_running_statistics_like_numpy():
   """Ditto on a BatchNorm model: the personal model (its own statistics) trains one epoch on
   CE + μ·½‖v − w_g‖²; the global track is FedAvg's (the client's statistics of its copy of the
@@ -212,7 +227,7 @@ def _running_means(clients):
   return np.asarray(group["model_state"]["batch_stats"]["base"]["bn"]["mean"])
 
 
-@pytest.mark.parametrize("name", ["FedAvg", "Ditto", "SCAFFOLD", "FedBABU"])
+@pytest.mark.parametrize("name", ["FedAvg", "Ditto", "SCAFFOLD", "FedBABU", "FedLC"])
 def test_conformance_on_batchnorm_and_dropout(name, tmp_path):
   """Running statistics move only for trained clients and differ between them; the executors
   agree; a checkpoint round trip is exact; new clients fine-tune with their own statistics."""

@@ -49,6 +49,8 @@ Differences from PFLlib:
   FedLC clients never receive a calibration).
 - The paper writes the loss's denominator over the classes other than y; PFLlib, FL-bench and
   fluke all use the full softmax, as here.
+- Models with BatchNorm or dropout train in training mode, each client keeping its running
+  statistics (``client_state['model_state']``, never sent, as in FedAvg).
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ from fedjax_lib.algorithms.base import check_bool, check_number, linear_server
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.aggregate import weighted_average
-from fedjax_lib.core.local import class_counts, masked_cross_entropy, train_locally
+from fedjax_lib.core.local import class_counts, masked_cross_entropy, train_locally, train_model
+from fedjax_lib.models.base import has_train_mode, model_state
 
 
 def calibration_margin(counts: jax.Array, tau, exclude_absent: bool = False) -> jax.Array:
@@ -107,7 +110,8 @@ def calibrated_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Arr
 class FedLC(FedAvg):
   """FedAvg with cross-entropy on logits calibrated by ``τ·n_c^(−1/4)``.
 
-  Server state ``{"params", "class_counts"}``; no client state.
+  Server state ``{"params", "class_counts"}``; no client state (BatchNorm models: the
+  running statistics).
 
   Attributes:
     tau: calibration strength τ (PFLlib ``-tau``, default 1.0); 0 is FedAvg.
@@ -122,11 +126,14 @@ class FedLC(FedAvg):
     check_number(self.name, "tau", self.tau, finite=True)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
 
+  TRAIN_MODE = True
+
   def init(self, key, sample_x, num_clients):
-    params = self.init_params(key, sample_x)
-    num_classes = jax.eval_shape(self.model.apply, params, sample_x[None]).shape[-1]
+    server, clients = super().init(key, sample_x, num_clients)  # statistics per client
+    num_classes = jax.eval_shape(self.model.apply, self.init_params(key, sample_x),
+                                 sample_x[None]).shape[-1]
     counts = jnp.zeros((num_classes,), jnp.float32)
-    return {"params": params, "class_counts": counts}, {}
+    return {"params": server["params"], "class_counts": counts}, clients
 
   # ---------------------------------------------------------------- initialisation period
   def warmup_client(self, server_state, client_state, data, key):
@@ -148,6 +155,18 @@ class FedLC(FedAvg):
       counts = server_state["class_counts"]
     else:
       counts = class_counts(data, server_state["class_counts"].shape[0])
+
+    if has_train_mode(self.model):  # BatchNorm/dropout: training mode, statistics kept
+      def objective(features, logits, batch, carry):
+        del features
+        return calibrated_cross_entropy(logits, batch.y, batch.mask, counts, self.tau,
+                                        exclude_absent=self.pfllib_compat), carry
+
+      variables, _, stats = train_model(self.model, self.variables(server_state, client_state),
+                                        data, key, self.local, objective)
+      state = model_state(variables)
+      return ({"model_state": state} if state else client_state,
+              {"params": variables["params"]}, stats)
 
     def loss(params, batch, key):
       del key
