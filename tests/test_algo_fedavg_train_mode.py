@@ -17,7 +17,8 @@ from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.models import BaseHeadModel, TorchDense
 from tests.test_algo_fedbn_pflda_fedmtl import (LR, N_SAMPLES, _bn_forward, _bn_model, _close,
                                                 _f64, _perturb, _problem, _sgd, _tree_close,
-                                                _xy, train_batchnorm_dnn_on_digits)
+                                                _xy, assert_server_averages_params,
+                                                train_batchnorm_dnn_on_digits)
 from tests.helpers import numpy_cross_entropy as _cross_entropy
 from tests.test_conformance import _structure, assert_resume_is_exact
 from tests.test_conformance_htfl import BatchNormBase
@@ -191,13 +192,7 @@ def test_ditto_keeps_personal_and_global_running_statistics_like_numpy():
 
 def test_fedavg_server_is_the_weighted_average_of_the_parameters():
   algo, _, server, _ = _setup(1)
-  r = np.random.default_rng(2)
-  uploads = jax.tree.map(lambda a: r.normal(size=(4,) + a.shape).astype(np.float32),
-                         server["params"])
-  weights = np.array([3.0, 0.0, 5.0, 2.0], np.float32)
-  new = algo.server_update(server, uploads, jnp.asarray(weights), jax.random.key(0))
-  _tree_close(new["params"], jax.tree.map(
-      lambda u: np.tensordot(weights / weights.sum(), np.float64(u), axes=1), uploads))
+  assert_server_averages_params(algo, server)
 
 
 def test_fedavg_without_training_mode_is_unchanged():

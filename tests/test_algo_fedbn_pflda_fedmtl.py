@@ -135,8 +135,9 @@ def test_fedbn_keeps_batchnorm_local_and_trains_like_numpy():
   _close(logits, expected)
 
 
-def test_fedbn_server_averages_the_shared_part_only():
-  algo, _, _, server, client = _fedbn_setup(1)
+def assert_server_averages_params(algo, server):
+  """``algo``'s server replaces ``server['params']`` by the sample-weighted average of four
+  random uploads of its shape (one with weight 0); returns the new server state."""
   r = np.random.default_rng(2)
   uploads = jax.tree.map(lambda a: r.normal(size=(4,) + a.shape).astype(np.float32),
                          server["params"])
@@ -144,12 +145,17 @@ def test_fedbn_server_averages_the_shared_part_only():
   new = algo.server_update(server, uploads, jnp.asarray(weights), jax.random.key(0))
   _tree_close(new["params"], jax.tree.map(
       lambda u: np.tensordot(weights / weights.sum(), np.float64(u), axes=1), uploads))
+  return new
+
+
+def test_fedbn_server_averages_the_shared_part_only():
+  algo, _, _, server, client = _fedbn_setup(1)
+  new = assert_server_averages_params(algo, server)
   assert jax.tree.structure(new) == jax.tree.structure(server)
   # the download is the shared part: the client's BatchNorm is never sent
   size = sum(a.size for a in jax.tree.leaves(server["params"]))
   assert float(algo.download_traffic(server).floats) == size
-  one = jax.tree.map(lambda a: a[0], uploads)
-  assert float(algo.upload_traffic(one).floats) == size
+  assert float(algo.upload_traffic(server["params"]).floats) == size
   assert sum(a.size for a in jax.tree.leaves(client["bn"])) == 2 * HIDDEN  # never sent
 
 
