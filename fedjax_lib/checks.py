@@ -256,7 +256,7 @@ def _vocabulary(config: Config, data, models: dict) -> list[str]:
   top = int(np.max(np.asarray(data.x)))
   for arch, vocab in vocabularies.items():
     if top >= vocab:
-      given = f"-vs {config.vocab_size}" if config.vocab_size else "the default -vs"
+      given = f"-vs {config.vocab_size}" if config.vocab_size else "-vs not given"
       raise ConfigError(
           f"the data holds token ids up to {top}, but model {arch!r} has a vocabulary of "
           f"{vocab} ({given}); use -vs {top + 1} or more (PFLlib: -vs 32000 for AG News and "

@@ -68,14 +68,14 @@ class Ditto(FedAvg):
     plocal_epochs: epochs of personal-model training per round (PFLlib ``-pls``).
   """
 
+  TRAIN_MODE = True
+
   mu: float = 0.0
   plocal_epochs: int = 1
 
   def __post_init__(self):
     check_number(self.name, "mu", self.mu)
     check_int(self.name, "plocal_epochs", self.plocal_epochs, 1)
-
-  TRAIN_MODE = True
 
   def init(self, key, sample_x, num_clients):
     params = self.init_params(key, sample_x)

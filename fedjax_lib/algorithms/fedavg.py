@@ -13,8 +13,9 @@ Models with BatchNorm or dropout (ResNet, LSTM, Transformer ...) train in traini
 client keeps its own BatchNorm running statistics (``client_state['model_state']``; PFLlib's
 ``set_parameters`` and ``aggregate_parameters`` loop over ``model.parameters()``, never the
 buffers), updated when it trains and used when it is evaluated with the global parameters.
-The subclasses (MOON, SCAFFOLD ...) do not inherit this: each declares its own support
-(FedProx does, through :meth:`FedAvg.penalty`).
+The subclasses do not inherit this: each declares its own support (FedProx through
+:meth:`FedAvg.penalty`, Ditto, SCAFFOLD and FedLC with their own training-mode paths; MOON,
+FedDyn and the others refuse such models).
 """
 
 import dataclasses
@@ -58,7 +59,7 @@ class FedAvg(Algorithm):
     return None
 
   def client_update(self, server_state, client_state, data, key):
-    if has_train_mode(self.model):  # only FedAvg itself gets here (TRAIN_MODE is not inherited)
+    if has_train_mode(self.model):  # only classes declaring TRAIN_MODE get here (not inherited)
       variables, _, stats = train_model(self.model, self.variables(server_state, client_state),
                                         data, key, self.local, cross_entropy_objective,
                                         penalty=self.penalty(server_state))
