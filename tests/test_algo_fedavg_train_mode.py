@@ -1,5 +1,6 @@
-"""FedAvg, FedProx, Ditto, SCAFFOLD, FedBABU and FedLC on models with BatchNorm or dropout: the client update against a float64 numpy
-reference (PyTorch's training-mode BatchNorm and running-statistics rule), parameters-only
+"""FedAvg, FedProx, Ditto, SCAFFOLD, FedDyn, FedBABU and FedLC on models with BatchNorm or
+dropout: the client update against a float64 numpy reference (PyTorch's training-mode
+BatchNorm and running-statistics rule), parameters-only
 communication with running statistics kept per client (PFLlib's FedAvg), the executors and a
 checkpoint round trip on a BatchNorm + dropout model, the CLI, and learning on digits."""
 
@@ -122,6 +123,22 @@ def test_scaffold_corrects_batchnorm_training_like_numpy():
   _tree_close(_flat(new_state["control"]), new_ci)
 
 
+def test_feddyn_regularises_batchnorm_training_like_numpy():
+  """FedDyn on a BatchNorm model: CE + (α/2)‖w − w_g‖² − ⟨w − w_g, h_i⟩ on the parameters in
+  training mode, ``h_i ← h_i − α(w − w_g)``; statistics stay on the client."""
+  algo, data, server, client = _setup(name="FedDyn", params={"alpha": 0.5})
+  assert set(client) == {"h", "model_state"} and set(server["h"]) == {"params"}
+  new_state, upload, _ = jax.jit(algo.client_update)(server, client, data, jax.random.key(1))
+  x, y = _xy(data)
+  start, h = _flat(server["params"]), _flat(client["h"])
+  p, stats = _numpy_track(start, _stats(client["model_state"]), x, y, steps=2, prox=0.5,
+                          anchor=start, correction=jax.tree.map(lambda a: -a, h))
+  _tree_close(_flat(upload), p)
+  _tree_close(_stats(new_state["model_state"]), stats)
+  _tree_close(_flat(new_state["h"]),
+              jax.tree.map(lambda hi, w, a: hi - 0.5 * (w - a), h, p, start))
+
+
 def test_fedbabu_trains_the_base_in_training_mode_like_numpy():
   """FedBABU on a BatchNorm model: the base (BatchNorm's scale and bias included) trains under
   the frozen head in training mode; the client keeps its statistics; the final fine-tuning
@@ -222,7 +239,7 @@ def _running_means(clients):
   return np.asarray(group["model_state"]["batch_stats"]["base"]["bn"]["mean"])
 
 
-@pytest.mark.parametrize("name", ["FedAvg", "Ditto", "SCAFFOLD", "FedBABU", "FedLC"])
+@pytest.mark.parametrize("name", ["FedAvg", "Ditto", "SCAFFOLD", "FedBABU", "FedLC", "FedDyn"])
 def test_conformance_on_batchnorm_and_dropout(name, tmp_path):
   """Running statistics move only for trained clients and differ between them; the executors
   agree; a checkpoint round trip is exact; new clients fine-tune with their own statistics."""

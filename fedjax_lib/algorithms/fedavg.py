@@ -14,8 +14,8 @@ client keeps its own BatchNorm running statistics (``client_state['model_state']
 ``set_parameters`` and ``aggregate_parameters`` loop over ``model.parameters()``, never the
 buffers), updated when it trains and used when it is evaluated with the global parameters.
 The subclasses do not inherit this: each declares its own support (FedProx through
-:meth:`FedAvg.penalty`, Ditto, SCAFFOLD and FedLC with their own training-mode paths; MOON,
-FedDyn and the others refuse such models).
+:meth:`FedAvg.penalty`, Ditto, SCAFFOLD, FedDyn and FedLC with their own training-mode paths;
+MOON, FedNTD and the others refuse such models).
 """
 
 import dataclasses

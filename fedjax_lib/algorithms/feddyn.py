@@ -41,6 +41,9 @@ behaviour for the first two):
   ``train_loss`` adds its regulariser; ours is plain cross-entropy of the global model.
 - A client that trained but dropped out keeps its new ``h_i`` (as in PFLlib; the engine keeps
   a dropped client's state) while the server never adds its term to ``h``.
+- Models with BatchNorm or dropout train in training mode; ``h``, ``h_i`` and the regulariser
+  cover the parameters only and each client keeps its running statistics
+  (``client_state['model_state']``), as PFLlib's loops over ``model.parameters()`` do.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.scaffold import check_join_ratio, client_counts
 from fedjax_lib.core.aggregate import arrived_sum
-from fedjax_lib.core.local import train_locally
+from fedjax_lib.core.local import cross_entropy_objective, train_locally, train_model
+from fedjax_lib.models.base import has_train_mode, model_state
 
 
 def safe_norm(squared: jax.Array) -> jax.Array:
@@ -113,12 +117,15 @@ class FedDyn(FedAvg):
     check_join_ratio(self.name, self.join_ratio)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
 
+  TRAIN_MODE = True
+
   def init(self, key, sample_x, num_clients):
-    params = self.init_params(key, sample_x)
+    server, clients = super().init(key, sample_x, num_clients)  # FedAvg's: statistics apart
+    params = server["params"]
     server = {"params": params, "h": jax.tree.map(jnp.zeros_like, params),
               **client_counts(num_clients, self.join_ratio)}
     clients = {"h": jax.tree.map(lambda a: jnp.zeros((num_clients,) + a.shape, a.dtype),
-                                 params)}
+                                 params), **clients}
     return server, clients
 
   def download(self, server_state):
@@ -135,13 +142,25 @@ class FedDyn(FedAvg):
 
   def client_update(self, server_state, client_state, data, key):
     anchor = server_state["params"]
-    params, _, stats = train_locally(anchor, data, key, self.local,
-                                     self.local_loss(server_state, client_state))
+    new_state = {}
+    if has_train_mode(self.model):  # anchor = {'params': ...}; statistics stay on the client
+      h_params = client_state["h"]["params"]
+      variables, _, stats = train_model(
+          self.model, self.variables(server_state, client_state), data, key, self.local,
+          cross_entropy_objective,
+          penalty=lambda p: dynamic_regularizer(p, anchor["params"], h_params, self.alpha,
+                                                squared=not self.pfllib_compat))
+      params = {"params": variables["params"]}
+      if model_state(variables):
+        new_state["model_state"] = model_state(variables)
+    else:
+      params, _, stats = train_locally(anchor, data, key, self.local,
+                                       self.local_loss(server_state, client_state))
     h = jax.tree.map(
         lambda hi, w, a: (hi.astype(jnp.float32) - self.alpha * (
             w.astype(jnp.float32) - a.astype(jnp.float32))).astype(hi.dtype),
         client_state["h"], params, anchor)
-    return {"h": h}, params, stats
+    return {"h": h, **new_state}, params, stats
 
   def server_update(self, server_state, uploads, weights, key):
     """``h ← h − (α/N)·Σ(w_i − w_g)``, ``w_g ← Σw_i/|S| − h/α`` over the uploads that arrived."""
