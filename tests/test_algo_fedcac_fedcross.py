@@ -17,13 +17,11 @@ from fedjax_lib.algorithms.fedcac import (collaboration_weights, critical_masks,
                                           customized_models, kth_largest, overlap_rates)
 from fedjax_lib.algorithms.fedcross import (collaborators, cross_aggregate, draw_assignment,
                                             pair_indices, similarities, trained_middleware)
-from fedjax_lib.core import engine as engine_lib
-from fedjax_lib.core import rng
 from fedjax_lib.core.local import ClientData, LocalSpec
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
 from tests.test_engine import _small_data
-from tests.test_sharding import _assert_replicated
+from tests.test_sharding import one_and_eight_device_states
 
 DIM, CLASSES = 4, 3
 SPEC = LocalSpec(learning_rate=0.3, batch_size=4, local_epochs=1, steps_per_epoch=2)
@@ -486,21 +484,9 @@ def test_server_on_eight_devices_equals_one(name):
   params = {"tau": 0.5, "beta": 2.0} if name == "FedCAC" else {"join_ratio": 0.8}
   alg = make_algorithm(name, make_model("mlr", data.sample_shape, data.num_classes), spec,
                        params)
-  device_data = engine_lib.DeviceData.from_federated(data)
-  part = engine_lib.Participation(data.num_clients, 0.8, False, 0.25)
-  root = rng.root_key(0)
-  states = []
-  for mesh in (None, engine_lib.client_mesh(8)):
-    eng = engine_lib.Engine(alg, device_data, part, executor="vmap", mesh=mesh)
-    server, clients = eng.init(root, data.x[0])
-    # one round: the clients gather their rows (customised model / middleware model) from
-    # the replicated server state and the server's whole rule runs on sharded uploads
-    server, clients, _ = eng.run_round(server, clients, root, 0)
-    states.append((server, eng.export_states(clients)))
-  (s1, c1), (s8, c8) = states
-  _assert_replicated(s8)
-  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  jax.tree.map(close, (s1, c1), (s8, c8))
+  # one round: the clients gather their rows (customised model / middleware model) from the
+  # replicated server state and the server's whole rule runs on sharded uploads
+  (s1, _), _ = one_and_eight_device_states(alg, data, rounds=1)
   moved = s1["customized" if name == "FedCAC" else "middleware"]
   assert any(np.ptp(np.asarray(a), axis=0).max() > 0 for a in jax.tree.leaves(moved))
 
