@@ -58,14 +58,24 @@ class FedAvg(Algorithm):
     del server_state
     return None
 
+  def train_global_copy(self, server_state, client_state, data, key,
+                        objective=cross_entropy_objective, penalty=None, tx=None):
+    """Training mode (BatchNorm, dropout) from the global parameters with the client's running
+    statistics (`fedjax_lib.core.local.train_model`; ``objective``, ``penalty``, ``tx`` as
+    there): ``(params, state, stats)`` with ``params = {'params': ...}`` (what is sent) and
+    ``state`` the client's new ``{'model_state': ...}`` (``{}`` without BatchNorm). For the
+    classes declaring ``TRAIN_MODE``."""
+    variables, _, stats = train_model(self.model, self.variables(server_state, client_state),
+                                      data, key, self.local, objective, penalty=penalty, tx=tx)
+    running = model_state(variables)
+    return ({"params": variables["params"]}, {"model_state": running} if running else {},
+            stats)
+
   def client_update(self, server_state, client_state, data, key):
     if has_train_mode(self.model):  # only classes declaring TRAIN_MODE get here (not inherited)
-      variables, _, stats = train_model(self.model, self.variables(server_state, client_state),
-                                        data, key, self.local, cross_entropy_objective,
-                                        penalty=self.penalty(server_state))
-      state = model_state(variables)
-      return ({"model_state": state} if state else client_state,
-              {"params": variables["params"]}, stats)
+      params, state, stats = self.train_global_copy(server_state, client_state, data, key,
+                                                    penalty=self.penalty(server_state))
+      return state, params, stats
     params, _, stats = train_locally(server_state["params"], data, key, self.local,
                                      self.local_loss(server_state))
     return client_state, params, stats

@@ -58,8 +58,8 @@ from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.scaffold import check_join_ratio, client_counts
 from fedjax_lib.core.aggregate import arrived_sum
-from fedjax_lib.core.local import cross_entropy_objective, train_locally, train_model
-from fedjax_lib.models.base import has_train_mode, model_state
+from fedjax_lib.core.local import train_locally
+from fedjax_lib.models.base import has_train_mode
 
 
 def safe_norm(squared: jax.Array) -> jax.Array:
@@ -145,14 +145,10 @@ class FedDyn(FedAvg):
     new_state = {}
     if has_train_mode(self.model):  # anchor = {'params': ...}; statistics stay on the client
       h_params = client_state["h"]["params"]
-      variables, _, stats = train_model(
-          self.model, self.variables(server_state, client_state), data, key, self.local,
-          cross_entropy_objective,
+      params, new_state, stats = self.train_global_copy(
+          server_state, client_state, data, key,
           penalty=lambda p: dynamic_regularizer(p, anchor["params"], h_params, self.alpha,
                                                 squared=not self.pfllib_compat))
-      params = {"params": variables["params"]}
-      if model_state(variables):
-        new_state["model_state"] = model_state(variables)
     else:
       params, _, stats = train_locally(anchor, data, key, self.local,
                                        self.local_loss(server_state, client_state))

@@ -64,8 +64,8 @@ from fedjax_lib.algorithms.base import check_bool, check_number, linear_server
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.aggregate import weighted_average
-from fedjax_lib.core.local import class_counts, masked_cross_entropy, train_locally, train_model
-from fedjax_lib.models.base import has_train_mode, model_state
+from fedjax_lib.core.local import class_counts, masked_cross_entropy, train_locally
+from fedjax_lib.models.base import has_train_mode
 
 
 def calibration_margin(counts: jax.Array, tau, exclude_absent: bool = False) -> jax.Array:
@@ -162,11 +162,9 @@ class FedLC(FedAvg):
         return calibrated_cross_entropy(logits, batch.y, batch.mask, counts, self.tau,
                                         exclude_absent=self.pfllib_compat), carry
 
-      variables, _, stats = train_model(self.model, self.variables(server_state, client_state),
-                                        data, key, self.local, objective)
-      state = model_state(variables)
-      return ({"model_state": state} if state else client_state,
-              {"params": variables["params"]}, stats)
+      params, state, stats = self.train_global_copy(server_state, client_state, data, key,
+                                                    objective=objective)
+      return state, params, stats
 
     def loss(params, batch, key):
       del key

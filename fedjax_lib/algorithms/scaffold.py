@@ -64,9 +64,9 @@ from fedjax_lib.algorithms.base import check_bool, check_number, check_positive
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.aggregate import arrived_sum
-from fedjax_lib.core.local import cross_entropy_objective, train_locally, train_model
+from fedjax_lib.core.local import train_locally
 from fedjax_lib.errors import ConfigError
-from fedjax_lib.models.base import has_train_mode, model_state
+from fedjax_lib.models.base import has_train_mode
 
 
 class _NoState(NamedTuple):
@@ -175,12 +175,9 @@ class SCAFFOLD(FedAvg):
     sgd = optax.sgd(self.local.learning_rate)
     new_state = {}
     if has_train_mode(self.model):  # x = {'params': ...}; statistics stay on the client
-      variables, _, stats = train_model(
-          self.model, self.variables(server_state, client_state), data, key, self.local,
-          cross_entropy_objective, tx=optax.chain(control_correction(correction["params"]), sgd))
-      y = {"params": variables["params"]}
-      if model_state(variables):
-        new_state["model_state"] = model_state(variables)
+      y, new_state, stats = self.train_global_copy(
+          server_state, client_state, data, key,
+          tx=optax.chain(control_correction(correction["params"]), sgd))
     else:
       tx = optax.chain(control_correction(correction), sgd)
       y, _, stats = train_locally(x, data, key, self.local, self.ce_loss, tx=tx)
