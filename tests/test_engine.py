@@ -127,3 +127,45 @@ def test_dropped_clients_are_not_aggregated_but_selected_ones_train():
                                       c["model"]["params"]["params"]["head"]["kernel"][i])
                       for i in range(6)])
   assert changed.all()
+
+
+@pytest.mark.parametrize("executor", ["sequential", "vmap"])
+def test_shared_evaluation_equals_per_client_evaluation(executor):
+  """A global-model evaluation (FedAvg) forwards every sample once, in blocks (here of 16,
+  the last one padded), and gives every per-client metric of the per-client path (each
+  client's padded tables), also for a client without test samples; compiled once."""
+  data = _small_data(num_clients=7, seed=3)
+  train = [data.train_idx[i, : data.train_count[i]] for i in range(7)]
+  test = [data.test_idx[i, : data.test_count[i]] for i in range(7)]
+  train[2] = np.r_[train[2], test[2]]
+  test[2] = test[2][:0]
+  data = FederatedData.from_client_indices("toy", data.x, data.y, train, test, 3)
+  eng = _engine("FedAvg", executor, data, jr=1.0, cdr=0.0)
+  eng.shared_eval_block = 16
+  root = rng.root_key(0)
+  server, clients = eng.init(root, eng.data.x[0])
+  server, clients, _ = eng.run_round(server, clients, root, 0)
+  shared = eng.evaluate(server, clients)
+  assert eng.trace_counts["evaluate_forward"] == 1
+  eng.shared_eval = False
+  per_client = eng.evaluate(server, clients)
+  assert set(shared) == set(per_client)
+  for key, value in per_client.items():
+    np.testing.assert_allclose(shared[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+  assert np.isnan(shared["client_test_acc"][2])
+  eng.shared_eval = True
+  eng.evaluate(server, clients)
+  assert eng.trace_counts["evaluate_forward"] == 1
+
+
+def test_shared_views_only_where_every_client_evaluates_the_global_model():
+  data = _small_data()
+  m = make_model("dnn", data.sample_shape, data.num_classes)
+  spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1, steps_per_epoch=2)
+  server = {"params": m.init(jax.random.key(0), data.x[:1])}
+  for name, shared in [("FedAvg", True), ("FedProx", True), ("Ditto", False),
+                       ("FedALA", False), ("Local", False), ("FedPer", False)]:
+    alg = make_algorithm(name, m, spec, suite_params(name))
+    assert (alg.shared_views(server, {}) is not None) == shared, name
+  # A client that keeps BatchNorm running statistics evaluates with them.
+  assert make_algorithm("FedAvg", m, spec).shared_views(server, {"model_state": {}}) is None

@@ -155,6 +155,19 @@ class Algorithm:
     del data, key
     return {"": functools.partial(self.predict, server_state, client_state)}
 
+  def shared_views(self, server_state, client_state) -> Optional[dict[str, Callable]]:
+    """The evaluation views when they depend on the server state alone, else None.
+
+    When this returns views (the same names, in the same order, as :meth:`eval_views`
+    would), the engine evaluates every sample once with them instead of each client's padded
+    tables through :meth:`eval_views` (``Engine.evaluate``: same metrics, fewer forward
+    passes). ``client_state`` is one client's state, possibly abstract (shapes only): it may
+    decide *whether* the views are shared (e.g. a client-held BatchNorm state makes them
+    per-client), but the returned views must not read it. Default: None (per-client views).
+    """
+    del server_state, client_state
+    return None
+
   def final_views(self, server_state, client_state, data, key) -> dict[str, Callable]:
     """Views of the extra evaluation after the last round (a hook: see :func:`has_hook`)."""
     raise NotImplementedError

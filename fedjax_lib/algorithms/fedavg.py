@@ -19,9 +19,11 @@ MOON, FedNTD and the others refuse such models).
 """
 
 import dataclasses
+import functools
 
 from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, abstract_variables,
-                                        linear_server, stack_clients, untrained_new_clients)
+                                        has_hook, linear_server, stack_clients,
+                                        untrained_new_clients)
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.aggregate import weighted_average
 from fedjax_lib.core.local import cross_entropy_objective, train_locally, train_model
@@ -46,6 +48,15 @@ class FedAvg(Algorithm):
   def variables(self, server_state, client_state):
     """A client's model: the global parameters with its own running statistics, if any."""
     return {**server_state["params"], **client_state.get("model_state", {})}
+
+  def shared_views(self, server_state, client_state):
+    """The global model, for every client, unless the client keeps running statistics or a
+    subclass evaluates something else (its own ``predict``, ``variables`` or ``eval_views``)."""
+    own = type(self)
+    if ("model_state" in client_state or own.predict is not FedAvg.predict
+        or own.variables is not FedAvg.variables or has_hook(self, "eval_views")):
+      return None
+    return {"": functools.partial(self.model.apply, server_state["params"])}
 
   def local_loss(self, server_state):
     """The local training loss given the received server state (a hook: FedProx adds μ)."""
