@@ -1,5 +1,7 @@
 """FedALA: parameter order, the ALA pieces against numpy, the start phase, state across rounds."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -324,27 +326,36 @@ def test_state_persists_across_rounds_and_client_update_composes(rounds):
   assert not np.allclose(upload_fresh["params"]["head"]["bias"], upload["params"]["head"]["bias"])
 
 
-def test_head_only_ala_equals_the_full_model_ala(rounds):
+@pytest.mark.parametrize("loop", ["scan", "valid"])
+def test_head_only_ala_equals_the_full_model_ala(rounds, loop):
   """With head-only upper tensors FedALA learns W on features computed once; the result is
-  the full-model procedure's, in the start phase (many epochs) and after it."""
+  the full-model procedure's, in the start phase (many epochs) and after it. With the
+  ``valid`` loop the features are of the smallest window bucket holding the client's window
+  (clients of 4 to 22 training samples here: windows of 3 to 17 in buckets 4, 8, 16, 20)."""
   eng, states = rounds
-  alg = eng.algorithm
+  alg = dataclasses.replace(eng.algorithm,
+                            local=dataclasses.replace(eng.algorithm.local, loop=loop))
   order = parameter_order(alg.model, eng.data.x.shape[1:], eng.data.x.dtype)
   key = jax.random.key(11)
+  fast = jax.jit(lambda s, st, cd: alg.ala(s, st, cd, key))
+  full = jax.jit(lambda s, st, cd: adaptive_local_aggregation(
+      st["params"], s["params"], st["weights"], st["start_phase"], cd, key,
+      loss_fn=lambda v, b: alg.ce_loss(v, b, None), order=order, layer_idx=alg.layer_idx,
+      eta=alg.eta, rand_percent=alg.rand_percent, batch_size=alg.local.batch_size,
+      threshold=alg.threshold, num_pre_loss=alg.num_pre_loss,
+      max_start_epochs=alg.max_start_epochs))
+  windows = set()
   for r, start in ((1, True), (2, False)):
-    s, state, cd = _client(eng, states[r], 2)
-    assert alg._head_split(s["params"], order) is not None  # pylint: disable=protected-access
-    state = dict(state, start_phase=jnp.asarray(start))
-    fast = jax.jit(lambda st: alg.ala(s, st, cd, key))(state)
-    full = jax.jit(lambda st: adaptive_local_aggregation(
-        st["params"], s["params"], st["weights"], st["start_phase"], cd, key,
-        loss_fn=lambda v, b: alg.ce_loss(v, b, None), order=order, layer_idx=alg.layer_idx,
-        eta=alg.eta, rand_percent=alg.rand_percent, batch_size=alg.local.batch_size,
-        threshold=alg.threshold, num_pre_loss=alg.num_pre_loss,
-        max_start_epochs=alg.max_start_epochs))(state)
-    assert int(fast[3]) == int(full[3]) >= 1
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 fast[:2], full[:2])
+    for cid in range(eng.num_clients):
+      s, state, cd = _client(eng, states[r], cid)
+      assert alg._head_split(s["params"], order) is not None  # pylint: disable=protected-access
+      state = dict(state, start_phase=jnp.asarray(start))
+      a, b = fast(s, state, cd), full(s, state, cd)
+      assert int(a[3]) == int(b[3]) >= 1
+      jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+                   a[:2], b[:2])
+      windows.add(int(0.8 * int(cd.train_count)))
+  assert len(windows) >= 3
 
 
 def test_eval_views_evaluate_the_ala_model_and_the_global_model(rounds):
