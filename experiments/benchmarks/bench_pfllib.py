@@ -19,6 +19,10 @@ respect to each other (PFLlib does not seed), so curves agree within seed noise,
 
     python experiments/benchmarks/bench_pfllib.py --pfllib /path/to/PFLlib \\
         --torch-python /path/to/python-with-torch --rounds 100 --algorithms FedAvg,FedALA,Ditto
+
+The torch Python needs what PFLlib's ``main.py`` imports: torch, torchvision (a matching pair:
+on the development machine ``pip install torch==2.14.1 torchvision==0.29.1``), numpy,
+scikit-learn, h5py, matplotlib, cvxpy and calmsize.
 """
 
 from __future__ import annotations
