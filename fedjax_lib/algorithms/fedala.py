@@ -239,8 +239,11 @@ def _window_features(features: Callable, x, rows, n, batch_size: int, buckets: b
   branch, so the traced executors (``scan`` loop) forward the whole window once.
   """
   window = rows.shape[0]
-  sizes = sorted({min(window, batch_size * 2 ** k)
-                  for k in range(max(1, -(-window // batch_size)).bit_length() + 1)})
+  sizes, size = [], batch_size
+  while size < window:
+    sizes.append(size)
+    size *= 2
+  sizes.append(window)
   if not buckets or len(sizes) == 1:
     return features(x[rows])
 
