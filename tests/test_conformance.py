@@ -1,9 +1,10 @@
 """The conformance suite: every registered algorithm goes through the same checks.
 
 Finite outputs, stable state structure and dtypes across rounds, one compilation per run shape,
-a checkpoint round trip, new-client evaluation, the vmap and sequential executors agree, a
-client's update depends on its id, not on its position in the cohort, and a server marked
-linear (`linear_server`) gives the same state for the uploads as for their weighted mean.
+a checkpoint round trip, new-client evaluation, the vmap and sequential executors agree (the
+states after two rounds, so a client's update cannot depend on the others it is vmapped with,
+and the metrics), and a server marked linear (`linear_server`) gives the same state for the
+uploads as for their weighted mean.
 """
 
 import jax
@@ -26,6 +27,10 @@ ALGORITHMS = algorithm_names()
 # those differences grow to ~5e-4 relative in the train loss by round 2 (measured
 # 2026-12-01: 22.728 vs 22.716 with no server training); accuracy still agrees exactly.
 LOSS_RTOL = {"FedKTL": 2e-3}
+# ... and in its states after two rounds to ~1e-2 (the server's feature transformer, measured
+# 2026-12-01), too far for a meaningful tolerance: FedKTL's states are compared on the HtFL
+# family instead (tests/test_conformance_htfl.py), where they stay within 1e-4.
+STATES_NOT_COMPARED = ("FedKTL",)
 
 
 def _structure(tree):
@@ -71,9 +76,14 @@ def test_conformance(name, data, tmp_path):
     new = held_out.evaluate_new_clients(s0, root, data.x[0], epochs=1)
     assert np.isfinite([new["test_acc"], new["test_auc"], new["train_loss"]]).all()
 
-  # vmap == sequential (the vmap engine above is reused: one compilation less per algorithm)
-  _, _, vmap_hist = _run(eng, rounds=2)
-  _, _, seq_hist = _run(_engine(name, "sequential", data, jr=0.8, cdr=0.25), rounds=2)
+  # vmap == sequential (the vmap engine above is reused: one compilation less per algorithm):
+  # the states — the sequential executor updates each client alone, the vmapped one all
+  # together — and the metrics.
+  s_v, c_v, vmap_hist = _run(eng, rounds=2)
+  s_s, c_s, seq_hist = _run(_engine(name, "sequential", data, jr=0.8, cdr=0.25), rounds=2)
+  if name not in STATES_NOT_COMPARED:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
+                 (s_v, c_v), (s_s, c_s))
   for a, b in zip(vmap_hist, seq_hist):
     for k in a:
       if k.startswith("test_acc"):
@@ -81,29 +91,20 @@ def test_conformance(name, data, tmp_path):
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=LOSS_RTOL.get(name, 1e-4),
                                             abs=1e-6)
 
-  # client-order invariance of client_update; a linear server's declared linearity
-  server, clients = eng.init(root, data.x[0])
-  (clients,) = clients.values()  # one architecture group
   alg = eng.algorithm
-  rkey = rng.round_key(root, 0)
-  d = eng.data
-
-  @jax.jit  # one compilation for both orders (eagerly, each call costs seconds)
-  def train(order):
-    keys = jax.vmap(rng.client_key, (None, 0))(rkey, order)
-    states = jax.tree.map(lambda a: a[order], clients)
-    fn = lambda st, i, k: alg.client_update(
-        server, st, ClientData(d.x, d.y, d.train_idx[i], d.train_count[i]), k)
-    return jax.vmap(fn)(states, order, keys)[:2]  # new client states and uploads
-
-  order = np.arange(data.num_clients)
-  forward, backward = train(jnp.asarray(order)), train(jnp.asarray(order[::-1]))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[::-1], rtol=1e-5, atol=1e-6),
-               forward, backward)
-
   if is_linear_server(alg):
-    # server_update(U, w) == server_update(weighted_mean(U)[None], sum(w)[None])
-    uploads = forward[1]
+    # server_update(U, w) == server_update(weighted_mean(U)[None], sum(w)[None]), for
+    # uploads shaped as client_update's (traced, not compiled), of random values
+    server, clients = eng.init(root, data.x[0])
+    (clients,) = clients.values()  # one architecture group
+    rkey = rng.round_key(root, 0)
+    d = eng.data
+    upload = jax.eval_shape(alg.client_update, server, jax.tree.map(lambda a: a[0], clients),
+                            ClientData(d.x, d.y, d.train_idx[0], d.train_count[0]), rkey)[1]
+    leaves, treedef = jax.tree.flatten(upload)
+    draw = np.random.default_rng(0)
+    uploads = jax.tree.unflatten(treedef, [
+        jnp.asarray(draw.normal(size=(data.num_clients, *a.shape)), a.dtype) for a in leaves])
     weights = jnp.asarray(np.r_[np.arange(1, data.num_clients), 0.0], jnp.float32)
     full = alg.server_update(server, uploads, weights, rkey)
     mean = jax.tree.map(lambda u: jnp.tensordot(weights / weights.sum(), u, axes=1)[None],
