@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedjax_lib.algorithms import get_algorithm
-from fedjax_lib.algorithms.fedala import (ALA_STREAM, adaptive_local_aggregation, ala_mix,
+from fedjax_lib.algorithms.fedala import (adaptive_local_aggregation, ala_mix,
                                           losses_converged, parameter_order, pytorch_order,
                                           sample_window, take, upper_mask, upper_paths,
                                           weight_step)
@@ -253,23 +253,27 @@ def test_start_phase_stops_at_the_cap():
 
 
 # ---------------------------------------------------------------- the algorithm
-def _fedala_engine(data, **params):
-  return engine_test._engine("FedALA", "vmap", data, jr=1.0, cdr=0.0, unroll=1,
+def _fedala_engine(data, jr=1.0, **params):
+  return engine_test._engine("FedALA", "vmap", data, jr=jr, cdr=0.0, unroll=1,
                              params=params or None)
 
 
 @pytest.fixture(scope="module")
 def rounds():
-  """An engine and its states after init, round 0 and round 1 (shared: compiling is slow)."""
+  """An engine (4 of 6 clients selected per round) and its states after init, round 0 and
+  round 1, and who trained in rounds 0 and 1 (shared: compiling is slow)."""
   data = _small_data()
-  eng = _fedala_engine(data, max_start_epochs=20)
+  eng = _fedala_engine(data, jr=0.67, max_start_epochs=20)
   root = rng.root_key(0)
   s, c = eng.init(root, eng.data.x[0])
   states = [(s, c["model"])]  # the one architecture group's client states
+  selected = []
   for r in range(2):
-    s, c, _ = eng.run_round(*jax.tree.map(jnp.copy, (s, c)), root, r)
+    s, c, m = eng.run_round(*jax.tree.map(jnp.copy, (s, c)), root, r)
     states.append((s, c["model"]))
-  return eng, states
+    selected.append(sorted(set(np.asarray(m["selected"]).tolist()) - {-1}))
+  assert [len(ids) for ids in selected] == [4, 4]
+  return eng, states, selected
 
 
 def _client(eng, states, cid):
@@ -291,39 +295,57 @@ def test_hyperparameters_and_validation():
       _fedala_engine(data, **bad)
 
 
-def test_state_persists_across_rounds_and_client_update_composes(rounds):
-  eng, states = rounds
+def test_state_persists_across_rounds_and_every_client_receives_by_ala(rounds):
+  eng, states, selected = rounds
   alg = eng.algorithm
-  c = states[0][1]
+  c = states[0][1]  # init: before round 0 nothing is received
   assert set(c) == {"params", "weights", "start_phase"} and c["start_phase"].dtype == jnp.bool_
   assert jax.tree.structure(c["weights"]["params"]) == jax.tree.structure(
       {"head": {"bias": 0, "kernel": 0}})  # layer_idx = 2: the classifier's weight and bias
-  c = states[1][1]  # round 0: the guard, nothing learned
   assert np.all(np.asarray(c["start_phase"]))
   jax.tree.map(lambda w: np.testing.assert_array_equal(w, 1.0), c["weights"])
-  c = states[2][1]  # round 1: the start phase
-  assert not np.any(np.asarray(c["start_phase"]))
+  c = states[1][1]  # after round 0: every client, selected or not, ALA'd the aggregate
+  assert not np.any(np.asarray(c["start_phase"]))  # (PFLlib's round-1 start phase)
   assert not all(np.allclose(w, 1.0) for w in jax.tree.leaves(c["weights"]))
 
-  # Round 2: client_update = ALA from the STORED weights (one epoch), then local SGD.
-  s, state, cd = _client(eng, states[2], 2)
-  key = jax.random.key(7)
+  # Round 1 of a selected client, by hand: local SGD from the stored model (client_update),
+  # the aggregate, then ALA of it into the trained model (receive_client), the engine's keys.
+  cid = selected[1][0]
+  rkey = rng.round_key(rng.root_key(0), 1)
+  s, state, cd = _client(eng, states[1], cid)
+  new_server = states[2][0]
+  receive_key = rng.client_key(rng.receive_round_key(rkey), cid)
 
   @jax.jit
-  def run(state):
-    new_state, upload, metrics = alg.client_update(s, state, cd, key)
-    local, w, _, epochs = alg.ala(s, state, cd, jax.random.fold_in(key, ALA_STREAM))
-    trained, _, _ = train_locally(local, cd, key, alg.local, alg.ce_loss)
-    return new_state, upload, metrics, trained, w, epochs
+  def by_hand(state):
+    trained, upload, metrics = alg.client_update(s, state, cd, rng.client_key(rkey, cid))
+    sgd, _, _ = train_locally(state["params"], cd, rng.client_key(rkey, cid), alg.local,
+                              alg.ce_loss)
+    received = alg.receive_client(new_server, trained, cd, receive_key)
+    ala = alg.ala(new_server, trained, cd, receive_key)
+    return trained, upload, metrics, sgd, received, ala
 
-  new_state, upload, metrics, trained, w, epochs = run(state)
+  trained, upload, metrics, sgd, received, ala = by_hand(state)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  jax.tree.map(close, (new_state["params"], upload, new_state["weights"]), (trained, trained, w))
-  assert int(metrics["ala_epochs"]) == int(epochs) == 1 and not bool(new_state["start_phase"])
+  jax.tree.map(close, (trained["params"], upload), (sgd, sgd))
+  jax.tree.map(np.testing.assert_array_equal, (trained["weights"], trained["start_phase"]),
+               (state["weights"], state["start_phase"]))  # training leaves W alone
+  assert "loss" in metrics
+  local, w, start_phase, epochs = ala
+  assert int(epochs) == 1 and not bool(start_phase)  # after the start phase: one epoch
+  jax.tree.map(close, (received["params"], received["weights"]), (local, w))
   assert not jax.tree.all(jax.tree.map(np.allclose, w, state["weights"]))  # W moved on
-  fresh = dict(state, weights=jax.tree.map(jnp.ones_like, state["weights"]))
-  upload_fresh = run(fresh)[1]
-  assert not np.allclose(upload_fresh["params"]["head"]["bias"], upload["params"]["head"]["bias"])
+  # ... which is the engine's state of that client after round 1.
+  jax.tree.map(close, received, jax.tree.map(lambda a: a[cid], states[2][1]))
+
+  # A client not selected in round 1 does not train, but still receives (PFLlib's
+  # send_models runs ALA on every client): its state is the ALA of its stored model.
+  other = sorted(set(range(eng.num_clients)) - set(selected[1]))[0]
+  s, state, cd = _client(eng, states[1], other)
+  received = jax.jit(alg.receive_client)(
+      new_server, state, cd, rng.client_key(rng.receive_round_key(rkey), other))
+  jax.tree.map(close, received, jax.tree.map(lambda a: a[other], states[2][1]))
+  assert not jax.tree.all(jax.tree.map(np.allclose, received["weights"], state["weights"]))
 
 
 @pytest.mark.parametrize("loop", ["scan", "valid"])
@@ -332,7 +354,7 @@ def test_head_only_ala_equals_the_full_model_ala(rounds, loop):
   the full-model procedure's, in the start phase (many epochs) and after it. With the
   ``valid`` loop the features are of the smallest window bucket holding the client's window
   (clients of 4 to 22 training samples here: windows of 3 to 17 in buckets 4, 8, 16, 20)."""
-  eng, states = rounds
+  eng, states, _ = rounds
   alg = dataclasses.replace(eng.algorithm,
                             local=dataclasses.replace(eng.algorithm.local, loop=loop))
   order = parameter_order(alg.model, eng.data.x.shape[1:], eng.data.x.dtype)
@@ -345,9 +367,10 @@ def test_head_only_ala_equals_the_full_model_ala(rounds, loop):
       threshold=alg.threshold, num_pre_loss=alg.num_pre_loss,
       max_start_epochs=alg.max_start_epochs))
   windows = set()
-  for r, start in ((1, True), (2, False)):
-    for cid in range(eng.num_clients):
-      s, state, cd = _client(eng, states[r], cid)
+  for r, start in ((0, True), (1, False)):
+    for cid in range(eng.num_clients):  # the stored models of round r, the aggregate of r + 1
+      _, state, cd = _client(eng, states[r], cid)
+      s = states[r + 1][0]
       assert alg._head_split(s["params"], order) is not None  # pylint: disable=protected-access
       state = dict(state, start_phase=jnp.asarray(start))
       a, b = fast(s, state, cd), full(s, state, cd)
@@ -358,27 +381,20 @@ def test_head_only_ala_equals_the_full_model_ala(rounds, loop):
   assert len(windows) >= 3
 
 
-def test_eval_views_evaluate_the_ala_model_and_the_global_model(rounds):
-  eng, states = rounds
+def test_eval_views_evaluate_the_stored_model_and_the_global_model(rounds):
+  """The personal view is the stored model, already ALA-initialised by the last receive."""
+  eng, states, _ = rounds
   alg = eng.algorithm
   key = jax.random.key(5)
   x = eng.data.x[:6]
-  # Before any training the round-0 guard holds: the personal view is the stored model.
-  s, state, cd = _client(eng, states[0], 1)
+  s, state, cd = _client(eng, states[0], 1)  # init: every client holds the global model
   views = alg.eval_views(s, state, cd, key)
   assert list(views) == ["personal", "global"]
   np.testing.assert_array_equal(views["personal"](x), views["global"](x))
 
-  s, state, cd = _client(eng, states[1], 1)
-
-  @jax.jit
-  def outputs(state):
-    views = alg.eval_views(s, state, cd, key)
-    local = alg.ala(s, state, cd, jax.random.fold_in(key, ALA_STREAM))[0]
-    return (views["personal"](x), views["global"](x), alg.model.apply(local, x),
-            alg.model.apply(s["params"], x), alg.model.apply(state["params"], x))
-
-  personal, global_, ala_out, global_out, stored_out = outputs(state)
-  np.testing.assert_allclose(personal, ala_out, rtol=1e-6)
-  np.testing.assert_allclose(global_, global_out, rtol=1e-6)
-  assert not np.allclose(personal, stored_out)  # the ALA changed the stored model
+  s, state, cd = _client(eng, states[2], 1)
+  views = alg.eval_views(s, state, cd, key)
+  personal, global_ = views["personal"](x), views["global"](x)
+  np.testing.assert_array_equal(personal, alg.model.apply(state["params"], x))
+  np.testing.assert_array_equal(global_, alg.model.apply(s["params"], x))
+  assert not np.allclose(personal, global_)

@@ -16,7 +16,11 @@ Changed on purpose since, and held to float tolerance: FedALA's ALA on cached fe
 forward pass instead of one per batch; the same arithmetic, rounded differently), and the
 evaluation of the algorithms whose views are the global model's (`Algorithm.shared_views`:
 every sample forwarded once in blocks instead of per client; the train loss of FedAvg and
-FedProx on the sequential executor moved in the 8th digit).
+FedProx on the sequential executor moved in the 8th digit). Re-pinned on purpose: FedALA's two
+runs (2026-12-01), when its ALA moved into `Algorithm.receive_client` (once per round, on every
+client, the model then evaluated and trained, as PFLlib's ``send_models``; before, ALA ran
+in the evaluation and again in the update, with different sample windows, and only on the
+selected clients).
 """
 
 import json
@@ -33,7 +37,8 @@ PINNED = json.load(open(os.path.join(os.path.dirname(__file__), "data",
 
 
 VMAP_IN_CI = ("FedAvg", "Ditto", "FedDBE", "LG-FedAvg")
-# FedALA: ALA on cached features; FedAvg, FedProx: the shared evaluation (docstring).
+# FedALA: ALA on cached features (and re-pinned since); FedAvg, FedProx: the shared
+# evaluation (docstring).
 ROUNDED_DIFFERENTLY = ("FedALA", "FedAvg", "FedProx")
 KEYS = sorted(k for k in PINNED["runs"] if os.environ.get("FEDJAX_REGRESSION_ALL")
               or k.endswith("/sequential") or k.split("/")[0] in VMAP_IN_CI)

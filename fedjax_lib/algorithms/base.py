@@ -35,6 +35,12 @@ Optional hooks. A hook exists exactly when the algorithm's class defines it (see
   freshly initialised client state.
 - ``warmup_client`` / ``warmup_server`` (both or neither): an initialisation period run once
   over ALL clients before round 0 (FedDBE's global mean).
+- ``receive_client(server_state, client_state, data, key) -> client_state``: what EVERY
+  client does with the new server state at the end of each round, after the aggregation —
+  selected or not (PFLlib's ``send_models`` where it changes client state: FedALA's local
+  initialisation). The result is what the client is evaluated with and starts its next
+  update from; so work done here is not repeated by the evaluation and the update. Before
+  round 0 nothing is received (the clients hold ``init``'s state).
 - ``server_inputs() -> pytree``: constant inputs of the server that are not state (FedKTL's
   pretrained generator parameters), loaded once on the host. The engine passes them to
   ``server_update(..., inputs=...)`` as an argument of the compiled round (never a constant
@@ -189,6 +195,11 @@ class Algorithm:
     """Images the server generated, or None (a hook: see :func:`has_hook`)."""
     raise NotImplementedError
 
+  def receive_client(self, server_state, client_state, data, key):
+    """One client's new state after it receives the new server state (a hook: see
+    :func:`has_hook`)."""
+    raise NotImplementedError
+
   def warmup_client(self, server_state, client_state, data, key):
     """One client's part of the initialisation period: ``(client_state, upload)``."""
     raise NotImplementedError
@@ -296,7 +307,7 @@ def supports_train_mode(algorithm) -> bool:
 
 
 HOOKS = ("eval_views", "final_views", "new_client_variables", "warmup_client",
-         "warmup_server", "server_inputs", "generated_images")
+         "warmup_server", "receive_client", "server_inputs", "generated_images")
 
 
 def has_hook(algorithm, name: str) -> bool:

@@ -2,10 +2,11 @@
 
 Zhang, Hua, Wang, Song, Xue, Ma, Guan, AAAI 2023.
 
-Every client keeps its own local model ``θ``. Before local training, the client mixes the
-received global model ``θ_g`` into ``θ`` with learned element-wise weights ``W`` (Adaptive
-Local Aggregation, ALA), then trains the mixed model with plain SGD on cross-entropy and
-uploads it; the server is FedAvg's sample-weighted average of the uploaded full models.
+Every client keeps its own local model ``θ``. When it receives the global model ``θ_g``, the
+client mixes it into ``θ`` with learned element-wise weights ``W`` (Adaptive Local
+Aggregation, ALA); that model is evaluated, and a selected client trains it with plain SGD on
+cross-entropy and uploads it; the server is FedAvg's sample-weighted average of the uploaded
+full models.
 
 ALA of one client (PFLlib ``utils/ALA.py``), with the "upper" tensors being the last
 ``layer_idx`` parameter tensors in PyTorch ``.parameters()`` order (:func:`parameter_order`,
@@ -35,30 +36,30 @@ Hyperparameters (PFLlib defaults and flags): ``eta`` = 1.0 (``-et``), ``rand_per
 and bias), ``threshold`` = 0.1 and ``num_pre_loss`` = 10 (hard-coded in PFLlib), and
 ``max_start_epochs`` = 100 (ours, see below).
 
-State: server ``{"params": θ_g}``; client ``{"params": θ (its last trained model),
+State: server ``{"params": θ_g}``; client ``{"params": θ (its ALA-initialised model: the last
+trained one after the ALA of the global model received since; the initial model before round
+0),
 "weights": W (ones shaped like the upper tensors only, nested like the variables),
 "start_phase": bool scalar (True until the first ALA that passes the round-0 guard)}``.
 
-Views: ``personal`` (``test_acc``) is the client's ALA-initialised model, i.e. what PFLlib
-evaluates (its ``send_models`` runs ALA on every client before ``evaluate``); ``global`` is the
-server model. The engine evaluates before ``client_update``, so :meth:`FedALA.eval_views`
-recomputes the ALA from the client state on the fly; nothing from it is persisted.
+When ALA runs: PFLlib's ``send_models`` runs it on EVERY client at the start of each round,
+before the evaluation and the training. Here it is :meth:`FedALA.receive_client`, which the
+engine runs on every client, selected or not, right after each round's aggregation (the
+next round's ``send_models``; before round 0 PFLlib's ALA changes nothing, by the round-0
+guard, and here nothing runs). So ALA runs once per client and round, and the model
+evaluated is the one trained next: ``client_update`` is local SGD from the stored model.
 
-Key derivation: ALA's sample uses ``fold_in(key, ALA_STREAM)``; local SGD uses the client's
-round key unchanged (its shuffling equals FedAvg's).
+Views: ``personal`` (``test_acc``) is the client's stored, ALA-initialised model, i.e. what
+PFLlib evaluates; ``global`` is the server model.
+
+Key derivation: ALA's sample uses the key of `receive_client` (the engine's receive stream,
+`fedjax_lib.core.rng.receive_round_key`); local SGD uses the client's round key unchanged (its
+shuffling equals FedAvg's).
 
 Differences from PFLlib:
 
 - PFLlib's start phase loops until the std criterion holds, possibly forever;
   ``max_start_epochs`` caps it (100 epochs by default).
-- The evaluation's ALA draws its sample window from the evaluation key, so it generally
-  uses a different window than the ALA of the training round that follows (PFLlib runs ALA
-  once per round and both evaluates and trains that model). The evaluated ALA model starts
-  from the same state (local model, W, start phase) as the training round's.
-- PFLlib runs ALA on EVERY client each round (``send_models``), also on clients that are not
-  selected, whose local model, ``W`` and start phase then change without training. Here ALA
-  runs in ``client_update``, i.e. on the selected clients only (identical with the default
-  ``join_ratio`` = 1, also with drop-outs: dropped clients still train, as in PFLlib).
 - The sample window uses the key instead of Python's unseeded ``random``.
 - The std is computed in float32 from float32 losses (PFLlib: float64 ``np.std`` of
   ``loss.item()`` values); the population std (``ddof = 0``) as ``np.std``.
@@ -85,9 +86,6 @@ from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.local import Batch, ClientData, masked_cross_entropy, train_locally
 from fedjax_lib.errors import ConfigError
-
-# fold_in tag of the ALA sample-window stream (local SGD uses the key as is).
-ALA_STREAM = 0xA1A
 
 Path = tuple[str, ...]
 
@@ -468,21 +466,26 @@ class FedALA(FedAvg):
         self.model.apply(variables, z, method="classify"), batch.y, batch.mask)
     return features, head_loss
 
+  def receive_client(self, server_state, client_state, data, key):
+    """ALA of the received global model into the client's model (every client, every round:
+    PFLlib's ``send_models``); the result is evaluated and trained next."""
+    local, weights, start_phase, _ = self.ala(server_state, client_state, data, key)
+    return {"params": local, "weights": weights, "start_phase": start_phase}
+
   def client_update(self, server_state, client_state, data, key):
-    local, weights, start_phase, epochs = self.ala(server_state, client_state, data,
-                                                   jax.random.fold_in(key, ALA_STREAM))
-    params, _, stats = train_locally(local, data, key, self.local, self.ce_loss)
-    state = {"params": params, "weights": weights, "start_phase": start_phase}
-    return state, params, dict(stats, ala_epochs=epochs)
+    """Local SGD from the stored, already ALA-initialised model; uploads it."""
+    del server_state
+    params, _, stats = train_locally(client_state["params"], data, key, self.local,
+                                     self.ce_loss)
+    return dict(client_state, params=params), params, stats
 
   def predict(self, server_state, client_state, x):
-    """The client's stored local model (before this round's ALA; see :meth:`eval_views`)."""
+    """The client's stored model: ALA-initialised with the last global model it received."""
     del server_state
     return self.model.apply(client_state["params"], x)
 
   def eval_views(self, server_state, client_state, data, key):
-    """The ALA-initialised local model (``personal``, recomputed) and the global model."""
-    local, _, _, _ = self.ala(server_state, client_state, data,
-                              jax.random.fold_in(key, ALA_STREAM))
-    return {"personal": functools.partial(self.model.apply, local),
+    """The stored ALA-initialised model (``personal``) and the global model."""
+    del data, key
+    return {"personal": functools.partial(self.predict, server_state, client_state),
             "global": functools.partial(self.model.apply, server_state["params"])}

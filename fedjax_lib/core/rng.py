@@ -7,6 +7,8 @@ the cohort), through a separate stream tag so that streams never collide::
     root ──fold_in(round)──> round_key ──fold_in(SELECT)──> selection / drop-outs
                                       ├──fold_in(CLIENT)──fold_in(client_id)──> local training
                                       ├──fold_in(SERVER)──> server update
+                                      ├──fold_in(RECEIVE)──fold_in(client_id)──> what every
+                                      │      client does with the new server state (FedALA)
                                       └──fold_in(EVAL)──fold_in(client_id)──> evaluation
     root ──fold_in(INIT)──> model / state initialisation
     root ──fold_in(WARMUP)──> an initialisation period before round 0 (FedDBE)
@@ -28,6 +30,7 @@ SELECT = 0x5E1
 CLIENT = 0xC11E
 SERVER = 0x5E4
 EVAL = 0xE7A1
+RECEIVE = 0x4EC5
 WARMUP = 0x3A53
 NEW = 0x4E3
 DP_EXAMPLE = 0xD9E8
@@ -56,6 +59,12 @@ def client_key(rkey: jax.Array, client_id) -> jax.Array:
 
 def server_key(rkey: jax.Array) -> jax.Array:
   return jax.random.fold_in(rkey, SERVER)
+
+
+def receive_round_key(rkey: jax.Array) -> jax.Array:
+  """The round's key of `Algorithm.receive_client` (its clients' keys fold in their ids, as
+  `client_key` does)."""
+  return jax.random.fold_in(rkey, RECEIVE)
 
 
 def eval_key(rkey: jax.Array, client_id) -> jax.Array:
