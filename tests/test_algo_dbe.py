@@ -233,7 +233,7 @@ def test_client_update_matches_hand_derived_sgd():
   r, x, y, model, params, data = _linear_problem()
   lr, m, klw = 0.4, 0.3, 5.0
   spec = LocalSpec(learning_rate=lr, batch_size=len(y), local_epochs=2, steps_per_epoch=2,
-                   unroll=0)
+                   unroll=1)
   alg = make_algorithm("FedDBE", model, spec, {"momentum": m, "kl_weight": klw})
   prbm = r.normal(size=3).astype(np.float32)
   gm = r.normal(size=3).astype(np.float32)
@@ -271,7 +271,7 @@ def test_warmup_client_ema_matches_numpy():
   r, x, y, model, params, data = _linear_problem(seed=2)
   lr, m = 0.5, 0.35
   spec = LocalSpec(learning_rate=lr, batch_size=len(y), local_epochs=3, steps_per_epoch=2,
-                   unroll=0)
+                   unroll=1)
   alg = make_algorithm("FedDBE", model, spec, {"momentum": m, "kl_weight": 7.0})
   server = {"params": params, "global_mean": jnp.asarray(r.normal(size=3), jnp.float32)}
   prbm = jnp.asarray(r.normal(size=3), jnp.float32)

@@ -155,7 +155,7 @@ def test_fedamp_server_on_eight_devices_equals_one():
   the one-device state, the client states too."""
   data = _small_data(num_clients=11)
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
-                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
+                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=1)
   alg = make_algorithm("FedAMP", make_model("mlr", data.sample_shape, data.num_classes), spec,
                        {"sigma": 50.0, "alphaK": 5.0})
   (s1, c1), (s8, c8) = one_and_eight_device_states(alg, data)

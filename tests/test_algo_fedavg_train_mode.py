@@ -225,7 +225,7 @@ def test_fedavg_without_training_mode_is_unchanged():
 def _engine(executor, data, new_clients=0, name="FedAvg"):
   model = BaseHeadModel(base=BatchNormBase(), head=TorchDense(data.num_classes))
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=2,
-                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
+                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=1)
   n = data.num_clients - new_clients
   return engine_lib.Engine(make_algorithm(name, model, spec, {"mu": 0.1} if name == "Ditto"
                                           else None),

@@ -412,7 +412,7 @@ def test_fedmtl_server_on_eight_devices_equals_one():
   too; S and Q stay the row sums of W."""
   data = _small_data(num_clients=11)
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
-                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
+                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=1)
   alg = make_algorithm("FedMTL", make_model("mlr", data.sample_shape, data.num_classes), spec,
                        {"lam": 10.0})  # s = 10 · 10⁻³ for the 39 parameters
   (s1, c1), (s8, c8) = one_and_eight_device_states(alg, data)

@@ -480,7 +480,7 @@ def test_server_on_eight_devices_equals_one(name):
   too."""
   data = _small_data(num_clients=11)
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
-                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
+                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=1)
   params = {"tau": 0.5, "beta": 2.0} if name == "FedCAC" else {"join_ratio": 0.8}
   alg = make_algorithm(name, make_model("mlr", data.sample_shape, data.num_classes), spec,
                        params)

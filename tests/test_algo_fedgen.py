@@ -29,7 +29,7 @@ SMALL = {"noise_dim": 4, "hidden_dim": 8, "server_epochs": 3}
 def _alg(data, lr=0.1, batch_size=4, model="dnn", **params):
   m = make_model(model, data.sample_shape, data.num_classes, feature_dim=16)
   spec = LocalSpec(learning_rate=lr, batch_size=batch_size, local_epochs=1,
-                   steps_per_epoch=int(data.train_count.max()) // batch_size, unroll=0)
+                   steps_per_epoch=int(data.train_count.max()) // batch_size, unroll=1)
   return make_algorithm("FedGen", m, spec, {**SMALL, **params})
 
 

@@ -21,7 +21,7 @@ from fedjax_lib.runner import run_experiment
 from tests.test_engine import _small_data
 
 QUIET = dict(log=lambda msg: None)
-SPEC = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1, steps_per_epoch=3, unroll=0)
+SPEC = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1, steps_per_epoch=3, unroll=1)
 
 
 # ---------------------------------------------------------------------------- numpy references

@@ -142,7 +142,7 @@ def _toy(num_clients=4, classes_of=((0, 1), (1, 2), (0, 1, 2, 3), (3,)), dim=6, 
 def _alg(name, data, lr=0.1, **params):
   model = make_model("dnn", data.sample_shape, data.num_classes, feature_dim=8)
   spec = LocalSpec(learning_rate=lr, batch_size=3, local_epochs=1,
-                   steps_per_epoch=int(data.train_count.max()) // 3, unroll=0)
+                   steps_per_epoch=int(data.train_count.max()) // 3, unroll=1)
   return make_algorithm(name, model, spec, params or None)
 
 

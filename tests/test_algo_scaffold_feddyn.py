@@ -300,7 +300,7 @@ def test_server_on_eight_devices_equals_one(name):
   of tests/test_sharding.py, two rounds without evaluation to stay quick)."""
   data = _small_data(num_clients=11)
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
-                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
+                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=1)
   alg = make_algorithm(name, make_model("dnn", data.sample_shape, data.num_classes), spec)
   device_data = engine_lib.DeviceData.from_federated(data)
   part = engine_lib.Participation(data.num_clients, 0.8, False, 0.25)

@@ -35,7 +35,7 @@ def _small_data(num_clients=5, seed=0, dim=8):
 def _engine(algo, data, executor="vmap", jr=1.0, cdr=0.0, model="dnn"):
   m = make_model(model, data.sample_shape, data.num_classes)
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
-                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
+                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=1)
   return engine_lib.Engine(make_algorithm(algo, m, spec),
                            engine_lib.DeviceData.from_federated(data),
                            engine_lib.Participation(data.num_clients, jr, False, cdr),
@@ -127,7 +127,7 @@ def test_fedrep_head_uses_old_base_and_base_uses_new_head():
   y = r.integers(0, 2, 8)
   model = BaseHeadModel(base=_Tanh(), head=nn.Dense(2))
   lr = 0.5
-  spec = LocalSpec(learning_rate=lr, batch_size=8, local_epochs=1, steps_per_epoch=1, unroll=0)
+  spec = LocalSpec(learning_rate=lr, batch_size=8, local_epochs=1, steps_per_epoch=1, unroll=1)
   alg = make_algorithm("FedRep", model, spec)
   server, clients = alg.init(jax.random.PRNGKey(0), jnp.asarray(x[0]), 1)
   client = jax.tree.map(lambda a: a[0], clients)

@@ -48,7 +48,7 @@ def _models(data):
 
 def _engine(name, executor, data, new_clients=0, jr=0.8, cdr=0.25):
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=2,
-                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
+                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=1)
   params = suite_params(name, **({"server_epochs": 2} if name == "FedTGP" else {}))
   models = _models(data)
   alg = make_algorithm(name, models["bn"], spec, params)
@@ -128,7 +128,7 @@ def test_base_sharing_algorithms_keep_running_statistics_per_client(name, data):
   """FedPer and FedRep share the base's parameters, never its BatchNorm statistics."""
   model = _models(data)["bn"]
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
-                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
+                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=1)
   eng = engine_lib.Engine(make_algorithm(name, model, spec),
                           engine_lib.DeviceData.from_federated(data),
                           engine_lib.Participation(data.num_clients), executor="vmap")

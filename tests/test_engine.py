@@ -27,7 +27,7 @@ def _small_data(num_clients=6, seed=0, dim=12):
   return FederatedData.from_client_indices("toy", x, y, train, test, 3)
 
 
-def _engine(algo, executor, data, model="dnn", jr=0.7, rjr=False, cdr=0.25, unroll=0,
+def _engine(algo, executor, data, model="dnn", jr=0.7, rjr=False, cdr=0.25, unroll=1,
             params=None, new_clients=0):
   m = make_model(model, data.sample_shape, data.num_classes)
   if params is None:

@@ -30,7 +30,7 @@ def _groups_engine(algo, data, executor="vmap", jr=1.0, cdr=0.0, feature_dim=16,
                    names=("dnn", "mlr")):
   """Client i uses names[i % 2]: two groups over the toy data."""
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
-                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
+                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=1)
   models = {n: make_model(n, data.sample_shape, data.num_classes, feature_dim=feature_dim)
             for n in names}
   base = make_algorithm(algo, models[names[0]], spec)

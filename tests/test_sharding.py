@@ -164,7 +164,7 @@ class AttentiveAvg(FedAvg):
 def test_non_linear_server_is_replicated_and_equals_one_device():
   data = _small_data(num_clients=11)
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
-                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
+                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=1)
   alg = AttentiveAvg(model=make_model("dnn", data.sample_shape, data.num_classes), local=spec)
   assert not is_linear_server(alg)  # overriding server_update drops FedAvg's linear mark
   device_data = engine_lib.DeviceData.from_federated(data)
@@ -292,7 +292,7 @@ def test_htfl_servers_on_heterogeneous_groups_equal_one_device(name):
   if name == "FedKTL":
     data = as_images(data)
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
-                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=0)
+                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=1)
   if name in ("FedGH", "FedGen"):  # one dense head for both architectures
     models = htfl_suite._models(data)
   else:
