@@ -7,8 +7,9 @@ the cohort), through a separate stream tag so that streams never collide::
     root ──fold_in(round)──> round_key ──fold_in(SELECT)──> selection / drop-outs
                                       ├──fold_in(CLIENT)──fold_in(client_id)──> local training
                                       ├──fold_in(SERVER)──> server update
-                                      ├──fold_in(RECEIVE)──fold_in(client_id)──> what every
-                                      │      client does with the new server state (FedALA)
+                                      ├──fold_in(RECEIVE)──fold_in(CLIENT)──fold_in(client_id)
+                                      │      ──> what every client does with the new server
+                                      │      state (FedALA)
                                       └──fold_in(EVAL)──fold_in(client_id)──> evaluation
     root ──fold_in(INIT)──> model / state initialisation
     root ──fold_in(WARMUP)──> an initialisation period before round 0 (FedDBE)
