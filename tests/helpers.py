@@ -127,3 +127,13 @@ def numeric_grad(f, tree, eps=1e-6):
         g[j] += sign * f(jax.tree.unflatten(treedef, moved)) / (2 * eps)
     grads.append(g)
   return jax.tree.unflatten(treedef, grads)
+
+
+def assert_replicated(tree):
+  """Every device holds the same bytes of every leaf (a server state on a client mesh)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  for leaf in jax.tree.leaves(tree):
+    shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+    assert len(shards) == 8 or leaf.sharding.is_fully_replicated
+    for shard in shards[1:]:
+      np.testing.assert_array_equal(shard, shards[0])

@@ -18,7 +18,7 @@ from fedjax_lib.core.local import ClientData, LocalSpec, batch_schedule
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
 from tests.test_engine import _small_data
-from tests.test_sharding import _assert_replicated
+from tests.helpers import assert_replicated
 
 
 pytestmark = pytest.mark.usefixtures("fast_compile")  # see tests/conftest.py
@@ -488,7 +488,7 @@ def test_server_on_eight_devices_equals_one(name):
   put = lambda tree, where: jax.tree.map(lambda a: jax.device_put(a, where), tree)
   many = jax.jit(alg.server_update, out_shardings=replicated)(
       put(server, replicated), put(uploads, sharded), put(weights, sharded), key)
-  _assert_replicated(many)
+  assert_replicated(many)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), one, many)
   if name == "FedPAC":
     assert (np.asarray(many["head_round"]) == 0).sum() == 11  # every valid slot's client

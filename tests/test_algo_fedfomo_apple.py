@@ -23,7 +23,7 @@ from fedjax_lib.core.local import ClientData, LocalSpec, train_locally
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
 from tests.test_engine import _small_data
-from tests.test_sharding import _assert_replicated
+from tests.helpers import assert_replicated
 
 DIM, CLASSES = 5, 3
 
@@ -432,7 +432,7 @@ def test_servers_on_eight_devices_equal_one():
         server, clients, _ = eng.run_round(server, clients, root, r)
       results.append((eng, server, clients))
     (_, s1, c1), (many, s8, c8) = results
-    _assert_replicated(s8)
+    assert_replicated(s8)
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     jax.tree.map(close, s1, s8)
     jax.tree.map(close, c1, many.export_states(c8))

@@ -22,7 +22,8 @@ from fedjax_lib.core.local import ClientData, LocalSpec
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
 from tests.test_engine import _small_data
-from tests.test_sharding import _assert_replicated, one_and_eight_device_states
+from tests.helpers import assert_replicated
+from tests.test_sharding import one_and_eight_device_states
 from tests.helpers import numeric_grad as _numeric_grad
 
 DIM, HIDDEN, CLASSES, LR = 4, 3, 3, 0.3
@@ -446,7 +447,7 @@ def test_fedpcl_server_on_sharded_uploads_equals_one_device():
               jax.device_put(uploads, sharded), jax.device_put(jnp.asarray(weights), sharded),
               key)
   one = jax.jit(alg.server_update)(server, uploads, jnp.asarray(weights), key)
-  _assert_replicated(many)
+  assert_replicated(many)
   jax.tree.map(lambda a, b: _close(a, b, rtol=1e-6, atol=1e-7), one, many)
   assert np.all(np.isfinite(np.asarray(many["client_protos"])))
   assert np.asarray(many["client_present"]).any()

@@ -17,7 +17,7 @@ from fedjax_lib.core.local import ClientData, LocalSpec
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
 from tests.test_engine import _engine, _small_data
-from tests.test_sharding import _assert_replicated
+from tests.helpers import assert_replicated
 
 N_SAMPLES, DIM, CLASSES, LR = 6, 5, 3, 0.3
 
@@ -309,7 +309,7 @@ def test_server_on_eight_devices_equals_one(name):
                            mesh=engine_lib.client_mesh(8))
   s1, c1 = _train(one)
   s8, c8 = _train(many)
-  _assert_replicated(s8)
+  assert_replicated(s8)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   jax.tree.map(close, s1, s8)
   jax.tree.map(close, c1, many.export_states(c8))

@@ -112,7 +112,7 @@ def references(tmp_path_factory):
   return refs
 
 
-TRIALS = int(os.environ.get("FEDJAX_SIGNAL_TRIALS", "4"))
+TRIALS = int(os.environ.get("FEDJAX_SIGNAL_TRIALS", "2"))
 
 
 @pytest.mark.parametrize("trial", range(TRIALS))

@@ -4,6 +4,8 @@ Covers the runner path (FedAvg, Ditto, FedALA), padding of client counts and coh
 that do not divide the device count, the chunked executor under shard_map, servers on
 sharded uploads (a weighted average and a non-linear rule: replicated, equal to one device),
 resuming a checkpoint on another device count, and a real two-process (multi-host) run.
+The non-linear HtFL servers on two architecture groups are run sharded in their conformance
+suite (tests/test_conformance_htfl.py), FedKTL's here.
 """
 
 import dataclasses
@@ -30,8 +32,7 @@ from fedjax_lib.core import rng
 from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
-from tests import test_conformance_htfl as htfl_suite
-from tests.helpers import as_images, suite_params
+from tests.helpers import as_images, assert_replicated, suite_params
 from tests.test_engine import _engine, _run, _small_data
 
 QUIET = dict(log=lambda msg: None)
@@ -89,7 +90,7 @@ def test_partial_participation_and_padding(algo, executor, jr, rjr):
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   jax.tree.map(close, s1, s2)
   jax.tree.map(close, c1, eng.export_states(c2))
-  _assert_replicated(s2)
+  assert_replicated(s2)
   # One compiled round and evaluation; states laid out along the clients axis, 16 rows.
   assert eng.trace_counts["round"] == 1 and eng.trace_counts["evaluate"] == 1
   leaf = jax.tree.leaves(c2)[0]  # {group: states}
@@ -108,16 +109,7 @@ def test_weighted_average_on_sharded_uploads_matches_numpy():
   out = jax.jit(aggregate.weighted_average, out_shardings=NamedSharding(mesh, P()))(
       jax.device_put(x, sharded), jax.device_put(w, sharded))
   np.testing.assert_allclose(out, np.tensordot(w / w.sum(), x, axes=1), rtol=1e-5, atol=1e-6)
-  _assert_replicated(out)
-
-
-def _assert_replicated(tree):
-  """Every device holds the same bytes of every leaf."""
-  for leaf in jax.tree.leaves(tree):
-    shards = [np.asarray(s.data) for s in leaf.addressable_shards]
-    assert len(shards) == 8 or leaf.sharding.is_fully_replicated
-    for shard in shards[1:]:
-      np.testing.assert_array_equal(shard, shards[0])
+  assert_replicated(out)
 
 
 def one_and_eight_device_states(alg, data, rounds=2):
@@ -134,7 +126,7 @@ def one_and_eight_device_states(alg, data, rounds=2):
     for r in range(rounds):
       server, clients, _ = eng.run_round(server, clients, root, r)
     states.append((server, eng.export_states(clients)))
-  _assert_replicated(states[1][0])
+  assert_replicated(states[1][0])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                states[0], states[1])
   return states
@@ -176,7 +168,7 @@ def test_non_linear_server_is_replicated_and_equals_one_device():
   s1, c1, h1 = _run(one)
   s2, _, h2 = _run(seq)
   s8, c8, h8 = _run(many)
-  _assert_replicated(s8)
+  assert_replicated(s8)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   jax.tree.map(close, s1, s8)
   jax.tree.map(close, s1, s2)
@@ -240,66 +232,34 @@ def test_two_processes_equal_one(tmp_path):
   np.testing.assert_allclose(multi["train_loss"], one["train_loss"], rtol=2e-5)
 
 
-SERVER_PARAMS = {"FedTGP": {"server_epochs": 3, "lam": 1.0},
-                 "FedKTL": {"server_epochs": 3, "server_batch_size": 8},
-                 "FedMRL": {"sub_feature_dim": 8},
-                 "FedGH": {"server_epochs": 3, "server_learning_rate": 0.5},
-                 "FedGen": {"server_epochs": 3}}
-
-
-def assert_groups_equal_on_one_and_eight_devices(alg, models, data):
-  """Runs ``alg`` over one architecture group per entry of ``models`` (clients dealt out in
-  turn; 80% join, 25% drop), on one device and sharded on 8: the server state must be
-  replicated and equal the one-device state, the client states and accuracies too. Returns
-  the one-device server state."""
+def test_fedktl_server_on_heterogeneous_groups_equals_one_device():
+  """FedKTL's server (a feature transformer trained with MMD against generator latents,
+  centroids, decoded images) over two architecture groups sharded on 8 devices: replicated,
+  equal to one device. The other non-linear HtFL servers run sharded in their conformance
+  suite (tests/test_conformance_htfl.py); FedKTL's margin loss (s = 64) amplifies rounding
+  there (BatchNorm family, two local epochs) to ~2e-3 relative, so it is checked here, on
+  plain dense models and one local epoch, as tightly as the others (rtol 1e-4, atol 1e-5)."""
+  data = as_images(_small_data(num_clients=11))
+  spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
+                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=1)
+  models = {arch: make_model(arch, data.sample_shape, data.num_classes, feature_dim=16)
+            for arch in ("dnn", "dnn+head16-8")}
+  alg = make_algorithm("FedKTL", models["dnn"], spec,
+                       suite_params("FedKTL", server_epochs=3, server_batch_size=8))
   groups = [engine_lib.Group(arch, dataclasses.replace(alg, model=m),
-                             tuple(i for i in range(data.num_clients) if i % len(models) == k))
+                             tuple(i for i in range(data.num_clients) if i % 2 == k))
             for k, (arch, m) in enumerate(models.items())]
   device_data = engine_lib.DeviceData.from_federated(data)
   part = engine_lib.Participation(data.num_clients, 0.8, False, 0.25)
-  cycle = list(range(len(models)))
-  one = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=cycle)
-  many = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=cycle,
+  one = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=[0, 1])
+  many = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=[0, 1],
                            mesh=engine_lib.client_mesh(8))
   s1, c1, h1 = _run(one)
   s8, c8, h8 = _run(many)
-  _assert_replicated(s8)
+  assert_replicated(s8)
   close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
   jax.tree.map(close, s1, s8)
   jax.tree.map(close, c1, many.export_states(c8))
   for a, b in zip(h1, h8):
     np.testing.assert_allclose(a["test_acc"], b["test_acc"], atol=1e-9)
-  init, _ = one.init(rng.root_key(0), data.x[0])
-  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, init, s1))), "server never moved"
-  return s1
-
-
-# FedMRL's server is FML's (`uniform_average` of the shared models) and FedL2G-logit's is
-# FedL2G-feat's (one class, GUIDED differs on the client side only): not run twice here.
-@pytest.mark.parametrize("name", ["FedTGP", "FedProto", "FedKTL", "FML", "FedGH", "FedGen",
-                                  "FedL2G-feat", "FedKD"])
-def test_htfl_servers_on_heterogeneous_groups_equal_one_device(name):
-  """Non-linear HtFL servers over two architecture groups sharded on 8 devices: FedTGP's
-  (TGP network trained with the ACL loss on every upload), FedProto's per-class means,
-  FedKTL's (a feature transformer trained with MMD against generator latents, centroids,
-  decoded images), FML's uniform mean of the shared model (FedMRL's too), FedGH's head
-  trained by SGD on every uploaded prototype, FedGen's generator trained with Adam against
-  the ensemble of uploaded heads, FedL2G's clipped step on the mean meta-gradients, FedKD's
-  SVD-compressed uniform mean of the mentee updates (FD's
-  server is FedProto's per-class mean).
-  The server state is replicated and equals the one-device state."""
-  data = _small_data(num_clients=11)
-  if name == "FedKTL":
-    data = as_images(data)
-  spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
-                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=1)
-  if name in ("FedGH", "FedGen"):  # one dense head for both architectures
-    models = htfl_suite._models(data)
-  else:
-    models = {arch: make_model(arch, data.sample_shape, data.num_classes, feature_dim=16)
-              for arch in ("dnn", "dnn+head16-8")}
-  alg = make_algorithm(name, models["dnn"], spec,
-                       suite_params(name, **SERVER_PARAMS.get(name, {})))
-  s1 = assert_groups_equal_on_one_and_eight_devices(alg, models, data)
-  if name in ("FedTGP", "FedProto", "FedKTL"):
-    assert bool(np.asarray(s1["generated" if name == "FedKTL" else "present"]).any())
+  assert bool(np.asarray(s1["generated"]).any())
