@@ -119,9 +119,11 @@ def test_htfl_conformance(name, data, tmp_path):
   seq = _engine(name, "sequential", data, new_clients=2)
   s_v, c_v = eng.init(root, data.x[0])
   s_s, c_s = seq.init(root, data.x[0])
+  s_init, acc_v = s_v, []
   for r in range(2):
     s_v, c_v, m_v = eng.run_round(s_v, c_v, root, r)
     s_s, c_s, m_s = seq.run_round(s_s, c_s, root, r)
+    acc_v.append(eng.evaluate(s_v, c_v, root, r + 1)["test_acc"])
     for key in ("upload_floats", "download_floats"):
       assert float(m_v[key]) == float(m_s[key])
   # FedKTL's margin loss scales cosines by s = 64: the executors' rounding differences grow
@@ -130,23 +132,23 @@ def test_htfl_conformance(name, data, tmp_path):
   rtol, atol = (1e-3, 1e-4) if name == "FedKTL" else (2e-4, 2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol),
                (s_v, c_v), (s_s, c_s))
-  e_v, e_s = eng.evaluate(s_v, c_v, root, 2), seq.evaluate(s_s, c_s, root, 2)
-  assert e_v["test_acc"] == pytest.approx(e_s["test_acc"], abs=1e-6)
+  assert acc_v[-1] == pytest.approx(seq.evaluate(s_s, c_s, root, 2)["test_acc"], abs=1e-6)
 
   if name in SHARDED_SERVERS and jax.device_count() >= 8:
     # the same two rounds with the clients sharded over 8 devices (4 clients: padded slots):
-    # the server state is replicated and equals the one-device state, the clients' too
+    # the server state is replicated and equals the one-device state, the clients' and each
+    # round's accuracy too
     many = _engine(name, "vmap", data, new_clients=2, mesh=engine_lib.client_mesh(8))
     s_m, c_m = many.init(root, data.x[0])
     for r in range(2):
       s_m, c_m, _ = many.run_round(s_m, c_m, root, r)
+      np.testing.assert_allclose(many.evaluate(s_m, c_m, root, r + 1)["test_acc"], acc_v[r],
+                                 atol=1e-9)
     assert_replicated(s_m)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol),
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  (s_v, c_v), (s_m, many.export_states(c_m)))
-    assert many.evaluate(s_m, c_m, root, 2)["test_acc"] == pytest.approx(e_v["test_acc"],
-                                                                         abs=1e-6)
-    s0, _ = eng.init(root, data.x[0])
-    assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, s0, s_v))), "server never moved"
+    assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, s_init, s_v))), \
+        "server never moved"
     if name in ("FedTGP", "FedProto"):
       assert bool(np.asarray(s_v["present"]).any())
 

@@ -262,4 +262,6 @@ def test_fedktl_server_on_heterogeneous_groups_equals_one_device():
   jax.tree.map(close, c1, many.export_states(c8))
   for a, b in zip(h1, h8):
     np.testing.assert_allclose(a["test_acc"], b["test_acc"], atol=1e-9)
+  init, _ = one.init(rng.root_key(0), data.x[0])
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, init, s1))), "server never moved"
   assert bool(np.asarray(s1["generated"]).any())

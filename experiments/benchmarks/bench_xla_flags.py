@@ -117,11 +117,9 @@ def main() -> None:
   for flags in settings:
     got = [r for _, f, r in rows if f == flags]
     cell = lambda k, fmt: " / ".join(fmt.format(r[k]) for r in got)
-    print(f"| `{flags}` | {cell('step_ms', '{:.3f}')} | {cell('train_s', '{:.3f}')} | "
-          f"{cell('eval_s', '{:.3f}')} |" if flags else
-          f"| (defaults) | {cell('step_ms', '{:.3f}')} | {cell('train_s', '{:.3f}')} | "
+    name = f"`{flags}`" if flags else "(defaults)"
+    print(f"| {name} | {cell('step_ms', '{:.3f}')} | {cell('train_s', '{:.3f}')} | "
           f"{cell('eval_s', '{:.3f}')} |")
-
 
 if __name__ == "__main__":
   main()
