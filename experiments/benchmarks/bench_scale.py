@@ -157,7 +157,10 @@ def memory_table(rows: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- sweep
 def sweep_bench(seeds: list[int], lrs: list[float], rounds: int, algorithm: str,
-                sweep_executors: list[str], separate_executors: list[str]) -> str:
+                sweep_executors: list[str], separate_executors: list[str],
+                separate_runs: int = 0) -> str:
+  """The sweep's rows, then separate runs of its first ``separate_runs`` combinations (0: all
+  S) per executor; "per combination" divides each row's s/round by the combinations it ran."""
   import jax  # pylint: disable=import-outside-toplevel
   from fedjax_lib import Config, run_experiment  # pylint: disable=import-outside-toplevel
   from fedjax_lib.core import engine as engine_lib  # pylint: disable=import-outside-toplevel
@@ -176,25 +179,28 @@ def sweep_bench(seeds: list[int], lrs: list[float], rounds: int, algorithm: str,
                                     sweep={"seed": seeds, "learning_rate": lrs}, **base),
                              **quiet)
       rows.append((f"sweep, {executor} executor ({how[executor]})", swept.mean_round_time_s,
-                   time.perf_counter() - t0))
+                   time.perf_counter() - t0, size))
+    combos = [(seed, lr) for seed in seeds for lr in lrs][:separate_runs or None]
     for executor in dict.fromkeys(map(resolve, separate_executors)):
       per_round, wall = 0.0, 0.0
-      for seed in seeds:
-        for lr in lrs:
-          t0 = time.perf_counter()
-          out = os.path.join(tmp, f"separate-{executor}-{seed}-{lr}")
-          res = run_experiment(Config(out=out, seed=seed, learning_rate=lr, executor=executor,
-                                      **base), **quiet)
-          wall += time.perf_counter() - t0
-          per_round += res.mean_round_time_s
-      rows.append((f"{size} separate runs, {executor} executor", per_round, wall))
+      for seed, lr in combos:
+        t0 = time.perf_counter()
+        out = os.path.join(tmp, f"separate-{executor}-{seed}-{lr}")
+        res = run_experiment(Config(out=out, seed=seed, learning_rate=lr, executor=executor,
+                                    **base), **quiet)
+        wall += time.perf_counter() - t0
+        per_round += res.mean_round_time_s
+      rows.append((f"{len(combos)} separate run{'s' * (len(combos) > 1)}, {executor} executor",
+                   per_round, wall, len(combos)))
   lines = [f"{algorithm} on digits (20 clients, Dir(0.1), 4-layer CNN, lr ∈ {lrs}, seeds "
            f"{seeds}: S = {size} combinations), {rounds} rounds, evaluation every round. "
            + _header(), "",
-           "| how | s/round for all S combinations | throughput × first row | wall time incl. "
-           "compile (s) |", "|---|---|---|---|"]
-  for name, per_round, wall in rows:
-    lines.append(f"| {name} | {per_round:.3f} | {rows[0][1] / per_round:.2f} | {wall:.1f} |")
+           "| how | s/round for the combinations it ran | s/round per combination | throughput × "
+           "first row | wall time incl. compile (s) |", "|---|---|---|---|---|"]
+  first = rows[0][1] / rows[0][3]
+  for name, per_round, wall, count in rows:
+    lines.append(f"| {name} | {per_round:.3f} | {per_round / count:.3f} | "
+                 f"{first / (per_round / count):.2f} | {wall:.1f} |")
   return "\n".join(lines)
 
 
@@ -222,11 +228,15 @@ def main() -> None:
                  help="executors the sweep runs with (auto = the backend's default)")
   s.add_argument("--separate-executors", default="auto",
                  help="executors of the S separate runs it is compared with")
+  s.add_argument("--separate-runs", type=int, default=0,
+                 help="run only the first N combinations separately (0: all S); e.g. 1 for the "
+                 "sweep's cost against one run")
   args = p.parse_args()
   if args.mode == "sweep":
     print(sweep_bench([int(v) for v in args.seeds.split(",")],
                       [float(v) for v in args.lrs.split(",")], args.rounds, args.algorithm,
-                      args.sweep_executors.split(","), args.separate_executors.split(",")))
+                      args.sweep_executors.split(","), args.separate_executors.split(","),
+                      args.separate_runs))
     return
   if args.single:
     n, algo, executor = args.single
