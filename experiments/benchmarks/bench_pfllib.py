@@ -177,7 +177,8 @@ def table(results: dict, header: str) -> str:
         f"{o['train']:.3f} / {o['eval']:.3f} / {o['total']:.3f} | "
         f"**{p['total'] / o['total']:.2f}x** | {p['train'] / o['train']:.2f}x | "
         f"{p['median_total']:.3f} / {o['median_total']:.3f} s: "
-        f"{p['median_total'] / o['median_total']:.2f}x | {p['best_acc']:.3f} / {o['best_acc']:.3f} | "
+        f"{p['median_total'] / o['median_total']:.2f}x | "
+        f"{p['best_acc']:.3f} / {o['best_acc']:.3f} | "
         f"{p['last10_acc']:.3f} / {o['last10_acc']:.3f} |")
   return "\n".join(lines)
 

@@ -2,8 +2,9 @@
 
 Each setting runs in a fresh process (XLA reads ``XLA_FLAGS`` once, when the backend starts);
 the settings alternate ``--repeats`` times so that a slow phase of the machine hits them alike.
-A process times (a) ``--steps`` SGD steps of PFLlib's 4-layer CNN (batch 10, 28×28×1, in a
-``fori_loop``, the digits workload's shape) with ``--conv-impl``: milliseconds per step, best
+A process times (a) ``--steps`` SGD steps of PFLlib's 4-layer CNN (batch 10, 28×28×1, the
+digits workload's shape; `bench_cpu_step.py`'s ``fori_loop`` over the valid steps, the
+library's CPU loop) with ``--conv-impl``: milliseconds per step, best
 of ``--reps`` calls; (b) ``--algorithm``'s rounds on the bundled digits as the CLI builds them
 (20 clients, Dir(0.1), ``-m CNN -lbs 10 -ls 1 -lr 0.005 -jr 1 -eg 1``): medians of the training
 and the evaluation seconds of rounds 1..``--rounds`` (round 0 compiles).
@@ -31,35 +32,22 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 def measure(args) -> dict:
   """Runs in the child process: both timings under the inherited ``XLA_FLAGS``."""
   sys.path.insert(0, ROOT)
+  sys.path.insert(0, HERE)
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from bench_cpu_step import training_forms  # the CNN's SGD steps, as bench_cpu_step times them
   from fedjax_lib import Config  # pylint: disable=import-outside-toplevel
   from fedjax_lib.core import rng  # pylint: disable=import-outside-toplevel
-  from fedjax_lib.models.cnn import FedAvgCNN  # pylint: disable=import-outside-toplevel
   from fedjax_lib.runner import build  # pylint: disable=import-outside-toplevel
 
-  model = FedAvgCNN(10, conv_impl=args.conv_impl)
-  rs = np.random.RandomState(0)
-  x = jnp.asarray(rs.randn(1341, 28, 28, 1).astype(np.float32))
-  y = jnp.asarray(rs.randint(0, 10, 1341))
-  params = model.init(jax.random.key(0), x[:1])
-  grad = jax.grad(lambda p, xb, yb: optax.softmax_cross_entropy_with_integer_labels(
-      model.apply(p, xb), yb).mean())
-
-  def steps(p):
-    def body(s, p):
-      rows = (jnp.arange(10) + s * 10) % x.shape[0]
-      return jax.tree.map(lambda a, g: a - 0.005 * g, p, grad(p, x[rows], y[rows]))
-    return jax.lax.fori_loop(0, args.steps, body, p)
-
-  fn = jax.jit(steps)
-  jax.block_until_ready(fn(params))
+  params, forms = training_forms(args.conv_impl, (28, 28, 1), args.steps)
+  steps = forms["fori_loop over valid steps"]
+  jax.block_until_ready(steps(params, args.steps))
   best = float("inf")
   for _ in range(args.reps):
     start = time.perf_counter()
-    jax.block_until_ready(fn(params))
+    jax.block_until_ready(steps(params, args.steps))
     best = min(best, time.perf_counter() - start)
 
   cfg = Config(algorithm=args.algorithm, model="cnn", batch_size=10, local_epochs=1,
