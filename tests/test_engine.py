@@ -158,6 +158,90 @@ def test_shared_evaluation_equals_per_client_evaluation(executor):
   assert eng.trace_counts["evaluate_forward"] == 1
 
 
+def _data_with_a_client_without_test_samples():
+  data = _small_data(num_clients=7, seed=3)
+  train = [data.train_idx[i, : data.train_count[i]] for i in range(7)]
+  test = [data.test_idx[i, : data.test_count[i]] for i in range(7)]
+  train[2] = np.r_[train[2], test[2]]
+  test[2] = test[2][:0]
+  return FederatedData.from_client_indices("toy", data.x, data.y, train, test, 3)
+
+
+def _both_paths(eng, server, clients):
+  """``(the engine's default evaluation, the per-client path's)``."""
+  default = eng.evaluate(server, clients)
+  eng.shared_eval = False
+  per_client = eng.evaluate(server, clients)
+  eng.shared_eval = True
+  assert set(default) == set(per_client)
+  for key, value in per_client.items():
+    np.testing.assert_allclose(default[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+  return default, per_client
+
+
+@pytest.mark.parametrize("algo,executor", [
+    ("FedALA", "sequential"), ("FedALA", "vmap"), ("FedPer", "sequential"),
+    ("FedROD", "sequential"), ("FedDBE", "sequential"), ("GPFL", "sequential"),
+    ("FedCP", "sequential")])
+def test_feature_evaluation_equals_per_client_evaluation(algo, executor):
+  """Personal heads on the global model's features (`Algorithm.feature_views`): every
+  sample is forwarded through the features once, in blocks (here of 16, the last one padded),
+  and each client's heads on its samples' features give every per-client metric of the
+  per-client path (each client's full model on its padded tables), also for a client without
+  test samples; each program compiled once."""
+  eng = _engine(algo, executor, _data_with_a_client_without_test_samples(), jr=1.0, cdr=0.0)
+  eng.shared_eval_block = 16
+  root = rng.root_key(0)
+  server, clients = eng.init(root, eng.data.x[0])
+  for r in range(2):  # FedALA: round 0's ALA is skipped, round 1's learns weights
+    server, clients, _ = eng.run_round(server, clients, root, r)
+  alg = eng.groups[0].algorithm
+  one = jax.tree.map(lambda a: a[0], clients[eng.groups[0].name])
+  assert alg.feature_views(server, one) is not None
+  default, _ = _both_paths(eng, server, clients)
+  assert np.isnan(default["client_test_acc"][2])
+  eng.evaluate(server, clients)
+  assert eng.trace_counts["evaluate_forward"] == 1
+  assert eng.trace_counts["evaluate_check"] == (1 if algo == "FedALA" else 0)
+
+
+def test_feature_evaluation_falls_back_where_a_client_base_differs():
+  """FedALA's clients evaluate their own model; where one client's base is not the global
+  one bit for bit (here perturbed), the engine evaluates the group per client."""
+  eng = _engine("FedALA", "sequential", _small_data(), jr=1.0, cdr=0.0)
+  root = rng.root_key(0)
+  server, clients = eng.init(root, eng.data.x[0])
+  for r in range(2):
+    server, clients, _ = eng.run_round(server, clients, root, r)
+  name = eng.groups[0].name
+  params = clients[name]["params"]
+  leaves, treedef = jax.tree.flatten(params["params"]["base"])
+  leaves[0] = leaves[0].at[3].add(1e-3)  # client 3's first base tensor
+  base = jax.tree.unflatten(treedef, leaves)
+  params = {**params, "params": {**params["params"], "base": base}}
+  clients = {name: {**clients[name], "params": params}}
+  _both_paths(eng, server, clients)
+  assert eng.trace_counts["evaluate_check"] == 1
+  assert eng.trace_counts["evaluate_forward"] == 0  # the features were never forwarded
+
+
+def test_feature_views_where_clients_evaluate_a_head_on_global_features():
+  data = _small_data()
+  m = make_model("dnn", data.sample_shape, data.num_classes)
+  spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1, steps_per_epoch=2)
+  for name, expected in [("FedALA", True), ("FedPer", True), ("FedRep", True),
+                         ("FedROD", True), ("FedDBE", True), ("GPFL", True), ("FedCP", True),
+                         ("LG-FedAvg", False), ("FedAvg", False), ("Ditto", False),
+                         ("Local", False)]:
+    alg = make_algorithm(name, m, spec, suite_params(name))
+    server, clients = alg.init(jax.random.key(0), data.x[0], data.num_clients)
+    one = jax.tree.map(lambda a: a[0], clients)
+    assert (alg.feature_views(server, one) is not None) == expected, name
+  compat = make_algorithm("FedCP", m, spec, suite_params("FedCP", pfllib_compat=True))
+  server, clients = compat.init(jax.random.key(0), data.x[0], data.num_clients)
+  assert compat.feature_views(server, jax.tree.map(lambda a: a[0], clients)) is None
+
+
 def test_shared_views_only_where_every_client_evaluates_the_global_model():
   data = _small_data()
   m = make_model("dnn", data.sample_shape, data.num_classes)

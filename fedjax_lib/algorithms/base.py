@@ -111,6 +111,26 @@ class SettingsContext(NamedTuple):
   fine_tuning_epoch_new: int = 0
 
 
+class FeatureViews(NamedTuple):
+  """Evaluation views that share one feature extractor of the server state
+  (:meth:`Algorithm.feature_views`): client ``k``'s view ``name`` maps samples ``x`` to
+  ``heads[name](state_k, features(x))``.
+
+  Attributes:
+    features: ``x -> z``, reading the server state only (the engine forwards every sample
+      through it once).
+    heads: ``{view: (client_state, z) -> logits}``, the same names in the same order as
+      ``eval_views``.
+    same: ``client_state -> bool scalar``: whether this client's own feature extractor is, bit
+      for bit, the one ``features`` applies (then its views equal ``eval_views``'); None when
+      that holds by construction. The engine checks every client first and evaluates the
+      group per client when one fails.
+  """
+  features: Callable
+  heads: dict
+  same: Optional[Callable] = None
+
+
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
   """Base class: the model, local training settings, and shared helpers."""
@@ -170,6 +190,21 @@ class Algorithm:
     passes). ``client_state`` is one client's state, possibly abstract (shapes only): it may
     decide *whether* the views are shared (e.g. a client-held BatchNorm state makes them
     per-client), but the returned views must not read it. Default: None (per-client views).
+    """
+    del server_state, client_state
+    return None
+
+  def feature_views(self, server_state, client_state) -> Optional[FeatureViews]:
+    """The evaluation views as personal heads on features of the server state, else None.
+
+    For algorithms whose clients evaluate their own head on the global feature extractor
+    (FedPer, FedRep; FedALA's head-only ALA): the engine then forwards every sample once
+    through ``features`` and applies each client's heads to the features of its samples
+    (``Engine.evaluate``: the same metrics as :meth:`eval_views`, up to float rounding, with
+    one forward pass of the base per sample instead of one per client and padded table row).
+    ``client_state`` is as for :meth:`shared_views`: it may decide whether the views apply,
+    and the returned callables read it only through their ``client_state`` argument.
+    Default: None.
     """
     del server_state, client_state
     return None

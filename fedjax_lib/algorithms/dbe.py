@@ -70,8 +70,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from fedjax_lib.algorithms.base import (SettingsContext, check_number, linear_server,
-                                        stack_clients)
+from fedjax_lib.algorithms.base import (FeatureViews, SettingsContext, check_number,
+                                        linear_server, stack_clients)
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.aggregate import weighted_average
@@ -235,6 +235,17 @@ class FedDBE(FedAvg):
     del data, key
     return {"personal": functools.partial(self.predict, server_state, client_state),
             "global": functools.partial(self.predict_global, server_state, client_state)}
+
+  def feature_views(self, server_state, client_state):
+    """Both views on the global model's features: its head after the client's PRBM bias,
+    and without it (as :func:`biased_logits`)."""
+    del client_state
+    params = server_state["params"]
+    classify = lambda z: self.model.apply(params, z, method="classify")
+    return FeatureViews(
+        features=lambda x: self.model.apply(params, x, method="features"),
+        heads={"personal": lambda state, z: classify(z + state["bias"]),
+               "global": lambda state, z: classify(z)})
 
   def new_client_variables(self, server_state, client_state):
     """The global model: a new client has a zero PRBM (PFLlib does not support this)."""

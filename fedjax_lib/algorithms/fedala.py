@@ -80,12 +80,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_lib.algorithms.base import (SettingsContext, check_int, check_number,
-                                        stack_clients)
+from fedjax_lib.algorithms.base import (FeatureViews, SettingsContext, check_int,
+                                        check_number, stack_clients)
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.local import Batch, ClientData, masked_cross_entropy, train_locally
 from fedjax_lib.errors import ConfigError
+from fedjax_lib.models.base import model_state
 
 Path = tuple[str, ...]
 
@@ -489,3 +490,27 @@ class FedALA(FedAvg):
     del data, key
     return {"personal": functools.partial(self.predict, server_state, client_state),
             "global": functools.partial(self.model.apply, server_state["params"])}
+
+  def feature_views(self, server_state, client_state):
+    """Both views as heads on the global model's features: after ALA with upper tensors in
+    the head only (the default ``layer_idx`` = 2), every client's lower layers are the
+    global model's (PFLlib copies them), so ``personal`` is the client's head on the global
+    features. The engine checks that per client (``same``: the ``base`` tensors equal the
+    global ones bit for bit; not so, e.g., for ``layer_idx`` reaching into the base, or a
+    client whose ALA was skipped) and otherwise evaluates per client. None for models with
+    running statistics."""
+    if model_state(client_state["params"]):
+      return None
+    global_ = server_state["params"]
+    base = lambda variables: variables["params"].get("base", {})
+    classify = lambda variables, z: self.model.apply(variables, z, method="classify")
+
+    def same(state):
+      pairs = zip(jax.tree.leaves(base(state["params"])), jax.tree.leaves(base(global_)))
+      return jnp.all(jnp.stack([jnp.array_equal(a, b) for a, b in pairs] or [True]))
+
+    return FeatureViews(
+        features=lambda x: self.model.apply(global_, x, method="features"),
+        heads={"personal": lambda state, z: classify(state["params"], z),
+               "global": lambda state, z: classify(global_, z)},
+        same=same)

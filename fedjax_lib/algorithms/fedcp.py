@@ -80,7 +80,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_lib.algorithms.base import Algorithm, check_number, linear_server, stack_clients
+from fedjax_lib.algorithms.base import (Algorithm, FeatureViews, check_number, linear_server,
+                                        stack_clients)
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import split_parts
 from fedjax_lib.core.aggregate import weighted_average
@@ -337,6 +338,20 @@ class FedCP(Algorithm):
       return jax.nn.log_softmax(self.predict(server_state, client_state, x, noise_key), axis=-1)
 
     return {"": view}
+
+  def feature_views(self, server_state, client_state):
+    """The noise-free ensemble on the global base's features (None with ``pfllib_compat``,
+    whose evaluation policy draws per-client noise)."""
+    del client_state
+    if self.pfllib_compat:
+      return None
+
+    def ensemble(state, z):
+      return jax.nn.log_softmax(fedcp_logits(self.model, z, state["head"], server_state["head"],
+                                             server_state["cpn"], state["context"]), axis=-1)
+
+    return FeatureViews(features=lambda x: base_features(self.model, server_state["base"], x),
+                        heads={"": ensemble})
 
   def new_client_variables(self, server_state, client_state):
     """A new client fine-tunes the global base + global head as a plain model."""

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lib.algorithms.base import stack_clients
+from fedjax_lib.algorithms.base import FeatureViews, stack_clients
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import split_parts
@@ -92,3 +92,16 @@ class FedROD(FedAvg):
     del data, key
     return {"personal": functools.partial(self.predict, server_state, client_state),
             "global": functools.partial(self.model.apply, server_state["params"])}
+
+  def feature_views(self, server_state, client_state):
+    """Both views on the global model's features: the generic head plus the client's
+    personal head, and the generic head alone."""
+    del client_state
+    params = server_state["params"]
+    generic = lambda z: self.model.apply(params, z, method="classify")
+    personal = lambda head, z: self.model.apply({"params": {"head": head}}, z,
+                                                method="classify")
+    return FeatureViews(
+        features=lambda x: self.model.apply(params, x, method="features"),
+        heads={"personal": lambda state, z: generic(z) + personal(state["head"], z),
+               "global": lambda state, z: generic(z)})

@@ -77,8 +77,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, check_number,
-                                        linear_server, stack_clients,
+from fedjax_lib.algorithms.base import (Algorithm, FeatureViews, SettingsContext,
+                                        check_number, linear_server, stack_clients,
                                         untrained_new_clients)
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import merge_parts, split_parts
@@ -329,6 +329,20 @@ class GPFL(Algorithm):
     f_p = cov_apply(server_state["cov"], f, client_state["p_in"])
     logits = self.model.apply(variables, f_p, method="classify")
     return jax.nn.log_softmax(logits.astype(jnp.float32))
+
+  def feature_views(self, server_state, client_state):
+    """The personal route on the global base's features: the client's CoV context and head
+    (as :meth:`predict`)."""
+    del client_state
+    base = merge_parts({"base": server_state["base"]})
+
+    def personal(state, z):
+      f_p = cov_apply(server_state["cov"], z, state["p_in"])
+      logits = self.model.apply(merge_parts({"head": state["head"]}), f_p, method="classify")
+      return jax.nn.log_softmax(logits.astype(jnp.float32))
+
+    return FeatureViews(features=lambda x: self.model.apply(base, x, method="features"),
+                        heads={"": personal})
 
   def new_client_variables(self, server_state, client_state):
     """The global base with a freshly initialised head: a plain model without CoV."""

@@ -25,9 +25,9 @@ from typing import Any, ClassVar, Iterable, Optional
 import jax
 import optax
 
-from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, abstract_variables,
-                                        linear_server, stack_clients,
-                                        untrained_new_clients)
+from fedjax_lib.algorithms.base import (Algorithm, FeatureViews, SettingsContext,
+                                        abstract_variables, has_hook, linear_server,
+                                        stack_clients, untrained_new_clients)
 from fedjax_lib.core.aggregate import weighted_average
 from fedjax_lib.core.local import (ClientData, LocalSpec, LossFn, cross_entropy_objective,
                                    train_locally, train_model)
@@ -118,6 +118,21 @@ class SplitAlgorithm(Algorithm):
     """A client's full model: the shared part, its personal part and running statistics."""
     personal = {self.personal: client_state[self.personal]}
     return {**merge_parts(server_state, personal), **client_state.get("model_state", {})}
+
+  def feature_views(self, server_state, client_state):
+    """With a shared base (FedPer, FedRep): each client's personal head on the shared
+    base's features (its model is exactly that). None for a personal base (LG-FedAvg),
+    client-held running statistics, or a subclass that predicts otherwise."""
+    own = type(self)
+    if (self.SHARED != "base" or "model_state" in client_state
+        or own.predict is not SplitAlgorithm.predict
+        or own.variables is not SplitAlgorithm.variables or has_hook(self, "eval_views")):
+      return None
+    shared = merge_parts(server_state)
+    return FeatureViews(
+        features=lambda x: self.model.apply(shared, x, method="features"),
+        heads={"": lambda state, z: self.model.apply(
+            merge_parts({self.personal: state[self.personal]}), z, method="classify")})
 
   def train_client(self, variables, data, key):
     """Joint cross-entropy training of base and head (FedPer, LG-FedAvg)."""

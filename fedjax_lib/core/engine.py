@@ -314,6 +314,10 @@ class Engine:
     self._shared_forward = jax.jit(self._shared_forward_fn, static_argnames=("gi",))
     self._shared_metrics = jax.jit(self._shared_metrics_fn,
                                    static_argnames=("gi", "names", "loss_view"))
+    self._feature_forward = jax.jit(self._feature_forward_fn, static_argnames=("gi",))
+    self._feature_same = jax.jit(self._feature_same_fn, static_argnames=("gi",))
+    self._feature_metrics = jax.jit(self._feature_metrics_fn,
+                                    static_argnames=("gi", "names", "loss_view"))
     self._shared_tables: dict = {}
     # Samples per forward pass of the shared evaluation (see _shared_group_metrics).
     self.shared_eval_block = 128 if jax.default_backend() == "cpu" else 1024
@@ -821,6 +825,62 @@ class Engine:
     return self._shared_metrics(outputs, self.arrays, blocks, train_pos, test_pos, gi=gi,
                                 names=tuple(views), loss_view=loss_view)
 
+  # ------------------------- evaluation of personal heads on features of the server state
+  def _feature_views(self, hparams, server_state, states, gi):
+    return self._alg(gi, hparams).feature_views(server_state, self._one_client(states))
+
+  def _feature_forward_fn(self, hparams, server_state, states, arrays, block, gi):
+    """The shared features (`Algorithm.feature_views`) of one block of samples."""
+    self.trace_counts["evaluate_forward"] += 1
+    fv = self._feature_views(hparams, server_state, states, gi)
+    return fv.features(arrays["data"].x[block])
+
+  def _feature_same_fn(self, hparams, server_state, states, gi):
+    """Per row of the group: whether its client's feature extractor is the shared one."""
+    self.trace_counts["evaluate_check"] += 1
+    return jax.vmap(self._feature_views(hparams, server_state, states, gi).same)(states)
+
+  def _feature_metrics_fn(self, hparams, server_state, states, features, arrays, blocks,
+                          train_pos, test_pos, gi, names, loss_view):
+    """Every client's metrics: its heads on the features of its rows, gathered by position
+    (as `evaluate.view_metrics` of its per-client views), ``eval_chunk_size`` clients at a
+    time."""
+    self.trace_counts["evaluate"] += 1
+    heads = self._feature_views(hparams, server_state, states, gi).heads
+    z = jnp.concatenate(features)   # [samples, features], in `blocks` order
+    labels = arrays["data"].y[jnp.concatenate(blocks)]
+    _, train_count, _, test_count = arrays["tables"][gi]
+
+    def one(args):
+      state, trp, trc, tep, tec = args
+      views = {name: functools.partial(heads[name], state) for name in names}
+      return evaluate_lib.view_metrics(views, z, labels, tep, tec, trp, trc,
+                                       loss_view=loss_view)
+
+    return jax.lax.map(one, (states, train_pos, train_count, test_pos, test_count),
+                       batch_size=self.eval_chunk_size)
+
+  def _feature_group_metrics(self, hparams, server_state, states, gi):
+    """Group ``gi``'s per-client metrics from shared features and personal heads, or None
+    where `Algorithm.feature_views` does not apply (or a client's feature extractor is not
+    the shared one: then the group is evaluated per client)."""
+    fv = self._feature_views(hparams, server_state, states, gi)
+    tables = self._shared_group_tables(gi) if fv is not None else None
+    if tables is None:
+      return None
+    if fv.same is not None:
+      same = np.asarray(self._feature_same(hparams, server_state, states, gi=gi))
+      if not same[: self.groups[gi].size].all():
+        return None
+    blocks, train_pos, test_pos = tables
+    features = tuple(self._feature_forward(hparams, server_state, states, self.arrays, block,
+                                           gi=gi) for block in blocks)
+    names = tuple(fv.heads)
+    loss_view = self._alg(gi, hparams).TRAIN_LOSS_VIEW
+    return self._feature_metrics(hparams, server_state, states, features, self.arrays, blocks,
+                                 train_pos, test_pos, gi=gi, names=names,
+                                 loss_view=loss_view if loss_view in names else None)
+
   def _group_metrics(self, hparams, server_state, client_states, root, round_index, final,
                      gi):
     """Per-client metric arrays of group ``gi``'s real clients (host numpy)."""
@@ -829,6 +889,8 @@ class Engine:
     shared = None
     if self.shared_eval and self.mesh is None and not final:
       shared = self._shared_group_metrics(hparams, server_state, states, gi)
+      if shared is None:
+        shared = self._feature_group_metrics(hparams, server_state, states, gi)
     if shared is not None:
       parts = [shared]
     elif self.mesh is not None:
