@@ -16,7 +16,10 @@ Changed on purpose since, and held to float tolerance: FedALA's ALA on cached fe
 forward pass instead of one per batch; the same arithmetic, rounded differently), and the
 evaluation of the algorithms whose views are the global model's (`Algorithm.shared_views`:
 every sample forwarded once in blocks instead of per client; the train loss of FedAvg and
-FedProx on the sequential executor moved in the 8th digit). Re-pinned on purpose: FedALA's two
+FedProx on the sequential executor moved in the 8th digit), and of those whose views are
+personal heads on the global features (`Algorithm.feature_views`, 2026-12-02: FedPer, FedRep,
+FedROD, FedDBE, GPFL and FedCP, the features of every sample forwarded once in blocks; their
+train loss on the sequential executor moved by 4e-8 to 6e-8, relative). Re-pinned on purpose: FedALA's two
 runs (2026-12-01), when its ALA moved into `Algorithm.receive_client` (once per round, on every
 client, the model then evaluated and trained, as PFLlib's ``send_models``; before, ALA ran
 in the evaluation and again in the update, with different sample windows, and only on the
@@ -38,8 +41,9 @@ PINNED = json.load(open(os.path.join(os.path.dirname(__file__), "data",
 
 VMAP_IN_CI = ("FedAvg", "Ditto", "FedDBE", "LG-FedAvg")
 # FedALA: ALA on cached features (and re-pinned since); FedAvg, FedProx: the shared
-# evaluation (docstring).
-ROUNDED_DIFFERENTLY = ("FedALA", "FedAvg", "FedProx")
+# evaluation; FedPer … FedCP: the shared features under personal heads (docstring).
+ROUNDED_DIFFERENTLY = ("FedALA", "FedAvg", "FedProx", "FedPer", "FedRep", "FedROD", "FedDBE",
+                       "GPFL", "FedCP")
 KEYS = sorted(k for k in PINNED["runs"] if os.environ.get("FEDJAX_REGRESSION_ALL")
               or k.endswith("/sequential") or k.split("/")[0] in VMAP_IN_CI)
 
