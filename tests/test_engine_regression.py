@@ -20,10 +20,10 @@ FedProx on the sequential executor moved in the 8th digit), and of those whose v
 personal heads on the global features (`Algorithm.feature_views`, 2026-12-02: FedPer, FedRep,
 FedROD, FedDBE, GPFL and FedCP, the features of every sample forwarded once in blocks; their
 train loss on the sequential executor moved by 4e-8 to 6e-8, relative). Re-pinned on purpose:
-FedALA's two runs (2026-12-01), when its ALA moved into `Algorithm.receive_client` (once per round, on every
-client, the model then evaluated and trained, as PFLlib's ``send_models``; before, ALA ran
-in the evaluation and again in the update, with different sample windows, and only on the
-selected clients).
+FedALA's two runs (2026-12-01), when its ALA moved into `Algorithm.receive_client` (once
+per round, on every client, the model then evaluated and trained, as PFLlib's
+``send_models``; before, ALA ran in the evaluation and again in the update, with different
+sample windows, and only on the selected clients).
 """
 
 import json
