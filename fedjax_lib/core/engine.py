@@ -46,7 +46,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from fedjax_lib.algorithms.base import has_hook, has_warmup, is_linear_server
+from fedjax_lib.algorithms.base import (FeatureViews, has_hook, has_warmup,
+                                        is_linear_server)
 from fedjax_lib.core import evaluate as evaluate_lib
 from fedjax_lib.core import executors as executors_lib
 from fedjax_lib.core import rng
@@ -241,8 +242,9 @@ class Engine:
     model_cycle: the group index of architecture ``i mod K`` (HtFLlib's client-to-model rule),
       used to place new clients (ids >= N); default: the group of ``id mod N``.
     shared_eval: evaluate a group whose views depend on the server state alone
-      (`Algorithm.shared_views`) by one forward pass per sample instead of per-client padded
-      tables (same metrics; False: always per client, as a check).
+      (`Algorithm.shared_views`), or are personal heads on features of the server state
+      (`Algorithm.feature_views`), by one forward pass per sample instead of per-client
+      padded tables (same metrics; False: always per client, as a check).
   """
 
   def __init__(self, algorithm: Union[Any, Sequence[Group]], data: DeviceData,
@@ -312,12 +314,9 @@ class Engine:
     self._eval_chunk = jax.jit(self._eval_chunk_fn, static_argnames=("gi", "final"))
     self._eval_sharded = jax.jit(self._eval_sharded_fn, static_argnames=("gi", "final"))
     self._shared_forward = jax.jit(self._shared_forward_fn, static_argnames=("gi",))
+    self._shared_same = jax.jit(self._shared_same_fn, static_argnames=("gi",))
     self._shared_metrics = jax.jit(self._shared_metrics_fn,
                                    static_argnames=("gi", "names", "loss_view"))
-    self._feature_forward = jax.jit(self._feature_forward_fn, static_argnames=("gi",))
-    self._feature_same = jax.jit(self._feature_same_fn, static_argnames=("gi",))
-    self._feature_metrics = jax.jit(self._feature_metrics_fn,
-                                    static_argnames=("gi", "names", "loss_view"))
     self._shared_tables: dict = {}
     # Samples per forward pass of the shared evaluation (see _shared_group_metrics).
     self.shared_eval_block = 128 if jax.default_backend() == "cpu" else 1024
@@ -785,69 +784,39 @@ class Engine:
                                    place(train_idx), place(test_idx))
     return self._shared_tables[gi]
 
+  def _shared_views(self, hparams, server_state, states, gi) -> Optional[FeatureViews]:
+    """Group ``gi``'s views as features of the server state and per-client heads, or None
+    where the views are per client: the global model's views (`Algorithm.shared_views`) are
+    features ``[samples, views, classes]`` whose heads pick their column; otherwise
+    `Algorithm.feature_views` (personal heads on the global features)."""
+    alg, one = self._alg(gi, hparams), self._one_client(states)
+    views = alg.shared_views(server_state, one)
+    if views is None:
+      return alg.feature_views(server_state, one)
+    return FeatureViews(
+        features=lambda x: jnp.stack([view(x) for view in views.values()], axis=1),
+        heads={name: functools.partial(lambda state, z, v: z[:, v], v=v)
+               for v, name in enumerate(views)})
+
   def _shared_forward_fn(self, hparams, server_state, states, arrays, block, gi):
-    """Every shared view's outputs on one block of samples: ``[block, views, classes]``."""
+    """The shared features of one block of samples."""
     self.trace_counts["evaluate_forward"] += 1
-    alg = self._alg(gi, hparams)
-    views = alg.shared_views(server_state, self._one_client(states))
-    x = arrays["data"].x[block]
-    return jnp.stack([view(x) for view in views.values()], axis=1)
+    return self._shared_views(hparams, server_state, states, gi).features(
+        arrays["data"].x[block])
 
-  def _shared_metrics_fn(self, outputs, arrays, blocks, train_pos, test_pos, gi, names,
-                         loss_view):
-    """Every client's metrics from the per-sample outputs (as `evaluate.view_metrics` of
-    per-client forward passes): each client's rows are gathered by position."""
-    self.trace_counts["evaluate"] += 1
-    outputs = jnp.concatenate(outputs)   # [samples, views, classes], in `blocks` order
-    labels = arrays["data"].y[jnp.concatenate(blocks)]
-    _, train_count, _, test_count = arrays["tables"][gi]
-    views = {name: functools.partial(lambda z, v: z[:, v], v=v) for v, name in enumerate(names)}
-    one = lambda trp, trc, tep, tec: evaluate_lib.view_metrics(
-        views, outputs, labels, tep, tec, trp, trc, loss_view=loss_view)
-    return jax.vmap(one)(train_pos, train_count, test_pos, test_count)
-
-  def _shared_group_metrics(self, hparams, server_state, states, gi):
-    """Group ``gi``'s per-client metrics by the shared path, or None where it does not apply.
-
-    On XLA:CPU the per-client path forwards each client's tables padded to the largest
-    client's (2,960 forward passes for digits' 1,797 samples over 20 clients under Dir(0.1));
-    here every sample is forwarded once, in blocks of one compiled program.
-    """
-    alg = self._alg(gi, hparams)
-    views = alg.shared_views(server_state, self._one_client(states))
-    tables = self._shared_group_tables(gi) if views is not None else None
-    if tables is None:
-      return None
-    blocks, train_pos, test_pos = tables
-    outputs = tuple(self._shared_forward(hparams, server_state, states, self.arrays, block,
-                                         gi=gi) for block in blocks)
-    loss_view = alg.TRAIN_LOSS_VIEW if alg.TRAIN_LOSS_VIEW in views else None
-    return self._shared_metrics(outputs, self.arrays, blocks, train_pos, test_pos, gi=gi,
-                                names=tuple(views), loss_view=loss_view)
-
-  # ------------------------- evaluation of personal heads on features of the server state
-  def _feature_views(self, hparams, server_state, states, gi):
-    return self._alg(gi, hparams).feature_views(server_state, self._one_client(states))
-
-  def _feature_forward_fn(self, hparams, server_state, states, arrays, block, gi):
-    """The shared features (`Algorithm.feature_views`) of one block of samples."""
-    self.trace_counts["evaluate_forward"] += 1
-    fv = self._feature_views(hparams, server_state, states, gi)
-    return fv.features(arrays["data"].x[block])
-
-  def _feature_same_fn(self, hparams, server_state, states, gi):
+  def _shared_same_fn(self, hparams, server_state, states, gi):
     """Per row of the group: whether its client's feature extractor is the shared one."""
     self.trace_counts["evaluate_check"] += 1
-    return jax.vmap(self._feature_views(hparams, server_state, states, gi).same)(states)
+    return jax.vmap(self._shared_views(hparams, server_state, states, gi).same)(states)
 
-  def _feature_metrics_fn(self, hparams, server_state, states, features, arrays, blocks,
-                          train_pos, test_pos, gi, names, loss_view):
+  def _shared_metrics_fn(self, hparams, server_state, states, features, arrays, blocks,
+                         train_pos, test_pos, gi, names, loss_view):
     """Every client's metrics: its heads on the features of its rows, gathered by position
     (as `evaluate.view_metrics` of its per-client views), ``eval_chunk_size`` clients at a
     time."""
     self.trace_counts["evaluate"] += 1
-    heads = self._feature_views(hparams, server_state, states, gi).heads
-    z = jnp.concatenate(features)   # [samples, features], in `blocks` order
+    heads = self._shared_views(hparams, server_state, states, gi).heads
+    z = jnp.concatenate(features)   # [samples, ...], in `blocks` order
     labels = arrays["data"].y[jnp.concatenate(blocks)]
     _, train_count, _, test_count = arrays["tables"][gi]
 
@@ -860,26 +829,32 @@ class Engine:
     return jax.lax.map(one, (states, train_pos, train_count, test_pos, test_count),
                        batch_size=self.eval_chunk_size)
 
-  def _feature_group_metrics(self, hparams, server_state, states, gi):
-    """Group ``gi``'s per-client metrics from shared features and personal heads, or None
-    where `Algorithm.feature_views` does not apply (or a client's feature extractor is not
-    the shared one: then the group is evaluated per client)."""
-    fv = self._feature_views(hparams, server_state, states, gi)
-    tables = self._shared_group_tables(gi) if fv is not None else None
+  def _shared_group_metrics(self, hparams, server_state, states, gi):
+    """Group ``gi``'s per-client metrics by the shared path, or None where it does not apply
+    (no shared views, or a client whose feature extractor is not the shared one: then the
+    group is evaluated per client).
+
+    On XLA:CPU the per-client path forwards each client's tables padded to the largest
+    client's (2,960 forward passes for digits' 1,797 samples over 20 clients under Dir(0.1));
+    here every sample is forwarded once, in blocks of one compiled program, and each client's
+    heads are applied to the outputs of its samples.
+    """
+    shared = self._shared_views(hparams, server_state, states, gi)
+    tables = self._shared_group_tables(gi) if shared is not None else None
     if tables is None:
       return None
-    if fv.same is not None:
-      same = np.asarray(self._feature_same(hparams, server_state, states, gi=gi))
+    if shared.same is not None:
+      same = np.asarray(self._shared_same(hparams, server_state, states, gi=gi))
       if not same[: self.groups[gi].size].all():
         return None
     blocks, train_pos, test_pos = tables
-    features = tuple(self._feature_forward(hparams, server_state, states, self.arrays, block,
-                                           gi=gi) for block in blocks)
-    names = tuple(fv.heads)
+    features = tuple(self._shared_forward(hparams, server_state, states, self.arrays, block,
+                                          gi=gi) for block in blocks)
+    names = tuple(shared.heads)
     loss_view = self._alg(gi, hparams).TRAIN_LOSS_VIEW
-    return self._feature_metrics(hparams, server_state, states, features, self.arrays, blocks,
-                                 train_pos, test_pos, gi=gi, names=names,
-                                 loss_view=loss_view if loss_view in names else None)
+    return self._shared_metrics(hparams, server_state, states, features, self.arrays, blocks,
+                                train_pos, test_pos, gi=gi, names=names,
+                                loss_view=loss_view if loss_view in names else None)
 
   def _group_metrics(self, hparams, server_state, client_states, root, round_index, final,
                      gi):
@@ -889,8 +864,6 @@ class Engine:
     shared = None
     if self.shared_eval and self.mesh is None and not final:
       shared = self._shared_group_metrics(hparams, server_state, states, gi)
-      if shared is None:
-        shared = self._feature_group_metrics(hparams, server_state, states, gi)
     if shared is not None:
       parts = [shared]
     elif self.mesh is not None:
@@ -933,9 +906,10 @@ class Engine:
     Clients are evaluated ``eval_chunk_size`` at a time with vmap, or — with the sequential
     executor — one at a time by one compiled per-client program (on XLA:CPU a vmapped forward
     pass ran ~3x slower than the same samples in per-client calls). A group whose views
-    depend on the server state alone (`Algorithm.shared_views`, e.g. FedAvg's global model) is
-    evaluated by forwarding every sample once instead (``shared_eval``; not with a mesh, not
-    for ``final``). ``root`` and
+    depend on the server state alone (`Algorithm.shared_views`, e.g. FedAvg's global model),
+    or are personal heads on the global features (`Algorithm.feature_views`, e.g. FedPer's),
+    is evaluated by forwarding every sample once instead (``shared_eval``; not with a mesh,
+    not for ``final``). ``root`` and
     ``round_index`` derive the evaluation keys (views that adapt or sample); ``final`` uses the
     algorithm's ``final_views`` (returns None when it has none).
     """
