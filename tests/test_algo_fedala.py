@@ -13,7 +13,8 @@ from fedjax_lib.algorithms.fedala import (adaptive_local_aggregation, ala_mix,
                                           sample_window, take, upper_mask, upper_paths,
                                           weight_step)
 from fedjax_lib.core import rng
-from fedjax_lib.core.local import ClientData, masked_cross_entropy, train_locally
+from fedjax_lib.core.local import (ClientData, SampleFeatures, masked_cross_entropy,
+                                   train_locally)
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
 from tests import test_engine as engine_test
@@ -367,6 +368,8 @@ def test_head_only_ala_equals_the_full_model_ala(rounds, loop):
       threshold=alg.threshold, num_pre_loss=alg.num_pre_loss,
       max_start_epochs=alg.max_start_epochs))
   windows = set()
+  order_rows = np.random.default_rng(0).permutation(eng.data.x.shape[0])
+  position = jnp.asarray(np.argsort(order_rows), jnp.int32)
   for r, start in ((0, True), (1, False)):
     for cid in range(eng.num_clients):  # the stored models of round r, the aggregate of r + 1
       _, state, cd = _client(eng, states[r], cid)
@@ -374,11 +377,25 @@ def test_head_only_ala_equals_the_full_model_ala(rounds, loop):
       assert alg._head_split(s["params"], order) is not None  # pylint: disable=protected-access
       state = dict(state, start_phase=jnp.asarray(start))
       a, b = fast(s, state, cd), full(s, state, cd)
-      assert int(a[3]) == int(b[3]) >= 1
-      jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
-                   a[:2], b[:2])
+      # The engine's shared features of every sample (a shuffled table, as the engine's
+      # blocks place them) in place of the window's forward pass.
+      z = alg.model.apply(s["params"], eng.data.x[order_rows], method="features")
+      c = fast(s, state, cd._replace(features=SampleFeatures(z, position)))
+      for got in (a, c):
+        assert int(got[3]) == int(b[3]) >= 1
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+                     got[:2], b[:2])
       windows.add(int(0.8 * int(cd.train_count)))
   assert len(windows) >= 3
+
+
+def test_receive_reads_shared_features_only_with_head_only_ala():
+  data = _small_data()
+  model = make_model("dnn", data.sample_shape, data.num_classes)
+  sample = jax.ShapeDtypeStruct(data.x.shape[1:], data.x.dtype)
+  for layer_idx, expected in ((2, True), (1, True), (3, False), (0, False)):
+    alg = get_algorithm("FedALA")(model=model, local=None, layer_idx=layer_idx)
+    assert alg.receive_features(sample) == expected, layer_idx
 
 
 def test_eval_views_evaluate_the_stored_model_and_the_global_model(rounds):

@@ -167,6 +167,18 @@ def _data_with_a_client_without_test_samples():
   return FederatedData.from_client_indices("toy", data.x, data.y, train, test, 3)
 
 
+def _count_calls(eng, name):
+  """Records every call of the engine's program ``name`` (one entry per call)."""
+  calls, program = [], getattr(eng, name)
+
+  def counted(*args, **kwargs):
+    calls.append(kwargs.get("gi"))
+    return program(*args, **kwargs)
+
+  setattr(eng, name, counted)
+  return calls
+
+
 def _both_paths(eng, server, clients):
   """``(the engine's default evaluation, the per-client path's)``."""
   default = eng.evaluate(server, clients)
@@ -220,9 +232,44 @@ def test_feature_evaluation_falls_back_where_a_client_base_differs():
   base = jax.tree.unflatten(treedef, leaves)
   params = {**params, "params": {**params["params"], "base": base}}
   clients = {name: {**clients[name], "params": params}}
+  forwards = _count_calls(eng, "_shared_forward")
   _both_paths(eng, server, clients)
   assert eng.trace_counts["evaluate_check"] == 1
-  assert eng.trace_counts["evaluate_forward"] == 0  # the features were never forwarded
+  assert forwards == []  # the evaluation forwarded no features
+
+
+def test_fedala_receives_on_features_forwarded_once_per_round():
+  """On the sequential executor FedALA's head-only ALA reads the global model's features of
+  every training sample (`Algorithm.receive_features`), forwarded once per round in the
+  shared evaluation's blocks, every client's ALA in one vmapped program; the evaluation that
+  follows forwards only the blocks of test-only samples. The states are those of the
+  per-client receive (each client forwarding its own window: ``shared_eval=False``) up to
+  float rounding, and so are the metrics."""
+  data = _small_data()
+  root = rng.root_key(0)
+  runs = []
+  for shared in (True, False):
+    eng = _engine("FedALA", "sequential", data, jr=1.0, cdr=0.0)
+    eng.shared_eval_block, eng.shared_eval = 16, shared
+    server, clients = eng.init(root, eng.data.x[0])
+    for r in range(3):
+      server, clients, _ = eng.run_round(server, clients, root, r)
+    runs.append((eng, server, clients))
+  (eng, server, clients), (_, server_b, clients_b) = runs
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               (server, clients), (server_b, clients_b))
+  assert eng.trace_counts["receive"] == 1  # one vmapped program, every round
+  tables = eng._shared_group_tables(0)  # pylint: disable=protected-access
+  assert 0 < tables.train_blocks < len(tables.blocks)
+  forwards = _count_calls(eng, "_shared_forward")
+  server, clients, _ = eng.run_round(server, clients, root, 3)
+  assert len(forwards) == tables.train_blocks
+  default = eng.evaluate(server, clients)
+  assert len(forwards) == len(tables.blocks)  # only the test-only blocks
+  again, _ = _both_paths(eng, server, clients)  # nothing kept: every block forwarded
+  assert len(forwards) == 2 * len(tables.blocks)
+  for key, value in again.items():
+    np.testing.assert_array_equal(default[key], value, err_msg=key)
 
 
 def test_feature_views_where_clients_evaluate_a_head_on_global_features():

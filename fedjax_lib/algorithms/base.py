@@ -235,6 +235,17 @@ class Algorithm:
     :func:`has_hook`)."""
     raise NotImplementedError
 
+  def receive_features(self, sample_x) -> bool:
+    """Whether :meth:`receive_client` reads ``data.features``: the features of every
+    training sample through the server state's feature extractor, i.e. the ``features`` of
+    :meth:`feature_views` (`fedjax_lib.core.local.SampleFeatures`). The sequential executor
+    then computes them once per round for all clients (in the shared evaluation's blocks,
+    kept for the evaluation that follows) instead of each client forwarding its own samples;
+    elsewhere ``data.features`` is None and ``receive_client`` computes what it needs.
+    ``sample_x``: one sample (its ``shape`` and ``dtype``). Default: False."""
+    del sample_x
+    return False
+
   def warmup_client(self, server_state, client_state, data, key):
     """One client's part of the initialisation period: ``(client_state, upload)``."""
     raise NotImplementedError

@@ -285,6 +285,9 @@ def adaptive_local_aggregation(local, global_, weights, start_phase, data: Clien
       ``features(x)`` (the global model's) is computed once for the whole window, in one
       batch, and the weights are learned on ``head_loss(variables, z, batch)``. The same
       procedure, fewer FLOPs (exact up to float rounding); None: the full model per batch.
+      With ``head_split``, ``data.features`` (when given: the engine's features of every
+      sample through the global model, `fedjax_lib.core.local.SampleFeatures`) replaces the
+      window's forward pass.
 
   Returns:
     ``(new_local, new_weights, new_start_phase, epochs)``; ``epochs`` (int32) is the number of
@@ -310,8 +313,11 @@ def adaptive_local_aggregation(local, global_, weights, start_phase, data: Clien
       return loss_fn(put(global_, mixed), batch)  # lower tensors from the global model
   else:
     features, head_loss = head_split
-    z = _window_features(features, data.x, rows_at(jnp.arange(window)), n, batch_size,
-                         buckets=loop == "valid")
+    if data.features is not None:  # the global features of every sample, computed once
+      z = data.features.take(rows_at(jnp.arange(window)))
+    else:
+      z = _window_features(features, data.x, rows_at(jnp.arange(window)), n, batch_size,
+                           buckets=loop == "valid")
 
     def upper_loss(mixed, batch, pos):
       return head_loss(put(global_, mixed), z[pos], batch)
@@ -457,15 +463,24 @@ class FedALA(FedAvg):
         unroll=self.local.unroll, loop=self.local.loop, head_split=self._head_split(
             server_state["params"], order))
 
+  def _head_only(self, order) -> bool:
+    return all(path[:2] == ("params", "head") for path in upper_paths(order, self.layer_idx))
+
   def _head_split(self, global_variables, order):
     """ALA on the head alone when its upper tensors are all head tensors (the default
     ``layer_idx`` = 2: the classifier's weight and bias); see `adaptive_local_aggregation`."""
-    if not all(path[:2] == ("params", "head") for path in upper_paths(order, self.layer_idx)):
+    if not self._head_only(order):
       return None
     features = lambda x: self.model.apply(global_variables, x, method="features")
     head_loss = lambda variables, z, batch: masked_cross_entropy(
         self.model.apply(variables, z, method="classify"), batch.y, batch.mask)
     return features, head_loss
+
+  def receive_features(self, sample_x) -> bool:
+    """With ALA on the head alone (the default ``layer_idx`` = 2), ALA learns its weights on
+    the global model's features of the client's sample window: the engine may compute those
+    once for every sample (the sequential executor does, and its evaluation reuses them)."""
+    return self._head_only(parameter_order(self.model, sample_x.shape, sample_x.dtype))
 
   def receive_client(self, server_state, client_state, data, key):
     """ALA of the received global model into the client's model (every client, every round:

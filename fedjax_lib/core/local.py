@@ -51,16 +51,30 @@ class Batch(NamedTuple):
   mask: jax.Array
 
 
+class SampleFeatures(NamedTuple):
+  """Features of the server state's feature extractor for samples (rows of ``x``), computed
+  once for every client: ``values[position[i]]`` are sample ``i``'s (`take`)."""
+  values: jax.Array     # [samples, ...]
+  position: jax.Array   # [all samples] int32
+
+  def take(self, rows: jax.Array) -> jax.Array:
+    return self.values[self.position[rows]]
+
+
 class ClientData(NamedTuple):
   """One client's view of the federated data, as `client_update` receives it.
 
   ``x``/``y`` are the shared arrays of all samples (not per-client copies); ``train_idx`` are
-  this client's rows, of which the first ``train_count`` are valid.
+  this client's rows, of which the first ``train_count`` are valid. ``features``: the
+  server state's features of every training sample (`SampleFeatures`), which the engine
+  passes to `Algorithm.receive_client` where the algorithm asks for them
+  (`Algorithm.receive_features`); None otherwise.
   """
   x: jax.Array
   y: jax.Array
   train_idx: jax.Array
   train_count: jax.Array
+  features: Optional[SampleFeatures] = None
 
 
 @dataclasses.dataclass(frozen=True)
