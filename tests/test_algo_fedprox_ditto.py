@@ -10,7 +10,8 @@ import pytest
 from fedjax_lib import Config, run_experiment
 from fedjax_lib.algorithms import make_algorithm
 from fedjax_lib.algorithms.ditto import PERSONAL_STREAM
-from fedjax_lib.algorithms.fedprox import proximal_term
+from fedjax_lib.algorithms.fedprox import (proximal_penalty, proximal_term,
+                                          with_proximal_term)
 from fedjax_lib.core import rng
 from fedjax_lib.core.local import ClientData, LocalSpec
 from fedjax_lib.errors import ConfigError
@@ -55,6 +56,22 @@ def test_proximal_term_and_gradient_match_numpy():
                                                           atol=1e-7), grad_w, w, wg)
   # The anchor is a constant: no gradient flows into the global model.
   jax.tree.map(lambda g: np.testing.assert_array_equal(g, 0.0), grad_anchor)
+
+
+def test_a_zero_mu_drops_the_term_and_any_other_mu_adds_it():
+  """μ = 0 as a Python number (the default): no term at all (it would only add zeros); any
+  other μ, and a traced one (a swept μ, whatever its value), adds μ·proximal_term."""
+  w, wg = {"a": jnp.ones((3,))}, {"a": jnp.zeros((3,))}
+  ce = lambda params, batch, key: jnp.sum(params["a"]) * batch
+  assert proximal_penalty(0.0, wg) is None and proximal_penalty(0, wg) is None
+  assert with_proximal_term(ce, 0.0, wg) is ce
+  np.testing.assert_allclose(with_proximal_term(ce, 0.5, wg)(w, 2.0, None), 6.0 + 0.5 * 1.5)
+  traced = jax.jit(lambda mu: with_proximal_term(ce, mu, wg)(w, 2.0, None))
+  np.testing.assert_allclose(traced(jnp.float32(0.5)), 6.75)
+  np.testing.assert_allclose(traced(jnp.float32(0.0)), 6.0)
+  kept = []
+  jax.jit(lambda mu: kept.append(proximal_penalty(mu, wg) is not None) or mu)(0.0)
+  assert kept == [True]  # traced: kept, even where its value is 0
 
 
 # ---------------------------------------------------------------- FedProx

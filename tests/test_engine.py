@@ -28,12 +28,12 @@ def _small_data(num_clients=6, seed=0, dim=12):
 
 
 def _engine(algo, executor, data, model="dnn", jr=0.7, rjr=False, cdr=0.25, unroll=1,
-            params=None, new_clients=0):
+            params=None, new_clients=0, loop="scan"):
   m = make_model(model, data.sample_shape, data.num_classes)
   if params is None:
     params = suite_params(algo)
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=2,
-                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=unroll)
+                   steps_per_epoch=int(data.train_count.max()) // 4, unroll=unroll, loop=loop)
   return engine_lib.Engine(
       make_algorithm(algo, m, spec, params), engine_lib.DeviceData.from_federated(data),
       engine_lib.Participation(data.num_clients - new_clients, jr, rjr, cdr), executor=executor,
@@ -238,18 +238,20 @@ def test_feature_evaluation_falls_back_where_a_client_base_differs():
   assert forwards == []  # the evaluation forwarded no features
 
 
-def test_fedala_receives_on_features_forwarded_once_per_round():
+@pytest.mark.parametrize("loop", ["scan", "valid"])
+def test_fedala_receives_on_features_forwarded_once_per_round(loop):
   """On the sequential executor FedALA's head-only ALA reads the global model's features of
   every training sample (`Algorithm.receive_features`), forwarded once per round in the
-  shared evaluation's blocks, every client's ALA in one vmapped program; the evaluation that
-  follows forwards only the blocks of test-only samples. The states are those of the
-  per-client receive (each client forwarding its own window: ``shared_eval=False``) up to
-  float rounding, and so are the metrics."""
+  shared evaluation's blocks, every client's ALA in one vmapped program (its weight loop
+  vmapped too: ``valid`` runs each client's own batches); the evaluation that follows
+  forwards only the blocks of test-only samples. The states are those of the per-client
+  receive (each client forwarding its own window: ``shared_eval=False``) up to float
+  rounding, and so are the metrics."""
   data = _small_data()
   root = rng.root_key(0)
   runs = []
   for shared in (True, False):
-    eng = _engine("FedALA", "sequential", data, jr=1.0, cdr=0.0)
+    eng = _engine("FedALA", "sequential", data, jr=1.0, cdr=0.0, loop=loop)
     eng.shared_eval_block, eng.shared_eval = 16, shared
     server, clients = eng.init(root, eng.data.x[0])
     for r in range(3):

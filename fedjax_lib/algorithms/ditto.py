@@ -46,7 +46,7 @@ import jax
 
 from fedjax_lib.algorithms.base import check_int, check_number, stack_clients
 from fedjax_lib.algorithms.fedavg import FedAvg
-from fedjax_lib.algorithms.fedprox import proximal_term, with_proximal_term
+from fedjax_lib.algorithms.fedprox import proximal_penalty, with_proximal_term
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.local import cross_entropy_objective, train_locally, train_model
 from fedjax_lib.models.base import has_train_mode
@@ -89,10 +89,10 @@ class Ditto(FedAvg):
   def client_update(self, server_state, client_state, data, key):
     personal_key = jax.random.fold_in(key, PERSONAL_STREAM)
     if has_train_mode(self.model):
-      anchor = server_state["params"]["params"]
       personal, _, personal_stats = train_model(
           self.model, client_state["params"], data, personal_key, self.personal_spec(),
-          cross_entropy_objective, penalty=lambda p: self.mu * proximal_term(p, anchor))
+          cross_entropy_objective,
+          penalty=proximal_penalty(self.mu, server_state["params"]["params"]))
     else:
       personal_loss = with_proximal_term(self.ce_loss, self.mu, server_state["params"])
       personal, _, personal_stats = train_locally(

@@ -58,10 +58,25 @@ def proximal_term(params, anchor) -> jax.Array:
   return 0.5 * sum(jax.tree.leaves(squares), jnp.zeros((), jnp.float32))
 
 
+def proximal_penalty(mu, anchor):
+  """``params ↦ μ·proximal_term(params, anchor)``, or None for a μ known to be 0 (a Python
+  number; a swept, traced μ never is): adding zero times the term changes no value, but the
+  term's forward pass and zero gradient still read both models in every SGD step (the digits
+  CNN's step 6.80 against 6.13 ms, the same parameters to the bit; a throwaway A/B)."""
+  if isinstance(mu, (int, float)) and mu == 0:
+    return None
+  return lambda params: mu * proximal_term(params, anchor)
+
+
 def with_proximal_term(loss_fn, mu: float, anchor):
-  """``loss_fn(params, batch, key) + μ·proximal_term(params, anchor)`` as a ``loss_fn``."""
+  """``loss_fn(params, batch, key) + μ·proximal_term(params, anchor)`` as a ``loss_fn``
+  (``loss_fn`` itself for a μ known to be 0: :func:`proximal_penalty`)."""
+  penalty = proximal_penalty(mu, anchor)
+  if penalty is None:
+    return loss_fn
+
   def loss(params, batch, key):
-    return loss_fn(params, batch, key) + mu * proximal_term(params, anchor)
+    return loss_fn(params, batch, key) + penalty(params)
   return loss
 
 
@@ -88,5 +103,4 @@ class FedProx(FedAvg):
   def penalty(self, server_state):
     """Models with BatchNorm or dropout: the same term on the parameters (the running
     statistics, kept by each client, are not pulled)."""
-    anchor = server_state["params"]["params"]
-    return lambda params: self.mu * proximal_term(params, anchor)
+    return proximal_penalty(self.mu, server_state["params"]["params"])
