@@ -171,6 +171,24 @@ def test_slices_and_hybrid_convs_equal_lax_values_and_gradients(impl, kernel, st
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
 
 
+@pytest.mark.parametrize("window,strides,padding", [
+    ((3, 2), (2, 1), 'SAME'), ((5, 5), (1, 1), 'VALID'), ((1, 1), (2, 2), 'VALID'),
+    ((4, 3), (3, 2), ((2, 1), (0, 3)))])
+def test_im2col_copies_every_window_in_kh_kw_c_order(window, strides, padding):
+  from fedjax_lib.models.layers import _im2col
+  x = np.asarray(_batch(jax.random.PRNGKey(2), (9, 11, 3), n=2))
+  (kh, kw), (sh, sw) = window, strides
+  pads = (jax.lax.padtype_to_pads(x.shape[1:3], window, strides, padding)
+          if isinstance(padding, str) else padding)
+  xp = np.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+  out_h, out_w = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+  want = np.stack([np.stack([xp[:, a * sh:a * sh + kh, b * sw:b * sw + kw, :].reshape(2, -1)
+                             for b in range(out_w)], axis=1) for a in range(out_h)], axis=1)
+  got = np.asarray(jax.jit(lambda v: _im2col(v, window, strides, padding))(x))
+  assert got.shape == (2, out_h, out_w, kh * kw * 3)
+  np.testing.assert_array_equal(got, want)
+
+
 def test_auto_conv_impl_per_backend_group_count_and_batch():
   from fedjax_lib.models.layers import (SLICES_MAX_BATCH, SLICES_MAX_OUTPUT_AREA,
                                         resolve_conv_impl)
