@@ -171,6 +171,25 @@ def test_slices_and_hybrid_convs_equal_lax_values_and_gradients(impl, kernel, st
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
 
 
+def test_slices_conv_second_order_gradients_equal_lax():
+  """The patch matmul's custom VJP is differentiable again (DLG, Per-FedAvg's HF variant
+  differentiate through gradients): grad of a function of the parameter gradient."""
+  x = _batch(jax.random.PRNGKey(3), (9, 11, 3), n=2)
+  convs = {impl: TorchConv(4, 3, strides=1, padding='SAME', conv_impl=impl)
+           for impl in ('lax', 'slices')}
+  variables = _numpy_variables(jax.eval_shape(convs['lax'].init, jax.random.PRNGKey(0), x))
+
+  def outer(impl):
+    def inner(v, x):
+      return jnp.sum(jnp.tanh(convs[impl].apply(v, x)))
+    def gradient_norm(x):
+      g = jax.grad(inner)(variables, x)
+      return sum(jnp.sum(leaf ** 2) for leaf in jax.tree.leaves(g))
+    return jax.grad(gradient_norm)(x)
+
+  np.testing.assert_allclose(outer('slices'), outer('lax'), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("window,strides,padding", [
     ((3, 2), (2, 1), 'SAME'), ((5, 5), (1, 1), 'VALID'), ((1, 1), (2, 2), 'VALID'),
     ((4, 3), (3, 2), ((2, 1), (0, 3)))])

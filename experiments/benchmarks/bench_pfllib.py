@@ -13,6 +13,10 @@ samples) into ``<pfllib>/dataset/<name>``, then, for each algorithm, one after t
    results JSON holds per-round training and evaluation times.
 
 Seconds per round are means over rounds 1..R (round 0, which builds/compiles, excluded).
+With ``--repeats K`` each algorithm's pair runs K times, alternating which goes first (PFLlib,
+ours; ours, PFLlib; …) so that the machine's slow phases hit both alike: the table then
+gives the means over all K runs' rounds, the median of the K runs' ratios and each run's
+ratio; the accuracy columns and the plot are the first pair's.
 Accuracy: PFLlib's printed "Averaged Test Accuracy" per round (for Ditto the personalized
 evaluation, its second line per round) against our ``test_acc``; both runs are unseeded with
 respect to each other (PFLlib does not seed), so curves agree within seed noise, not exactly.
@@ -164,14 +168,29 @@ def plot(results: dict, path: str) -> None:
   fig.savefig(path, dpi=110)
 
 
+def pooled(runs: list[dict]) -> dict:
+  """One run's per-round lists made of several runs' rounds 1.. (round 0 of each dropped, a
+  placeholder 0 put first so that `summarize` drops it) and the first run's accuracies."""
+  out = {k: [0.0] + [v for run in runs for v in run[k][1:]] for k in ("train", "eval", "total")}
+  return {**out, "test_acc": runs[0]["test_acc"]}
+
+
 def table(results: dict, header: str) -> str:
+  repeated = any(len(r.get("repeats", [])) > 1 for r in results.values())
   lines = [header, "",
            "| algorithm | PFLlib train / eval / total s/round | fedjax_lib train / eval / total "
            "s/round | speed-up (total) | speed-up (train) | speed-up of the median rounds | best "
-           "acc PFLlib / ours | mean acc of the last 10 rounds PFLlib / ours |",
-           "|---|---|---|---|---|---|---|---|"]
+           "acc PFLlib / ours | mean acc of the last 10 rounds PFLlib / ours |"
+           + (" speed-up of each pair (median) |" if repeated else ""),
+           "|---|---|---|---|---|---|---|---|" + ("---|" if repeated else "")]
   for algorithm, r in results.items():
-    p, o = summarize(r["pfllib"]), summarize(r["fedjax_lib"])
+    pairs = r.get("repeats") or [{"pfllib": r["pfllib"], "fedjax_lib": r["fedjax_lib"]}]
+    p = summarize(pooled([pair["pfllib"] for pair in pairs]))
+    o = summarize(pooled([pair["fedjax_lib"] for pair in pairs]))
+    ratios = [summarize(pair["pfllib"])["total"] / summarize(pair["fedjax_lib"])["total"]
+              for pair in pairs]
+    each = (f" {', '.join(f'{v:.2f}x' for v in ratios)} "
+            f"({statistics.median(ratios):.2f}x) |" if repeated else "")
     lines.append(
         f"| {algorithm} | {p['train']:.3f} / {p['eval']:.3f} / {p['total']:.3f} | "
         f"{o['train']:.3f} / {o['eval']:.3f} / {o['total']:.3f} | "
@@ -179,7 +198,7 @@ def table(results: dict, header: str) -> str:
         f"{p['median_total']:.3f} / {o['median_total']:.3f} s: "
         f"{p['median_total'] / o['median_total']:.2f}x | "
         f"{p['best_acc']:.3f} / {o['best_acc']:.3f} | "
-        f"{p['last10_acc']:.3f} / {o['last10_acc']:.3f} |")
+        f"{p['last10_acc']:.3f} / {o['last10_acc']:.3f} |" + each)
   return "\n".join(lines)
 
 
@@ -191,6 +210,8 @@ def main() -> None:
   p.add_argument("--threads", type=int, default=2, help="torch threads for PFLlib")
   p.add_argument("--algorithms", default="FedAvg,FedALA,Ditto")
   p.add_argument("--rounds", type=int, default=100)
+  p.add_argument("--repeats", type=int, default=1,
+                 help="run each algorithm's pair this many times, alternating which goes first")
   p.add_argument("--name", default="MNIST-digits",
                  help="dataset folder name under <pfllib>/dataset ('MNIST' in it makes PFLlib "
                  "build its 1x28x28 CNN)")
@@ -217,12 +238,18 @@ def main() -> None:
   results = {}
   for algorithm in args.algorithms.split(","):
     flags = extra.get(algorithm, [])
-    results[algorithm] = {
-        "pfllib": run_pfllib(args.pfllib, args.torch_python, args.threads, args.name, algorithm,
-                             args.rounds, flags, args.timeout),
-        "fedjax_lib": run_ours(data["folder"], algorithm, args.rounds, flags, args.timeout)}
-    print(json.dumps({algorithm: {k: summarize(v) for k, v in results[algorithm].items()}}),
-          file=sys.stderr, flush=True)
+    runners = {"pfllib": lambda: run_pfllib(args.pfllib, args.torch_python, args.threads,
+                                            args.name, algorithm, args.rounds, flags,
+                                            args.timeout),
+               "fedjax_lib": lambda: run_ours(data["folder"], algorithm, args.rounds, flags,
+                                              args.timeout)}
+    pairs = []
+    for repeat in range(args.repeats):
+      order = ("pfllib", "fedjax_lib") if repeat % 2 == 0 else ("fedjax_lib", "pfllib")
+      pairs.append({side: runners[side]() for side in order})
+      print(json.dumps({algorithm: {k: summarize(v) for k, v in pairs[-1].items()},
+                        "repeat": repeat}), file=sys.stderr, flush=True)
+    results[algorithm] = {**pairs[0], **({"repeats": pairs} if args.repeats > 1 else {})}
   torch_version = next(iter(results.values()))["pfllib"]["torch"]
   commit = args.pfllib_commit or subprocess.run(
       ["git", "-C", args.pfllib, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -235,7 +262,9 @@ def main() -> None:
             f"Workload: {args.name} = bundled digits, 20 clients, Dir(0.1), "
             f"{data['train_samples']} training / {data['test_samples']} test samples; flags "
             f"`{' '.join(FLAGS)}`, {args.rounds} rounds; seconds per round are means over rounds "
-            f"1–{args.rounds}.\nCommand: `python experiments/benchmarks/bench_pfllib.py "
+            f"1–{args.rounds}"
+            + (f" of {args.repeats} pairs of runs, alternating which goes first" if args.repeats
+               > 1 else "") + ".\nCommand: `python experiments/benchmarks/bench_pfllib.py "
             f"{' '.join(sys.argv[1:])}`")
   print(table(results, header))
   if args.json:

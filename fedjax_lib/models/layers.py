@@ -308,10 +308,10 @@ def _im2col(x: jax.Array, window, strides, padding) -> jax.Array:
   stacked (``(n, h, out_w, kw * c)``), then the ``kh`` row shifts of that.
 
   The same values as concatenating the ``kh * kw`` shifted views (the form before
-  2026-12-02), but faster on XLA:CPU: the 4-layer CNN's SGD step (two 5×5 convolutions,
-  batch 10) 5–9 % faster, and programs compile faster (measurements in
-  experiments/benchmarks/RESULTS.md); the gradient, a col2im, becomes two passes of ``kw``
-  and ``kh`` shifted sums instead of one of ``kh * kw``.
+  2026-12-02), but faster on XLA:CPU: the digits FedAvg training round (the 4-layer CNN's
+  two 5×5 convolutions, batch 10) ~6 % faster, programs with 3×3 convolutions compiled
+  15–30 % faster (`experiments/benchmarks/bench_slices_forms.py`); the gradient, a col2im,
+  becomes two passes of ``kw`` and ``kh`` shifted sums instead of one of ``kh * kw``.
   """
   (kh, kw), (sh, sw) = window, strides
   x, out_h, out_w = _padded(x, window, strides, padding)
@@ -356,8 +356,9 @@ def _patch_matmul(patches: jax.Array, kernel: jax.Array) -> jax.Array:
   and XLA:CPU then copies ``dy`` into a transposed layout before every weight gradient (the
   4-layer CNN's two convolutions: 41k and 184k floats per SGD step); contracting both
   operands over their rows needs no copy. Same values (the same sums in the same order):
-  the digits FedAvg parameters stayed bit-identical, and the training round ran ~7 % faster
-  (experiments/benchmarks/RESULTS.md). Reverse mode only, like :func:`max_pool_2x2`.
+  the parameters are bit-identical, and the digits FedAvg training round ran another ~4 %
+  faster (`experiments/benchmarks/bench_slices_forms.py`). Reverse mode only (``jax.grad``
+  of any order), like :func:`max_pool_2x2`.
   """
   return patches @ kernel
 
