@@ -163,3 +163,47 @@ def test_nonfinite_updates_stop_or_are_skipped(tmp_path):
   history = skipped.runs[0].history
   assert sum(history["nonfinite_clients"]) > 0
   assert np.isfinite(history["test_acc"]).all()
+
+
+def test_reports_of_orbax_writes_after_a_failed_save_are_dropped():
+  """After a failed save, Orbax's writes still in flight end in asyncio's "Task exception was
+  never retrieved" or a dying writer thread; those reports (tracebacks through Orbax's code)
+  are dropped, any other passes."""
+  import logging  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+  namespace = {}
+  exec(compile("def write():\n  raise OSError(27, 'File too large')\n",  # pylint: disable=exec-used
+               os.path.join(os.sep, "site", "orbax", "checkpoint", "fake.py"), "exec"), namespace)
+
+  def raised(fn):
+    try:
+      fn()
+    except OSError as e:
+      return e
+    raise AssertionError("no exception")
+
+  def elsewhere():
+    raise OSError(28, "No space left on device")
+
+  hook, asyncio_filters = threading.excepthook, list(logging.getLogger("asyncio").filters)
+  reported = []
+  threading.excepthook = lambda args: reported.append(str(args.exc_value))
+  try:
+    checkpoint_lib._quiet_after_failed_write()  # pylint: disable=protected-access
+    checkpoint_lib._quiet_after_failed_write()  # idempotent: one hook, whatever the count
+    logger = logging.getLogger("asyncio")
+    orbax_error, other_error = raised(namespace["write"]), raised(elsewhere)
+    assert not logger.filter(logging.LogRecord(
+        "asyncio", logging.ERROR, __file__, 1, "Task exception was never retrieved", None,
+        (OSError, orbax_error, orbax_error.__traceback__)))
+    assert logger.filter(logging.LogRecord(
+        "asyncio", logging.ERROR, __file__, 1, "other", None,
+        (OSError, other_error, other_error.__traceback__)))
+    for target in (namespace["write"], elsewhere):
+      thread = threading.Thread(target=target)
+      thread.start()
+      thread.join()
+    assert reported == ["[Errno 28] No space left on device"], reported
+  finally:
+    threading.excepthook = hook
+    logging.getLogger("asyncio").filters[:] = asyncio_filters

@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import warnings
 from typing import Any, Callable, Optional
@@ -96,6 +97,7 @@ class RunCheckpointer:
             meta=ocp.args.JsonSave({**meta, "format": FORMAT, "step": step})), force=True)
         self.manager.wait_until_finished()
       except Exception as e:  # pylint: disable=broad-except
+        _quiet_after_failed_write()
         self._remove_partial(step)
         error = _os_error_in(e)
         if error is None:
@@ -228,6 +230,39 @@ def _os_error_in(error: BaseException) -> Optional[OSError]:
     seen.add(id(error))
     error = error.__cause__ or error.__context__
   return None
+
+
+def _quiet_after_failed_write() -> None:
+  """After a failed save, for the rest of the process: Orbax's other writes, still in flight,
+  fail later on their own and report it — asyncio's "Task exception was never retrieved" (its
+  logger, when the task is collected, possibly at exit) or an exception ending a writer
+  thread — with tracebacks about the failure the save already raised as one line (seen in
+  CI under load: the `error:` line, then eight lines of Orbax's ``async_serialize_from_host``).
+  Reports from elsewhere pass."""
+  logging.getLogger("asyncio").addFilter(_not_from_orbax)
+  if not getattr(threading.excepthook, "_fedjax_orbax_filter", False):
+    previous = threading.excepthook
+
+    def hook(args):
+      if not _from_orbax(args.exc_traceback):
+        previous(args)
+
+    hook._fedjax_orbax_filter = True  # pylint: disable=protected-access
+    threading.excepthook = hook
+
+
+def _from_orbax(tb) -> bool:
+  """Whether a traceback passes through Orbax's code."""
+  while tb is not None:
+    if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+      return True
+    tb = tb.tb_next
+  return False
+
+
+def _not_from_orbax(record: logging.LogRecord) -> bool:
+  exc = record.exc_info[1] if record.exc_info else None  # asyncio's handler logs it so
+  return exc is None or not _from_orbax(exc.__traceback__)
 
 
 @contextlib.contextmanager
