@@ -103,24 +103,12 @@ def alternate(calls: dict, reps: int) -> dict:
 
 
 def step_rows(args) -> list:
-  from fedjax_lib.models.cnn import FedAvgCNN  # pylint: disable=import-outside-toplevel
-  rs = np.random.RandomState(0)
-  x = jnp.asarray(rs.randn(1341, 28, 28, 1).astype(np.float32))
-  y = jnp.asarray(rs.randint(0, 10, 1341))
-  model = FedAvgCNN(10, conv_impl="slices")
-  params = model.init(jax.random.key(0), x[:1])
-  grad = jax.grad(lambda p, xb, yb: optax.softmax_cross_entropy_with_integer_labels(
-      model.apply(p, xb), yb).mean())
-
-  def steps(p, n):
-    def sgd(s, p):
-      rows = (jnp.arange(10) + s * 10) % x.shape[0]
-      return jax.tree.map(lambda a, g: a - 0.005 * g, p, grad(p, x[rows], y[rows]))
-    return jax.lax.fori_loop(0, n, sgd, p)
-
+  sys.path.insert(0, HERE)
+  from bench_cpu_step import training_forms  # pylint: disable=import-outside-toplevel
   fns, outs = {}, {}
-  for form in FORMS:
-    fns[form] = jax.jit(lambda p, n: steps(p, n))  # a new function: its own trace
+  for form in FORMS:  # bench_cpu_step's loop, built anew per form: its own trace
+    params, forms = training_forms("slices", (28, 28, 1), args.steps)
+    fns[form] = forms["fori_loop over valid steps"]
     outs[form], _ = traced_as(form, fns[form], params, args.steps)
   seconds = alternate({f: (lambda f=f: fns[f](params, args.steps)) for f in FORMS}, args.reps)
   return [row(f"SGD step, 4-layer CNN, batch 10, {args.steps} steps (ms per step)", {
