@@ -251,10 +251,15 @@ def _quiet_after_failed_write() -> None:
     threading.excepthook = hook
 
 
+def _in_orbax(filename: str) -> bool:
+  """Whether a source file is Orbax's."""
+  return f"{os.sep}orbax{os.sep}" in filename
+
+
 def _from_orbax(tb) -> bool:
   """Whether a traceback passes through Orbax's code."""
   while tb is not None:
-    if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+    if _in_orbax(tb.tb_frame.f_code.co_filename):
       return True
     tb = tb.tb_next
   return False
@@ -321,4 +326,4 @@ def _is_failed_read(unraisable) -> bool:
   if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
     return True
   code = getattr(unraisable.object, "cr_code", None)
-  return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+  return code is not None and _in_orbax(code.co_filename)
