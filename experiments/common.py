@@ -79,15 +79,30 @@ def floats_text(v: float) -> str:
 
 
 def machine() -> str:
-  """The processor's model name (``/proc/cpuinfo``, else `platform`) and the core count."""
-  name = platform.processor() or platform.machine()
+  """The processor's model name (``/proc/cpuinfo``, else `platform`), its family and model
+  numbers and widest vector instructions where ``/proc/cpuinfo`` gives them (a VM's model
+  name may be only "AMD EPYC", and one name may cover CPUs with and without AVX-512), and the
+  core count."""
+  name, details = platform.processor() or platform.machine(), ""
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
-      name = next((line.split(":", 1)[1].strip() for line in f
-                   if line.startswith("model name")), name)
+      fields = {}
+      for line in f:
+        if not line.strip():
+          break  # the first processor's block
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
   except OSError:
-    pass
-  return f"{name}, {os.cpu_count()} cores"
+    fields = {}
+  name = fields.get("model name", name)
+  flags = set(fields.get("flags", "").split())
+  simd = next((isa for isa, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2"), ("AVX", "avx"))
+               if flag in flags), None)
+  parts = ([f"family {fields['cpu family']} model {fields['model']}"]
+           if "cpu family" in fields and "model" in fields else []) + ([simd] if simd else [])
+  if parts:
+    details = f" ({', '.join(parts)})"
+  return f"{name}{details}, {os.cpu_count()} cores"
 
 
 def has_section(path: str, name: str) -> bool:

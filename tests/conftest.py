@@ -34,6 +34,14 @@ if _CACHE_OWNER:
       tempfile.gettempdir(),
       f"fedjax-tests-xla-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}")
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  # JAX writes an entry in place (no lock without `jax_compilation_cache_max_size`), so a
+  # process may read one that another is still writing, or one a killed process left half
+  # written: it warns and compiles the program itself, as it would without the cache. Those
+  # warnings are not the program's output, which tests check line by line: silenced.
+  os.environ["PYTHONWARNINGS"] = ",".join(
+      [w for w in [os.environ.get("PYTHONWARNINGS", "")] if w] +
+      [f"ignore:Error {verb} persistent compilation cache entry:UserWarning"
+       for verb in ("reading", "writing")])
 
 
 def pytest_unconfigure(config):

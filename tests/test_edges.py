@@ -275,8 +275,13 @@ def test_output_path_errors_are_one_line(tmp_path, capsys):
 
 
 def _with_file_size_limit(kib):
-  """The command line run under ``ulimit -f`` (KiB): the OS refuses bigger files (EFBIG)."""
-  return ["sh", "-c", f'ulimit -f {kib} && exec "$@"', "sh"]
+  """The command line run under ``ulimit -f`` (KiB): the OS refuses bigger files (EFBIG).
+
+  Without the suite's shared XLA compilation cache (tests/conftest.py): JAX writes a cache
+  entry in place, so a refused write would leave a truncated entry there, which every later
+  process of the run would fail to read, with a warning on its stderr (seen: four tests of this
+  module failing when it ran alone, before the cache held its programs)."""
+  return ["sh", "-c", f'ulimit -f {kib} && unset JAX_COMPILATION_CACHE_DIR && exec "$@"', "sh"]
 
 
 def test_a_write_that_fails_leaves_no_partial_results(tmp_path):

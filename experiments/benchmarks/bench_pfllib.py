@@ -35,7 +35,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -254,8 +253,8 @@ def main() -> None:
   commit = args.pfllib_commit or subprocess.run(
       ["git", "-C", args.pfllib, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
       check=False).stdout.strip()
-  header = (f"Measured {datetime.date.today().isoformat()} on {platform.machine()} "
-            f"({os.cpu_count()} cores): PFLlib {commit or '(checkout without git)'} "
+  header = (f"Measured {datetime.date.today().isoformat()} on {common.machine()}: PFLlib "
+            f"{commit or '(checkout without git)'} "
             f"system/main.py with torch {torch_version} ({args.threads} threads) against "
             f"fedjax_lib (jax {jax.__version__}, {jax.default_backend()}, executor "
             f"{next(iter(results.values()))['fedjax_lib']['executor']}), one after the other. "
