@@ -128,8 +128,9 @@ def test_htfl_conformance(name, data, tmp_path):
       assert float(m_v[key]) == float(m_s[key])
   # FedKTL's margin loss scales cosines by s = 64: the executors' rounding differences grow
   # in two rounds to ~5e-5 (XLA:CPU's default emitters) or ~5e-4 (the classic emitters the
-  # suite compiles with, tests/conftest.py); see LOSS_RTOL in test_conformance.
-  rtol, atol = (1e-3, 1e-4) if name == "FedKTL" else (2e-4, 2e-5)
+  # suite compiles with, tests/conftest.py); see LOSS_RTOL in test_conformance. On an AVX2 VM
+  # (2026-12-02) one element of a 2×8 state differed by 2.2e-4 (0.02374 against 0.02396).
+  rtol, atol = (1e-3, 5e-4) if name == "FedKTL" else (2e-4, 2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol),
                (s_v, c_v), (s_s, c_s))
   assert acc_v[-1] == pytest.approx(seq.evaluate(s_s, c_s, root, 2)["test_acc"], abs=1e-6)
