@@ -83,7 +83,6 @@ def machine() -> str:
   numbers and widest vector instructions where ``/proc/cpuinfo`` gives them (a VM's model
   name may be only "AMD EPYC", and one name may cover CPUs with and without AVX-512), and the
   core count."""
-  name, details = platform.processor() or platform.machine(), ""
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       fields = {}
@@ -94,14 +93,13 @@ def machine() -> str:
         fields[key.strip()] = value.strip()
   except OSError:
     fields = {}
-  name = fields.get("model name", name)
+  name = fields.get("model name") or platform.processor() or platform.machine()
   flags = set(fields.get("flags", "").split())
-  simd = next((isa for isa, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2"), ("AVX", "avx"))
-               if flag in flags), None)
   parts = ([f"family {fields['cpu family']} model {fields['model']}"]
-           if "cpu family" in fields and "model" in fields else []) + ([simd] if simd else [])
-  if parts:
-    details = f" ({', '.join(parts)})"
+           if "cpu family" in fields and "model" in fields else [])
+  parts += [isa for isa, flag in (("AVX-512", "avx512f"), ("AVX2", "avx2"), ("AVX", "avx"))
+            if flag in flags][:1]
+  details = f" ({', '.join(parts)})" if parts else ""
   return f"{name}{details}, {os.cpu_count()} cores"
 
 

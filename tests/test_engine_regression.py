@@ -70,13 +70,13 @@ def test_numbers_unchanged(key, tmp_path):
   history = run_experiment(config, log=lambda msg: None).runs[0].history
   want = PINNED["runs"][key]
   same_isa = _vector_isa() == PINNED["cpu_isa"]
-  same_jax = jax.__version__ == PINNED["jax_version"] and same_isa and name not in (
-      ROUNDED_DIFFERENTLY)
+  bit_identical = (jax.__version__ == PINNED["jax_version"] and same_isa
+                   and name not in ROUNDED_DIFFERENTLY)
   # Another ISA rounds every matmul differently; a rank statistic (FedCP's spread of the
   # clients' AUCs) then moved by 3.7e-5, relative, on the AVX2 VM.
   rtol = 1e-5 if same_isa else 1e-4
   for field, values in want.items():
-    if same_jax or field in ("rounds", "nonfinite_clients"):
+    if bit_identical or field in ("rounds", "nonfinite_clients"):
       assert history[field] == values, field
     else:
       np.testing.assert_allclose(history[field], values, rtol=rtol, atol=1e-6, err_msg=field)
