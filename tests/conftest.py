@@ -2,7 +2,6 @@ import os
 import shutil
 import tempfile
 
-import pytest
 
 # Tests run on CPU; keep XLA from grabbing every core's worth of threads per process.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -23,6 +22,19 @@ if (os.environ.get("FEDJAX_TEST_XLA_DEFAULTS") != "1"
     and "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", "")):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_cpu_use_fusion_emitters=false").strip()
+
+# XLA with most of its optimisations off (`jax_disable_most_optimizations`: LLVM at -O0,
+# none of its expensive passes), for every test that does not say otherwise: the suite's time
+# is compiling hundreds of small programs, each run for a few steps, and those compile in
+# about half the time (the conformance suites 0.46-0.52x, the whole suite 0.81x, measured
+# 2026-12-03). A test that runs long enough for the optimised program to repay its compilation
+# (the learning tests: up to 4x slower unoptimised) or whose numbers were pinned optimised
+# carries `@pytest.mark.xla_optimized`; the setting is switched between tests, never inside
+# one, and every comparison in a test is between programs compiled the same way.
+# FEDJAX_TEST_XLA_DEFAULTS=1 leaves both settings to XLA.
+_XLA_DEFAULTS = os.environ.get("FEDJAX_TEST_XLA_DEFAULTS") == "1"
+if not _XLA_DEFAULTS:
+  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 
 # One persistent XLA compilation cache per test run, shared by the xdist workers and every CLI
 # subprocess they start (the environment is inherited): the suite compiles the same small
@@ -80,20 +92,30 @@ def pytest_terminal_summary(terminalreporter):
                                 yellow=True)
 
 
-@pytest.fixture(scope="module")
-def fast_compile():
-  """XLA with most optimisations off, for modules whose time is compiling many small programs
-  run a few times each (~40% less CPU on the conformance suite, measured 2026-12-01). Not for
-  the suites comparing executors or device counts at tight tolerances: there FedTGP's and
-  FedKTL's executors differed by 3e-3 (loss) and 5e-4 (state) in two CI runs under load,
-  never with the optimisations on."""
+def _xla_optimizations_on() -> bool:
+  return os.environ.get("JAX_DISABLE_MOST_OPTIMIZATIONS") != "1"
+
+
+def _set_xla_optimizations(on: bool) -> None:
+  """Turns XLA's optimisations on or off for this process and the CLI subprocesses it starts
+  (they inherit the environment). jit's in-memory caches do not key on the setting: they are
+  cleared, or a function object compiled under one setting would run under the other (seen
+  before this was done: FedTGP's executors then differed by 3e-3 in the train loss)."""
+  if on == _xla_optimizations_on():
+    return
   import jax  # pylint: disable=import-outside-toplevel
-  # jit's in-memory cache does not key on this setting: without clearing, a function object
-  # that outlives a module (a cached program) would run code compiled under the other setting
-  # (seen: FedTGP's executors then differed by 3e-3 in the train loss).
-  previous = jax.config.read("jax_disable_most_optimizations")
   jax.clear_caches()
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.clear_caches()
-  jax.config.update("jax_disable_most_optimizations", previous)
+  jax.config.update("jax_disable_most_optimizations", not on)
+  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "0" if on else "1"
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "xla_optimized: the test runs (and its subprocesses run) with XLA's "
+      "optimisations on; see tests/conftest.py")
+
+
+def pytest_runtest_setup(item):
+  # before the test's fixtures are set up, so they compile under the test's setting
+  if not _XLA_DEFAULTS:
+    _set_xla_optimizations(item.get_closest_marker("xla_optimized") is not None)

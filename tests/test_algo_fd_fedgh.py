@@ -306,6 +306,7 @@ def test_traffic_follows_the_reference_formulas():
 
 
 @pytest.mark.parametrize("algorithm,bar", [("FD", 0.8), ("FedGH", 0.9)])
+@pytest.mark.xla_optimized  # runs long enough to repay it: tests/conftest.py
 def test_two_architectures_learn_on_digits(algorithm, bar, tmp_path):
   """CNN and DNN clients on the bundled digits (10 clients, Dir(0.1), lr 0.05, 5 rounds,
   default hyperparameters: FD -lam 1, FedGH -slr 0.01 -se 100). Measured over seeds 0/1

@@ -25,8 +25,6 @@ from tests.helpers import numpy_cross_entropy as _cross_entropy
 from tests.test_algo_fedbn_pflda_fedmtl import (CLASSES, DIM, HIDDEN, N_SAMPLES, _close, _f64,
                                                 _perturb, _problem, _sgd, _tree_close, _xy)
 
-pytestmark = pytest.mark.usefixtures("fast_compile")  # see tests/conftest.py
-
 
 def _zeros(tree):
   jax.tree.map(lambda a: np.testing.assert_array_equal(a, 0.0), tree)

@@ -21,9 +21,6 @@ from tests.test_engine import _small_data
 from tests.helpers import assert_replicated
 
 
-pytestmark = pytest.mark.usefixtures("fast_compile")  # see tests/conftest.py
-
-
 def _client_data(x, y, counts, width=None):
   """One client owning the first ``counts`` rows of ``x``/``y`` (padded to ``width``)."""
   width = width or len(y)

@@ -27,9 +27,6 @@ DIM, CLASSES = 4, 3
 SPEC = LocalSpec(learning_rate=0.3, batch_size=4, local_epochs=1, steps_per_epoch=2)
 
 
-pytestmark = pytest.mark.usefixtures("fast_compile")  # see tests/conftest.py
-
-
 def _tree_close(a, b, rtol=1e-5, atol=1e-6):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x, np.float64),
                                                        np.asarray(y, np.float64),

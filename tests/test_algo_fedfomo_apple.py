@@ -3,7 +3,6 @@ without PFLlib's quirks) against numpy; the servers' row writes (weight-0 slots 
 traffic; validation; no cohort×N×P array in APPLE's vmapped client (a jaxpr read); 1 vs 8
 devices; learning on digits."""
 
-import contextlib
 
 import jax
 from jax.extend import core as jax_core
@@ -26,28 +25,6 @@ from tests.test_engine import _small_data
 from tests.helpers import assert_replicated
 
 DIM, CLASSES = 5, 3
-
-
-@contextlib.contextmanager
-def _xla_optimizations(enabled: bool):
-  """XLA's optimisations on or off inside the block (restored after; jit's caches are
-  cleared at both ends, since they do not key on this setting: see tests/conftest.py)."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.clear_caches()
-  jax.config.update("jax_disable_most_optimizations", not enabled)
-  try:
-    yield
-  finally:
-    jax.clear_caches()
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def unoptimized_xla():
-  """XLA without most optimisations: compiling dominates these tests, not running (APPLE's
-  learning test turns them back on)."""
-  with _xla_optimizations(False):
-    yield
 
 
 def _close(a, b, rtol=1e-5, atol=1e-6):
@@ -455,15 +432,15 @@ def test_servers_on_eight_devices_equal_one():
 LEARNING = {"FedFomo": ({}, 0.80), "APPLE": ({"dr_learning_rate": 0.01}, 0.79)}
 
 
-@pytest.mark.parametrize("name", sorted(LEARNING))
+# APPLE's mixtures over 20 cores run ~3x slower unoptimised; FedFomo compiles faster so.
+@pytest.mark.parametrize("name", [pytest.param("APPLE", marks=pytest.mark.xla_optimized),
+                                  "FedFomo"])
 def test_learns_on_digits_above_fedavgs_accuracy(name, tmp_path):
   params, bar = LEARNING[name]
   config = Config(algorithm=name, model="dnn", learning_rate=0.05, global_rounds=4,
                   eval_gap=4, seed=0, progress=False, plot=False, out=str(tmp_path),
                   algo_params=params)
-  # APPLE's mixtures over 20 cores run ~3x slower unoptimised; FedFomo compiles faster so.
-  with _xla_optimizations(name == "APPLE"):
-    results = run_experiment(config, log=lambda msg: None)
+  results = run_experiment(config, log=lambda msg: None)
   history = results.runs[0].history
   assert history["test_acc"][0] < 0.3  # the untrained model is near chance
   assert results.best_test_acc[0] > bar, history["test_acc"]

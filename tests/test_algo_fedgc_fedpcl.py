@@ -29,9 +29,6 @@ from tests.helpers import numeric_grad as _numeric_grad
 DIM, HIDDEN, CLASSES, LR = 4, 3, 3, 0.3
 
 
-pytestmark = pytest.mark.usefixtures("fast_compile")  # see tests/conftest.py
-
-
 def _close(a, b, rtol=1e-4, atol=1e-5):
   np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol,
                              atol=atol)

@@ -342,6 +342,7 @@ def test_registry_names_and_defaults():
 
 
 # ---------------------------------------------------------------- learning
+@pytest.mark.xla_optimized  # runs long enough to repay it: tests/conftest.py
 def test_two_architectures_learn_on_digits(tmp_path):
   """CNN and DNN clients on the bundled digits (10 clients, Dir(0.1), lr 0.05, 5 rounds,
   default hyperparameters: HtFLlib's argparse -nd 512 -glr 0.005 -hd 512 -se 100). Measured

@@ -331,6 +331,7 @@ def test_settings_refuse_a_mentee_of_other_classes():
 
 
 # ---------------------------------------------------------------------------- end to end
+@pytest.mark.xla_optimized  # runs long enough to repay it: tests/conftest.py
 def test_two_architectures_learn_on_digits(tmp_path):
   """CNN and DNN clients on the bundled digits (10 clients, Dir(0.1), lr 0.05, 5 rounds,
   -mlr 0.01, energy 0.95 → 0.98 over global_rounds = 5; the mentee is the CNN).

@@ -318,6 +318,7 @@ def test_fedktl_from_a_generator_folder_through_make_algorithm(data):
 
 
 # ---------------------------------------------------------------------------- end to end
+@pytest.mark.xla_optimized  # runs long enough to repay it: tests/conftest.py
 def test_fedktl_learns_on_digits_with_two_architectures(tmp_path):
   """CNN and DNN clients on the bundled digits (10 clients, Dir(0.1), lr 0.05, 5 rounds,
   the tiny random generator). Measured 2026-12-01: test accuracy .022 → .905 (seed 0),

@@ -247,6 +247,7 @@ def test_settings_refuse_clients_too_small_for_a_quiz_and_a_study_batch():
   assert make_algorithm("FedL2G-logit", mlr, alg.local).check_settings(ctx([20])) == []
 
 
+@pytest.mark.xla_optimized  # runs long enough to repay it: tests/conftest.py
 def test_two_architectures_learn_on_digits(tmp_path):
   """CNN and DNN clients on the bundled digits (10 clients, Dir(0.1), lr 0.05, 5 rounds,
   warmup_rounds 1, otherwise the defaults -mdb 1 -mqb 1 -slr 0.01). Measured over seeds 0/1

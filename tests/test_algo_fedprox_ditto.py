@@ -227,6 +227,7 @@ def test_executors_agree(algo, params):
 
 
 # ---------------------------------------------------------------- learning
+@pytest.mark.xla_optimized  # runs long enough to repay it: tests/conftest.py
 def test_ditto_learns_on_digits(tmp_path):
   """Personalized test accuracy on the bundled digits (20 clients, 4-layer CNN, lr 0.05).
 

@@ -258,6 +258,7 @@ def test_groups_share_the_model_the_algorithm_was_made_with():
     ("FML", {"alpha": 0.5, "beta": 0.5}, 0.85),
     ("FedMRL", {}, 0.85),
 ])
+@pytest.mark.xla_optimized  # runs long enough to repay it: tests/conftest.py
 def test_two_architectures_learn_on_digits(algorithm, params, bar, tmp_path):
   """CNN and DNN clients on the bundled digits (10 clients, Dir(0.1), lr 0.05, 5 rounds;
   the shared model is architecture 0's, the CNN).

@@ -167,6 +167,7 @@ def pfllib_checkout(root, folder_name, make_split, num_classes, **kwargs):
 LEARN = ["-algo", "FedAvg", "-gr", "10", "-ls", "2", "-t", "3"]
 
 
+@pytest.mark.xla_optimized  # runs long enough to repay it: tests/conftest.py
 def test_news_folder_learns_with_dropout_under_fedavg(tmp_path):
   """TextCNN has dropout: FedAvg trains it in training mode (dropout keys per client).
   Measured 2026-12-01 at lr 0.3, runs of -t 3 on data seeds 0, 1, 2: all nine 1.0 (lr 0.1:
@@ -177,6 +178,7 @@ def test_news_folder_learns_with_dropout_under_fedavg(tmp_path):
   assert len(acc) == 3 and min(acc) >= 0.9, acc  # chance: 0.25
 
 
+@pytest.mark.xla_optimized  # runs long enough to repay it: tests/conftest.py
 def test_image_folder_learns(tmp_path):
   folder = write_folder(tmp_path / "MNIST", images, 4)
   acc = run_cli(["-data", folder, "-m", "cnn", "-lr", "0.05", *LEARN], tmp_path / "out")
@@ -198,6 +200,7 @@ def test_shakespeare_by_name_from_pfllib_system_folder(tmp_path, monkeypatch):
   assert len(acc) == 3 and min(acc) >= 0.9, acc  # chance: 0.2
 
 
+@pytest.mark.xla_optimized  # runs long enough to repay it: tests/conftest.py
 def test_har_by_name_from_pfllib_system_folder(tmp_path, monkeypatch):
   system = pfllib_checkout(tmp_path, "HAR", har, 6)
   monkeypatch.chdir(system)

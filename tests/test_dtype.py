@@ -21,7 +21,6 @@ from fedjax_lib.runner import build
 from tests.helpers import as_images, suite_params
 from tests.test_engine import _small_data
 
-pytestmark = pytest.mark.usefixtures("fast_compile")  # see tests/conftest.py
 
 # PFLlib's models; HtFLlib's zoo has its own tests (tests/test_models_resnet.py,
 # tests/test_models_htfl_zoo.py), which trace its large models instead of compiling them.

@@ -116,6 +116,7 @@ TRIALS = int(os.environ.get("FEDJAX_SIGNAL_TRIALS", "2"))
 
 
 @pytest.mark.parametrize("trial", range(TRIALS))
+@pytest.mark.xla_optimized  # runs long enough to repay it: tests/conftest.py
 def test_signals_at_random_moments(trial, references, tmp_path):
   """SIGINT/SIGTERM (sometimes twice) at a random moment: exit 130 (or 0 if the run ended
   first) with one line at once and no traceback, a consistent folder, and a rerun of the same
@@ -168,6 +169,7 @@ def test_a_second_signal_after_the_last_round_stops_promptly(tmp_path):
   _assert_consistent(tmp_path / "out")
 
 
+@pytest.mark.xla_optimized  # runs long enough to repay it: tests/conftest.py
 def test_sigterm_does_not_wait_minutes_for_a_long_round(tmp_path):
   """A round longer than the SIGTERM grace period: the process stops after the grace."""
   process = _Process(CLI + ["-m", "cnn", "-lr", "0.005", "-lbs", "1", "-ls", "2", "--unroll",
@@ -187,6 +189,7 @@ def test_sigterm_does_not_wait_minutes_for_a_long_round(tmp_path):
 
 
 # ---------------------------------------------------------------------------- one writer
+@pytest.mark.xla_optimized  # runs long enough to repay it: tests/conftest.py
 def test_one_writer_per_run_family(tmp_path):
   out = str(tmp_path / "out")
   first = _Process(CLI + ["-gr", "100000", "--out", out])

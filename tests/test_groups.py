@@ -132,6 +132,7 @@ def test_feature_dim_makes_heads_interchangeable():
 
 @pytest.mark.parametrize("algorithm,bar", [("Local", 0.8), ("LG-FedAvg", 0.8),
                                            ("FedProto", 0.8), ("FedTGP", 0.8)])
+@pytest.mark.xla_optimized  # runs long enough to repay it: tests/conftest.py
 def test_two_architectures_learn_on_digits(algorithm, bar, tmp_path):
   """CNN and DNN clients on the bundled digits (10 clients, Dir(0.1), lr 0.05, 5 rounds).
 

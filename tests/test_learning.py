@@ -9,6 +9,9 @@ import pytest
 
 from fedjax_lib import Config, run_experiment
 
+# Long runs: XLA's optimisations repay their compilation (tests/conftest.py).
+pytestmark = pytest.mark.xla_optimized
+
 
 @pytest.mark.parametrize("algorithm,rounds,bar", [("FedAvg", 15, 0.75), ("Local", 10, 0.85)])
 def test_learns_on_digits(algorithm, rounds, bar, tmp_path):
