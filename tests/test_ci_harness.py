@@ -1,4 +1,5 @@
-"""The test harness itself: a test whose worker dies in native code is rerun once, never more."""
+"""The test harness itself: a test whose worker dies in native code is rerun once, never more;
+XLA's optimisations are on exactly in the tests marked `xla_optimized` (tests/conftest.py)."""
 
 import os
 import shutil
@@ -30,3 +31,43 @@ def test_a_crashed_worker_reruns_its_test_once(tmp_path):
   assert "1 failed, 1 passed, 2 rerun" in text, text
   assert "FAILED test_crash.py::test_crashes_always" in text, text
   assert "CRASHED ONCE, RERUN: the worker running test_crash.py::test_crashes_once" in text
+
+
+SWITCHED = '''
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+def _in_a_subprocess():
+  return subprocess.run([sys.executable, "-c", "import jax; print(jax.config.read("
+                         "'jax_disable_most_optimizations'))"], capture_output=True, text=True,
+                        check=True).stdout.strip()
+
+def test_a_unoptimised():
+  assert jax.config.read("jax_disable_most_optimizations") is True
+  assert _in_a_subprocess() == "True"
+
+@pytest.mark.xla_optimized
+def test_b_optimised():
+  assert jax.config.read("jax_disable_most_optimizations") is False
+  assert os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "0"
+  assert _in_a_subprocess() == "False"
+
+def test_c_unoptimised_again():
+  assert jax.config.read("jax_disable_most_optimizations") is True
+  assert os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1"
+'''
+
+
+def test_xla_optimisations_follow_the_marker_in_the_test_and_its_subprocesses(tmp_path):
+  shutil.copy(os.path.join(os.path.dirname(__file__), "conftest.py"), tmp_path / "conftest.py")
+  (tmp_path / "test_switch.py").write_text(SWITCHED)
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_DISABLE_MOST_OPTIMIZATIONS", "FEDJAX_TEST_XLA_DEFAULTS")}
+  out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path, env=env, check=False)
+  assert out.returncode == 0 and "3 passed" in out.stdout, out.stdout + out.stderr
