@@ -102,7 +102,8 @@ def _set_xla_optimizations(on: bool) -> None:
   """Turns XLA's optimisations on or off for this process and the CLI subprocesses it starts
   (they inherit the environment). jit's in-memory caches do not key on the setting: they are
   cleared, or a function object compiled under one setting would run under the other (seen
-  before this was done: FedTGP's executors then differed by 3e-3 in the train loss)."""
+  before this was done: FedTGP's executors then differed by 3e-3 in the train loss). The
+  persistent compilation cache below does key on it (XLA's debug options are hashed)."""
   if on == _xla_optimizations_on():
     return
   import jax  # pylint: disable=import-outside-toplevel
