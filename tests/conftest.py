@@ -12,13 +12,15 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
 
+# FEDJAX_TEST_XLA_DEFAULTS=1 runs the suite with XLA's defaults: neither setting below.
+_XLA_DEFAULTS = os.environ.get("FEDJAX_TEST_XLA_DEFAULTS") == "1"
+
 # XLA:CPU's classic fusion emitters instead of the newer MLIR ones: the suite's time is
 # compiling hundreds of small programs, and these compile ~26% faster (the Ditto conformance
 # test: 10.7 -> 7.9 s of compilation, measured 2026-12-02). Every comparison in the suite is
 # between programs compiled the same way. The library leaves XLA's default alone: with the
 # classic emitters Ditto's CNN round on digits ran slower (0.72-0.92 s against 0.52-0.53 s).
-# FEDJAX_TEST_XLA_DEFAULTS=1 runs the suite with XLA's defaults.
-if (os.environ.get("FEDJAX_TEST_XLA_DEFAULTS") != "1"
+if (not _XLA_DEFAULTS
     and "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", "")):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_cpu_use_fusion_emitters=false").strip()
@@ -33,8 +35,6 @@ if (os.environ.get("FEDJAX_TEST_XLA_DEFAULTS") != "1"
 # up to 4x slower unoptimised) or whose numbers were pinned optimised carries
 # `@pytest.mark.xla_optimized`; the setting is switched between tests, never inside one, and
 # every comparison in a test is between programs compiled the same way.
-# FEDJAX_TEST_XLA_DEFAULTS=1 leaves both settings to XLA.
-_XLA_DEFAULTS = os.environ.get("FEDJAX_TEST_XLA_DEFAULTS") == "1"
 if not _XLA_DEFAULTS:
   os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 

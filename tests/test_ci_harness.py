@@ -20,12 +20,17 @@ def test_crashes_always():
 '''
 
 
-def test_a_crashed_worker_reruns_its_test_once(tmp_path):
+def _pytest_with_our_conftest(tmp_path, name: str, source: str, *args: str, env=None):
+  """Runs pytest in a subprocess on one test file beside a copy of tests/conftest.py."""
   shutil.copy(os.path.join(os.path.dirname(__file__), "conftest.py"), tmp_path / "conftest.py")
-  (tmp_path / "test_crash.py").write_text(CRASHING)
-  out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider",
-                        "-rf", str(tmp_path)], capture_output=True, text=True, timeout=120,
-                       cwd=tmp_path, check=False)
+  (tmp_path / name).write_text(source)
+  return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args,
+                         str(tmp_path)], capture_output=True, text=True, timeout=120,
+                        cwd=tmp_path, env=env, check=False)
+
+
+def test_a_crashed_worker_reruns_its_test_once(tmp_path):
+  out = _pytest_with_our_conftest(tmp_path, "test_crash.py", CRASHING, "-n", "2", "-rf")
   text = out.stdout + out.stderr
   assert out.returncode == 1, text
   assert "1 failed, 1 passed, 2 rerun" in text, text
@@ -63,11 +68,7 @@ def test_c_unoptimised_again():
 
 
 def test_xla_optimisations_follow_the_marker_in_the_test_and_its_subprocesses(tmp_path):
-  shutil.copy(os.path.join(os.path.dirname(__file__), "conftest.py"), tmp_path / "conftest.py")
-  (tmp_path / "test_switch.py").write_text(SWITCHED)
   env = {k: v for k, v in os.environ.items()
          if k not in ("JAX_DISABLE_MOST_OPTIMIZATIONS", "FEDJAX_TEST_XLA_DEFAULTS")}
-  out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        str(tmp_path)], capture_output=True, text=True, timeout=120,
-                       cwd=tmp_path, env=env, check=False)
+  out = _pytest_with_our_conftest(tmp_path, "test_switch.py", SWITCHED, env=env)
   assert out.returncode == 0 and "3 passed" in out.stdout, out.stdout + out.stderr
