@@ -71,6 +71,8 @@ def check_settings(config: Config, data, num_clients: int, algorithm,
               + _ignored(config, algorithm)
               + _feature_dim(config, data, models)
               + _vocabulary(config, data, models)
+              + _max_len(config, data, models)
+              + _lr_decay(config, algorithm)
               + privacy_lib.check(config, np.asarray(data.train_count[:num_clients]),
                                   algorithm, models, sample_x)
               + dlg_lib.check(config, data, algorithm, models)
@@ -261,6 +263,45 @@ def _vocabulary(config: Config, data, models: dict) -> list[str]:
           f"the data holds token ids up to {top}, but model {arch!r} has a vocabulary of "
           f"{vocab} ({given}); use -vs {top + 1} or more (PFLlib: -vs 32000 for AG News and "
           "Sogou News, 80 for Shakespeare)")
+  return []
+
+
+def _lr_decay(config: Config, algorithm) -> list[str]:
+  """PFLlib's ``-ld``: refused where the reference decays nothing (its client never steps a
+  scheduler, or HtFLlib, which parses -ld and never reads it) and with the DLG attack (which
+  replays a client's training at the given rate); ``-ldg`` alone does nothing."""
+  if not config.learning_rate_decay:
+    if config.learning_rate_decay_gamma != Config().learning_rate_decay_gamma:
+      return [f"learning_rate_decay_gamma={config.learning_rate_decay_gamma:g} (-ldg) has no "
+              "effect without learning_rate_decay (-ld 1)"]
+    return []
+  if type(algorithm).decayed_rates() is None:
+    takers = [name for name in algorithms_lib.algorithm_names()
+              if algorithms_lib.get_algorithm(name).decayed_rates() is not None]
+    raise ConfigError(f"learning_rate_decay (-ld) is not offered by {algorithm.name}: its "
+                      "reference client never steps a learning-rate scheduler (PFLlib's -ld; "
+                      "HtFLlib parses it and never reads it); offered by "
+                      f"{', '.join(takers)}")
+  if config.dlg_eval:
+    raise ConfigError("learning_rate_decay (-ld) with dlg_eval (-dlg): the attack replays a "
+                      "client's training at the undecayed rate; use one of them")
+  return []
+
+
+def _max_len(config: Config, data, models: dict) -> list[str]:
+  """PFLlib's ``-ml``: the text models are built for the data's sequence length, so a given
+  ``max_len`` must equal it (PFLlib's TextCNN pools over exactly ``max_len`` positions and
+  fails on any other length); other data do not read it."""
+  if config.max_len is None:
+    return []
+  text = any(getattr(model.base, "vocab_size", None) is not None for model in models.values())
+  if not text:
+    return [f"max_len={config.max_len} (-ml) has no effect: only the text models read it"]
+  length = int(data.sample_shape[0])
+  if config.max_len != length:
+    raise ConfigError(f"max_len={config.max_len} (-ml) does not match the data's token "
+                      f"sequences of length {length}; use -ml {length} or leave it unset (the "
+                      "text models take the data's length; PFLlib's generators write 200)")
   return []
 
 

@@ -10,6 +10,7 @@ status 2 before anything is written.
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import sys
 import textwrap
@@ -168,6 +169,33 @@ ALGORITHM_FLAGS = (
 )
 _ALGO_DESTS = tuple(dest for _, dest, _, _ in ALGORITHM_FLAGS)
 
+# PFLlib flags that change nothing in PFLlib either, or nothing that exists here: (flags,
+# dest, type, why). Accepted so that PFLlib's command lines run; each one given warns.
+NO_EFFECT_FLAGS = (
+    (("-itk", "--itk"), "itk", int, "FedMTL's -itk: PFLlib reads it only in a commented-out "
+     "loop of its client"),
+    (("-ts", "--time_select", "--time-select"), "time_select", str2bool,
+     "PFLlib stores -ts and never reads it"),
+    (("-sfn", "--save_folder_name", "--save-folder-name"), "save_folder_name", str,
+     "PFLlib's folder for per-client .pt files between rounds; here every state stays in "
+     "memory (checkpoints: --out)"),
+)
+
+# PFLlib's straggler simulation: (flags, dest, type, PFLlib's default, help). Only the default
+# is accepted: the simulation (sleeps, wall-clock thresholds) is not reproduced.
+STRAGGLER_FLAGS = (
+    (("-tsr", "--train_slow_rate", "--train-slow-rate"), "train_slow_rate", float, 0.0,
+     "fraction of slow trainers (fewer epochs, sleeps); only 0"),
+    (("-ssr", "--send_slow_rate", "--send-slow-rate"), "send_slow_rate", float, 0.0,
+     "fraction of slow senders (sleeps); only 0"),
+    (("-tth", "--time_threthold", "--time-threshold"), "time_threthold", float, 10000.0,
+     "drop uploads whose mean wall-clock train + send time exceeds it (s); only 10000, "
+     "which PFLlib's clients never reach"),
+)
+_CLI_ONLY = ({"device", "device_id", "config", "quiet", "list_datasets"}
+             | {dest for _, dest, _, _ in NO_EFFECT_FLAGS}
+             | {dest for _, dest, _, _, _ in STRAGGLER_FLAGS})
+
 
 def _arg_dest(name: str) -> str:
   """The argparse dest of algorithm hyperparameter ``name`` (``alpha`` is also a data flag)."""
@@ -311,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
   _add(model, "-vs", "--vocab_size", "--vocab-size", type=int, default=d.vocab_size,
        dest="vocab_size", shown_default="the dataset's (ag_news 32000), else 80",
        help="vocabulary of the text models (token ids must lie below it)")
+  _add(model, "-ml", "--max_len", "--max-len", type=int, default=d.max_len, dest="max_len",
+       shown_default="the data's", help="token sequence length of the text models; must "
+       "match the data")
   _add(model, "--dtype", choices=DTYPES, default=d.dtype,
        help="computation dtype of local training and evaluation: float32, or bfloat16 for "
        "mixed precision (float32 parameters, bfloat16 convolutions/matmuls)")
@@ -361,8 +392,19 @@ def build_parser() -> argparse.ArgumentParser:
   _add(training, "-cdr", "--client_drop_rate", "--client-drop-rate", type=float,
        default=d.client_drop_rate, dest="client_drop_rate",
        help="fraction of the selected clients whose update is dropped")
+  _add(training, "-ld", "--learning_rate_decay", "--learning-rate-decay",
+       default=d.learning_rate_decay, dest="learning_rate_decay", **boolean,
+       help="decay each client's learning rate(s) by -ldg every round it trains (PFLlib's "
+       "ExponentialLR, stepped once per local training; which rates decay follows PFLlib, "
+       "per algorithm)")
+  _add(training, "-ldg", "--learning_rate_decay_gamma", "--learning-rate-decay-gamma",
+       type=float, default=d.learning_rate_decay_gamma, dest="learning_rate_decay_gamma",
+       help="decay factor γ of -ld: a client's (k+1)-th training uses lr·γ^k")
   _add(training, "-t", "--times", type=int, default=d.times,
        help="repetitions, with seeds seed, seed+1, ... on one partition")
+  _add(training, "-pv", "--prev", type=int, default=d.prev,
+       help="first repetition to run: runs prev .. times-1 (seed seed+t, files ..._t), to "
+       "continue a series")
   _add(training, "--seed", type=int, default=d.seed, help="seed of the partition and of run 0")
   _add(training, "--sweep", type=_sweep_item, nargs="+", action="extend", default=[],
        metavar="NAME=V,..", help="run every combination side by side: seed=0,1,2 "
@@ -453,12 +495,26 @@ def build_parser() -> argparse.ArgumentParser:
        "and id from the environment or the cluster); only process 0 writes results")
   _add(execution, "-dev", "--device", choices=("auto", "cpu", "cuda", "gpu", "tpu"),
        default="auto", help="JAX platform (auto: JAX's choice)")
+  _add(execution, "-did", "--device_id", "--device-id", default=None, dest="device_id",
+       shown_default="every device", help="the GPUs to use, as CUDA_VISIBLE_DEVICES lists "
+       "them (0 or 0,1,2,3); with several, --devices 0 shards the clients over all of them")
+
+  compat = p.add_argument_group(
+      "PFLlib flags without effect here", "Accepted so that PFLlib's command lines run; each "
+      "one given prints a warning.")
+  for flags, dest, kind, text in NO_EFFECT_FLAGS:
+    _add(compat, *flags, type=kind, default=None, dest=dest, help=text)
+  simulated = p.add_argument_group(
+      "PFLlib's wall-clock straggler simulation", "Not simulated here (PFLlib sleeps and "
+      "measures wall-clock time); accepted only at PFLlib's defaults.")
+  for flags, dest, kind, default, text in STRAGGLER_FLAGS:
+    _add(simulated, *flags, type=kind, default=default, dest=dest, help=text)
   return p
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
   values = {k: v for k, v in vars(args).items()
-            if k not in ("device", "config", "quiet", "list_datasets")
+            if k not in _CLI_ONLY
             and k not in {_arg_dest(name) for name in _ALGO_DESTS}}
   values["algo_params"] = dict(values["algo_params"])
   sweep = {}
@@ -517,6 +573,46 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
+def _select_devices(args: argparse.Namespace) -> Optional[str]:
+  """Applies ``-dev`` and ``-did`` before JAX starts its backends; returns the one-line
+  problem with them (or with PFLlib's straggler flags), else None."""
+  for flags, dest, _, default, text in STRAGGLER_FLAGS:
+    value = getattr(args, dest)
+    if value != default:
+      return (f"{flags[0]} {value:g}: PFLlib's straggler simulation is not reproduced here "
+              f"(it sleeps and thresholds wall-clock time); accepted: {default:g}, PFLlib's "
+              f"default ({text})")
+  if args.device == "auto" and args.device_id is None:
+    return None
+  import jax  # pylint: disable=import-outside-toplevel
+  if args.device_id is not None:
+    ids = args.device_id.strip()
+    if not re.fullmatch(r"\d+(,\d+)*", ids):
+      return (f"-did {args.device_id!r} is not a list of device ids; accepted: "
+              "comma-separated integers such as 0 or 0,1,2,3 (as CUDA_VISIBLE_DEVICES)")
+    jax.config.update("jax_cuda_visible_devices", ids)
+    jax.config.update("jax_rocm_visible_devices", ids)
+  if args.device != "auto":
+    jax.config.update("jax_platforms", "cuda" if args.device == "gpu" else args.device)
+  try:
+    devices = jax.devices()
+  except Exception as e:  # pylint: disable=broad-except
+    reason = (str(e).strip().splitlines() or ["no device of it is visible"])[0]
+    return (f"-dev {args.device}: JAX cannot start this platform here ({reason}); accepted: "
+            "auto, cpu, or a platform whose JAX plugin and devices this machine has")
+  wanted = {"cuda": "gpu", "gpu": "gpu"}.get(args.device, args.device)
+  if args.device != "auto" and devices[0].platform != wanted:  # JAX had started already
+    return (f"-dev {args.device}: JAX cannot start this platform here (JAX already runs on "
+            f"{devices[0].platform} in this process); accepted: auto or "
+            f"{devices[0].platform}")
+  if args.device_id is not None and devices[0].platform in ("gpu", "cuda", "rocm"):
+    wanted = len(args.device_id.split(","))
+    if len(devices) != wanted:
+      return (f"-did {args.device_id}: JAX sees {len(devices)} GPU(s) of the {wanted} "
+              "named; accepted: ids of GPUs this machine has")
+  return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the command line; returns the exit status (0, 2 for bad input, 130 when stopped).
 
@@ -531,9 +627,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.list_datasets:
     print(data_registry.format_table(data_registry.list_datasets(args.data_dir), args.data_dir))
     return 0
-  if args.device != "auto":
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.config.update("jax_platforms", "cuda" if args.device == "gpu" else args.device)
+  problem = _select_devices(args)
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
+  for flags, dest, _, text in NO_EFFECT_FLAGS:
+    if getattr(args, dest) is not None:
+      print(f"warning: {flags[0]} {getattr(args, dest)} has no effect: {text}", flush=True)
   from fedjax_lib import runner  # pylint: disable=import-outside-toplevel
   quiet = args.quiet
   try:

@@ -45,8 +45,16 @@ class Config:
       ``~/tensorflow_datasets``); converted arrays are cached in ``<data_dir>/fedjax_arrays``.
     vocab_size: the text models' vocabulary (PFLlib's ``-vs``); ``None``: the dataset's
       (32,000 for ``ag_news``), else PFLlib's 80.
+    max_len: PFLlib's ``-ml``, the token sequences' length the text models are built for;
+      ``None``: the data's. When given it must equal the data's sequence length (PFLlib's
+      TextCNN pools over exactly ``max_len`` positions); image and sensor data ignore it.
   Training (per round): ``local_epochs`` passes over each selected client's data with batch
     ``batch_size`` (drop_last, reshuffled every epoch), plain SGD at ``learning_rate``.
+  Learning-rate decay (PFLlib's ``-ld``/``-ldg``): with ``learning_rate_decay`` a client's
+    learning rate(s) at its (k+1)-th round of training are ``learning_rate_decay_gamma``^k
+    times the given ones — PFLlib's ``ExponentialLR``, stepped once per ``train()`` call;
+    which of an algorithm's rates decay is PFLlib's choice, per algorithm
+    (`fedjax_lib.algorithms.base.Algorithm.DECAYED_RATES`).
   Rounds: ``global_rounds`` + 1 iterations as in PFLlib (round 0 evaluates the initial model).
   Participation: ``join_ratio`` of the clients per round, or with ``random_join_ratio`` a
     uniform count in ``[int(N·join_ratio), N]``; ``client_drop_rate`` of them are dropped after
@@ -54,7 +62,9 @@ class Config:
   Evaluation every ``eval_gap`` rounds; ``auto_break`` stops once the best accuracy is more
     than ``top_cnt`` evaluations old.
   Repetitions: ``times`` runs with seeds ``seed, seed+1, ...`` on the same partition (the
-    partition is drawn from ``partition_seed``, by default ``seed``).
+    partition is drawn from ``partition_seed``, by default ``seed``); with ``prev`` = p only
+    runs p .. times-1 (PFLlib's ``-pv``: continue a series; run t keeps seed ``seed + t``
+    and its files ``..._t``).
   Sweeps: ``sweep`` maps ``seed`` and numeric hyperparameters (``learning_rate``, or any
     ``algo_params`` name such as ``mu``) to lists of values; every combination runs as one
     more leading axis of the same compiled round (see `fedjax_lib.sweep`).
@@ -121,6 +131,7 @@ class Config:
   model: str = "cnn"
   feature_dim: Optional[int] = None
   vocab_size: Optional[int] = None
+  max_len: Optional[int] = None
   dtype: str = "float32"
   algorithm: str = "FedAvg"
   algo_params: dict = dataclasses.field(default_factory=dict)
@@ -133,6 +144,8 @@ class Config:
   join_ratio: float = 1.0
   random_join_ratio: bool = False
   client_drop_rate: float = 0.0
+  learning_rate_decay: bool = False
+  learning_rate_decay_gamma: float = 0.99
   # differential privacy (PFLlib's removed -dp/-dps; MAX_GRAD_NORM = 1.0, DELTA = 1e-5)
   privacy: bool = False
   dp_sigma: float = 0.0
@@ -145,6 +158,7 @@ class Config:
   # evaluation and repetitions
   eval_gap: int = 1
   times: int = 1
+  prev: int = 0
   auto_break: bool = False
   top_cnt: int = 100
   goal: str = "test"
@@ -172,7 +186,7 @@ class Config:
 
   # Fields that may differ between a checkpointed run and its continuation (the DLG attack
   # reads the states and never changes them).
-  RESUMABLE_CHANGES = ("global_rounds", "times", "out", "progress", "overwrite", "plot",
+  RESUMABLE_CHANGES = ("global_rounds", "times", "prev", "out", "progress", "overwrite", "plot",
                        "checkpoint_every", "keep_checkpoints", "resume", "auto_break",
                        "top_cnt", "devices", "distributed", "eval_chunk_size", "dlg_eval",
                        "dlg_gap", "batch_num_per_client", "data_dir")
@@ -211,6 +225,10 @@ class Config:
     _positive_int("batch_size", self.batch_size)
     _positive_int("eval_gap", self.eval_gap)
     _positive_int("times", self.times)
+    _positive_int("prev", self.prev, minimum=0)
+    if self.prev >= self.times:
+      raise ConfigError(f"prev={self.prev} with times={self.times} runs nothing (runs prev .. "
+                        f"times-1 are run); accepted: 0 <= prev < times")
     _positive_int("top_cnt", self.top_cnt)
     _positive_int("chunk_size", self.chunk_size)
     _positive_int("eval_chunk_size", self.eval_chunk_size)
@@ -234,6 +252,8 @@ class Config:
       _positive_int("feature_dim", self.feature_dim)
     if self.vocab_size is not None:
       _positive_int("vocab_size", self.vocab_size)
+    if self.max_len is not None:
+      _positive_int("max_len", self.max_len)
     if self.data_dir is not None and (not isinstance(self.data_dir, str) or not self.data_dir):
       raise ConfigError(f"data_dir={self.data_dir!r}: give a folder path or leave it unset")
     from fedjax_lib.models.zoo import parse_model_names  # pylint: disable=import-outside-toplevel
@@ -245,6 +265,7 @@ class Config:
     _positive_int("few_shot", self.few_shot, minimum=0)
     _in_range("join_ratio", self.join_ratio, 0.0, 1.0, low_open=True)
     _in_range("client_drop_rate", self.client_drop_rate, 0.0, 1.0, high_open=True)
+    _positive_float("learning_rate_decay_gamma", self.learning_rate_decay_gamma)
     if isinstance(self.dp_sigma, bool) or not isinstance(self.dp_sigma, (int, float)) \
         or not math.isfinite(self.dp_sigma) or self.dp_sigma < 0:
       raise ConfigError(f"dp_sigma={self.dp_sigma!r} is invalid; accepted: the noise "
@@ -254,7 +275,7 @@ class Config:
     if self.on_nan not in ON_NAN:
       raise ConfigError(f"on_nan={self.on_nan!r} is invalid; choose one of: {', '.join(ON_NAN)}")
     for name in ("balance", "random_join_ratio", "auto_break", "progress", "pfllib_compat",
-                 "resume", "overwrite", "plot", "privacy", "dlg_eval"):
+                 "resume", "overwrite", "plot", "privacy", "dlg_eval", "learning_rate_decay"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(f"{name}={getattr(self, name)!r} is not a boolean; use true/false")
     if self.executor not in EXECUTORS:

@@ -138,17 +138,18 @@ class Results:
     best, best_std = self.best_test_acc
     last, last_std = self.last_test_acc
     n = len(self.runs)
+    first = f" (run {self.config.prev})" if n > 1 else ""
     privacy = [privacy_lib.describe(self.runs[0].privacy, self.config.dp_clip)
-               + (" (run 0)" if n > 1 else "")] if self.runs[0].privacy else []
+               + first] if self.runs[0].privacy else []
     attacks = self.runs[0].dlg_psnr  # the DLG evaluation, also a privacy line
-    privacy += [dlg_lib.summary_line(attacks) + (" (run 0)" if n > 1 else "")] if attacks else []
+    privacy += [dlg_lib.summary_line(attacks) + first] if attacks else []
     return [
         f"best test accuracy: {best:.4f} ± {best_std:.4f} (mean ± std over {n} run(s))",
         f"last test accuracy: {last:.4f} ± {last_std:.4f}",
         *privacy,
         f"mean time per round: {self.mean_round_time_s:.3f} s (round 0, which compiles, "
         f"excluded); total time: {self.total_time_s:.1f} s",
-        describe_traffic(self.runs[0].traffic) + (" (run 0)" if n > 1 else ""),
+        describe_traffic(self.runs[0].traffic) + first,
         f"results in: {self.out_dir}",
     ]
 
@@ -453,6 +454,11 @@ class RunSpec:
   checkpoint: str
   hparams: dict = dataclasses.field(default_factory=dict)
   combo: Optional[dict] = None
+  number: Optional[int] = None  # the repetition's number t (``-pv``: from prev); else index
+
+  @property
+  def run_number(self) -> int:
+    return self.index if self.number is None else self.number
 
 
 class _Run:
@@ -478,6 +484,8 @@ class _Run:
     self.extra: dict = {}
     self.best, self.best_at = -1.0, 0
     self.accountant: Optional[privacy_lib.Accountant] = None
+    # -ld: how many times each client has trained (PFLlib's scheduler steps), else None.
+    self.trained: Optional[np.ndarray] = None
 
   def open_checkpointer(self):
     if self.checkpointer is None:
@@ -494,6 +502,8 @@ class _Run:
     self.last_ckpt = self.open_checkpointer().path(step)
     if self.accountant is not None:
       self.accountant.load(meta.get("dp_steps"))
+    if self.trained is not None:
+      self.trained = np.asarray(meta["lr_decay_steps"], np.int64)
     for i, acc in enumerate(self.history["test_acc"]):
       if acc > self.best:
         self.best, self.best_at = acc, i
@@ -519,7 +529,25 @@ class _Run:
             "eval_times": self.eval_times}
     if self.accountant is not None:
       meta["dp_steps"] = self.accountant.state()
+    if self.trained is not None:
+      meta["lr_decay_steps"] = self.trained.tolist()
     return meta
+
+  def lr_decay(self, gamma: float, r: int) -> Optional[dict]:
+    """Round ``r``'s ``-ld`` factors (`fedjax_lib.core.engine.LR_DECAY`): γ^k for a client
+    that has trained k times (the padding id's last, 1) and γ^r for the server; None
+    without ``-ld``."""
+    if self.trained is None:
+      return None
+    client = np.append(np.power(gamma, self.trained.astype(np.float64)), 1.0)
+    return {"client": jnp.asarray(client, jnp.float32),
+            "server": jnp.asarray(gamma ** r, jnp.float32)}
+
+  def count_trained(self, selected) -> None:
+    """Adds one training to each client in ``selected`` (ids; -1 is ignored)."""
+    if self.trained is not None:
+      ids = np.asarray(selected, np.int64)
+      np.add.at(self.trained, ids[ids >= 0], 1)
 
 
 def _check_resumable(spec: RunSpec, resume: bool, overwrite: bool) -> str:
@@ -609,16 +637,22 @@ class _States:
       seconds[s] = time.perf_counter() - t0
     return out, seconds
 
-  def train(self, runs: list, r: int) -> tuple[list, dict]:
+  def train(self, runs: list, r: int, decay: Optional[dict] = None) -> tuple[list, dict]:
     """One round of every run in ``runs``: each run's round metrics (None for others) and
     seconds (stacked runs: each is charged the whole round). Stacked runs not in ``runs``
-    keep their states unchanged."""
+    keep their states unchanged. ``decay``: each run's ``-ld`` factors (`_Run.lr_decay`)."""
     wanted = [run.spec.index for run in runs]
     if self.stacked:
       t0 = time.perf_counter()
       running = np.array([s in wanted for s in range(len(self.roots))])
+      hparams = self.hparams
+      if decay:
+        ones = jax.tree.map(jnp.ones_like, next(iter(decay.values())))
+        hparams = {**hparams, engine_lib.LR_DECAY: jax.tree.map(
+            lambda *xs: jnp.stack(xs),
+            *[decay.get(s, ones) for s in range(len(self.roots))])}
       self.server, self.clients, metrics = self.programs.run_round(
-          self.hparams, self.server, self.clients, self.roots, r, running)
+          hparams, self.server, self.clients, self.roots, r, running)
       jax.block_until_ready((self.server, self.clients))
       seconds = time.perf_counter() - t0
       metrics = jax.device_get(metrics)
@@ -627,8 +661,11 @@ class _States:
     out, seconds = [None] * len(self.states), {}
     for s in wanted:
       t0 = time.perf_counter()
+      hparams = self.hparams[s]
+      if decay:
+        hparams = {**hparams, engine_lib.LR_DECAY: decay[s]}
       server, clients, metrics = self.engine.run_round(*self.states[s], self.roots[s], r,
-                                                       hparams=self.hparams[s])
+                                                       hparams=hparams)
       jax.block_until_ready((server, clients))
       seconds[s] = time.perf_counter() - t0
       self.states[s] = (server, clients)
@@ -685,6 +722,9 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
     for run in runs:
       run.accountant = privacy_lib.Accountant(privacy)
       run.accountant.start()
+  if config.learning_rate_decay:
+    for run in runs:
+      run.trained = np.zeros(engine.num_clients, np.int64)
   for s, run in enumerate(runs):
     if os.path.isdir(run.spec.checkpoint) or config.checkpoint_every:
       restored = run.open_checkpointer().restore_latest(
@@ -754,10 +794,13 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
         snapshots = {run.spec.index: dlg.snapshot(*states.get(run.spec.index), run.root, r,
                                                   states.hparams_of(run.spec.index))
                      for run in training}
-      round_metrics, train_time = states.train(training, r)
+      decay = {run.spec.index: run.lr_decay(config.learning_rate_decay_gamma, r)
+               for run in training} if config.learning_rate_decay else None
+      round_metrics, train_time = states.train(training, r, decay)
       for run in training:
         if run.accountant is not None:
           run.accountant.record_round(round_metrics[run.spec.index]["selected"])
+        run.count_trained(round_metrics[run.spec.index]["selected"])
       for run in training:
         bad = sorted(int(c) for c in np.asarray(round_metrics[run.spec.index]["nonfinite"])
                      if c >= 0)
@@ -859,8 +902,9 @@ def run_specs(config: Config, base: str, algorithm, data, model) -> list:
   out = os.path.abspath(config.out)
   ckpt = lambda name: os.path.join(out, "checkpoints", name)
   if not config.sweep:
-    return [RunSpec(index=t, seed=config.seed + t, config=config, name=f"{base}_{t}",
-                    label=f"run {t}", checkpoint=ckpt(f"{base}_{t}")) for t in range(config.times)]
+    return [RunSpec(index=i, seed=config.seed + t, config=config, name=f"{base}_{t}",
+                    label=f"run {t}", checkpoint=ckpt(f"{base}_{t}"), number=t)
+            for i, t in enumerate(range(config.prev, config.times))]
   combos = sweep_lib.combinations(config.sweep)
   configs = [sweep_lib.combo_config(config, c).validate() for c in combos]
   algorithms = [algorithm] + [make_algorithm(c, data, model) for c in configs[1:]]
@@ -1008,7 +1052,7 @@ def _write_results(config: Config, built: Built, specs: list, runs: list, out_di
   for run in runs:
     spec, history = run.spec, run.history
     acc = history["test_acc"]
-    payload = {"config": spec.config.to_dict(), "run": spec.index, "seed": spec.seed,
+    payload = {"config": spec.config.to_dict(), "run": spec.run_number, "seed": spec.seed,
                "algorithm": algorithm.name, "executor": engine.executor,
                "backend": jax.default_backend(), "jax_version": jax.__version__,
                **history, **run.extra, "best_test_acc": max(acc), "last_test_acc": acc[-1],
@@ -1025,7 +1069,7 @@ def _write_results(config: Config, built: Built, specs: list, runs: list, out_di
     if config.plot:
       files["png"] = run_base + ".png"
       title = (", ".join(f"{k}={v}" for k, v in spec.combo.items()) if spec.combo
-               else f"run {spec.index}")
+               else f"run {spec.run_number}")
       files_out.add(files["png"], lambda tmp, h=history, t=title: results_lib.write_plot(
           tmp, h, f"{algorithm.name} on {tag} ({t})"))
     privacy = run.extra.get("privacy")
@@ -1035,7 +1079,7 @@ def _write_results(config: Config, built: Built, specs: list, runs: list, out_di
                              total_time_s=run.total_time_s, files=files, privacy=privacy))
     if not config.sweep:
       spent = f", ε {privacy['epsilon']:.3g} at δ {privacy['delta']:g}" if privacy else ""
-      log(f"run {spec.index}: best test accuracy {max(acc):.4f}, last {acc[-1]:.4f}, "
+      log(f"run {spec.run_number}: best test accuracy {max(acc):.4f}, last {acc[-1]:.4f}, "
           f"{run.mean_round_time_s:.3f} s/round{spent}")
   if not config.sweep:
     out = Results(config=config, runs=results, out_dir=out_dir, partition_file=partition_file,

@@ -75,6 +75,15 @@ Communication (:meth:`Algorithm.upload_traffic`, :meth:`Algorithm.download_traff
 floats and bytes one client sends and receives per round, from the actual pytrees; the
 defaults count every leaf of the upload and of ``download(server_state)``.
 
+Learning-rate decay (PFLlib's ``-ld``/``-ldg``): PFLlib's clients put some of their optimizers
+under an ``ExponentialLR`` stepped once per local training, so client k's rates in its
+(k+1)-th round of training are γ^k times the given ones. An algorithm names those rates in its
+class attribute ``DECAYED_RATES`` (hyperparameter paths as :meth:`hyperparameter_values` names
+them, e.g. ``local.learning_rate``), and the server rates PFLlib decays once per round in
+``SERVER_DECAYED_RATES``; the engine multiplies them per client with the factors the runner
+counts (`fedjax_lib.core.engine.LR_DECAY`). A rate PFLlib reads undecayed (an optimizer without
+a scheduler, a formula reading ``self.learning_rate``) must then be a path of its own.
+
 Nothing is kept on ``self`` between calls; the engine owns every piece of state.
 """
 
@@ -146,6 +155,14 @@ class Algorithm:
   TRAIN_LOSS_VIEW: ClassVar[Optional[str]] = None
   # Field names that are the model/spec rather than hyperparameters.
   _STRUCTURAL: ClassVar[tuple[str, ...]] = ("model", "local")
+  # PFLlib's learning-rate decay (-ld; see the module docstring): the hyperparameter paths
+  # multiplied by γ^k in a client's (k+1)-th local training (the rates PFLlib's client puts
+  # under an ExponentialLR), and those of the server multiplied by γ^r in round r's server
+  # update. None: PFLlib's client never steps a scheduler (or the reference is HtFLlib, which
+  # parses -ld and never reads it), so -ld is refused. Not inherited (:meth:`decayed_rates`):
+  # a subclass with other optimizers must say which of them decay.
+  DECAYED_RATES: ClassVar[Optional[tuple[str, ...]]] = None
+  SERVER_DECAYED_RATES: ClassVar[tuple[str, ...]] = ()
 
   @classmethod
   def hyperparameters(cls) -> dict[str, Any]:
@@ -302,6 +319,20 @@ class Algorithm:
   def hyperparameter_values(self) -> dict[str, Any]:
     """``{"path.to.field": value}`` of every field, nested dataclasses (``local``) expanded."""
     return _fields(self)
+
+  @classmethod
+  def decayed_rates(cls) -> Optional[tuple[str, ...]]:
+    """This class's own `DECAYED_RATES` (never a base class's); None: ``-ld`` is refused."""
+    return cls.__dict__.get("DECAYED_RATES")
+
+  def with_decayed_rates(self, factor, server: bool = False) -> "Algorithm":
+    """A copy whose `DECAYED_RATES` (``server``: `SERVER_DECAYED_RATES`) are multiplied by
+    ``factor`` (traced: γ^k, the k-th power of ``-ldg``)."""
+    paths = type(self).SERVER_DECAYED_RATES if server else (self.decayed_rates() or ())
+    if not paths:
+      return self
+    values = self.hyperparameter_values()
+    return self.with_hyperparameter_values({p: values[p] * factor for p in paths})
 
   def with_hyperparameter_values(self, values: dict[str, Any]) -> "Algorithm":
     """A copy with the fields at ``values``' paths (as :meth:`hyperparameter_values` names

@@ -36,6 +36,7 @@ class FedAvg(Algorithm):
   """Federated averaging of the whole model."""
 
   TRAIN_MODE = True
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: clientavg's one SGD optimizer
 
   def init(self, key, sample_x, num_clients):
     variables = self.init_params(key, sample_x)

@@ -223,6 +223,9 @@ RECEIVE = _Phase("receive", "receive")
 # Passes over every client, in place, all of them active.
 _ALL_CLIENTS = (WARMUP.name, RECEIVE.name)
 
+#: The ``hparams`` entry of PFLlib's learning-rate decay (``-ld``): see `Engine._step`.
+LR_DECAY = "lr_decay"
+
 
 class Engine:
   """Runs rounds and evaluations of one algorithm over architecture groups on federated data.
@@ -466,7 +469,8 @@ class Engine:
 
   # ------------------------------------------------------------------ the round (traced parts)
   def _alg(self, gi: int, hparams):
-    return self.groups[gi].algorithm.with_hyperparameter_values(hparams or {})
+    values = {k: v for k, v in (hparams or {}).items() if k != LR_DECAY}
+    return self.groups[gi].algorithm.with_hyperparameter_values(values)
 
   def _plan_fn(self, root, round_index, phase):
     """The plan and every group's slots and keys (``phase`` WARMUP or RECEIVE: every
@@ -525,15 +529,20 @@ class Engine:
             features: Optional[SampleFeatures] = None):
     """One client's update, masked: the same for every executor (traced).
 
-    ``per_slot = (state, train_idx, train_count, key, active, kept)``; ``features``: see
+    ``per_slot = (state, train_idx, train_count, key, active, kept, client_id)``;
+    ``hparams[LR_DECAY]`` (with ``-ld``): ``{"client": [N + 1] factors by client id (the last,
+    for padding, 1), "server": factor}`` by which the algorithm's `Algorithm.DECAYED_RATES`
+    and `Algorithm.SERVER_DECAYED_RATES` are multiplied this round; ``features``: see
     :meth:`_receive_features`. Returns
     ``(new_state, upload, weight, (active, kept, nonfinite, loss, upload_floats,
     upload_bytes))``: an unselected slot keeps
     its state and weighs 0; a dropped one keeps its new state and weighs 0; a non-finite one
     is reported, and with ``skip_nonfinite`` keeps its state and weighs 0.
     """
-    state, idx, count, key, active, kept = per_slot
+    state, idx, count, key, active, kept, cid = per_slot
     alg = self._alg(gi, hparams)
+    if LR_DECAY in hparams and phase == ROUND.name:  # -ld: this client's decayed rates
+      alg = alg.with_decayed_rates(hparams[LR_DECAY]["client"][cid])
     client_data = ClientData(x, y, idx, count, features)
     if phase == WARMUP.name:
       self.trace_counts[WARMUP.counter] += 1
@@ -617,6 +626,8 @@ class Engine:
     out = jax.tree.map(cat, *outputs) if len(outputs) > 1 else outputs[0]
     ids = cat(*slot_ids)
     alg = self._alg(0, hparams)
+    if LR_DECAY in hparams and phase == ROUND.name:  # -ld on the server's own rates (FedGen)
+      alg = alg.with_decayed_rates(hparams[LR_DECAY]["server"], server=True)
     # Sent at the start of this round to every client (PFLlib and HtFLlib broadcast to all).
     download = alg.download_traffic(server_state)
     if phase == WARMUP.name:
@@ -654,7 +665,9 @@ class Engine:
     dispatch per client, which waits for the previous client's program).
     """
     state = jax.tree.map(lambda a: a[row], states)
-    per_slot = (state, tables[0][row], tables[1][row], keys[slot], jnp.asarray(True), kept)
+    cid = jnp.asarray(self.groups[gi].ids, jnp.int32)[row]
+    per_slot = (state, tables[0][row], tables[1][row], keys[slot], jnp.asarray(True), kept,
+                cid)
     return self._step(gi, hparams, server_state, x, y, per_slot, phase)
 
   def _write_fn(self, states, buffers, slot, row, outputs, linear):

@@ -77,7 +77,7 @@ class GroupProgram:
 
   ``step(shared, per_slot) -> (new_state, upload, weight, stats)`` runs ONE client (traced):
   ``shared`` is the same for every client (server state, samples, swept values), ``per_slot``
-  is ``(state, train_idx, train_count, key, active, kept)``; ``stats`` is
+  is ``(state, train_idx, train_count, key, active, kept, client_id)``; ``stats`` is
   ``(active, kept, nonfinite, loss)`` after masking. ``write`` is the sequential executor's
   per-client program (a `fedjax_lib.core.engine` object with ``init``/``__call__``/``finish``).
   """
@@ -108,10 +108,10 @@ class Executor:
     del linear  # a traced executor hands every upload to the server
     train_idx, train_count = program.tables
     if program.in_place:
-      per_slot = (states, train_idx, train_count, keys, slots.active, slots.kept)
+      per_slot = (states, train_idx, train_count, keys, slots.active, slots.kept, slots.ids)
     else:
       per_slot = (gather(states, slots.rows), *gather((train_idx, train_count), slots.rows),
-                  keys, slots.active, slots.kept)
+                  keys, slots.active, slots.kept, slots.ids)
     run = lambda shared, per_slot: self.map(lambda args: program.step(shared, args), per_slot)
     if program.mesh is None:
       new_states, uploads, weights, stats = run(program.shared, per_slot)
