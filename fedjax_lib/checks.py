@@ -275,16 +275,20 @@ def _lr_decay(config: Config, algorithm) -> list[str]:
       return [f"learning_rate_decay_gamma={config.learning_rate_decay_gamma:g} (-ldg) has no "
               "effect without learning_rate_decay (-ld 1)"]
     return []
-  if type(algorithm).decayed_rates() is None:
+  cls = type(algorithm)
+  if cls.decayed_rates() is None:
     takers = [name for name in algorithms_lib.algorithm_names()
               if algorithms_lib.get_algorithm(name).decayed_rates() is not None]
-    raise ConfigError(f"learning_rate_decay (-ld) is not offered by {algorithm.name}: its "
-                      "reference client never steps a learning-rate scheduler (PFLlib's -ld; "
-                      "HtFLlib parses it and never reads it); offered by "
+    raise ConfigError(f"learning_rate_decay (-ld) is not offered by {algorithm.name} (the "
+                      "README's \"Learning-rate decay\" says why); offered by "
                       f"{', '.join(takers)}")
   if config.dlg_eval:
     raise ConfigError("learning_rate_decay (-ld) with dlg_eval (-dlg): the attack replays a "
                       "client's training at the undecayed rate; use one of them")
+  if not cls.decayed_rates() and not cls.SERVER_DECAYED_RATES:
+    return [f"learning_rate_decay (-ld) has no effect with {algorithm.name}: PFLlib's client "
+            "never trains with the optimizer its scheduler decays (the README's \"Learning-rate "
+            "decay\" says how)"]
   return []
 
 

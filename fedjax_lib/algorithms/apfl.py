@@ -37,8 +37,9 @@ Differences from PFLlib (``pfllib_compat=True`` reproduces PFLlib's client):
   iterates, as in the paper); PFLlib steps ``w`` and ``v`` first and uses the stepped models
   in the α update, which ``pfllib_compat`` follows.
 - The round's ``local_loss`` is ``CE(w) + CE(v̄)`` (``CE(w) + CE(v)`` with ``pfllib_compat``),
-  the sum the step differentiates. PFLlib's learning-rate decay of ``v``'s optimizer
-  (``-ld``) is not modelled.
+  the sum the step differentiates. ``-ld`` is refused: PFLlib decays both
+  optimizers but steps α at the undecayed ``self.learning_rate``, and here one rate drives
+  all three steps.
 - The official code mixes the two models' outputs (``α·v(x) + (1 − α)·w(x)``) and updates α
   once per round; we follow the paper's parameter mixture and per-step α, as PFLlib's final
   mixing of parameters does.

@@ -201,6 +201,7 @@ class APPLE(Algorithm):
     pfllib_compat: PFLlib's upload, ``p`` start, ``p`` gradient and λ lag (module
       docstring).
   """
+  DECAYED_RATES = ()  # -ld: PFLlib steps a scheduler on an optimizer it never steps
 
   dr_learning_rate: float = 0.0
   L: float = 1.0

@@ -47,7 +47,8 @@ Differences from PFLlib:
 
 - PFLlib keeps two SGD optimizers (model and PRBM, same learning rate); here one plain SGD step
   updates the pytree ``{"params", "bias"}`` — the same update. (PFLlib's ``-ld`` decays only the
-  model's learning rate; this library has no learning-rate decay.)
+  model's learning rate, and its start-up training counts as the first step; ``-ld`` is
+  refused here, where one rate drives both.)
 - The extra ``global`` view (``test_acc_global``) is not in PFLlib, which evaluates only
   ``head(rep + b)``.
 - New-client evaluation (``-nnc``) is not supported by PFLlib for FedDBE. Here a new client

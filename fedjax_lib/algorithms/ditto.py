@@ -67,6 +67,7 @@ class Ditto(FedAvg):
     mu: proximal coefficient μ pulling ``v`` toward the received global model (PFLlib ``-mu``).
     plocal_epochs: epochs of personal-model training per round (PFLlib ``-pls``).
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: both optimizers (global copy, personal)
 
   TRAIN_MODE = True
 

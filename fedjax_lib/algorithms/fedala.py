@@ -378,6 +378,7 @@ class FedALA(FedAvg):
     num_pre_loss: how many of the last recorded losses the std is taken over.
     max_start_epochs: cap on the start phase's epochs (PFLlib has none).
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: local SGD (ALA has its own undecayed eta)
 
   eta: float = 1.0
   rand_percent: int = 80

@@ -173,6 +173,7 @@ class FedAMP(Algorithm):
     pfllib_compat: PFLlib's client (module docstring): its own model as the start and a
       regulariser without gradient, i.e. Local.
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: the one SGD optimizer
 
   alphaK: float = 1.0
   sigma: float = 1.0

@@ -226,6 +226,7 @@ class FedCAC(Algorithm):
       overlap (PFLlib ``-bt``), truncated to an integer as PFLlib does.
     pfllib_compat: PFLlib's round 0 without customisation (module docstring).
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: the one SGD optimizer
 
   tau: float = 1.0
   beta: float = 100.0

@@ -278,6 +278,7 @@ class FedCP(Algorithm):
     lam: λ, the weight of the MMD term (PFLlib ``-lam``).
     pfllib_compat: add Gumbel noise to the policy at evaluation time, as PFLlib does.
   """
+  DECAYED_RATES = ()  # -ld: PFLlib trains with its own optimizer, never the decayed one
 
 
   lam: float = 1.0

@@ -171,6 +171,7 @@ class FedFomo(Algorithm):
       clients and of last round's uploads.
     pfllib_compat: PFLlib's validation loss and empty-split behaviour (module docstring).
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: the one SGD optimizer
 
   M: int = 5
   pfllib_compat: bool = False

@@ -144,6 +144,7 @@ class FedGC(Algorithm):
   Attributes:
     lam: λ, the server's correction step is ``λ·lr`` (PFLlib's ``-lam``, default 1.0).
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: the client SGD; the server correction lr·λ stays undecayed
 
   lam: float = 1.0
 

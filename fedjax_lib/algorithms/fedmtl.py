@@ -136,6 +136,7 @@ class FedMTL(Algorithm):
       FedMTL, which has no such flag; 0 is Local).
     pfllib_compat: PFLlib's gradient-free regulariser (module docstring).
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: the one SGD optimizer
 
   lam: float = 1.0
   pfllib_compat: bool = False

@@ -239,6 +239,7 @@ class FedPAC(Algorithm):
     pfllib_compat: scramble the head combination by a random permutation, as PFLlib's
       ordering bug does (module docstring).
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: the one optimizer (head epoch and base epochs)
 
   lam: float = 1.0
   pfllib_compat: bool = False

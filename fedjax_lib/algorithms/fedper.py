@@ -23,6 +23,7 @@ from fedjax_lib.algorithms.split import SplitAlgorithm
 @dataclasses.dataclass(frozen=True)
 class FedPer(SplitAlgorithm):
   """Shared base, personal head, joint training."""
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: the one SGD optimizer
 
   SHARED = "base"
   TRAIN_MODE = True

@@ -34,6 +34,7 @@ class FedRep(SplitAlgorithm):
   Attributes:
     plocal_epochs: epochs of head-only training per round (PFLlib ``-pls``).
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: both optimizers (base, head)
 
   plocal_epochs: int = 1
 

@@ -24,6 +24,7 @@ from fedjax_lib.algorithms.split import SplitAlgorithm
 @dataclasses.dataclass(frozen=True)
 class LGFedAvg(SplitAlgorithm):
   """Personal base, shared head, joint training."""
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: the one SGD optimizer
 
   SHARED = "head"
   TRAIN_MODE = True

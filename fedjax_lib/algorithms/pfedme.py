@@ -107,6 +107,7 @@ class PFedMe(FedAvg):
     weight_decay: μ of the inner steps (PFLlib's hard-coded 0.001).
     pfllib_compat: evaluate the global model as PFLlib's "personalized" evaluation does.
   """
+  DECAYED_RATES = ("p_learning_rate",)  # -ld: pFedMeOptimizer; the w step reads the undecayed lr
 
   lam: float = 1.0
   K: int = 5

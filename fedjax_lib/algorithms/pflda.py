@@ -80,6 +80,7 @@ class PFLDA(Algorithm):
     pfllib_compat: PFLlib's gradient-free regulariser and fresh new clients (module
       docstring).
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: both optimizers (model, global head)
 
   lam: float = 1.0
   pfllib_compat: bool = False
