@@ -342,3 +342,14 @@ def test_token_ids_beyond_the_vocabulary_are_refused_before_training(tmp_path, c
   assert_cli_refuses(["-data", folder, "-m", "fasttext", "-vs", "30"],
                      ["token ids up to 39", "'fasttext'", "vocabulary of 30", "-vs 40"],
                      tmp_path, capsys)
+
+
+def test_max_len_must_match_the_text_datas_length(tmp_path, capsys):
+  """PFLlib's -ml: its TextCNN pools over exactly max_len positions, so another length than
+  the data's (200 here) is refused; -ml 200 is accepted."""
+  from tests.helpers import assert_cli_refuses  # pylint: disable=import-outside-toplevel
+  folder = write_folder(tmp_path / "AGNews", news, 4)
+  assert_cli_refuses(["-data", folder, "-m", "fasttext", "-ml", "100"],
+                     ["max_len=100", "length 200", "-ml 200"], tmp_path, capsys)
+  assert cli.main(["-data", folder, "-m", "fasttext", "-ml", "200", "-gr", "1", "--out",
+                   str(tmp_path / "ok"), "--no-progress", "--no-plot"]) == 0

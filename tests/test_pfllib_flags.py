@@ -233,3 +233,21 @@ def test_max_len_is_checked_against_text_data_only(tmp_path, capsys):
                    str(tmp_path / "o"), "--no-progress", "--no-plot"])
   assert code == 0
   assert "max_len=200 (-ml) has no effect" in capsys.readouterr().out
+
+
+def test_readme_decay_table_matches_the_algorithms():
+  """Every algorithm stands in exactly one row of the README's -ld table, the row of what
+  it declares: -lr; pFedMe's -lrp; nothing (accepted, warned); refused (two rows)."""
+  import re  # pylint: disable=import-outside-toplevel
+  path = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+  with open(path, encoding="utf-8") as f:
+    section = f.read().split("## Learning-rate decay (-ld, -ldg)")[1].split("\n## ")[0]
+  rows = [line.split("|")[1] for line in section.splitlines()
+          if line.startswith("| ") and not line.startswith("| algorithms")]
+  expected = [("local.learning_rate",), ("p_learning_rate",), (), None, None]
+  assert len(rows) == len(expected)
+  for name in algorithm_names():
+    found = [i for i, row in enumerate(rows)
+             if re.search(r"(?<![\w-])" + re.escape(name) + r"(?![\w-])", row)]
+    assert len(found) == 1, (name, found)
+    assert get_algorithm(name).decayed_rates() == expected[found[0]], name

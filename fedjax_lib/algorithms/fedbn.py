@@ -107,6 +107,7 @@ class FedBN(Algorithm):
       ResNets' downsample BatchNorm, MobileNetV2's), as PFLlib does; see the module
       docstring.
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: the one SGD optimizer
 
   pfllib_compat: bool = False
 

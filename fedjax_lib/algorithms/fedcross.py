@@ -227,6 +227,7 @@ class FedCross(Algorithm):
     pfllib_compat: PFLlib's evaluation, round index, similarity and max search (module
       docstring).
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: the client's SGD (per client, not per middleware model)
 
   first_stage_bound: int = 0
   fedcross_alpha: float = 0.99

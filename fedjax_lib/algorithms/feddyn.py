@@ -107,6 +107,7 @@ class FedDyn(FedAvg):
     pfllib_compat: PFLlib's unsquared norm and its division by the planned join count (see
       the module docstring).
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: the one SGD optimizer
 
   alpha: float = 1.0
   join_ratio: float = 1.0

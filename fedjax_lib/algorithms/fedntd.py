@@ -102,6 +102,7 @@ class FedNTD(FedAvg):
     pfllib_compat: average the uploads uniformly, as PFLlib's FedNTD server does, instead of
       by sample count.
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: the one SGD optimizer
 
   beta: float = 1.0
   tau: float = 1.0

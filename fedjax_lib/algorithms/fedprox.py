@@ -88,6 +88,7 @@ class FedProx(FedAvg):
   Attributes:
     mu: proximal coefficient μ (PFLlib ``-mu``, default 0.0 = FedAvg).
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: PerturbedGradientDescent (μ is not a rate)
 
   TRAIN_MODE = True
 

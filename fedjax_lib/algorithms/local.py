@@ -17,6 +17,7 @@ from fedjax_lib.core.local import cross_entropy_objective, train_model
 @dataclasses.dataclass(frozen=True)
 class Local(Algorithm):
   """Purely local training (BatchNorm running statistics are part of each client's model)."""
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: the one SGD optimizer
 
   TRAIN_MODE = True
 

@@ -118,6 +118,7 @@ class MOON(FedAvg):
     tau: temperature τ of the contrastive loss (PFLlib ``-tau``, default 1.0), > 0.
     mu: weight μ of the contrastive loss (PFLlib ``-mu``, default 0.0 = FedAvg).
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: the one SGD optimizer
 
   tau: float = 1.0
   mu: float = 0.0
