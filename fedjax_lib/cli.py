@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
        help="reproduce PFLlib's / HtFLlib's documented quirks where an algorithm offers it "
        "(FedCP's Gumbel noise at test time, FD's raw-logit targets, FedKTL's and FedMRL's "
        "projector reset, FML's undetached peers, FedGen's untrained generator, FedKD's "
-       "compressed parameters and per-slice SVD, SCAFFOLD's and FedDyn's int(N·jr) divisor, "
+       "compressed parameters and per-slice SVD, SCAFFOLD's and FedDyn's int(N·jr) divisor, SCAFFOLD's undecayed control divisor under -ld, "
        "FedDyn's unsquared norm, FedLC's global counts, FedNTD's unweighted mean, APFL's "
        "CE(v) and final mix, pFedMe's evaluation of the global model, FedAMP's client (its "
        "own model, an unsquared regulariser without gradient: Local), FedPHP's evaluation of "

@@ -121,7 +121,7 @@ def _quick(tmp_path, name, **changes):
   return run_experiment(config, quiet=True)
 
 
-@pytest.mark.parametrize("algorithm", ["FedAvg", "Ditto", "pFedMe"])
+@pytest.mark.parametrize("algorithm", ["FedAvg", "Ditto", "pFedMe", "SCAFFOLD"])
 def test_gamma_one_changes_nothing_and_gamma_below_one_does(algorithm, tmp_path):
   kw = {"join_ratio": 0.6, "algorithm": algorithm}
   plain = _quick(tmp_path, "plain", **kw)
@@ -251,3 +251,35 @@ def test_readme_decay_table_matches_the_algorithms():
              if re.search(r"(?<![\w-])" + re.escape(name) + r"(?![\w-])", row)]
     assert len(found) == 1, (name, found)
     assert get_algorithm(name).decayed_rates() == expected[found[0]], name
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_scaffolds_control_divides_by_the_rate_stepped_with(compat):
+  """Option II with -ld: c_i⁺ = c_i − c + (x − y)/(K·lr·γ^k); PFLlib (``pfllib_compat``)
+  divides by the undecayed lr while stepping at the decayed one."""
+  from fedjax_lib.algorithms.scaffold import updated_control  # pylint: disable=import-outside-toplevel
+  data = _small_data()
+  model = make_model("mlr", data.sample_shape, data.num_classes)
+  spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
+                   steps_per_epoch=int(data.train_count.max()) // 4)
+  alg = make_algorithm("SCAFFOLD", model, spec, {"pfllib_compat": compat})
+  server, clients = alg.init(rng.root_key(0), jnp.asarray(data.x[0]), data.num_clients)
+  r = np.random.default_rng(0)
+  server["control"] = jax.tree.map(lambda a: jnp.asarray(r.normal(size=a.shape), a.dtype),
+                                   server["control"])
+  client = jax.tree.map(lambda a: a[1], clients)
+  cdata = ClientData(jnp.asarray(data.x), jnp.asarray(data.y), jnp.asarray(data.train_idx[1]),
+                     jnp.asarray(data.train_count[1]))
+  decayed = alg.with_decayed_rates(0.5)
+  assert decayed.local.learning_rate == pytest.approx(0.05) and alg.local.learning_rate == 0.1
+  new_state, upload, stats = decayed.client_update(server, client, cdata, rng.root_key(1))
+  y = jax.tree.map(lambda a, d: a + d, server["params"], upload["delta_params"])
+  want = updated_control(client["control"], server["control"], server["params"], y,
+                         stats["steps"], 0.1 if compat else 0.05)
+  for a, b in zip(jax.tree.leaves(new_state["control"]), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  steps_at = decayed.client_update(server, client, cdata, rng.root_key(1))[1]["delta_params"]
+  plain = alg.with_hyperparameter_values({"local.learning_rate": 0.05}).client_update(
+      server, client, cdata, rng.root_key(1))[1]["delta_params"]
+  for a, b in zip(jax.tree.leaves(steps_at), jax.tree.leaves(plain)):
+    np.testing.assert_array_equal(a, b)  # the steps themselves run at lr·γ^k either way

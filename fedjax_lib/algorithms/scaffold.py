@@ -49,6 +49,10 @@ Differences from PFLlib:
   (``client_state['model_state']``), as PFLlib's loops over ``model.parameters()`` do.
 - The gradient correction is a transform in front of SGD, ``−lr·(g + (c − c_i))``; PFLlib's
   optimizer computes ``−lr·((g + c) − c_i)`` (float rounding only).
+- Learning-rate decay (``-ld``): PFLlib decays its ``SCAFFOLDOptimizer`` but divides the
+  control's drift by the undecayed ``self.learning_rate``, so in a client's (k+1)-th training
+  ``c_i⁺`` holds γ^k times the mean corrected gradient. Here option II divides by the rate the
+  client stepped with (``lr·γ^k``); ``pfllib_compat=True`` divides by the undecayed one.
 """
 
 from __future__ import annotations
@@ -142,7 +146,8 @@ class SCAFFOLD(FedAvg):
     join_ratio: the run's ``-jr``, only read with ``pfllib_compat`` (the planned join count
       ``int(N·join_ratio)`` PFLlib divides by); the runner fills it.
     pfllib_compat: divide the model step by the planned join count, not by the number of
-      uploads that arrived (see the module docstring).
+      uploads that arrived, and (with ``-ld``) the control's drift by the undecayed rate
+      (see the module docstring).
   """
 
   server_learning_rate: float = 1.0
@@ -155,6 +160,16 @@ class SCAFFOLD(FedAvg):
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
 
   TRAIN_MODE = True
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: SCAFFOLDOptimizer (see the docstring)
+
+  def with_decayed_rates(self, factor, server: bool = False):
+    """The base's decayed copy, remembering the undecayed rate for ``pfllib_compat``'s
+    control update (PFLlib's divisor reads ``self.learning_rate``, which never decays)."""
+    new = super().with_decayed_rates(factor, server)
+    if not server and new is not self:
+      object.__setattr__(new, "_undecayed_learning_rate",
+                         getattr(self, "_undecayed_learning_rate", self.local.learning_rate))
+    return new
 
   def init(self, key, sample_x, num_clients):
     server, clients = super().init(key, sample_x, num_clients)  # FedAvg's: statistics apart
@@ -181,7 +196,10 @@ class SCAFFOLD(FedAvg):
     else:
       tx = optax.chain(control_correction(correction), sgd)
       y, _, stats = train_locally(x, data, key, self.local, self.ce_loss, tx=tx)
-    new_ci = updated_control(ci, c, x, y, stats["steps"], self.local.learning_rate)
+    divisor = self.local.learning_rate  # the rate of the steps taken (-ld: decayed)
+    if self.pfllib_compat:
+      divisor = getattr(self, "_undecayed_learning_rate", divisor)
+    new_ci = updated_control(ci, c, x, y, stats["steps"], divisor)
     upload = {"delta_params": jax.tree.map(lambda a, b: a - b, y, x),
               "delta_control": jax.tree.map(lambda a, b: a - b, new_ci, ci)}
     return {"control": new_ci, **new_state}, upload, stats
