@@ -121,7 +121,7 @@ def _quick(tmp_path, name, **changes):
   return run_experiment(config, quiet=True)
 
 
-@pytest.mark.parametrize("algorithm", ["FedAvg", "Ditto", "pFedMe", "SCAFFOLD"])
+@pytest.mark.parametrize("algorithm", ["FedAvg", "Ditto", "pFedMe", "SCAFFOLD", "APFL"])
 def test_gamma_one_changes_nothing_and_gamma_below_one_does(algorithm, tmp_path):
   kw = {"join_ratio": 0.6, "algorithm": algorithm}
   plain = _quick(tmp_path, "plain", **kw)
@@ -283,3 +283,26 @@ def test_scaffolds_control_divides_by_the_rate_stepped_with(compat):
       server, client, cdata, rng.root_key(1))[1]["delta_params"]
   for a, b in zip(jax.tree.leaves(steps_at), jax.tree.leaves(plain)):
     np.testing.assert_array_equal(a, b)  # the steps themselves run at lr·γ^k either way
+
+
+def test_apfls_alpha_step_keeps_the_undecayed_rate():
+  """PFLlib's α update reads ``self.learning_rate`` (never decayed) while w and v step at the
+  decayed rate: α − lr·(g_α + 0.02·α), clipped, against the decayed w/v steps."""
+  from fedjax_lib.algorithms.apfl import ALPHA_DECAY, apfl_sgd  # pylint: disable=import-outside-toplevel
+  params = {"global": jnp.ones(3), "personal": jnp.zeros(3), "alpha": jnp.float32(0.5)}
+  grads = {"global": jnp.full(3, 2.0), "personal": jnp.full(3, -1.0), "alpha": jnp.float32(0.3)}
+  updates, _ = apfl_sgd(0.05, False, 0.1).update(grads, optax_empty(), params)
+  np.testing.assert_allclose(updates["global"], -0.05 * 2.0)
+  np.testing.assert_allclose(updates["personal"], 0.05)
+  np.testing.assert_allclose(updates["alpha"], -0.1 * (0.3 + ALPHA_DECAY * 0.5), rtol=1e-6)
+  model = make_model("mlr", (4,), 3)
+  spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1, steps_per_epoch=1)
+  decayed = make_algorithm("APFL", model, spec, {}).with_decayed_rates(0.5)
+  assert decayed.local.learning_rate == pytest.approx(0.05)
+  assert decayed.undecayed("local.learning_rate") == 0.1
+  assert decayed.with_decayed_rates(0.5).undecayed("local.learning_rate") == 0.1
+
+
+def optax_empty():
+  import optax  # pylint: disable=import-outside-toplevel
+  return optax.EmptyState()

@@ -37,9 +37,9 @@ Differences from PFLlib (``pfllib_compat=True`` reproduces PFLlib's client):
   iterates, as in the paper); PFLlib steps ``w`` and ``v`` first and uses the stepped models
   in the α update, which ``pfllib_compat`` follows.
 - The round's ``local_loss`` is ``CE(w) + CE(v̄)`` (``CE(w) + CE(v)`` with ``pfllib_compat``),
-  the sum the step differentiates. ``-ld`` is refused: PFLlib decays both
-  optimizers but steps α at the undecayed ``self.learning_rate``, and here one rate drives
-  all three steps.
+  the sum the step differentiates. With ``-ld`` both models' steps
+  decay and α's keeps the undecayed rate, as PFLlib's (its α step reads
+  ``self.learning_rate``).
 - The official code mixes the two models' outputs (``α·v(x) + (1 − α)·w(x)``) and updates α
   once per round; we follow the paper's parameter mixture and per-step α, as PFLlib's final
   mixing of parameters does.
@@ -76,7 +76,8 @@ def tree_vdot(a, b) -> jax.Array:
   return sum(jax.tree.leaves(dots), jnp.zeros((), jnp.float32))
 
 
-def apfl_sgd(learning_rate, pfllib_compat: bool = False) -> optax.GradientTransformation:
+def apfl_sgd(learning_rate, pfllib_compat: bool = False,
+             alpha_learning_rate=None) -> optax.GradientTransformation:
   """SGD on ``{"global": w, "personal": v, "alpha": α}`` with APFL's α rule.
 
   ``w`` and ``v`` take plain SGD steps with their gradients. α moves by
@@ -86,8 +87,10 @@ def apfl_sgd(learning_rate, pfllib_compat: bool = False) -> optax.GradientTransf
   ``w' = w − lr·g_w`` (the gradient in α is then ignored).
 
   Args:
-    learning_rate: the step size of all three (the client learning rate).
+    learning_rate: the step size of ``w`` and ``v`` (the client learning rate).
     pfllib_compat: use PFLlib's approximate α gradient.
+    alpha_learning_rate: α's step size (None: ``learning_rate``; under ``-ld`` the undecayed
+      rate, as PFLlib's α step reads ``self.learning_rate``).
 
   Returns:
     A stateless optax transform; its ``update`` needs ``params``.
@@ -108,7 +111,8 @@ def apfl_sgd(learning_rate, pfllib_compat: bool = False) -> optax.GradientTransf
     else:
       grad_alpha = grads["alpha"]
     grad_alpha = grad_alpha + ALPHA_DECAY * alpha
-    new_alpha = jnp.clip(alpha - learning_rate * grad_alpha, 0.0, 1.0)
+    alpha_rate = learning_rate if alpha_learning_rate is None else alpha_learning_rate
+    new_alpha = jnp.clip(alpha - alpha_rate * grad_alpha, 0.0, 1.0)
     updates = {"global": w_step, "personal": v_step, "alpha": new_alpha - alpha}
     return updates, state
 
@@ -127,6 +131,7 @@ class APFL(FedAvg):
     alpha: initial mixing weight α of every client (PFLlib ``-al``), in [0, 1].
     pfllib_compat: train ``v`` and α as PFLlib does (see the module docstring).
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: both optimizers; the α step keeps the undecayed rate
 
   alpha: float = 1.0
   pfllib_compat: bool = False
@@ -158,7 +163,8 @@ class APFL(FedAvg):
                  "alpha": client_state["alpha"]}
     trained, _, stats = train_locally(
         trainable, data, key, self.local, self.apfl_loss,
-        tx=apfl_sgd(self.local.learning_rate, self.pfllib_compat))
+        tx=apfl_sgd(self.local.learning_rate, self.pfllib_compat,
+                    self.undecayed("local.learning_rate")))
     w, v, alpha = trained["global"], trained["personal"], trained["alpha"]
     if self.pfllib_compat:  # PFLlib keeps the mixture as the personal model
       v = mix(v, w, alpha)

@@ -332,7 +332,18 @@ class Algorithm:
     if not paths:
       return self
     values = self.hyperparameter_values()
-    return self.with_hyperparameter_values({p: values[p] * factor for p in paths})
+    new = self.with_hyperparameter_values({p: values[p] * factor for p in paths})
+    # What undecayed() reads: PFLlib reads some rates undecayed (an attribute, not the
+    # optimizer's), which the code can then ask for.
+    object.__setattr__(new, "_undecayed", {**{p: values[p] for p in paths},
+                                           **getattr(self, "_undecayed", {})})
+    return new
+
+  def undecayed(self, path: str):
+    """Hyperparameter ``path``'s value before ``-ld``'s decay (`with_decayed_rates`); its
+    value when nothing decayed it."""
+    kept = getattr(self, "_undecayed", {})
+    return kept[path] if path in kept else self.hyperparameter_values()[path]
 
   def with_hyperparameter_values(self, values: dict[str, Any]) -> "Algorithm":
     """A copy with the fields at ``values``' paths (as :meth:`hyperparameter_values` names

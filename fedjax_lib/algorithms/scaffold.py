@@ -162,15 +162,6 @@ class SCAFFOLD(FedAvg):
   TRAIN_MODE = True
   DECAYED_RATES = ("local.learning_rate",)  # -ld: SCAFFOLDOptimizer (see the docstring)
 
-  def with_decayed_rates(self, factor, server: bool = False):
-    """The base's decayed copy, remembering the undecayed rate for ``pfllib_compat``'s
-    control update (PFLlib's divisor reads ``self.learning_rate``, which never decays)."""
-    new = super().with_decayed_rates(factor, server)
-    if not server and new is not self:
-      object.__setattr__(new, "_undecayed_learning_rate",
-                         getattr(self, "_undecayed_learning_rate", self.local.learning_rate))
-    return new
-
   def init(self, key, sample_x, num_clients):
     server, clients = super().init(key, sample_x, num_clients)  # FedAvg's: statistics apart
     params = server["params"]
@@ -198,7 +189,7 @@ class SCAFFOLD(FedAvg):
       y, _, stats = train_locally(x, data, key, self.local, self.ce_loss, tx=tx)
     divisor = self.local.learning_rate  # the rate of the steps taken (-ld: decayed)
     if self.pfllib_compat:
-      divisor = getattr(self, "_undecayed_learning_rate", divisor)
+      divisor = self.undecayed("local.learning_rate")
     new_ci = updated_control(ci, c, x, y, stats["steps"], divisor)
     upload = {"delta_params": jax.tree.map(lambda a, b: a - b, y, x),
               "delta_control": jax.tree.map(lambda a, b: a - b, new_ci, ci)}
