@@ -724,7 +724,7 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
       run.accountant.start()
   if config.learning_rate_decay:
     for run in runs:
-      run.trained = np.zeros(engine.num_clients, np.int64)
+      run.trained = np.full(engine.num_clients, engine.algorithm.LR_DECAY_START, np.int64)
   for s, run in enumerate(runs):
     if os.path.isdir(run.spec.checkpoint) or config.checkpoint_every:
       restored = run.open_checkpointer().restore_latest(

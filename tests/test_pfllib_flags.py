@@ -121,9 +121,9 @@ def _quick(tmp_path, name, **changes):
   return run_experiment(config, quiet=True)
 
 
-@pytest.mark.parametrize("algorithm", ["FedAvg", "Ditto", "pFedMe", "SCAFFOLD", "APFL"])
+@pytest.mark.parametrize("algorithm", ["FedAvg", "Ditto", "pFedMe", "SCAFFOLD", "APFL", "GPFL"])
 def test_gamma_one_changes_nothing_and_gamma_below_one_does(algorithm, tmp_path):
-  kw = {"join_ratio": 0.6, "algorithm": algorithm}
+  kw = {"join_ratio": 0.6, "algorithm": algorithm, "model": "dnn"}
   plain = _quick(tmp_path, "plain", **kw)
   one = _quick(tmp_path, "one", learning_rate_decay=True, learning_rate_decay_gamma=1.0, **kw)
   half = _quick(tmp_path, "half", learning_rate_decay=True, learning_rate_decay_gamma=0.5,
@@ -306,3 +306,37 @@ def test_apfls_alpha_step_keeps_the_undecayed_rate():
 def optax_empty():
   import optax  # pylint: disable=import-outside-toplevel
   return optax.EmptyState()
+
+
+def test_sgd_by_part_steps_each_part_at_its_rate():
+  """Equal rates: optax.sgd's steps to the bit; otherwise each part at its own rate (GPFL's
+  GCE/CoV and FedDBE's PRBM keep the undecayed rate under -ld, as PFLlib's optimizers
+  without a scheduler)."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.core.local import sgd_by_part  # pylint: disable=import-outside-toplevel
+  r = np.random.default_rng(0)
+  grads = {"params": {"w": jnp.asarray(r.normal(size=(3, 2)), jnp.float32)},
+           "bias": jnp.asarray(r.normal(size=(2,)), jnp.float32)}
+  same, _ = sgd_by_part(0.1, {"bias": 0.1}).update(grads, optax.EmptyState())
+  plain, _ = optax.sgd(0.1).update(grads, optax.sgd(0.1).init(grads))
+  for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(plain)):
+    np.testing.assert_array_equal(a, b)
+  mixed, _ = sgd_by_part(0.05, {"bias": 0.1}).update(grads, optax.EmptyState())
+  np.testing.assert_allclose(mixed["params"]["w"], -0.05 * grads["params"]["w"])
+  np.testing.assert_allclose(mixed["bias"], -0.1 * grads["bias"])
+
+
+def test_feddbe_counts_its_start_up_training_as_the_first_step(tmp_path):
+  """PFLlib's FedDBE start-up period calls every client's train() once before round 0, which
+  steps the scheduler: round 0 already trains at lr·γ."""
+  from fedjax_lib.algorithms.dbe import FedDBE  # pylint: disable=import-outside-toplevel
+  assert FedDBE.LR_DECAY_START == 1 and get_algorithm("FedAvg").LR_DECAY_START == 0
+  kw = {"algorithm": "FedDBE", "model": "dnn", "global_rounds": 1}
+  plain = _quick(tmp_path, "plain", **kw)
+  half = _quick(tmp_path, "half", learning_rate_decay=True, learning_rate_decay_gamma=0.5, **kw)
+  halved_lr = _quick(tmp_path, "lr", learning_rate=0.0025, **kw)
+  assert half.runs[0].history["train_loss"] != plain.runs[0].history["train_loss"]
+  # round 0's model steps at lr/2 (only the PRBM differs from a run at lr/2, which a DNN's
+  # PRBM barely moves in one round): closer to the halved-lr run than to the plain one.
+  gap = lambda a, b: abs(a.runs[0].history["train_loss"][1] - b.runs[0].history["train_loss"][1])
+  assert gap(half, halved_lr) < gap(half, plain)

@@ -163,6 +163,8 @@ class Algorithm:
   # a subclass with other optimizers must say which of them decay.
   DECAYED_RATES: ClassVar[Optional[tuple[str, ...]]] = None
   SERVER_DECAYED_RATES: ClassVar[tuple[str, ...]] = ()
+  # Scheduler steps every client has taken before round 0 (FedDBE's start-up training).
+  LR_DECAY_START: ClassVar[int] = 0
 
   @classmethod
   def hyperparameters(cls) -> dict[str, Any]:
@@ -338,6 +340,10 @@ class Algorithm:
     object.__setattr__(new, "_undecayed", {**{p: values[p] for p in paths},
                                            **getattr(self, "_undecayed", {})})
     return new
+
+  def is_decayed(self) -> bool:
+    """Whether this copy's rates were scaled by ``-ld`` (:meth:`with_decayed_rates`)."""
+    return bool(getattr(self, "_undecayed", None))
 
   def undecayed(self, path: str):
     """Hyperparameter ``path``'s value before ``-ld``'s decay (`with_decayed_rates`); its

@@ -47,8 +47,8 @@ Differences from PFLlib:
 
 - PFLlib keeps two SGD optimizers (model and PRBM, same learning rate); here one plain SGD step
   updates the pytree ``{"params", "bias"}`` — the same update. (PFLlib's ``-ld`` decays only the
-  model's learning rate, and its start-up training counts as the first step; ``-ld`` is
-  refused here, where one rate drives both.)
+  model's learning rate, and its start-up training counts as the first step: with ``-ld`` the
+  PRBM keeps the undecayed rate and round r's model rate is lr·γ^(k+1), as PFLlib's.)
 - The extra ``global`` view (``test_acc_global``) is not in PFLlib, which evaluates only
   ``head(rep + b)``.
 - New-client evaluation (``-nnc``) is not supported by PFLlib for FedDBE. Here a new client
@@ -76,7 +76,7 @@ from fedjax_lib.algorithms.base import (FeatureViews, SettingsContext, check_num
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.aggregate import weighted_average
-from fedjax_lib.core.local import Batch, masked_cross_entropy, train_locally
+from fedjax_lib.core.local import Batch, masked_cross_entropy, sgd_by_part, train_locally
 
 
 # ---------------------------------------------------------------- pure pieces
@@ -155,6 +155,8 @@ class FedDBE(FedAvg):
     momentum: EMA momentum of the running mean of representations (PFLlib ``-mo``).
     kl_weight: weight of the mean regularization (PFLlib ``-klw``).
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: the model optimizer; the PRBM keeps the undecayed rate
+  LR_DECAY_START = 1  # -ld: PFLlib's start-up period calls train(), stepping the scheduler
 
   momentum: float = 0.1
   kl_weight: float = 0.0
@@ -210,8 +212,11 @@ class FedDBE(FedAvg):
     loss_fn = lambda trainable, batch, step_key, rm: dbe_loss(
         self.model, trainable, batch, rm, self.momentum, global_mean, self.kl_weight)
     trainable = {"params": server_state["params"], "bias": client_state["bias"]}
+    # -ld: PFLlib's PRBM optimizer has no scheduler, so the bias keeps the undecayed rate.
+    tx = (sgd_by_part(self.local.learning_rate, {"bias": self.undecayed("local.learning_rate")})
+          if self.is_decayed() else None)
     trained, _, stats = train_locally(trainable, data, key, self.local, loss_fn,
-                                      aux=jnp.zeros_like(global_mean))
+                                      aux=jnp.zeros_like(global_mean), tx=tx)
     metrics = {k: v for k, v in stats.items() if k != "aux"}
     return {"bias": trained["bias"]}, trained["params"], metrics
 

@@ -83,7 +83,7 @@ from fedjax_lib.algorithms.base import (Algorithm, FeatureViews, SettingsContext
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import merge_parts, split_parts
 from fedjax_lib.core.aggregate import weighted_average
-from fedjax_lib.core.local import (ClientData, class_counts, masked_cross_entropy,
+from fedjax_lib.core.local import (ClientData, class_counts, masked_cross_entropy, sgd_by_part,
                                    train_locally)
 from fedjax_lib.models.layers import torch_uniform_init
 
@@ -227,20 +227,24 @@ def label_frequencies(data: ClientData, num_classes: int) -> jax.Array:
   return counts / jnp.maximum(counts.sum(), 1.0)
 
 
-def sgd_with_decay(learning_rate: float, mu: float,
-                   decayed=DECAYED_PARTS) -> optax.GradientTransformation:
+def sgd_with_decay(learning_rate: float, mu: float, decayed=DECAYED_PARTS,
+                   module_learning_rate=None) -> optax.GradientTransformation:
   """Plain SGD over a dict of parts; the parts ``decayed`` get PyTorch weight decay μ.
 
   One step is ``w ← w − lr·(g + μ·w)`` for the leaves under ``decayed`` and
   ``w ← w − lr·g`` for the others (PFLlib: one SGD per module, GCE and CoV with
-  ``weight_decay = μ``, the model without).
+  ``weight_decay = μ``, the model without). ``module_learning_rate``: the ``decayed`` parts'
+  own rate (``-ld``: PFLlib's GCE and CoV optimizers have no scheduler); None: the same.
   """
   def mask(params):
     return {part: jax.tree.map(lambda _, p=part: p in decayed, sub)
             for part, sub in params.items()}
 
-  return optax.chain(optax.masked(optax.add_decayed_weights(mu), mask),
-                     optax.sgd(learning_rate))
+  if module_learning_rate is None:
+    step = optax.sgd(learning_rate)
+  else:
+    step = sgd_by_part(learning_rate, {part: module_learning_rate for part in decayed})
+  return optax.chain(optax.masked(optax.add_decayed_weights(mu), mask), step)
 
 
 # ---------------------------------------------------------------------------- algorithm
@@ -253,6 +257,7 @@ class GPFL(Algorithm):
     lam: weight λ of the alignment term ``‖f_G − E_frozen[y]‖_F`` (PFLlib ``-lam``).
     mu: weight decay μ of the GCE and CoV parameters (PFLlib ``-mu``).
   """
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: the model optimizer; GCE/CoV keep the undecayed rate
 
 
   lam: float = 1.0
@@ -301,8 +306,10 @@ class GPFL(Algorithm):
     return ce + gce + self.lam * align
 
   def optimizer(self) -> optax.GradientTransformation:
-    """SGD at the local learning rate with weight decay μ on the GCE and CoV."""
-    return sgd_with_decay(self.local.learning_rate, self.mu)
+    """SGD at the local learning rate with weight decay μ on the GCE and CoV (``-ld``: only
+    the model's rate decays, as PFLlib's GCE and CoV optimizers have no scheduler)."""
+    module = self.undecayed("local.learning_rate") if self.is_decayed() else None
+    return sgd_with_decay(self.local.learning_rate, self.mu, module_learning_rate=module)
 
   def client_update(self, server_state, client_state, data, key):
     trainable = {"base": server_state["base"], "head": client_state["head"],

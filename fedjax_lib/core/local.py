@@ -281,6 +281,18 @@ def private_value_and_grad(loss_fn: LossFn, clip: float, sigma: float, batch_siz
   return value_and_grad
 
 
+def sgd_by_part(learning_rate, part_rates: dict) -> optax.GradientTransformation:
+  """Plain SGD over a dict of parts: the parts named in ``part_rates`` step at their own rate,
+  the others at ``learning_rate`` (PFLlib's one optimizer per module, where ``-ld`` decays only
+  some of them); with equal rates the same steps as ``optax.sgd(learning_rate)``."""
+  def update(updates, state, params=None):
+    del params
+    return {part: jax.tree.map(lambda u, r=part_rates.get(part, learning_rate): -r * u, sub)
+            for part, sub in updates.items()}, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def train_locally(params, data: ClientData, key: jax.Array, spec: LocalSpec, loss_fn: LossFn,
                   tx: Optional[optax.GradientTransformation] = None, opt_state=None,
                   aux: Any = None):
