@@ -257,7 +257,7 @@ def test_readme_decay_table_matches_the_algorithms():
 def test_scaffolds_control_divides_by_the_rate_stepped_with(compat):
   """Option II with -ld: c_i⁺ = c_i − c + (x − y)/(K·lr·γ^k); PFLlib (``pfllib_compat``)
   divides by the undecayed lr while stepping at the decayed one."""
-  from fedjax_lib.algorithms.scaffold import updated_control  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.algorithms.scaffold import updated_control  # pylint: disable=C0415
   data = _small_data()
   model = make_model("mlr", data.sample_shape, data.num_classes)
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
@@ -288,7 +288,7 @@ def test_scaffolds_control_divides_by_the_rate_stepped_with(compat):
 def test_apfls_alpha_step_keeps_the_undecayed_rate():
   """PFLlib's α update reads ``self.learning_rate`` (never decayed) while w and v step at the
   decayed rate: α − lr·(g_α + 0.02·α), clipped, against the decayed w/v steps."""
-  from fedjax_lib.algorithms.apfl import ALPHA_DECAY, apfl_sgd  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.algorithms.apfl import ALPHA_DECAY, apfl_sgd  # pylint: disable=C0415
   params = {"global": jnp.ones(3), "personal": jnp.zeros(3), "alpha": jnp.float32(0.5)}
   grads = {"global": jnp.full(3, 2.0), "personal": jnp.full(3, -1.0), "alpha": jnp.float32(0.3)}
   updates, _ = apfl_sgd(0.05, False, 0.1).update(grads, optax_empty(), params)

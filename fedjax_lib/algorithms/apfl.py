@@ -131,7 +131,8 @@ class APFL(FedAvg):
     alpha: initial mixing weight α of every client (PFLlib ``-al``), in [0, 1].
     pfllib_compat: train ``v`` and α as PFLlib does (see the module docstring).
   """
-  DECAYED_RATES = ("local.learning_rate",)  # -ld: both optimizers; the α step keeps the undecayed rate
+  # -ld: both optimizers; the α step keeps the undecayed rate
+  DECAYED_RATES = ("local.learning_rate",)
 
   alpha: float = 1.0
   pfllib_compat: bool = False

@@ -155,7 +155,8 @@ class FedDBE(FedAvg):
     momentum: EMA momentum of the running mean of representations (PFLlib ``-mo``).
     kl_weight: weight of the mean regularization (PFLlib ``-klw``).
   """
-  DECAYED_RATES = ("local.learning_rate",)  # -ld: the model optimizer; the PRBM keeps the undecayed rate
+  # -ld: the model optimizer; the PRBM keeps the undecayed rate
+  DECAYED_RATES = ("local.learning_rate",)
   LR_DECAY_START = 1  # -ld: PFLlib's start-up period calls train(), stepping the scheduler
 
   momentum: float = 0.1

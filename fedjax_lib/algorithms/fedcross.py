@@ -227,7 +227,8 @@ class FedCross(Algorithm):
     pfllib_compat: PFLlib's evaluation, round index, similarity and max search (module
       docstring).
   """
-  DECAYED_RATES = ("local.learning_rate",)  # -ld: the client's SGD (per client, not per middleware model)
+  # -ld: the client's SGD (per client, not per middleware model)
+  DECAYED_RATES = ("local.learning_rate",)
 
   first_stage_bound: int = 0
   fedcross_alpha: float = 0.99

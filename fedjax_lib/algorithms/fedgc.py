@@ -144,7 +144,8 @@ class FedGC(Algorithm):
   Attributes:
     lam: λ, the server's correction step is ``λ·lr`` (PFLlib's ``-lam``, default 1.0).
   """
-  DECAYED_RATES = ("local.learning_rate",)  # -ld: the client SGD; the server correction lr·λ stays undecayed
+  # -ld: the client SGD; the server correction lr·λ stays undecayed
+  DECAYED_RATES = ("local.learning_rate",)
 
   lam: float = 1.0
 

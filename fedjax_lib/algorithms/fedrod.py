@@ -48,7 +48,8 @@ def balanced_softmax_loss(logits, labels, mask, counts):
 @dataclasses.dataclass(frozen=True)
 class FedROD(FedAvg):
   """Generic model trained with balanced softmax, plus a personal residual head."""
-  DECAYED_RATES = ("local.learning_rate",)  # -ld: both optimizers (body and generic head, personal head)
+  # -ld: both optimizers (body and generic head, personal head)
+  DECAYED_RATES = ("local.learning_rate",)
 
   def init(self, key, sample_x, num_clients):
     params = self.init_params(key, sample_x)

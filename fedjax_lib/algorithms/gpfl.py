@@ -257,7 +257,8 @@ class GPFL(Algorithm):
     lam: weight λ of the alignment term ``‖f_G − E_frozen[y]‖_F`` (PFLlib ``-lam``).
     mu: weight decay μ of the GCE and CoV parameters (PFLlib ``-mu``).
   """
-  DECAYED_RATES = ("local.learning_rate",)  # -ld: the model optimizer; GCE/CoV keep the undecayed rate
+  # -ld: the model optimizer; GCE/CoV keep the undecayed rate
+  DECAYED_RATES = ("local.learning_rate",)
 
 
   lam: float = 1.0
