@@ -340,3 +340,15 @@ def test_feddbe_counts_its_start_up_training_as_the_first_step(tmp_path):
   # PRBM barely moves in one round): closer to the halved-lr run than to the plain one.
   gap = lambda a, b: abs(a.runs[0].history["train_loss"][1] - b.runs[0].history["train_loss"][1])
   assert gap(half, halved_lr) < gap(half, plain)
+
+
+def test_decay_in_a_stacked_sweep_equals_the_single_runs(tmp_path):
+  """Runs stacked in one vmapped program (a seed sweep, vmap executor) get each their own
+  factors: every combination equals its run alone."""
+  kw = dict(executor="vmap", join_ratio=0.6, learning_rate_decay=True,
+            learning_rate_decay_gamma=0.5, global_rounds=2, partition_seed=0)
+  swept = _quick(tmp_path, "sweep", sweep={"seed": [0, 1]}, **kw)
+  for s in (0, 1):
+    alone = _quick(tmp_path, f"alone{s}", seed=s, **kw)
+    np.testing.assert_allclose(swept.runs[s].history["train_loss"],
+                               alone.runs[0].history["train_loss"], rtol=2e-5)
