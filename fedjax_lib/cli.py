@@ -494,6 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
   _add(execution, "--distributed", default=d.distributed, **boolean,
        help="multi-host: call jax.distributed.initialize() first (coordinator, process count "
        "and id from the environment or the cluster); only process 0 writes results")
+  _add(execution, "--compile-cache", nargs="?", const="auto", default=d.compile_cache,
+       dest="compile_cache", metavar="DIR", shown_default="off",
+       help="keep the compiled programs in DIR (without DIR: ~/.cache/fedjax_lib/xla) so that "
+       "a later run compiling the same ones loads them: the same results, seconds sooner")
   _add(execution, "-dev", "--device", choices=("auto", "cpu", "cuda", "gpu", "tpu"),
        default="auto", help="JAX platform (auto: JAX's choice)")
   _add(execution, "-did", "--device_id", "--device-id", default=None, dest="device_id",

@@ -12,6 +12,7 @@ import dataclasses
 import math
 from typing import Any, Optional
 
+from fedjax_lib import compile_cache as compile_cache_lib
 from fedjax_lib.errors import ConfigError
 
 EXECUTORS = ("auto", "vmap", "chunked", "sequential")
@@ -98,6 +99,9 @@ class Config:
     a different config's results are replaced only with ``overwrite``); ``plot`` = False
     writes no PNG (and does not import matplotlib, which keeps a font cache in the home
     folder); ``progress`` shows a progress bar on stderr.
+  compile_cache: a folder for a persistent cache of the compiled programs
+    (`fedjax_lib.compile_cache`; ``auto``: ``~/.cache/fedjax_lib/xla``; '' off): a later run
+    that compiles the same programs loads them, with the same results to the bit.
   Differential privacy (`fedjax_lib.privacy`): with ``privacy`` every client trains with
     DP-SGD — each example's gradient clipped to L2 norm ``dp_clip`` (PFLlib's
     ``MAX_GRAD_NORM`` = 1.0), Gaussian noise of standard deviation ``dp_sigma``·``dp_clip``
@@ -183,13 +187,14 @@ class Config:
   keep_checkpoints: int = 3
   resume: bool = False
   on_nan: str = "stop"
+  compile_cache: str = ""
 
   # Fields that may differ between a checkpointed run and its continuation (the DLG attack
   # reads the states and never changes them).
   RESUMABLE_CHANGES = ("global_rounds", "times", "prev", "out", "progress", "overwrite", "plot",
                        "checkpoint_every", "keep_checkpoints", "resume", "auto_break",
                        "top_cnt", "devices", "distributed", "eval_chunk_size", "dlg_eval",
-                       "dlg_gap", "batch_num_per_client", "data_dir")
+                       "dlg_gap", "batch_num_per_client", "data_dir", "compile_cache")
 
   def resume_mismatch(self, saved: dict) -> list[str]:
     """``field: saved → now`` for every field that must match to continue a checkpoint.
@@ -295,6 +300,11 @@ class Config:
       raise ConfigError(f"dataset={self.dataset!r}: give a built-in name or a folder path")
     if not isinstance(self.out, str) or not self.out.strip():
       raise ConfigError(f"out={self.out!r} is empty; give an output folder (default results)")
+    cache_problem = compile_cache_lib.problem(self.compile_cache)
+    if cache_problem:
+      raise ConfigError(f"compile_cache={self.compile_cache!r} {cache_problem}; accepted: '' "
+                        f"(off), 'auto' ({compile_cache_lib.default_folder()}) or a folder this "
+                        "user can create or write to")
     if not isinstance(self.goal, str) or not self.goal or "/" in self.goal:
       raise ConfigError(f"goal={self.goal!r}: give a non-empty tag without '/'")
     if not isinstance(self.algo_params, dict):

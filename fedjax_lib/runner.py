@@ -23,6 +23,7 @@ import numpy as np
 
 from fedjax_lib import algorithms as algorithms_lib
 from fedjax_lib import checks as checks_lib
+from fedjax_lib import compile_cache as compile_cache_lib
 from fedjax_lib import data as data_lib
 from fedjax_lib import dlg as dlg_lib
 from fedjax_lib import memory as memory_lib
@@ -931,7 +932,8 @@ def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None,
   Human-readable lines (the header, ``warning:`` lines, one line per evaluation) go to ``log``
   (default: stdout, process 0 only); ``quiet=True`` prints nothing and shows no progress
   bar. Files are written under ``config.out`` only, and with ``config.plot`` = False nothing
-  else is written anywhere (matplotlib keeps a font cache in the home folder); the results
+  else is written anywhere (matplotlib keeps a font cache in the home folder), except with
+  ``config.compile_cache``: the compiled programs, in that folder; the results
   files appear together when the runs end. While it runs in the main thread, Ctrl-C or
   SIGTERM stops after the current round with a checkpoint (`fedjax_lib.stopping`).
 
@@ -1015,6 +1017,9 @@ def _run_experiment(config: Config, log: Callable[[str], None]):
       log(f"{spec.label}: --overwrite: removing the checkpoints of a different config in "
           f"{spec.checkpoint}")
       output_lib.remove_tree(spec.checkpoint)
+    if config.compile_cache:  # after every check: a refused run writes nothing
+      folder = compile_cache_lib.enable(config.compile_cache)
+      log(f"compile cache: {folder} ({compile_cache_lib.entries(folder)} programs)")
     runs = run_loop(engine, specs, config, log, privacy=built.privacy, dlg=built.dlg)
     return _write_results(config, built, specs, runs, out_dir, base, tag, log)
 

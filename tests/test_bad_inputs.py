@@ -54,6 +54,9 @@ FLAGS = [
     (["-m", "cnn,dnn", "-algo", "FedAvg"], ["cnn and dnn", "uploads differ"]),
     (["--devices", "99"], ["devices=99", "available"]),
     (["--distributed"], ["JAX_COORDINATOR_ADDRESS"]),
+    (["--compile-cache", os.path.abspath(__file__)], ["compile_cache", "is a file"]),
+    (["--compile-cache", os.path.join(os.path.abspath(__file__), "cache")],
+     ["compile_cache", "cannot be created", "auto"]),
     # partition settings that cannot be met
     (["--partition", "pat", "--class-per-client", "11"], ["class_per_client", "11"]),
     (["-nc", "2000"], ["2000"]),
@@ -109,6 +112,15 @@ def _check(argv, words, tmp_path, capsys):
 @pytest.mark.parametrize("argv,words", FLAGS, ids=[" ".join(a) for a, _ in FLAGS])
 def test_bad_flags(argv, words, tmp_path, capsys):
   _check(argv, words, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("argv", [["-nc", "0"], ["-m", "mlr", "-nc", "4", "--resume"]],
+                         ids=["config", "resume"])
+def test_refused_run_creates_no_compile_cache(argv, tmp_path, capsys):
+  """The cache folder is made only once every check passed (``--resume`` without a
+  checkpoint is refused after the data and the engine are built)."""
+  _check(argv + ["--compile-cache", str(tmp_path / "cache")], [], tmp_path, capsys)
+  assert not (tmp_path / "cache").exists()
 
 
 # ---------------------------------------------------------------------------- config files

@@ -12,8 +12,9 @@ and the bytes of the stacked client states.
 S-way sweep (``--seeds`` × ``--lrs``) in the one run loop, with each of ``--sweep-executors``
 (the default executor runs the combinations one after another within each round on CPU; vmap
 stacks them in one program), against the same S combinations as separate runs (with each of
-``--separate-executors``), all in one script run on the same machine; seconds per round exclude
-the compiling round 0; throughput is relative to the first row.
+``--separate-executors``); every run is a fresh ``python -m fedjax_lib`` process, as a user
+starts it, without and with ``--compile-cache`` (``--caches``); seconds per round exclude the
+compiling round 0, wall times are whole processes; throughput is relative to the first row.
 
     python experiments/benchmarks/bench_scale.py memory --clients 20,100,500,2000 \
         --algorithms FedAvg,Ditto,FedTGP --per-client 50 --plot scaling.png
@@ -156,47 +157,74 @@ def memory_table(rows: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- sweep
+def _cli_run(args: list[str], out: str, timeout: float) -> tuple[float, float]:
+  """One ``python -m fedjax_lib`` process, as a user starts it: (wall seconds of the whole
+  process, seconds per round of its runs together: a sweep's summary, or the sum over its
+  runs' results files)."""
+  cmd = [sys.executable, "-m", "fedjax_lib", *args, "--out", out, "--no-progress", "--no-plot",
+         "-q"]
+  start = time.perf_counter()
+  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                        check=False)
+  wall = time.perf_counter() - start
+  if done.returncode != 0:
+    raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+  names = [n for n in os.listdir(out) if n.endswith(".json") and "_partition" not in n]
+  summary = [n for n in names if n.endswith("_sweep_summary.json")]
+  per_round = 0.0
+  for name in summary or names:  # a sweep's summary: its combinations' rounds together
+    with open(os.path.join(out, name), encoding="utf-8") as f:
+      per_round += json.load(f)["mean_round_time_s"]
+  return wall, per_round
+
+
 def sweep_bench(seeds: list[int], lrs: list[float], rounds: int, algorithm: str,
                 sweep_executors: list[str], separate_executors: list[str],
-                separate_runs: int = 0) -> str:
+                separate_runs: int = 0, caches: tuple[str, ...] = ("off", "fresh"),
+                timeout: float = 3600) -> str:
   """The sweep's rows, then separate runs of its first ``separate_runs`` combinations (0: all
-  S) per executor; "per combination" divides each row's s/round by the combinations it ran."""
+  S) per executor, every run a fresh ``python -m fedjax_lib`` process (what a user starts),
+  once per ``caches`` setting: ``off`` (no compile cache) and ``fresh`` (``--compile-cache``
+  in a folder of its own, empty before the row's first process: the S separate runs share it,
+  so the first compiles and the others load). "per combination" divides each row's s/round by
+  the combinations it ran; the wall time is the processes' from start to exit."""
   import jax  # pylint: disable=import-outside-toplevel
-  from fedjax_lib import Config, run_experiment  # pylint: disable=import-outside-toplevel
   from fedjax_lib.core import engine as engine_lib  # pylint: disable=import-outside-toplevel
-  quiet = dict(log=lambda msg: None)
-  base = dict(algorithm=algorithm, global_rounds=rounds, progress=False, partition_seed=0)
+  base = ["-algo", algorithm, "-gr", str(rounds), "--partition-seed", "0"]
   size = len(seeds) * len(lrs)
   default = engine_lib.default_executor(jax.default_backend())
   resolve = lambda e: default if e == "auto" else e
   how = {"sequential": "runs one after another within each round",
          "vmap": "runs stacked in one program", "chunked": "runs stacked in one program"}
+  combos = [(seed, lr) for seed in seeds for lr in lrs][:separate_runs or None]
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
-    for executor in dict.fromkeys(map(resolve, sweep_executors)):
-      t0 = time.perf_counter()
-      swept = run_experiment(Config(out=tmp, executor=executor,
-                                    sweep={"seed": seeds, "learning_rate": lrs}, **base),
-                             **quiet)
-      rows.append((f"sweep, {executor} executor ({how[executor]})", swept.mean_round_time_s,
-                   time.perf_counter() - t0, size))
-    combos = [(seed, lr) for seed in seeds for lr in lrs][:separate_runs or None]
-    for executor in dict.fromkeys(map(resolve, separate_executors)):
-      per_round, wall = 0.0, 0.0
-      for seed, lr in combos:
-        t0 = time.perf_counter()
-        out = os.path.join(tmp, f"separate-{executor}-{seed}-{lr}")
-        res = run_experiment(Config(out=out, seed=seed, learning_rate=lr, executor=executor,
-                                    **base), **quiet)
-        wall += time.perf_counter() - t0
-        per_round += res.mean_round_time_s
-      rows.append((f"{len(combos)} separate run{'s' * (len(combos) > 1)}, {executor} executor",
-                   per_round, wall, len(combos)))
+    for cache in caches:
+      for executor in dict.fromkeys(map(resolve, sweep_executors)):
+        flags = [] if cache == "off" else [
+            "--compile-cache", os.path.join(tmp, f"cache-sweep-{executor}")]
+        wall, per_round = _cli_run(
+            base + ["--executor", executor, "--sweep", "seed=" + ",".join(map(str, seeds)),
+                    "lr=" + ",".join(map(str, lrs))] + flags,
+            os.path.join(tmp, f"sweep-{executor}-{cache}"), timeout)
+        rows.append((f"one sweep process, {executor} executor ({how[executor]}), compile "
+                     f"cache {cache}", per_round, wall, size))
+      for executor in dict.fromkeys(map(resolve, separate_executors)):
+        flags = [] if cache == "off" else [
+            "--compile-cache", os.path.join(tmp, f"cache-separate-{executor}")]
+        per_round, wall = 0.0, 0.0
+        for seed, lr in combos:
+          w, r = _cli_run(base + ["--executor", executor, "--seed", str(seed), "-lr", str(lr)]
+                          + flags, os.path.join(tmp, f"separate-{executor}-{cache}-{seed}-{lr}"),
+                          timeout)
+          wall, per_round = wall + w, per_round + r
+        rows.append((f"{len(combos)} separate process{'es' * (len(combos) > 1)}, {executor} "
+                     f"executor, compile cache {cache}", per_round, wall, len(combos)))
   lines = [f"{algorithm} on digits (20 clients, Dir(0.1), 4-layer CNN, lr ∈ {lrs}, seeds "
-           f"{seeds}: S = {size} combinations), {rounds} rounds, evaluation every round. "
-           + _header(), "",
+           f"{seeds}: S = {size} combinations), {rounds} rounds, evaluation every round; each "
+           "row's runs are fresh `python -m fedjax_lib` processes. " + _header(), "",
            "| how | s/round for the combinations it ran | s/round per combination | throughput × "
-           "first row | wall time incl. compile (s) |", "|---|---|---|---|---|"]
+           "first row | wall time of its processes (s) |", "|---|---|---|---|---|"]
   first = rows[0][1] / rows[0][3]
   for name, per_round, wall, count in rows:
     lines.append(f"| {name} | {per_round:.3f} | {per_round / count:.3f} | "
@@ -231,12 +259,14 @@ def main() -> None:
   s.add_argument("--separate-runs", type=int, default=0,
                  help="run only the first N combinations separately (0: all S); e.g. 1 for the "
                  "sweep's cost against one run")
+  s.add_argument("--caches", default="off,fresh",
+                 help="compile-cache settings, each a set of rows: off, fresh (an empty folder)")
   args = p.parse_args()
   if args.mode == "sweep":
     print(sweep_bench([int(v) for v in args.seeds.split(",")],
                       [float(v) for v in args.lrs.split(",")], args.rounds, args.algorithm,
                       args.sweep_executors.split(","), args.separate_executors.split(","),
-                      args.separate_runs))
+                      args.separate_runs, tuple(args.caches.split(","))))
     return
   if args.single:
     n, algo, executor = args.single

@@ -1,0 +1,101 @@
+"""``--compile-cache`` / ``Config.compile_cache`` (`fedjax_lib.compile_cache`): runs that share
+the folder load each other's programs, with the same results to the bit; runs that start
+together share it safely; a refused run creates nothing."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import jax
+import pytest
+from jax.experimental.compilation_cache import compilation_cache
+
+from fedjax_lib import Config, compile_cache, run_experiment
+from fedjax_lib.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ["-m", "mlr", "-nc", "4", "-gr", "2", "--no-progress", "--no-plot"]
+CURVES = ("test_acc", "test_auc", "train_loss")
+
+
+def _start(out, cache, *extra):
+  return subprocess.Popen(
+      [sys.executable, "-m", "fedjax_lib", *ARGS, "--out", str(out), "--compile-cache",
+       str(cache), *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+
+
+def _finish(proc):
+  stdout, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 0, stderr[-3000:]
+  return stdout
+
+
+def _curves(out):
+  import json  # pylint: disable=import-outside-toplevel
+  (name,) = [n for n in os.listdir(out) if n.endswith("_0.json")]
+  with open(os.path.join(out, name), encoding="utf-8") as f:
+    res = json.load(f)
+  return {k: res[k] for k in CURVES}
+
+
+def _entries(cache):
+  return sorted(n for n in os.listdir(cache) if n.endswith("-cache"))
+
+
+def test_runs_sharing_the_folder_load_its_programs_with_the_same_results(tmp_path):
+  cache = tmp_path / "cache"
+  # Two runs at once on an empty folder: both compile and both write (under JAX's file lock).
+  first = [_start(tmp_path / f"out{i}", cache, "-q") for i in range(2)]
+  for proc in first:
+    _finish(proc)
+  written = _entries(cache)
+  assert written
+  assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700  # JAX runs what it holds: owner only
+  # A third run loads every program: it compiles none anew, so it writes no new entry.
+  report = _finish(_start(tmp_path / "out2", cache))
+  assert f"compile cache: {cache} ({len(written)} programs)" in report
+  assert _entries(cache) == written
+  curves = [_curves(tmp_path / f"out{i}") for i in range(3)]
+  assert curves[0] == curves[1] == curves[2]
+
+
+@pytest.fixture
+def restore_jax_cache():
+  """The suite's own cache settings (tests/conftest.py), put back after the test."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_compilation_cache_max_size", "jax_enable_compilation_cache")
+  saved = {name: getattr(jax.config, name) for name in names}
+  yield
+  compilation_cache.reset_cache()
+  for name, value in saved.items():
+    jax.config.update(name, value)
+
+
+def test_python_api_writes_then_loads(tmp_path, restore_jax_cache):  # pylint: disable=unused-argument
+  cache = tmp_path / "cache"
+  config = Config(model="mlr", num_clients=4, global_rounds=2, plot=False,
+                  compile_cache=str(cache))
+  first = run_experiment(config.replace(out=str(tmp_path / "a")), quiet=True)
+  written = _entries(cache)
+  assert written and jax.config.jax_compilation_cache_dir == str(cache)
+  second = run_experiment(config.replace(out=str(tmp_path / "b")), quiet=True)
+  assert _entries(cache) == written  # jit's in-memory caches missed, the folder did not
+  assert ([r.history["test_acc"] for r in first.runs] ==
+          [r.history["test_acc"] for r in second.runs])
+
+
+def test_folder_names(tmp_path, monkeypatch):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert compile_cache.resolve("auto") == str(tmp_path / "xdg" / "fedjax_lib" / "xla")
+  assert compile_cache.resolve("") == ""
+  assert compile_cache.resolve(str(tmp_path / "c")) == str(tmp_path / "c")
+  assert compile_cache.problem("auto") is None
+  assert compile_cache.problem(str(tmp_path / "new" / "deeper")) is None
+  (tmp_path / "file").write_text("x")
+  assert "is a file" in compile_cache.problem(str(tmp_path / "file"))
+  assert "cannot be created" in compile_cache.problem(str(tmp_path / "file" / "below"))
+  with pytest.raises(ConfigError, match="compile_cache=.*is a file"):
+    Config(compile_cache=str(tmp_path / "file")).validate()
+  assert not (tmp_path / "xdg").exists() and not (tmp_path / "new").exists()  # checks only
