@@ -1,6 +1,7 @@
 """``--compile-cache`` / ``Config.compile_cache`` (`fedjax_lib.compile_cache`): runs that share
-the folder load each other's programs, with the same results to the bit; runs that start
-together share it safely; a refused run creates nothing."""
+the folder load each other's programs, with the same results to the bit, also when they start
+together; the folder is kept under its limit, least recently used first; a refused run
+creates nothing (tests/test_bad_inputs.py)."""
 
 import os
 import stat
@@ -46,7 +47,7 @@ def _entries(cache):
 
 def test_runs_sharing_the_folder_load_its_programs_with_the_same_results(tmp_path):
   cache = tmp_path / "cache"
-  # Two runs at once on an empty folder: both compile and both write (under JAX's file lock).
+  # Two runs at once on an empty folder: both compile, both write (JAX writes without a lock).
   first = [_start(tmp_path / f"out{i}", cache, "-q") for i in range(2)]
   for proc in first:
     _finish(proc)
@@ -96,6 +97,20 @@ def test_folder_names(tmp_path, monkeypatch):
   (tmp_path / "file").write_text("x")
   assert "is a file" in compile_cache.problem(str(tmp_path / "file"))
   assert "cannot be created" in compile_cache.problem(str(tmp_path / "file" / "below"))
+  (tmp_path / "shared").mkdir(mode=0o777)
+  os.chmod(tmp_path / "shared", 0o777)  # whatever the umask
+  assert "writable by other users" in compile_cache.problem(str(tmp_path / "shared"))
   with pytest.raises(ConfigError, match="compile_cache=.*is a file"):
     Config(compile_cache=str(tmp_path / "file")).validate()
   assert not (tmp_path / "xdg").exists() and not (tmp_path / "new").exists()  # checks only
+
+
+def test_prune_removes_the_least_recently_used_first(tmp_path):
+  for i, name in enumerate(["old", "mid", "new"]):
+    (tmp_path / f"{name}-cache").write_bytes(b"x" * 100)
+    os.utime(tmp_path / f"{name}-cache", (1000 + i, 1000 + i))  # (access, write) times
+  (tmp_path / "old-atime").write_bytes(b"t")   # JAX's access record goes with its entry
+  (tmp_path / "notes.txt").write_bytes(b"y" * 1000)  # not an executable: never counted
+  assert compile_cache.prune(str(tmp_path), 300) == 0
+  assert compile_cache.prune(str(tmp_path), 150) == 2
+  assert sorted(os.listdir(tmp_path)) == ["new-cache", "notes.txt"]
