@@ -27,6 +27,17 @@ def run_python(code: str, what: str) -> dict:
   return summary
 
 
+def run_cli(args: list[str], what: str, timeout: float) -> float:
+  """Runs ``python -m fedjax_lib ARGS`` in a fresh interpreter at the repository root, as a user
+  starts it; returns the process's wall seconds (start to exit)."""
+  start = time.perf_counter()
+  out = subprocess.run([sys.executable, "-m", "fedjax_lib", *args], capture_output=True,
+                       text=True, cwd=ROOT, timeout=timeout, check=False)
+  if out.returncode != 0:
+    raise RuntimeError(f"{what} failed:\n{out.stderr[-3000:]}")
+  return time.perf_counter() - start
+
+
 # The summary `run_config` prints: seed-mean/std of best and last accuracy, the steady s/round,
 # per-seed accuracies (and of the head view where an algorithm reports one), per-seed traffic.
 _SUMMARY = (

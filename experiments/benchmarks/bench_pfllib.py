@@ -126,14 +126,9 @@ def run_pfllib(pfllib: str, python: str, threads: int, name: str, algorithm: str
 
 def run_ours(folder: str, algorithm: str, rounds: int, extra: list[str], timeout: float) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
-    cmd = [sys.executable, "-m", "fedjax_lib", "-data", folder, "-algo", algorithm, "-gr",
-           str(rounds), *FLAGS, *extra, "--out", tmp, "--no-progress", "--no-plot"]
-    start = time.perf_counter()
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                         check=False)
-    wall = time.perf_counter() - start
-    if out.returncode != 0:
-      raise RuntimeError(f"fedjax_lib {algorithm} failed:\n{out.stderr[-3000:]}")
+    wall = common.run_cli(["-data", folder, "-algo", algorithm, "-gr", str(rounds), *FLAGS,
+                           *extra, "--out", tmp, "--no-progress", "--no-plot"],
+                          f"fedjax_lib {algorithm}", timeout)
     result = [f for f in os.listdir(tmp) if f.endswith("_0.json")]
     with open(os.path.join(tmp, result[0]), encoding="utf-8") as f:
       res = json.load(f)

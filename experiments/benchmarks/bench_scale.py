@@ -37,6 +37,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+import common  # noqa: E402  pylint: disable=wrong-import-position  (experiments/common.py)
 
 
 def _header() -> str:
@@ -161,14 +163,8 @@ def _cli_run(args: list[str], out: str, timeout: float) -> tuple[float, float]:
   """One ``python -m fedjax_lib`` process, as a user starts it: (wall seconds of the whole
   process, seconds per round of its runs together: a sweep's summary, or the sum over its
   runs' results files)."""
-  cmd = [sys.executable, "-m", "fedjax_lib", *args, "--out", out, "--no-progress", "--no-plot",
-         "-q"]
-  start = time.perf_counter()
-  done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                        check=False)
-  wall = time.perf_counter() - start
-  if done.returncode != 0:
-    raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+  wall = common.run_cli([*args, "--out", out, "--no-progress", "--no-plot", "-q"],
+                        " ".join(["python -m fedjax_lib", *args]), timeout)
   names = [n for n in os.listdir(out) if n.endswith(".json") and "_partition" not in n]
   summary = [n for n in names if n.endswith("_sweep_summary.json")]
   per_round = 0.0
