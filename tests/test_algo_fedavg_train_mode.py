@@ -284,7 +284,7 @@ def test_fedavg_dropout_draws_from_the_client_key():
   assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, a, c)))
 
 
-# optimised: the ResNet's unoptimised round takes 9.8 s here against 1.9 s (2026-12-02)
+# optimised: the ResNet's unoptimised round took 9.8 s here against 1.9 s (2026-12-03)
 @pytest.mark.xla_optimized
 def test_fedavg_cli_runs_a_batchnorm_resnet(tmp_path, capsys):
   """`-algo FedAvg -m resnet4` (refused before FedAvg had a training mode) runs from the CLI."""

@@ -217,8 +217,9 @@ def _one_round(name, data):
   return one_round
 
 
-# Algorithms per compiled program: one program for all 45 takes 99 s to compile here, one per
-# algorithm 72 s, chunks of 4 61 s (measured 2026-12-02, 2-core VM); chunks also let each test
+# Algorithms per compiled program: one program for all 45 took 99 s to compile, one per
+# algorithm 72 s, chunks of 4 61 s (2026-12-03, 2-core VM in a slow phase; later that evening
+# this file took 51.6 s with one program, 34.3 s with chunks of 4); chunks also let each test
 # worker compile only the chunks of the algorithms it runs.
 _CHUNK = 4
 
