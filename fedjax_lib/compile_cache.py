@@ -6,9 +6,11 @@ of a short run's wall time (FedAvg's CNN on the bundled digits: ~6 s of ~12 s fo
 With the cache, XLA's executables are written to a folder and the next process that compiles
 the same program (same computation, XLA flags, devices, jax and jaxlib versions: JAX's cache
 key) loads it instead; the values it computes are the same to the bit, since the executable is.
-So a second run of a configuration, the 2nd..S-th of S separate runs that differ only in a
-seed or a learning rate (values the programs take as inputs), and every resumed run start in
-seconds.
+So a second run of a configuration, runs that differ only in their seed (an input of every
+program; the partition fixed by ``partition_seed``, since a new partition has new table
+sizes), and every resumed run start in seconds. A single run compiles its learning rate and
+hyperparameters into its round's training program: a run with another ``-lr`` loads all the
+others.
 
 This is JAX's own persistent cache (``jax_compilation_cache_dir``) with every program written,
 whatever it took to compile (JAX's default keeps only those that took a second or more, which on

@@ -74,7 +74,8 @@ def restore_jax_cache():
     jax.config.update(name, value)
 
 
-def test_python_api_writes_then_loads(tmp_path, restore_jax_cache):  # pylint: disable=unused-argument
+@pytest.mark.usefixtures("restore_jax_cache")
+def test_python_api_writes_then_loads(tmp_path):
   cache = tmp_path / "cache"
   config = Config(model="mlr", num_clients=4, global_rounds=2, plot=False,
                   compile_cache=str(cache))
