@@ -1000,26 +1000,27 @@ def _run_experiment(config: Config, log: Callable[[str], None]):
   for line in built.warnings:
     log(f"warning: {line}")
   with _output_folder(config, family) as out_dir:
-    if len(specs) > 1:  # S runs side by side: state the memory they need, refuse what won't fit
-      what = (f"the sweep of {len(specs)} combinations" if config.sweep
-              else f"running {len(specs)} repetitions side by side")
-      estimate = memory_lib.estimate_runs(engine, len(specs), list(specs[0].hparams),
-                                          stacked=runs_stacked(engine, specs))
-      log(f"memory: {what} needs {estimate.describe()}")
-      estimate.check(what)
     checkpoints = [_check_resumable(spec, config.resume, config.overwrite) for spec in specs]
     if is_writer():
       output_lib.check_overwrite(
           [(os.path.join(out_dir, spec.name + ".json"), spec.config.to_dict(),
             Config.RESUMABLE_CHANGES if state == "continue" else ())
            for spec, state in zip(specs, checkpoints)], config.overwrite)
+    if config.compile_cache:  # after the checks that compile nothing: they write nothing
+      folder = compile_cache_lib.enable(config.compile_cache)
+      log(f"compile cache: {folder} ({compile_cache_lib.entries(folder)} programs)")
+    if len(specs) > 1:  # S runs side by side: state the memory they need, refuse what won't fit
+      # (stacked runs compile their programs here, and the run reuses them: with the cache on)
+      what = (f"the sweep of {len(specs)} combinations" if config.sweep
+              else f"running {len(specs)} repetitions side by side")
+      estimate = memory_lib.estimate_runs(engine, len(specs), list(specs[0].hparams),
+                                          stacked=runs_stacked(engine, specs))
+      log(f"memory: {what} needs {estimate.describe()}")
+      estimate.check(what)
     for spec in (s for s, state in zip(specs, checkpoints) if state == "replace"):
       log(f"{spec.label}: --overwrite: removing the checkpoints of a different config in "
           f"{spec.checkpoint}")
       output_lib.remove_tree(spec.checkpoint)
-    if config.compile_cache:  # after every check: a refused run writes nothing
-      folder = compile_cache_lib.enable(config.compile_cache)
-      log(f"compile cache: {folder} ({compile_cache_lib.entries(folder)} programs)")
     runs = run_loop(engine, specs, config, log, privacy=built.privacy, dlg=built.dlg)
     return _write_results(config, built, specs, runs, out_dir, base, tag, log)
 

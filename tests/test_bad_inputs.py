@@ -117,8 +117,8 @@ def test_bad_flags(argv, words, tmp_path, capsys):
 @pytest.mark.parametrize("argv", [["-nc", "0"], ["-m", "mlr", "-nc", "4", "--resume"]],
                          ids=["config", "resume"])
 def test_refused_run_creates_no_compile_cache(argv, tmp_path, capsys):
-  """The cache folder is made only once every check passed (``--resume`` without a
-  checkpoint is refused after the data and the engine are built)."""
+  """The cache folder is made only after the checks that compile nothing (``--resume``
+  without a checkpoint is refused after the data and the engine are built)."""
   _check(argv + ["--compile-cache", str(tmp_path / "cache")], [], tmp_path, capsys)
   assert not (tmp_path / "cache").exists()
 

@@ -77,8 +77,9 @@ def restore_jax_cache():
 @pytest.mark.usefixtures("restore_jax_cache")
 def test_python_api_writes_then_loads(tmp_path):
   cache = tmp_path / "cache"
-  config = Config(model="mlr", num_clients=4, global_rounds=2, plot=False,
-                  compile_cache=str(cache))
+  # a stacked sweep: its programs are compiled ahead, by the memory check, with the cache on
+  config = Config(model="mlr", num_clients=4, global_rounds=2, plot=False, executor="vmap",
+                  sweep={"seed": [0, 1]}, compile_cache=str(cache))
   first = run_experiment(config.replace(out=str(tmp_path / "a")), quiet=True)
   written = _entries(cache)
   assert written and jax.config.jax_compilation_cache_dir == str(cache)
