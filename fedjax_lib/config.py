@@ -303,8 +303,8 @@ class Config:
     cache_problem = compile_cache_lib.problem(self.compile_cache)
     if cache_problem:
       raise ConfigError(f"compile_cache={self.compile_cache!r} {cache_problem}; accepted: '' "
-                        f"(off), 'auto' ({compile_cache_lib.default_folder()}) or a folder this "
-                        "user can create or write to")
+                        f"(off), 'auto' ({compile_cache_lib.default_folder()}) or a folder only "
+                        "this user can write to (created if missing)")
     if not isinstance(self.goal, str) or not self.goal or "/" in self.goal:
       raise ConfigError(f"goal={self.goal!r}: give a non-empty tag without '/'")
     if not isinstance(self.algo_params, dict):
