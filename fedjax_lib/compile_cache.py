@@ -93,8 +93,7 @@ def enable(value: str) -> str:
   from jax.experimental.compilation_cache import compilation_cache
   # pylint: enable=import-outside-toplevel
   path = resolve(value)
-  if not os.path.isdir(path):
-    os.makedirs(path, mode=0o700, exist_ok=True)
+  os.makedirs(path, mode=0o700, exist_ok=True)
   if jax.config.jax_compilation_cache_max_size == -1:  # no limit of the user's: ours
     prune(path, DEFAULT_MAX_BYTES)
   settings = {"jax_compilation_cache_dir": path, "jax_enable_compilation_cache": True,

@@ -3,6 +3,7 @@ the folder load each other's programs, with the same results to the bit, also wh
 together; the folder is kept under its limit, least recently used first; a refused run
 creates nothing (tests/test_bad_inputs.py)."""
 
+import json
 import os
 import stat
 import subprocess
@@ -34,7 +35,6 @@ def _finish(proc):
 
 
 def _curves(out):
-  import json  # pylint: disable=import-outside-toplevel
   (name,) = [n for n in os.listdir(out) if n.endswith("_0.json")]
   with open(os.path.join(out, name), encoding="utf-8") as f:
     res = json.load(f)
