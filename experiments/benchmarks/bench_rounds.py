@@ -54,7 +54,7 @@ def peak_memory_bytes() -> tuple[str, int]:
 
 
 def run_single(num_clients: int, executor: str, rounds: int, chunk_size: int,
-               unroll: int | None, conv_impl: str) -> dict:
+               unroll: int | None, conv_impl: str, dtype: str = "float32") -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from fedjax_lib.algorithms import make_algorithm  # pylint: disable=import-outside-toplevel
   from fedjax_lib.core import engine as engine_lib  # pylint: disable=import-outside-toplevel
@@ -63,7 +63,7 @@ def run_single(num_clients: int, executor: str, rounds: int, chunk_size: int,
   from fedjax_lib.models import make_model  # pylint: disable=import-outside-toplevel
 
   data = make_data(num_clients)
-  model = make_model("cnn", data.sample_shape, 10, conv_impl=conv_impl)
+  model = make_model("cnn", data.sample_shape, 10, dtype=dtype, conv_impl=conv_impl)
   steps = TRAIN_PER_CLIENT // 10
   backend = jax.default_backend()
   unroll = engine_lib.default_unroll(backend, steps) if unroll is None else unroll
@@ -91,7 +91,7 @@ def run_single(num_clients: int, executor: str, rounds: int, chunk_size: int,
     metrics = eng.evaluate(s, c)
     evals.append(time.perf_counter() - t)
   kind, peak = peak_memory_bytes()
-  return {"clients": num_clients, "executor": executor, "conv_impl": conv_impl,
+  return {"clients": num_clients, "executor": executor, "conv_impl": conv_impl, "dtype": dtype,
           "unroll": unroll, "loop": loop, "chunk_size": chunk_size if executor == "chunked" else None,
           "backend": backend, "device": str(jax.devices()[0].device_kind),
           "first_round_s": first, "train_s": min(train), "eval_s": min(evals),
@@ -128,6 +128,7 @@ def table(rows: list[dict]) -> str:
     name = r["executor"] if r["executor"] == "torch-sequential" else (
         f"fedjax {r['executor']}" + (f" (chunk {r['chunk_size']})" if r.get("chunk_size") else "")
         + (f", {r['conv_impl']} conv" if r.get("conv_impl", "lax") != "lax" else "")
+        + (f", {r['dtype']}" if r.get("dtype", "float32") != "float32" else "")
         + (f", {r['loop']} loop" if r.get("loop") else "")
         + (f", unroll {r.get('unroll')}" if r.get("loop") != "valid" else ""))
     if "error" in r:
@@ -149,7 +150,10 @@ def main() -> None:
   p.add_argument("--conv-impls", default="auto",
                  help="comma list of auto,lax,patches,slices,hybrid (auto: the backend's)")
   p.add_argument("--rounds", type=int, default=2, help="timed rounds after the warm-up")
-  p.add_argument("--chunk-size", type=int, default=8)
+  p.add_argument("--chunk-size", default="8",
+                 help="the chunked executor's chunk size; a comma list gives a row per size")
+  p.add_argument("--dtypes", default="float32",
+                 help="comma list of computation dtypes: float32, bfloat16 (mixed precision)")
   p.add_argument("--unroll", type=int, default=None)
   p.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
   p.add_argument("--torch", action="store_true", help="also time the PyTorch baseline")
@@ -161,10 +165,12 @@ def main() -> None:
   p.add_argument("--title", default=None)
   p.add_argument("--single", nargs=2, metavar=("CLIENTS", "EXECUTOR"), help=argparse.SUPPRESS)
   p.add_argument("--conv-impl", default="auto", help=argparse.SUPPRESS)
+  p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.single:
     print(json.dumps(run_single(int(args.single[0]), args.single[1], args.rounds,
-                                args.chunk_size, args.unroll, args.conv_impl)))
+                                int(args.chunk_size), args.unroll, args.conv_impl,
+                                args.dtype)))
     return
   rows = []
   for n in [int(v) for v in args.clients.split(",")]:
@@ -182,18 +188,21 @@ def main() -> None:
       row.update(clients=n, executor="torch-sequential")
       rows.append(row)
       print(json.dumps(row), flush=True)
-    for impl in args.conv_impls.split(","):
-      for ex in args.executors.split(","):
-        extra = ["--rounds", str(args.rounds), "--chunk-size", str(args.chunk_size),
-                 "--conv-impl", impl]
-        if args.unroll is not None:
-          extra += ["--unroll", str(args.unroll)]
-        row = _subprocess(["--single", str(n), ex] + extra, args.timeout)
-        row.update(clients=n, executor=ex, conv_impl=impl)
-        if ex == "chunked":
-          row.setdefault("chunk_size", args.chunk_size)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    configs = [(impl, dtype, ex, chunk) for dtype in args.dtypes.split(",")
+               for impl in args.conv_impls.split(",") for ex in args.executors.split(",")
+               for chunk in (args.chunk_size.split(",") if ex == "chunked"
+                             else args.chunk_size.split(",")[:1])]
+    for impl, dtype, ex, chunk in configs:
+      extra = ["--rounds", str(args.rounds), "--chunk-size", chunk, "--conv-impl", impl,
+               "--dtype", dtype]
+      if args.unroll is not None:
+        extra += ["--unroll", str(args.unroll)]
+      row = _subprocess(["--single", str(n), ex] + extra, args.timeout)
+      row.update(clients=n, executor=ex, conv_impl=impl, dtype=dtype)
+      if ex == "chunked":
+        row.setdefault("chunk_size", int(chunk))
+      rows.append(row)
+      print(json.dumps(row), flush=True)
   import jax  # pylint: disable=import-outside-toplevel
   header = (f"### {args.title or 'FedAvg round time'} — {datetime.date.today().isoformat()}\n\n"
             f"Hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU "

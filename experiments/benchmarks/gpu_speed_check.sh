@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The speed issue's accelerator measurements, as one prepared command per device call.
 #
-#   bash experiments/benchmarks/gpu_speed_check.sh cnn    # ~9 minutes on an H100/H200
+#   bash experiments/benchmarks/gpu_speed_check.sh cnn    # ~9.5 minutes on an H100/H200
 #   bash experiments/benchmarks/gpu_speed_check.sh htfl   # HtFE-img-8 against PyTorch (~9 min)
 # PYTHON picks the Python (default python3), TORCH_PY the one with torch and jax (torch_htfl.py
 # builds its data with fedjax_lib; default: PYTHON, as on the device machine's python3).
@@ -15,7 +15,9 @@
 #   3. 500 Cifar-100 clients (CIFAR-100's 60,000 images split evenly), FedAvg, vmap and chunked:
 #      XLA's peak_bytes_in_use with preallocation off (target: <= 2 GB);
 #   4. the scaling curve (bench_scale.py memory): FedAvg and Ditto at 20/500/2,000 clients
-#      and FedTGP at 20/100/500, 50 images per client.
+#      and FedTGP at 20/100/500, 50 images per client;
+#   5. with what is left, variants of the 500-client round: bfloat16 (mixed precision), then
+#      chunk sizes 25 and 100.
 # `htfl` runs bench_htfl.py's Local on HtFE-img-8, PyTorch's sequential loop first (JAX's
 # compilation of the eight architectures took 310 s on an H200 on 2026-11-30).
 # Everything is written under $OUT (the device tool's result folder; ./gpu_out elsewhere):
@@ -65,24 +67,33 @@ cat "$OUT/env.txt"
 case $part in
   cnn)
     if [ $small = 1 ]; then
-      clients=4,8; big=8; samples=800; seeds=0,1; scale=4,8; tgp=4; rounds=1
+      clients=4,8; big=8; samples=800; seeds=0,1; scale=4,8; tgp=4; rounds=1; chunks=2,4
     else
       clients=20,500; big=500; samples=60000; seeds=0,1,2,3,4,5,6,7; scale=20,500,2000
-      tgp=20,100,500; rounds=3
+      tgp=20,100,500; rounds=3; chunks=25,100
     fi
     step "FedAvg round, CIFAR-shaped" 200 $PY $B/bench_rounds.py --clients $clients \
       --executors vmap,chunked --chunk-size 50 --rounds $rounds --timeout 90 \
       --write "$OUT/rounds.md"
     step "8-way sweep against one run" 120 $PY $B/bench_scale.py sweep --seeds $seeds \
-      --lrs 0.005 --rounds 5 --sweep-executors auto --separate-runs 1 > "$OUT/sweep.md"
+      --lrs 0.005 --rounds 5 --sweep-executors auto --separate-runs 1 --caches off \
+      > "$OUT/sweep.md"
     cat "$OUT/sweep.md"
-    step "500 Cifar-100 clients, memory" 130 $PY $B/bench_scale.py memory --clients $big \
+    step "500 Cifar-100 clients, memory" 110 $PY $B/bench_scale.py memory --clients $big \
       --samples $samples --algorithms FedAvg --executors vmap,chunked --timeout 60 \
       --json "$OUT/cifar100.json"
-    step "scaling curve" 200 $PY $B/bench_scale.py memory --clients $scale \
+    step "scaling curve" 170 $PY $B/bench_scale.py memory --clients $scale \
       --algorithms FedAvg,Ditto --per-client 50 --timeout 45 --json "$OUT/scaling.json"
-    step "scaling curve, FedTGP" 120 $PY $B/bench_scale.py memory --clients $tgp \
+    step "scaling curve, FedTGP" 100 $PY $B/bench_scale.py memory --clients $tgp \
       --algorithms FedTGP --per-client 50 --timeout 60 --json "$OUT/scaling_tgp.json"
+    # what is left: variants of the largest round (bf16, other chunk sizes), for the gap to
+    # the floor; rows are printed as they finish, so a cut-off step still leaves some
+    step "largest round, variants" 200 $PY $B/bench_rounds.py --clients $big \
+      --executors chunked --chunk-size 50 --dtypes bfloat16 --rounds $rounds --timeout 60 \
+      --write "$OUT/variants.md"
+    step "largest round, chunk sizes" 200 $PY $B/bench_rounds.py --clients $big \
+      --executors chunked --chunk-size $chunks --rounds $rounds --timeout 60 \
+      --write "$OUT/variants.md"
     ;;
   htfl)
     if [ $small = 1 ]; then
