@@ -50,7 +50,7 @@ def _header() -> str:
 
 # ----------------------------------------------------------------------------- memory
 def memory_single(num_clients: int, algorithm: str, executor: str, samples: int,
-                  per_client: int) -> dict:
+                  per_client: int, images: str = "float32", chunk_size: int = 8) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from bench_rounds import peak_memory_bytes  # pylint: disable=import-outside-toplevel
@@ -65,6 +65,9 @@ def memory_single(num_clients: int, algorithm: str, executor: str, samples: int,
   per = per_client or samples // num_clients
   train = int(0.8 * per)
   x, y = sources.synthetic(num_clients * per, (32, 32, 3), 100, seed=0)
+  if images == "uint8":  # as the CLI holds tfds image sets: uint8, scaled to [-1, 1] per batch
+    from fedjax_lib.data.quantized import QuantizedImages  # pylint: disable=import-outside-toplevel
+    x = QuantizedImages(np.clip(np.rint((x / 3 + 1) * 127.5), 0, 255).astype(np.uint8))
   pools = np.arange(num_clients * per).reshape(num_clients, per)
   data = FederatedData.from_client_indices("synthetic-cifar100", x, y, list(pools[:, :train]),
                                            list(pools[:, train:]), 100)
@@ -77,7 +80,8 @@ def memory_single(num_clients: int, algorithm: str, executor: str, samples: int,
                    loop=engine_lib.default_local_loop(backend))
   algo = make_algorithm(algorithm, model, spec)
   eng = engine_lib.Engine(algo, engine_lib.DeviceData.from_federated(data),
-                          engine_lib.Participation(num_clients), executor=executor)
+                          engine_lib.Participation(num_clients), executor=executor,
+                          chunk_size=chunk_size)
   root = rng.root_key(0)
   t0 = time.perf_counter()
   s, c = eng.init(root, data.x[0])
@@ -95,6 +99,7 @@ def memory_single(num_clients: int, algorithm: str, executor: str, samples: int,
   kind, peak = peak_memory_bytes()
   state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(c))
   return {"clients": num_clients, "algorithm": algorithm, "executor": executor,
+          "chunk_size": chunk_size if executor == "chunked" else None, "images": images,
           "samples_per_client": per, "params_per_model": count_params(algo.init_params(
               rng.root_key(0), data.x[0])),
           "backend": backend, "first_s": first, "train_s": train_s, "eval_s": eval_s,
@@ -143,16 +148,17 @@ def scaling_plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def memory_table(rows: list[dict]) -> str:
-  lines = ["| clients | samples/client | algorithm | executor | client states (GB) | peak memory "
-           "(GB) | train s/round | eval s/round | first round incl. compile (s) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| clients | samples/client | algorithm | executor | images | client states (GB) | "
+           "peak memory (GB) | train s/round | eval s/round | first round incl. compile (s) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if "error" in r:
-      lines.append(f"| {r['clients']} | | {r['algorithm']} | {r['executor']} | | "
-                   f"{r['error']} | | | |")
+      lines.append(f"| {r['clients']} | | {r['algorithm']} | {r['executor']} | "
+                   f"{r.get('images', '')} | | {r['error']} | | | |")
       continue
     lines.append(f"| {r['clients']} | {r['samples_per_client']} | {r['algorithm']} | "
-                 f"{r['executor']} | {r['client_state_bytes'] / 1e9:.2f} | "
+                 f"{r['executor']} | {r.get('images', 'float32')} | "
+                 f"{r['client_state_bytes'] / 1e9:.2f} | "
                  f"{r['peak_memory_bytes'] / 1e9:.2f} | {r['train_s']:.2f} | {r['eval_s']:.2f} | "
                  f"{r['first_s']:.1f} |")
   return "\n".join(lines)
@@ -239,6 +245,10 @@ def main() -> None:
   m.add_argument("--per-client", type=int, default=0,
                  help="samples per client (overrides --samples: N × per-client in all)")
   m.add_argument("--timeout", type=float, default=1800)
+  m.add_argument("--images", default="float32",
+                 help="how the images are held, a comma list of float32, uint8 (uint8: as the "
+                 "CLI holds tfds image sets)")
+  m.add_argument("--chunk-size", type=int, default=8, help="the chunked executor's chunk")
   m.add_argument("--plot", help="also write a log-log PNG of s/round and peak memory here")
   m.add_argument("--json", help="also write the rows here")
   m.add_argument("--single", nargs=3, metavar=("CLIENTS", "ALGORITHM", "EXECUTOR"),
@@ -266,7 +276,8 @@ def main() -> None:
     return
   if args.single:
     n, algo, executor = args.single
-    print(json.dumps(memory_single(int(n), algo, executor, args.samples, args.per_client)))
+    print(json.dumps(memory_single(int(n), algo, executor, args.samples, args.per_client,
+                                   args.images, args.chunk_size)))
     return
   import jax  # pylint: disable=import-outside-toplevel
   from fedjax_lib.core import engine as engine_lib  # pylint: disable=import-outside-toplevel
@@ -276,15 +287,19 @@ def main() -> None:
       for executor in args.executors.split(","):
         if executor == "auto":
           executor = engine_lib.default_executor(jax.default_backend())
-        row = _subprocess(["memory", "--samples", str(args.samples), "--per-client",
-                           str(args.per_client), "--single", n, algo, executor], args.timeout)
-        row.setdefault("clients", int(n))
-        row.setdefault("algorithm", algo)
-        row.setdefault("executor", executor)
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
+        for images in args.images.split(","):
+          row = _subprocess(["memory", "--samples", str(args.samples), "--per-client",
+                             str(args.per_client), "--images", images, "--chunk-size",
+                             str(args.chunk_size), "--single", n, algo, executor], args.timeout)
+          row.setdefault("clients", int(n))
+          row.setdefault("algorithm", algo)
+          row.setdefault("executor", executor)
+          row.setdefault("images", images)
+          rows.append(row)
+          print(json.dumps(row), file=sys.stderr, flush=True)
   amount = (f"{args.per_client} CIFAR-100-shaped synthetic images per client" if args.per_client
             else f"{args.samples} CIFAR-100-shaped synthetic images split evenly")
+  amount += f" (chunks of {args.chunk_size} for the chunked executor)"
   print(f"Cifar-100 4-layer CNN (924,708 parameters), {amount} (80 % train), batch 10, 1 local "
         "epoch. " + _header() + "\n")
   print(memory_table(rows))

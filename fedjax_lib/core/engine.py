@@ -1143,11 +1143,10 @@ class _SequentialWriter:
 
 @functools.partial(jax.jit, static_argnums=2)
 def _mean_row(sums, total, dtypes):
-  """One slot holding the weighted mean (leaves cast to ``dtypes``), with the total weight: a
-  linear server's weighted average of it is the cohort's weighted average."""
-  leaves, treedef = jax.tree.flatten(sums)
-  mean = [(acc / jnp.maximum(total, 1e-30)).astype(dt)[None] for acc, dt in zip(leaves, dtypes)]
-  return jax.tree.unflatten(treedef, mean), total[None]
+  """`executors.mean_row` as one program; ``dtypes``: the leaves' dtype names, in order."""
+  treedef = jax.tree.structure(sums)
+  return executors_lib.mean_row(sums, total, jax.tree.unflatten(treedef,
+                                                                 [jnp.dtype(d) for d in dtypes]))
 
 
 class StackedPrograms:

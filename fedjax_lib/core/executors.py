@@ -5,7 +5,8 @@ A round (`fedjax_lib.core.engine`) is written once; for every architecture group
 
 =============  ============================================================================
 ``vmap``       one program for the whole group: ``jax.vmap`` over the slots (accelerators)
-``chunked``    ``lax.map`` over the slots, ``chunk_size`` clients vmapped at a time (memory)
+``chunked``    ``lax.map`` over the slots, ``chunk_size`` clients vmapped at a time (memory;
+               a linear server's uploads are summed chunk by chunk, not held for every slot)
 ``sequential`` a host loop over the selected clients, one compiled per-client program,
                each client's new state written into the donated stacked states in place
                (XLA:CPU, where per-client programs beat grouped convolutions)
@@ -49,7 +50,8 @@ class SlotOutputs(NamedTuple):
   """What a group's training hands to the aggregation.
 
   ``uploads``/``weights`` are stacked over the group's slots, except for a linear server on
-  the sequential executor, which gets one row: the weighted mean with the total weight.
+  the sequential or chunked executor, which gets one row: the weighted mean with the total
+  weight (`mean_row`; one row per device under a mesh).
   The per-slot statistics are always over the S slots; ``upload_floats``/``upload_bytes``
   are what each slot's upload puts on the network (`Algorithm.upload_traffic`).
   """
@@ -100,19 +102,27 @@ class Executor:
     """The round as it is called: one jitted program, or (sequential) a host function."""
     return jax.jit(round_fn, donate_argnums=donate) if self.traced else round_fn
 
+  #: With a linear server, :meth:`map_linear` sums the uploads as they are made.
+  streams_linear: bool = False
+
   def map(self, fn: Callable, per_slot):
+    raise NotImplementedError
+
+  def map_linear(self, fn: Callable, per_slot):
+    """Like :meth:`map`, for a linear server: the uploads and weights come back as one row,
+    the weighted mean and the total weight (`mean_row`), instead of one row per slot."""
     raise NotImplementedError
 
   def train(self, program: GroupProgram, states, slots: GroupSlots, keys, linear: bool):
     """Trains the group's slots; returns ``(states, SlotOutputs)``."""
-    del linear  # a traced executor hands every upload to the server
     train_idx, train_count = program.tables
     if program.in_place:
       per_slot = (states, train_idx, train_count, keys, slots.active, slots.kept, slots.ids)
     else:
       per_slot = (gather(states, slots.rows), *gather((train_idx, train_count), slots.rows),
                   keys, slots.active, slots.kept, slots.ids)
-    run = lambda shared, per_slot: self.map(lambda args: program.step(shared, args), per_slot)
+    mapper = self.map_linear if linear and self.streams_linear else self.map
+    run = lambda shared, per_slot: mapper(lambda args: program.step(shared, args), per_slot)
     if program.mesh is None:
       new_states, uploads, weights, stats = run(program.shared, per_slot)
     else:
@@ -142,8 +152,52 @@ class ChunkedExecutor(Executor):
   chunk_size: int = 8
   name = "chunked"
 
+  streams_linear = True
+
   def map(self, fn, per_slot):
     return jax.lax.map(fn, per_slot, batch_size=self.chunk_size)
+
+  def map_linear(self, fn, per_slot):
+    """``lax.map``'s chunks (a scan over whole chunks, then the remainder), each chunk's
+    weighted uploads added to a float32 running sum: the round holds one chunk's uploads
+    instead of every slot's (500 clients of the Cifar-100 CNN: 3.7 MB against 1.85 GB)."""
+    n = jax.tree.leaves(per_slot)[0].shape[0]
+    whole, rest = divmod(n, self.chunk_size)
+    vfn = jax.vmap(fn)
+    upload_shapes = jax.eval_shape(vfn, jax.tree.map(lambda a: a[:1], per_slot))[1]
+    sums = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], jnp.float32), upload_shapes)
+    total = jnp.zeros((), jnp.float32)
+
+    def add(carry, upload, weight):
+      sums, total = carry
+      kept = weight > 0  # a slot of weight 0 adds nothing, whatever its upload holds
+
+      def leaf(acc, u):
+        u = jnp.where(kept.reshape((-1,) + (1,) * (u.ndim - 1)), u.astype(jnp.float32), 0.0)
+        return acc + jnp.tensordot(weight, u, axes=1)
+
+      return jax.tree.map(leaf, sums, upload), total + weight.sum()
+
+    def body(carry, chunk):
+      new_state, upload, weight, stats = vfn(chunk)
+      return add(carry, upload, weight), (new_state, weight, stats)
+
+    parts = []
+    carry = (sums, total)
+    if whole:
+      chunks = jax.tree.map(
+          lambda a: a[:whole * self.chunk_size].reshape(whole, self.chunk_size, *a.shape[1:]),
+          per_slot)
+      carry, out = jax.lax.scan(body, carry, chunks)
+      parts.append(jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), out))
+    if rest:
+      carry, out = body(carry, jax.tree.map(lambda a: a[whole * self.chunk_size:], per_slot))
+      parts.append(out)
+    new_states, weights, stats = (parts[0] if len(parts) == 1 else
+                                  jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts))
+    del weights  # per slot; the server gets their total
+    uploads, total = mean_row(*carry, jax.tree.map(lambda a: a.dtype, upload_shapes))
+    return new_states, uploads, total, stats
 
 
 class SequentialExecutor(Executor):
@@ -169,6 +223,15 @@ class SequentialExecutor(Executor):
       states, buffers = writer(states, buffers, np.int32(k), rows[k], keys, kept[k],
                                linear=linear)
     return states, writer.finish(buffers, linear)
+
+
+def mean_row(sums, total, dtypes):
+  """One slot holding the weighted mean ``sums / total`` (leaves cast to ``dtypes``, a pytree
+  of dtypes shaped like ``sums``), and ``[total]``: a linear server's weighted average of this
+  row is the weighted average of the uploads that were summed."""
+  mean = jax.tree.map(lambda acc, dt: (acc / jnp.maximum(total, 1e-30)).astype(dt)[None], sums,
+                      dtypes)
+  return mean, total[None]
 
 
 def make_executor(name: str, chunk_size: int = 8) -> Executor:
