@@ -183,16 +183,17 @@ def _cli_run(args: list[str], out: str, timeout: float) -> tuple[float, float]:
 def sweep_bench(seeds: list[int], lrs: list[float], rounds: int, algorithm: str,
                 sweep_executors: list[str], separate_executors: list[str],
                 separate_runs: int = 0, caches: tuple[str, ...] = ("off", "fresh"),
-                timeout: float = 3600) -> str:
+                timeout: float = 3600, cli_args: tuple[str, ...] = ()) -> str:
   """The sweep's rows, then separate runs of its first ``separate_runs`` combinations (0: all
   S) per executor, every run a fresh ``python -m fedjax_lib`` process (what a user starts),
   once per ``caches`` setting: ``off`` (no compile cache) and ``fresh`` (``--compile-cache``
   in a folder of its own, empty before the row's first process: the S separate runs share it,
   so the first compiles and the others load). "per combination" divides each row's s/round by
-  the combinations it ran; the wall time is the processes' from start to exit."""
+  the combinations it ran; the wall time is the processes' from start to exit. ``cli_args``
+  go to every process (e.g. ``--dtype bfloat16``)."""
   import jax  # pylint: disable=import-outside-toplevel
   from fedjax_lib.core import engine as engine_lib  # pylint: disable=import-outside-toplevel
-  base = ["-algo", algorithm, "-gr", str(rounds), "--partition-seed", "0"]
+  base = ["-algo", algorithm, "-gr", str(rounds), "--partition-seed", "0", *cli_args]
   size = len(seeds) * len(lrs)
   default = engine_lib.default_executor(jax.default_backend())
   resolve = lambda e: default if e == "auto" else e
@@ -223,7 +224,8 @@ def sweep_bench(seeds: list[int], lrs: list[float], rounds: int, algorithm: str,
         rows.append((f"{len(combos)} separate process{'es' * (len(combos) > 1)}, {executor} "
                      f"executor, compile cache {cache}", per_round, wall, len(combos)))
   lines = [f"{algorithm} on digits (20 clients, Dir(0.1), 4-layer CNN, lr ∈ {lrs}, seeds "
-           f"{seeds}: S = {size} combinations), {rounds} rounds, evaluation every round; each "
+           f"{seeds}: S = {size} combinations), {rounds} rounds, evaluation every round"
+           + (f", `{' '.join(cli_args)}`" if cli_args else "") + "; each "
            "row's runs are fresh `python -m fedjax_lib` processes. " + _header(), "",
            "| how | s/round for the combinations it ran | s/round per combination | throughput × "
            "first row | wall time of its processes (s) |", "|---|---|---|---|---|"]
@@ -265,6 +267,8 @@ def main() -> None:
   s.add_argument("--separate-runs", type=int, default=0,
                  help="run only the first N combinations separately (0: all S); e.g. 1 for the "
                  "sweep's cost against one run")
+  s.add_argument("--cli-args", default="",
+                 help="more flags for every python -m fedjax_lib process, one string")
   s.add_argument("--caches", default="off,fresh",
                  help="compile-cache settings, each a set of rows: off, fresh (an empty folder)")
   args = p.parse_args()
@@ -272,7 +276,8 @@ def main() -> None:
     print(sweep_bench([int(v) for v in args.seeds.split(",")],
                       [float(v) for v in args.lrs.split(",")], args.rounds, args.algorithm,
                       args.sweep_executors.split(","), args.separate_executors.split(","),
-                      args.separate_runs, tuple(args.caches.split(","))))
+                      args.separate_runs, tuple(args.caches.split(",")),
+                      cli_args=tuple(args.cli_args.split())))
     return
   if args.single:
     n, algo, executor = args.single

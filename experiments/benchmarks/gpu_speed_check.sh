@@ -2,6 +2,7 @@
 # The speed issue's accelerator measurements, as one prepared command per device call.
 #
 #   bash experiments/benchmarks/gpu_speed_check.sh cnn    # ~9.5 minutes on an H100/H200
+#   bash experiments/benchmarks/gpu_speed_check.sh variants  # next steps (~9 min)
 #   bash experiments/benchmarks/gpu_speed_check.sh htfl   # HtFE-img-8 against PyTorch (~9 min)
 # PYTHON picks the Python (default python3), TORCH_PY the one with torch and jax (torch_htfl.py
 # builds its data with fedjax_lib; default: PYTHON, as on the device machine's python3).
@@ -19,6 +20,10 @@
 #      and FedTGP at 20/100/500, 50 images per client;
 #   5. with what is left, variants of the 500-client round: bfloat16 (mixed precision), then
 #      chunk sizes 25 and 100.
+# `variants` (~9 min) measures what the gaps call for next: 500 Cifar-100 clients' memory with
+# the uploads summed per chunk (uint8 and float32 images), the 500-client round with the hybrid,
+# patches and slices convolution lowerings, vmap against chunks of 50 at 100 clients, the 8-way
+# sweep in bfloat16, and chunks of 100.
 # `htfl` runs bench_htfl.py's Local on HtFE-img-8, PyTorch's sequential loop first (JAX's
 # compilation of the eight architectures took 310 s on an H200 on 2026-11-30).
 # Everything is written under $OUT (the device tool's result folder; ./gpu_out elsewhere):
@@ -96,6 +101,35 @@ case $part in
       --executors chunked --chunk-size $chunks --rounds $rounds --timeout 60 \
       --write "$OUT/variants.md"
     ;;
+  variants)
+    # What the targets' gaps call for next (2026-12-04's H200 run): the memory of 500 Cifar-100
+    # clients now that the chunked executor sums the uploads; convolution lowerings of the
+    # 500-client round other than XLA's grouped convolutions; the executor at 100 clients
+    # (to choose a GPU default); the 8-way sweep in bfloat16.
+    if [ $small = 1 ]; then
+      big=8; mid=4; samples=800; seeds=0,1; rounds=1
+    else
+      big=500; mid=100; samples=60000; seeds=0,1,2,3,4,5,6,7; rounds=3
+    fi
+    step "500 Cifar-100 clients, memory, uploads summed per chunk" 100 $PY $B/bench_scale.py \
+      memory --clients $big --samples $samples --algorithms FedAvg --executors chunked \
+      --images uint8,float32 --timeout 45 --json "$OUT/cifar100.json"
+    step "largest round, convolution lowerings" 170 $PY $B/bench_rounds.py --clients $big \
+      --executors chunked --chunk-size 50 --conv-impls hybrid,patches,slices --rounds $rounds \
+      --timeout 50 --write "$OUT/conv.md"
+    step "100 clients, vmap against chunks of 50" 80 $PY $B/bench_rounds.py --clients $mid \
+      --executors vmap,chunked --chunk-size 50 --rounds $rounds --timeout 35 --write "$OUT/mid.md"
+    step "8-way sweep in bfloat16" 100 $PY $B/bench_scale.py sweep --seeds $seeds --lrs 0.005 \
+      --rounds 5 --sweep-executors auto --separate-runs 1 --caches off \
+      --cli-args "--dtype bfloat16" > "$OUT/sweep_bf16.md"
+    cat "$OUT/sweep_bf16.md"
+    step "largest round, chunks of 100" 120 $PY \
+      $B/bench_rounds.py --clients $big --executors chunked --chunk-size 100 --rounds $rounds \
+      --timeout 40 --write "$OUT/more.md"
+    step "largest round, bfloat16 with the hybrid lowering" 60 $PY $B/bench_rounds.py \
+      --clients $big --executors chunked --chunk-size 50 --dtypes bfloat16 --conv-impls hybrid \
+      --rounds $rounds --timeout 45 --write "$OUT/more.md"
+    ;;
   htfl)
     if [ $small = 1 ]; then
       fam=(--family HtFE-img-2 --rounds 1); tt=300
@@ -107,7 +141,7 @@ case $part in
       --torch-python "${TORCH_PY:-$PY}" --json "$OUT/htfl.json" --write "$OUT/htfl.md"
     ;;
   *)
-    echo "error: part '$part' is not one of: cnn, htfl" >&2
+    echo "error: part '$part' is not one of: cnn, variants, htfl" >&2
     exit 2
     ;;
 esac
