@@ -180,7 +180,7 @@ class ChunkedExecutor(Executor):
 
     def body(carry, chunk):
       new_state, upload, weight, stats = vfn(chunk)
-      return add(carry, upload, weight), (new_state, weight, stats)
+      return add(carry, upload, weight), (new_state, stats)
 
     parts = []
     carry = (sums, total)
@@ -193,9 +193,8 @@ class ChunkedExecutor(Executor):
     if rest:
       carry, out = body(carry, jax.tree.map(lambda a: a[whole * self.chunk_size:], per_slot))
       parts.append(out)
-    new_states, weights, stats = (parts[0] if len(parts) == 1 else
-                                  jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts))
-    del weights  # per slot; the server gets their total
+    new_states, stats = (parts[0] if len(parts) == 1 else
+                         jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts))
     uploads, total = mean_row(*carry, jax.tree.map(lambda a: a.dtype, upload_shapes))
     return new_states, uploads, total, stats
 
