@@ -17,7 +17,7 @@ import textwrap
 from typing import Optional, Sequence
 
 from fedjax_lib.algorithms import algorithm_names, get_algorithm
-from fedjax_lib.config import DTYPES, EXECUTORS, ON_NAN, PARTITION_RNGS, PARTITIONS, Config
+from fedjax_lib.config import CONV_IMPLS, DTYPES, EXECUTORS, ON_NAN, PARTITION_RNGS, PARTITIONS, Config
 from fedjax_lib.data import registry as data_registry
 from fedjax_lib.data.loading import DEFAULT_NUM_CLIENTS
 from fedjax_lib.errors import ConfigError, FedJaxError
@@ -345,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
   _add(model, "--dtype", choices=DTYPES, default=d.dtype,
        help="computation dtype of local training and evaluation: float32, or bfloat16 for "
        "mixed precision (float32 parameters, bfloat16 convolutions/matmuls)")
+  _add(model, "--conv-impl", choices=CONV_IMPLS, default=d.conv_impl, dest="conv_impl",
+       help="how convolutions are computed, in the models that offer it (cnn, digit5cnn, "
+       "harcnn*, textcnn): auto (the backend's), lax (XLA's convolutions), patches, slices "
+       "(im2col + matmul), hybrid (XLA's forward, im2col's gradient)")
 
   algorithm = p.add_argument_group(
       "algorithm", "Hyperparameter flags are passed only when given; an algorithm refuses one "

@@ -20,6 +20,9 @@ ON_NAN = ("stop", "skip-client")
 PARTITIONS = ("dir", "pat", "iid", "exdir")
 PARTITION_RNGS = ("numpy", "pfllib")
 DTYPES = ("float32", "bfloat16")
+#: How the convolutions of the models that take ``conv_impl`` are lowered
+#: (`fedjax_lib.models.layers.TorchConv`).
+CONV_IMPLS = ("auto", "lax", "patches", "slices", "hybrid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,11 @@ class Config:
   dtype: the computation dtype of local training and evaluation: ``float32``, or ``bfloat16``
     for mixed precision (parameters and optimizer state stay float32; convolutions, matmuls
     and activations run in bfloat16; logits, losses and metrics are float32).
+  conv_impl: how the convolutions are computed, for the models that offer the choice (``cnn``,
+    ``digit5cnn``, the ``harcnn`` models, ``textcnn``; in a heterogeneous family those members
+    only): ``auto`` (the backend's: im2col ``slices``/``hybrid`` on XLA:CPU, XLA's ``lax``
+    convolutions elsewhere), ``lax``, ``patches``, ``slices``, ``hybrid`` (XLA's convolution
+    forward, im2col's gradient). Equal up to float rounding; a speed and memory setting.
   algo_params: algorithm hyperparameters by name (e.g. ``{"mu": 0.01}``); each algorithm
     declares which it accepts.
   pfllib_compat: reproduce PFLlib's documented quirks where an algorithm offers it (e.g.
@@ -137,6 +145,7 @@ class Config:
   vocab_size: Optional[int] = None
   max_len: Optional[int] = None
   dtype: str = "float32"
+  conv_impl: str = "auto"
   algorithm: str = "FedAvg"
   algo_params: dict = dataclasses.field(default_factory=dict)
   pfllib_compat: bool = False
@@ -288,6 +297,9 @@ class Config:
                         f"{', '.join(EXECUTORS)}")
     if self.dtype not in DTYPES:
       raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}")
+    if self.conv_impl not in CONV_IMPLS:
+      raise ConfigError(f"unknown conv_impl {self.conv_impl!r}; choose one of: "
+                        f"{', '.join(CONV_IMPLS)}")
     if self.partition not in PARTITIONS:
       raise ConfigError(f"unknown partition {self.partition!r}; choose one of: "
                         f"{', '.join(PARTITIONS)}")

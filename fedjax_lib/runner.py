@@ -208,9 +208,11 @@ def model_options(config: Config, arch: str) -> dict:
   """The options the runner gives model ``arch``: the text models' ``vocab_size`` (``-vs``,
   else the dataset's, else PFLlib's 80) and, with ``--pfllib-compat``, the references'
   log-softmax features of fasttext, textlr, textcnn, lstm and gru
-  (`fedjax_lib.models.text`)."""
+  (`fedjax_lib.models.text`), and ``--conv-impl`` to the models that take ``conv_impl``."""
   names = models_lib.model_option_names(arch)
   options = {}
+  if config.conv_impl != "auto" and "conv_impl" in names:
+    options["conv_impl"] = config.conv_impl
   if config.pfllib_compat and "log_softmax_features" in names:
     options["log_softmax_features"] = True
   if "vocab_size" not in names:
@@ -262,6 +264,11 @@ def build(config: Config) -> Built:
                       f"set (the largest has {largest} samples); use batch_size <= {largest}")
   architectures = models_lib.parse_model_names(config.model)
   unique = tuple(dict.fromkeys(architectures))
+  if config.conv_impl != "auto" and not any(
+      "conv_impl" in models_lib.model_option_names(a) for a in unique):
+    raise ConfigError(f"conv_impl={config.conv_impl!r} applies to the models cnn, digit5cnn, "
+                      f"harcnn, harcnn1, harcnn3 and textcnn; {', '.join(unique)} has no "
+                      "choice of convolution (leave --conv-impl at auto)")
   feature_dim = feature_dim_of(config, architectures)
   models = {arch: models_lib.make_model(arch, data.sample_shape, data.num_classes,
                                         dtype=config.dtype, feature_dim=feature_dim,

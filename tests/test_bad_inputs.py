@@ -51,6 +51,8 @@ FLAGS = [
     (["-m", "cnn,,dnn"], ["empty model name", "cnn, dnn, mlr"]),
     (["-m", "cnn,resnet999"], ["resnet999", "accepted names"]),
     (["-fd", "0"], ["feature_dim", "0"]),
+    (["--conv-impl", "fast"], ["fast", "hybrid"]),
+    (["-m", "dnn", "--conv-impl", "lax"], ["conv_impl='lax'", "dnn", "auto"]),
     (["-m", "cnn,dnn", "-algo", "FedAvg"], ["cnn and dnn", "uploads differ"]),
     (["--devices", "99"], ["devices=99", "available"]),
     (["--distributed"], ["JAX_COORDINATOR_ADDRESS"]),
@@ -211,7 +213,7 @@ _NUMBERS = st.one_of(st.integers(-5, 50), st.floats(allow_nan=True, allow_infini
                      st.booleans(), st.text(max_size=3), st.none())
 _FIELDS = ("learning_rate", "batch_size", "join_ratio", "client_drop_rate", "global_rounds",
            "eval_gap", "alpha", "train_ratio", "num_clients", "times", "checkpoint_every",
-           "num_new_clients", "auto_break", "on_nan", "executor", "partition")
+           "num_new_clients", "auto_break", "on_nan", "executor", "partition", "conv_impl")
 
 
 @settings(max_examples=300, deadline=None)

@@ -23,7 +23,7 @@
 # `variants` (~9 min) measures what the gaps call for next: 500 Cifar-100 clients' memory with
 # the uploads summed per chunk (uint8 and float32 images), the 500-client round with the hybrid,
 # patches and slices convolution lowerings, vmap against chunks of 50 at 100 clients, the 8-way
-# sweep in bfloat16, and chunks of 100.
+# sweep in bfloat16 and with hybrid convolutions (--conv-impl hybrid), and chunks of 100.
 # `htfl` runs bench_htfl.py's Local on HtFE-img-8, PyTorch's sequential loop first (JAX's
 # compilation of the eight architectures took 310 s on an H200 on 2026-11-30).
 # Everything is written under $OUT (the device tool's result folder; ./gpu_out elsewhere):
@@ -123,6 +123,10 @@ case $part in
       --rounds 5 --sweep-executors auto --separate-runs 1 --caches off \
       --cli-args "--dtype bfloat16" > "$OUT/sweep_bf16.md"
     cat "$OUT/sweep_bf16.md"
+    step "8-way sweep, hybrid convolutions" 100 $PY $B/bench_scale.py sweep --seeds $seeds \
+      --lrs 0.005 --rounds 5 --sweep-executors auto --separate-runs 1 --caches off \
+      --cli-args "--conv-impl hybrid" > "$OUT/sweep_hybrid.md"
+    cat "$OUT/sweep_hybrid.md"
     step "largest round, chunks of 100" 120 $PY \
       $B/bench_rounds.py --clients $big --executors chunked --chunk-size 100 --rounds $rounds \
       --timeout 40 --write "$OUT/more.md"

@@ -43,10 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from fedjax_lib.config import CONV_IMPLS  # accepted values of ``TorchConv.conv_impl``
 from fedjax_lib.errors import ConfigError
-
-#: Accepted values of ``TorchConv.conv_impl``.
-CONV_IMPLS = ('auto', 'lax', 'patches', 'slices', 'hybrid')
 
 
 #: Largest batch for which ``'auto'`` picks ``'slices'`` on XLA:CPU (``'hybrid'`` above).
