@@ -17,7 +17,8 @@ import textwrap
 from typing import Optional, Sequence
 
 from fedjax_lib.algorithms import algorithm_names, get_algorithm
-from fedjax_lib.config import CONV_IMPLS, DTYPES, EXECUTORS, ON_NAN, PARTITION_RNGS, PARTITIONS, Config
+from fedjax_lib.config import (CONV_IMPLS, DTYPES, EXECUTORS, ON_NAN, PARTITION_RNGS,
+                               PARTITIONS, Config)
 from fedjax_lib.data import registry as data_registry
 from fedjax_lib.data.loading import DEFAULT_NUM_CLIENTS
 from fedjax_lib.errors import ConfigError, FedJaxError

@@ -264,10 +264,11 @@ def build(config: Config) -> Built:
                       f"set (the largest has {largest} samples); use batch_size <= {largest}")
   architectures = models_lib.parse_model_names(config.model)
   unique = tuple(dict.fromkeys(architectures))
-  if config.conv_impl != "auto" and not any(
-      "conv_impl" in models_lib.model_option_names(a) for a in unique):
-    raise ConfigError(f"conv_impl={config.conv_impl!r} applies to the models cnn, digit5cnn, "
-                      f"harcnn, harcnn1, harcnn3 and textcnn; {', '.join(unique)} has no "
+  takes = lambda arch: "conv_impl" in models_lib.model_option_names(arch)
+  if config.conv_impl != "auto" and not any(map(takes, unique)):
+    offer = ", ".join(filter(takes, models_lib.MODEL_NAMES))
+    raise ConfigError(f"conv_impl={config.conv_impl!r} applies to the models {offer}; "
+                      f"{' and '.join(unique)} {'has' if len(unique) == 1 else 'have'} no "
                       "choice of convolution (leave --conv-impl at auto)")
   feature_dim = feature_dim_of(config, architectures)
   models = {arch: models_lib.make_model(arch, data.sample_shape, data.num_classes,
