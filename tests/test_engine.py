@@ -29,15 +29,15 @@ def _small_data(num_clients=6, seed=0, dim=12):
 
 
 def _engine(algo, executor, data, model="dnn", jr=0.7, rjr=False, cdr=0.25, unroll=1,
-            params=None, new_clients=0, loop="scan"):
+            params=None, new_clients=0, loop="scan", device_data=None):
   m = make_model(model, data.sample_shape, data.num_classes)
   if params is None:
     params = suite_params(algo)
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=2,
                    steps_per_epoch=int(data.train_count.max()) // 4, unroll=unroll, loop=loop)
   return engine_lib.Engine(
-      make_algorithm(algo, m, spec, params), engine_lib.DeviceData.from_federated(data),
-      engine_lib.Participation(data.num_clients - new_clients, jr, rjr, cdr), executor=executor,
+      make_algorithm(algo, m, spec, params),
+      device_data or engine_lib.DeviceData.from_federated(data), engine_lib.Participation(data.num_clients - new_clients, jr, rjr, cdr), executor=executor,
       chunk_size=2, eval_chunk_size=4)
 
 
@@ -117,6 +117,33 @@ def test_chunked_round_does_not_hold_every_clients_upload():
   compiled = eng._round_program.lower({}, s, c, eng.arrays, root, 0).compile()  # pylint: disable=protected-access
   uploads = 48 * sum(a.nbytes for a in jax.tree.leaves(s))
   assert compiled.memory_analysis().temp_size_in_bytes < uploads / 2
+
+
+@pytest.mark.parametrize("algo", ["FedAvg", "FedProto"])
+def test_a_dropped_clients_nan_upload_reaches_no_executors_server(algo):
+  """A client that trains on a NaN sample and is then dropped weighs 0: every executor's
+  server state stays finite and the three agree (FedAvg: the vmap weighted average, the
+  chunked running sum and the sequential running sum; FedProto: a non-linear server), and
+  the client is still reported non-finite."""
+  data = _small_data()
+  probe = _engine(algo, "vmap", data, jr=1.0, cdr=0.5)
+  root = rng.root_key(0)
+  plan = engine_lib.plan_round(rng.round_key(root, 0), probe.participation)
+  dropped = int(np.asarray(plan.cohort)[np.asarray(plan.active & ~plan.kept)][0])
+  x = np.array(data.x)  # past the data checks, which refuse NaN features
+  x[data.train_idx[dropped][: data.train_count[dropped]]] = np.nan
+  device_data = engine_lib.DeviceData.from_federated(data)._replace(x=jnp.asarray(x))
+  servers = {}
+  for ex in ("vmap", "chunked", "sequential"):
+    eng = _engine(algo, ex, data, jr=1.0, cdr=0.5, device_data=device_data)
+    s, c = eng.init(root, jnp.asarray(data.x[0]))
+    s, c, metrics = eng.run_round(s, c, root, 0)
+    assert int(metrics["num_nonfinite"]) == 1
+    assert all(np.isfinite(a).all() for a in jax.tree.leaves(s)), ex
+    servers[ex] = s
+  for ex in ("chunked", "sequential"):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 servers["vmap"], servers[ex])
 
 
 def assert_runs_agree(reference, other, rtol=1e-4, atol=1e-5):

@@ -537,7 +537,8 @@ class Engine:
     ``(new_state, upload, weight, (active, kept, nonfinite, loss, upload_floats,
     upload_bytes))``: an unselected slot keeps
     its state and weighs 0; a dropped one keeps its new state and weighs 0; a non-finite one
-    is reported, and with ``skip_nonfinite`` keeps its state and weighs 0.
+    is reported, and with ``skip_nonfinite`` keeps its state and weighs 0. A slot of weight 0
+    uploads zeros.
     """
     state, idx, count, key, active, kept, cid = per_slot
     alg = self._alg(gi, hparams)
@@ -559,8 +560,11 @@ class Engine:
     bad = active & ~_finite((new_state, upload, loss))
     if self.skip_nonfinite:  # neither aggregated nor kept
       active, kept = active & ~bad, kept & ~bad
-      upload = _tree_where(bad, jax.tree.map(jnp.zeros_like, upload), upload)
     weight = jnp.where(kept, count.astype(jnp.float32), 0.0)
+    # A slot of weight 0 (unselected, dropped, skipped, or without samples) uploads zeros, so
+    # that no server sees what it computed: 0 · NaN would otherwise reach a weighted sum, and
+    # the executors would disagree (the chunked running sum selected such slots out).
+    upload = _tree_where(weight > 0, upload, jax.tree.map(jnp.zeros_like, upload))
     new_state = _tree_where(active, new_state, state)
     loss = jnp.where(active, jnp.zeros(()) if loss is None else loss, 0.0)
     traffic = alg.upload_traffic(upload)
