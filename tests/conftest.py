@@ -38,6 +38,17 @@ if (not _XLA_DEFAULTS
 if not _XLA_DEFAULTS:
   os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
 
+# Every process of a test run (the xdist workers, and the CLI subprocesses they start, through
+# TMPDIR) makes its temporary files in one folder, removed when the run ends: tfds leaves an
+# empty folder in the temporary directory each time it builds a dataset that is not prepared
+# (`DatasetInfo.initialize_from_bucket` makes one before it finds its bucket disabled), which
+# the mock-data tests do thousands of times a run.
+_TMP_OWNER = "FEDJAX_TEST_TMP_ROOT" not in os.environ
+if _TMP_OWNER:
+  os.environ["FEDJAX_TEST_TMP_ROOT"] = os.environ["TMPDIR"] = tempfile.mkdtemp(
+      prefix="fedjax-tests-")
+  tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+
 # One persistent XLA compilation cache per test run, shared by the xdist workers and every CLI
 # subprocess they start (the environment is inherited): the suite compiles the same small
 # programs many times over (each CLI test is a fresh process), and loading one is ~10x cheaper.
@@ -59,7 +70,9 @@ if _CACHE_OWNER:
 
 
 def pytest_unconfigure(config):
-  # The controller (or a run without workers) removes the folder when the run ends.
+  # The controller (or a run without workers) removes the folders when the run ends.
+  if _TMP_OWNER and not hasattr(config, "workerinput"):
+    shutil.rmtree(os.environ["FEDJAX_TEST_TMP_ROOT"], ignore_errors=True)
   if _CACHE_OWNER and not hasattr(config, "workerinput"):
     folder = os.environ["JAX_COMPILATION_CACHE_DIR"]
     shutil.rmtree(folder, ignore_errors=True)
