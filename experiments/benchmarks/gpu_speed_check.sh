@@ -21,9 +21,10 @@
 #   5. with what is left, variants of the 500-client round: bfloat16 (mixed precision), then
 #      chunk sizes 25 and 100.
 # `variants` (~9 min) measures what the gaps call for next: 500 Cifar-100 clients' memory with
-# the uploads summed per chunk (uint8 and float32 images), the 500-client round with the hybrid,
-# patches and slices convolution lowerings, vmap against chunks of 50 at 100 clients, the 8-way
-# sweep in bfloat16 and with hybrid convolutions (--conv-impl hybrid), and chunks of 100.
+# the uploads summed per chunk (uint8 and float32 images), the 20- and 500-client rounds with the
+# hybrid, patches and slices convolution lowerings (per-client kernels as batched matmuls),
+# vmap against chunks of 50 at 100 clients, the 8-way sweep in bfloat16 and with hybrid
+# convolutions (--conv-impl hybrid), and chunks of 100.
 # `htfl` runs bench_htfl.py's Local on HtFE-img-8, PyTorch's sequential loop first (JAX's
 # compilation of the eight architectures took 310 s on an H200 on 2026-11-30).
 # Everything is written under $OUT (the device tool's result folder; ./gpu_out elsewhere):
@@ -107,16 +108,16 @@ case $part in
     # 500-client round other than XLA's grouped convolutions; the executor at 100 clients
     # (to choose a GPU default); the 8-way sweep in bfloat16.
     if [ $small = 1 ]; then
-      big=8; mid=4; samples=800; seeds=0,1; rounds=1
+      small_n=2; big=8; mid=4; samples=800; seeds=0,1; rounds=1
     else
-      big=500; mid=100; samples=60000; seeds=0,1,2,3,4,5,6,7; rounds=3
+      small_n=20; big=500; mid=100; samples=60000; seeds=0,1,2,3,4,5,6,7; rounds=3
     fi
     step "500 Cifar-100 clients, memory, uploads summed per chunk" 100 $PY $B/bench_scale.py \
       memory --clients $big --samples $samples --algorithms FedAvg --executors chunked \
       --images uint8,float32 --timeout 45 --json "$OUT/cifar100.json"
-    step "largest round, convolution lowerings" 170 $PY $B/bench_rounds.py --clients $big \
-      --executors chunked --chunk-size 50 --conv-impls hybrid,patches,slices --rounds $rounds \
-      --timeout 50 --write "$OUT/conv.md"
+    step "20 and 500 clients, convolution lowerings" 220 $PY $B/bench_rounds.py \
+      --clients $small_n,$big --executors chunked --chunk-size 50 \
+      --conv-impls hybrid,patches,slices --rounds $rounds --timeout 50 --write "$OUT/conv.md"
     step "100 clients, vmap against chunks of 50" 80 $PY $B/bench_rounds.py --clients $mid \
       --executors vmap,chunked --chunk-size 50 --rounds $rounds --timeout 35 --write "$OUT/mid.md"
     step "8-way sweep in bfloat16" 100 $PY $B/bench_scale.py sweep --seeds $seeds --lrs 0.005 \
