@@ -42,7 +42,8 @@ if not _XLA_DEFAULTS:
 # TMPDIR) makes its temporary files in one folder, removed when the run ends: tfds leaves an
 # empty folder in the temporary directory each time it builds a dataset that is not prepared
 # (`DatasetInfo.initialize_from_bucket` makes one before it finds its bucket disabled), which
-# the mock-data tests do thousands of times a run.
+# the mock-data tests do thousands of times a run. pytest's `tmp_path` folders are made there
+# too and go with it; to keep them for a look after a run, pass `--basetemp DIR`.
 _TMP_OWNER = "FEDJAX_TEST_TMP_ROOT" not in os.environ
 if _TMP_OWNER:
   os.environ["FEDJAX_TEST_TMP_ROOT"] = os.environ["TMPDIR"] = tempfile.mkdtemp(
