@@ -37,7 +37,8 @@ def _engine(algo, executor, data, model="dnn", jr=0.7, rjr=False, cdr=0.25, unro
                    steps_per_epoch=int(data.train_count.max()) // 4, unroll=unroll, loop=loop)
   return engine_lib.Engine(
       make_algorithm(algo, m, spec, params),
-      device_data or engine_lib.DeviceData.from_federated(data), engine_lib.Participation(data.num_clients - new_clients, jr, rjr, cdr), executor=executor,
+      device_data or engine_lib.DeviceData.from_federated(data),
+      engine_lib.Participation(data.num_clients - new_clients, jr, rjr, cdr), executor=executor,
       chunk_size=2, eval_chunk_size=4)
 
 
