@@ -23,7 +23,8 @@
 # `variants` (~9 min) measures what the gaps call for next: 500 Cifar-100 clients' memory with
 # the uploads summed per chunk (uint8 and float32 images), the 20- and 500-client rounds with the
 # hybrid, patches and slices convolution lowerings (per-client kernels as batched matmuls),
-# vmap against chunks of 50 at 100 clients, the 8-way sweep in bfloat16 and with hybrid
+# the 20-client round with its 10 local steps unrolled (no loop: one launch sequence, no
+# per-iteration loop condition), vmap against chunks of 50 at 100 clients, the 8-way sweep in bfloat16 and with hybrid
 # convolutions (--conv-impl hybrid), and chunks of 100.
 # `htfl` runs bench_htfl.py's Local on HtFE-img-8, PyTorch's sequential loop first (JAX's
 # compilation of the eight architectures took 310 s on an H200 on 2026-11-30).
@@ -118,6 +119,8 @@ case $part in
     step "20 and 500 clients, convolution lowerings" 220 $PY $B/bench_rounds.py \
       --clients $small_n,$big --executors chunked --chunk-size 50 \
       --conv-impls hybrid,patches,slices --rounds $rounds --timeout 50 --write "$OUT/conv.md"
+    step "20 clients, local steps unrolled" 50 $PY $B/bench_rounds.py --clients $small_n \
+      --executors vmap --unroll 0 --rounds $rounds --timeout 40 --write "$OUT/conv.md"
     step "100 clients, vmap against chunks of 50" 80 $PY $B/bench_rounds.py --clients $mid \
       --executors vmap,chunked --chunk-size 50 --rounds $rounds --timeout 35 --write "$OUT/mid.md"
     step "8-way sweep in bfloat16" 100 $PY $B/bench_scale.py sweep --seeds $seeds --lrs 0.005 \
