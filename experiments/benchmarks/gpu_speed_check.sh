@@ -24,8 +24,9 @@
 # the uploads summed per chunk (uint8 and float32 images), the 20- and 500-client rounds with the
 # hybrid, patches and slices convolution lowerings (per-client kernels as batched matmuls),
 # the 20-client round with its 10 local steps unrolled (no loop: one launch sequence, no
-# per-iteration loop condition), vmap against chunks of 50 at 100 clients, the 8-way sweep in bfloat16 and with hybrid
-# convolutions (--conv-impl hybrid), and chunks of 100.
+# per-iteration loop condition), vmap against chunks of 50 at 100 clients, the 8-way sweep in
+# bfloat16 and with hybrid and slices convolutions (its 160 client slots' kernels as batched
+# matmuls), and chunks of 100.
 # `htfl` runs bench_htfl.py's Local on HtFE-img-8, PyTorch's sequential loop first (JAX's
 # compilation of the eight architectures took 310 s on an H200 on 2026-11-30).
 # Everything is written under $OUT (the device tool's result folder; ./gpu_out elsewhere):
@@ -125,12 +126,13 @@ case $part in
       --executors vmap,chunked --chunk-size 50 --rounds $rounds --timeout 35 --write "$OUT/mid.md"
     step "8-way sweep in bfloat16" 100 $PY $B/bench_scale.py sweep --seeds $seeds --lrs 0.005 \
       --rounds 5 --sweep-executors auto --separate-runs 1 --caches off \
-      --cli-args "--dtype bfloat16" > "$OUT/sweep_bf16.md"
-    cat "$OUT/sweep_bf16.md"
+      --cli-args "--dtype bfloat16" | tee -a "$OUT/sweeps.md"
     step "8-way sweep, hybrid convolutions" 100 $PY $B/bench_scale.py sweep --seeds $seeds \
       --lrs 0.005 --rounds 5 --sweep-executors auto --separate-runs 1 --caches off \
-      --cli-args "--conv-impl hybrid" > "$OUT/sweep_hybrid.md"
-    cat "$OUT/sweep_hybrid.md"
+      --cli-args "--conv-impl hybrid" | tee -a "$OUT/sweeps.md"
+    step "8-way sweep, slices convolutions" 100 $PY $B/bench_scale.py sweep --seeds $seeds \
+      --lrs 0.005 --rounds 5 --sweep-executors auto --separate-runs 1 --caches off \
+      --cli-args "--conv-impl slices" | tee -a "$OUT/sweeps.md"
     step "largest round, chunks of 100" 120 $PY \
       $B/bench_rounds.py --clients $big --executors chunked --chunk-size 100 --rounds $rounds \
       --timeout 40 --write "$OUT/more.md"
