@@ -348,9 +348,14 @@ def make_algorithm(config: Config, data, model):
                     unroll=unroll, loop=loop, **private)
   params = algorithm_params(config)
   global_arch = models_lib.family_global_model(config.model)
-  if global_arch is None or "shared_model" not in {
-      f.name for f in dataclasses.fields(algorithms_lib.get_algorithm(config.algorithm))}:
+  fields = {f.name for f in dataclasses.fields(algorithms_lib.get_algorithm(config.algorithm))}
+  if global_arch is None or "shared_model" not in fields:
     return algorithms_lib.make_algorithm(config.algorithm, model, local, params)
+  if "sub_feature_dim" in fields:
+    # FedMRL re-pools the shared model's features to -sfd and reads them with a dense head
+    # (Linear(s, C)); HtFLlib crashes here (its Head([512]) gets s features), so the family's
+    # global base gets FedMRL's own head.
+    global_arch = global_arch.split("+")[0]
   # The family's own global model (HtFLlib's args.global_model) is the shared model: the
   # algorithm made with it derives its shared model from it, which replacing the model keeps.
   architectures = models_lib.parse_model_names(config.model)

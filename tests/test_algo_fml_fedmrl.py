@@ -207,6 +207,32 @@ def test_fedmrl_projector_persists_unless_compat(compat):
     assert not all(jax.tree.leaves(jax.tree.map(np.allclose, a, b)))
 
 
+@pytest.mark.parametrize("compat", [False, True])
+def test_fedmrl_shared_running_statistics_kept_unless_compat(compat):
+  """A shared model with BatchNorm: the client keeps the running statistics its training
+  updated and evaluates with them; HtFLlib evaluates the server's shared model, whose
+  statistics stay the initial ones (its server averages parameters only). Training uses batch
+  statistics either way: the same loss."""
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(12, 8, 8, 3)).astype(np.float32), rng.integers(0, 3, 12)
+  data = ClientData(jnp.asarray(x), jnp.asarray(y), jnp.arange(12), jnp.asarray(12))
+  model = make_model("resnet4", (8, 8, 3), 3, feature_dim=8)
+  losses = []
+  for mode in (compat, not compat):
+    alg = make_algorithm("FedMRL", model, SPEC, {"sub_feature_dim": 4, "pfllib_compat": mode})
+    server, clients = alg.init(jax.random.key(0), jnp.asarray(x[0]), 2)
+    client = jax.tree.map(lambda a: a[0], clients)
+    new, _, stats = alg.client_update(server, client, data, jax.random.key(1))
+    losses.append(float(stats["loss"]))
+    if mode == compat:
+      kept = jax.tree.leaves(jax.tree.map(np.array_equal, new["shared_state"],
+                                          client["shared_state"]))
+      assert all(kept) == compat
+      initial = alg.predict(server, dict(new, shared_state=client["shared_state"]), x[:5])
+      assert np.array_equal(alg.predict(server, new, x[:5]), initial) == compat
+  assert losses[0] == losses[1]
+
+
 # ---------------------------------------------------------------------------- settings
 @pytest.mark.parametrize("name,params,match", [
     ("FML", {"alpha": 1.5}, r"alpha=1.5 must be a finite number in \[0.0, 1.0\]"),
@@ -273,10 +299,12 @@ def test_two_architectures_learn_on_digits(algorithm, params, bar, tmp_path):
   assert acc[0] < 0.3 and acc[-1] >= bar, acc
 
 
-@pytest.mark.parametrize("name", ["FML", "FedMRL"])
+@pytest.mark.parametrize("name", ["FML", "FedKD", "FedMRL"])
 def test_htc_families_share_fedavgcnn_as_htfllib_does(name):
-  """HtFLlib's HtC families name their own global model (FedAvgCNN with the dense head); the
-  other families and model lists share architecture 0 (reference §1.4)."""
+  """HtFLlib's HtC families name their own global model, FedAvgCNN with the family's first
+  head (Head([512]): ReLU on the logits) for FML and FedKD; FedMRL, whose shared head reads -sfd
+  features (HtFLlib crashes there), gives it its dense head. The other families and model
+  lists share architecture 0 (reference §1.4)."""
   import types  # pylint: disable=import-outside-toplevel
   from fedjax_lib.runner import make_algorithm as runner_algorithm  # pylint: disable=import-outside-toplevel
   data = types.SimpleNamespace(train_count=np.array([40]), sample_shape=(32, 32, 3),
@@ -285,7 +313,9 @@ def test_htc_families_share_fedavgcnn_as_htfllib_does(name):
   alg = runner_algorithm(Config(algorithm=name, model="Res34-HtC-img-4"), data, resnet)
   assert alg.model is resnet
   assert type(alg.shared_model.base).__name__ == "FedAvgCNNBase"
-  assert alg.shared_model.head == make_model("cnn", (32, 32, 3), 10).head
+  head = "cnn" if name == "FedMRL" else "cnn+head512"
+  assert alg.shared_model.head == make_model(head, (32, 32, 3), 10).head
+  assert (type(alg.shared_model.head).__name__ == "TorchDense") == (name == "FedMRL")
   assert dataclasses.replace(alg, model=make_model("cnn", (32, 32, 3), 10)).shared_model \
       is alg.shared_model  # every architecture group keeps it
   alg = runner_algorithm(Config(algorithm=name, model="resnet34,cnn"), data, resnet)

@@ -44,6 +44,8 @@ HYPERPARAMETERS = {
     "FedCP": ({"lam": 5.0}, "λ = 5 (FedCP repository, MNIST)"),
     "GPFL": ({"lam": 0.01, "mu": 0.1}, "λ = 0.01, μ = 0.1 (GPFL run_me.sh, 4-layer CNN)"),
     "FedDBE": ({"momentum": 1.0, "kl_weight": 50.0}, "momentum 1, κ = 50 (FedDBE repository)"),
+    "FedGen": ({}, "HtFLlib's variant (own bases, global head); PFLlib's global-model FedGen is not offered"),
+    "FedGH": ({}, "HtFLlib's variant, `-se 100` (PFLlib's server trains 1 epoch)"),
     "FedBABU": ({}, "PFLlib defaults (`-fte 10`; best/last are after the final fine-tuning, "
                 "which s/round excludes)"),
 }

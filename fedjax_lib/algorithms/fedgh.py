@@ -34,6 +34,11 @@ Differences from HtFLlib (``clientgh.py``/``servergh.py``):
   its SGD is stateless, so re-creating it every round, as HtFLlib does, is the same.
 - ``server_epochs`` defaults to HtFLlib's argparse default 100; its ``total.sh`` uses ``-se 1``.
 - Dropped clients (``-cdr``) upload nothing, as in HtFLlib.
+
+PFLlib's ``-algo FedGH`` (``servergh.py``) differs from both: its server trains the head one
+epoch per round whatever ``-se`` says (``-se 1`` here gives that count), and its head *is*
+client 0's head module, so client 0's local training moves the server's head too (not
+reproduced).
 """
 
 from __future__ import annotations

@@ -21,7 +21,9 @@ Communication per round: the whole shared model up and down.
 
 The shared model is the field ``shared_model``; when None it is the ``model`` the algorithm
 is constructed with, its features pooled to ``s`` (``model.clone(feature_dim=s)``: for the
-runner, architecture 0 — FedAvgCNN in HtFLlib's image families — with head Linear(s, C)).
+runner, architecture 0 — FedAvgCNN in HtFLlib's image families — with head Linear(s, C); the
+HtC families' global FedAvgCNN with that dense head too, where HtFLlib's ``Head([512])`` would
+get s features and crash).
 Groups made with ``dataclasses.replace(algorithm, model=...)`` keep it. A model with
 BatchNorm keeps the running statistics of both models on each client; only parameters are
 communicated.
@@ -33,9 +35,14 @@ Differences from HtFLlib (``clientmrl.py``/``servermrl.py``):
   client trains and is evaluated with its projector at initialisation each round;
   ``pfllib_compat=True`` (``--pfllib-compat``) restores that (the trained projector is
   discarded).
-- The shared base is evaluated in evaluation mode with the client's running statistics
-  (HtFLlib never calls ``eval()`` on the shared model; only BatchNorm or dropout in it
-  would notice).
+- **A shared model with BatchNorm is evaluated with running statistics** — each client's, kept
+  from its training. HtFLlib evaluates the *server's* shared model in evaluation mode, and its
+  server averages ``parameters()`` only, so those statistics stay at their initial values (mean
+  0, variance 1) for the whole run: its evaluation feeds un-normalised shared features to the
+  projector. ``pfllib_compat=True`` reproduces that (the clients' statistics are not kept, so
+  the initial ones evaluate). Training uses batch statistics in both, so only evaluation
+  differs, and only for families whose architecture 0 has BatchNorm (HtFE-img-3, -5, -9: not
+  FedAvgCNN's).
 - ``train_loss`` is the cross-entropy of ``out`` (HtFLlib: ``CE(out) + CE(out_g)``).
 - No new-client evaluation (``-nnc``): the evaluated model is not one `BaseHeadModel`.
 """
@@ -67,7 +74,8 @@ class FedMRL(Algorithm):
     sub_feature_dim: s, the shared model's feature width and the part of the fused
       representation its head reads (``-sfd``; 128).
     pfllib_compat: reset every client's projector to its initial value each round, as
-      HtFLlib does (its ``proj`` is never saved).
+      HtFLlib does (its ``proj`` is never saved), and evaluate the shared model with its
+      initial running statistics (HtFLlib's server never averages them).
     shared_model: the shared model (None: ``model`` pooled to ``sub_feature_dim``).
   """
 
@@ -169,7 +177,10 @@ class FedMRL(Algorithm):
     new_state = {"private": {"params": params["private"], **private_state},
                  "projector": projector}
     if shared_state:
-      new_state["shared_state"] = shared_state
+      # HtFLlib's clients train a copy of the server's shared model, whose running statistics
+      # stay the initial ones (see the module's docstring); compat keeps those.
+      new_state["shared_state"] = (client_state["shared_state"] if self.pfllib_compat
+                                   else shared_state)
     return new_state, params["shared"], stats
 
   # ------------------------------------------------------------------ server

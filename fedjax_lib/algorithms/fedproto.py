@@ -25,7 +25,9 @@ Differences from HtFLlib (``clientproto.py``/``serverproto.py``):
   the share of class-0 test samples. ``test_acc_head`` is the untrained head's.
 - ``train_loss`` is the head's cross-entropy over the training samples (HtFLlib adds
   ``λ·MSE`` to it).
-- Dropped clients (``-cdr``) upload nothing; HtFLlib drops them the same way.
+- Dropped clients (``-cdr``) upload nothing. HtFLlib's ``receive_protos`` reads every
+  *selected* client's prototypes, so its ``-cdr`` does not apply to FedProto (nor FedTGP);
+  the same at the default ``-cdr 0``.
 """
 
 import dataclasses

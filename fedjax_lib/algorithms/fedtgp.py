@@ -33,6 +33,11 @@ Differences from HtFLlib (``clienttgp.py``/``servertgp.py``):
   HtFLlib does, is the same.
 - Round 0 evaluation before any prototype exists: as FedProto (every class scores 0).
 - ``train_loss`` is the head's cross-entropy (HtFLlib adds ``λ·MSE``).
+- The prototypes average every training sample; HtFLlib's come from its ``drop_last`` training
+  loader, which leaves out each client's last ``n mod B`` samples (a class seen only there is
+  not uploaded; a client with fewer than B samples uploads nothing). As FedGH's.
+- Dropped clients (``-cdr``) upload nothing; HtFLlib's ``receive_protos`` reads every selected
+  client's prototypes (its ``-cdr`` does not apply). The same at the default ``-cdr 0``.
 """
 
 from __future__ import annotations

@@ -149,8 +149,10 @@ FAMILIES = {
 
 #: The families that name their own ``global_model`` (the shared model of FML, FedKD and
 #: FedMRL); every other family, and a model list, shares its architecture 0 (HtFLlib's
-#: ``BaseHeadSplit(args, 0)``).
-FAMILY_GLOBAL_MODELS = {'HtFE-img-8-HtC-img-4': 'cnn', 'Res34-HtC-img-4': 'cnn'}
+#: ``BaseHeadSplit(args, 0)``). HtFLlib's ``BaseHeadSplit(args, is_global=True)`` gives that
+#: FedAvgCNN the family's first head, ``Head(hidden_dims=[512])`` (a Linear to the classes and
+#: a ReLU on the logits), as it gives client 0.
+FAMILY_GLOBAL_MODELS = {'HtFE-img-8-HtC-img-4': 'cnn+head512', 'Res34-HtC-img-4': 'cnn+head512'}
 
 #: The families' names in the FedTGP and FedKTL repositories (before HtFLlib renamed them).
 _FAMILY_ALIASES = {'htfe2': 'HtFE-img-2', 'htfe3': 'HtFE-img-3', 'htfe4': 'HtFE-img-4',
@@ -172,7 +174,8 @@ def family_architectures(family: str) -> tuple[str, ...]:
 
 def family_global_model(spec) -> Optional[str]:
   """The architecture HtFLlib's ``args.global_model`` is for the family ``spec`` (the HtC
-  families: FedAvgCNN with the dense head), or None: the shared model is architecture 0."""
+  families: FedAvgCNN with the family's first head, ``cnn+head512``), or None: the shared
+  model is architecture 0."""
   return FAMILY_GLOBAL_MODELS.get(_family_name(spec))
 
 
