@@ -169,7 +169,7 @@ def algorithm_params(config: Config) -> dict:
     params["pfllib_compat"] = True
   if "global_rounds" in accepted:  # FedKD's energy schedule runs over the whole run
     params.setdefault("global_rounds", config.global_rounds)
-  if "join_ratio" in accepted:  # SCAFFOLD's / FedDyn's PFLlib divisor int(N·jr)
+  if "join_ratio" in accepted:  # SCAFFOLD's / FedDyn's / FedNTD's PFLlib divisor int(N·jr)
     params.setdefault("join_ratio", config.join_ratio)
   return params
 

@@ -1,5 +1,7 @@
 """MOON, FedLC and FedNTD: their losses against numpy, reductions to FedAvg, state, learning."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -284,31 +286,41 @@ def test_fedntd_distills_and_pfllib_uniform_average(toy):
     assert not np.allclose(uploads["params"]["head"]["kernel"][i],
                            up_avg["params"]["head"]["kernel"][i]), i
 
-  # Server: sample-weighted by default; PFLlib's uniform mean over the arriving uploads with
-  # pfllib_compat, through the engine's sample-count weights (only the first two arrived).
+  # Server: sample-weighted by default; with pfllib_compat PFLlib's sum of the arriving uploads
+  # over its planned join count int(N·jr), through the engine's sample-count weights (only the
+  # first two arrived: with -jr 1 the model shrinks to 2/N of their mean, as PFLlib's does).
   _, scaled, _ = _updater(compat_eng)(server, {}, ids)
   counts = np.asarray(data.train_count).astype(np.float32)
   assert counts[0] != counts[1]
   weights = jnp.asarray(np.r_[counts[:2], np.zeros(len(ids) - 2)])
   got = eng.algorithm.server_update(server, uploads, weights, None)["params"]
-  got_compat = compat_eng.algorithm.server_update(server, scaled, weights, None)["params"]
   first, second = _row(uploads, 0), _row(uploads, 1)
   weighted = jax.tree.map(lambda a, b: (counts[0] * a + counts[1] * b) / counts[:2].sum(),
                           first, second)
   _assert_trees_close(got, weighted)
-  _assert_trees_close(got_compat, jax.tree.map(lambda a, b: (a + b) / 2, first, second))
+  num = data.num_clients
+  compat = compat_eng.algorithm
+  compat_server = compat.init(jax.random.key(0), jnp.asarray(data.x[0]), num)[0]
+  assert int(compat_server["num_join_clients"]) == num and "num_join_clients" not in server
+  assert set(compat.download(compat_server)) == {"params"}
+  compat_server = dict(compat_server, params=server["params"])
+  for join_ratio, planned in ((1.0, num), (2.5 / num, 2)):  # int(N·jr), as PFLlib computes
+    alg = dataclasses.replace(compat, join_ratio=join_ratio)
+    state = dict(compat_server, num_join_clients=alg.init(
+        jax.random.key(0), jnp.asarray(data.x[0]), num)[0]["num_join_clients"])
+    _assert_trees_close(alg.server_update(state, scaled, weights, None)["params"],
+                        jax.tree.map(lambda a, b: (a + b) / planned, first, second))
   # No upload at all keeps the global model.
-  kept = compat_eng.algorithm.server_update(server, scaled, jnp.zeros(len(ids)), None)
+  kept = compat.server_update(compat_server, scaled, jnp.zeros(len(ids)), None)
   jax.tree.map(np.testing.assert_array_equal, kept["params"], server["params"])
   # Still a linear server (what the sequential executor's running sum relies on): the
   # uploads' weighted mean as one upload of the total weight gives the same model.
   weights = jnp.asarray(counts)
   mean = jax.tree.map(lambda u: jnp.tensordot(weights / weights.sum(), u, axes=1)[None],
                       scaled)
-  _assert_trees_close(compat_eng.algorithm.server_update(server, scaled, weights, None),
-                      compat_eng.algorithm.server_update(server, mean, weights.sum()[None],
-                                                         None))
-  _assert_trees_close(compat_eng.algorithm.server_update(server, scaled, weights, None)["params"],
+  _assert_trees_close(compat.server_update(compat_server, scaled, weights, None),
+                      compat.server_update(compat_server, mean, weights.sum()[None], None))
+  _assert_trees_close(compat.server_update(compat_server, scaled, weights, None)["params"],
                       jax.tree.map(lambda u: u.mean(0), uploads))
 
 
@@ -339,6 +351,7 @@ def test_defaults_and_moon_warning_on_a_model_without_base():
   assert get_algorithm("MOON").hyperparameters() == {"tau": 1.0, "mu": 0.0}
   assert get_algorithm("FedLC").hyperparameters() == {"tau": 1.0, "pfllib_compat": False}
   assert get_algorithm("FedNTD").hyperparameters() == {"beta": 1.0, "tau": 1.0,
+                                                       "join_ratio": 1.0,
                                                        "pfllib_compat": False}
   spec = LocalSpec(batch_size=4, steps_per_epoch=2)
   context = lambda name: SettingsContext(name, np.zeros(12, np.float32), np.array([8, 9]))

@@ -29,11 +29,12 @@ Differences from PFLlib:
   number of participants rather than by the number of uploads, so its weights do not sum to
   1 when clients drop out, ``-cdr``, and the model shrinks, or with ``-rjr``, which selects
   more clients than planned, and the model grows.) The default here is the paper's
-  sample-weighted FedAvg; ``pfllib_compat=True`` (``--pfllib-compat``) takes the uniform mean
-  over the clients whose uploads arrived (weights summing to 1). It stays a linear server:
-  each client uploads ``{"scaled": w_k / n_k, "inv": 1 / n_k}`` (``n_k`` its training
-  samples, the weight the engine gives its upload), whose sample-weighted means are
-  ``Σ_k w_k / Σ n`` and ``K / Σ n``; their ratio is the uniform mean ``Σ_k w_k / K``.
+  sample-weighted FedAvg; ``pfllib_compat=True`` (``--pfllib-compat``) reproduces PFLlib's
+  ``Σ_k w_k / int(N·join_ratio)`` over the uploads that arrived (as SCAFFOLD's and FedDyn's
+  compat modes divide; it needs ``join_ratio`` to be the run's ``-jr``, which the runner
+  fills). It stays a linear server: each client uploads ``w_k / n_k`` (``n_k`` its training
+  samples, the weight the engine gives its upload), whose sample-weighted mean times the
+  weights' sum ``Σ n`` is ``Σ_k w_k``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import jax.numpy as jnp
 from fedjax_lib.algorithms.base import check_bool, check_number, check_positive, linear_server
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
+from fedjax_lib.algorithms.scaffold import check_join_ratio
 from fedjax_lib.core.aggregate import weighted_average
 from fedjax_lib.core.local import masked_cross_entropy, train_locally
 
@@ -99,19 +101,32 @@ class FedNTD(FedAvg):
     beta: weight β of the not-true distillation (PFLlib ``-bt``; default 1.0, the paper's,
       where PFLlib's 0.0 would be FedAvg).
     tau: distillation temperature τ (PFLlib ``-tau``, default 1.0), > 0.
-    pfllib_compat: average the uploads uniformly, as PFLlib's FedNTD server does, instead of
-      by sample count.
+    join_ratio: the run's ``-jr``, for PFLlib's divisor ``int(N·join_ratio)`` (compat only;
+      the runner fills it).
+    pfllib_compat: sum the uploads and divide by ``int(N·join_ratio)``, as PFLlib's FedNTD
+      server does, instead of averaging them by sample count.
   """
   DECAYED_RATES = ("local.learning_rate",)  # -ld: the one SGD optimizer
 
   beta: float = 1.0
   tau: float = 1.0
+  join_ratio: float = 1.0
   pfllib_compat: bool = False
 
   def __post_init__(self):
     check_number(self.name, "beta", self.beta, finite=True)
     check_positive(self.name, "tau", self.tau, "-tau")
+    check_join_ratio(self.name, self.join_ratio)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
+
+  def init(self, key, sample_x, num_clients):
+    server, clients = super().init(key, sample_x, num_clients)
+    if self.pfllib_compat:  # PFLlib's planned join count, computed in Python as it does
+      server["num_join_clients"] = jnp.int32(max(int(num_clients * self.join_ratio), 1))
+    return server, clients
+
+  def download(self, server_state):
+    return {"params": server_state["params"]}
 
   def local_loss(self, server_state):
     """``CE + β·NTD`` against the received global model."""
@@ -131,10 +146,9 @@ class FedNTD(FedAvg):
                                      self.local_loss(server_state))
     if not self.pfllib_compat:
       return client_state, params, stats
-    # The engine weighs this upload by n_k: dividing by n_k makes the weighted mean uniform.
+    # The engine weighs this upload by n_k: dividing by n_k makes the weighted sum Σ_k w_k.
     inv = 1.0 / jnp.maximum(data.train_count.astype(jnp.float32), 1.0)
-    scaled = jax.tree.map(lambda p: (p * inv).astype(p.dtype), params)
-    return client_state, {"scaled": scaled, "inv": inv}, stats
+    return client_state, jax.tree.map(lambda p: (p * inv).astype(p.dtype), params), stats
 
   @linear_server
   def server_update(self, server_state, uploads, weights, key):
@@ -142,7 +156,10 @@ class FedNTD(FedAvg):
     old = server_state["params"]
     if not self.pfllib_compat:
       return {"params": weighted_average(uploads, weights, fallback=old)}
-    mean = weighted_average(uploads, weights,
-                            fallback={"scaled": old, "inv": jnp.ones((), jnp.float32)})
-    params = jax.tree.map(lambda s: (s / mean["inv"]).astype(s.dtype), mean["scaled"])
-    return {"params": params}
+    total = jnp.sum(jnp.asarray(weights, jnp.float32))  # Σ n_k over the uploads that arrived
+    mean = weighted_average(uploads, weights, fallback=old)
+    scale = jnp.where(total > 0, total, 1.0) / server_state["num_join_clients"].astype(
+        jnp.float32)
+    params = jax.tree.map(lambda m, o: jnp.where(total > 0, m * scale, o).astype(o.dtype),
+                          mean, old)
+    return dict(server_state, params=params)
