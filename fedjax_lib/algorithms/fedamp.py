@@ -56,8 +56,9 @@ Differences from PFLlib (``pfllib_compat=True``, ``--pfllib-compat``, gives PFLl
   square) is built from ``.data`` copies, so it adds no gradient: PFLlib's FedAMP trains
   exactly like Local (its issue #95, "FedAMP curve identical to Local"). Default: the paper's
   client, starting from ``u_c``, with the squared term's gradient. Compat: PFLlib's client
-  (its own model as the start, the unsquared term's value added to the reported loss without
-  gradient).
+  (its own model as the start, the unsquared term's value added to the round's ``local_loss``
+  without gradient; the ``train_loss`` column stays the cross-entropy, where PFLlib's adds
+  that term too).
 - PFLlib builds ``u_c`` at the start of a round for that round's selected clients, from the
   previous round's uploads and the client's current model; here the server builds it at the
   end of a round for that round's uploaders (the same numbers with ``-jr 1`` and no

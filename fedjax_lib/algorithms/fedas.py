@@ -52,7 +52,9 @@ Differences from PFLlib (``serveras.py`` / ``clientas.py``): none in the procedu
   it; it is not computed here (it changes nothing).
 - The alignment trains in training mode (BatchNorm batch statistics; the aligned copy's
   running statistics are discarded, as PFLlib copies parameters only). PFLlib's copy of the
-  global model is in whatever mode the server's model was left in.
+  global model is in whatever mode the server's model was left in: training mode in round 0,
+  evaluation mode (with the first uploader's running statistics) from round 1 on. Only models
+  with BatchNorm or dropout notice.
 - New clients (``-nnc``): PFLlib's FedAS crashes there (its ``set_parameters`` needs a
   ``progress`` argument the fine-tuning call does not pass); here a new client fine-tunes the
   global model, as in FedAvg.

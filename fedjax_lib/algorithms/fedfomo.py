@@ -51,6 +51,10 @@ Differences from PFLlib (``pfllib_compat=True`` reproduces the first two):
 - Ties in ``P`` (e.g. every unvisited entry, 0) go to the lower client id
   (``lax.top_k``); PyTorch's ``topk`` leaves their order unspecified.
 - The reported ``train_loss`` is over the whole training list (PFLlib: its 80% part).
+- A client receives ``min(M, uploads of last round)`` models; PFLlib also caps ``M`` at its
+  planned join count ``int(N·jr)`` at start-up. The two differ only with ``-rjr``, whose rounds
+  can have more uploads than ``int(N·jr)`` (N = 20, ``-jr 0.1 -rjr``: PFLlib sends at most 2
+  models, here up to 5).
 - The paper compares the received models with the client's current model and normalises by
   ``Σ|w|``; we follow PFLlib's ``θ_old`` and ``Σ w⁺``. New clients (``-nnc``) are not
   supported (PFLlib's FedFomo never evaluates them).

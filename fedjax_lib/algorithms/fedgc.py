@@ -60,6 +60,10 @@ Differences from PFLlib (``clientgc.py``/``servergc.py``):
   PFLlib's over the client's classes only.
 - New clients (``-nnc``) are not supported: PFLlib's fine-tuning passes the raw labels to the
   ``|C_k|``-way head, which fails for any label ``>= |C_k|``.
+- Initial heads: every PFLlib client re-seeds torch with 0 before building its head, so row k
+  of every client's head starts as the same vector, whichever class it stands for. Here class
+  c's row starts from the global initial head's column c (different classes, different
+  vectors). Only early rounds can notice.
 - PFLlib's DNN emits ``log_softmax`` of its hidden features once ``fc`` is removed; here the
   head sees the ReLU features (see `fedjax_lib.models.mlp`).
 - ``lam`` is validated (``>= 0``, finite); ``lam = 0`` keeps the uploaded heads uncorrected.

@@ -74,6 +74,15 @@ Differences from PFLlib (``serverpac.py`` / ``clientpac.py``):
   drop_last loaders leave out up to ``batch_size − 1``, and count classes on another pass).
 - Prototypes come from the clients that uploaded (weight > 0); PFLlib also uses those of
   clients that dropped out after training.
+- PFLlib's uploaded heads are the clients' live head modules, and it writes each combined
+  head back into them as it goes (``set_head``): the k-th client's head is combined from the
+  *already combined* heads of the clients before it in upload order. Here every combination
+  reads the trained heads (the paper's rule). Not reproduced by the compat mode; it matters
+  when the QP spreads its weights (similar or small clients) and hardly when each client's
+  weight sits on its own head (strongly non-IID data).
+- In round 0 PFLlib computes the feature statistics with the model still in training mode
+  (batch statistics, moving the running ones); here in evaluation mode. Only models with
+  BatchNorm notice, and only before their first training.
 - ``train_loss`` is the cross-entropy of the evaluated model (PFLlib reports none for
   FedPAC). New clients (``-nnc``) are not supported, as in PFLlib.
 """

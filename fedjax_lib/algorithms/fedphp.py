@@ -41,7 +41,8 @@ Differences from PFLlib (``pfllib_compat=True``, ``--pfllib-compat``, evaluates 
   trained ``θ`` (views ``local``, then ``personal``; a client not selected in the previous
   round shows its last ``θ`` where PFLlib shows the global model: the same with ``-jr 1``).
   The engine evaluates before each round's training, so the state PFLlib reports at round r
-  is reported here at round r + 1.
+  is reported here at round r + 1, and PFLlib's last entry (the models trained in its final
+  round) has no counterpart: a compat run's "last" accuracy is PFLlib's second-to-last.
 - **Defaults.** ``mu = 0.9, lam = 0.01``, the values PFLlib's author recommends for FedPHP
   (PFLlib issue #102; 0.9 is also the authors' cap on μ). PFLlib's shared defaults ``-mu 0
   -lam 1`` make ``(1 − λ) = 0``: its local models never see a label, and ``θ_p = θ``.
