@@ -388,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
        dest="local_epochs", help="local epochs per round")
   _add(training, "-lbs", "--batch_size", "--batch-size", type=int, default=d.batch_size,
        dest="batch_size", help="local batch size (the last incomplete batch is dropped)")
+  _add(training, "--shuffle", default=d.shuffle, **boolean,
+       help="reshuffle each client's training samples every epoch (PFLlib's loader); "
+       "--shuffle false keeps the clients' own sample order every epoch (HtFLlib's loader)")
   _add(training, "-lr", "--local_learning_rate", "--learning-rate", type=float,
        default=d.learning_rate, dest="learning_rate", help="local SGD learning rate")
   _add(training, "-jr", "--join_ratio", "--join-ratio", type=float, default=d.join_ratio,

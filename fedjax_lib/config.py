@@ -53,7 +53,9 @@ class Config:
       ``None``: the data's. When given it must equal the data's sequence length (PFLlib's
       TextCNN pools over exactly ``max_len`` positions); image and sensor data ignore it.
   Training (per round): ``local_epochs`` passes over each selected client's data with batch
-    ``batch_size`` (drop_last, reshuffled every epoch), plain SGD at ``learning_rate``.
+    ``batch_size`` (drop_last, reshuffled every epoch), plain SGD at ``learning_rate``;
+    ``shuffle=False`` keeps every epoch in the client's own sample order (HtFLlib's training
+    loader, ``shuffle=False``, and PFLlib's FedFomo's).
   Learning-rate decay (PFLlib's ``-ld``/``-ldg``): with ``learning_rate_decay`` a client's
     learning rate(s) at its (k+1)-th round of training are ``learning_rate_decay_gamma``^k
     times the given ones — PFLlib's ``ExponentialLR``, stepped once per ``train()`` call;
@@ -153,6 +155,7 @@ class Config:
   global_rounds: int = 2000
   local_epochs: int = 1
   batch_size: int = 10
+  shuffle: bool = True
   learning_rate: float = 0.005
   join_ratio: float = 1.0
   random_join_ratio: bool = False
@@ -285,11 +288,15 @@ class Config:
       raise ConfigError(f"dp_sigma={self.dp_sigma!r} is invalid; accepted: the noise "
                         "multiplier σ, a finite number >= 0")
     _positive_float("dp_clip", self.dp_clip)
+    if self.privacy and self.shuffle is False:
+      raise ConfigError("privacy=True with shuffle=False: DP-SGD's accounting assumes batches "
+                        "drawn at random; keep shuffle=True (--shuffle true) with -dp")
     _in_range("dp_delta", self.dp_delta, 0.0, 1.0, low_open=True, high_open=True)
     if self.on_nan not in ON_NAN:
       raise ConfigError(f"on_nan={self.on_nan!r} is invalid; choose one of: {', '.join(ON_NAN)}")
     for name in ("balance", "random_join_ratio", "auto_break", "progress", "pfllib_compat",
-                 "resume", "overwrite", "plot", "privacy", "dlg_eval", "learning_rate_decay"):
+                 "resume", "overwrite", "plot", "privacy", "dlg_eval", "learning_rate_decay",
+                 "shuffle"):
       if not isinstance(getattr(self, name), bool):
         raise ConfigError(f"{name}={getattr(self, name)!r} is not a boolean; use true/false")
     if self.executor not in EXECUTORS:

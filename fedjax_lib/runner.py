@@ -344,6 +344,7 @@ def make_algorithm(config: Config, data, model):
   private = ({"dp_clip": float(config.dp_clip), "dp_sigma": float(config.dp_sigma)}
              if config.privacy else {})
   local = LocalSpec(learning_rate=float(config.learning_rate), batch_size=config.batch_size,
+                    shuffle=config.shuffle,
                     local_epochs=config.local_epochs, steps_per_epoch=steps_per_epoch,
                     unroll=unroll, loop=loop, **private)
   params = algorithm_params(config)

@@ -88,6 +88,8 @@ FLAGS = [
     (["-m", "cnn,mlr", "-nc", "4", "-algo", "FedProto"], ["FedProto", "'mlr'",
                                                         "base/head split"]),
     (["-m", "mlr", "-nc", "4", "-algo", "FedTGP"], ["FedTGP", "'mlr'", "base/head split"]),
+    (["-dp", "-dps", "1", "--shuffle", "false"], ["shuffle=False", "drawn at random"]),
+    (["--shuffle", "sometimes"], ["--shuffle", "sometimes"]),
 ]
 
 

@@ -45,6 +45,21 @@ def test_boolean_flags_parse_false_correctly(text, value):
   assert parse(["-rjr", text]).random_join_ratio is value
 
 
+def test_shuffle_flag_reaches_the_local_spec():
+  """--shuffle false (HtFLlib's unshuffled loader) becomes Config(shuffle=False) and the
+  runner's LocalSpec; the default reshuffles."""
+  import types  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.models import make_model  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.runner import make_algorithm  # pylint: disable=import-outside-toplevel
+  assert parse([]).shuffle is True and parse(["--shuffle"]).shuffle is True
+  config = parse(["--shuffle", "false"])
+  assert config.shuffle is False
+  data = types.SimpleNamespace(train_count=np.array([40]), sample_shape=(12,), num_classes=3)
+  model = make_model("mlr", (12,), 3)
+  assert make_algorithm(config, data, model).local.shuffle is False
+  assert make_algorithm(parse([]), data, model).local.shuffle is True
+
+
 def test_algo_params_flag():
   assert parse(["--algo-param", "mu=0.01", "--algo-param", "k=3"]).algo_params == {
       "mu": 0.01, "k": 3}

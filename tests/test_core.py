@@ -1,5 +1,7 @@
 """Unit tests of the engine's parts against numpy / hand-derived references."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,6 +110,33 @@ def test_train_locally_matches_hand_written_sgd(loop):
   rows, valid = local.batch_schedule(data, jax.random.split(key)[0], spec)
   assert np.asarray(valid).all()  # 17 // 4 = 4 full steps per epoch
   want = _manual_sgd(params, x, y, rows, 0.1)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+  assert int(stats["steps"]) == 8
+
+
+@pytest.mark.parametrize("loop", ["scan", "valid"])
+def test_unshuffled_epochs_take_the_clients_order(loop):
+  """shuffle=False (HtFLlib's loader): every epoch the client's rows in train_idx order,
+  drop_last, the same for any key; SGD over them as the hand-written loop."""
+  x, y = _toy_problem()
+  order = np.random.default_rng(0).permutation(17).astype(np.int32)
+  idx = jnp.asarray(np.r_[order, np.zeros(5, np.int32)])
+  data = local.ClientData(x, y, idx, jnp.asarray(17))
+  spec = local.LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=2, steps_per_epoch=5,
+                         loop=loop, shuffle=False)
+  rows, valid = local.batch_schedule(data, jax.random.key(3), spec)
+  epoch = np.r_[order, [0, 0, 0]].reshape(5, 4)  # the padding rows (0) form invalid steps
+  np.testing.assert_array_equal(rows, np.concatenate([epoch, epoch]))
+  np.testing.assert_array_equal(valid, [True] * 4 + [False] + [True] * 4 + [False])
+  again, _ = local.batch_schedule(data, jax.random.key(4), spec)
+  np.testing.assert_array_equal(again, rows)
+  shuffled, _ = local.batch_schedule(data, jax.random.key(3),
+                                     dataclasses.replace(spec, shuffle=True))
+  assert not np.array_equal(shuffled, rows)
+  params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+  got, _, stats = local.train_locally(params, data, jax.random.key(1), spec, _linear_loss)
+  want = _manual_sgd(params, x, y, np.concatenate([epoch[:4], epoch[:4]]), 0.1)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
   assert int(stats["steps"]) == 8

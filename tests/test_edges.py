@@ -230,6 +230,14 @@ def test_results_of_another_config_are_not_overwritten_without_the_flag(tmp_path
   results = _quiet(config.replace(learning_rate=0.1, overwrite=True))
   saved = json.load(open(results.runs[0].files["json"]))
   assert saved["config"]["learning_rate"] == 0.1
+  # A file written before a field existed (here: shuffle) holds that field's default.
+  path = results.runs[0].files["json"]
+  del saved["config"]["shuffle"]
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(saved, f)
+  _quiet(config.replace(learning_rate=0.1))
+  with pytest.raises(ConfigError, match=r"different config \(shuffle: True → False\)"):
+    _quiet(config.replace(learning_rate=0.1, shuffle=False))
 
 
 def test_overwrite_replaces_the_checkpoints_of_another_config(tmp_path):

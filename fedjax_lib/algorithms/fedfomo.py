@@ -47,7 +47,8 @@ Differences from PFLlib (``pfllib_compat=True`` reproduces the first two):
   then makes its whole training list the validation split and leaves nothing to train on.
 - PFLlib's FedFomo training loader does not shuffle (every epoch the same batches in list
   order); here batches are reshuffled every epoch from the client's key, as for every
-  algorithm (the shared local-training routine has no unshuffled mode).
+  algorithm, unless the run sets ``--shuffle false`` (``Config(shuffle=False)``), which takes
+  the training list in order every epoch, as PFLlib's FedFomo does.
 - Ties in ``P`` (e.g. every unvisited entry, 0) go to the lower client id
   (``lax.top_k``); PyTorch's ``topk`` leaves their order unspecified.
 - The reported ``train_loss`` is over the whole training list (PFLlib: its 80% part).

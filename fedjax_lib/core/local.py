@@ -96,6 +96,8 @@ class LocalSpec:
     dp_clip: None (plain SGD gradients), or DP-SGD's per-example clipping norm C > 0.
     dp_sigma: DP-SGD's noise multiplier σ >= 0 (the noise's standard deviation is σ·C); read
       only when ``dp_clip`` is set.
+    shuffle: reshuffle the client's samples every epoch (PFLlib's loader); False: every epoch
+      in the order of the client's ``train_idx`` (HtFLlib's ``shuffle=False`` loader).
   """
   learning_rate: float = 0.005
   batch_size: int = 10
@@ -105,6 +107,7 @@ class LocalSpec:
   loop: str = "scan"
   dp_clip: Optional[float] = None
   dp_sigma: float = 0.0
+  shuffle: bool = True
 
   @property
   def num_steps(self) -> int:
@@ -141,14 +144,18 @@ def epoch_order(key: jax.Array, count: jax.Array, width: int) -> jax.Array:
 def batch_schedule(data: ClientData, key: jax.Array, spec: LocalSpec):
   """Sample rows and validity of every local step: ``rows [T, B]``, ``valid [T]``.
 
-  ``T = local_epochs * steps_per_epoch``; epoch ``e`` is shuffled with ``fold_in(key, e)``.
-  A step is valid when its whole batch lies within the client's samples (drop_last).
+  ``T = local_epochs * steps_per_epoch``; epoch ``e`` is shuffled with ``fold_in(key, e)``
+  (``spec.shuffle``; else every epoch takes ``train_idx`` in order). A step is valid when its
+  whole batch lies within the client's samples (drop_last).
   """
   width = data.train_idx.shape[0]
   b, s = spec.batch_size, spec.steps_per_epoch
   rows, valid = [], []
   for epoch in range(spec.local_epochs):
-    order = epoch_order(jax.random.fold_in(key, epoch), data.train_count, width)
+    if spec.shuffle:
+      order = epoch_order(jax.random.fold_in(key, epoch), data.train_count, width)
+    else:  # the valid positions come first in train_idx
+      order = jnp.arange(width)
     positions = order[: s * b].reshape(s, b)
     rows.append(data.train_idx[positions])
     valid.append((jnp.arange(s) + 1) * b <= data.train_count)
