@@ -375,15 +375,46 @@ def test_fedpac_server_combines_heads_and_scatters_them_by_id():
       np.testing.assert_allclose(new["protos"][c],
                                  np.asarray(uploads["protos"])[has[:, c], c].mean(0),
                                  rtol=1e-5, atol=1e-6)
-  # pfllib_compat: the same weights relabelled by scrambled_weights (tested above)
+  # pfllib_compat: the same weights relabelled by scrambled_weights (tested above), applied
+  # as PFLlib's loop does: in upload order, each combined head written back into the list the
+  # later combinations read (its uploaded heads are the clients' live modules).
   scrambled = np.asarray(pac_lib.scrambled_weights(jnp.asarray(alpha, jnp.float32),
                                                    jnp.asarray(valid), key))
   assert not np.allclose(scrambled, alpha)  # a non-trivial relabelling with this key
-  for slot, cid in enumerate([4, 1, 0, 5]):
-    if valid[slot]:
-      np.testing.assert_allclose(compat["heads"]["bias"][cid],
-                                 scrambled[slot] @ np.asarray(heads["bias"]), atol=1e-4)
+  order = np.asarray(pac_lib.valid_row_order(key, jnp.asarray(valid)))[:valid.sum()]
+  for name in ("kernel", "bias"):
+    live = np.where(valid.reshape((-1,) + (1,) * (heads[name].ndim - 1)),
+                    np.asarray(heads[name], np.float64), 0.0)
+    for t in order:
+      live[t] = np.tensordot(scrambled[t], live, axes=1)
+    for slot, cid in enumerate([4, 1, 0, 5]):
+      if valid[slot]:
+        np.testing.assert_allclose(compat["heads"][name][cid], live[slot], atol=1e-4)
   jax.tree.map(np.testing.assert_array_equal, compat["base"], new["base"])
+
+
+def test_combined_in_place_is_pfllibs_loop_over_live_heads():
+  """Slot t = order[0], order[1], ... takes Σ_j α[t, j]·H[j] of the heads as they are then
+  (earlier slots already combined); invalid slots stay untouched; a spread α makes the order
+  matter (one-shot combination differs)."""
+  r = np.random.default_rng(3)
+  alpha = r.uniform(size=(5, 5))
+  valid = np.array([True, True, False, True, True])
+  alpha = np.where(valid[:, None] & valid[None], alpha, 0.0)
+  alpha /= np.maximum(alpha.sum(1, keepdims=True), 1e-9)
+  heads = {"kernel": np.where(valid[:, None, None], r.normal(size=(5, 3, 2)), 0.0),
+           "bias": np.where(valid[:, None], r.normal(size=(5, 2)), 0.0)}
+  order = np.array([3, 0, 4, 1, 2])
+  got = jax.jit(pac_lib.combined_in_place)(jnp.asarray(alpha, jnp.float32),
+                                           jax.tree.map(lambda a: jnp.asarray(a, jnp.float32),
+                                                        heads),
+                                           jnp.asarray(valid), jnp.asarray(order))
+  for name, table in heads.items():
+    live = table.copy()
+    for t in order[:4]:
+      live[t] = np.tensordot(alpha[t], live, axes=1)
+    np.testing.assert_allclose(got[name], live, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(live, np.tensordot(alpha, table, axes=1), atol=1e-3)
 
 
 def test_fedpac_head_of_a_client_that_trained_and_dropped_out_is_its_own():

@@ -77,9 +77,10 @@ Differences from PFLlib (``serverpac.py`` / ``clientpac.py``):
 - PFLlib's uploaded heads are the clients' live head modules, and it writes each combined
   head back into them as it goes (``set_head``): the k-th client's head is combined from the
   *already combined* heads of the clients before it in upload order. Here every combination
-  reads the trained heads (the paper's rule). Not reproduced by the compat mode; it matters
-  when the QP spreads its weights (similar or small clients) and hardly when each client's
-  weight sits on its own head (strongly non-IID data).
+  reads the trained heads (the paper's rule); ``pfllib_compat=True`` combines in place in
+  the (scrambled) upload order, as PFLlib (:func:`combined_in_place`). It matters when the QP
+  spreads its weights (similar or small clients) and hardly when each client's weight sits on
+  its own head (strongly non-IID data).
 - In round 0 PFLlib computes the feature statistics with the model still in training mode
   (batch statistics, moving the running ones); here in evaluation mode. Only models with
   BatchNorm notice, and only before their first training.
@@ -226,6 +227,20 @@ def combination_weights(variance, h, valid) -> jax.Array:
   return jnp.where(alpha > MIN_WEIGHT, alpha, 0.0)
 
 
+def combined_in_place(alpha: jax.Array, heads, valid: jax.Array, order: jax.Array):
+  """PFLlib's head combination (``pfllib_compat``): slot by slot in ``order`` (its upload
+  order), ``H[t] ← Σ_j α[t, j]·H[j]`` written back at once, so later slots combine heads
+  already combined (PFLlib's uploaded heads are the clients' live modules, which ``set_head``
+  overwrites). ``heads``: the uploaded heads (leaves ``[K, ...]``, invalid slots zero)."""
+  def step(k, table):
+    t = order[k]
+    return jax.tree.map(
+        lambda h: jnp.where(valid[t], h.at[t].set(jnp.tensordot(alpha[t], h, axes=1,
+                                                                precision=_HIGHEST)), h),
+        table)
+  return jax.lax.fori_loop(0, valid.shape[0], step, heads)
+
+
 def scrambled_weights(alpha: jax.Array, valid: jax.Array, key: jax.Array) -> jax.Array:
   """PFLlib's assignment (``pfllib_compat``): ``α'[π(a), π(j)] = α[a, j]`` for a uniform
   random permutation π of the valid slots (padding-independent: `valid_row_order`)."""
@@ -245,8 +260,8 @@ class FedPAC(Algorithm):
   Attributes:
     lam: weight λ of the feature-alignment MSE to the global prototypes (PFLlib ``-lam``,
       default 1.0).
-    pfllib_compat: scramble the head combination by a random permutation, as PFLlib's
-      ordering bug does (module docstring).
+    pfllib_compat: scramble the head combination by a random permutation and combine the
+      heads in place, as PFLlib's ordering and aliasing bugs do (module docstring).
   """
   DECAYED_RATES = ("local.learning_rate",)  # -ld: the one optimizer (head epoch and base epochs)
 
@@ -336,13 +351,15 @@ class FedPAC(Algorithm):
     base = weighted_average(uploads["base"], weights, fallback=server_state["base"])
     prototypes = class_mean_server(uploads, weights)
     alpha = combination_weights(uploads["variance"], uploads["h"], valid)
+    trained = jax.tree.map(
+        lambda heads: jnp.where(valid.reshape((-1,) + (1,) * (heads.ndim - 1)),
+                                heads.astype(jnp.float32), 0.0), uploads["head"])
     if self.pfllib_compat:
       alpha = scrambled_weights(alpha, valid, key)
-    combined = jax.tree.map(
-        lambda heads: jnp.tensordot(
-            alpha, jnp.where(valid.reshape((-1,) + (1,) * (heads.ndim - 1)),
-                             heads.astype(jnp.float32), 0.0),
-            axes=1, precision=_HIGHEST), uploads["head"])
+      combined = combined_in_place(alpha, trained, valid, valid_row_order(key, valid))
+    else:
+      combined = jax.tree.map(
+          lambda heads: jnp.tensordot(alpha, heads, axes=1, precision=_HIGHEST), trained)
     num_clients = server_state["head_round"].shape[0]
     rows = jnp.where(valid, uploads["id"], num_clients)  # N: dropped by the scatter
     heads = jax.tree.map(lambda table, new: table.at[rows].set(new.astype(table.dtype),
