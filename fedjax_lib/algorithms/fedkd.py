@@ -49,6 +49,10 @@ Differences from HtFLlib (``clientkd.py``/``serverkd.py``):
 - 1 ≤ k ≤ min(m, n). HtFLlib's loop takes the first k < min(m, n) with ``Σ_{i<k} σ_i² >
   T Σ σ²``, else k = 0, which zeroes the tensor (e.g. σ = (1, 1), T = 0.95); a zero matrix
   gets k = 1 (HtFLlib: raw). A matrix with a side of 1 is raw (HtFLlib: only out = 1).
+  **Not reproduced by** ``pfllib_compat``: HtFLlib sends zeros for every tensor whose energy
+  its loop cannot reach, e.g. 1×1 and 1×9 conv kernels (GoogLeNet's, resnet10's downsampling,
+  HARCNN's: the mentees of HtFE-img-5, -img-3 and HtFE-sen-*) and FedAvgCNN's initial 10×512
+  head at T = 0.95; compat sends them as this rule does.
 - An SVD that fails on finite input sends the tensor raw; non-finite parameters stay
   non-finite, so the engine's guard stops the run (HtFLlib: ``LinAlgError: SVD did not
   converge``, PFLlib #229).

@@ -50,6 +50,12 @@ Differences from HtFLlib (``clientktl.py``/``serverktl_*.py``):
 - Generated images keep the clients' value range ``[-1, 1]`` and are converted to the clients'
   channel count (mean of RGB for one channel); HtFLlib's clients are always RGB.
 - ``train_loss`` is the cross-entropy of the margin-free scaled cosines ``s·cos θ_k``.
+- The prototypes average every training sample; HtFLlib's ``collect_protos`` iterates its
+  ``drop_last`` training loader, leaving out each client's last ``n mod B`` samples (a class
+  seen only there is not uploaded). As FedTGP's and FedGH's.
+- HtFLlib's ``-algo FedKTL-stylegan-xl`` / ``-stylegan-3`` / ``-stable-diffusion`` name its
+  pretrained generators; here the generator is given with ``-GPath`` (a Flax bridge), and
+  those names are refused.
 
 Numerics: with s = 64 the clients' gradient norms are in the thousands (1,204 for the CNN's
 first digits batch), so nearly every step is clipped to norm 100, a normalised-gradient

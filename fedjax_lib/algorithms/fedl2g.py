@@ -39,7 +39,10 @@ a non-zero gradient row), ``C·k`` down per client (V).
 Differences from HtFLlib (no behaviour of it needs a ``pfllib_compat`` switch):
 
 - Regular training reshuffles the study set every epoch (HtFLlib: a fixed order), as every
-  algorithm here does.
+  algorithm here does unless ``--shuffle false``.
+- With ``-fs`` (few-shot) the clients train and meta-learn on their few-shot subsets;
+  HtFLlib's FedL2G clients read their training data without the ``few_shot`` argument, so
+  they use every sample there.
 - A client with fewer than ``M_s`` full study batches averages its pseudo-loss over those it
   has (HtFLlib divides by ``M_s``); one without any (fewer than ``(M_q + 1)·B`` training
   samples) never trains and sends nothing (HtFLlib's meta step fails on it).
