@@ -478,3 +478,35 @@ def test_fedbn_learns_on_digits_with_batchnorm():
   means = np.asarray(stats["model_state"]["batch_stats"]["base"]["bn"]["mean"])
   assert not np.allclose(means[0], means[1])  # running statistics per client
   assert eng.evaluate(server, clients, root, 5)["test_acc"] > 0.85
+
+
+def test_new_clients_fine_tune_in_training_mode():
+  """PFLlib fine-tunes a new client in ``train()`` mode (batch statistics; running statistics
+  updated by the batches, never by SGD); the engine's fine-tuning is `train_model`'s, and an
+  evaluation-mode fine-tuning (the engine's before 2026-12-04) gives other numbers."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import functools  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.core import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.core.local import (cross_entropy_objective, train_locally,  # pylint: disable=import-outside-toplevel
+                                     train_model)
+  eng, server, _, root = train_batchnorm_dnn_on_digits("FedAvg", "sequential", rounds=1)
+  alg, data, cid, key = eng._alg(0, {}), eng.arrays["data"], 3, jax.random.key(7)
+  _, fresh = alg.init(rng.init_key(root), jnp.asarray(data.x[0]), 1)
+  template = jax.tree.map(lambda a: a[0], fresh)
+  got = eng._new_client_fn({}, server, template, eng.arrays, jnp.int32(cid), key, 0, 2)
+  start = alg.new_client_variables(server, template)
+  client = ClientData(data.x, data.y, data.train_idx[cid], data.train_count[cid])
+  spec = dataclasses.replace(alg.local, local_epochs=2)
+
+  def metrics(variables):
+    return evaluate_lib.view_metrics({"": functools.partial(alg.model.apply, variables)},
+                                     data.x, data.y, data.test_idx[cid], data.test_count[cid],
+                                     data.train_idx[cid], data.train_count[cid])
+  trained, _, _ = train_model(alg.model, start, client, key, spec, cross_entropy_objective)
+  old, _, _ = train_locally(start, client, key, spec, alg.ce_loss)
+  for stats in (trained["batch_stats"], old["batch_stats"]):
+    assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, stats, start["batch_stats"])))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               got, metrics(trained))
+  before = metrics(old)
+  assert not all(np.allclose(before[k], got[k]) for k in got)

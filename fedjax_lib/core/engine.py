@@ -52,8 +52,10 @@ from fedjax_lib.core import evaluate as evaluate_lib
 from fedjax_lib.core import executors as executors_lib
 from fedjax_lib.core import rng
 from fedjax_lib.core.executors import CLIENTS, GroupSlots, SlotOutputs
-from fedjax_lib.core.local import ClientData, SampleFeatures, train_locally
+from fedjax_lib.core.local import (ClientData, SampleFeatures, cross_entropy_objective,
+                                   train_locally, train_model)
 from fedjax_lib.errors import ConfigError
+from fedjax_lib.models.base import has_train_mode
 
 
 class DeviceData(NamedTuple):
@@ -1029,7 +1031,13 @@ class Engine:
     if epochs > 0:
       spec = dataclasses.replace(alg.local, local_epochs=epochs)
       client_data = ClientData(data.x, data.y, data.train_idx[cid], data.train_count[cid])
-      variables, _, _ = train_locally(variables, client_data, key, spec, alg.ce_loss)
+      if hasattr(alg.model, "base") and has_train_mode(alg.model):
+        # PFLlib fine-tunes in train() mode: batch statistics, running statistics updated
+        # (not trained by SGD), dropout on.
+        variables, _, _ = train_model(alg.model, variables, client_data, key, spec,
+                                      cross_entropy_objective)
+      else:
+        variables, _, _ = train_locally(variables, client_data, key, spec, alg.ce_loss)
     return evaluate_lib.view_metrics(
         {"": functools.partial(alg.model.apply, variables)}, data.x, data.y,
         data.test_idx[cid], data.test_count[cid], data.train_idx[cid], data.train_count[cid])
