@@ -215,9 +215,15 @@ class Config:
     its default.
     """
     now = self.to_dict()
-    saved = {**Config().to_dict(), **saved}
+    saved = Config.with_defaults(saved)
     return [f"{k}: {saved.get(k)!r} → {now[k]!r}" for k in sorted(now)
             if k not in self.RESUMABLE_CHANGES and _jsonish(saved.get(k)) != _jsonish(now[k])]
+
+  @staticmethod
+  def with_defaults(saved: dict) -> dict:
+    """``saved`` (a config written to a checkpoint or results file) with the fields it lacks
+    (written before they existed) at their defaults."""
+    return {**Config().to_dict(), **saved}
 
   def replace(self, **changes: Any) -> "Config":
     return dataclasses.replace(self, **changes)

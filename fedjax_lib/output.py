@@ -169,7 +169,7 @@ def config_difference(saved: dict, now: dict, ignore: Iterable[str] = ()) -> lis
   ``ignore``). A field missing from ``saved`` (a file written before the field existed)
   counts as its default, as a checkpoint's does (`Config.resume_mismatch`)."""
   from fedjax_lib.config import Config  # pylint: disable=import-outside-toplevel
-  saved = {**{k: v for k, v in Config().to_dict().items() if k in now}, **saved}
+  saved = Config.with_defaults(saved)
   keys = sorted((set(saved) | set(now)) - set(EXECUTION_FIELDS) - set(ignore))
   return [f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in keys
           if _canonical(saved.get(k)) != _canonical(now.get(k))]

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from fedjax_lib.algorithms.base import check_bool, check_number, check_positive, linear_server
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
-from fedjax_lib.algorithms.scaffold import check_join_ratio
+from fedjax_lib.algorithms.scaffold import check_join_ratio, client_counts
 from fedjax_lib.core.aggregate import weighted_average
 from fedjax_lib.core.local import masked_cross_entropy, train_locally
 
@@ -121,8 +121,9 @@ class FedNTD(FedAvg):
 
   def init(self, key, sample_x, num_clients):
     server, clients = super().init(key, sample_x, num_clients)
-    if self.pfllib_compat:  # PFLlib's planned join count, computed in Python as it does
-      server["num_join_clients"] = jnp.int32(max(int(num_clients * self.join_ratio), 1))
+    if self.pfllib_compat:  # PFLlib's planned join count int(N·jr)
+      server["num_join_clients"] = client_counts(num_clients, self.join_ratio)[
+          "num_join_clients"]
     return server, clients
 
   def download(self, server_state):
@@ -157,9 +158,7 @@ class FedNTD(FedAvg):
     if not self.pfllib_compat:
       return {"params": weighted_average(uploads, weights, fallback=old)}
     total = jnp.sum(jnp.asarray(weights, jnp.float32))  # Σ n_k over the uploads that arrived
-    mean = weighted_average(uploads, weights, fallback=old)
-    scale = jnp.where(total > 0, total, 1.0) / server_state["num_join_clients"].astype(
-        jnp.float32)
+    scale = total / server_state["num_join_clients"].astype(jnp.float32)
     params = jax.tree.map(lambda m, o: jnp.where(total > 0, m * scale, o).astype(o.dtype),
-                          mean, old)
+                          weighted_average(uploads, weights), old)
     return dict(server_state, params=params)
