@@ -315,7 +315,7 @@ def _algorithm(config: Config, data, num_clients: int, algorithm, models: dict) 
   With several architectures a message every architecture gives appears once; the others are
   prefixed with ``model <name>:``, and so are refusals.
   """
-  architectures = models_lib.parse_model_names(config.model)
+  architectures = models_lib.dataset_architectures(config.model, config.dataset)
   k = len(architectures)
   per_arch: dict[str, list[str]] = {}
   for arch, model in models.items():

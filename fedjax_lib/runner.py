@@ -262,7 +262,7 @@ def build(config: Config) -> Built:
   if steps_per_epoch < 1:
     raise ConfigError(f"batch_size={config.batch_size} is larger than every client's training "
                       f"set (the largest has {largest} samples); use batch_size <= {largest}")
-  architectures = models_lib.parse_model_names(config.model)
+  architectures = models_lib.dataset_architectures(config.model, config.dataset)
   unique = tuple(dict.fromkeys(architectures))
   takes = lambda arch: "conv_impl" in models_lib.model_option_names(arch)
   if config.conv_impl != "auto" and not any(map(takes, unique)):
@@ -359,7 +359,7 @@ def make_algorithm(config: Config, data, model):
     global_arch = global_arch.split("+")[0]
   # The family's own global model (HtFLlib's args.global_model) is the shared model: the
   # algorithm made with it derives its shared model from it, which replacing the model keeps.
-  architectures = models_lib.parse_model_names(config.model)
+  architectures = models_lib.dataset_architectures(config.model, config.dataset)
   global_model = models_lib.make_model(global_arch, data.sample_shape, data.num_classes,
                                        dtype=config.dtype,
                                        feature_dim=feature_dim_of(config, architectures),
@@ -993,7 +993,10 @@ def _run_experiment(config: Config, log: Callable[[str], None]):
                                                          data.x[:1]))
            for arch, model in built.models.items()}
   if len(sizes) == 1:
-    models_text = f"model {config.model} ({sizes[built.architectures[0]]:,} parameters)"
+    arch = built.architectures[0]
+    chosen = ("" if models_lib.parse_model_names(config.model) == built.architectures else
+              f" → {arch} (PFLlib's choice on this dataset; -m FedAvgCNN keeps FedAvgCNN)")
+    models_text = f"model {config.model}{chosen} ({sizes[arch]:,} parameters)"
   else:
     models_text = (f"models {', '.join(f'{a} ({n:,} parameters)' for a, n in sizes.items())}"
                    f", client i uses {config.model}[i mod {len(built.architectures)}], "

@@ -308,3 +308,20 @@ def test_pfllib_compat_gives_text_models_the_references_log_softmax_features():
   variables = model.init(jax.random.key(0), x)
   features = model.apply(variables, x, method="features")
   np.testing.assert_allclose(np.exp(np.asarray(features)).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_cnn_on_a_digit5_folder_builds_pfllibs_digit5cnn(tmp_path):
+  """PFLlib's main.py builds -m CNN as Digit5CNN on a dataset named Digit5; so does the runner
+  (models, algorithm, per-client architectures); -m FedAvgCNN keeps FedAvgCNN."""
+  from fedjax_lib import runner  # pylint: disable=import-outside-toplevel
+  data = load_federated("digits32", num_clients=2, seed=0, scheme="iid")
+  folder = tmp_path / "Digit5"
+  write_pfllib_folder(data, str(folder))
+  config = parse(["-data", str(folder), "-m", "CNN", "-algo", "FedBN", "-nc", "2", "-gr", "1"])
+  built = runner.build(config)
+  assert built.architectures == ("digit5cnn",) and list(built.models) == ["digit5cnn"]
+  assert type(built.algorithm.model.base).__name__ == "Digit5CNNBase"
+  assert not built.warnings   # FedBN finds Digit5CNN's BatchNorm layers: nothing to warn
+  built = runner.build(config.replace(model="FedAvgCNN"))
+  assert built.architectures == ("cnn",)
+  assert any("has none: FedBN runs as FedAvg" in w and "digit5cnn" in w for w in built.warnings)

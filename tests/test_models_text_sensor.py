@@ -26,8 +26,8 @@ import optax
 import pytest
 
 from fedjax_lib.errors import ConfigError
-from fedjax_lib.models import (count_params, has_train_mode, make_model, parse_model_names,
-                               split_params)
+from fedjax_lib.models import (count_params, dataset_architectures, has_train_mode,
+                               make_model, parse_model_names, split_params)
 from fedjax_lib.models import text as text_lib
 
 TEXT = (200,)            # PFLlib's max_len: token ids
@@ -347,6 +347,20 @@ def test_every_pfllib_model_name_resolves():
       "mlr", "cnn", "dnn", "resnet18", "resnet10", "resnet34", "alexnet", "googlenet",
       "mobilenet_v2", "lstm", "bilstm", "fasttext", "textcnn", "transformer", "amazonmlp",
       "harcnn")
+
+
+@pytest.mark.parametrize('spec, dataset, expected', [
+    ('CNN', 'Digit5', ('digit5cnn',)),          # PFLlib main.py: "Digit5" in args.dataset
+    ('cnn', '/data/pfl/Digit5-dir0.1/', ('digit5cnn',)),
+    ('cnn', 'digit5', ('digit5cnn',)),
+    ('FedAvgCNN', 'Digit5', ('cnn',)),          # spelled out: FedAvgCNN
+    ('cnn,dnn', 'Digit5', ('cnn', 'dnn')),      # lists and families name their models
+    ('CNN', 'Cifar10', ('cnn',)),
+    ('CNN', '/data/Digit5/../Cifar10', ('cnn',)),
+    ('ResNet18', 'Digit5', ('resnet18',)),
+])
+def test_pfllib_cnn_on_digit5_is_digit5cnn(spec, dataset, expected):
+  assert dataset_architectures(spec, dataset) == expected
 
 
 def test_alexnet_counts_pools_and_input_size():

@@ -173,7 +173,7 @@ class FedBN(Algorithm):
                 "FedAvg; drop --pfllib-compat to keep its BatchNorm layers local"]
       return [f"FedBN keeps BatchNorm layers local, but model {context.model_name!r} has none: "
               "FedBN runs as FedAvg; use a model with BatchNorm (resnet4, resnet18, "
-              "googlenet, mobilenet_v2) or -algo FedAvg"]
+              "googlenet, mobilenet_v2, digit5cnn) or -algo FedAvg"]
     if context.num_new_clients and not context.fine_tuning_epoch_new:
       return [f"num_new_clients={context.num_new_clients} with fine_tuning_epoch_new=0: a new "
               "FedBN client is tested with the global layers and a freshly initialised "

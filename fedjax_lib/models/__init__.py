@@ -25,6 +25,7 @@ from fedjax_lib.models.text import text_model
 from fedjax_lib.models.zoo import FAMILIES
 from fedjax_lib.models.zoo import MODEL_NAMES
 from fedjax_lib.models.zoo import architecture_of_clients
+from fedjax_lib.models.zoo import dataset_architectures
 from fedjax_lib.models.zoo import family_global_model
 from fedjax_lib.models.zoo import init_model
 from fedjax_lib.models.zoo import make_model
@@ -51,6 +52,7 @@ __all__ = [
     'adaptive_avg_pool_matrix',
     'architecture_of_clients',
     'count_params',
+    'dataset_architectures',
     'feature_dim',
     'harcnn',
     'architecture_has_train_mode',

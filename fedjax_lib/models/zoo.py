@@ -17,7 +17,9 @@ name                                model
                                     images or larger (:mod:`~.alexnet`)
 ``vit_b_16``, ``vit_b_32``          torchvision's ViT-B at image size 32, HtFLlib's 2-layer
                                     ViT head (:mod:`~.vit`)
-``digit5cnn``                       PFLlib's Digit5CNN (:mod:`~.digit5`)
+``digit5cnn``                       PFLlib's Digit5CNN (:mod:`~.digit5`); what ``CNN``
+                                    builds on a Digit5 dataset
+                                    (:func:`dataset_architectures`)
 ``amazonmlp`` (``amazonmlp_500``,   PFLlib's/HtFLlib's AmazonMLP; the suffix lists the hidden
 ``amazonmlp_0``, ...)               widths (:mod:`~.mlp`)
 ``harcnn``, ``harcnn1``,            PFLlib's HARCNN, HtFLlib's HARCNN1/HARCNN3; ``_s2``,
@@ -56,6 +58,7 @@ Example::
 from collections.abc import Sequence
 import functools
 import numbers
+import os
 from typing import Any, Optional
 
 import jax
@@ -355,6 +358,29 @@ def parse_model_names(spec: str | Sequence[str]) -> tuple[str, ...]:
                         f'{_accepted_names()}')
     names.append(key)
   return tuple(names)
+
+
+def dataset_architectures(spec: str | Sequence[str], dataset: str) -> tuple[str, ...]:
+  """:func:`parse_model_names` with PFLlib's one dataset-dependent model: ``CNN`` on Digit5.
+
+  PFLlib's ``main.py`` builds ``-m CNN`` as FedAvgCNN sized to the images, except on a
+  dataset whose name contains ``Digit5``, where it builds ``Digit5CNN`` (BatchNorm, dropout).
+  This does the same for the name ``cnn`` alone (any case) on a dataset named ``*digit5*``
+  (a registry name or a folder's base name, any case); ``FedAvgCNN`` spelled out, a list or a
+  family keep FedAvgCNN (HtFLlib names its models explicitly).
+
+  Args:
+    spec: the model names, as :func:`parse_model_names` accepts them.
+    dataset: the dataset's registry name or folder path.
+
+  Returns:
+    The canonical names, ``('digit5cnn',)`` in the case above.
+  """
+  names = parse_model_names(spec)
+  tag = os.path.basename(os.path.normpath(str(dataset))).lower()
+  if isinstance(spec, str) and spec.strip().lower() == 'cnn' and 'digit5' in tag:
+    return ('digit5cnn',)
+  return names
 
 
 def architecture_of_clients(names: str | Sequence[str], num_clients: int) -> list[str]:
