@@ -161,8 +161,8 @@ def dataset_tag(dataset: str) -> str:
 
 
 def algorithm_params(config: Config) -> dict:
-  """``config.algo_params`` plus ``pfllib_compat``, ``global_rounds`` and ``join_ratio`` for
-  the algorithms that take them."""
+  """``config.algo_params`` plus ``pfllib_compat``, ``global_rounds``, ``join_ratio`` and
+  ``eval_gap`` for the algorithms that take them."""
   params = dict(config.algo_params)
   accepted = algorithms_lib.get_algorithm(config.algorithm).hyperparameters()
   if config.pfllib_compat and "pfllib_compat" in accepted:
@@ -171,6 +171,8 @@ def algorithm_params(config: Config) -> dict:
     params.setdefault("global_rounds", config.global_rounds)
   if "join_ratio" in accepted:  # SCAFFOLD's / FedDyn's / FedNTD's PFLlib divisor int(N·jr)
     params.setdefault("join_ratio", config.join_ratio)
+  if "eval_gap" in accepted:  # pFedMe's compat: PFLlib's evaluation rounds touch its clients
+    params.setdefault("eval_gap", config.eval_gap)
   return params
 
 

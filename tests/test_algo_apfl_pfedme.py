@@ -181,11 +181,20 @@ def test_pfedme_inner_and_outer_steps_match_numpy():
                         {"lam": lam, "K": steps, "p_learning_rate": lrp, "weight_decay": mu})
   stale = {"theta": _perturbed(params, 2)}  # last round's θ: not used, θ restarts from w_g
   state, upload, stats = algo.client_update({"params": params}, stale, data, jax.random.key(4))
+  (wk, wb), (tk, tb), loss = _numpy_pfedme(x, y, _head(params), _head(params), lr, lam, lrp,
+                                           mu, steps)
+  _close(upload["params"]["head"]["kernel"], wk)
+  _close(upload["params"]["head"]["bias"], wb)
+  _close(state["theta"]["params"]["head"]["kernel"], tk)
+  _close(state["theta"]["params"]["head"]["bias"], tb)
+  _close(stats["loss"], loss)
 
-  (wk, wb) = _head(params)
-  (tk, tb) = (wk, wb)
+
+def _numpy_pfedme(x, y, w, theta, lr, lam, lrp, mu, steps, batches=2):
+  """PFLlib's clientpFedMe.train on full batches: ``(w, θ, mean envelope loss)``."""
+  (wk, wb), (tk, tb) = w, theta
   losses = []
-  for _ in range(2):
+  for _ in range(batches):
     for _ in range(steps):
       ce = _ce(x, y, tk, tb)
       gk, gb = _ce_grads(x, y, tk, tb)
@@ -193,11 +202,56 @@ def test_pfedme_inner_and_outer_steps_match_numpy():
       tb = tb - lrp * (gb + lam * (tb - wb) + mu * tb)
     losses.append(ce + 0.5 * lam * (np.sum((wk - tk) ** 2) + np.sum((wb - tb) ** 2)))
     wk, wb = wk - lr * lam * (wk - tk), wb - lr * lam * (wb - tb)
+  return (wk, wb), (tk, tb), np.mean(losses)
+
+
+@pytest.mark.parametrize("trained, round_, eval_gap, theta_from", [
+    (False, 0, 1, "initial"),   # evaluated before its first training: θ from its initial copy
+    (False, 4, 2, "initial"),
+    (False, 3, 2, "global"),    # no evaluation this round: θ from the received model
+    (True, 2, 1, "global"),     # θ aliases the model, which holds the received weights
+])
+def test_pfedme_compat_clients_that_have_not_trained_are_pfllibs(trained, round_, eval_gap,
+                                                                 theta_from):
+  """PFLlib's clientpFedMe (-jr < 1): a client's personalized parameters are a copy of its
+  initial weights until it trains (then the model's own tensors); an evaluation copies them
+  into the model, where the first θ step starts. Tests that client and its view."""
+  x, y, model, initial, data = _toy(1)
+  global_ = _perturbed(initial, 7)
+  lr, lam, lrp, mu, steps = 0.2, 2.0, 0.1, 0.05, 3
+  algo = make_algorithm("pFedMe", model, _spec(lr),
+                        {"lam": lam, "K": steps, "p_learning_rate": lrp, "weight_decay": mu,
+                         "pfllib_compat": True, "eval_gap": eval_gap})
+  server, clients = algo.init(jax.random.key(0), x[0], 3)
+  assert set(server) == {"params", "round"} and not np.asarray(clients["trained"]).any()
+  assert set(algo.download(server)) == {"params"}  # the round is the server's own
+  server = {"params": global_, "round": jnp.int32(round_)}
+  client = {"theta": initial, "trained": jnp.asarray(trained)}
+  # the evaluation: the global model once trained, else the initial weights
+  personal = global_ if trained else initial
+  views = algo.eval_views(server, client, None, None)
+  _close(views["personal"](x), np.asarray(model.apply(personal, x), np.float64))
+  state, upload, stats = algo.client_update(server, client, data, jax.random.key(4))
+  start = _head(initial if theta_from == "initial" else global_)
+  (wk, wb), (tk, tb), loss = _numpy_pfedme(x, y, _head(global_), start, lr, lam, lrp, mu,
+                                           steps)
   _close(upload["params"]["head"]["kernel"], wk)
   _close(upload["params"]["head"]["bias"], wb)
   _close(state["theta"]["params"]["head"]["kernel"], tk)
   _close(state["theta"]["params"]["head"]["bias"], tb)
-  _close(stats["loss"], np.mean(losses))
+  _close(stats["loss"], loss)
+  assert bool(state["trained"])
+  weights = jnp.array([1.0])
+  new = algo.server_update(server, jax.tree.map(lambda a: a[None], upload), weights,
+                           jax.random.key(0))
+  assert int(new["round"]) == round_ + 1
+
+
+def test_runner_gives_pfedme_the_eval_gap():
+  from fedjax_lib import runner  # pylint: disable=import-outside-toplevel
+  config = Config(algorithm="pFedMe", eval_gap=3, pfllib_compat=True)
+  assert runner.algorithm_params(config)["eval_gap"] == 3
+  assert "eval_gap" not in runner.algorithm_params(config.replace(algorithm="FedAvg"))
 
 
 def test_pfedme_server_moves_by_beta_toward_the_weighted_average():
@@ -224,6 +278,8 @@ def test_pfedme_views(compat):
   x, _, model, params, _ = _toy()
   algo = make_algorithm("pFedMe", model, _spec(0.1), {"pfllib_compat": compat})
   server, client = {"params": params}, {"theta": _perturbed(params, 5)}
+  if compat:  # a client that has trained (see the test above for one that has not)
+    server, client = dict(server, round=jnp.int32(1)), dict(client, trained=jnp.asarray(True))
   views = algo.eval_views(server, client, None, None)
   personal = params if compat else client["theta"]
   _close(views["personal"](x), np.asarray(model.apply(personal, x), np.float64))
@@ -234,7 +290,7 @@ def test_pfedme_hyperparameters_and_settings_warnings():
   model = make_model("mlr", (DIM,), CLASSES)
   for name, bad in (("K", 0), ("K", 2.5), ("lam", -1.0), ("beta", -0.5),
                     ("p_learning_rate", float("inf")), ("weight_decay", -0.001),
-                    ("pfllib_compat", 1)):
+                    ("pfllib_compat", 1), ("eval_gap", 0)):
     with pytest.raises(ConfigError, match=name):
       make_algorithm("pFedMe", model, _spec(0.1), {name: bad})
   context = SettingsContext("mlr", np.zeros(DIM, np.float32), np.array([10, 20]))
@@ -278,3 +334,35 @@ def test_pfedme_learns_on_digits(tmp_path):
   run = _digits("pFedMe", {"lam": 15.0, "beta": 2.0}, tmp_path)
   assert run.best_test_acc >= 0.85, run.history["test_acc"]
   assert run.history["test_acc_global"][-1] > 0.6, run.history["test_acc_global"]
+
+
+def test_pfedme_compat_through_the_engine_marks_the_selected_clients():
+  """Under -jr < 1 with drops: after each round exactly the clients selected so far (dropped
+  ones too: PFLlib trains them before the drop) are marked trained, the others still test
+  their initial weights, and the vmap and sequential executors agree."""
+  from fedjax_lib.core import rng  # pylint: disable=import-outside-toplevel
+  from tests.test_engine import _engine, cohort_plan  # pylint: disable=import-outside-toplevel
+  data = _small_data(num_clients=6, seed=2)
+  params = {"pfllib_compat": True, "lam": 5.0, "beta": 1.5}
+  root = rng.root_key(0)
+  finals = {}
+  for executor in ("vmap", "sequential"):
+    eng = _engine("pFedMe", executor, data, jr=0.34, cdr=0.5, params=params)
+    server, clients = eng.init(root, data.x[0])
+    initial = jax.tree.map(np.array, next(iter(clients.values())))  # the round donates
+    seen = set()
+    for r in range(3):
+      plan, _, _ = cohort_plan(eng, clients, root, r)
+      seen |= {int(i) for i in np.asarray(plan.cohort)[np.asarray(plan.active)]}
+      server, clients, _ = eng.run_round(server, clients, root, r)
+      (state,) = clients.values()
+      assert {int(i) for i in np.flatnonzero(state["trained"])} == seen
+      assert int(server["round"]) == r + 1
+    assert len(seen) < 6
+    for i in set(range(6)) - seen:  # never trained: still the initial model
+      jax.tree.map(lambda a, b, i=i: np.testing.assert_array_equal(a[i], b[i]),
+                   state["theta"], initial["theta"])
+    finals[executor] = (server, clients)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float64),
+                                                       np.asarray(b, np.float64), atol=1e-5),
+               finals["vmap"], finals["sequential"])

@@ -34,10 +34,14 @@ Differences from PFLlib:
 - PFLlib's "personalized" evaluation tests the β-mixed global model: the personalized
   parameters its optimizer returns are the client model's own tensors, which hold the
   received global weights by the time they are tested. We test the client's ``θ``, the
-  paper's personalized model; ``pfllib_compat=True`` tests the global model (a client that
-  never trained in PFLlib tests its initial weights, which equal the initial global model).
-  (The authors' code has the same aliasing but tests right after local training, so it
-  reports each client's local ``w``.)
+  paper's personalized model; ``pfllib_compat=True`` tests the global model, and reproduces
+  what PFLlib does with a client that has not trained yet (``-jr < 1``): its personalized
+  parameters are still the copy of the initial weights it was built with, so it tests the
+  *initial* model, and the evaluation copies them into its model, so in the first round it
+  trains, if that round was evaluated (``r % eval_gap == 0``), its ``θ`` starts from the
+  initial weights (``w`` from the global model). With ``-jr 1`` every client trains in round
+  0, when both are the initial model, so nothing differs. (The authors' code has the same
+  aliasing but tests right after local training, so it reports each client's local ``w``.)
 - Only the selected clients train (as PFLlib; the authors' code trains every client each
   round), so an unselected client's ``θ`` is the one from its last training.
 - The round's ``local_loss`` is the envelope objective on each batch, ``CE(θ)`` at the last
@@ -51,6 +55,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from fedjax_lib.algorithms.base import (SettingsContext, check_bool, check_int, check_number,
                                         linear_server, stack_clients)
@@ -91,6 +96,11 @@ def inner_steps(loss_fn, theta, anchor, batch, key, steps: int, learning_rate, l
   return jax.lax.fori_loop(0, steps, step, (theta, jax.numpy.zeros((), jax.numpy.float32)))
 
 
+def tree_where(flag, on_true, on_false):
+  """``on_true`` where the scalar ``flag`` holds, else ``on_false`` (leaf by leaf)."""
+  return jax.tree.map(lambda a, b: jnp.where(flag, a, b), on_true, on_false)
+
+
 @register("pFedMe")
 @dataclasses.dataclass(frozen=True)
 class PFedMe(FedAvg):
@@ -105,7 +115,10 @@ class PFedMe(FedAvg):
     beta: β, the server's step toward the uploads' average (PFLlib ``-bt``; 1.0 here, 0.0
       in PFLlib: see the module docstring).
     weight_decay: μ of the inner steps (PFLlib's hard-coded 0.001).
-    pfllib_compat: evaluate the global model as PFLlib's "personalized" evaluation does.
+    eval_gap: the run's ``-eg`` (the runner passes it; read with ``pfllib_compat`` only, to
+      know which rounds PFLlib's evaluation ran before training).
+    pfllib_compat: evaluate the global model as PFLlib's "personalized" evaluation does, its
+      clients that have not trained yet their initial weights (module docstring).
   """
   DECAYED_RATES = ("p_learning_rate",)  # -ld: pFedMeOptimizer; the w step reads the undecayed lr
 
@@ -114,6 +127,7 @@ class PFedMe(FedAvg):
   p_learning_rate: float = 0.01
   beta: float = 1.0
   weight_decay: float = 0.001
+  eval_gap: int = 1
   pfllib_compat: bool = False
 
   def __post_init__(self):
@@ -122,6 +136,7 @@ class PFedMe(FedAvg):
     check_number(self.name, "p_learning_rate", self.p_learning_rate, finite=True)
     check_number(self.name, "beta", self.beta, finite=True)
     check_number(self.name, "weight_decay", self.weight_decay, finite=True)
+    check_int(self.name, "eval_gap", self.eval_gap, 1)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
 
   def check_settings(self, context: SettingsContext) -> list[str]:
@@ -140,8 +155,17 @@ class PFedMe(FedAvg):
     return warnings
 
   def init(self, key, sample_x, num_clients):
+    """Server ``{"params": w_g}`` and clients ``{"theta": θ}`` (the initial model); with
+    ``pfllib_compat`` also the server's round and each client's ``trained`` flag."""
     params = self.init_params(key, sample_x)
-    return {"params": params}, {"theta": stack_clients(params, num_clients)}
+    server, clients = {"params": params}, {"theta": stack_clients(params, num_clients)}
+    if self.pfllib_compat:
+      server["round"] = jnp.zeros((), jnp.int32)
+      clients["trained"] = jnp.zeros((num_clients,), bool)
+    return server, clients
+
+  def download(self, server_state):
+    return {"params": server_state["params"]}
 
   def envelope_loss(self, w, batch, key, theta):
     """The loss :func:`train_locally` runs with ``θ`` as its carry: the K inner steps give
@@ -153,11 +177,20 @@ class PFedMe(FedAvg):
     return ce + self.lam * proximal_term(w, theta), theta
 
   def client_update(self, server_state, client_state, data, key):
-    del client_state  # θ restarts from the received model every round, as w does
+    """``θ`` restarts from the received model every round, as ``w`` does (with
+    ``pfllib_compat``, a client's first θ may start from its initial weights: see the
+    module docstring)."""
     params = server_state["params"]
-    w, _, stats = train_locally(params, data, key, self.local, self.envelope_loss, aux=params)
+    start = params
+    if self.pfllib_compat:
+      evaluated = server_state["round"] % self.eval_gap == 0
+      start = tree_where(client_state["trained"] | ~evaluated, params, client_state["theta"])
+    w, _, stats = train_locally(params, data, key, self.local, self.envelope_loss, aux=start)
     theta = stats.pop("aux")
-    return {"theta": theta}, w, stats
+    state = {"theta": theta}
+    if self.pfllib_compat:
+      state["trained"] = jnp.ones((), bool)
+    return state, w, stats
 
   @linear_server
   def server_update(self, server_state, uploads, weights, key):
@@ -166,12 +199,18 @@ class PFedMe(FedAvg):
     previous = server_state["params"]
     average = weighted_average(uploads, weights, fallback=previous)
     # w_g + β·(avg − w_g): the same as (1 − β)·w_g + β·avg, and exactly w_g without uploads.
-    return {"params": jax.tree.map(
+    server = {"params": jax.tree.map(
         lambda p, a: (p + self.beta * (a - p)).astype(p.dtype), previous, average)}
+    if self.pfllib_compat:
+      server["round"] = server_state["round"] + 1
+    return server
 
   def personalized_params(self, server_state, client_state):
-    """``θ`` (the global model with ``pfllib_compat``)."""
-    return server_state["params"] if self.pfllib_compat else client_state["theta"]
+    """``θ``; with ``pfllib_compat`` the global model, or the initial one (its ``θ``) for a
+    client that has not trained yet."""
+    if not self.pfllib_compat:
+      return client_state["theta"]
+    return tree_where(client_state["trained"], server_state["params"], client_state["theta"])
 
   def predict(self, server_state, client_state, x):
     """The personalized model's logits."""
