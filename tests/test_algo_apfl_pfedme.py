@@ -10,7 +10,7 @@ from fedjax_lib import Config, run_experiment
 from fedjax_lib.algorithms import make_algorithm
 from fedjax_lib.algorithms.apfl import ALPHA_DECAY, apfl_sgd
 from fedjax_lib.algorithms.base import SettingsContext
-from fedjax_lib.core.local import ClientData, LocalSpec
+from fedjax_lib.core.local import ClientData, LocalSpec, train_locally
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
 from tests.test_engine import _small_data
@@ -366,3 +366,38 @@ def test_pfedme_compat_through_the_engine_marks_the_selected_clients():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float64),
                                                        np.asarray(b, np.float64), atol=1e-5),
                finals["vmap"], finals["sequential"])
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_apfl_new_clients_test_what_pfllib_tests(compat):
+  """New-client evaluation (-nnc, -ften 1): the fine-tuned global model; with pfllib_compat
+  the new client's untrained personal model (its initial weights), as PFLlib's clientAPFL."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import functools  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.core import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.core import rng  # pylint: disable=import-outside-toplevel
+  from tests.test_engine import _engine  # pylint: disable=import-outside-toplevel
+  data = _small_data(num_clients=5, seed=1)
+  eng = _engine("APFL", "vmap", data, jr=1.0, cdr=0.0, new_clients=1,
+                params={"pfllib_compat": compat})
+  root = rng.root_key(0)
+  server, clients = eng.init(root, data.x[0])
+  server, clients, _ = eng.run_round(server, clients, root, 0)
+  alg, arrays, cid, key = eng._alg(0, {}), eng.arrays["data"], 4, jax.random.key(3)
+  _, fresh = alg.init(rng.init_key(root), jnp.asarray(data.x[0]), 1)
+  template = jax.tree.map(lambda a: a[0], fresh)
+  got = eng._new_client_fn({}, server, template, eng.arrays, jnp.int32(cid), key, 0, 1)
+  client = ClientData(arrays.x, arrays.y, arrays.train_idx[cid], arrays.train_count[cid])
+  tuned, _, _ = train_locally(server["params"], client, key,
+                              dataclasses.replace(alg.local, local_epochs=1), alg.ce_loss)
+
+  def metrics(variables):
+    return evaluate_lib.view_metrics({"": functools.partial(alg.model.apply, variables)},
+                                     arrays.x, arrays.y, arrays.test_idx[cid],
+                                     arrays.test_count[cid], arrays.train_idx[cid],
+                                     arrays.train_count[cid])
+  tested, other = (template["params"], tuned) if compat else (tuned, template["params"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               got, metrics(tested))
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(got),
+                                                   jax.tree.leaves(metrics(other))))

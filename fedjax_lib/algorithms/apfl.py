@@ -40,6 +40,10 @@ Differences from PFLlib (``pfllib_compat=True`` reproduces PFLlib's client):
   the sum the step differentiates. With ``-ld`` both models' steps
   decay and α's keeps the undecayed rate, as PFLlib's (its α step reads
   ``self.learning_rate``).
+- New clients (``-nnc``): PFLlib fine-tunes a copy of the global model but tests the new
+  client's personal model, which it never trained (its initial weights, about chance
+  accuracy: a reference bug). We test the fine-tuned global model; ``pfllib_compat=True``
+  tests the initial weights as PFLlib does.
 - The official code mixes the two models' outputs (``α·v(x) + (1 − α)·w(x)``) and updates α
   once per round; we follow the paper's parameter mixture and per-step α, as PFLlib's final
   mixing of parameters does.
@@ -170,6 +174,12 @@ class APFL(FedAvg):
     if self.pfllib_compat:  # PFLlib keeps the mixture as the personal model
       v = mix(v, w, alpha)
     return {"params": v, "alpha": alpha}, w, dict(stats, alpha=alpha)
+
+  def new_client_tested_variables(self, server_state, client_state, tuned):
+    """``tuned`` (the fine-tuned global model); with ``pfllib_compat`` the new client's
+    untrained personal model ``v`` (its initial weights), as PFLlib tests it."""
+    del server_state
+    return client_state["params"] if self.pfllib_compat else tuned
 
   def personalized_params(self, server_state, client_state):
     """The parameters a client is evaluated with: ``α·v + (1 − α)·w_g`` (``v`` with

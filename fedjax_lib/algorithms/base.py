@@ -31,8 +31,10 @@ Optional hooks. A hook exists exactly when the algorithm's class defines it (see
   (FedBABU's fine-tuning).
 - ``new_client_variables(server_state, client_state) -> variables``: the full-model variables
   a client that never took part starts from in new-client evaluation (PFLlib's ``-nnc``); it is
-  then fine-tuned with :meth:`ce_loss` for ``-ften`` epochs and tested. ``client_state`` is a
-  freshly initialised client state.
+  then fine-tuned with :meth:`ce_loss` for ``-ften`` epochs and tested (with
+  :meth:`Algorithm.new_client_tested_variables` of the fine-tuned variables: themselves,
+  unless a compat mode reproduces a reference that tests something else). ``client_state``
+  is a freshly initialised client state.
 - ``warmup_client`` / ``warmup_server`` (both or neither): an initialisation period run once
   over ALL clients before round 0 (FedDBE's global mean).
 - ``receive_client(server_state, client_state, data, key) -> client_state``: what EVERY
@@ -239,6 +241,13 @@ class Algorithm:
   def new_client_variables(self, server_state, client_state):
     """Full-model variables a new client starts from (new-client evaluation)."""
     raise NotImplementedError
+
+  def new_client_tested_variables(self, server_state, client_state, tuned):
+    """The variables a new client is tested with, given ``tuned``, its fine-tuned
+    :meth:`new_client_variables` (default: ``tuned``; APFL's ``pfllib_compat`` tests
+    PFLlib's untrained personal model instead)."""
+    del server_state, client_state
+    return tuned
 
   def server_inputs(self):
     """Constant server inputs (a hook: see :func:`has_hook`), passed to ``server_update`` as

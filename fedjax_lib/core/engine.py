@@ -1038,6 +1038,7 @@ class Engine:
                                       cross_entropy_objective)
       else:
         variables, _, _ = train_locally(variables, client_data, key, spec, alg.ce_loss)
+    variables = alg.new_client_tested_variables(server_state, template, variables)
     return evaluate_lib.view_metrics(
         {"": functools.partial(alg.model.apply, variables)}, data.x, data.y,
         data.test_idx[cid], data.test_count[cid], data.train_idx[cid], data.train_count[cid])
