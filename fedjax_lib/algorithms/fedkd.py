@@ -49,10 +49,13 @@ Differences from HtFLlib (``clientkd.py``/``serverkd.py``):
 - 1 ≤ k ≤ min(m, n). HtFLlib's loop takes the first k < min(m, n) with ``Σ_{i<k} σ_i² >
   T Σ σ²``, else k = 0, which zeroes the tensor (e.g. σ = (1, 1), T = 0.95); a zero matrix
   gets k = 1 (HtFLlib: raw). A matrix with a side of 1 is raw (HtFLlib: only out = 1).
-  **Not reproduced by** ``pfllib_compat``: HtFLlib sends zeros for every tensor whose energy
-  its loop cannot reach, e.g. 1×1 and 1×9 conv kernels (GoogLeNet's, resnet10's downsampling,
-  HARCNN's: the mentees of HtFE-img-5, -img-3 and HtFE-sen-*) and FedAvgCNN's initial 10×512
-  head at T = 0.95; compat sends them as this rule does.
+  ``pfllib_compat`` reproduces all of it (:func:`choose_rank`, rank :data:`ZEROED`: the
+  tensor arrives as zeros and costs nothing on the wire): every tensor whose energy HtFLlib's
+  loop cannot reach is zeroed, e.g. 1×1 and 1×9 conv kernels (GoogLeNet's, resnet10's
+  downsampling, HARCNN's: the mentees of HtFE-img-5, -img-3 and HtFE-sen-*) and often
+  FedAvgCNN's 10×512 head at T = 0.95 (its 9 largest singular values rarely hold 95 %).
+  Not reproduced: HtFLlib's SVD of 3-D tensors (Conv1d kernels) pools over the wrong axis and
+  then fails to rebuild them; compat treats them as the default rule does.
 - An SVD that fails on finite input sends the tensor raw; non-finite parameters stay
   non-finite, so the engine's guard stops the run (HtFLlib: ``LinAlgError: SVD did not
   converge``, PFLlib #229).
@@ -111,28 +114,42 @@ def energy_at(round_index, energy_start, energy_end, global_rounds):
   return energy_start + progress * (energy_end - energy_start)
 
 
-def choose_rank(singular_values: jax.Array, energy) -> jax.Array:
+#: The rank of a tensor HtFLlib's loop truncates to nothing (``pfllib_compat``): zeros, and
+#: no floats on the wire. Rank 0 is a tensor sent raw.
+ZEROED = -1
+
+
+def choose_rank(singular_values: jax.Array, energy, htfllib: bool = False) -> jax.Array:
   """The smallest ``k ≥ 1`` whose first k singular values hold ``energy`` of Σσ².
 
   ``singular_values [..., r]`` are descending; leading axes (HtFLlib's per-slice SVD) are
   pooled into one rank. Returns an int32 in ``[1, r]``. Tested as ``Σ_{i>k} σ_i² ≤ (1 − T)·Σσ²``
   (the same condition): summed from the small end, float32 keeps the tail that a prefix sum
   would round away near T = 1.
+
+  ``htfllib=True``: HtFLlib's loop, the first ``k`` in ``1 … r − 1`` with ``Σ_{i<k} σ_i² >
+  T·Σσ²``, else :data:`ZEROED` (its ``threshold = 0``: the tensor is sent as empty factors
+  and rebuilt as zeros). The caller handles Σσ² = 0 (HtFLlib: raw).
   """
   r = singular_values.shape[-1]
   squares = jnp.square(singular_values.astype(jnp.float32)).reshape(-1, r).sum(0)
   tails = jnp.cumsum(squares[::-1])[::-1]  # tails[j] = Σ_{i>=j} σ_i²
+  if htfllib:  # Σ_{i<k} > T·Σ  <=>  tails[k] < (1 − T)·tails[0]
+    k = jnp.sum(tails[1:] >= (1.0 - energy) * tails[0]) + 1
+    return jnp.where(k <= r - 1, k, ZEROED).astype(jnp.int32)
   above = jnp.sum(tails[1:] > (1.0 - energy) * tails[0])
   return jnp.clip(above + 1, 1, r).astype(jnp.int32)
 
 
-def _matrices(shape: tuple, per_slice: bool):
+def _matrices(shape: tuple, htfllib: bool):
   """How a tensor of ``shape`` is decomposed: ``(to, back, matrix shape, slices)`` or None
-  for a tensor sent raw. ``per_slice``: HtFLlib's SVD of every (out, in) slice of a conv
-  kernel ``(kh, kw, in, out)``; otherwise one ``(-1, out)`` matrix."""
+  for a tensor sent raw. Default: one ``(-1, out)`` matrix when both sides are ≥ 2.
+  ``htfllib``: HtFLlib's rule, every tensor of ≥ 2 dims whose PyTorch first axis (``out``,
+  Flax's last) is > 1, a conv kernel ``(kh, kw, in, out)`` as one kh×kw matrix per (out, in)
+  slice."""
   if len(shape) < 2:
     return None
-  if per_slice and len(shape) == 4:
+  if htfllib and len(shape) == 4:
     kh, kw, cin, cout = shape
     to = lambda a: jnp.transpose(a, (3, 2, 0, 1))  # PyTorch's (out, in, kh, kw)
     back = lambda a: jnp.transpose(a, (2, 3, 1, 0))
@@ -140,40 +157,47 @@ def _matrices(shape: tuple, per_slice: bool):
   else:
     m, n, slices = int(np.prod(shape[:-1])), shape[-1], 1
     to, back = (lambda a: a.reshape(m, n)), (lambda a: a.reshape(shape))
+  if htfllib:
+    return None if shape[-1] < 2 else (to, back, (m, n), slices)
   return None if min(m, n) < 2 else (to, back, (m, n), slices)
 
 
-def compress_leaf(leaf: jax.Array, energy, per_slice: bool = False):
+def compress_leaf(leaf: jax.Array, energy, htfllib: bool = False):
   """``(rebuilt, rank)``: ``leaf`` truncated to :func:`choose_rank`'s rank and rebuilt, or
-  ``(leaf, 0)`` when it is sent raw (1-D, a side of 1, or an SVD that failed)."""
-  plan = _matrices(leaf.shape, per_slice)
+  ``(leaf, 0)`` when it is sent raw (1-D, a side of 1, or an SVD that failed).
+  ``htfllib``: HtFLlib's decomposition (:func:`_matrices`, :func:`choose_rank`): zeros and
+  rank :data:`ZEROED` where its loop finds no rank, raw for an all-zero tensor."""
+  plan = _matrices(leaf.shape, htfllib)
   if plan is None:
     return leaf, jnp.int32(0)
   to, back, _, _ = plan
   u, s, vt = jnp.linalg.svd(to(leaf.astype(jnp.float32)), full_matrices=False)
-  rank = choose_rank(s, energy)
+  rank = choose_rank(s, energy, htfllib)
   kept = jnp.where(jnp.arange(s.shape[-1]) < rank, s, 0.0)
   rebuilt = back((u * kept[..., None, :]) @ vt).astype(leaf.dtype)
   ok = jnp.isfinite(rebuilt).all()  # else: raw (a failed SVD; NaN input stays NaN)
+  if htfllib:
+    ok &= jnp.any(s > 0)  # HtFLlib sends an all-zero tensor raw
   return jnp.where(ok, rebuilt, leaf), jnp.where(ok, rank, 0)
 
 
-def compress(tree, energy, per_slice: bool = False):
+def compress(tree, energy, htfllib: bool = False):
   """``(rebuilt tree, ranks tree)``: :func:`compress_leaf` on every leaf."""
-  pairs = jax.tree.map(lambda a: compress_leaf(a, energy, per_slice), tree)
+  pairs = jax.tree.map(lambda a: compress_leaf(a, energy, htfllib), tree)
   return (jax.tree.map(lambda _, p: p[0], tree, pairs),
           jax.tree.map(lambda _, p: p[1], tree, pairs))
 
 
-def compressed_traffic(rebuilt, ranks, per_slice: bool = False) -> Traffic:
+def compressed_traffic(rebuilt, ranks, htfllib: bool = False) -> Traffic:
   """Floats (and bytes) on the wire: ``k·slices·(m + n + 1)`` per decomposed tensor, the
-  whole tensor for rank 0 (sent raw)."""
+  whole tensor for rank 0 (sent raw), nothing for :data:`ZEROED`."""
   floats = nbytes = jnp.float32(0)
   for leaf, rank in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(ranks)):
-    plan = _matrices(leaf.shape, per_slice)
+    plan = _matrices(leaf.shape, htfllib)
     raw = float(np.prod(leaf.shape))
     count = raw if plan is None else jnp.where(
-        rank > 0, rank.astype(jnp.float32) * plan[3] * (sum(plan[2]) + 1), raw)
+        rank > 0, rank.astype(jnp.float32) * plan[3] * (sum(plan[2]) + 1),
+        jnp.where(rank == 0, raw, 0.0))
     floats, nbytes = floats + count, nbytes + count * leaf.dtype.itemsize
   return Traffic(floats, nbytes)
 
@@ -188,7 +212,8 @@ class FedKD(SharedModelAlgorithm):
     energy_start, energy_end: T_start, T_end, the singular-value energy kept in round 0
       and in round ``global_rounds`` (``-Ts`` 0.95, ``-Te`` 0.98).
     global_rounds: R of the energy schedule (HtFLlib's ``-gr``; the runner fills it).
-    pfllib_compat: compress parameters, conv kernels per (out, in) slice, as HtFLlib does.
+    pfllib_compat: compress parameters, conv kernels per (out, in) slice, with HtFLlib's rank
+      rule (zeroing what it cannot reach), as HtFLlib does.
     shared_model: the mentee (None: ``model``).
   """
 
@@ -257,7 +282,7 @@ class FedKD(SharedModelAlgorithm):
                                           params["private"], private_state, shared_state)
     sent = params["shared"] if self.pfllib_compat else jax.tree.map(
         jnp.subtract, params["shared"], server_state["shared"])
-    values, ranks = compress(sent, self.energy(server_state), self.pfllib_compat)
+    values, ranks = compress(sent, self.energy(server_state), htfllib=self.pfllib_compat)
     return new_state, {"values": values, "ranks": ranks}, stats
 
   # ------------------------------------------------------------------ server
@@ -268,7 +293,7 @@ class FedKD(SharedModelAlgorithm):
     old = server_state["shared"]
     fallback = old if self.pfllib_compat else jax.tree.map(jnp.zeros_like, old)
     mean = uniform_average(uploads["values"], weights, fallback)
-    sent, ranks = compress(mean, self.energy(server_state), self.pfllib_compat)
+    sent, ranks = compress(mean, self.energy(server_state), htfllib=self.pfllib_compat)
     shared = sent if self.pfllib_compat else jax.tree.map(jnp.add, old, sent)
     trained = jnp.any(jnp.asarray(weights) > 0)
     keep = lambda new, before: jax.tree.map(lambda a, b: jnp.where(trained, a, b), new, before)
