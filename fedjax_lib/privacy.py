@@ -134,6 +134,7 @@ REVIEWED: dict[str, tuple[bool, str]] = {
     "FedKTL": (False, "it uploads class prototypes of raw client data"),
     "FD": (False, "it uploads per-class mean logits of raw client data"),
     "FedGen": (False, "each client uploads its raw class counts"),
+    "FedGen-PFLlib": (False, "each client uploads its raw class counts"),
     "FedL2G-feat": (False, "its meta step takes plain gradients on the quiz samples and uploads "
                     "a gradient of them"),
     "FedL2G-logit": (False, "its meta step takes plain gradients on the quiz samples and "

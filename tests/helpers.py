@@ -55,6 +55,7 @@ def as_images(data, shape=(2, 2, 3)):
 _SUITE_PARAMS = {
     "FedMRL": {"sub_feature_dim": 8},
     "FedGen": {"noise_dim": 4, "hidden_dim": 8, "server_epochs": 2},
+    "FedGen-PFLlib": {"noise_dim": 4, "hidden_dim": 8, "server_epochs": 2},
     "FedL2G-feat": {"warmup_rounds": 1},
     "FedL2G-logit": {"warmup_rounds": 1},
 }

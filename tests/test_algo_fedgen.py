@@ -152,14 +152,23 @@ def test_client_loss_is_ce_plus_the_generator_term_replayed_step_by_step():
   cd, key = _client(data, 1), jax.random.key(9)
   new, upload, stats = jax.jit(alg.client_update)(server, one, cd, key)
 
+  params, steps = replay_client(alg, data, cd, key, server, alg.variables(server, one))
+  assert int(stats["steps"]) == steps > 1
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  jax.tree.map(close, upload["head"], params["params"]["head"])
+  jax.tree.map(close, new["base"], params["params"]["base"])
+
+
+def replay_client(alg, data, cd, key, server, params, lr=0.1, batch_size=4):
+  """The client's SGD steps replayed in Python (its batches and step keys) on CE(model(x), y)
+  + CE(head(G(ε, y_s)), y_s) with the server's G and label pool: ``(params, steps)``."""
   shuffle_key, loss_key = jax.random.split(key)
   rows, valid = batch_schedule(cd, shuffle_key, alg.local)
-  params = alg.variables(server, one)
 
   def loss(p, x, y, step_key):
     labels, feats = fedgen.generated_batch(server["generator"], server["label_counts"],
-                                           jax.random.fold_in(step_key, 1), 4)
-    ones = jnp.ones(4)
+                                           jax.random.fold_in(step_key, 1), batch_size)
+    ones = jnp.ones(batch_size)
     return (masked_cross_entropy(alg.model.apply(p, x), y, ones)
             + masked_cross_entropy(alg.model.apply(p, feats, method="classify"), labels, ones))
 
@@ -169,12 +178,9 @@ def test_client_loss_is_ce_plus_the_generator_term_replayed_step_by_step():
       continue
     grads = grad(params, jnp.asarray(data.x[step_rows]), jnp.asarray(data.y[step_rows]),
                  jax.random.fold_in(loss_key, i))
-    params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+    params = jax.tree.map(lambda p, g: p - lr * g, params, grads)
     steps += 1
-  assert int(stats["steps"]) == steps > 1
-  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  jax.tree.map(close, upload["head"], params["params"]["head"])
-  jax.tree.map(close, new["base"], params["params"]["base"])
+  return params, steps
 
 
 def test_server_trains_the_generator_on_the_weighted_heads_and_averages_them():

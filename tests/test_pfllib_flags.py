@@ -237,20 +237,24 @@ def test_max_len_is_checked_against_text_data_only(tmp_path, capsys):
 
 def test_readme_decay_table_matches_the_algorithms():
   """Every algorithm stands in exactly one row of the README's -ld table, the row of what
-  it declares: -lr; pFedMe's -lrp; nothing (accepted, warned); refused (two rows)."""
+  it declares (client rates, server rates): -lr; pFedMe's -lrp; -lr and FedGen-PFLlib's
+  generator; nothing (accepted, warned); refused (two rows)."""
   import re  # pylint: disable=import-outside-toplevel
   path = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
   with open(path, encoding="utf-8") as f:
     section = f.read().split("## Learning-rate decay (-ld, -ldg)")[1].split("\n## ")[0]
   rows = [line.split("|")[1] for line in section.splitlines()
           if line.startswith("| ") and not line.startswith("| algorithms")]
-  expected = [("local.learning_rate",), ("p_learning_rate",), (), None, None]
+  lr = ("local.learning_rate",)
+  expected = [(lr, ()), (("p_learning_rate",), ()), (lr, ("generator_learning_rate",)),
+              ((), ()), (None, ()), (None, ())]
   assert len(rows) == len(expected)
   for name in algorithm_names():
     found = [i for i, row in enumerate(rows)
              if re.search(r"(?<![\w-])" + re.escape(name) + r"(?![\w-])", row)]
     assert len(found) == 1, (name, found)
-    assert get_algorithm(name).decayed_rates() == expected[found[0]], name
+    cls = get_algorithm(name)
+    assert (cls.decayed_rates(), cls.SERVER_DECAYED_RATES) == expected[found[0]], name
 
 
 @pytest.mark.parametrize("compat", [False, True])

@@ -181,7 +181,21 @@ def train_generator(params, heads, weights, label_counts, key, num_steps: int,
   """``num_steps`` steps of a fresh Adam (PyTorch's defaults: β = 0.9/0.999, ε = 1e-8) on
   :func:`ensemble_loss` of G's features, step s drawing its labels and noise from
   ``fold_in(key, s)``."""
-  tx = optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8)
+  tx = generator_adam(learning_rate)
+  params, _ = generator_steps(params, tx.init(params), tx, heads, weights, label_counts, key,
+                              num_steps, batch_size)
+  return params
+
+
+def generator_adam(learning_rate) -> optax.GradientTransformation:
+  """G's optimiser: ``torch.optim.Adam`` at its defaults (β = 0.9/0.999, ε = 1e-8)."""
+  return optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8)
+
+
+def generator_steps(params, opt_state, tx, heads, weights, label_counts, key, num_steps: int,
+                    batch_size: int):
+  """``(params, opt_state)`` after ``num_steps`` steps of ``tx`` from ``opt_state`` on
+  :func:`ensemble_loss` (see :func:`train_generator`)."""
 
   def loss_fn(p, step_key):
     labels, features = generated_batch(p, label_counts, step_key, batch_size)
@@ -195,8 +209,7 @@ def train_generator(params, heads, weights, label_counts, key, num_steps: int,
     updates, opt_state = tx.update(grads, opt_state, p)
     return optax.apply_updates(p, updates), opt_state
 
-  params, _ = jax.lax.fori_loop(0, num_steps, step, (params, tx.init(params)))
-  return params
+  return jax.lax.fori_loop(0, num_steps, step, (params, opt_state))
 
 
 def head_shape(variables, model_name: str = "this model") -> tuple[int, int]:
@@ -206,10 +219,86 @@ def head_shape(variables, model_name: str = "this model") -> tuple[int, int]:
       "generator against every client's head as a dense layer")
 
 
+# ---------------------------------------------------------------------------- the clients' side
+class GeneratorClients:
+  """What FedGen and FedGen-PFLlib share around the generator: hyperparameter checks, the
+  server's generator and label pool, the label pool's initialisation period, the clients'
+  regularised training and the settings checks. Mixed into an `Algorithm` dataclass with the
+  fields ``noise_dim``, ``generator_learning_rate``, ``hidden_dim`` and ``server_epochs``."""
+
+  def check_generator_hyperparameters(self):
+    check_int(self.name, "noise_dim", self.noise_dim, 1)
+    check_int(self.name, "hidden_dim", self.hidden_dim, 1)
+    check_int(self.name, "server_epochs", self.server_epochs, 0)
+    check_number(self.name, "generator_learning_rate", self.generator_learning_rate, 0.0,
+                 finite=True)
+
+  def generator_state(self, key, sample_x) -> dict:
+    """``{"generator": G's initial parameters, "label_counts": zeros [C]}`` (G from
+    ``fold_in(key, 1)``)."""
+    dim, num_classes = head_shape(abstract_variables(self.model, sample_x))
+    generator = init_generator(jax.random.fold_in(key, 1), self.noise_dim, num_classes,
+                               self.hidden_dim, dim)
+    return {"generator": generator, "label_counts": jnp.zeros((num_classes,), jnp.float32)}
+
+  # ------------------------------------------------------------------ initialisation period
+  def warmup_client(self, server_state, client_state, data, key):
+    """Uploads the client's training samples per class, once."""
+    del key
+    return client_state, class_counts(data, server_state["label_counts"].shape[0])
+
+  def warmup_server(self, server_state, uploads, weights, key):
+    """``label_counts`` = the sum of every client's class counts (the label pool)."""
+    del key
+    counts = jnp.where((weights > 0)[:, None], uploads, 0.0).sum(axis=0)
+    return {**server_state, "label_counts": counts}
+
+  # ------------------------------------------------------------------ rounds
+  def train_with_generator(self, server_state, variables, data, key):
+    """SGD on every parameter of ``variables`` (training mode) with, per step,
+    ``CE(model(x), y) + CE(head(G(ε, y_s)), y_s)``, G the server's (fixed) and ``y_s`` B
+    labels from its pool. Returns ``(trained variables, stats)``."""
+    generator, counts = server_state["generator"], server_state["label_counts"]
+    model, batch_size = self.model, self.local.batch_size
+
+    def loss_fn(params, batch, step_key, state):
+      full = {"params": params, **state}
+      (_, logits), state = apply_train(model, full, batch.x, step_key)
+      labels, features = generated_batch(generator, counts, jax.random.fold_in(step_key, 1),
+                                         batch_size)
+      synthetic = model.apply(full, features, method="classify")
+      loss = (masked_cross_entropy(logits, batch.y, batch.mask)
+              + masked_cross_entropy(synthetic, labels, jnp.ones((batch_size,))))
+      return loss, state
+
+    params, _, stats = train_locally(variables["params"], data, key, self.local, loss_fn,
+                                     aux=model_state(variables))
+    return {"params": params, **stats.pop("aux")}, stats
+
+  def check_generator_settings(self, context: SettingsContext) -> None:
+    """Refuses a head that is not one dense layer, and batches G's BatchNorm cannot
+    normalise (fewer than 2 labels)."""
+    head_shape(abstract_variables(self.model, context.sample_x),
+               f"model {context.model_name!r}")
+    if self.local.batch_size < 2:
+      raise ConfigError(
+          f"{self.name} runs its generator's BatchNorm in training mode on batches of "
+          f"batch_size labels, but batch_size={self.local.batch_size}: a batch of one "
+          "normalises every hidden unit to 0 (PyTorch raises); use batch_size >= 2 (-lbs)")
+
+
+def zero_unweighted(uploads, weights):
+  """``uploads`` with the slots of weight 0 (dropped, unselected, padding: they may hold
+  anything) set to zeros."""
+  keep = weights > 0
+  return jax.tree.map(lambda a: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0),
+                      uploads)
+
+
 # ---------------------------------------------------------------------------- the algorithm
 @register("FedGen")
 @dataclasses.dataclass(frozen=True)
-class FedGen(SplitAlgorithm):
+class FedGen(GeneratorClients, SplitAlgorithm):
   """Personal bases, a global dense head, and a server generator of labelled features that
   regularises every client's head.
 
@@ -234,62 +323,24 @@ class FedGen(SplitAlgorithm):
   TRAIN_MODE = True
 
   def __post_init__(self):
-    check_int(self.name, "noise_dim", self.noise_dim, 1)
-    check_int(self.name, "hidden_dim", self.hidden_dim, 1)
-    check_int(self.name, "server_epochs", self.server_epochs, 0)
-    check_number(self.name, "generator_learning_rate", self.generator_learning_rate, 0.0,
-                 finite=True)
+    self.check_generator_hyperparameters()
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
 
   def init(self, key, sample_x, num_clients):
-    dim, num_classes = head_shape(abstract_variables(self.model, sample_x))
     server, clients = super().init(key, sample_x, num_clients)
-    generator = init_generator(jax.random.fold_in(key, 1), self.noise_dim, num_classes,
-                               self.hidden_dim, dim)
-    return {**server, "generator": generator,
-            "label_counts": jnp.zeros((num_classes,), jnp.float32)}, clients
+    return {**server, **self.generator_state(key, sample_x)}, clients
 
   def variables(self, server_state, client_state):
     return super().variables({"head": server_state["head"]}, client_state)
 
-  # ------------------------------------------------------------------ initialisation period
-  def warmup_client(self, server_state, client_state, data, key):
-    """Uploads the client's training samples per class, once."""
-    del key
-    return client_state, class_counts(data, server_state["label_counts"].shape[0])
-
-  def warmup_server(self, server_state, uploads, weights, key):
-    """``label_counts`` = the sum of every client's class counts (the label pool)."""
-    del key
-    counts = jnp.where((weights > 0)[:, None], uploads, 0.0).sum(axis=0)
-    return {**server_state, "label_counts": counts}
-
-  # ------------------------------------------------------------------ rounds
   def client_update(self, server_state, client_state, data, key):
-    variables = self.variables(server_state, client_state)
-    generator, counts = server_state["generator"], server_state["label_counts"]
-    model, batch_size = self.model, self.local.batch_size
-
-    def loss_fn(params, batch, step_key, state):
-      full = {"params": params, **state}
-      (_, logits), state = apply_train(model, full, batch.x, step_key)
-      labels, features = generated_batch(generator, counts, jax.random.fold_in(step_key, 1),
-                                         batch_size)
-      synthetic = model.apply(full, features, method="classify")
-      loss = (masked_cross_entropy(logits, batch.y, batch.mask)
-              + masked_cross_entropy(synthetic, labels, jnp.ones((batch_size,))))
-      return loss, state
-
-    params, _, stats = train_locally(variables["params"], data, key, self.local, loss_fn,
-                                     aux=model_state(variables))
-    trained = {"params": params, **stats.pop("aux")}
+    trained, stats = self.train_with_generator(
+        server_state, self.variables(server_state, client_state), data, key)
     return self._client_state(trained), {"head": split_parts(trained)["head"]}, stats
 
   def server_update(self, server_state, uploads, weights, key):
-    # Slots of weight 0 (dropped, unselected, padding) may hold anything: zero them.
     keep = weights > 0
-    heads = jax.tree.map(lambda a: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0),
-                         uploads["head"])
+    heads = zero_unweighted(uploads["head"], weights)
     generator = server_state["generator"]
     if not self.pfllib_compat:
       trained = train_generator(generator, heads, weights, server_state["label_counts"], key,
@@ -306,11 +357,5 @@ class FedGen(SplitAlgorithm):
   def check_settings(self, context: SettingsContext) -> list[str]:
     """Refuses a head that is not one dense layer, and batches G's BatchNorm cannot
     normalise (fewer than 2 labels)."""
-    head_shape(abstract_variables(self.model, context.sample_x),
-               f"model {context.model_name!r}")
-    if self.local.batch_size < 2:
-      raise ConfigError(
-          f"FedGen runs its generator's BatchNorm in training mode on batches of batch_size "
-          f"labels, but batch_size={self.local.batch_size}: a batch of one normalises every "
-          "hidden unit to 0 (PyTorch raises); use batch_size >= 2 (-lbs)")
+    self.check_generator_settings(context)
     return super().check_settings(context)

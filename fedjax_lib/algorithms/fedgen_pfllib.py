@@ -1,0 +1,124 @@
+"""PFLlib's FedGen: the whole model shared, regularised by a server generator of features.
+
+PFLlib's ``-algo FedGen`` (``servergen.py``/``clientgen.py``) is ``-algo FedGen-PFLlib`` here;
+``-algo FedGen`` is HtFLlib's variant (personal bases, a shared head, G's Adam created afresh
+every round: :mod:`fedjax_lib.algorithms.fedgen`, whose generator, label pool and ensemble
+loss this module reuses). Zhu, Hong, Zhou, ICML 2021 (arXiv:2105.10056).
+
+The server owns a conditional feature generator (`fedjax_lib.algorithms.fedgen.Generator`,
+``Linear(nd + C, hd) → BatchNorm1d → ReLU → Linear(hd, d)``, always in training mode, noise
+``ε ~ U[0, 1)^nd``) and the label pool, the global class histogram that every client uploads
+once before round 0 (:meth:`FedGenPFLlib.warmup_client`). A round (B = ``-lbs``):
+
+1. Every client receives the global model ``w`` and G. A selected client trains the whole
+   model with SGD on, per step, ``CE(model(x), y) + CE(head(G(ε, y_s)), y_s)`` with ``y_s``
+   B labels from the pool (G fixed), and uploads its model.
+2. With the sample shares ``w_i = n_i / Σ_j n_j`` of the models that arrived, the server
+   trains G for ``server_epochs`` (``-se``, 1,000) Adam steps at ``generator_learning_rate``
+   (``-glr``) on ``CE(Σ_i w_i head_i(G(ε, y)), y)`` (`fedjax_lib.algorithms.fedgen.ensemble_loss`)
+   with B fresh labels each. **One Adam runs the whole training**: its moments persist from
+   round to round (server state ``"adam"``), and with ``-ld`` its rate decays by ``-ldg``
+   once per round (PFLlib's ``ExponentialLR`` on the generator's optimizer).
+3. ``w = Σ_i w_i w_i`` (FedAvg).
+
+Every client is evaluated with the global model (BatchNorm models with their own running
+statistics: parameters are sent, never buffers, as in PFLlib). Download per client: the model
+and G's parameters; upload: the model.
+
+Differences from PFLlib:
+
+- ``-lf`` (``localize_feature_extractor``: bases stay on the clients, only heads travel) is not
+  offered: ``-algo FedGen`` is that shape (HtFLlib's, which differs from PFLlib's ``-lf``
+  only in G's Adam, fresh every round there, and ``-se`` 100).
+- The label pool counts every training sample; PFLlib counts over its ``drop_last`` loader,
+  leaving out each client's last ``n_i mod B`` (random) samples.
+- Labels and noise come from the run's keys (PFLlib: numpy's and torch's unseeded RNGs).
+- fc1 sees batch-centred inputs and its bias is frozen (see the generator's docstring): the
+  same function in training mode, without Adam random-walking directions BatchNorm cancels.
+- A round in which no model arrives leaves G, its Adam and ``w`` unchanged (PFLlib asserts).
+- ``train_loss`` is the cross-entropy of the evaluated model alone (PFLlib's ``train_metrics``
+  adds the generator term on random labels).
+- A batch size below 2 is refused: BatchNorm in training mode needs two rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_lib.algorithms.base import SettingsContext
+from fedjax_lib.algorithms.fedavg import FedAvg
+from fedjax_lib.algorithms.fedgen import (GeneratorClients, generator_adam, generator_steps,
+                                          zero_unweighted)
+from fedjax_lib.algorithms.registry import register
+from fedjax_lib.algorithms.split import split_parts
+from fedjax_lib.core.aggregate import weighted_average
+
+
+@register("FedGen-PFLlib")
+@dataclasses.dataclass(frozen=True)
+class FedGenPFLlib(GeneratorClients, FedAvg):
+  """FedAvg of the whole model, its head regularised by a server generator trained with one
+  persistent Adam.
+
+  Server state ``{"params", "generator", "adam", "label_counts"}``; client state: BatchNorm
+  running statistics (``{"model_state"}``) for a model that has them, else nothing.
+
+  Attributes:
+    noise_dim: nd, the width of G's uniform noise (``-nd``; 512).
+    generator_learning_rate: G's Adam step size (``-glr``; 0.005), decayed per round by
+      ``-ld``.
+    hidden_dim: hd, G's hidden width (``-hd``; 512).
+    server_epochs: Adam steps on G per round, B labels each (``-se``; PFLlib's 1,000).
+  """
+
+  noise_dim: int = 512
+  generator_learning_rate: float = 0.005
+  hidden_dim: int = 512
+  server_epochs: int = 1000
+
+  TRAIN_MODE = True
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: the clients' SGD
+  SERVER_DECAYED_RATES = ("generator_learning_rate",)  # -ld: the generator's ExponentialLR
+
+  def __post_init__(self):
+    self.check_generator_hyperparameters()
+
+  def init(self, key, sample_x, num_clients):
+    server, clients = super().init(key, sample_x, num_clients)
+    server = {**server, **self.generator_state(key, sample_x)}
+    return {**server, "adam": generator_adam(self.generator_learning_rate).init(
+        server["generator"])}, clients
+
+  def client_update(self, server_state, client_state, data, key):
+    """SGD on the whole model: cross-entropy plus the head's on B generated features."""
+    trained, stats = self.train_with_generator(
+        server_state, self.variables(server_state, client_state), data, key)
+    running = {k: v for k, v in trained.items() if k != "params"}
+    return ({"model_state": running} if running else {}), {"params": trained["params"]}, stats
+
+  def server_update(self, server_state, uploads, weights, key):
+    """G's Adam steps against the arrived heads (from its persisted moments), then FedAvg."""
+    uploads = zero_unweighted(uploads, weights)
+    generator, adam = generator_steps(
+        server_state["generator"], server_state["adam"],
+        generator_adam(self.generator_learning_rate), split_parts(uploads)["head"], weights,
+        server_state["label_counts"], key, self.server_epochs, self.local.batch_size)
+    arrived = (weights > 0).any()
+    unchanged = lambda new, old: jax.tree.map(lambda a, b: jnp.where(arrived, a, b), new, old)
+    return {**server_state,
+            "params": weighted_average(uploads, weights, fallback=server_state["params"]),
+            "generator": unchanged(generator, server_state["generator"]),
+            "adam": unchanged(adam, server_state["adam"])}
+
+  def download(self, server_state):
+    """The global model and G's parameters (the label pool was sent once; Adam stays)."""
+    return {"params": server_state["params"], "generator": server_state["generator"]}
+
+  def check_settings(self, context: SettingsContext) -> list[str]:
+    """Refuses a head that is not one dense layer, and batches G's BatchNorm cannot
+    normalise (fewer than 2 labels)."""
+    self.check_generator_settings(context)
+    return super().check_settings(context)
