@@ -68,7 +68,7 @@ def check_settings(config: Config, data, num_clients: int, algorithm,
   warnings = (_rounds(config, algorithm) + _clients(config, data, num_clients)
               + _participation(config, num_clients, algorithm, sample_x)
               + _new_clients(config, data, num_clients, algorithm)
-              + _ignored(config, algorithm)
+              + _ignored(config, algorithm, models)
               + _feature_dim(config, data, models)
               + _vocabulary(config, data, models)
               + _max_len(config, data, models)
@@ -206,10 +206,15 @@ def _new_clients(config: Config, data, num_clients: int, algorithm) -> list[str]
   return out
 
 
-def _ignored(config: Config, algorithm) -> list[str]:
+def _ignored(config: Config, algorithm, models: dict) -> list[str]:
   """Flags that the chosen dataset or algorithm does not read."""
   out = []
-  if config.pfllib_compat and "pfllib_compat" not in algorithm.hyperparameters():
+  # --pfllib-compat also gives the models their references' log-softmax features where the
+  # reference splits them (`fedjax_lib.runner.log_softmax_quirk`): then it has an effect.
+  quirk = any(getattr(getattr(m, "base", None), "log_softmax_features", False)
+              for m in models.values())
+  if (config.pfllib_compat and "pfllib_compat" not in algorithm.hyperparameters()
+      and not quirk):
     offering = [name for name in algorithms_lib.algorithm_names()
                 if "pfllib_compat" in algorithms_lib.get_algorithm(name).hyperparameters()]
     out.append(f"pfllib_compat=True has no effect with {algorithm.name}: only "

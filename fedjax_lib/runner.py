@@ -28,7 +28,7 @@ from fedjax_lib import data as data_lib
 from fedjax_lib import dlg as dlg_lib
 from fedjax_lib import memory as memory_lib
 from fedjax_lib import models as models_lib
-from fedjax_lib.algorithms.base import has_hook, supports_train_mode
+from fedjax_lib.algorithms.base import has_hook, reference_splits, supports_train_mode
 from fedjax_lib import output as output_lib
 from fedjax_lib import privacy as privacy_lib
 from fedjax_lib import results as results_lib
@@ -206,16 +206,29 @@ def feature_dim_of(config: Config, architectures: tuple) -> Optional[int]:
   return DEFAULT_FEATURE_DIM if len(set(architectures)) > 1 else None
 
 
+def log_softmax_quirk(config: Config) -> bool:
+  """Whether ``--pfllib-compat`` gives the models their references' log-softmax features:
+  when the reference runs the model split into base and head (`reference_splits`: PFLlib's
+  main.py for FedAvg, FedPer, MOON, ..., and HtFLlib, which splits for every algorithm, so
+  every heterogeneous run); a whole model ending in ``log_softmax`` is raw logits (FedProx,
+  Ditto, SCAFFOLD, ...)."""
+  if not config.pfllib_compat:
+    return False
+  heterogeneous = len(set(models_lib.dataset_architectures(config.model, config.dataset))) > 1
+  return heterogeneous or reference_splits(algorithms_lib.get_algorithm(config.algorithm))
+
+
 def model_options(config: Config, arch: str) -> dict:
   """The options the runner gives model ``arch``: the text models' ``vocab_size`` (``-vs``,
-  else the dataset's, else PFLlib's 80) and, with ``--pfllib-compat``, the references'
-  log-softmax features of fasttext, textlr, textcnn, lstm and gru
-  (`fedjax_lib.models.text`), and ``--conv-impl`` to the models that take ``conv_impl``."""
+  else the dataset's, else PFLlib's 80) and, with ``--pfllib-compat`` where the reference
+  splits the model (:func:`log_softmax_quirk`), the references' log-softmax features of
+  fasttext, textlr, textcnn, lstm and gru (`fedjax_lib.models.text`), and ``--conv-impl`` to
+  the models that take ``conv_impl``."""
   names = models_lib.model_option_names(arch)
   options = {}
   if config.conv_impl != "auto" and "conv_impl" in names:
     options["conv_impl"] = config.conv_impl
-  if config.pfllib_compat and "log_softmax_features" in names:
+  if "log_softmax_features" in names and log_softmax_quirk(config):
     options["log_softmax_features"] = True
   if "vocab_size" not in names:
     return options

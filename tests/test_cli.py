@@ -300,6 +300,15 @@ def test_pfllib_compat_gives_text_models_the_references_log_softmax_features():
   assert runner.model_options(config, "bilstm") == {}  # no log_softmax in its reference
   assert runner.model_options(config, "cnn") == {}
   assert runner.model_options(config.replace(pfllib_compat=False), "lstm") == {}
+  # only where the reference splits the model: PFLlib's FedProx, Ditto, SCAFFOLD ... run the
+  # whole forward, whose final log_softmax leaves raw logits
+  for algorithm, quirk in (("FedAvg", True), ("FedPer", True), ("MOON", True),
+                           ("FedProx", False), ("Ditto", False), ("SCAFFOLD", False),
+                           ("FedProto", True), ("Local", False)):
+    assert bool(runner.model_options(config.replace(algorithm=algorithm), "lstm")) == quirk
+  # HtFLlib splits every model: a heterogeneous run gets the quirk whatever the algorithm
+  assert runner.model_options(config.replace(algorithm="Local", model="lstm,gru"), "gru") == {
+      "log_softmax_features": True}
   # the features are log-probabilities: their exponentials sum to one per sample
   import jax  # pylint: disable=import-outside-toplevel
   model = make_model("fasttext", (6,), 3, vocab_size=20,
@@ -325,3 +334,22 @@ def test_cnn_on_a_digit5_folder_builds_pfllibs_digit5cnn(tmp_path):
   built = runner.build(config.replace(model="FedAvgCNN"))
   assert built.architectures == ("cnn",)
   assert any("has none: FedBN runs as FedAvg" in w and "digit5cnn" in w for w in built.warnings)
+
+
+def test_pfllib_compat_warns_no_effect_only_where_it_has_none():
+  """--pfllib-compat with an algorithm without a compat mode: warned as having no effect,
+  unless it gives the models their references' log-softmax features (FedPer splits)."""
+  from fedjax_lib import checks  # pylint: disable=import-outside-toplevel
+  from fedjax_lib import runner  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.algorithms import make_algorithm  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.core.local import LocalSpec  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.models import make_model  # pylint: disable=import-outside-toplevel
+  spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1, steps_per_epoch=1)
+  for algorithm, arch, warned in (("FedPer", "fasttext", False), ("FedPer", "cnn", True),
+                                  ("FedProx", "fasttext", True)):
+    config = parse(["-data", "ag_news", "-m", arch, "-algo", algorithm, "--pfllib-compat"])
+    model = make_model(arch, (6,) if arch != "cnn" else (28, 28, 1), 4,
+                       **runner.model_options(config, arch))
+    found = checks._ignored(config, make_algorithm(algorithm, model, spec), {arch: model})  # pylint: disable=protected-access
+    assert any("pfllib_compat=True has no effect" in w for w in found) == warned, (
+        algorithm, arch, found)

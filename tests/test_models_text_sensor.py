@@ -286,6 +286,28 @@ def test_log_softmax_quirk_switch():
   np.testing.assert_allclose(logits, classified, rtol=1e-6)
 
 
+@pytest.mark.parametrize('name', ['dnn', 'mlr'])
+def test_pfllib_split_dnn_and_mlr_emit_log_softmax_features(name):
+  """PFLlib's DNN and Mclr_Logistic end in log_softmax; its BaseHeadSplit keeps that line, so
+  the base emits log_softmax of the hidden ReLU features (MLR: of the flattened input) and
+  the head is a linear map of them: numpy, float64."""
+  x = np.random.default_rng(0).normal(size=(3, 4, 4, 1)).astype(np.float32)
+  quirk = make_model(name, (4, 4, 1), 5, log_softmax_features=True)
+  plain = make_model(name, (4, 4, 1), 5)
+  variables = plain.init(jax.random.PRNGKey(1), x[:1])
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables['params'])
+  h = x.reshape(3, -1).astype(np.float64)
+  if name == 'dnn':
+    h = np.maximum(h @ p['base']['fc1']['kernel'] + p['base']['fc1']['bias'], 0.0)
+  h = h - h.max(1, keepdims=True)
+  f = h - np.log(np.exp(h).sum(1, keepdims=True))
+  features, logits = quirk.apply(variables, x, method='forward')
+  np.testing.assert_allclose(features, f, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits, f @ p['head']['kernel'] + p['head']['bias'], rtol=1e-5,
+                             atol=1e-5)
+  assert not np.allclose(plain.apply(variables, x), logits, atol=1e-3)
+
+
 # ---------------------------------------------------------------------------------------
 # Tiny learning checks, one per modality, with the smallest model of each.
 

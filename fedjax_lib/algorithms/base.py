@@ -167,6 +167,11 @@ class Algorithm:
   SERVER_DECAYED_RATES: ClassVar[tuple[str, ...]] = ()
   # Scheduler steps every client has taken before round 0 (FedDBE's start-up training).
   LR_DECAY_START: ClassVar[int] = 0
+  # Whether the reference runs the model as BaseHeadSplit(base, head) (PFLlib's main.py for
+  # FedAvg, FedPer, ... and every HtFLlib algorithm): a reference model whose forward ends in
+  # log_softmax then has log-probability features, which --pfllib-compat reproduces (the
+  # models' ``log_softmax_features``). Not inherited (:func:`reference_splits`).
+  REFERENCE_SPLIT: ClassVar[bool] = False
 
   @classmethod
   def hyperparameters(cls) -> dict[str, Any]:
@@ -400,6 +405,15 @@ def rows_traffic(rows: jax.Array, present: jax.Array) -> Traffic:
   per_row = int(np.prod(rows.shape[1:]))
   count = jax.numpy.sum(present.astype(jax.numpy.float32)) * per_row
   return Traffic(count, count * rows.dtype.itemsize)
+
+
+def reference_splits(algorithm) -> bool:
+  """Whether ``algorithm``'s own class (or ``algorithm``, a class) declares
+  ``REFERENCE_SPLIT = True``: its reference wraps the model in ``BaseHeadSplit``, so the
+  models' log-softmax quirk applies under ``--pfllib-compat`` (`fedjax_lib.models.text`). The
+  declaration is not inherited (FedProx's reference does not split, FedAvg's does)."""
+  cls = algorithm if isinstance(algorithm, type) else type(algorithm)
+  return bool(cls.__dict__.get("REFERENCE_SPLIT", False))
 
 
 def supports_train_mode(algorithm) -> bool:

@@ -59,7 +59,8 @@ Differences from PFLlib:
 - ``global_mean`` is a zero vector until the initialisation period has run (PFLlib: ``None``);
   the engine always runs it before round 0. PFLlib's unused ``num_batches_tracked`` is not kept.
 - Library-wide: the DNN's base emits ReLU features, not PFLlib's ``log_softmax`` of them (see
-  `fedjax_lib.models.mlp`), so the PRBM and the running mean live in that feature space.
+  `fedjax_lib.models.mlp`), so the PRBM and the running mean live in that feature space;
+  ``--pfllib-compat`` gives PFLlib's.
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ class FedDBE(FedAvg):
     momentum: EMA momentum of the running mean of representations (PFLlib ``-mo``).
     kl_weight: weight of the mean regularization (PFLlib ``-klw``).
   """
+
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
   # -ld: the model optimizer; the PRBM keeps the undecayed rate
   DECAYED_RATES = ("local.learning_rate",)
   LR_DECAY_START = 1  # -ld: PFLlib's start-up period calls train(), stepping the scheduler

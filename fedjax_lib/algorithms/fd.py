@@ -95,6 +95,8 @@ class FD(Algorithm):
       docstring) instead of the softmax target.
   """
 
+  REFERENCE_SPLIT = True  # HtFLlib's main.py wraps the model in BaseHeadSplit
+
   lam: float = 1.0
   pfllib_compat: bool = False
 

@@ -142,6 +142,8 @@ class FedAS(Algorithm):
     alignment_batch_size: the alignment's batch size (PFLlib: 16, fixed).
     alignment_epochs: the alignment's epochs (PFLlib: 1, fixed); 0 skips it.
   """
+
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
   DECAYED_RATES = ("local.learning_rate",)  # -ld: local SGD; the alignment keeps its own rate
 
   alignment_learning_rate: float = 0.01

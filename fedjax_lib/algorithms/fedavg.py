@@ -35,6 +35,7 @@ from fedjax_lib.models.base import has_train_mode, model_state
 class FedAvg(Algorithm):
   """Federated averaging of the whole model."""
 
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
   TRAIN_MODE = True
   DECAYED_RATES = ("local.learning_rate",)  # -ld: clientavg's one SGD optimizer
 

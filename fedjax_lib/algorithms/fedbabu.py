@@ -49,6 +49,8 @@ class FedBABU(Algorithm):
     fine_tuning_epochs: epochs of whole-model fine-tuning after the last round (PFLlib ``-fte``).
   """
 
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
+
 
   TRAIN_MODE = True
 

@@ -278,6 +278,8 @@ class FedCP(Algorithm):
     lam: λ, the weight of the MMD term (PFLlib ``-lam``).
     pfllib_compat: add Gumbel noise to the policy at evaluation time, as PFLlib does.
   """
+
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
   DECAYED_RATES = ()  # -ld: PFLlib trains with its own optimizer, never the decayed one
 
 

@@ -65,7 +65,8 @@ Differences from PFLlib (``clientgc.py``/``servergc.py``):
   c's row starts from the global initial head's column c (different classes, different
   vectors). Only early rounds can notice.
 - PFLlib's DNN emits ``log_softmax`` of its hidden features once ``fc`` is removed; here the
-  head sees the ReLU features (see `fedjax_lib.models.mlp`).
+  head sees the ReLU features (see `fedjax_lib.models.mlp`), and PFLlib's under
+  ``--pfllib-compat``.
 - ``lam`` is validated (``>= 0``, finite); ``lam = 0`` keeps the uploaded heads uncorrected.
 
 There is no ``pfllib_compat`` switch: nothing above changes what PFLlib computes where it
@@ -148,6 +149,8 @@ class FedGC(Algorithm):
   Attributes:
     lam: λ, the server's correction step is ``λ·lr`` (PFLlib's ``-lam``, default 1.0).
   """
+
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
   # -ld: the client SGD; the server correction lr·λ stays undecayed
   DECAYED_RATES = ("local.learning_rate",)
 

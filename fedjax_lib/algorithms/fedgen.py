@@ -313,6 +313,8 @@ class FedGen(GeneratorClients, SplitAlgorithm):
     pfllib_compat: keep G at its initialisation, as HtFLlib does (it never saves G).
   """
 
+  REFERENCE_SPLIT = True  # HtFLlib's main.py wraps the model in BaseHeadSplit
+
   noise_dim: int = 512
   generator_learning_rate: float = 0.005
   hidden_dim: int = 512

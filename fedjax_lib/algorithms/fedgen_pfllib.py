@@ -74,6 +74,8 @@ class FedGenPFLlib(GeneratorClients, FedAvg):
     server_epochs: Adam steps on G per round, B labels each (``-se``; PFLlib's 1,000).
   """
 
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
+
   noise_dim: int = 512
   generator_learning_rate: float = 0.005
   hidden_dim: int = 512

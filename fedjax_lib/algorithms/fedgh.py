@@ -73,6 +73,8 @@ class FedGH(SplitAlgorithm):
       100, its scripts 1).
   """
 
+  REFERENCE_SPLIT = True  # HtFLlib's main.py wraps the model in BaseHeadSplit
+
   server_learning_rate: float = 0.01
   server_epochs: int = 100
 

@@ -217,6 +217,8 @@ class FedKD(SharedModelAlgorithm):
     shared_model: the mentee (None: ``model``).
   """
 
+  REFERENCE_SPLIT = True  # HtFLlib's main.py wraps the model in BaseHeadSplit
+
   mentee_learning_rate: float = 0.01
   energy_start: float = 0.95
   energy_end: float = 0.98

@@ -238,6 +238,8 @@ class FedKTL(Algorithm):
       when not given).
   """
 
+  REFERENCE_SPLIT = True  # HtFLlib's main.py wraps the model in BaseHeadSplit
+
   generator_path: Optional[str] = None
   lam: float = 1.0
   mu: float = 50.0

@@ -309,6 +309,7 @@ class FedL2G(Algorithm):
 class FedL2GFeat(FedL2G):
   """FedL2G guiding the features ``f(x)`` (``V [C, d]``)."""
 
+  REFERENCE_SPLIT = True  # HtFLlib's main.py wraps the model in BaseHeadSplit
   GUIDED: ClassVar[int] = 0
   TRAIN_MODE = True
 
@@ -329,5 +330,6 @@ class FedL2GFeat(FedL2G):
 class FedL2GLogit(FedL2G):
   """FedL2G guiding the logits ``h(f(x))`` (``V [C, C]``)."""
 
+  REFERENCE_SPLIT = True  # HtFLlib's main.py wraps the model in BaseHeadSplit
   GUIDED: ClassVar[int] = 1
   TRAIN_MODE = True

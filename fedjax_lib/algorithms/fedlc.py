@@ -118,6 +118,8 @@ class FedLC(FedAvg):
     pfllib_compat: calibrate with the global class counts, as PFLlib does, instead of each
       client's own (see the module docstring).
   """
+
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
   DECAYED_RATES = ("local.learning_rate",)  # -ld: the one SGD optimizer
 
   tau: float = 1.0

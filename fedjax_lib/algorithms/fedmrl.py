@@ -79,6 +79,8 @@ class FedMRL(Algorithm):
     shared_model: the shared model (None: ``model`` pooled to ``sub_feature_dim``).
   """
 
+  REFERENCE_SPLIT = True  # HtFLlib's main.py wraps the model in BaseHeadSplit
+
   sub_feature_dim: int = 128
   pfllib_compat: bool = False
   shared_model: Any = None

@@ -263,6 +263,8 @@ class FedPAC(Algorithm):
     pfllib_compat: scramble the head combination by a random permutation and combine the
       heads in place, as PFLlib's ordering and aliasing bugs do (module docstring).
   """
+
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
   DECAYED_RATES = ("local.learning_rate",)  # -ld: the one optimizer (head epoch and base epochs)
 
   lam: float = 1.0

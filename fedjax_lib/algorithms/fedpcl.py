@@ -63,7 +63,8 @@ Differences from PFLlib (``clientpcl.py``/``serverpcl.py``; ``pfllib_compat=True
 - ``train_loss`` is the cross-entropy of the evaluation scores ``z·Sᵀ`` (PFLlib reports
   ``L``, with τ and the N sets).
 - PFLlib's DNN emits ``log_softmax`` of its hidden features once ``fc`` is removed; here the
-  encoder's output is the ReLU features (see `fedjax_lib.models.mlp`).
+  encoder's output is the ReLU features (see `fedjax_lib.models.mlp`); ``--pfllib-compat``
+  gives PFLlib's.
 - New clients (``-nnc``) are not supported, as in PFLlib.
 """
 
@@ -159,6 +160,8 @@ class FedPCL(Algorithm):
     tau: temperature τ > 0 of the contrastive loss (PFLlib's ``-tau``, default 1.0).
     pfllib_compat: PFLlib's training gate (a client trains from its second selection on).
   """
+
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
 
   tau: float = 1.0
   pfllib_compat: bool = False

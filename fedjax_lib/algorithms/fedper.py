@@ -23,6 +23,8 @@ from fedjax_lib.algorithms.split import SplitAlgorithm
 @dataclasses.dataclass(frozen=True)
 class FedPer(SplitAlgorithm):
   """Shared base, personal head, joint training."""
+
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
   DECAYED_RATES = ("local.learning_rate",)  # -ld: the one SGD optimizer
 
   SHARED = "base"

@@ -116,6 +116,8 @@ class FedPHP(FedAvg):
     global_rounds: R_total of ``μ_R = μ·R/R_total`` (``-gr``; the runner fills it).
     pfllib_compat: evaluate the locally trained model, as PFLlib (module docstring).
   """
+
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
   DECAYED_RATES = ("local.learning_rate",)  # -ld: the one SGD optimizer
 
   mu: float = 0.9

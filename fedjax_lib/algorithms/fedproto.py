@@ -44,6 +44,7 @@ from fedjax_lib.core.local import train_model
 class FedProto(PrototypeAlgorithm):
   """Prototype regularisation; prototypes averaged per class on the server."""
 
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
   TRAIN_MODE = True
 
   def init(self, key, sample_x, num_clients):

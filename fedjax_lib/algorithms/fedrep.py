@@ -34,6 +34,8 @@ class FedRep(SplitAlgorithm):
   Attributes:
     plocal_epochs: epochs of head-only training per round (PFLlib ``-pls``).
   """
+
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
   DECAYED_RATES = ("local.learning_rate",)  # -ld: both optimizers (base, head)
 
   plocal_epochs: int = 1

@@ -48,6 +48,8 @@ def balanced_softmax_loss(logits, labels, mask, counts):
 @dataclasses.dataclass(frozen=True)
 class FedROD(FedAvg):
   """Generic model trained with balanced softmax, plus a personal residual head."""
+
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
   # -ld: both optimizers (body and generic head, personal head)
   DECAYED_RATES = ("local.learning_rate",)
 

@@ -134,6 +134,8 @@ class FedTGP(PrototypeAlgorithm):
     margin_threshold: τ, the cap of the adaptive margin (``-mart``; 100).
   """
 
+  REFERENCE_SPLIT = True  # HtFLlib's main.py wraps the model in BaseHeadSplit
+
   server_epochs: int = 100
   margin_threshold: float = 100.0
 

@@ -91,6 +91,8 @@ class FML(SharedModelAlgorithm):
     shared_model: the shared model (None: ``model``, see the module docstring).
   """
 
+  REFERENCE_SPLIT = True  # HtFLlib's main.py wraps the model in BaseHeadSplit
+
   alpha: float = 1.0
   beta: float = 1.0
   pfllib_compat: bool = False

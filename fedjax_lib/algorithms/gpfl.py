@@ -257,6 +257,8 @@ class GPFL(Algorithm):
     lam: weight λ of the alignment term ``‖f_G − E_frozen[y]‖_F`` (PFLlib ``-lam``).
     mu: weight decay μ of the GCE and CoV parameters (PFLlib ``-mu``).
   """
+
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
   # -ld: the model optimizer; GCE/CoV keep the undecayed rate
   DECAYED_RATES = ("local.learning_rate",)
 

@@ -24,6 +24,8 @@ from fedjax_lib.algorithms.split import SplitAlgorithm
 @dataclasses.dataclass(frozen=True)
 class LGFedAvg(SplitAlgorithm):
   """Personal base, shared head, joint training."""
+
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
   DECAYED_RATES = ("local.learning_rate",)  # -ld: the one SGD optimizer
 
   SHARED = "head"

@@ -43,7 +43,7 @@ Differences from PFLlib:
   PFLlib keeps the whole previous model.
 - The paper's projection head on top of the base is not part of PFLlib's MOON either: the
   features are the base's output (for the DNN, its ReLU features; PFLlib's split DNN emits
-  ``log_softmax`` of them, see `fedjax_lib.models.mlp`). Features with more than one axis
+  ``log_softmax`` of them, which ``--pfllib-compat`` reproduces: `fedjax_lib.models.mlp`). Features with more than one axis
   per sample are flattened before the similarity.
 - As in PFLlib, a client whose upload is dropped (``-cdr``) still trained, so it keeps its
   new ``prev_base``.
@@ -118,6 +118,8 @@ class MOON(FedAvg):
     tau: temperature τ of the contrastive loss (PFLlib ``-tau``, default 1.0), > 0.
     mu: weight μ of the contrastive loss (PFLlib ``-mu``, default 0.0 = FedAvg).
   """
+
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
   DECAYED_RATES = ("local.learning_rate",)  # -ld: the one SGD optimizer
 
   tau: float = 1.0

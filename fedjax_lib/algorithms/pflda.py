@@ -80,6 +80,8 @@ class PFLDA(Algorithm):
     pfllib_compat: PFLlib's gradient-free regulariser and fresh new clients (module
       docstring).
   """
+
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
   DECAYED_RATES = ("local.learning_rate",)  # -ld: both optimizers (model, global head)
 
   lam: float = 1.0

@@ -22,8 +22,12 @@ Deliberate difference: PFLlib ends both forwards with ``log_softmax`` and then a
 ``CrossEntropyLoss``, i.e. a second log-softmax. ``log_softmax`` is idempotent
 (``log_softmax(log_softmax(z)) == log_softmax(z)``), so that loss equals cross-entropy
 on the raw logits, and argmax predictions are unchanged; these models therefore output
-raw logits. (PFLlib's split also makes DNN's base emit ``log_softmax`` of its hidden
-features; here the base emits the ReLU features, as for every other model.)
+raw logits. PFLlib's ``BaseHeadSplit`` (FedAvg, FedPer, MOON, ...: the algorithms whose
+reference splits the model) replaces ``fc`` by an identity and keeps that last line, so
+DNN's base emits ``log_softmax`` of its hidden features and MLR's ``log_softmax`` of the
+flattened input; here the bases emit the ReLU features and the input, as for every other
+model, and ``log_softmax_features=True`` (the runner's ``--pfllib-compat`` where the
+reference splits, as for the text models: `fedjax_lib.models.text`) reproduces PFLlib's.
 
 Initialisation follows PyTorch's defaults (see :mod:`fedjax_lib.models.layers`).
 """
@@ -32,6 +36,7 @@ import re
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import flax.linen as nn
 
 from fedjax_lib.models.base import BaseHeadModel
@@ -39,10 +44,20 @@ from fedjax_lib.models.layers import TorchDense
 
 
 class Flatten(nn.Module):
-  """Flattens everything after the batch axis: ``(batch, ...) -> (batch, prod(...))``."""
+  """Flattens everything after the batch axis: ``(batch, ...) -> (batch, prod(...))``.
+
+  Attributes:
+    log_softmax_features: return ``log_softmax`` of the flattened input (PFLlib's split
+      ``Mclr_Logistic``, see the module docstring).
+  """
+  log_softmax_features: bool = False
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return x.reshape(x.shape[0], -1)
+    return _log_softmax_of(x.reshape(x.shape[0], -1), self.log_softmax_features)
+
+
+def _log_softmax_of(z: jax.Array, enabled: bool) -> jax.Array:
+  return jax.nn.log_softmax(z.astype(jnp.float32), axis=-1) if enabled else z
 
 
 class MLPBase(nn.Module):
@@ -51,17 +66,21 @@ class MLPBase(nn.Module):
   Attributes:
     hidden_dim: output width (100 in PFLlib).
     dtype: the computation dtype (``None``: float32); parameters stay float32.
+    log_softmax_features: return ``log_softmax`` of the ReLU features (PFLlib's split
+      ``DNN``, see the module docstring).
   """
   hidden_dim: int = 100
   dtype: Optional[Any] = None
+  log_softmax_features: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return nn.relu(TorchDense(self.hidden_dim, dtype=self.dtype, name='fc1')(Flatten()(x)))
+    h = nn.relu(TorchDense(self.hidden_dim, dtype=self.dtype, name='fc1')(Flatten()(x)))
+    return _log_softmax_of(h, self.log_softmax_features)
 
 
 def DNN(num_classes: int, hidden_dim: int = 100,  # pylint: disable=invalid-name
-        dtype: Optional[Any] = None) -> BaseHeadModel:
+        dtype: Optional[Any] = None, log_softmax_features: bool = False) -> BaseHeadModel:
   """Builds PFLlib's ``DNN`` (one hidden layer) as a :class:`BaseHeadModel`.
 
   Args:
@@ -69,28 +88,34 @@ def DNN(num_classes: int, hidden_dim: int = 100,  # pylint: disable=invalid-name
     hidden_dim: width of the hidden layer, the feature dimension.
     dtype: the computation dtype, e.g. ``jnp.bfloat16`` for mixed precision (float32
       parameters, float32 features and logits out); ``None`` is plain float32.
+    log_softmax_features: features = ``log_softmax`` of the hidden layer, as PFLlib's
+      ``BaseHeadSplit`` of its DNN (the module docstring).
 
   Returns:
     The model; parameters ``{'base': {'fc1': ...}, 'head': ...}``.
   """
-  return BaseHeadModel(base=MLPBase(hidden_dim=hidden_dim, dtype=dtype),
-                       head=TorchDense(num_classes, dtype=dtype), dtype=dtype)
+  base = MLPBase(hidden_dim=hidden_dim, dtype=dtype,
+                 log_softmax_features=bool(log_softmax_features))
+  return BaseHeadModel(base=base, head=TorchDense(num_classes, dtype=dtype), dtype=dtype)
 
 
 def MLR(num_classes: int,  # pylint: disable=invalid-name
-        dtype: Optional[Any] = None) -> BaseHeadModel:
+        dtype: Optional[Any] = None, log_softmax_features: bool = False) -> BaseHeadModel:
   """Builds multinomial logistic regression (PFLlib's ``Mclr_Logistic``).
 
   Args:
     num_classes: number of output logits.
     dtype: the computation dtype of the head (``None``: float32); the features are the
       flattened inputs themselves.
+    log_softmax_features: features = ``log_softmax`` of the flattened input, as PFLlib's
+      ``BaseHeadSplit`` of its ``Mclr_Logistic`` (the module docstring).
 
   Returns:
     The model; its base is the identity on flattened inputs, so its parameters are
     ``{'head': ...}`` only.
   """
-  return BaseHeadModel(base=Flatten(), head=TorchDense(num_classes, dtype=dtype), dtype=dtype)
+  return BaseHeadModel(base=Flatten(log_softmax_features=bool(log_softmax_features)),
+                       head=TorchDense(num_classes, dtype=dtype), dtype=dtype)
 
 
 #: PFLlib's ``AmazonMLP``: hidden widths before the 100-d output layer.

@@ -50,7 +50,10 @@ identity (PFLlib) or by ``AdaptiveAvgPool1d(feature_dim)`` (HtFLlib) and keeps t
 line, so the base emits ``log_softmax`` of the hidden representation and the head is a
 linear map of log-probabilities. Default here: the paper's intent, features = the hidden
 representation, head = logits. ``make_model(name, ..., log_softmax_features=True)`` (a model
-option, like ``conv_impl``) reproduces the references: features = ``log_softmax`` of the
+option, like ``conv_impl``; the runner sets it under ``--pfllib-compat`` when the reference
+splits the model, `fedjax_lib.runner.log_softmax_quirk`: PFLlib's whole-model algorithms
+such as FedProx end in ``log_softmax`` of the logits, i.e. raw logits) reproduces the
+references: features = ``log_softmax`` of the
 hidden representation (after the pool to ``feature_dim``, as HtFLlib orders them: only
 ``textcnn``'s 300-d features are pooled at all). ``bilstm`` and ``transformer`` have no
 such line in the references and do not take the option.

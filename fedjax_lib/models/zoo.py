@@ -35,7 +35,9 @@ head.
 
 The text models take ``vocab_size`` (PFLlib's ``-vs``, default 80) and, those whose reference
 ends in ``log_softmax``, ``log_softmax_features=True`` to reproduce that quirk (see
-:mod:`~fedjax_lib.models.text`); their width is ``feature_dim`` (default 512).
+:mod:`~fedjax_lib.models.text`); their width is ``feature_dim`` (default 512). ``dnn`` and
+``mlr`` take ``log_softmax_features`` too (PFLlib's DNN and Mclr_Logistic end in
+``log_softmax``: :mod:`~.mlp`).
 
 Every model takes ``dtype='bfloat16'`` for mixed precision and ``feature_dim=F`` for a
 common feature width across architectures (HtFLlib's ``--feature_dim``: the base's output
@@ -101,7 +103,8 @@ _IMAGE_MODELS = frozenset(MODEL_NAMES) - {'dnn', 'mlr', 'amazonmlp', *text.TEXT_
 
 #: Keyword options each model accepts.
 _OPTIONS = {name: () for name in MODEL_NAMES}
-_OPTIONS.update({'cnn': ('conv_impl', 'hidden_dim'), 'dnn': ('hidden_dim',),
+_OPTIONS.update({'cnn': ('conv_impl', 'hidden_dim'),
+                 'dnn': ('hidden_dim', 'log_softmax_features'), 'mlr': ('log_softmax_features',),
                  'digit5cnn': ('conv_impl',), 'harcnn': ('conv_impl',),
                  'harcnn1': ('conv_impl',), 'harcnn3': ('conv_impl',)})
 _OPTIONS.update({name: ('vocab_size',) + (('log_softmax_features',)
@@ -466,9 +469,10 @@ def make_model(name: str, sample_shape: tuple[int, ...], num_classes: int,
       ``hidden_dim`` for ``cnn``; ``hidden_dim`` for ``dnn``; ``conv_impl`` for
       ``digit5cnn``, the ``harcnn`` models and ``textcnn``; ``vocab_size`` (PFLlib's ``-vs``,
       default 80) for the text models, and ``log_softmax_features`` (default False) for
-      ``fasttext``, ``textlr``, ``textcnn``, ``lstm`` and ``gru``: True makes their features
-      the ``log_softmax`` of the hidden representation, as PFLlib's and HtFLlib's split
-      models compute them (`fedjax_lib.models.text`); none for the others.
+      ``fasttext``, ``textlr``, ``textcnn``, ``lstm``, ``gru``, ``dnn`` and ``mlr``: True
+      makes their features the ``log_softmax`` of the hidden representation (``mlr``: of
+      the input), as PFLlib's and HtFLlib's split models compute them
+      (`fedjax_lib.models.text`, `fedjax_lib.models.mlp`); none for the others.
 
   Returns:
     A :class:`BaseHeadModel`.
