@@ -291,7 +291,9 @@ def test_two_architectures_learn_on_digits(algorithm, params, bar, tmp_path):
 
   Measured (round 0 → round 5) over seeds 0/1 (2026-12-01, x86_64 CPU): FML (α = β = 0.5)
   .090/.128 → .927/.929 (pfllib_compat, seed 0: .927); FedMRL (s = 128) .141/.066 →
-  .932/.918 (pfllib_compat, seed 0: .927); the bar sits below the smaller."""
+  .932/.918 (pfllib_compat, seed 0: .927); the bar sits below the smaller. Since 2026-12-04
+  ``--pfllib-compat`` also gives the DNN clients HtFLlib's log-softmax features: FML .740,
+  and FedMRL's DNN clients turn non-finite in round 0 (seed 0)."""
   res = run_experiment(Config(model="cnn,dnn", algorithm=algorithm, num_clients=10,
                               learning_rate=0.05, global_rounds=5, eval_gap=5,
                               algo_params=params, out=str(tmp_path), progress=False), **QUIET)

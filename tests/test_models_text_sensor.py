@@ -287,18 +287,23 @@ def test_log_softmax_quirk_switch():
 
 
 @pytest.mark.parametrize('name', ['dnn', 'mlr'])
-def test_pfllib_split_dnn_and_mlr_emit_log_softmax_features(name):
+@pytest.mark.parametrize('feature_dim', [None, 160])
+def test_pfllib_split_dnn_and_mlr_emit_log_softmax_features(name, feature_dim):
   """PFLlib's DNN and Mclr_Logistic end in log_softmax; its BaseHeadSplit keeps that line, so
   the base emits log_softmax of the hidden ReLU features (MLR: of the flattened input) and
-  the head is a linear map of them: numpy, float64."""
+  the head is a linear map of them; under HtFLlib's feature_dim the pool comes first (it
+  replaces fc): numpy, float64."""
+  from fedjax_lib.models import adaptive_avg_pool_matrix  # pylint: disable=C0415
   x = np.random.default_rng(0).normal(size=(3, 4, 4, 1)).astype(np.float32)
-  quirk = make_model(name, (4, 4, 1), 5, log_softmax_features=True)
-  plain = make_model(name, (4, 4, 1), 5)
+  quirk = make_model(name, (4, 4, 1), 5, log_softmax_features=True, feature_dim=feature_dim)
+  plain = make_model(name, (4, 4, 1), 5, feature_dim=feature_dim)
   variables = plain.init(jax.random.PRNGKey(1), x[:1])
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables['params'])
   h = x.reshape(3, -1).astype(np.float64)
   if name == 'dnn':
     h = np.maximum(h @ p['base']['fc1']['kernel'] + p['base']['fc1']['bias'], 0.0)
+  if feature_dim is not None:
+    h = h @ adaptive_avg_pool_matrix(h.shape[1], feature_dim)
   h = h - h.max(1, keepdims=True)
   f = h - np.log(np.exp(h).sum(1, keepdims=True))
   features, logits = quirk.apply(variables, x, method='forward')

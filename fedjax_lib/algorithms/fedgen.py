@@ -47,7 +47,9 @@ reference's count). G's BatchNorm running statistics are never read (G never run
 evaluation mode), so they are neither kept nor sent.
 
 Measured (bundled digits, CNN + DNN clients, 10 clients, lr 0.05, 5 rounds, seeds 0/1): the
-defaults reach .945/.934; ``pfllib_compat`` with the script's ``-nd 32 -glr 0.1`` .954/.947;
+defaults reach .945/.934; ``pfllib_compat`` with the script's ``-nd 32 -glr 0.1`` .954/.947
+(2026-12-01; .441/.422 on 2026-12-04 once ``--pfllib-compat`` also gave the DNN clients
+HtFLlib's log-softmax features, `fedjax_lib.models.mlp`);
 the script's values with G persisted only .687/.713: 100 Adam steps at 0.1 a round grow G's
 output (mean norm 175 after one round, 885 after five; the real features' 11-47) and the
 clients' second term then takes large, unstable steps on the head. HtFLlib's script values

@@ -36,11 +36,11 @@ import re
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import flax.linen as nn
 
 from fedjax_lib.models.base import BaseHeadModel
 from fedjax_lib.models.layers import TorchDense
+from fedjax_lib.models.pooling import log_softmax_features
 
 
 class Flatten(nn.Module):
@@ -49,15 +49,14 @@ class Flatten(nn.Module):
   Attributes:
     log_softmax_features: return ``log_softmax`` of the flattened input (PFLlib's split
       ``Mclr_Logistic``, see the module docstring).
+    pool_to: with ``log_softmax_features``, the width pooled to first (``feature_dim``).
   """
   log_softmax_features: bool = False
+  pool_to: Optional[int] = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return _log_softmax_of(x.reshape(x.shape[0], -1), self.log_softmax_features)
-
-
-def _log_softmax_of(z: jax.Array, enabled: bool) -> jax.Array:
-  return jax.nn.log_softmax(z.astype(jnp.float32), axis=-1) if enabled else z
+    return log_softmax_features(x.reshape(x.shape[0], -1), self.log_softmax_features,
+                                self.pool_to)
 
 
 class MLPBase(nn.Module):
@@ -68,19 +67,22 @@ class MLPBase(nn.Module):
     dtype: the computation dtype (``None``: float32); parameters stay float32.
     log_softmax_features: return ``log_softmax`` of the ReLU features (PFLlib's split
       ``DNN``, see the module docstring).
+    pool_to: with ``log_softmax_features``, the width pooled to first (``feature_dim``).
   """
   hidden_dim: int = 100
   dtype: Optional[Any] = None
   log_softmax_features: bool = False
+  pool_to: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = nn.relu(TorchDense(self.hidden_dim, dtype=self.dtype, name='fc1')(Flatten()(x)))
-    return _log_softmax_of(h, self.log_softmax_features)
+    return log_softmax_features(h, self.log_softmax_features, self.pool_to)
 
 
 def DNN(num_classes: int, hidden_dim: int = 100,  # pylint: disable=invalid-name
-        dtype: Optional[Any] = None, log_softmax_features: bool = False) -> BaseHeadModel:
+        dtype: Optional[Any] = None, log_softmax_features: bool = False,
+        feature_dim: Optional[int] = None) -> BaseHeadModel:
   """Builds PFLlib's ``DNN`` (one hidden layer) as a :class:`BaseHeadModel`.
 
   Args:
@@ -90,17 +92,21 @@ def DNN(num_classes: int, hidden_dim: int = 100,  # pylint: disable=invalid-name
       parameters, float32 features and logits out); ``None`` is plain float32.
     log_softmax_features: features = ``log_softmax`` of the hidden layer, as PFLlib's
       ``BaseHeadSplit`` of its DNN (the module docstring).
+    feature_dim: with ``log_softmax_features``, the common feature width the hidden layer
+      is pooled to before the ``log_softmax`` (HtFLlib's order); the caller still sets the
+      model's own ``feature_dim`` (`fedjax_lib.models.make_model` does).
 
   Returns:
     The model; parameters ``{'base': {'fc1': ...}, 'head': ...}``.
   """
   base = MLPBase(hidden_dim=hidden_dim, dtype=dtype,
-                 log_softmax_features=bool(log_softmax_features))
+                 log_softmax_features=bool(log_softmax_features), pool_to=feature_dim)
   return BaseHeadModel(base=base, head=TorchDense(num_classes, dtype=dtype), dtype=dtype)
 
 
 def MLR(num_classes: int,  # pylint: disable=invalid-name
-        dtype: Optional[Any] = None, log_softmax_features: bool = False) -> BaseHeadModel:
+        dtype: Optional[Any] = None, log_softmax_features: bool = False,
+        feature_dim: Optional[int] = None) -> BaseHeadModel:
   """Builds multinomial logistic regression (PFLlib's ``Mclr_Logistic``).
 
   Args:
@@ -109,12 +115,14 @@ def MLR(num_classes: int,  # pylint: disable=invalid-name
       flattened inputs themselves.
     log_softmax_features: features = ``log_softmax`` of the flattened input, as PFLlib's
       ``BaseHeadSplit`` of its ``Mclr_Logistic`` (the module docstring).
+    feature_dim: as for :func:`DNN`.
 
   Returns:
     The model; its base is the identity on flattened inputs, so its parameters are
     ``{'head': ...}`` only.
   """
-  return BaseHeadModel(base=Flatten(log_softmax_features=bool(log_softmax_features)),
+  return BaseHeadModel(base=Flatten(log_softmax_features=bool(log_softmax_features),
+                                    pool_to=feature_dim),
                        head=TorchDense(num_classes, dtype=dtype), dtype=dtype)
 
 

@@ -144,3 +144,15 @@ class AdaptiveAvgPool1d(nn.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return adaptive_avg_pool1d(x, self.features, self.dtype)
+
+
+def log_softmax_features(z: jax.Array, enabled: bool, pool_to: Optional[int] = None) -> jax.Array:
+  """The references' log-softmax quirk on a base's features ``z`` (``(batch, D)``): when
+  ``enabled``, ``log_softmax`` of ``z`` pooled to ``pool_to`` first (HtFLlib's split puts
+  its ``AdaptiveAvgPool1d(feature_dim)`` where ``fc`` was, before the forward's last
+  ``log_softmax`` line); ``z`` unchanged otherwise. See `fedjax_lib.models.text`."""
+  if not enabled:
+    return z
+  if pool_to is not None:
+    z = adaptive_avg_pool1d(z, pool_to)
+  return jax.nn.log_softmax(z.astype(jnp.float32), axis=-1)

@@ -102,7 +102,7 @@ import flax.linen as nn
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models.base import BaseHeadModel
 from fedjax_lib.models.layers import TorchConv, TorchDense, torch_uniform_init, zeros_init
-from fedjax_lib.models.pooling import adaptive_avg_pool1d
+from fedjax_lib.models.pooling import adaptive_avg_pool1d, log_softmax_features
 
 #: PFLlib's padding token id (its tokenizer's ``'<pad>'``).
 PADDING_ID = 0
@@ -329,15 +329,6 @@ class Recurrent(nn.Module):
     return x
 
 
-def _log_softmax_of(z: jax.Array, enabled: bool, pool_to: Optional[int] = None) -> jax.Array:
-  """The quirk: ``log_softmax`` of the (pooled) features when ``enabled``."""
-  if not enabled:
-    return z
-  if pool_to is not None:
-    z = adaptive_avg_pool1d(z, pool_to)
-  return jax.nn.log_softmax(z.astype(jnp.float32), axis=-1)
-
-
 # ---------------------------------------------------------------------------------------
 # Bases.
 
@@ -353,7 +344,7 @@ class FastTextBase(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     embedded = Embedding(self.vocab_size, self.width, name='embedding')(token_ids(x))
     h = TorchDense(self.width, dtype=self.dtype, name='fc1')(embedded.mean(axis=1))
-    return _log_softmax_of(h, self.log_softmax_features)
+    return log_softmax_features(h, self.log_softmax_features)
 
 
 class TextLRBase(nn.Module):
@@ -367,7 +358,7 @@ class TextLRBase(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     embedded = Embedding(self.vocab_size, self.width, padding_idx=None,
                          name='embedding')(token_ids(x))
-    return _log_softmax_of(embedded.mean(axis=1), self.log_softmax_features)
+    return log_softmax_features(embedded.mean(axis=1), self.log_softmax_features)
 
 
 class TextCNNBase(nn.Module):
@@ -401,7 +392,7 @@ class TextCNNBase(nn.Module):
                     name=f'conv{i + 1}')(embedded)
       pooled.append(nn.relu(y).max(axis=(1, 2)))
     z = nn.Dropout(self.dropout_rate, deterministic=not train)(jnp.concatenate(pooled, -1))
-    return _log_softmax_of(z, self.log_softmax_features, self.pool_to)
+    return log_softmax_features(z, self.log_softmax_features, self.pool_to)
 
 
 class LSTMBase(nn.Module):
@@ -423,7 +414,7 @@ class LSTMBase(nn.Module):
     if self.cell == 'lstm':
       out = nn.relu(out)
     out = nn.Dropout(self.dropout_rate, deterministic=not train)(out)
-    return _log_softmax_of(out, self.log_softmax_features)
+    return log_softmax_features(out, self.log_softmax_features)
 
 
 class BiLSTMBase(nn.Module):

@@ -425,9 +425,9 @@ def _build(key: str, num_classes: int, options: dict,
   if key == 'cnn':
     return cnn.FedAvgCNN(num_classes, **options)
   if key == 'dnn':
-    return mlp.DNN(num_classes, **options)
+    return mlp.DNN(num_classes, feature_dim=feature_dim, **options)
   if key == 'mlr':
-    return mlp.MLR(num_classes, **options)
+    return mlp.MLR(num_classes, feature_dim=feature_dim, **options)
   if key.startswith('resnet'):
     return resnet.resnet(key, num_classes, **options)
   if key == 'googlenet':
