@@ -166,6 +166,24 @@ def test_fomo_round_zero_receives_nothing_and_keeps_its_model(fomo_client):
   assert bool(sent.all())
 
 
+@pytest.mark.parametrize("compat, join_ratio, expected", [
+    (False, 0.5, 3), (True, 0.5, 2), (True, 1.0, 3), (True, 0.1, 1)])
+def test_fomo_compat_caps_m_at_pfllibs_join_count(fomo_client, compat, join_ratio, expected):
+  """PFLlib's ``self.M = min(args.M, int(N·jr))``: with 4 clients, M = 3 and 4 uploads last
+  round (as under -rjr), compat sends min(3, int(4·jr)) models (at least one); the default
+  sends min(M, uploads) = 3. The download traffic counts the same."""
+  algo, _, _, _, _, _, data, _ = fomo_client
+  alg = make_algorithm("FedFomo", algo.model, algo.local,
+                       {"M": 3, "pfllib_compat": compat, "join_ratio": join_ratio})
+  server, _ = alg.init(jax.random.key(0), data.x[0], 4)
+  server = dict(server, uploaded=jnp.int32(4))
+  ids, sent = alg.received(server, 2)
+  assert ids.shape == (expected,) and int(sent.sum()) == expected
+  one = float(jax.tree.leaves(server["models"])[0][0].size + jax.tree.leaves(
+      server["models"])[1][0].size)
+  assert float(alg.download_traffic(server).floats) == expected * one
+
+
 def test_fomo_server_writes_arrived_rows_and_adds_scores():
   r = np.random.default_rng(3)
   model, models = _mlr(r, 4)
@@ -357,6 +375,7 @@ def test_vmapped_apple_client_never_holds_cohort_times_n_models():
     ("FedFomo", {"M": 0}, "M=0 must be an integer >= 1"),
     ("FedFomo", {"M": 2.5}, "M=2.5 must be an integer >= 1"),
     ("FedFomo", {"pfllib_compat": 1}, "pfllib_compat=1 must be true or false"),
+    ("FedFomo", {"join_ratio": 0.0}, "join_ratio=0.0 must be a number in (0, 1]"),
     ("APPLE", {"dr_learning_rate": -0.1}, "dr_learning_rate=-0.1 must be a finite number >= 0"),
     ("APPLE", {"L": float("nan")}, "L=nan must be a finite number >= 0"),
     ("APPLE", {"mu": float("inf")}, "mu=inf must be a finite number >= 0"),
@@ -373,7 +392,7 @@ def test_defaults_and_settings_warnings():
   model = make_model("mlr", (DIM,), CLASSES)
   fomo = make_algorithm("FedFomo", model, LocalSpec())
   apple = make_algorithm("APPLE", model, LocalSpec())
-  assert fomo.hyperparameters() == {"M": 5, "pfllib_compat": False}
+  assert fomo.hyperparameters() == {"M": 5, "join_ratio": 1.0, "pfllib_compat": False}
   assert apple.hyperparameters() == {"dr_learning_rate": 0.0, "L": 1.0, "mu": 0.0,
                                      "global_rounds": 2000, "pfllib_compat": False}
   context = SettingsContext("mlr", np.zeros(DIM, np.float32), np.array([3, 20, 4]))

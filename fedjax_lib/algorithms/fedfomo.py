@@ -38,7 +38,8 @@ one scatter. Memory: ``N·P`` (server copies) ``+ 2·N·P`` (each client's ``θ_
 ``θ_old``) ``+ N²`` (``P``) floats across rounds, plus ``C·M·P`` for a round's downloads
 (and local training's temporaries, as FedAvg's).
 
-Differences from PFLlib (``pfllib_compat=True`` reproduces the first two):
+Differences from PFLlib (``pfllib_compat=True`` reproduces the first two and the cap on
+``M``):
 
 - The validation loss is the mean over the validation samples; PFLlib averages its
   per-batch means (batches of ``-lbs``, the last one partial, so its samples weigh more).
@@ -53,9 +54,10 @@ Differences from PFLlib (``pfllib_compat=True`` reproduces the first two):
   (``lax.top_k``); PyTorch's ``topk`` leaves their order unspecified.
 - The reported ``train_loss`` is over the whole training list (PFLlib: its 80% part).
 - A client receives ``min(M, uploads of last round)`` models; PFLlib also caps ``M`` at its
-  planned join count ``int(N·jr)`` at start-up. The two differ only with ``-rjr``, whose rounds
-  can have more uploads than ``int(N·jr)`` (N = 20, ``-jr 0.1 -rjr``: PFLlib sends at most 2
-  models, here up to 5).
+  planned join count ``int(N·jr)`` at start-up, which ``pfllib_compat`` does too (it reads
+  ``join_ratio``, the run's ``-jr``, filled by the runner). The two differ only with
+  ``-rjr``, whose rounds can have more uploads than ``int(N·jr)`` (N = 20, ``-jr 0.1 -rjr``:
+  PFLlib sends at most 2 models, here up to 5).
 - The paper compares the received models with the client's current model and normalises by
   ``Σ|w|``; we follow PFLlib's ``θ_old`` and ``Σ w⁺``. New clients (``-nnc``) are not
   supported (PFLlib's FedFomo never evaluates them).
@@ -73,6 +75,7 @@ import optax
 from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, Traffic, check_bool,
                                         check_int, stack_clients, tree_traffic)
 from fedjax_lib.algorithms.registry import register
+from fedjax_lib.algorithms.scaffold import check_join_ratio
 from fedjax_lib.core.local import train_locally
 
 # PFLlib's val_ratio 0.2: int(0.2·n) equals n // 5 for every n (0.2 rounds up in binary).
@@ -174,16 +177,29 @@ class FedFomo(Algorithm):
   Attributes:
     M: models each client receives per round (PFLlib ``-M``), at most the number of
       clients and of last round's uploads.
-    pfllib_compat: PFLlib's validation loss and empty-split behaviour (module docstring).
+    join_ratio: the run's ``-jr`` (the runner fills it), read with ``pfllib_compat`` only:
+      PFLlib caps ``M`` at ``int(N·join_ratio)``.
+    pfllib_compat: PFLlib's validation loss, empty-split behaviour and cap on ``M`` (module
+      docstring).
   """
   DECAYED_RATES = ("local.learning_rate",)  # -ld: the one SGD optimizer
 
   M: int = 5
+  join_ratio: float = 1.0
   pfllib_compat: bool = False
 
   def __post_init__(self):
     check_int(self.name, "M", self.M, 1)
+    check_join_ratio(self.name, self.join_ratio)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
+
+  def sent_at_most(self, num_clients: int) -> int:
+    """``K = min(M, N)`` (static), with ``pfllib_compat`` also at most PFLlib's planned join
+    count ``int(N·join_ratio)`` (its ``self.M = min(args.M, self.num_join_clients)``)."""
+    count = min(self.M, num_clients)
+    if self.pfllib_compat:
+      count = min(count, max(int(num_clients * self.join_ratio), 1))
+    return count
 
   def check_settings(self, context: SettingsContext) -> list[str]:
     """Warns about clients without a validation split and an ``M`` above the client count."""
@@ -215,12 +231,12 @@ class FedFomo(Algorithm):
     return server, clients
 
   def received(self, server_state, index):
-    """``(ids [K], received [K])``: the top ``K = min(M, N)`` entries of ``P[index]`` and
-    which of them are sent (the first ``min(M, uploads of last round)``)."""
+    """``(ids [K], received [K])``: the top ``K`` (:meth:`sent_at_most`) entries of
+    ``P[index]`` and which of them are sent (the first ``min(K, uploads of last round)``)."""
     affinity = server_state["affinity"]
-    count = min(self.M, affinity.shape[0])
+    count = self.sent_at_most(affinity.shape[0])
     _, ids = jax.lax.top_k(affinity[index], count)
-    sent = jnp.minimum(self.M, server_state["uploaded"])
+    sent = jnp.minimum(count, server_state["uploaded"])
     return ids, jnp.arange(count) < sent
 
   def scores(self, old, models, received, data, val_start, val_count):
@@ -276,8 +292,8 @@ class FedFomo(Algorithm):
 
   # ------------------------------------------------------------------ communication
   def download_traffic(self, server_state) -> Traffic:
-    """The ``min(M, N, last round's uploads)`` models each client receives."""
+    """The ``min(K, last round's uploads)`` models each client receives (:meth:`sent_at_most`)."""
     one = tree_traffic(jax.tree.map(lambda m: m[0], server_state["models"]))
-    sent = jnp.minimum(min(self.M, server_state["affinity"].shape[0]),
+    sent = jnp.minimum(self.sent_at_most(server_state["affinity"].shape[0]),
                        server_state["uploaded"]).astype(jnp.float32)
     return Traffic(one.floats * sent, one.bytes * sent)
