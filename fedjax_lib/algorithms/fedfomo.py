@@ -75,7 +75,7 @@ import optax
 from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, Traffic, check_bool,
                                         check_int, stack_clients, tree_traffic)
 from fedjax_lib.algorithms.registry import register
-from fedjax_lib.algorithms.scaffold import check_join_ratio
+from fedjax_lib.algorithms.scaffold import check_join_ratio, planned_join_count
 from fedjax_lib.core.local import train_locally
 
 # PFLlib's val_ratio 0.2: int(0.2·n) equals n // 5 for every n (0.2 rounds up in binary).
@@ -198,7 +198,7 @@ class FedFomo(Algorithm):
     count ``int(N·join_ratio)`` (its ``self.M = min(args.M, self.num_join_clients)``)."""
     count = min(self.M, num_clients)
     if self.pfllib_compat:
-      count = min(count, max(int(num_clients * self.join_ratio), 1))
+      count = min(count, planned_join_count(num_clients, self.join_ratio))
     return count
 
   def check_settings(self, context: SettingsContext) -> list[str]:

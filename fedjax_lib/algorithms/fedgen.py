@@ -225,8 +225,9 @@ def head_shape(variables, model_name: str = "this model") -> tuple[int, int]:
 class GeneratorClients:
   """What FedGen and FedGen-PFLlib share around the generator: hyperparameter checks, the
   server's generator and label pool, the label pool's initialisation period, the clients'
-  regularised training and the settings checks. Mixed into an `Algorithm` dataclass with the
-  fields ``noise_dim``, ``generator_learning_rate``, ``hidden_dim`` and ``server_epochs``."""
+  regularised training and the settings checks. Mixed into an `Algorithm` dataclass (listed
+  before it, so :meth:`check_settings` reaches the algorithm's own) with the fields
+  ``noise_dim``, ``generator_learning_rate``, ``hidden_dim`` and ``server_epochs``."""
 
   def check_generator_hyperparameters(self):
     check_int(self.name, "noise_dim", self.noise_dim, 1)
@@ -277,9 +278,9 @@ class GeneratorClients:
                                      aux=model_state(variables))
     return {"params": params, **stats.pop("aux")}, stats
 
-  def check_generator_settings(self, context: SettingsContext) -> None:
+  def check_settings(self, context: SettingsContext) -> list[str]:
     """Refuses a head that is not one dense layer, and batches G's BatchNorm cannot
-    normalise (fewer than 2 labels)."""
+    normalise (fewer than 2 labels); then the algorithm class's own checks."""
     head_shape(abstract_variables(self.model, context.sample_x),
                f"model {context.model_name!r}")
     if self.local.batch_size < 2:
@@ -287,6 +288,7 @@ class GeneratorClients:
           f"{self.name} runs its generator's BatchNorm in training mode on batches of "
           f"batch_size labels, but batch_size={self.local.batch_size}: a batch of one "
           "normalises every hidden unit to 0 (PyTorch raises); use batch_size >= 2 (-lbs)")
+    return super().check_settings(context)
 
 
 def zero_unweighted(uploads, weights):
@@ -357,9 +359,3 @@ class FedGen(GeneratorClients, SplitAlgorithm):
   def download(self, server_state):
     """The global head and G's parameters (the label pool was sent once)."""
     return {"head": server_state["head"], "generator": server_state["generator"]}
-
-  def check_settings(self, context: SettingsContext) -> list[str]:
-    """Refuses a head that is not one dense layer, and batches G's BatchNorm cannot
-    normalise (fewer than 2 labels)."""
-    self.check_generator_settings(context)
-    return super().check_settings(context)

@@ -48,13 +48,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fedjax_lib.algorithms.base import SettingsContext
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.fedgen import (GeneratorClients, generator_adam, generator_steps,
                                           zero_unweighted)
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import split_parts
 from fedjax_lib.core.aggregate import weighted_average
+from fedjax_lib.models.base import model_state
 
 
 @register("FedGen-PFLlib")
@@ -98,7 +98,7 @@ class FedGenPFLlib(GeneratorClients, FedAvg):
     """SGD on the whole model: cross-entropy plus the head's on B generated features."""
     trained, stats = self.train_with_generator(
         server_state, self.variables(server_state, client_state), data, key)
-    running = {k: v for k, v in trained.items() if k != "params"}
+    running = model_state(trained)
     return ({"model_state": running} if running else {}), {"params": trained["params"]}, stats
 
   def server_update(self, server_state, uploads, weights, key):
@@ -118,9 +118,3 @@ class FedGenPFLlib(GeneratorClients, FedAvg):
   def download(self, server_state):
     """The global model and G's parameters (the label pool was sent once; Adam stays)."""
     return {"params": server_state["params"], "generator": server_state["generator"]}
-
-  def check_settings(self, context: SettingsContext) -> list[str]:
-    """Refuses a head that is not one dense layer, and batches G's BatchNorm cannot
-    normalise (fewer than 2 labels)."""
-    self.check_generator_settings(context)
-    return super().check_settings(context)

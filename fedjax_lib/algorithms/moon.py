@@ -43,8 +43,8 @@ Differences from PFLlib:
   PFLlib keeps the whole previous model.
 - The paper's projection head on top of the base is not part of PFLlib's MOON either: the
   features are the base's output (for the DNN, its ReLU features; PFLlib's split DNN emits
-  ``log_softmax`` of them, which ``--pfllib-compat`` reproduces: `fedjax_lib.models.mlp`). Features with more than one axis
-  per sample are flattened before the similarity.
+  ``log_softmax`` of them, which ``--pfllib-compat`` reproduces: `fedjax_lib.models.mlp`).
+  Features with more than one axis per sample are flattened before the similarity.
 - As in PFLlib, a client whose upload is dropped (``-cdr``) still trained, so it keeps its
   new ``prev_base``.
 """

@@ -129,11 +129,17 @@ def check_join_ratio(algorithm: str, value) -> None:
                       "(0, 1] (-jr)")
 
 
+def planned_join_count(num_clients: int, join_ratio: float) -> int:
+  """PFLlib's ``num_join_clients = int(N·join_ratio)`` (at least 1), computed in Python as
+  PFLlib does, so 0.29·100 gives 28 like it."""
+  return max(int(num_clients * join_ratio), 1)
+
+
 def client_counts(num_clients: int, join_ratio: float) -> dict:
-  """The int32 scalars ``N`` and PFLlib's planned join count ``int(N·join_ratio)`` kept in
-  the server state (computed in Python as PFLlib does, so 0.29·100 gives 28 like it)."""
+  """The int32 scalars ``N`` and PFLlib's planned join count (:func:`planned_join_count`)
+  kept in the server state."""
   return {"num_clients": jnp.int32(num_clients),
-          "num_join_clients": jnp.int32(max(int(num_clients * join_ratio), 1))}
+          "num_join_clients": jnp.int32(planned_join_count(num_clients, join_ratio))}
 
 
 @register("SCAFFOLD")
