@@ -20,3 +20,9 @@ class DataError(FedJaxError):
 
 class PartitionError(DataError):
   """A partition cannot be produced with the requested settings."""
+
+
+class FedJaxWarning(UserWarning):
+  """A one-line notice about the data or a file that the run works around (a class no client
+  gets, a cache file rebuilt). The runner turns those raised while it builds a run into the
+  run's ``warning:`` lines and its results' ``warnings``; library callers see Python warnings."""

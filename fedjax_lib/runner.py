@@ -15,6 +15,7 @@ import dataclasses
 import os
 import sys
 import time
+import warnings
 from typing import Any, Callable, Optional
 
 import jax
@@ -41,7 +42,7 @@ from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.data import registry as data_registry
 from fedjax_lib.data.loading import default_num_clients, is_folder_path
 from fedjax_lib import stopping
-from fedjax_lib.errors import ConfigError
+from fedjax_lib.errors import ConfigError, FedJaxWarning
 from fedjax_lib.stopping import STOPPER, Interrupted  # pylint: disable=unused-import
 
 DEFAULT_FEATURE_DIM = 512  # HtFLlib's -fd
@@ -256,6 +257,22 @@ def load_data(config: Config):
   return data.few_shot(config.few_shot) if config.few_shot else data
 
 
+@contextlib.contextmanager
+def collected_warnings():
+  """Collects the `FedJaxWarning` messages raised inside the block into the yielded list (the
+  run reports them as its ``warning:`` lines), each once; other warnings pass on as usual."""
+  lines: list[str] = []
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", FedJaxWarning)
+    yield lines
+  for w in caught:
+    if issubclass(w.category, FedJaxWarning):
+      if str(w.message) not in lines:
+        lines.append(str(w.message))
+    else:
+      warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def build(config: Config) -> Built:
   """Validates ``config`` and builds the data, models, algorithm and engine.
 
@@ -266,7 +283,8 @@ def build(config: Config) -> Built:
   """
   config.validate()
   new = config.num_new_clients
-  data = load_data(config)
+  with collected_warnings() as data_warnings:
+    data = load_data(config)
   num_clients = data.num_clients - new
   if num_clients < 1:
     raise ConfigError(f"num_new_clients={new} leaves no training clients: the dataset has "
@@ -320,7 +338,8 @@ def build(config: Config) -> Built:
                              skip_nonfinite=config.on_nan == "skip-client", mesh=mesh,
                              model_cycle=[unique.index(a) for a in architectures])
   engine.check_compatible(data.x[0])
-  settings_warnings = checks_lib.check_settings(config, data, num_clients, algorithm, models)
+  settings_warnings = [*data_warnings,
+                       *checks_lib.check_settings(config, data, num_clients, algorithm, models)]
   privacy = (privacy_lib.plan(engine, np.asarray(data.train_count), config) if config.privacy
              else None)
   dlg = (dlg_lib.Evaluator(engine, config, *dlg_lib.data_range(data.x)) if config.dlg_eval

@@ -5,10 +5,13 @@ written. Warnings come from ``runner.build(config).warnings``; their numbers are
 from the built data rather than pinned. Nothing here trains: every test only builds.
 """
 
+import warnings as py_warnings
+
 import pytest
 
 from fedjax_lib import Config
-from fedjax_lib.runner import build
+from fedjax_lib.errors import FedJaxWarning
+from fedjax_lib.runner import build, collected_warnings
 from tests.test_bad_inputs import _check
 from tests.test_data_pfllib_format import _make_folder
 
@@ -264,3 +267,20 @@ COMMON = [
 @pytest.mark.parametrize("changes", COMMON, ids=[str(c) for c in COMMON])
 def test_common_settings_give_no_warning(changes):
   assert build(Config(progress=False, **changes)).warnings == ()
+
+
+def test_data_warnings_become_run_warnings(recwarn):
+  """A partition that leaves classes without a client is one of the run's warnings (printed
+  as a ``warning:`` line, recorded in results), not a Python warning with a file path."""
+  warnings = _warnings(num_clients=4, partition="pat")
+  _one(warnings, "pat partition with 4 clients", "leaves classes [8, 9]", "without a client")
+  assert not [w for w in recwarn if "without a client" in str(w.message)]
+
+
+def test_collected_warnings_passes_other_warnings_on():
+  with pytest.warns(DeprecationWarning, match="not ours"):
+    with collected_warnings() as lines:
+      py_warnings.warn("a notice", FedJaxWarning)
+      py_warnings.warn("a notice", FedJaxWarning)  # the same line twice: reported once
+      py_warnings.warn("not ours", DeprecationWarning)
+  assert lines == ["a notice"]

@@ -31,6 +31,8 @@ import zipfile
 
 import numpy as np
 
+from fedjax_lib.errors import FedJaxWarning
+
 CACHE_FOLDER = "fedjax_arrays"
 _META_KEY = "__meta__"
 
@@ -125,7 +127,7 @@ def cached_arrays(entry: str, version: int, build: Callable[[], tuple[Arrays, di
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
       warnings.warn(f"dataset cache file {path} is unreadable ({type(e).__name__}: "
                     f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
-                    "rebuilding it", stacklevel=2)
+                    "rebuilding it", FedJaxWarning, stacklevel=2)
   arrays, meta = build()
   if write:
     _write(path, arrays, {"entry": entry, "version": version, **meta})

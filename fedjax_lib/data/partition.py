@@ -54,7 +54,7 @@ import warnings
 import numpy as np
 
 from fedjax_lib.data.federated import FederatedData
-from fedjax_lib.errors import PartitionError
+from fedjax_lib.errors import FedJaxWarning, PartitionError
 
 SCHEMES = ("iid", "pat", "dir", "exdir")
 
@@ -167,7 +167,7 @@ def _pathological(labels: np.ndarray, num_clients: int, num_classes: int,
         f"pat partition with {num_clients} clients, {num_classes} classes and "
         f"class_per_client={class_per_client} leaves classes {unassigned_classes} "
         f"({dropped} samples) without a client; they are left out (as in PFLlib)",
-        stacklevel=3)
+        FedJaxWarning, stacklevel=3)
   return [np.concatenate(p).astype(np.int64) if p else np.zeros(0, np.int64) for p in pools]
 
 
