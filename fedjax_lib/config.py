@@ -374,7 +374,8 @@ class Config:
     if kept < 1:
       raise ConfigError(
           f"client_drop_rate={self.client_drop_rate} drops every one of the {num_join} "
-          f"selected clients; use a rate below {1 - 1 / num_join:.4g}")
+          f"selected clients; use client_drop_rate <= "
+          f"{math.floor((1 - 1 / num_join) * 1e4) / 1e4:g} (-cdr) or select more clients (-jr)")
 
 
 def _jsonish(value: Any) -> Any:

@@ -8,6 +8,7 @@ checkpoint folders; then property-based tests of the config validator.
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -90,6 +91,10 @@ FLAGS = [
     (["-m", "mlr", "-nc", "4", "-algo", "FedTGP"], ["FedTGP", "'mlr'", "base/head split"]),
     (["-dp", "-dps", "1", "--shuffle", "false"], ["shuffle=False", "drawn at random"]),
     (["--shuffle", "sometimes"], ["--shuffle", "sometimes"]),
+    (["-m", "mlr", "-nc", "4", "-jr", "0.25", "-cdr", "0.5"],
+     ["client_drop_rate=0.5", "1 selected", "client_drop_rate <= 0 (-cdr)", "(-jr)"]),
+    (["-m", "mlr", "-nc", "4", "-jr", "0.75", "-cdr", "0.67"],
+     ["client_drop_rate=0.67", "3 selected", "client_drop_rate <= 0.6666 (-cdr)"]),
 ]
 
 
@@ -243,5 +248,8 @@ def test_participation_check_matches_pfllib_counts(num_clients, join_ratio, drop
   if joined >= 1 and kept >= 1:
     config.check_participation(num_clients)
   else:
-    with pytest.raises(ConfigError, match="join_ratio|client_drop_rate"):
+    with pytest.raises(ConfigError, match="join_ratio|client_drop_rate") as refused:
       config.check_participation(num_clients)
+    if joined >= 1:  # the rate it suggests keeps a client
+      bound = float(re.search(r"client_drop_rate <= ([0-9.e-]+)", str(refused.value))[1])
+      assert int((1 - bound) * joined) >= 1 and bound < drop_rate, str(refused.value)
