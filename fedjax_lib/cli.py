@@ -167,6 +167,9 @@ ALGORITHM_FLAGS = (
     (("-cmss", "--collaberative_model_select_strategy",
       "--collaborative-model-select-strategy"), "collaberative_model_select_strategy", int,
      "FedCross's collaborator: 0 in order, 1 least similar, 2 most similar"),
+    (("-lf", "--localize_feature_extractor", "--localize-feature-extractor"),
+     "localize_feature_extractor", str2bool,
+     "PFLlib's FedGen with bases kept on the clients, only heads sent (-lf, -lf True)"),
 )
 _ALGO_DESTS = tuple(dest for _, dest, _, _ in ALGORITHM_FLAGS)
 
@@ -358,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
        help=f"one of {', '.join(algorithm_names())} (case-insensitive)")
   for flags, dest, kind, text in ALGORITHM_FLAGS:
     names, shown = algorithm_flag_defaults(dest)
-    _add(algorithm, *flags, type=kind, default=None, dest=_arg_dest(dest), shown_default=shown,
+    form = boolean if kind is str2bool else dict(type=kind)
+    _add(algorithm, *flags, **form, default=None, dest=_arg_dest(dest), shown_default=shown,
          help=f"{text}; taken by {', '.join(names) or 'no algorithm'}")
   _add(algorithm, "--algo-param", type=_algo_param, action="append", default=[],
        dest="algo_params", metavar="NAME=VALUE",
@@ -375,9 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
        "the locally trained model, FedPCL's training gate, FedPAC's permuted head "
        "combination, FedFomo's per-batch validation mean and [-0:] split, APPLE's uploaded "
        "mixture, uniform p start, per-tensor-mean p gradient and λ lag, FedCAC's round 0, "
-       "FedCross's evaluation, round index and similarity) and in the text models (fasttext, "
-       "textlr, textcnn, lstm and gru emit log_softmax of their hidden representation as "
-       "features, as PFLlib's and HtFLlib's BaseHeadSplit keeps it)")
+       "FedCross's evaluation, round index and similarity) and in the models (fasttext, textlr, "
+       "textcnn, lstm, gru, dnn and mlr emit log_softmax of their hidden representation as "
+       "features where the reference wraps them in BaseHeadSplit: PFLlib's FedAvg, FedPer, "
+       "FedRep, ... and every heterogeneous run)")
 
   training = p.add_argument_group("training")
   _add(training, "-gr", "--global_rounds", "--global-rounds", type=int,

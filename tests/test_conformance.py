@@ -17,10 +17,13 @@ from fedjax_lib.algorithms.base import has_hook, is_linear_server
 from fedjax_lib.core import checkpoint as checkpoint_lib
 from fedjax_lib.core import rng
 from fedjax_lib.core.local import ClientData
-from tests.helpers import as_images
+from tests.helpers import as_images, suite_params
 from tests.test_engine import _engine, _run, _small_data
 
-ALGORITHMS = algorithm_names()
+# Hyperparameters that change what an algorithm's states hold (`registry.make_algorithm`'s
+# `variant` hook): each is a case of its own.
+VARIANTS = {"FedGen-PFLlib -lf": ("FedGen-PFLlib", {"localize_feature_extractor": True})}
+ALGORITHMS = algorithm_names() + list(VARIANTS)
 
 # Executors round differently (vmapped against per-client matmuls, ~3e-8 relative in round
 # 0's loss). FedKTL's margin loss multiplies cosines by s = 64, and at this suite's lr 0.1
@@ -46,8 +49,10 @@ def data():
 def test_conformance(name, data, tmp_path):
   if name == "FedKTL":
     data = as_images(data)
+  name, variant = VARIANTS.get(name, (name, {}))
+  params = suite_params(name, **variant)
   # the last client never trains: the new-client evaluation below runs on it
-  eng = _engine(name, "vmap", data, jr=0.8, cdr=0.25, new_clients=1)
+  eng = _engine(name, "vmap", data, jr=0.8, cdr=0.25, new_clients=1, params=params)
   root = rng.root_key(0)
   server, clients = eng.init(root, data.x[0])
   init_structure = _structure((server, clients))
@@ -79,7 +84,7 @@ def test_conformance(name, data, tmp_path):
   # together — and the metrics.
   s_v, c_v, vmap_hist = _run(eng, rounds=2)
   s_s, c_s, seq_hist = _run(_engine(name, "sequential", data, jr=0.8, cdr=0.25,
-                                    new_clients=1), rounds=2)
+                                    new_clients=1, params=params), rounds=2)
   if name not in STATES_NOT_COMPARED:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5),
                  (s_v, c_v), (s_s, c_s))

@@ -5,11 +5,11 @@ ICML 2021 (arXiv:2105.10056). HtFLlib's ``-algo FedGen``: personal bases, one sh
 head, and a generator of *features* (not images). Its ``total.sh`` runs ``-nd 32 -glr 0.1
 -hd 512 -se 100``; the defaults here are its argparse ones (512, 0.005, 512, 100).
 
-PFLlib's ``-algo FedGen`` is another variant, **not offered here**: its whole model is global
-(sent to every client, uploaded whole, averaged by samples, evaluated as one model), its
-generator's Adam persists across rounds (``-ld`` decays its rate), ``-se`` defaults to 1,000,
-and ``-lf`` keeps the bases local (close to this one, with those differences). ``-algo FedGen``
-here is HtFLlib's, for PFLlib-style runs too.
+PFLlib's ``-algo FedGen`` is ``-algo FedGen-PFLlib`` here (`fedjax_lib.algorithms.fedgen_pfllib`):
+its whole model is global (sent to every client, uploaded whole, averaged by samples,
+evaluated as one model), its generator's Adam persists across rounds (``-ld`` decays its
+rate), ``-se`` defaults to 1,000, and its ``-lf`` keeps the bases local (this shape, with
+that Adam).
 
 Each client keeps its own base ``f_i`` (any architecture, features pooled to one width d);
 the head ``h = Linear(d, C)`` is global. The server owns a conditional feature generator

@@ -25,11 +25,21 @@ Every client is evaluated with the global model (BatchNorm models with their own
 statistics: parameters are sent, never buffers, as in PFLlib). Download per client: the model
 and G's parameters; upload: the model.
 
+**``-lf``** (``localize_feature_extractor=True``, PFLlib's ``-lf True``): every client keeps its
+own base, only heads travel — :class:`FedGenPFLlibLocal`, which the registry builds for it.
+Each client replaces its head with the global head ``h``, trains base and head on the same
+loss, and uploads its head; the server trains G as above against the arrived heads (the same
+persistent Adam) and averages them into ``h``. Each client is evaluated with its own base and
+``h``. Download per client: ``h`` and G's parameters; upload: the head. (``-algo FedGen`` is
+HtFLlib's variant of this shape: G's Adam fresh every round, ``-se`` 100.)
+
 Differences from PFLlib:
 
-- ``-lf`` (``localize_feature_extractor``: bases stay on the clients, only heads travel) is not
-  offered: ``-algo FedGen`` is that shape (HtFLlib's, which differs from PFLlib's ``-lf``
-  only in G's Adam, fresh every round there, and ``-se`` 100).
+- ``-lf`` is read as a boolean (``-lf False`` is False); PFLlib's ``type=bool`` makes any
+  non-empty value, ``False`` included, True.
+- ``-nnc`` with this algorithm: new clients fine-tune the global model (with ``-lf``: their
+  untrained base and ``h``) as the other algorithms' do; PFLlib's ``fine_tuning_new_clients``
+  calls ``set_parameters`` with an argument too many and stops with a TypeError.
 - The label pool counts every training sample; PFLlib counts over its ``drop_last`` loader,
   leaving out each client's last ``n_i mod B`` (random) samples.
 - Labels and noise come from the run's keys (PFLlib: numpy's and torch's unseeded RNGs).
@@ -48,23 +58,21 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from fedjax_lib.algorithms.base import check_bool
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.fedgen import (GeneratorClients, generator_adam, generator_steps,
                                           zero_unweighted)
 from fedjax_lib.algorithms.registry import register
-from fedjax_lib.algorithms.split import split_parts
+from fedjax_lib.algorithms.split import SplitAlgorithm, split_parts
 from fedjax_lib.core.aggregate import weighted_average
 from fedjax_lib.models.base import model_state
 
 
-@register("FedGen-PFLlib")
 @dataclasses.dataclass(frozen=True)
-class FedGenPFLlib(GeneratorClients, FedAvg):
-  """FedAvg of the whole model, its head regularised by a server generator trained with one
-  persistent Adam.
-
-  Server state ``{"params", "generator", "adam", "label_counts"}``; client state: BatchNorm
-  running statistics (``{"model_state"}``) for a model that has them, else nothing.
+class PersistentGenerator(GeneratorClients):
+  """PFLlib's generator side, for both shapes: the hyperparameters, G with one Adam whose
+  state the server keeps (``"adam"``), and the server's G steps per round. Listed before the
+  algorithm class it is mixed into.
 
   Attributes:
     noise_dim: nd, the width of G's uniform noise (``-nd``; 512).
@@ -72,27 +80,60 @@ class FedGenPFLlib(GeneratorClients, FedAvg):
       ``-ld``.
     hidden_dim: hd, G's hidden width (``-hd``; 512).
     server_epochs: Adam steps on G per round, B labels each (``-se``; PFLlib's 1,000).
+    localize_feature_extractor: PFLlib's ``-lf``: bases stay on the clients, heads travel
+      (:class:`FedGenPFLlibLocal`).
   """
-
-  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
 
   noise_dim: int = 512
   generator_learning_rate: float = 0.005
   hidden_dim: int = 512
   server_epochs: int = 1000
+  localize_feature_extractor: bool = False
 
-  TRAIN_MODE = True
-  DECAYED_RATES = ("local.learning_rate",)  # -ld: the clients' SGD
   SERVER_DECAYED_RATES = ("generator_learning_rate",)  # -ld: the generator's ExponentialLR
 
   def __post_init__(self):
     self.check_generator_hyperparameters()
+    check_bool(self.name, "localize_feature_extractor", self.localize_feature_extractor)
 
   def init(self, key, sample_x, num_clients):
     server, clients = super().init(key, sample_x, num_clients)
     server = {**server, **self.generator_state(key, sample_x)}
     return {**server, "adam": generator_adam(self.generator_learning_rate).init(
         server["generator"])}, clients
+
+  def generator_round(self, server_state, heads, weights, key) -> dict:
+    """``{"generator", "adam"}`` after G's Adam steps from its persisted moments against the
+    arrived ``heads`` (``{"kernel" [K, d, C], "bias" [K, C]}``, zero-weight slots zeroed);
+    both unchanged when nothing arrived."""
+    generator, adam = generator_steps(
+        server_state["generator"], server_state["adam"],
+        generator_adam(self.generator_learning_rate), heads, weights,
+        server_state["label_counts"], key, self.server_epochs, self.local.batch_size)
+    arrived = (weights > 0).any()
+    return jax.tree.map(lambda new, old: jnp.where(arrived, new, old),
+                        {"generator": generator, "adam": adam},
+                        {"generator": server_state["generator"], "adam": server_state["adam"]})
+
+
+@register("FedGen-PFLlib")
+@dataclasses.dataclass(frozen=True)
+class FedGenPFLlib(PersistentGenerator, FedAvg):
+  """FedAvg of the whole model, its head regularised by a server generator trained with one
+  persistent Adam (attributes: :class:`PersistentGenerator`).
+
+  Server state ``{"params", "generator", "adam", "label_counts"}``; client state: BatchNorm
+  running statistics (``{"model_state"}``) for a model that has them, else nothing.
+  """
+
+  REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
+  TRAIN_MODE = True
+  DECAYED_RATES = ("local.learning_rate",)  # -ld: the clients' SGD
+
+  @classmethod
+  def variant(cls, params: dict) -> type:
+    """:class:`FedGenPFLlibLocal` for ``localize_feature_extractor=True`` (``-lf``)."""
+    return FedGenPFLlibLocal if params.get("localize_feature_extractor") else cls
 
   def client_update(self, server_state, client_state, data, key):
     """SGD on the whole model: cross-entropy plus the head's on B generated features."""
@@ -104,17 +145,50 @@ class FedGenPFLlib(GeneratorClients, FedAvg):
   def server_update(self, server_state, uploads, weights, key):
     """G's Adam steps against the arrived heads (from its persisted moments), then FedAvg."""
     uploads = zero_unweighted(uploads, weights)
-    generator, adam = generator_steps(
-        server_state["generator"], server_state["adam"],
-        generator_adam(self.generator_learning_rate), split_parts(uploads)["head"], weights,
-        server_state["label_counts"], key, self.server_epochs, self.local.batch_size)
-    arrived = (weights > 0).any()
-    unchanged = lambda new, old: jax.tree.map(lambda a, b: jnp.where(arrived, a, b), new, old)
     return {**server_state,
-            "params": weighted_average(uploads, weights, fallback=server_state["params"]),
-            "generator": unchanged(generator, server_state["generator"]),
-            "adam": unchanged(adam, server_state["adam"])}
+            **self.generator_round(server_state, split_parts(uploads)["head"], weights, key),
+            "params": weighted_average(uploads, weights, fallback=server_state["params"])}
 
   def download(self, server_state):
     """The global model and G's parameters (the label pool was sent once; Adam stays)."""
     return {"params": server_state["params"], "generator": server_state["generator"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class FedGenPFLlibLocal(PersistentGenerator, SplitAlgorithm):
+  """PFLlib's FedGen with ``-lf``: personal bases, a global dense head, the server generator
+  with its persistent Adam (attributes: :class:`PersistentGenerator`). Built by the registry
+  for ``-algo FedGen-PFLlib -lf`` (:meth:`FedGenPFLlib.variant`).
+
+  Server state ``{"head", "generator", "adam", "label_counts"}``; client state: the base (and
+  BatchNorm statistics), stacked.
+  """
+
+  REFERENCE_SPLIT = True  # as FedGenPFLlib (these declarations are not inherited)
+  TRAIN_MODE = True
+  DECAYED_RATES = ("local.learning_rate",)
+  SHARED = "head"
+
+  name = "FedGen-PFLlib"
+
+  localize_feature_extractor: bool = True
+
+  def variables(self, server_state, client_state):
+    return super().variables({"head": server_state["head"]}, client_state)
+
+  def client_update(self, server_state, client_state, data, key):
+    """SGD on base and head: cross-entropy plus the head's on B generated features."""
+    trained, stats = self.train_with_generator(
+        server_state, self.variables(server_state, client_state), data, key)
+    return self._client_state(trained), {"head": split_parts(trained)["head"]}, stats
+
+  def server_update(self, server_state, uploads, weights, key):
+    """G's Adam steps against the arrived heads (from its persisted moments), then their
+    sample-weighted average."""
+    heads = zero_unweighted(uploads["head"], weights)
+    return {**server_state, **self.generator_round(server_state, heads, weights, key),
+            "head": weighted_average(heads, weights, fallback=server_state["head"])}
+
+  def download(self, server_state):
+    """The global head and G's parameters (the label pool was sent once; Adam stays)."""
+    return {"head": server_state["head"], "generator": server_state["generator"]}

@@ -45,8 +45,12 @@ def make_algorithm(name: str, model: Any, local: Any, params: dict | None = None
   unknown = sorted(set(params) - set(accepted))
   if unknown:
     listing = ", ".join(f"{k} (default {v})" for k, v in accepted.items()) or "none"
+    takers = [f"{k} is taken by {', '.join(names)}" for k in unknown
+              if (names := [n for n in algorithm_names()
+                            if k in _REGISTRY[n.lower()].hyperparameters()])]
+    elsewhere = f" ({'; '.join(takers)})" if takers else ""
     raise ConfigError(f"algorithm {cls.name} does not take hyperparameter(s) "
-                      f"{', '.join(unknown)}; it accepts: {listing}")
+                      f"{', '.join(unknown)}{elsewhere}; it accepts: {listing}")
   for key, value in params.items():
     default = accepted[key]
     if isinstance(default, (int, float)) and not isinstance(default, bool):
@@ -54,4 +58,7 @@ def make_algorithm(name: str, model: Any, local: Any, params: dict | None = None
         raise ConfigError(f"{cls.name} hyperparameter {key}={value!r} must be a number")
       if isinstance(default, float) and isinstance(value, int):
         params[key] = float(value)  # mu=0 is the float 0.0 (a sweep mu=0,0.1 stays one program)
+  variant = getattr(cls, "variant", None)  # a hyperparameter that changes the state's shape
+  if variant is not None:
+    cls = variant(params)
   return cls(model=model, local=local, **params)
