@@ -77,6 +77,10 @@ def test_lf_builds_the_local_base_variant():
     make_algorithm("FedGen", alg.model, alg.local, {"localize_feature_extractor": True})
   with pytest.raises(ConfigError, match="localize_feature_extractor"):
     _alg(data, localize_feature_extractor=1)
+  with pytest.raises(ConfigError, match="make_algorithm"):  # the class must match -lf
+    fedgen_pfllib.FedGenPFLlib(model=alg.model, local=alg.local, localize_feature_extractor=True)
+  with pytest.raises(ConfigError, match="make_algorithm"):
+    local(model=alg.model, local=alg.local, localize_feature_extractor=False)
 
 
 def test_lf_client_trains_its_base_and_the_global_head_and_uploads_the_head():

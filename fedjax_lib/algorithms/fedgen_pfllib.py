@@ -65,6 +65,7 @@ from fedjax_lib.algorithms.fedgen import (GeneratorClients, generator_adam, gene
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import SplitAlgorithm, split_parts
 from fedjax_lib.core.aggregate import weighted_average
+from fedjax_lib.errors import ConfigError
 from fedjax_lib.models.base import model_state
 
 
@@ -95,6 +96,11 @@ class PersistentGenerator(GeneratorClients):
   def __post_init__(self):
     self.check_generator_hyperparameters()
     check_bool(self.name, "localize_feature_extractor", self.localize_feature_extractor)
+    if self.localize_feature_extractor != isinstance(self, SplitAlgorithm):
+      raise ConfigError(
+          f"{type(self).__name__} has {'global' if self.localize_feature_extractor else 'local'}"
+          f" bases, but localize_feature_extractor={self.localize_feature_extractor}; build "
+          f"{self.name} with make_algorithm, which picks the class for -lf")
 
   def init(self, key, sample_x, num_clients):
     server, clients = super().init(key, sample_x, num_clients)
