@@ -312,8 +312,11 @@ def build(config: Config) -> Built:
   algorithm = make_algorithm(config, data, models[unique[0]])
   check_train_mode(algorithm, models)
   if new and not algorithm.supports_new_clients:
+    unsupported = [n for n in algorithms_lib.algorithm_names()
+                   if not has_hook(algorithms_lib.get_algorithm(n), "new_client_variables")]
     raise ConfigError(f"algorithm {algorithm.name} does not support new-client evaluation "
-                      "(num_new_clients > 0)")
+                      f"(num_new_clients={new}, -nnc); use -nnc 0 (new clients are not "
+                      f"evaluated by {', '.join(unsupported)}: each one's docstring says why)")
   mesh = make_mesh(config.devices)
   executor = config.executor
   if executor == "auto":

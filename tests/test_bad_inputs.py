@@ -93,6 +93,8 @@ FLAGS = [
     (["--shuffle", "sometimes"], ["--shuffle", "sometimes"]),
     (["-m", "mlr", "-nc", "4", "-jr", "0.25", "-cdr", "0.5"],
      ["client_drop_rate=0.5", "1 selected", "client_drop_rate <= 0 (-cdr)", "(-jr)"]),
+    (["-m", "mlr", "-nc", "4", "-algo", "FedAMP", "-nnc", "1"],
+     ["FedAMP", "num_new_clients=1", "-nnc 0", "FedFomo", "FedPCL"]),
     (["-m", "mlr", "-nc", "4", "-jr", "0.75", "-cdr", "0.67"],
      ["client_drop_rate=0.67", "3 selected", "client_drop_rate <= 0.6666 (-cdr)"]),
 ]

@@ -428,10 +428,12 @@ HOOKS = ("eval_views", "final_views", "new_client_variables", "warmup_client",
 
 
 def has_hook(algorithm, name: str) -> bool:
-  """Whether ``algorithm``'s class defines hook ``name`` (overrides `Algorithm`'s default)."""
+  """Whether ``algorithm``'s class (or ``algorithm``, a class) defines hook ``name``
+  (overrides `Algorithm`'s default)."""
   if name not in HOOKS:
     raise ValueError(f"unknown hook {name!r}; hooks: {', '.join(HOOKS)}")
-  return getattr(type(algorithm), name) is not getattr(Algorithm, name)
+  cls = algorithm if isinstance(algorithm, type) else type(algorithm)
+  return getattr(cls, name) is not getattr(Algorithm, name)
 
 
 def has_warmup(algorithm) -> bool:

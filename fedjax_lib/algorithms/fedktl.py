@@ -56,6 +56,9 @@ Differences from HtFLlib (``clientktl.py``/``serverktl_*.py``):
 - HtFLlib's ``-algo FedKTL-stylegan-xl`` / ``-stylegan-3`` / ``-stable-diffusion`` name its
   pretrained generators; here the generator is given with ``-GPath`` (a Flax bridge), and
   those names are refused.
+- New clients (``-nnc``) are not evaluated (HtFLlib evaluates none): every model is a
+  client's own, with nothing global to start a new client from, so a new client could only
+  fine-tune an untrained model.
 
 Numerics: with s = 64 the clients' gradient norms are in the thousands (1,204 for the CNN's
 first digits batch), so nearly every step is clipped to norm 100, a normalised-gradient
