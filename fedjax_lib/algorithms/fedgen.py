@@ -291,6 +291,21 @@ class GeneratorClients:
     return super().check_settings(context)
 
 
+class GeneratorHeadClients(GeneratorClients):
+  """The clients of a `SplitAlgorithm` sharing the head (``SHARED = "head"``) with the
+  generator term: FedGen and FedGen-PFLlib's ``-lf``. Server state ``{"head", ...}``."""
+
+  def variables(self, server_state, client_state):
+    return super().variables({"head": server_state["head"]}, client_state)
+
+  def client_update(self, server_state, client_state, data, key):
+    """SGD on base and head: cross-entropy plus the head's on B generated features; the base
+    stays, the head is uploaded."""
+    trained, stats = self.train_with_generator(
+        server_state, self.variables(server_state, client_state), data, key)
+    return self._client_state(trained), {"head": split_parts(trained)["head"]}, stats
+
+
 def zero_unweighted(uploads, weights):
   """``uploads`` with the slots of weight 0 (dropped, unselected, padding: they may hold
   anything) set to zeros."""
@@ -302,7 +317,7 @@ def zero_unweighted(uploads, weights):
 # ---------------------------------------------------------------------------- the algorithm
 @register("FedGen")
 @dataclasses.dataclass(frozen=True)
-class FedGen(GeneratorClients, SplitAlgorithm):
+class FedGen(GeneratorHeadClients, SplitAlgorithm):
   """Personal bases, a global dense head, and a server generator of labelled features that
   regularises every client's head.
 
@@ -335,14 +350,6 @@ class FedGen(GeneratorClients, SplitAlgorithm):
   def init(self, key, sample_x, num_clients):
     server, clients = super().init(key, sample_x, num_clients)
     return {**server, **self.generator_state(key, sample_x)}, clients
-
-  def variables(self, server_state, client_state):
-    return super().variables({"head": server_state["head"]}, client_state)
-
-  def client_update(self, server_state, client_state, data, key):
-    trained, stats = self.train_with_generator(
-        server_state, self.variables(server_state, client_state), data, key)
-    return self._client_state(trained), {"head": split_parts(trained)["head"]}, stats
 
   def server_update(self, server_state, uploads, weights, key):
     keep = weights > 0

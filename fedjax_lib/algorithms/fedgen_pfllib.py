@@ -60,8 +60,8 @@ import jax.numpy as jnp
 
 from fedjax_lib.algorithms.base import check_bool
 from fedjax_lib.algorithms.fedavg import FedAvg
-from fedjax_lib.algorithms.fedgen import (GeneratorClients, generator_adam, generator_steps,
-                                          zero_unweighted)
+from fedjax_lib.algorithms.fedgen import (GeneratorClients, GeneratorHeadClients,
+                                          generator_adam, generator_steps, zero_unweighted)
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import SplitAlgorithm, split_parts
 from fedjax_lib.core.aggregate import weighted_average
@@ -161,7 +161,7 @@ class FedGenPFLlib(PersistentGenerator, FedAvg):
 
 
 @dataclasses.dataclass(frozen=True)
-class FedGenPFLlibLocal(PersistentGenerator, SplitAlgorithm):
+class FedGenPFLlibLocal(PersistentGenerator, GeneratorHeadClients, SplitAlgorithm):
   """PFLlib's FedGen with ``-lf``: personal bases, a global dense head, the server generator
   with its persistent Adam (attributes: :class:`PersistentGenerator`). Built by the registry
   for ``-algo FedGen-PFLlib -lf`` (:meth:`FedGenPFLlib.variant`).
@@ -178,15 +178,6 @@ class FedGenPFLlibLocal(PersistentGenerator, SplitAlgorithm):
   name = "FedGen-PFLlib"
 
   localize_feature_extractor: bool = True
-
-  def variables(self, server_state, client_state):
-    return super().variables({"head": server_state["head"]}, client_state)
-
-  def client_update(self, server_state, client_state, data, key):
-    """SGD on base and head: cross-entropy plus the head's on B generated features."""
-    trained, stats = self.train_with_generator(
-        server_state, self.variables(server_state, client_state), data, key)
-    return self._client_state(trained), {"head": split_parts(trained)["head"]}, stats
 
   def server_update(self, server_state, uploads, weights, key):
     """G's Adam steps against the arrived heads (from its persisted moments), then their
