@@ -305,6 +305,11 @@ class GeneratorHeadClients(GeneratorClients):
         server_state, self.variables(server_state, client_state), data, key)
     return self._client_state(trained), {"head": split_parts(trained)["head"]}, stats
 
+  def download(self, server_state):
+    """The global head and G's parameters (the label pool was sent once; a persistent Adam
+    stays on the server)."""
+    return {"head": server_state["head"], "generator": server_state["generator"]}
+
 
 def zero_unweighted(uploads, weights):
   """``uploads`` with the slots of weight 0 (dropped, unselected, padding: they may hold
@@ -362,7 +367,3 @@ class FedGen(GeneratorHeadClients, SplitAlgorithm):
       generator = jax.tree.map(lambda a, b: jnp.where(keep.any(), a, b), trained, generator)
     head = weighted_average(heads, weights, fallback=server_state["head"])
     return {**server_state, "head": head, "generator": generator}
-
-  def download(self, server_state):
-    """The global head and G's parameters (the label pool was sent once)."""
-    return {"head": server_state["head"], "generator": server_state["generator"]}

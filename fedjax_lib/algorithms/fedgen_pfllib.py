@@ -185,7 +185,3 @@ class FedGenPFLlibLocal(PersistentGenerator, GeneratorHeadClients, SplitAlgorith
     heads = zero_unweighted(uploads["head"], weights)
     return {**server_state, **self.generator_round(server_state, heads, weights, key),
             "head": weighted_average(heads, weights, fallback=server_state["head"])}
-
-  def download(self, server_state):
-    """The global head and G's parameters (the label pool was sent once; Adam stays)."""
-    return {"head": server_state["head"], "generator": server_state["generator"]}
