@@ -35,7 +35,7 @@ from fedjax_lib import algorithms as algorithms_lib
 from fedjax_lib import dlg as dlg_lib
 from fedjax_lib import models as models_lib
 from fedjax_lib import privacy as privacy_lib
-from fedjax_lib.algorithms.base import SettingsContext
+from fedjax_lib.algorithms.base import SettingsContext, has_hook
 from fedjax_lib.config import Config
 from fedjax_lib.data.loading import is_folder_path
 from fedjax_lib.data.quantized import QuantizedImages
@@ -73,6 +73,7 @@ def check_settings(config: Config, data, num_clients: int, algorithm,
               + _vocabulary(config, data, models)
               + _max_len(config, data, models)
               + _lr_decay(config, algorithm)
+              + _client_models(config, algorithm)
               + privacy_lib.check(config, np.asarray(data.train_count[:num_clients]),
                                   algorithm, models, sample_x)
               + dlg_lib.check(config, data, algorithm, models)
@@ -294,6 +295,36 @@ def _lr_decay(config: Config, algorithm) -> list[str]:
     return [f"learning_rate_decay (-ld) has no effect with {algorithm.name}: PFLlib's client "
             "never trains with the optimizer its scheduler decays (the README's \"Learning-rate "
             "decay\" says how)"]
+  return []
+
+
+def model_savers() -> list[str]:
+  """The algorithms whose clients keep their own model (the ``client_model`` hook): those
+  ``-sfn`` writes and ``-mfn`` loads."""
+  return [name for name in algorithms_lib.algorithm_names()
+          if has_hook(algorithms_lib.get_algorithm(name), "client_model")]
+
+
+def _client_models(config: Config, algorithm) -> list[str]:
+  """HtFLlib's ``-mfn`` (refused by an algorithm whose clients keep no model of their own)
+  and ``-sfn`` (warned about where it writes nothing)."""
+  saves = has_hook(algorithm, "client_model")
+  if config.models_folder_name and not saves:
+    raise ConfigError(
+        f"models_folder_name (-mfn) starts each client from its saved model, but "
+        f"{algorithm.name}'s clients keep no model of their own; algorithms that take -mfn: "
+        f"{', '.join(model_savers())}")
+  if not config.save_folder_name:
+    return []
+  if not saves:
+    return [f"save_folder_name={config.save_folder_name!r} (-sfn) writes nothing with "
+            f"{algorithm.name}, whose clients keep no model of their own (the run's states: "
+            f"--checkpoint-every); -sfn writes the client models of "
+            f"{', '.join(model_savers())}"]
+  if "temp" in config.save_folder_name:
+    return [f"save_folder_name={config.save_folder_name!r} (-sfn) writes nothing: HtFLlib "
+            "deletes a folder whose name contains 'temp' when the run ends; give another "
+            "name to keep the client models"]
   return []
 
 

@@ -14,7 +14,7 @@ import re
 import json
 import sys
 import textwrap
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from fedjax_lib.algorithms import algorithm_names, get_algorithm
 from fedjax_lib.config import (CONV_IMPLS, DTYPES, EXECUTORS, ON_NAN, PARTITION_RNGS,
@@ -22,7 +22,7 @@ from fedjax_lib.config import (CONV_IMPLS, DTYPES, EXECUTORS, ON_NAN, PARTITION_
 from fedjax_lib.data import registry as data_registry
 from fedjax_lib.data.loading import DEFAULT_NUM_CLIENTS
 from fedjax_lib.errors import ConfigError, FedJaxError
-from fedjax_lib.models import MODEL_NAMES
+from fedjax_lib.models import FAMILIES, MODEL_NAMES
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
 _FALSE = {"0", "false", "f", "no", "n", "off"}
@@ -120,15 +120,16 @@ ALGORITHM_FLAGS = (
      "fine-tuning epochs after the last round"),
     (("-se", "--server_epochs", "--server-epochs"), "server_epochs", int,
      "server training epochs per round (FedGen: Adam steps on its generator, B labels each)"),
-    (("-mart", "--margin_threshold", "--margin-threshold"), "margin_threshold", float,
+    (("-mart", "--margin_threshold", "--margin-threshold", "--margin_threthold"),
+     "margin_threshold", float,
      "cap τ of the adaptive margin"),
     (("-slr", "--server_learning_rate", "--server-learning-rate"), "server_learning_rate",
      float, "server learning rate (FedKTL's feature transformer and centroids, FedGH's global "
      "head, FedL2G's guiding vectors)"),
     (("-sbs", "--server_batch_size", "--server-batch-size"), "server_batch_size", int,
      "server batch size"),
-    (("-gbs", "--generation_batch_size", "--generation-batch-size"), "generation_batch_size",
-     int, "images decoded per generator call"),
+    (("-gbs", "--generation_batch_size", "--generation-batch-size", "--gen_batch_size"),
+     "generation_batch_size", int, "images decoded per generator call"),
     (("-GPath", "--generator_path", "--generator-path"), "generator_path", str,
      "generator folder (python -m fedjax_lib.generators train ... --out DIR)"),
     (("-nd", "--noise_dim", "--noise-dim"), "noise_dim", int,
@@ -180,10 +181,24 @@ NO_EFFECT_FLAGS = (
      "loop of its client"),
     (("-ts", "--time_select", "--time-select"), "time_select", str2bool,
      "PFLlib stores -ts and never reads it"),
-    (("-sfn", "--save_folder_name", "--save-folder-name"), "save_folder_name", str,
-     "PFLlib's folder for per-client .pt files between rounds; here every state stays in "
-     "memory (checkpoints: --out)"),
 )
+
+# HtFLlib flags for what is not available here: (flags, dest, why). Each one given is a
+# one-line error (an unknown flag would be misread: -prompt as -p rompt).
+REFUSED_FLAGS = (
+    (("-prompt", "--stable_diffusion_prompt"), "stable_diffusion_prompt",
+     "the prompt of HtFLlib's FedKTL-stable-diffusion, whose PyTorch Stable Diffusion "
+     "cannot run here; FedKTL takes a Flax generator folder with -GPath (python -m "
+     "fedjax_lib.generators train ...), which has no prompt"),
+)
+
+
+def _refused(flag: str, why: str) -> Callable[[str], str]:
+  """An argparse type that refuses every value: ``flag`` is ``why``."""
+  def refuse(text: str) -> str:
+    raise argparse.ArgumentTypeError(f"{flag} {text!r} is not available: {why}")
+  return refuse
+
 
 # PFLlib's straggler simulation: (flags, dest, type, PFLlib's default, help). Only the default
 # is accepted: the simulation (sleeps, wall-clock thresholds) is not reproduced.
@@ -198,6 +213,7 @@ STRAGGLER_FLAGS = (
 )
 _CLI_ONLY = ({"device", "device_id", "config", "quiet", "list_datasets"}
              | {dest for _, dest, _, _ in NO_EFFECT_FLAGS}
+             | {dest for _, dest, _ in REFUSED_FLAGS}
              | {dest for _, dest, _, _, _ in STRAGGLER_FLAGS})
 
 
@@ -334,9 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
        "samples from the largest clients to the short ones instead of failing")
 
   model = p.add_argument_group("model")
-  _add(model, "-m", "--model", default=d.model,
+  _add(model, "-m", "--model", "--model_family", default=d.model,
        help=f"architecture, one of {', '.join(MODEL_NAMES)} (case-insensitive; cnn is PFLlib's "
-       "FedAvgCNN), or a comma-separated list (cnn,dnn): client i uses model i mod K")
+       "FedAvgCNN), or a comma-separated list (cnn,dnn): client i uses model i mod K, or an "
+       f"HtFLlib model family: {', '.join(FAMILIES)}"),
   _add(model, "-fd", "--feature_dim", "--feature-dim", type=int, default=d.feature_dim,
        dest="feature_dim", shown_default="512 with several models, else the model's own",
        help="pool every model's features to this width (HtFLlib's -fd)")
@@ -471,6 +488,16 @@ def build_parser() -> argparse.ArgumentParser:
   output = p.add_argument_group("output and checkpoints")
   _add(output, "--out", default=d.out, help="output folder")
   _add(output, "-go", "--goal", default=d.goal, help="tag in result file names")
+  _add(output, "-sfn", "--save_folder_name", "--save-folder-name", default=d.save_folder_name,
+       dest="save_folder_name", metavar="DIR", shown_default="none",
+       help="HtFLlib's -sfn: after the run write every client's model to "
+       "DIR/<dataset>/<algorithm>/ (algorithms whose clients keep their own model; a name "
+       "containing 'temp', HtFLlib's deleted folder, writes nothing)")
+  _add(output, "-mfn", "--models_folder_name", "--models-folder-name",
+       default=d.models_folder_name, dest="models_folder_name", metavar="DIR",
+       shown_default="none", help="HtFLlib's -mfn: start every client from its model in DIR "
+       "(a folder -sfn wrote, e.g. by Local: pre-trained models) instead of a fresh "
+       "initialisation")
   _add(output, "--checkpoint-every", type=int, default=d.checkpoint_every,
        dest="checkpoint_every", help="save an Orbax checkpoint every k rounds under "
        "<out>/checkpoints (0: only when interrupted); a rerun with the same --out continues "
@@ -522,6 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
       "one given prints a warning.")
   for flags, dest, kind, text in NO_EFFECT_FLAGS:
     _add(compat, *flags, type=kind, default=None, dest=dest, help=text)
+  refused = p.add_argument_group(
+      "HtFLlib flags for what is not available here", "Each one given is an error naming "
+      "what to use instead.")
+  for flags, dest, text in REFUSED_FLAGS:
+    _add(refused, *flags, type=_refused(flags[0], text), default=None, dest=dest, help=text)
   simulated = p.add_argument_group(
       "PFLlib's wall-clock straggler simulation", "Not simulated here (PFLlib sleeps and "
       "measures wall-clock time); accepted only at PFLlib's defaults.")

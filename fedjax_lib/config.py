@@ -126,6 +126,11 @@ class Config:
   New clients (PFLlib's ``-nnc``/``-ften``): with ``num_new_clients`` = M > 0 the data hold
     N + M clients, the last M never train, and after the last round each of them fine-tunes
     the global model for ``fine_tuning_epoch_new`` epochs and is tested.
+  Client models (HtFLlib's ``-sfn``/``-mfn``, `fedjax_lib.client_models`; algorithms with
+    the ``client_model`` hook): with ``save_folder_name`` = D a finished run writes every
+    client's model to ``D/<dataset>/<algorithm>/`` (a name containing ``temp``, HtFLlib's
+    deleted working folder, writes nothing); with ``models_folder_name`` = F every client
+    starts from its model in F instead of a fresh initialisation.
   """
 
   # data
@@ -182,6 +187,9 @@ class Config:
   partition_seed: Optional[int] = None
   num_new_clients: int = 0
   fine_tuning_epoch_new: int = 0
+  # client models (HtFLlib's -sfn / -mfn)
+  save_folder_name: str = ""
+  models_folder_name: str = ""
   # execution and output
   executor: str = "auto"
   chunk_size: int = 8
@@ -206,7 +214,8 @@ class Config:
   RESUMABLE_CHANGES = ("global_rounds", "times", "prev", "out", "progress", "overwrite", "plot",
                        "checkpoint_every", "keep_checkpoints", "resume", "auto_break",
                        "top_cnt", "devices", "distributed", "eval_chunk_size", "dlg_eval",
-                       "dlg_gap", "batch_num_per_client", "data_dir", "compile_cache")
+                       "dlg_gap", "batch_num_per_client", "data_dir", "compile_cache",
+                       "save_folder_name")
 
   def resume_mismatch(self, saved: dict) -> list[str]:
     """``field: saved → now`` for every field that must match to continue a checkpoint.
@@ -339,6 +348,18 @@ class Config:
       raise ConfigError(f"distributed={self.distributed!r} is not a boolean; use true/false")
     if self.partition_seed is not None:
       _int("partition_seed", self.partition_seed)
+    for name in ("save_folder_name", "models_folder_name"):
+      if not isinstance(getattr(self, name), str):
+        raise ConfigError(f"{name}={getattr(self, name)!r} must be a folder path ('' for none)")
+    if self.models_folder_name and self.num_new_clients:
+      raise ConfigError(
+          f"models_folder_name={self.models_folder_name!r} (-mfn) with num_new_clients="
+          f"{self.num_new_clients} (-nnc): the folder holds the training clients' models and "
+          "new clients would start untrained; use -nnc 0 with -mfn")
+    if self.save_folder_name and self.sweep:
+      raise ConfigError(
+          f"save_folder_name={self.save_folder_name!r} (-sfn) with a sweep: the folder holds "
+          "one run's client models; run the combination to keep without --sweep")
     self._validate_sweep()
     return self
 

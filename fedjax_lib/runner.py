@@ -24,12 +24,14 @@ import numpy as np
 
 from fedjax_lib import algorithms as algorithms_lib
 from fedjax_lib import checks as checks_lib
+from fedjax_lib import client_models as client_models_lib
 from fedjax_lib import compile_cache as compile_cache_lib
 from fedjax_lib import data as data_lib
 from fedjax_lib import dlg as dlg_lib
 from fedjax_lib import memory as memory_lib
 from fedjax_lib import models as models_lib
-from fedjax_lib.algorithms.base import has_hook, reference_splits, supports_train_mode
+from fedjax_lib.algorithms.base import (abstract_variables, has_hook, reference_splits,
+                                        supports_train_mode)
 from fedjax_lib import output as output_lib
 from fedjax_lib import privacy as privacy_lib
 from fedjax_lib import results as results_lib
@@ -347,6 +349,8 @@ def build(config: Config) -> Built:
              else None)
   dlg = (dlg_lib.Evaluator(engine, config, *dlg_lib.data_range(data.x)) if config.dlg_eval
          else None)
+  if config.models_folder_name:
+    engine.initial_models = initial_client_models(config, engine)
   return Built(data, models, algorithm, engine, architectures,
                warnings=tuple(settings_warnings), privacy=privacy, dlg=dlg)
 
@@ -534,6 +538,8 @@ class _Run:
     self.keep = keep
     self.checkpointer = None
     self.extra: dict = {}
+    # {client id: (architecture, variables)} after the last round, for -sfn (None: not kept)
+    self.client_models: Optional[dict] = None
     self.best, self.best_at = -1.0, 0
     self.accountant: Optional[privacy_lib.Accountant] = None
     # -ld: how many times each client has trained (PFLlib's scheduler steps), else None.
@@ -921,6 +927,10 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
       write(f"{run.spec.label + ' | ' if many else ''}{engine.num_new_clients} new clients "
             f"({config.fine_tuning_epoch_new} fine-tuning epochs) | test_acc "
             f"{new['test_acc']:.4f} ± {new['test_acc_std']:.4f} | test_auc {new['test_auc']:.4f}")
+  if saves_client_models(config, engine.algorithm) and finishing:
+    stop_if_requested("before keeping the client models")
+    last = finishing[-1]  # HtFLlib's folder holds the last repetition's models
+    last.client_models = engine.client_models(*states.get(last.spec.index))
   total = time.perf_counter() - start
   for run in runs:
     round_times = [t + e for t, e in zip(run.train_times, run.eval_times)]
@@ -932,6 +942,23 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
     run.total_time_s = total
   stop_if_requested("before writing the results")
   return runs
+
+
+def saves_client_models(config: Config, algorithm) -> bool:
+  """Whether the run writes its client models (``-sfn``; see `fedjax_lib.client_models`)."""
+  return (bool(config.save_folder_name) and "temp" not in config.save_folder_name
+          and has_hook(algorithm, "client_model"))
+
+
+def initial_client_models(config: Config, engine) -> dict:
+  """``-mfn``: every group's clients' saved models, stacked in the group's client order (the
+  engine's ``initial_models``); checked against the groups' models."""
+  sample_x = engine.data.x[0]
+  expected = {cid: (g.name, abstract_variables(g.algorithm.model, sample_x))
+              for g in engine.groups for cid in g.ids}
+  loaded = client_models_lib.read(config.models_folder_name, expected)
+  return {g.name: jax.tree.map(lambda *rows: np.stack(rows), *[loaded[c] for c in g.ids])
+          for g in engine.groups}
 
 
 def write_generated(run, states: _States, algorithm, config: Config) -> None:
@@ -1108,6 +1135,15 @@ def _write_results(config: Config, built: Built, specs: list, runs: list, out_di
   partition_file = os.path.join(out_dir, f"{base}{'_sweep' if config.sweep else ''}"
                                          "_partition.json")
   files_out.add(partition_file, lambda tmp: results_lib.write_json(tmp, data.summary()))
+  kept = [run for run in runs if run.client_models is not None]
+  models_dir = None
+  if kept and is_writer():
+    models_dir = os.path.abspath(client_models_lib.folder(config.save_folder_name, tag,
+                                                          algorithm.name))
+    kept[-1].extra["client_models"] = models_dir
+    client_models_lib.add_files(files_out, models_dir, kept[-1].client_models, {
+        "dataset": tag, "algorithm": algorithm.name, "model": config.model,
+        "run": kept[-1].spec.run_number, "seed": kept[-1].spec.seed})
   results = []
   for run in runs:
     spec, history = run.spec, run.history
@@ -1166,6 +1202,9 @@ def _write_results(config: Config, built: Built, specs: list, runs: list, out_di
                                  total_time_s=total, warnings=list(built.warnings))
   if is_writer():
     files_out.commit()
+  if models_dir is not None:
+    log(f"client models of run {kept[-1].spec.run_number}: {models_dir} "
+        f"({len(kept[-1].client_models)} clients; -mfn {models_dir} starts a run from them)")
   STOPPER.saved("the results files are written")
   if STOPPER.requested is not None:
     raise Interrupted(f"{STOPPER.requested} while writing the results: they were written "

@@ -77,10 +77,14 @@ def test_numbers_unchanged(key, tmp_path):
   bit_identical = (jax.__version__ == PINNED["jax_version"] and same_isa
                    and name not in ROUNDED_DIFFERENTLY)
   # Another ISA rounds every matmul differently; a rank statistic (FedCP's spread of the
-  # clients' AUCs) then moved by 3.7e-5, relative, on the AVX2 VM.
+  # clients' AUCs) then moved by 3.7e-5, relative, on the AVX2 VM. A spread across clients
+  # (``*_std``) also moves on another CPU of the same ISA: FedCP's AUC spread by 4.4e-6
+  # (1.2e-4 relative) on an AVX-512 Intel Xeon against the AMD EPYC it was pinned on
+  # (2026-12-04; every other field within 1e-5), so spreads get an absolute 1e-5.
   rtol = 1e-5 if same_isa else 1e-4
   for field, values in want.items():
     if bit_identical or field in ("rounds", "nonfinite_clients"):
       assert history[field] == values, field
     else:
-      np.testing.assert_allclose(history[field], values, rtol=rtol, atol=1e-6, err_msg=field)
+      atol = 1e-5 if field.endswith("_std") else 1e-6
+      np.testing.assert_allclose(history[field], values, rtol=rtol, atol=atol, err_msg=field)

@@ -1,5 +1,5 @@
 """PFLlib's remaining flags: learning-rate decay (``-ld``/``-ldg``), ``-pv``, ``-did``, ``-ml``,
-the flags without effect (``-itk``, ``-ts``, ``-sfn``) and the straggler flags
+the flags without effect (``-itk``, ``-ts``; ``-sfn`` with FedAvg) and the straggler flags
 (``-tsr``/``-ssr``/``-tth``, accepted at PFLlib's defaults only).
 
 The decay's reference: PFLlib's ``ExponentialLR(optimizer, γ)`` stepped once at the end of each
@@ -202,8 +202,9 @@ def test_pfllibs_quick_start_flags_and_no_effect_flags_run(tmp_path, capsys):
                    "-tth", "10000", "--out", str(out), "--no-progress", "--no-plot"])
   printed = capsys.readouterr().out
   assert code == 0
-  for flag in ("-itk 4000", "-ts True", "-sfn items"):
+  for flag in ("-itk 4000", "-ts True"):
     assert f"warning: {flag} has no effect" in printed, printed
+  assert "warning: save_folder_name='items' (-sfn) writes nothing with FedAvg" in printed
   assert os.path.exists(out / "digits_FedAvg_test_0.json")
 
 

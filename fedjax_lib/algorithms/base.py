@@ -51,6 +51,12 @@ Optional hooks. A hook exists exactly when the algorithm's class defines it (see
 - ``generated_images(server_state) -> [n, H, W, C] or None``: images the server made (FedKTL's
   one image per class), which the runner writes as a PNG grid after every round in which
   they exist (``<run>_generated.png``, recorded in the results JSON).
+- ``client_model(server_state, client_state) -> variables``: the model variables of ONE
+  client (HtFLlib's per-client ``model``): what ``-sfn`` writes after a run and ``-mfn``
+  reads back into the initial states (`fedjax_lib.client_models`). A run started from saved
+  models builds its client states as ``init`` would had :meth:`Algorithm.init_params`
+  returned each client's saved variables (:func:`init_clients_from_models`); so an algorithm
+  defining this hook builds its clients' models through ``init_params``.
 
 What the engine reads from an algorithm, besides these functions: ``model`` (its architecture
 group's Flax model; `dataclasses.replace(algorithm, model=...)` makes the instance of another
@@ -263,6 +269,11 @@ class Algorithm:
     """Images the server generated, or None (a hook: see :func:`has_hook`)."""
     raise NotImplementedError
 
+  def client_model(self, server_state, client_state):
+    """The model variables of one client (a hook: see :func:`has_hook`; HtFLlib's saved
+    per-client ``model``, written by ``-sfn`` and read by ``-mfn``)."""
+    raise NotImplementedError
+
   def receive_client(self, server_state, client_state, data, key):
     """One client's new state after it receives the new server state (a hook: see
     :func:`has_hook`)."""
@@ -424,7 +435,8 @@ def supports_train_mode(algorithm) -> bool:
 
 
 HOOKS = ("eval_views", "final_views", "new_client_variables", "warmup_client",
-         "warmup_server", "receive_client", "server_inputs", "generated_images")
+         "warmup_server", "receive_client", "server_inputs", "generated_images",
+         "client_model")
 
 
 def has_hook(algorithm, name: str) -> bool:
@@ -543,3 +555,24 @@ def untrained_new_clients(algorithm: str, fresh: str, context: SettingsContext) 
 def stack_clients(tree, num_clients: int):
   """Copies one client's state ``num_clients`` times along a new leading axis."""
   return jax.tree.map(lambda a: jax.numpy.broadcast_to(a, (num_clients,) + a.shape), tree)
+
+
+def init_clients_from_models(algorithm, key, sample_x, models):
+  """Client states as ``algorithm.init(key, sample_x, n)`` builds them, had
+  :meth:`Algorithm.init_params` returned client k's row of ``models`` for client k (HtFLlib's
+  ``-mfn``: each client's model loaded instead of initialised). Everything else in the
+  states (projectors, optimizer states, ...) is initialised from ``key`` as usual.
+
+  Args:
+    algorithm: an algorithm with the ``client_model`` hook.
+    key, sample_x: as for ``init``.
+    models: model variables stacked over the n clients (the structure ``init_params``
+      returns).
+  """
+  def one(variables):
+    loaded = copy.copy(algorithm)
+    # this instance only: its init builds the client from ``variables``
+    object.__setattr__(loaded, "init_params", lambda key, sample_x: variables)
+    _, clients = loaded.init(key, sample_x, 1)
+    return jax.tree.map(lambda a: a[0], clients)
+  return jax.vmap(one)(models)

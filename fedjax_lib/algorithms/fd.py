@@ -145,6 +145,11 @@ class FD(Algorithm):
     del server_state, key
     return class_mean_server(uploads, weights)
 
+  def client_model(self, server_state, client_state):
+    """The client's own model (HtFLlib's saved ``model``; ``-sfn``/``-mfn``)."""
+    del server_state
+    return client_state['params']
+
   def predict(self, server_state, client_state, x):
     """The client's own model."""
     return self.model.apply(client_state["params"], x)

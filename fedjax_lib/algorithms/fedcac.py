@@ -244,13 +244,13 @@ class FedCAC(Algorithm):
     server = {"params": params, "customized": customized, "round": jnp.int32(0)}
     return server, {"id": jnp.arange(num_clients, dtype=jnp.int32), "mask": mask}
 
-  def client_model(self, server_state, client_state):
+  def sent_model(self, server_state, client_state):
     """The model client ``client_state["id"]`` was sent: ``m ⊙ v + (1 − m) ⊙ w_g``."""
     customized = jax.tree.map(lambda v: v[client_state["id"]], server_state["customized"])
     return mix(client_state["mask"], customized, server_state["params"])
 
   def client_update(self, server_state, client_state, data, key):
-    start = self.client_model(server_state, client_state)
+    start = self.sent_model(server_state, client_state)
     params, _, stats = train_locally(start, data, key, self.local, self.ce_loss)
     mask = critical_masks(start, params, self.tau)
     cid = client_state["id"]
@@ -272,7 +272,7 @@ class FedCAC(Algorithm):
     return {"params": params, "customized": customized, "round": rounds + 1}
 
   def predict(self, server_state, client_state, x):
-    return self.model.apply(self.client_model(server_state, client_state), x)
+    return self.model.apply(self.sent_model(server_state, client_state), x)
 
   def new_client_variables(self, server_state, client_state):
     """A new client has no mask: it fine-tunes a copy of the global model (as PFLlib)."""

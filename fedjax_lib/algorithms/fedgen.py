@@ -305,6 +305,11 @@ class GeneratorHeadClients(GeneratorClients):
         server_state, self.variables(server_state, client_state), data, key)
     return self._client_state(trained), {"head": split_parts(trained)["head"]}, stats
 
+  def client_model(self, server_state, client_state):
+    """The client's full model: its base with the server's head (HtFLlib's saved ``model``;
+    ``-sfn``/``-mfn``: a loaded model's head is replaced by the server's from round 0 on)."""
+    return self.variables(server_state, client_state)
+
   def download(self, server_state):
     """The global head and G's parameters (the label pool was sent once; a persistent Adam
     stays on the server)."""

@@ -115,6 +115,11 @@ class FedGH(SplitAlgorithm):
                          self.server_epochs, optax.sgd(self.server_learning_rate), key)
     return {"head": head}
 
+  def client_model(self, server_state, client_state):
+    """The client's full model: its base with the server's head (HtFLlib's saved ``model``;
+    ``-sfn``/``-mfn``: a loaded model's head is replaced by the server's from round 0 on)."""
+    return self.variables(server_state, client_state)
+
   def upload_traffic(self, upload) -> Traffic:
     """The prototypes of the classes the client has (``C_i x d``)."""
     return rows_traffic(upload["protos"], upload["present"])

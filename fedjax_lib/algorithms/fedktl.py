@@ -440,6 +440,11 @@ class FedKTL(Algorithm):
     return np.asarray(server_state["images"])
 
   # ------------------------------------------------------------------ evaluation, traffic
+  def client_model(self, server_state, client_state):
+    """The client's own model (HtFLlib's saved ``model``; ``-sfn``/``-mfn``)."""
+    del server_state
+    return client_state['params']
+
   def predict(self, server_state, client_state, x):
     """``s·cos`` with the ETF anchors: the prediction is their argmax (AUC ranks them, the
     train loss is their cross-entropy)."""

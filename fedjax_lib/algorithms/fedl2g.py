@@ -261,6 +261,11 @@ class FedL2G(Algorithm):
     """No evaluation during the warm-up rounds (HtFLlib)."""
     return self.warmup_rounds
 
+  def client_model(self, server_state, client_state):
+    """The client's own model (HtFLlib's saved ``model``; ``-sfn``/``-mfn``)."""
+    del server_state
+    return client_state['params']
+
   def predict(self, server_state, client_state, x):
     """The client's own model (HtFLlib evaluates ``model(x)``)."""
     del server_state

@@ -192,6 +192,11 @@ class FedMRL(Algorithm):
     return {"shared": uniform_average(uploads, weights, server_state["shared"])}
 
   # ------------------------------------------------------------------ evaluation
+  def client_model(self, server_state, client_state):
+    """The client's private (heterogeneous) model (HtFLlib's saved ``model``; ``-sfn``/``-mfn``)."""
+    del server_state
+    return client_state['private']
+
   def predict(self, server_state, client_state, x):
     """The private head on the fused representation, with the server's shared model."""
     params, states = self._params_and_states(server_state, client_state)

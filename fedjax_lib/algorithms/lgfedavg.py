@@ -30,3 +30,8 @@ class LGFedAvg(SplitAlgorithm):
 
   SHARED = "head"
   TRAIN_MODE = True
+
+  def client_model(self, server_state, client_state):
+    """The client's full model: its base with the server's head (HtFLlib's saved ``model``;
+    ``-sfn``/``-mfn``: a loaded model's head is replaced by the server's from round 0 on)."""
+    return self.variables(server_state, client_state)

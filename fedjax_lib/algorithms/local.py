@@ -34,6 +34,11 @@ class Local(Algorithm):
   def server_update(self, server_state, uploads, weights, key):
     return server_state
 
+  def client_model(self, server_state, client_state):
+    """The client's own model (HtFLlib's saved ``model``; ``-sfn``/``-mfn``)."""
+    del server_state
+    return client_state['params']
+
   def predict(self, server_state, client_state, x):
     return self.model.apply(client_state["params"], x)
 

@@ -198,6 +198,11 @@ class PrototypeAlgorithm(Algorithm):
       return ce + self.lam * reg, carry
     return loss
 
+  def client_model(self, server_state, client_state):
+    """The client's own model (HtFLlib's saved ``model``; ``-sfn``/``-mfn``)."""
+    del server_state
+    return client_state['params']
+
   def predict(self, server_state, client_state, x):
     """The nearest global prototype of the client's features (HtFLlib's evaluation)."""
     features = self.model.apply(client_state["params"], x, method="features")

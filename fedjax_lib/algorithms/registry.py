@@ -28,9 +28,22 @@ def algorithm_names() -> list[str]:
   return sorted(_CANONICAL.values(), key=str.lower)
 
 
+# The references' algorithm names for what cannot run here, and what to use instead.
+_NOT_HERE = {
+    name.lower(): f"{name} is HtFLlib's FedKTL with its PyTorch {generator}, which cannot run "
+                  "here; use -algo FedKTL -GPath <a generator folder> (a Flax generator: python "
+                  "-m fedjax_lib.generators train ..., or your own through "
+                  "generators.from_flax_decoder)"
+    for name, generator in (("FedKTL-stylegan-xl", "StyleGAN-XL"),
+                            ("FedKTL-stylegan-3", "StyleGAN3"),
+                            ("FedKTL-stable-diffusion", "Stable Diffusion"))}
+
+
 def get_algorithm(name: str) -> type:
   """The algorithm class for ``name``; a ConfigError listing valid names on a typo."""
   cls = _REGISTRY.get(str(name).lower())
+  if cls is None and str(name).lower() in _NOT_HERE:
+    raise ConfigError(_NOT_HERE[str(name).lower()])
   if cls is None:
     raise ConfigError(f"unknown algorithm {name!r}; choose one of: "
                       f"{', '.join(algorithm_names())} (case-insensitive)")

@@ -65,6 +65,11 @@ class SharedModelAlgorithm(Algorithm):
       new_state["shared_state"] = shared_state
     return new_state
 
+  def client_model(self, server_state, client_state):
+    """The client's private model (HtFLlib's saved ``model``; ``-sfn``/``-mfn``)."""
+    del server_state
+    return client_state['private']
+
   def predict(self, server_state, client_state, x):
     """The client's private model."""
     return self.model.apply(client_state["private"], x)

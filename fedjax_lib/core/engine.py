@@ -47,7 +47,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fedjax_lib.algorithms.base import (FeatureViews, has_hook, has_warmup,
-                                        is_linear_server)
+                                        init_clients_from_models, is_linear_server)
 from fedjax_lib.core import evaluate as evaluate_lib
 from fedjax_lib.core import executors as executors_lib
 from fedjax_lib.core import rng
@@ -274,6 +274,9 @@ class Engine:
                        "exactly once")
     self.groups = groups
     self.algorithm = groups[0].algorithm  # the server side (shared by every group)
+    # Each group's clients' models to start from ({group name: variables stacked over its
+    # clients}; `Algorithm.client_model`, HtFLlib's -mfn), or None: `init` initialises them.
+    self.initial_models: Optional[dict] = None
     self.participation = participation
     self.executors = [executors_lib.make_executor(executor, g.chunk_size or chunk_size)
                       for g in groups]
@@ -409,6 +412,18 @@ class Engine:
     replicated = NamedSharding(self.mesh, P())
     server_state = jax.tree.map(lambda a: _put(a, replicated), server_state)
     return server_state, self.place_states(client_states)
+
+  def client_models(self, server_state, client_states) -> dict:
+    """Every client's model (`Algorithm.client_model`) on the host: ``{client id:
+    (architecture, variables)}``; ``client_states`` as `export_states` gives them."""
+    out = {}
+    for gi, g in enumerate(self.groups):
+      alg = self._alg(gi, None)
+      stacked = jax.device_get(jax.jit(jax.vmap(alg.client_model, in_axes=(None, 0)))(
+          server_state, client_states[g.name]))
+      for row, cid in enumerate(g.ids):
+        out[int(cid)] = (g.name, jax.tree.map(lambda a, row=row: np.asarray(a[row]), stacked))
+    return out
 
   def export_states(self, client_states):
     """The engine's layout → each group's real clients' stacked states (checkpoints, users).
@@ -709,12 +724,17 @@ class Engine:
     return self.executors[0].stage(round_fn, donate=(1, 2))
 
   # ------------------------------------------------------------------ public
-  def _init_fn(self, hparams, root, sample_x):
-    """Every group's ``init`` from the run's init key; the server state of group 0."""
+  def _init_fn(self, hparams, root, sample_x, initial_models=None):
+    """Every group's ``init`` from the run's init key; the server state of group 0. With
+    ``initial_models`` (see ``initial_models``) the clients start from those models
+    (`fedjax_lib.algorithms.base.init_clients_from_models`)."""
     key = rng.init_key(root)
     server_state, client_states = None, {}
     for gi, g in enumerate(self.groups):
-      server, clients = self._alg(gi, hparams).init(key, sample_x, g.size)
+      alg = self._alg(gi, hparams)
+      server, clients = alg.init(key, sample_x, g.size)
+      if initial_models is not None:
+        clients = init_clients_from_models(alg, key, sample_x, initial_models[g.name])
       server_state = server if server_state is None else server_state
       client_states[g.name] = clients
     return server_state, client_states
@@ -732,9 +752,9 @@ class Engine:
     sample_x = jnp.asarray(sample_x)
     hparams = hparams or {}
     if self.executors[0].traced:
-      server_state, client_states = self._init_jit(hparams, root, sample_x)
+      server_state, client_states = self._init_jit(hparams, root, sample_x, self.initial_models)
     else:
-      server_state, client_states = self._init_fn(hparams, root, sample_x)
+      server_state, client_states = self._init_fn(hparams, root, sample_x, self.initial_models)
     server_state, client_states = self.place(server_state, client_states)
     if not has_warmup(self.algorithm):
       return server_state, client_states
@@ -1187,9 +1207,9 @@ class StackedPrograms:
 
     self._round = jax.jit(masked_round, donate_argnums=(1, 2))
 
-    def init(hparams, arrays, roots, sample_x):
+    def init(hparams, arrays, roots, sample_x, initial_models):
       def one(hp, root):
-        server_state, client_states = engine._init_fn(hp, root, sample_x)  # pylint: disable=protected-access
+        server_state, client_states = engine._init_fn(hp, root, sample_x, initial_models)  # pylint: disable=protected-access
         if has_warmup(engine.algorithm):
           server_state, client_states, _ = engine._round_fn(  # pylint: disable=protected-access
               hp, server_state, client_states, arrays, root, jnp.int32(0), WARMUP.name)
@@ -1206,7 +1226,8 @@ class StackedPrograms:
     return self._eval[gi, final]
 
   def init(self, hparams, roots, sample_x):
-    return self._init(hparams, self.engine.arrays, roots, jnp.asarray(sample_x))
+    return self._init(hparams, self.engine.arrays, roots, jnp.asarray(sample_x),
+                      self.engine.initial_models)
 
   def compile(self, hparams, roots, sample_x) -> list:
     """Compiles init, the round and every evaluation ahead of time: ``[(name, Compiled)]``.
@@ -1219,8 +1240,10 @@ class StackedPrograms:
     eng, arrays = self.engine, self.engine.arrays
     size = roots.shape[0]
     sample_x = jax.ShapeDtypeStruct(jnp.shape(sample_x), sample_x.dtype)
-    out = [("init", self._init.lower(hparams, arrays, roots, sample_x).compile())]
-    server_state, client_states = jax.eval_shape(self._init, hparams, arrays, roots, sample_x)
+    models = eng.initial_models
+    out = [("init", self._init.lower(hparams, arrays, roots, sample_x, models).compile())]
+    server_state, client_states = jax.eval_shape(self._init, hparams, arrays, roots, sample_x,
+                                                 models)
     scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype)
     out.append(("round", self._round.lower(hparams, server_state, client_states, arrays, roots,
                                            scalar(jnp.int32), scalar(bool, (size,))).compile()))
