@@ -732,10 +732,11 @@ class Engine:
     server_state, client_states = None, {}
     for gi, g in enumerate(self.groups):
       alg = self._alg(gi, hparams)
-      server, clients = alg.init(key, sample_x, g.size)
+      if initial_models is None or server_state is None:  # (later groups: clients only)
+        server, clients = alg.init(key, sample_x, g.size)
+        server_state = server if server_state is None else server_state
       if initial_models is not None:
         clients = init_clients_from_models(alg, key, sample_x, initial_models[g.name])
-      server_state = server if server_state is None else server_state
       client_states[g.name] = clients
     return server_state, client_states
 
