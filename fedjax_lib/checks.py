@@ -32,6 +32,7 @@ import jax
 import numpy as np
 
 from fedjax_lib import algorithms as algorithms_lib
+from fedjax_lib import client_models as client_models_lib
 from fedjax_lib import dlg as dlg_lib
 from fedjax_lib import models as models_lib
 from fedjax_lib import privacy as privacy_lib
@@ -321,7 +322,7 @@ def _client_models(config: Config, algorithm) -> list[str]:
             f"{algorithm.name}, whose clients keep no model of their own (the run's states: "
             f"--checkpoint-every); -sfn writes the client models of "
             f"{', '.join(model_savers())}"]
-  if "temp" in config.save_folder_name:
+  if not client_models_lib.kept(config.save_folder_name):
     return [f"save_folder_name={config.save_folder_name!r} (-sfn) writes nothing: HtFLlib "
             "deletes a folder whose name contains 'temp' when the run ends; give another "
             "name to keep the client models"]

@@ -19,7 +19,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import serialization
+from flax import serialization, traverse_util
 
 from fedjax_lib import results as results_lib
 from fedjax_lib.errors import ConfigError
@@ -32,6 +32,12 @@ MANIFEST = "models.json"
 def file_name(client: int) -> str:
   """HtFLlib's ``Client_<id>_model`` name, with this format's suffix."""
   return f"Client_{client}_model.msgpack"
+
+
+def kept(save_folder_name: str) -> bool:
+  """Whether ``-sfn`` keeps the models: a folder is given, and not HtFLlib's working folder
+  (a name containing ``temp``, which HtFLlib deletes when the run ends)."""
+  return bool(save_folder_name) and "temp" not in save_folder_name
 
 
 def folder(save_folder_name: str, dataset_tag: str, algorithm: str) -> str:
@@ -137,8 +143,8 @@ def _read_client(path: str, client: int, shapes: Any):
   except Exception as e:  # pylint: disable=broad-except  (msgpack's own errors)
     raise ConfigError(f"client {client}'s model file {path!r} (-mfn) is damaged "
                       f"({type(e).__name__}); write the folder again with -sfn") from None
-  flat = _flat(state)
-  wanted = _flat(serialization.to_state_dict(shapes))
+  flat = traverse_util.flatten_dict(state) if isinstance(state, dict) else {(): state}
+  wanted = traverse_util.flatten_dict(serialization.to_state_dict(shapes))
   for key, spec in wanted.items():
     got = flat.get(key)
     if not isinstance(got, np.ndarray) or got.shape != tuple(spec.shape):
@@ -150,15 +156,5 @@ def _read_client(path: str, client: int, shapes: Any):
   if extra:
     raise ConfigError(f"client {client}'s model file {path!r} (-mfn) does not fit this run's "
                       f"model: it has {'/'.join(extra[0])}, which the model lacks")
-  leaves = [np.asarray(flat[key], spec.dtype) for key, spec in wanted.items()]
-  return jax.tree.unflatten(jax.tree.structure(shapes), leaves)
-
-
-def _flat(tree, prefix: tuple = ()) -> dict:
-  """``{path: leaf}`` of a nested dict, in sorted key order (as `jax.tree` flattens dicts)."""
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  out = {}
-  for key in sorted(tree):
-    out.update(_flat(tree[key], prefix + (str(key),)))
-  return out
+  return jax.tree_util.tree_map_with_path(
+      lambda path, spec: np.asarray(flat[tuple(str(k.key) for k in path)], spec.dtype), shapes)

@@ -946,8 +946,7 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
 
 def saves_client_models(config: Config, algorithm) -> bool:
   """Whether the run writes its client models (``-sfn``; see `fedjax_lib.client_models`)."""
-  return (bool(config.save_folder_name) and "temp" not in config.save_folder_name
-          and has_hook(algorithm, "client_model"))
+  return client_models_lib.kept(config.save_folder_name) and has_hook(algorithm, "client_model")
 
 
 def initial_client_models(config: Config, engine) -> dict:
