@@ -527,6 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
        dest="local_loop", shown_default="per backend",
        help="valid: each client runs only its own steps (CPU default); scan: every client "
        "runs the largest client's step count, masked (accelerator default)")
+  _add(execution, "--client-threads", type=int, default=d.client_threads,
+       dest="client_threads", shown_default="per backend",
+       help="clients the sequential executor trains at once, each on a host thread (CPU "
+       "default 2 with two cores or more; the same results to the bit)")
   _add(execution, "--eval-chunk-size", type=int, default=d.eval_chunk_size,
        dest="eval_chunk_size", help="clients evaluated per lax.map step")
   _add(execution, "--devices", type=int, default=d.devices,

@@ -78,7 +78,10 @@ class Config:
     clients per chunk for ``chunked``, ``unroll`` local steps per compiled loop iteration
     (0 = fully unrolled; ``None`` = the backend default, see `core.engine`), ``local_loop``
     how local steps run: ``'valid'`` (only each client's own steps) or ``'scan'`` (every
-    client the largest client's steps, masked; ``None`` = per backend, see `core.local`).
+    client the largest client's steps, masked; ``None`` = per backend, see `core.local`),
+    ``client_threads`` clients the sequential executor trains at once, each on a host thread
+    (``None`` = per backend: 2 on a CPU with two cores or more, else 1; the results are the
+    same to the bit whatever the number).
     ``devices``: shard the clients over this many devices (0 = all; 1 = no sharding);
     ``distributed``: call ``jax.distributed.initialize()`` first (one process per host;
     only process 0 writes results).
@@ -195,6 +198,7 @@ class Config:
   chunk_size: int = 8
   unroll: Optional[int] = None
   local_loop: Optional[str] = None
+  client_threads: Optional[int] = None
   eval_chunk_size: int = 64
   devices: int = 1
   distributed: bool = False
@@ -215,7 +219,7 @@ class Config:
                        "checkpoint_every", "keep_checkpoints", "resume", "auto_break",
                        "top_cnt", "devices", "distributed", "eval_chunk_size", "dlg_eval",
                        "dlg_gap", "batch_num_per_client", "data_dir", "compile_cache",
-                       "save_folder_name")
+                       "save_folder_name", "client_threads")
 
   def resume_mismatch(self, saved: dict) -> list[str]:
     """``field: saved → now`` for every field that must match to continue a checkpoint.
@@ -277,6 +281,8 @@ class Config:
       _positive_int("num_classes", self.num_classes, minimum=2)
     if self.unroll is not None:
       _positive_int("unroll", self.unroll, minimum=0)
+    if self.client_threads is not None:
+      _positive_int("client_threads", self.client_threads)
     if self.local_loop not in (None, "valid", "scan"):
       raise ConfigError(f"local_loop must be 'valid', 'scan' or None (per backend), got "
                         f"{self.local_loop!r}")

@@ -326,6 +326,13 @@ def build(config: Config) -> Built:
   elif executor == "sequential" and mesh is not None:
     raise ConfigError(f"executor='sequential' runs on one device but devices={config.devices} "
                       "shards the clients; use --executor vmap or chunked")
+  threads = config.client_threads
+  if threads is None:
+    threads = engine_lib.default_client_threads(backend) if executor == "sequential" else 1
+  elif threads > 1 and executor != "sequential":
+    raise ConfigError(f"client_threads={threads} applies to the sequential executor, but the "
+                      f"executor is {executor!r}; leave --client-threads out or use "
+                      "--executor sequential")
   participation = engine_lib.Participation(
       num_clients=num_clients, join_ratio=config.join_ratio,
       random_join_ratio=config.random_join_ratio, client_drop_rate=config.client_drop_rate)
@@ -341,7 +348,8 @@ def build(config: Config) -> Built:
                              participation, executor=executor, chunk_size=config.chunk_size,
                              eval_chunk_size=config.eval_chunk_size,
                              skip_nonfinite=config.on_nan == "skip-client", mesh=mesh,
-                             model_cycle=[unique.index(a) for a in architectures])
+                             model_cycle=[unique.index(a) for a in architectures],
+                             client_threads=threads)
   engine.check_compatible(data.x[0])
   settings_warnings = [*data_warnings,
                        *checks_lib.check_settings(config, data, num_clients, algorithm, models)]

@@ -352,9 +352,9 @@ def test_rounds_compile_once_with_a_restored_generator():
     eng.evaluate(server, clients, root, r)
     server, clients, _ = eng.run_round(server, clients, root, r)
   # pylint: disable=protected-access
-  sizes = {name: getattr(eng, name)._cache_size() for name in ("_train_write", "_finish",
-                                                                "_eval_chunk")}
-  assert sizes == {"_train_write": 1, "_finish": 1, "_eval_chunk": 1}, sizes
+  names = ("_row", "_client", "_write", "_finish", "_eval_chunk")
+  sizes = {name: getattr(eng, name)._cache_size() for name in names}
+  assert sizes == dict.fromkeys(names, 1), sizes
 
 
 def test_few_shot_keeps_the_first_k_samples_of_each_class():

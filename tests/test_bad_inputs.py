@@ -56,6 +56,8 @@ FLAGS = [
     (["-m", "dnn", "--conv-impl", "lax"], ["conv_impl='lax'", "dnn", "auto"]),
     (["-m", "cnn,dnn", "-algo", "FedAvg"], ["cnn and dnn", "uploads differ"]),
     (["--devices", "99"], ["devices=99", "available"]),
+    (["--client-threads", "0"], ["client_threads=0", ">= 1"]),
+    (["--client-threads", "2", "--executor", "vmap"], ["client_threads=2", "sequential"]),
     (["--distributed"], ["JAX_COORDINATOR_ADDRESS"]),
     (["--compile-cache", os.path.abspath(__file__)], ["compile_cache", "is a file"]),
     (["--compile-cache", os.path.join(os.path.abspath(__file__), "cache")],

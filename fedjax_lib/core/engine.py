@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import os
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -178,6 +179,20 @@ def default_executor(backend: str) -> str:
   return "sequential" if backend == "cpu" else "vmap"
 
 
+def default_client_threads(backend: str) -> int:
+  """Clients the sequential executor trains at once by default, chosen from measurements:
+  2 on XLA:CPU where the process may use two cores or more (one client's batches of 10 leave
+  a core idle between small ops: FedAvg's digits round trained 1.2x faster on a 2-core VM),
+  else 1. See experiments/benchmarks/RESULTS.md."""
+  if backend != "cpu":
+    return 1
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    cores = os.cpu_count() or 1
+  return 2 if cores >= 2 else 1
+
+
 def _tree_where(mask, on_true, on_false):
   def pick(a, b):
     m = jnp.reshape(mask, jnp.shape(mask) + (1,) * (a.ndim - jnp.ndim(mask)))
@@ -252,13 +267,16 @@ class Engine:
       padded tables, and (sequential executor) hand `Algorithm.receive_client` those
       features where it asks for them (`Algorithm.receive_features`) (same metrics and
       states up to float rounding; False: always per client, as a check).
+    client_threads: clients the sequential executor trains at once, each on a thread of its
+      own (the same results to the bit; `executors.SequentialExecutor`); ignored by the
+      traced executors.
   """
 
   def __init__(self, algorithm: Union[Any, Sequence[Group]], data: DeviceData,
                participation: Participation, executor: str = "vmap", chunk_size: int = 8,
                eval_chunk_size: int = 64, skip_nonfinite: bool = False,
                mesh: Optional[Mesh] = None, model_cycle: Optional[Sequence[int]] = None,
-               shared_eval: bool = True):
+               shared_eval: bool = True, client_threads: int = 1):
     if executor not in ("vmap", "chunked", "sequential"):
       raise ValueError(f"unknown executor {executor!r}")
     if mesh is not None and executor == "sequential":
@@ -278,8 +296,11 @@ class Engine:
     # clients}; `Algorithm.client_model`, HtFLlib's -mfn), or None: `init` initialises them.
     self.initial_models: Optional[dict] = None
     self.participation = participation
-    self.executors = [executors_lib.make_executor(executor, g.chunk_size or chunk_size)
-                      for g in groups]
+    if client_threads < 1:
+      raise ValueError(f"client_threads={client_threads}; accepted: 1 or more")
+    self.executors = [executors_lib.make_executor(executor, g.chunk_size or chunk_size,
+                                                  client_threads) for g in groups]
+    self.client_threads = client_threads if executor == "sequential" else 1
     self.executor = executor
     self.chunk_size = chunk_size
     self.skip_nonfinite = skip_nonfinite
@@ -319,8 +340,7 @@ class Engine:
     self._finish = jax.jit(self._finish_fn, static_argnames=("phase",))
     self._receive_vmapped = jax.jit(self._receive_vmapped_fn, donate_argnums=(2,),
                                     static_argnames=("gi",))
-    self._train_write = jax.jit(self._train_write_fn, donate_argnums=(3, 4),
-                                static_argnames=("gi", "phase", "linear"))
+    self._row = jax.jit(lambda states, row: jax.tree.map(lambda a: a[row], states))
     self._client = jax.jit(self._client_fn, static_argnames=("gi", "phase"))
     self._write = jax.jit(self._write_fn, donate_argnums=(0, 1), static_argnames=("linear",))
     self._eval_chunk = jax.jit(self._eval_chunk_fn, static_argnames=("gi", "final"))
@@ -678,14 +698,15 @@ class Engine:
     return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), tree)
 
   # ------------------------------------------------------------------ sequential pieces
-  def _client_fn(self, hparams, server_state, x, y, states, tables, slot, row, keys, kept, gi,
+  def _client_fn(self, hparams, server_state, x, y, state, tables, slot, row, keys, kept, gi,
                  phase):
-    """Trains the client of group row ``row``: ``_step``'s outputs.
+    """Trains the client of group row ``row`` from its ``state`` (read out of the stacked
+    states by `_row`): `_step`'s outputs. The sequential executor's per-client program, which
+    reads nothing else of the states, so several can run at once while others are written.
 
     ``keys`` are all the slots' keys (indexed here: slicing them on the host would be one more
-    dispatch per client, which waits for the previous client's program).
+    dispatch per client).
     """
-    state = jax.tree.map(lambda a: a[row], states)
     cid = jnp.asarray(self.groups[gi].ids, jnp.int32)[row]
     per_slot = (state, tables[0][row], tables[1][row], keys[slot], jnp.asarray(True), kept,
                 cid)
@@ -706,13 +727,6 @@ class Engine:
     slot_stats = jax.tree.map(lambda b, v: b.at[slot].set(v), slot_stats, stats)
     states = jax.tree.map(lambda a, r: a.at[row].set(r), states, new_state)
     return states, (uploads, weights, slot_stats)
-
-  def _train_write_fn(self, hparams, server_state, x, states, buffers, y, tables, slot, row,
-                      keys, kept, gi, phase, linear):
-    """`_client_fn` then `_write_fn`, as one program (one dispatch per client)."""
-    outputs = self._client_fn(hparams, server_state, x, y, states, tables, slot, row, keys, kept,
-                              gi, phase)
-    return self._write_fn(states, buffers, slot, row, outputs, linear)
 
   # ------------------------------------------------------------------ staging
   def _stage_round(self, phase: _Phase):
@@ -1151,21 +1165,21 @@ class _SequentialWriter:
       weights = jnp.zeros((size,), jnp.float32)
     return uploads, weights, jax.tree.map(lambda a: zeros(a, (size,)), stats)
 
-  def __call__(self, states, buffers, slot, row, keys, kept, linear):
+  def row(self, states, row):
+    """A client's state, read out of the stacked states (on the calling thread)."""
+    return self.engine._row(states, row)  # pylint: disable=protected-access
+
+  def train(self, state, slot, row, keys, kept):
+    """One client's outputs (`Engine._client_fn`), computed on the calling thread."""
     data = self.arrays["data"]
     eng, tables = self.engine, self.arrays["tables"][self.gi][:2]
-    # pylint: disable=protected-access
-    if self.phase != RECEIVE.name:
-      return eng._train_write(self.hparams, self.server_state, data.x, states, buffers, data.y,
-                              tables, slot, row, keys, kept, gi=self.gi, phase=self.phase,
-                              linear=linear)
-    # Two programs: in one, XLA copied every stacked leaf whose new row is an elementwise
-    # function of the old row (FedALA's ALA mixes into it) twice instead of writing it in
-    # place: 20 ms per client for FedALA's CNN on digits, against 3.9 ms as two programs.
-    # (One program stays faster for the training round: Ditto's measured 5-10 % slower.)
-    outputs = eng._client(self.hparams, self.server_state, data.x, data.y, states, tables,
-                          slot, row, keys, kept, gi=self.gi, phase=self.phase)
-    return eng._write(states, buffers, slot, row, outputs, linear=linear)
+    return jax.block_until_ready(eng._client(  # pylint: disable=protected-access
+        self.hparams, self.server_state, data.x, data.y, state, tables, slot, row, keys, kept,
+        gi=self.gi, phase=self.phase))
+
+  def write(self, states, buffers, slot, row, outputs, linear):
+    """The outputs written into the (donated) states and buffers."""
+    return self.engine._write(states, buffers, slot, row, outputs, linear=linear)  # pylint: disable=protected-access
 
   def finish(self, buffers, linear) -> SlotOutputs:
     uploads, weights, stats = buffers

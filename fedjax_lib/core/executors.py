@@ -9,7 +9,8 @@ A round (`fedjax_lib.core.engine`) is written once; for every architecture group
                a linear server's uploads are summed chunk by chunk, not held for every slot)
 ``sequential`` a host loop over the selected clients, one compiled per-client program,
                each client's new state written into the donated stacked states in place
-               (XLA:CPU, where per-client programs beat grouped convolutions)
+               (XLA:CPU, where per-client programs beat grouped convolutions); with
+               ``threads`` > 1, that many clients trained at once on host threads
 =============  ============================================================================
 
 ``vmap`` and ``chunked`` are traced: the whole round (plan, every group, aggregation) is one
@@ -23,7 +24,11 @@ Every ``train`` returns the group's new stacked states and a :class:`SlotOutputs
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import os
+import threading
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -199,14 +204,25 @@ class ChunkedExecutor(Executor):
     return new_states, uploads, total, stats
 
 
+@dataclasses.dataclass(frozen=True)
 class SequentialExecutor(Executor):
   """A host loop over the selected clients, one compiled per-client program.
 
   Memory: each client's new state is written into the (donated) stacked states in place, so
   a round holds the client states once. Uploads go into one preallocated ``[S, ...]`` buffer,
   or, for a linear server, into a running weighted sum (the memory of one upload).
+
+  Each client is three programs: its state row read out of the stacked states, its training
+  (which reads nothing else of them), and the write of its outputs into the states and the
+  buffers, in slot order. ``threads`` > 1 runs the trainings of that many clients at once,
+  each on a worker thread (XLA:CPU runs a program on the thread that dispatches it, and one
+  client's batches of 10 leave a core idle between small ops), while this thread reads rows
+  and writes outputs: the same programs, written in the same order, so every number is the
+  same to the bit whatever ``threads`` is (`tests/test_engine.py`). The first client of a
+  call runs on this thread, so any compilation happens here.
   """
 
+  threads: int = 1
   name = "sequential"
   traced = False
 
@@ -218,10 +234,38 @@ class SequentialExecutor(Executor):
     rows = np.asarray(slots.rows)
     kept = np.asarray(slots.kept)
     buffers = writer.init(states, slots, linear)
-    for k in np.flatnonzero(np.asarray(slots.active)):
-      states, buffers = writer(states, buffers, np.int32(k), rows[k], keys, kept[k],
-                               linear=linear)
+    waiting = collections.deque(int(k) for k in np.flatnonzero(np.asarray(slots.active)))
+    train = lambda k, state: writer.train(state, np.int32(k), rows[k], keys, kept[k])
+    write = lambda states, buffers, k, outputs: writer.write(states, buffers, np.int32(k),
+                                                             rows[k], outputs, linear)
+    if waiting:  # the first client on this thread: any compilation happens here
+      k = waiting.popleft()
+      states, buffers = write(states, buffers, k, train(k, writer.row(states, rows[k])))
+    if self.threads == 1:
+      for k in waiting:
+        states, buffers = write(states, buffers, k, train(k, writer.row(states, rows[k])))
+      return states, writer.finish(buffers, linear)
+    pool, pending = _pool(self.threads), collections.deque()
+    while waiting or pending:
+      # Two clients per thread in flight: a thread that finishes early finds the next one read.
+      while waiting and len(pending) < 2 * self.threads:
+        k = waiting.popleft()
+        pending.append((k, pool.submit(train, k, writer.row(states, rows[k]))))
+      k, future = pending.popleft()
+      states, buffers = write(states, buffers, k, future.result())
     return states, writer.finish(buffers, linear)
+
+
+_POOLS: dict = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+  """A process-wide pool of ``threads`` workers (kept for the next round)."""
+  with _POOLS_LOCK:
+    if threads not in _POOLS:
+      _POOLS[threads] = concurrent.futures.ThreadPoolExecutor(threads, "fedjax_lib-client")
+    return _POOLS[threads]
 
 
 def mean_row(sums, total, dtypes):
@@ -233,11 +277,11 @@ def mean_row(sums, total, dtypes):
   return mean, total[None]
 
 
-def make_executor(name: str, chunk_size: int = 8) -> Executor:
+def make_executor(name: str, chunk_size: int = 8, threads: int = 1) -> Executor:
   if name == "vmap":
     return VmapExecutor()
   if name == "chunked":
     return ChunkedExecutor(chunk_size)
   if name == "sequential":
-    return SequentialExecutor()
+    return SequentialExecutor(threads)
   raise ValueError(f"unknown executor {name!r}; choose one of: vmap, chunked, sequential")
