@@ -327,9 +327,7 @@ def build(config: Config) -> Built:
     raise ConfigError(f"executor='sequential' runs on one device but devices={config.devices} "
                       "shards the clients; use --executor vmap or chunked")
   threads = config.client_threads
-  if threads is None:
-    threads = engine_lib.default_client_threads(backend) if executor == "sequential" else 1
-  elif threads > 1 and executor != "sequential":
+  if threads is not None and threads > 1 and executor != "sequential":
     raise ConfigError(f"client_threads={threads} applies to the sequential executor, but the "
                       f"executor is {executor!r}; leave --client-threads out or use "
                       "--executor sequential")
@@ -1075,7 +1073,9 @@ def _run_experiment(config: Config, log: Callable[[str], None]):
   what = (f"sweep of {len(specs)} combinations over {', '.join(config.sweep)}; "
           if config.sweep else "")
   log(f"{algorithm.name} on {tag}: {what}{data.num_clients} clients, {data.num_classes} "
-      f"classes, {models_text}, executor {engine.executor}, backend {jax.default_backend()}")
+      f"classes, {models_text}, executor {engine.executor}"
+      f"{f' ({engine.client_threads} client threads)' if engine.client_threads > 1 else ''}, "
+      f"backend {jax.default_backend()}")
   if config.privacy:
     log(f"differential privacy: DP-SGD with noise multiplier σ = {config.dp_sigma:g} and "
         f"per-example clip C = {config.dp_clip:g}; each evaluation reports ε at δ = "
@@ -1157,6 +1157,7 @@ def _write_results(config: Config, built: Built, specs: list, runs: list, out_di
     acc = history["test_acc"]
     payload = {"config": spec.config.to_dict(), "run": spec.run_number, "seed": spec.seed,
                "algorithm": algorithm.name, "executor": engine.executor,
+               "client_threads": engine.client_threads,
                "backend": jax.default_backend(), "jax_version": jax.__version__,
                **history, **run.extra, "best_test_acc": max(acc), "last_test_acc": acc[-1],
                "mean_round_time_s": run.mean_round_time_s, "total_time_s": run.total_time_s,

@@ -29,7 +29,7 @@ def _small_data(num_clients=6, seed=0, dim=12):
 
 
 def _engine(algo, executor, data, model="dnn", jr=0.7, rjr=False, cdr=0.25, unroll=1,
-            params=None, new_clients=0, loop="scan", device_data=None, threads=1):
+            params=None, new_clients=0, loop="scan", device_data=None, threads=None):
   m = make_model(model, data.sample_shape, data.num_classes)
   if params is None:
     params = suite_params(algo)
@@ -164,7 +164,7 @@ def test_client_threads_give_the_same_bits(algo):
   uploads (a linear server's running sum, FedProto's stacked prototypes); each per-client
   program is traced once, on the calling thread."""
   data = _small_data()
-  one = _run(_engine(algo, "sequential", data, loop="valid"), rounds=3)
+  one = _run(_engine(algo, "sequential", data, loop="valid", threads=1), rounds=3)
   eng = _engine(algo, "sequential", data, loop="valid", threads=3)
   three = _run(eng, rounds=3)
   jax.tree.map(np.testing.assert_array_equal, one[:2], three[:2])

@@ -62,3 +62,33 @@ def test_conv_impl_reaches_the_models_that_take_it_and_gives_the_same_numbers(tm
   np.testing.assert_allclose(a["test_acc"], b["test_acc"], atol=1e-6)
   np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-4)
   assert a["train_loss"][0] != a["train_loss"][-1]  # it trained
+
+
+def test_client_threads_from_the_cli_and_python_reach_the_engine_and_the_results(tmp_path):
+  """``--client-threads`` / ``Config.client_threads``: parsed; left out, the backend's default
+  for the sequential executor and 1 for a traced one; an HtFLlib family (two architecture
+  groups, FedTGP's non-linear server) gives the same numbers to the bit on 1 and 3 threads;
+  the results JSON records the count."""
+  import json  # pylint: disable=import-outside-toplevel
+  from fedjax_lib import cli  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.core import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.runner import build  # pylint: disable=import-outside-toplevel
+  parse = lambda argv: cli.config_from_args(cli.build_parser().parse_args(argv))
+  assert parse(["--client-threads", "3"]).client_threads == 3
+  assert parse([]).client_threads is None
+  default = engine_lib.default_client_threads("cpu")
+  assert build(_quiet(executor="sequential")).engine.client_threads == default
+  assert build(_quiet(executor="vmap")).engine.client_threads == 1
+  runs = {}
+  for threads in (1, 3):
+    out = tmp_path / str(threads)
+    res = run_experiment(_quiet(model="cnn,dnn", algorithm="FedTGP", executor="sequential",
+                                client_threads=threads, global_rounds=1, num_clients=4,
+                                plot=False,
+                                out=str(out), algo_params={"server_epochs": 2}),
+                         log=lambda m: None)
+    runs[threads] = res.runs[0].history
+    (path,) = out.glob("*_0.json")
+    assert json.loads(path.read_text())["client_threads"] == threads
+  for key in ("test_acc", "test_auc", "train_loss"):
+    assert runs[1][key] == runs[3][key], key

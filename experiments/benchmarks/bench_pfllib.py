@@ -133,7 +133,8 @@ def run_ours(folder: str, algorithm: str, rounds: int, extra: list[str], timeout
     with open(os.path.join(tmp, result[0]), encoding="utf-8") as f:
       res = json.load(f)
   return {"total": res["round_time_s"], "eval": res["eval_time_s"], "train": res["train_time_s"],
-          "test_acc": res["test_acc"], "wall_s": wall, "executor": res["executor"]}
+          "test_acc": res["test_acc"], "wall_s": wall, "executor": res["executor"],
+          "client_threads": res.get("client_threads")}
 
 
 def summarize(run: dict) -> dict:
@@ -196,6 +197,11 @@ def table(results: dict, header: str) -> str:
   return "\n".join(lines)
 
 
+def _executor(run: dict) -> str:
+  threads = run.get("client_threads")
+  return run["executor"] + (f" with {threads} client threads" if threads and threads > 1 else "")
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--pfllib", help="a PFLlib checkout (its system/main.py is run)")
@@ -252,7 +258,7 @@ def main() -> None:
             f"{commit or '(checkout without git)'} "
             f"system/main.py with torch {torch_version} ({args.threads} threads) against "
             f"fedjax_lib (jax {jax.__version__}, {jax.default_backend()}, executor "
-            f"{next(iter(results.values()))['fedjax_lib']['executor']}), one after the other. "
+            f"{_executor(next(iter(results.values()))['fedjax_lib'])}), one after the other. "
             f"Workload: {args.name} = bundled digits, 20 clients, Dir(0.1), "
             f"{data['train_samples']} training / {data['test_samples']} test samples; flags "
             f"`{' '.join(FLAGS)}`, {args.rounds} rounds; seconds per round are means over rounds "

@@ -54,7 +54,8 @@ def peak_memory_bytes() -> tuple[str, int]:
 
 
 def run_single(num_clients: int, executor: str, rounds: int, chunk_size: int,
-               unroll: int | None, conv_impl: str, dtype: str = "float32") -> dict:
+               unroll: int | None, conv_impl: str, dtype: str = "float32",
+               threads: int | None = None) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from fedjax_lib.algorithms import make_algorithm  # pylint: disable=import-outside-toplevel
   from fedjax_lib.core import engine as engine_lib  # pylint: disable=import-outside-toplevel
@@ -73,7 +74,7 @@ def run_single(num_clients: int, executor: str, rounds: int, chunk_size: int,
   eng = engine_lib.Engine(make_algorithm("FedAvg", model, spec),
                           engine_lib.DeviceData.from_federated(data),
                           engine_lib.Participation(num_clients), executor=executor,
-                          chunk_size=chunk_size)
+                          chunk_size=chunk_size, client_threads=threads)
   root = rng.root_key(0)
   t0 = time.perf_counter()
   s, c = eng.init(root, data.x[0])
@@ -93,6 +94,7 @@ def run_single(num_clients: int, executor: str, rounds: int, chunk_size: int,
   kind, peak = peak_memory_bytes()
   return {"clients": num_clients, "executor": executor, "conv_impl": conv_impl, "dtype": dtype,
           "unroll": unroll, "loop": loop, "chunk_size": chunk_size if executor == "chunked" else None,
+          "client_threads": eng.client_threads if executor == "sequential" else None,
           "backend": backend, "device": str(jax.devices()[0].device_kind),
           "first_round_s": first, "train_s": min(train), "eval_s": min(evals),
           "train_s_all": train, "eval_s_all": evals, "memory_kind": kind,
@@ -130,6 +132,7 @@ def table(rows: list[dict]) -> str:
         + (f", {r['conv_impl']} conv" if r.get("conv_impl", "lax") != "lax" else "")
         + (f", {r['dtype']}" if r.get("dtype", "float32") != "float32" else "")
         + (f", {r['loop']} loop" if r.get("loop") else "")
+        + (f", {r['client_threads']} client threads" if r.get("client_threads") else "")
         + (f", unroll {r.get('unroll')}" if r.get("loop") != "valid" else ""))
     if "error" in r:
       lines.append(f"| {r['clients']} | {name} | {r['error']} | | | | | |")
@@ -155,6 +158,9 @@ def main() -> None:
   p.add_argument("--dtypes", default="float32",
                  help="comma list of computation dtypes: float32, bfloat16 (mixed precision)")
   p.add_argument("--unroll", type=int, default=None)
+  p.add_argument("--client-threads", default="",
+                 help="the sequential executor's client threads; a comma list gives a row per "
+                 "count (default: the backend's)")
   p.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
   p.add_argument("--torch", action="store_true", help="also time the PyTorch baseline")
   p.add_argument("--torch-threads", type=int, default=0, help="0 = torch's default")
@@ -166,11 +172,12 @@ def main() -> None:
   p.add_argument("--single", nargs=2, metavar=("CLIENTS", "EXECUTOR"), help=argparse.SUPPRESS)
   p.add_argument("--conv-impl", default="auto", help=argparse.SUPPRESS)
   p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+  p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   if args.single:
     print(json.dumps(run_single(int(args.single[0]), args.single[1], args.rounds,
                                 int(args.chunk_size), args.unroll, args.conv_impl,
-                                args.dtype)))
+                                args.dtype, args.threads)))
     return
   rows = []
   for n in [int(v) for v in args.clients.split(",")]:
@@ -188,13 +195,15 @@ def main() -> None:
       row.update(clients=n, executor="torch-sequential")
       rows.append(row)
       print(json.dumps(row), flush=True)
-    configs = [(impl, dtype, ex, chunk) for dtype in args.dtypes.split(",")
+    threads = args.client_threads.split(",") if args.client_threads else [""]
+    configs = [(impl, dtype, ex, chunk, t) for dtype in args.dtypes.split(",")
                for impl in args.conv_impls.split(",") for ex in args.executors.split(",")
                for chunk in (args.chunk_size.split(",") if ex == "chunked"
-                             else args.chunk_size.split(",")[:1])]
-    for impl, dtype, ex, chunk in configs:
+                             else args.chunk_size.split(",")[:1])
+               for t in (threads if ex == "sequential" else [""])]
+    for impl, dtype, ex, chunk, t in configs:
       extra = ["--rounds", str(args.rounds), "--chunk-size", chunk, "--conv-impl", impl,
-               "--dtype", dtype]
+               "--dtype", dtype] + (["--threads", t] if t else [])
       if args.unroll is not None:
         extra += ["--unroll", str(args.unroll)]
       row = _subprocess(["--single", str(n), ex] + extra, args.timeout)

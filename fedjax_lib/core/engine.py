@@ -268,15 +268,15 @@ class Engine:
       features where it asks for them (`Algorithm.receive_features`) (same metrics and
       states up to float rounding; False: always per client, as a check).
     client_threads: clients the sequential executor trains at once, each on a thread of its
-      own (the same results to the bit; `executors.SequentialExecutor`); ignored by the
-      traced executors.
+      own (the same results to the bit; `executors.SequentialExecutor`); None: per backend
+      (:func:`default_client_threads`); ignored by the traced executors.
   """
 
   def __init__(self, algorithm: Union[Any, Sequence[Group]], data: DeviceData,
                participation: Participation, executor: str = "vmap", chunk_size: int = 8,
                eval_chunk_size: int = 64, skip_nonfinite: bool = False,
                mesh: Optional[Mesh] = None, model_cycle: Optional[Sequence[int]] = None,
-               shared_eval: bool = True, client_threads: int = 1):
+               shared_eval: bool = True, client_threads: Optional[int] = None):
     if executor not in ("vmap", "chunked", "sequential"):
       raise ValueError(f"unknown executor {executor!r}")
     if mesh is not None and executor == "sequential":
@@ -296,6 +296,8 @@ class Engine:
     # clients}; `Algorithm.client_model`, HtFLlib's -mfn), or None: `init` initialises them.
     self.initial_models: Optional[dict] = None
     self.participation = participation
+    if client_threads is None:
+      client_threads = default_client_threads(jax.default_backend())
     if client_threads < 1:
       raise ValueError(f"client_threads={client_threads}; accepted: 1 or more")
     self.executors = [executors_lib.make_executor(executor, g.chunk_size or chunk_size,
