@@ -132,7 +132,8 @@ def table(rows: list[dict]) -> str:
         + (f", {r['conv_impl']} conv" if r.get("conv_impl", "lax") != "lax" else "")
         + (f", {r['dtype']}" if r.get("dtype", "float32") != "float32" else "")
         + (f", {r['loop']} loop" if r.get("loop") else "")
-        + (f", {r['client_threads']} client threads" if r.get("client_threads") else "")
+        + (f", {r['client_threads']} client thread{'s' if r['client_threads'] > 1 else ''}"
+           if r.get("client_threads") else "")
         + (f", unroll {r.get('unroll')}" if r.get("loop") != "valid" else ""))
     if "error" in r:
       lines.append(f"| {r['clients']} | {name} | {r['error']} | | | | | |")
