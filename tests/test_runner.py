@@ -84,8 +84,7 @@ def test_client_threads_from_the_cli_and_python_reach_the_engine_and_the_results
     out = tmp_path / str(threads)
     res = run_experiment(_quiet(model="cnn,dnn", algorithm="FedTGP", executor="sequential",
                                 client_threads=threads, global_rounds=1, num_clients=4,
-                                plot=False,
-                                out=str(out), algo_params={"server_epochs": 2}),
+                                plot=False, out=str(out), algo_params={"server_epochs": 2}),
                          log=lambda m: None)
     runs[threads] = res.runs[0].history
     (path,) = out.glob("*_0.json")

@@ -1172,12 +1172,11 @@ class _SequentialWriter:
     return self.engine._row(states, row)  # pylint: disable=protected-access
 
   def train(self, state, slot, row, keys, kept):
-    """One client's outputs (`Engine._client_fn`), computed on the calling thread."""
+    """One client's outputs (`Engine._client_fn`), dispatched from the calling thread."""
     data = self.arrays["data"]
     eng, tables = self.engine, self.arrays["tables"][self.gi][:2]
-    return jax.block_until_ready(eng._client(  # pylint: disable=protected-access
-        self.hparams, self.server_state, data.x, data.y, state, tables, slot, row, keys, kept,
-        gi=self.gi, phase=self.phase))
+    return eng._client(self.hparams, self.server_state, data.x, data.y, state, tables,  # pylint: disable=protected-access
+                       slot, row, keys, kept, gi=self.gi, phase=self.phase)
 
   def write(self, states, buffers, slot, row, outputs, linear):
     """The outputs written into the (donated) states and buffers."""

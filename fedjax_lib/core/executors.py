@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import os
 import threading
 from typing import Any, Callable, NamedTuple
 
@@ -238,19 +237,19 @@ class SequentialExecutor(Executor):
     train = lambda k, state: writer.train(state, np.int32(k), rows[k], keys, kept[k])
     write = lambda states, buffers, k, outputs: writer.write(states, buffers, np.int32(k),
                                                              rows[k], outputs, linear)
-    if waiting:  # the first client on this thread: any compilation happens here
+    # On this thread: the first client (any compilation happens here), or with one thread
+    # every client.
+    for _ in range(len(waiting) if self.threads == 1 else min(1, len(waiting))):
       k = waiting.popleft()
       states, buffers = write(states, buffers, k, train(k, writer.row(states, rows[k])))
-    if self.threads == 1:
-      for k in waiting:
-        states, buffers = write(states, buffers, k, train(k, writer.row(states, rows[k])))
-      return states, writer.finish(buffers, linear)
-    pool, pending = _pool(self.threads), collections.deque()
+    pool, pending = _pool(self.threads) if waiting else None, collections.deque()
+    # A worker waits for its client's outputs, so that the next one it takes runs beside it.
+    worker = lambda k, state: jax.block_until_ready(train(k, state))
     while waiting or pending:
       # Two clients per thread in flight: a thread that finishes early finds the next one read.
       while waiting and len(pending) < 2 * self.threads:
         k = waiting.popleft()
-        pending.append((k, pool.submit(train, k, writer.row(states, rows[k]))))
+        pending.append((k, pool.submit(worker, k, writer.row(states, rows[k]))))
       k, future = pending.popleft()
       states, buffers = write(states, buffers, k, future.result())
     return states, writer.finish(buffers, linear)
