@@ -297,6 +297,8 @@ def test_compat_flag_changes_evaluation_only():
   views = [jax.jit(lambda k, alg=alg: alg.eval_views(server, client, cdata, k)[""](x))
            for alg in (plain, compat)]
   view = lambda alg, k: views[alg is compat](k)
+  view_of = jax.jit(lambda alg, rows: alg.eval_views(server, client, cdata, jax.random.key(1))
+                    [""](rows), static_argnums=0)
   predict = jax.jit(plain.predict)  # pfllib_compat does not enter predict
   assert list(plain.eval_views(server, client, cdata, key)) == [""]
   # Default: the noise-free policy, independent of the key; log-probabilities of predict.
@@ -310,6 +312,11 @@ def test_compat_flag_changes_evaluation_only():
   assert not np.allclose(noisy1, view(plain, jax.random.key(1)))
   np.testing.assert_allclose(noisy1, jax.nn.log_softmax(
       predict(server, client, x, jax.random.key(1))), rtol=1e-6, atol=1e-6)
+  # The noise is drawn for the batch the view is given, so a row's output depends on the
+  # batch: the sequential executor must not forward compat's samples in blocks.
+  halves = jnp.concatenate([view_of(compat, x[:4]), view_of(compat, x[4:])])
+  assert not np.allclose(halves, noisy1)
+  assert plain.rowwise_views() and not compat.rowwise_views()
 
 
 def test_new_client_variables_are_global_base_and_global_head():

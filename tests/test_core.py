@@ -56,6 +56,92 @@ def test_micro_auc_ignores_masked_rows():
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("test_count,train_count,block", [
+    (7, 19, 4), (7, 19, 5), (0, 19, 4), (7, 0, 3), (9, 23, 32), (1, 1, 1)])
+def test_blocked_view_metrics_match_numpy(test_count, train_count, block):
+  """A client's own samples forwarded in blocks (the sequential executor's evaluation) give
+  the metrics of its unpadded samples: accuracy, micro AUC (sklearn) and the train-loss sum,
+  whatever garbage the padding of the tables points at; the loop runs only the blocks the
+  client's samples need."""
+  r = np.random.default_rng(test_count * 100 + train_count + block)
+  n, dim, c = 60, 6, 4
+  x = r.normal(size=(n, dim)).astype(np.float32)
+  y = r.integers(0, c, n)
+  w = r.normal(size=(dim, c)).astype(np.float32)
+  test_idx = np.r_[r.permutation(30)[:test_count], np.full(9 - test_count, 59)]
+  train_idx = np.r_[30 + r.permutation(29)[:train_count], np.full(23 - train_count, 0)]
+  calls = []
+
+  def predict(v):
+    calls.append(v.shape)
+    return v @ w
+
+  out = jax.jit(lambda *a: evaluate.view_metrics({"": predict, "other": predict}, *a,
+                                                 block=block, min_flops=0.0))(
+      x, y, test_idx, test_count, train_idx, train_count)
+  # the loss view forwards test and train rows together, the other view the test rows
+  assert {shape[0] for shape in calls} == {min(block, 9 + 23), min(block, 9)}
+  test_x, test_y = x[test_idx[:test_count]], y[test_idx[:test_count]]
+  logits = test_x @ w
+  assert int(out["correct"]) == int((logits.argmax(-1) == test_y).sum())
+  assert int(out["correct_other"]) == int(out["correct"])
+  if test_count > 1 and 0 < (np.eye(c)[test_y]).sum() < test_count * c:
+    want = roc_auc_score(np.eye(c)[test_y], logits, average="micro")
+    np.testing.assert_allclose(out["auc"], want, rtol=1e-5)
+    np.testing.assert_allclose(out["auc_other"], want, rtol=1e-5)
+  train_logits = (x[train_idx[:train_count]] @ w).astype(np.float64)
+  shifted = train_logits - train_logits.max(-1, keepdims=True)
+  losses = np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(train_count),
+                                                     y[train_idx[:train_count]]]
+  np.testing.assert_allclose(out["loss_sum"], losses.sum(), rtol=1e-5, atol=1e-6)
+  unblocked = jax.jit(lambda *a: evaluate.view_metrics({"": predict, "other": predict}, *a))(
+      x, y, test_idx, test_count, train_idx, train_count)
+  for k in unblocked:
+    np.testing.assert_allclose(out[k], unblocked[k], rtol=1e-6, err_msg=k)
+
+
+def test_cheap_views_are_forwarded_padded():
+  """Below ``min_flops`` per sample a view forwards the padded tables, as client_metrics
+  does (the same numbers to the bit): a loop's iterations would cost more than the padding."""
+  x, y = jnp.ones((40, 6)), jnp.zeros(40, jnp.int32)
+  w = jnp.ones((6, 4))
+  calls = []
+  predict = lambda v: calls.append(v.shape) or v @ w  # 48 FLOPs per sample
+  args = (x, y, jnp.arange(9), 5, jnp.arange(9, 32), 20)
+  # batches traced: 4 (the FLOP count's, or the blocks'), or the padded 9 test and 23 train rows
+  for min_flops, want in ((49.0, {4, 9, 23}), (48.0, {4})):
+    calls.clear()
+    jax.jit(lambda *a, m=min_flops: evaluate.view_metrics(
+        {"": predict, "other": predict}, *a, block=4, min_flops=m))(*args)
+    assert {shape[0] for shape in calls} == want
+
+
+def test_jaxpr_flops_counts_products_and_convolutions():
+  """2 per multiply-add: PFLlib's digits CNN forward is 8.53 MFLOP per sample (its two
+  convolutions and two dense layers, counted by hand), whichever lowering its convolutions
+  take; nested jaxprs count."""
+  from fedjax_lib.models.cnn import FedAvgCNN  # pylint: disable=import-outside-toplevel
+  hand = 2 * (24 * 24 * 32 * 25 + 8 * 8 * 64 * 32 * 25 + 1024 * 512 + 512 * 10)
+  for impl, batch in (("lax", 3), ("slices", 3), ("hybrid", 3), ("auto", 48)):
+    model = FedAvgCNN(10, conv_impl=impl)
+    v = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    jaxpr = jax.make_jaxpr(model.apply)(v, jax.ShapeDtypeStruct((batch, 28, 28, 1),
+                                                                jnp.float32))
+    assert evaluate.jaxpr_flops(jaxpr.jaxpr) == batch * hand, impl
+  f = jax.jit(lambda a, b: jnp.einsum("bij,bjk->bik", a, b))
+  jaxpr = jax.make_jaxpr(lambda a, b: f(a, b) + 1)(jnp.ones((2, 3, 5)), jnp.ones((2, 5, 7)))
+  assert evaluate.jaxpr_flops(jaxpr.jaxpr) == 2 * 2 * 3 * 5 * 7
+
+
+def test_blocked_logits_runs_only_the_needed_blocks():
+  """The trip count is the client's: rows past ``count`` stay zero (never forwarded)."""
+  x = jnp.arange(1.0, 11.0)[:, None]
+  idx = jnp.arange(10)
+  got = jax.jit(evaluate.blocked_logits, static_argnums=(0, 4))(lambda v: v * 2, x, idx, 5, 3)
+  np.testing.assert_array_equal(np.asarray(got)[:, 0],
+                                [2, 4, 6, 8, 10, 12, 0, 0, 0, 0, 0, 0])
+
+
 def test_summarize_is_sample_weighted():
   per_client = {"correct": np.array([9, 1, 0]), "auc": np.array([0.9, 0.5, 0.0]),
                 "loss_sum": np.array([10.0, 30.0, 0.0])}

@@ -213,6 +213,13 @@ class Algorithm:
     del data, key
     return {"": functools.partial(self.predict, server_state, client_state)}
 
+  def rowwise_views(self) -> bool:
+    """Whether each view of :meth:`eval_views` and :meth:`final_views` maps every input row
+    to its output row alone (no batch statistics, no noise drawn per call), so that a
+    client's samples may be forwarded in blocks of any size with the same results (the
+    sequential executor does: `evaluate_lib.blocked_logits`). Default: True."""
+    return True
+
   def shared_views(self, server_state, client_state) -> Optional[dict[str, Callable]]:
     """The evaluation views when they depend on the server state alone, else None.
 

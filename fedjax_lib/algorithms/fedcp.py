@@ -332,6 +332,10 @@ class FedCP(Algorithm):
     return fedcp_logits(self.model, rep, client_state["head"], server_state["head"],
                         server_state["cpn"], client_state["context"], key)
 
+  def rowwise_views(self) -> bool:
+    """With ``pfllib_compat`` the view draws the policy's noise for the batch it is given."""
+    return not self.pfllib_compat
+
   def eval_views(self, server_state, client_state, data, key):
     """One view: the ensemble's log-probabilities (noisy policy with ``pfllib_compat``)."""
     del data

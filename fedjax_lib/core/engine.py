@@ -358,6 +358,11 @@ class Engine:
     self._receive_reads: dict = {}
     # Most samples per forward pass of the shared evaluation (see _shared_group_tables).
     self.shared_eval_block = 128 if jax.default_backend() == "cpu" else 1024
+    # Samples per forward pass when the sequential executor evaluates a client on its own
+    # (`evaluate_lib.blocked_logits`: the client's samples only, not its table's padding),
+    # for views of at least eval_block_min_flops per sample.
+    self.eval_block = 64 if jax.default_backend() == "cpu" else 256
+    self.eval_block_min_flops = evaluate_lib.BLOCKED_MIN_FLOPS
     self.shared_eval = shared_eval
     self._new_client = jax.jit(self._new_client_fn, static_argnames=("gi", "epochs"))
     self._init_jit = jax.jit(self._init_fn)
@@ -790,7 +795,8 @@ class Engine:
                                jnp.asarray(round_index, jnp.int32))
 
   # ------------------------------------------------------------------ evaluation
-  def _eval_client(self, gi, hparams, server_state, state, arrays, row, cid, rkey, final):
+  def _eval_client(self, gi, hparams, server_state, state, arrays, row, cid, rkey, final,
+                   blocked=False):
     alg = self._alg(gi, hparams)
     data = arrays["data"]
     train_idx, train_count, test_idx, test_count = arrays["tables"][gi]
@@ -798,8 +804,10 @@ class Engine:
     hook = alg.final_views if final else alg.eval_views
     views = hook(server_state, state, client_data, rng.eval_key(rkey, cid))
     loss_view = alg.TRAIN_LOSS_VIEW if alg.TRAIN_LOSS_VIEW in views else None
+    block = self.eval_block if blocked and alg.rowwise_views() else None
     return evaluate_lib.view_metrics(views, data.x, data.y, test_idx[row], test_count[row],
-                                     train_idx[row], train_count[row], loss_view=loss_view)
+                                     train_idx[row], train_count[row], loss_view=loss_view,
+                                     block=block, min_flops=self.eval_block_min_flops)
 
   def _group_ids(self, gi):
     g = self.groups[gi]
@@ -813,8 +821,10 @@ class Engine:
     ids = jnp.asarray(self._group_ids(gi))[rows]
     one = lambda state, row, cid: self._eval_client(gi, hparams, server_state, state, arrays,
                                                     row, cid, rkey, final)
-    if rows.ndim == 0:  # one client (sequential executor)
-      return one(jax.tree.map(lambda a: a[rows], states), rows, ids)
+    if rows.ndim == 0:  # one client (sequential executor): its own samples, in blocks
+      return self._eval_client(gi, hparams, server_state,
+                               jax.tree.map(lambda a: a[rows], states), arrays, rows, ids,
+                               rkey, final, blocked=True)
     return jax.vmap(one)(executors_lib.gather(states, rows), rows, ids)
 
   def _eval_sharded_fn(self, hparams, server_state, states, arrays, root, round_index, gi,
@@ -1036,7 +1046,10 @@ class Engine:
 
     Clients are evaluated ``eval_chunk_size`` at a time with vmap, or — with the sequential
     executor — one at a time by one compiled per-client program (on XLA:CPU a vmapped forward
-    pass ran ~3x slower than the same samples in per-client calls). A group whose views
+    pass ran ~3x slower than the same samples in per-client calls), which forwards only the
+    client's own samples, ``eval_block`` at a time, where a view costs at least
+    ``eval_block_min_flops`` per sample and maps rows alone (`Algorithm.rowwise_views`;
+    `evaluate_lib.blocked_logits`), else its padded tables. A group whose views
     depend on the server state alone (`Algorithm.shared_views`, e.g. FedAvg's global model),
     or are personal heads on the global features (`Algorithm.feature_views`, e.g. FedPer's),
     is evaluated by forwarding every sample once instead (``shared_eval``; not with a mesh,
