@@ -105,13 +105,13 @@ def test_cheap_views_are_forwarded_padded():
   does (the same numbers to the bit): a loop's iterations would cost more than the padding."""
   x, y = jnp.ones((40, 6)), jnp.zeros(40, jnp.int32)
   w = jnp.ones((6, 4))
-  calls = []
-  predict = lambda v: calls.append(v.shape) or v @ w  # 48 FLOPs per sample
   args = (x, y, jnp.arange(9), 5, jnp.arange(9, 32), 20)
-  # batches traced: 4 (the FLOP count's, or the blocks'), or the padded 9 test and 23 train rows
+  # batches traced: 4 (the FLOP count's, whose trace the blocks reuse), or the padded 9 test
+  # and 23 train rows
   for min_flops, want in ((49.0, {4, 9, 23}), (48.0, {4})):
-    calls.clear()
-    jax.jit(lambda *a, m=min_flops: evaluate.view_metrics(
+    calls = []
+    predict = lambda v, calls=calls: calls.append(v.shape) or v @ w  # 48 FLOPs per sample
+    jax.jit(lambda *a, m=min_flops, predict=predict: evaluate.view_metrics(
         {"": predict, "other": predict}, *a, block=4, min_flops=m))(*args)
     assert {shape[0] for shape in calls} == want
 

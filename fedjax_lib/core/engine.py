@@ -819,12 +819,10 @@ class Engine:
     self.trace_counts["evaluate"] += 1
     rkey = rng.round_key(root, round_index)
     ids = jnp.asarray(self._group_ids(gi))[rows]
-    one = lambda state, row, cid: self._eval_client(gi, hparams, server_state, state, arrays,
-                                                    row, cid, rkey, final)
+    one = lambda state, row, cid, blocked=False: self._eval_client(
+        gi, hparams, server_state, state, arrays, row, cid, rkey, final, blocked)
     if rows.ndim == 0:  # one client (sequential executor): its own samples, in blocks
-      return self._eval_client(gi, hparams, server_state,
-                               jax.tree.map(lambda a: a[rows], states), arrays, rows, ids,
-                               rkey, final, blocked=True)
+      return one(jax.tree.map(lambda a: a[rows], states), rows, ids, blocked=True)
     return jax.vmap(one)(executors_lib.gather(states, rows), rows, ids)
 
   def _eval_sharded_fn(self, hparams, server_state, states, arrays, root, round_index, gi,

@@ -97,12 +97,6 @@ def jaxpr_flops(jaxpr) -> float:
   return total
 
 
-def _per_sample_flops(predict: Callable, x_all, batch: int) -> float:
-  """:func:`jaxpr_flops` of ``predict`` on ``batch`` samples, per sample (traced only)."""
-  rows = jax.ShapeDtypeStruct((batch,) + x_all.shape[1:], x_all.dtype)
-  return jaxpr_flops(jax.make_jaxpr(predict)(rows).jaxpr) / batch
-
-
 def blocked_logits(predict: Callable, x_all, idx, count, block: int) -> jax.Array:
   """``predict`` of the first ``count`` rows of ``x_all[idx]``, ``block`` rows at a time.
 
@@ -124,22 +118,23 @@ def blocked_logits(predict: Callable, x_all, idx, count, block: int) -> jax.Arra
                            jnp.zeros((blocks * block,) + out.shape[1:], out.dtype))
 
 
-def _blocked_metrics(predict: Callable, x_all, y_all, test_idx, test_count, train_idx,
-                     train_count, block: int, train_loss: bool) -> dict:
+def _blocked_metrics(predict: Callable, predict_block: Callable, x_all, y_all, test_idx,
+                     test_count, train_idx, train_count, block: int, train_loss: bool) -> dict:
   """:func:`client_metrics` by :func:`blocked_logits`: the test rows, then (for the train
-  loss) the train rows right after them, forwarded together."""
+  loss) the train rows right after them, forwarded together (``predict_block``: ``predict``
+  for batches of ``block`` rows)."""
   if train_loss:  # [test rows | train rows | padding]
     pos = jnp.arange(test_idx.shape[0] + train_idx.shape[0])
-    in_test = pos < test_count
-    idx = jnp.where(in_test, test_idx[jnp.minimum(pos, test_idx.shape[0] - 1)],
+    idx = jnp.where(pos < test_count, test_idx[jnp.minimum(pos, test_idx.shape[0] - 1)],
                     train_idx[jnp.clip(pos - test_count, 0, train_idx.shape[0] - 1)])
     count = test_count + train_count
   else:
     idx, count = test_idx, test_count
+    pos = jnp.arange(idx.shape[0])
   if idx.shape[0] <= block:  # one block: the padded rows in one batch
     logits = predict(x_all[idx])
   else:
-    logits = blocked_logits(predict, x_all, idx, count, block)[: idx.shape[0]]
+    logits = blocked_logits(predict_block, x_all, idx, count, block)[: idx.shape[0]]
   labels = y_all[idx]
   # The test rows lie within the first len(test_idx) rows: the AUC sorts no more than
   # client_metrics's does.
@@ -148,7 +143,6 @@ def _blocked_metrics(predict: Callable, x_all, y_all, test_idx, test_count, trai
   out = {"correct": ((jnp.argmax(logits[:n_test], -1) == labels[:n_test]) & test_mask).sum(),
          "auc": micro_auc(logits[:n_test], labels[:n_test], test_mask)}
   if train_loss:
-    pos = jnp.arange(idx.shape[0])
     train_mask = (pos >= test_count) & (pos < count)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     out["loss_sum"] = jnp.where(train_mask, losses, 0.0).sum()
@@ -170,9 +164,13 @@ def view_metrics(views: dict, x_all, y_all, test_idx, test_count, train_idx, tra
   out = {}
   loss_view = next(iter(views)) if loss_view is None else loss_view
   for i, (name, predict) in enumerate(views.items()):
-    if block is not None and _per_sample_flops(predict, x_all, block) >= min_flops:
-      m = _blocked_metrics(predict, x_all, y_all, test_idx, test_count, train_idx,
-                           train_count, block, train_loss=name == loss_view)
+    if block is not None:  # traced once for a block: its FLOPs, and the loop's body
+      traced = jax.make_jaxpr(predict)(
+          jax.ShapeDtypeStruct((block,) + x_all.shape[1:], x_all.dtype))
+    if block is not None and jaxpr_flops(traced.jaxpr) >= min_flops * block:
+      m = _blocked_metrics(predict, lambda rows, t=traced: jax_core.jaxpr_as_fun(t)(rows)[0],
+                           x_all, y_all, test_idx, test_count, train_idx, train_count, block,
+                           train_loss=name == loss_view)
     else:
       m = client_metrics(predict, x_all, y_all, test_idx, test_count, train_idx, train_count,
                          train_loss=name == loss_view)
