@@ -70,8 +70,8 @@ def client_metrics(predict: Callable, x_all, y_all, test_idx, test_count, train_
 #: client's own samples in blocks (:func:`blocked_logits`) rather than its padded tables
 #: (:func:`client_metrics`). Below it the loop costs more than the padding's samples: on
 #: the PFLlib digits folder (20 clients) the DNN (0.3 MFLOP per sample) evaluated in 10.1 ms
-#: in blocks of 48 against 7.7 ms padded, the CNN (8.5 MFLOP) in 143 ms in blocks of 64
-#: against 175 ms (experiments/benchmarks/RESULTS.md).
+#: in blocks of 48 against 7.7 ms with its padded rows in one batch, the CNN (8.5 MFLOP) in
+#: 143 ms in blocks of 64 against 175 ms (experiments/benchmarks/RESULTS.md, run 19).
 BLOCKED_MIN_FLOPS = 1e6
 
 
