@@ -399,10 +399,15 @@ class Config:
           f"clients; use join_ratio >= {1 / num_clients:.4g} with {num_clients} clients")
     kept = int((1 - self.client_drop_rate) * num_join)
     if kept < 1:
+      # The largest 4-decimal rate that keeps a client as PFLlib counts, in floats:
+      # (1 - 0.8) * 5 is 0.9999999999999998, so 0.8 keeps none of 5 clients.
+      bound = math.floor((1 - 1 / num_join) * 1e4) / 1e4
+      while bound > 0 and int((1 - bound) * num_join) < 1:
+        bound = round(bound - 1e-4, 4)
       raise ConfigError(
           f"client_drop_rate={self.client_drop_rate} drops every one of the {num_join} "
-          f"selected clients; use client_drop_rate <= "
-          f"{math.floor((1 - 1 / num_join) * 1e4) / 1e4:g} (-cdr) or select more clients (-jr)")
+          f"selected clients; use client_drop_rate <= {bound:g} (-cdr) or select more "
+          "clients (-jr)")
 
 
 def _jsonish(value: Any) -> Any:

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fedjax_lib import Config, cli
@@ -245,6 +245,7 @@ def test_validator_accepts_or_names_the_field(changes):
 
 @settings(max_examples=100, deadline=None)
 @given(st.integers(1, 500), st.floats(0.01, 1.0), st.floats(0.0, 0.99))
+@example(5, 1.0, 0.875)  # (1 - 0.8) * 5 < 1 in floats: 0.8 would keep no client
 def test_participation_check_matches_pfllib_counts(num_clients, join_ratio, drop_rate):
   config = Config(join_ratio=join_ratio, client_drop_rate=drop_rate)
   joined = int(num_clients * join_ratio)
