@@ -171,6 +171,45 @@ def test_slices_and_hybrid_convs_equal_lax_values_and_gradients(impl, kernel, st
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
 
 
+@pytest.mark.parametrize("features,kernel,strides,padding", [
+    (32, 5, 1, 'VALID'), (17, 3, 2, 'SAME'), (24, (3, 2), 1, ((1, 0), (2, 1)))])
+def test_hybrid_conv_with_a_zero_input_channel_equals_lax(features, kernel, strides, padding):
+  """On XLA:CPU 3 -> 17..32 channel convolutions run forward with a zero fourth input
+  channel (`pads_input_channels`); values and gradients stay lax's."""
+  from fedjax_lib.models.layers import pads_input_channels
+  x = _batch(jax.random.PRNGKey(4), (12, 13, 3), n=20)
+  lax_conv = TorchConv(features, kernel, strides=strides, padding=padding, conv_impl='lax')
+  variables = _numpy_variables(jax.eval_shape(lax_conv.init, jax.random.PRNGKey(0), x))
+  conv = TorchConv(features, kernel, strides=strides, padding=padding, conv_impl='hybrid')
+  from jax.extend.core import jaxprs_in_params
+
+  def conv_eqns(jaxpr):
+    for e in jaxpr.eqns:
+      if e.primitive.name == 'conv_general_dilated':
+        yield e
+      for inner in jaxprs_in_params(e.params):
+        yield from conv_eqns(inner)
+
+  convs = list(conv_eqns(jax.make_jaxpr(conv.apply)(variables, x).jaxpr))
+  padded = jax.default_backend() == 'cpu'
+  assert pads_input_channels(3, features) == padded
+  assert [e.invars[0].aval.shape[-1] for e in convs] == [4 if padded else 3]
+  np.testing.assert_allclose(conv.apply(variables, x), lax_conv.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  loss = lambda m: lambda v, x: jnp.sum(jnp.tanh(m.apply(v, x) / 10))
+  got = jax.grad(loss(conv), argnums=(0, 1))(variables, x)
+  want = jax.grad(loss(lax_conv), argnums=(0, 1))(variables, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+
+
+def test_zero_input_channel_rule_bounds():
+  from fedjax_lib.models.layers import pads_input_channels
+  cpu = jax.default_backend() == 'cpu'
+  for out, want in ((16, False), (17, cpu), (32, cpu), (33, False), (64, False)):
+    assert pads_input_channels(3, out) == want, out
+  assert not pads_input_channels(1, 32) and not pads_input_channels(4, 32)
+
+
 def test_slices_conv_second_order_gradients_equal_lax():
   """The patch matmul's custom VJP is differentiable again (DLG, Per-FedAvg's HF variant
   differentiate through gradients): grad of a function of the parameter gradient."""
