@@ -381,9 +381,9 @@ def pads_input_channels(in_channels: int, out_channels: int) -> bool:
   XLA:CPU's (Eigen's) convolution of 3 input channels into 17-32 output channels runs 3-7x
   slower than the same convolution with a fourth, zero input channel, whatever the kernel
   size, stride and map (a 5×5 convolution of 32×32 RGB images into 32 channels, batch 64:
-  5.2 against 1.6 ms; 3×3 into 24 channels: 6.3 against 1.1 ms), while 8-16 and 36-192
-  output channels run as fast or faster without it, and one input channel (MNIST's) runs
-  2.3x slower with three zero channels. The zero channel adds exact zeros to every sum, so
+  5.2 against 1.6 ms; 3×3 into 24 channels: 6.3 against 1.1 ms), while with 8-16 or
+  36-192 output channels the zero channel gains at most 12 % and mostly loses (up to 1.9x),
+  and one input channel (MNIST's) runs 2.3x slower with three zero channels. The zero channel adds exact zeros to every sum, so
   the outputs equal the unpadded convolution's up to float rounding (the summation blocks
   differ). It halves the forward pass of the 4-layer CNN on CIFAR-shaped images (140 -> 70
   µs per sample). Measurements: experiments/benchmarks/RESULTS.md ("Three input channels").
