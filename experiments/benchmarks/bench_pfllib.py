@@ -83,12 +83,15 @@ runpy.run_path("main.py", run_name="__main__")
 '''
 
 
-def write_folder(pfllib: str, name: str) -> dict:
+SOURCES = {"digits": "bundled digits, 1×28×28", "digits32": "bundled digits at 3×32×32 (RGB)"}
+
+
+def write_folder(pfllib: str, name: str, source: str = "digits") -> dict:
   from fedjax_lib import Config  # pylint: disable=import-outside-toplevel
   from fedjax_lib.data import write_pfllib_folder  # pylint: disable=import-outside-toplevel
   from fedjax_lib.data.pfllib_format import partition_meta  # pylint: disable=import-outside-toplevel
   from fedjax_lib.runner import build  # pylint: disable=import-outside-toplevel
-  data = build(Config(num_clients=20, alpha=0.1)).data
+  data = build(Config(dataset=source, num_clients=20, alpha=0.1)).data
   folder = os.path.join(pfllib, "dataset", name)
   write_pfllib_folder(data, folder, partition_meta=partition_meta("dir", alpha=0.1),
                       overwrite=True)
@@ -212,9 +215,13 @@ def main() -> None:
   p.add_argument("--rounds", type=int, default=100)
   p.add_argument("--repeats", type=int, default=1,
                  help="run each algorithm's pair this many times, alternating which goes first")
-  p.add_argument("--name", default="MNIST-digits",
+  p.add_argument("--source", default="digits",
+                 help="what the folder holds: digits (1x28x28) or digits32 (the same digits "
+                 "at 3x32x32, CIFAR's shape)")
+  p.add_argument("--name", default=None,
                  help="dataset folder name under <pfllib>/dataset ('MNIST' in it makes PFLlib "
-                 "build its 1x28x28 CNN)")
+                 "build its 1x28x28 CNN, 'Cifar10' its 3x32x32 one; default: MNIST-digits, "
+                 "or Cifar10-digits32 with --source digits32)")
   p.add_argument("--timeout", type=float, default=3600)
   p.add_argument("--pfllib-commit", default=None,
                  help="the checkout's commit, for the header when it has no .git")
@@ -223,6 +230,12 @@ def main() -> None:
   p.add_argument("--table-from", metavar="JSON",
                  help="print the table of a run stored by --json (runs nothing)")
   args = p.parse_args()
+  if args.source not in SOURCES:
+    print(f"error: --source {args.source!r} is not one of: {', '.join(SOURCES)}",
+          file=sys.stderr)
+    sys.exit(2)
+  if args.name is None:
+    args.name = "MNIST-digits" if args.source == "digits" else "Cifar10-digits32"
   if args.table_from:
     with open(args.table_from, encoding="utf-8") as f:
       stored = json.load(f)
@@ -233,7 +246,7 @@ def main() -> None:
           "required unless --table-from)", file=sys.stderr)
     sys.exit(2)
   import jax  # pylint: disable=import-outside-toplevel
-  data = write_folder(args.pfllib, args.name)
+  data = write_folder(args.pfllib, args.name, args.source)
   extra = {"Ditto": ["-mu", "0.0", "-pls", "1"], "FedALA": ["-et", "1.0", "-s", "80", "-p", "2"]}
   results = {}
   for algorithm in args.algorithms.split(","):
@@ -259,7 +272,7 @@ def main() -> None:
             f"system/main.py with torch {torch_version} ({args.threads} threads) against "
             f"fedjax_lib (jax {jax.__version__}, {jax.default_backend()}, executor "
             f"{_executor(next(iter(results.values()))['fedjax_lib'])}), one after the other. "
-            f"Workload: {args.name} = bundled digits, 20 clients, Dir(0.1), "
+            f"Workload: {args.name} = {SOURCES[args.source]}, 20 clients, Dir(0.1), "
             f"{data['train_samples']} training / {data['test_samples']} test samples; flags "
             f"`{' '.join(FLAGS)}`, {args.rounds} rounds; seconds per round are means over rounds "
             f"1–{args.rounds}"
