@@ -5,18 +5,34 @@ hyperparameters that keep every algorithm quick in the shared suites.
 a real `fedjax_lib.generators` generator, small enough that FedKTL's server compiles in
 seconds. `tiny_generator_path` writes it once per process as a generator folder (what
 ``-GPath`` reads). `suite_params` is what the conformance, engine, dtype and sharding suites
-pass each algorithm.
+pass each algorithm. `traced_eqns` lists a function's traced equations, sub-jaxprs included.
 """
 
 import functools
 import tempfile
 
 import jax
+from jax.extend import core as jax_core
 
 from fedjax_lib import generators
 from fedjax_lib.generators import vae
 
 TINY_CONFIG = {"w_dim": 4, "resolution": 16, "channels": 3, "width": 4}
+
+
+def traced_eqns(fn, *args) -> list:
+  """Every equation of ``fn``'s jaxpr at ``args``, those of its sub-jaxprs (loop bodies,
+  custom-VJP functions, ...) included, depth first."""
+  eqns = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      eqns.append(eqn)
+      for sub in jax_core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return eqns
 
 
 @functools.lru_cache(maxsize=None)

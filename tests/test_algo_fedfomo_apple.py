@@ -5,7 +5,6 @@ devices; learning on digits."""
 
 
 import jax
-from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from fedjax_lib.core.local import ClientData, LocalSpec, train_locally
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
 from tests.test_engine import _small_data
-from tests.helpers import assert_replicated
+from tests.helpers import assert_replicated, traced_eqns
 
 DIM, CLASSES = 5, 3
 
@@ -328,18 +327,8 @@ def test_apple_server_writes_arrived_cores():
 
 def _largest_intermediate(fn, *args) -> int:
   """The most elements of any value in ``fn``'s jaxpr, sub-jaxprs (scan bodies) included."""
-  largest = 0
-
-  def walk(jaxpr):
-    nonlocal largest
-    for eqn in jaxpr.eqns:
-      for v in eqn.outvars:
-        largest = max(largest, int(np.prod(getattr(v.aval, "shape", ()))))
-      for sub in jax_core.jaxprs_in_params(eqn.params):
-        walk(sub)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return largest
+  return max((int(np.prod(getattr(v.aval, "shape", ()))) for eqn in traced_eqns(fn, *args)
+              for v in eqn.outvars), default=0)
 
 
 def test_vmapped_apple_client_never_holds_cohort_times_n_models():

@@ -3,7 +3,6 @@
 import sys
 
 import jax
-from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from fedjax_lib.core.local import ClientData, LocalSpec
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import init_model, make_model
 from fedjax_lib.runner import build
-from tests.helpers import as_images, suite_params
+from tests.helpers import as_images, suite_params, traced_eqns
 from tests.test_engine import _small_data
 
 
@@ -33,16 +32,9 @@ COMPUTE_PRIMITIVES = ("conv_general_dilated", "dot_general")
 def _compute_dtypes(fn, *args):
   """``{primitive: {operand dtypes}}`` of the convs and matmuls in ``fn``'s jaxpr."""
   found = {}
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name in COMPUTE_PRIMITIVES:
-        found.setdefault(eqn.primitive.name, set()).update(
-            str(v.aval.dtype) for v in eqn.invars)
-      for sub in jax_core.jaxprs_in_params(eqn.params):
-        walk(sub)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  for eqn in traced_eqns(fn, *args):
+    if eqn.primitive.name in COMPUTE_PRIMITIVES:
+      found.setdefault(eqn.primitive.name, set()).update(str(v.aval.dtype) for v in eqn.invars)
   return found
 
 

@@ -11,6 +11,7 @@ from fedjax_lib.models import (BaseHeadModel, FedAvgCNN, TorchConv, count_params
                                feature_dim, init_model, make_model, merge_params, split_params,
                                torch_fc1_permutation)
 from fedjax_lib.models import cnn
+from tests.helpers import traced_eqns
 
 # PFLlib's models; HtFLlib's zoo has its own tests (tests/test_models_resnet.py,
 # tests/test_models_htfl_zoo.py), which trace its large models instead of compiling them.
@@ -181,16 +182,8 @@ def test_hybrid_conv_with_a_zero_input_channel_equals_lax(features, kernel, stri
   lax_conv = TorchConv(features, kernel, strides=strides, padding=padding, conv_impl='lax')
   variables = _numpy_variables(jax.eval_shape(lax_conv.init, jax.random.PRNGKey(0), x))
   conv = TorchConv(features, kernel, strides=strides, padding=padding, conv_impl='hybrid')
-  from jax.extend.core import jaxprs_in_params
-
-  def conv_eqns(jaxpr):
-    for e in jaxpr.eqns:
-      if e.primitive.name == 'conv_general_dilated':
-        yield e
-      for inner in jaxprs_in_params(e.params):
-        yield from conv_eqns(inner)
-
-  convs = list(conv_eqns(jax.make_jaxpr(conv.apply)(variables, x).jaxpr))
+  convs = [e for e in traced_eqns(conv.apply, variables, x)
+           if e.primitive.name == 'conv_general_dilated']
   padded = jax.default_backend() == 'cpu'
   assert pads_input_channels(3, features) == padded
   assert [e.invars[0].aval.shape[-1] for e in convs] == [4 if padded else 3]

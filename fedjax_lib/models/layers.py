@@ -383,10 +383,11 @@ def pads_input_channels(in_channels: int, out_channels: int) -> bool:
   size, stride and map (a 5×5 convolution of 32×32 RGB images into 32 channels, batch 64:
   5.2 against 1.6 ms; 3×3 into 24 channels: 6.3 against 1.1 ms), while with 8-16 or
   36-192 output channels the zero channel gains at most 12 % and mostly loses (up to 1.9x),
-  and one input channel (MNIST's) runs 2.3x slower with three zero channels. The zero channel adds exact zeros to every sum, so
-  the outputs equal the unpadded convolution's up to float rounding (the summation blocks
-  differ). It halves the forward pass of the 4-layer CNN on CIFAR-shaped images (140 -> 70
-  µs per sample). Measurements: experiments/benchmarks/RESULTS.md ("Three input channels").
+  and one input channel (MNIST's) runs 2.3x slower with three zero channels. The zero
+  channel adds exact zeros to every sum, so the outputs equal the unpadded convolution's up
+  to float rounding (the summation blocks differ). It halves the forward pass of the 4-layer
+  CNN on CIFAR-shaped images (140 -> 70 µs per sample). Measurements:
+  experiments/benchmarks/RESULTS.md ("Three input channels").
   """
   return in_channels == 3 and 16 < out_channels <= 32 and jax.default_backend() == 'cpu'
 
@@ -394,7 +395,8 @@ def pads_input_channels(in_channels: int, out_channels: int) -> bool:
 def _conv_forward(x, kernel, strides, padding):
   """``lax.conv_general_dilated`` (NHWC, HWIO), with a zero input channel where
   :func:`pads_input_channels` says XLA:CPU needs one."""
-  if pads_input_channels(kernel.shape[2], kernel.shape[3]) and x.shape[-1] == 3:
+  # 'hybrid' convolutions are ungrouped: the kernel's input channels are x's.
+  if pads_input_channels(kernel.shape[2], kernel.shape[3]):
     x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, 1)))
     kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, 1), (0, 0)))
   return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=padding,
