@@ -348,9 +348,11 @@ def build(config: Config) -> Built:
                              skip_nonfinite=config.on_nan == "skip-client", mesh=mesh,
                              model_cycle=[unique.index(a) for a in architectures],
                              client_threads=threads)
-  engine.check_compatible(data.x[0])
+  # The settings first: check_compatible traces every group's client_update as configured
+  # (with -dp, per example), which an algorithm the settings refuse may not survive.
   settings_warnings = [*data_warnings,
                        *checks_lib.check_settings(config, data, num_clients, algorithm, models)]
+  engine.check_compatible(data.x[0])
   privacy = (privacy_lib.plan(engine, np.asarray(data.train_count), config) if config.privacy
              else None)
   dlg = (dlg_lib.Evaluator(engine, config, *dlg_lib.data_range(data.x)) if config.dlg_eval

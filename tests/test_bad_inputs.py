@@ -92,6 +92,10 @@ FLAGS = [
                                                         "base/head split"]),
     (["-m", "mlr", "-nc", "4", "-algo", "FedTGP"], ["FedTGP", "'mlr'", "base/head split"]),
     (["-dp", "-dps", "1", "--shuffle", "false"], ["shuffle=False", "drawn at random"]),
+    # refused before the architecture groups' updates are traced (per example with -dp):
+    # PerAvg's per-example loss splits one example into two empty half-batches
+    (["-m", "cnn,dnn", "-nc", "4", "-algo", "PerAvg", "-dp"],
+     ["privacy (-dp) is not available for PerAvg"]),
     (["--shuffle", "sometimes"], ["--shuffle", "sometimes"]),
     (["-m", "mlr", "-nc", "4", "-jr", "0.25", "-cdr", "0.5"],
      ["client_drop_rate=0.5", "1 selected", "client_drop_rate <= 0 (-cdr)", "(-jr)"]),

@@ -110,8 +110,8 @@ def test_algorithms_with_per_client_server_state_run_one_architecture(tmp_path):
   width), but its server keeps each client's prototype set by the client's id, which restarts
   in every group: two architectures are refused before anything is written."""
   with pytest.raises(ConfigError, match=r"FedPCL keeps server-side state per client.*one -m "
-                                        r"model \(got 2: dnn, mlr\)"):
-    run_experiment(Config(model="dnn,mlr", algorithm="FedPCL", num_clients=4, global_rounds=1,
+                                        r"model \(got 2: dnn, cnn\)"):
+    run_experiment(Config(model="dnn,cnn", algorithm="FedPCL", num_clients=4, global_rounds=1,
                           feature_dim=16, out=str(tmp_path), progress=False), **QUIET)
   assert not os.listdir(tmp_path)
 
