@@ -65,6 +65,8 @@ FLAGS = [
     # partition settings that cannot be met
     (["--partition", "pat", "--class-per-client", "11"], ["class_per_client", "11"]),
     (["-nc", "2000"], ["2000"]),
+    (["-nc", "3", "--partition", "exdir"], ["10 labels", "class_per_client >= 4",
+                                            "at least 5 clients"]),
     (["--overwrite", "yes"], ["unrecognized arguments: yes"]),
     (["--no-plot", "0"], ["unrecognized arguments: 0"]),
     (["--config", "/nonexistent/config.json"], ["cannot read config file", "/nonexistent"]),

@@ -258,6 +258,21 @@ def test_exdir_retry_cap_raises(digits_labels):
               rng=np.random.default_rng(0))
 
 
+def test_exdir_with_fewer_label_slots_than_labels_fails_at_once(digits_labels):
+  """3 clients of 2 labels own at most 6 of the 10: no draw can succeed, so none is tried."""
+  rng = np.random.default_rng(0)
+  with pytest.raises(PartitionError, match=r"cannot give each of the 10 labels an owning client: "
+                     r"3 clients x class_per_client=2 own 6 labels; use class_per_client >= 4 "
+                     r"\(--class-per-client\) or at least 5 clients"):
+    partition(digits_labels, 3, NUM_CLASSES, scheme="exdir", alpha=0.1, class_per_client=2,
+              rng=rng)
+  assert rng.bit_generator.state == np.random.default_rng(0).bit_generator.state
+  # 5 clients of 2 labels can own all 10 (every label once)
+  pools = partition(digits_labels, 5, NUM_CLASSES, scheme="exdir", alpha=0.1,
+                    class_per_client=2, rng=np.random.default_rng(0))
+  assert sorted(np.concatenate(pools).tolist()) == list(range(len(digits_labels)))
+
+
 def test_pat_warns_when_quotas_leave_classes_without_a_client():
   labels = np.repeat(np.arange(NUM_CLASSES), 30)
   with pytest.warns(UserWarning, match=r"leaves classes \[6, 7, 8, 9\] \(120 samples\)"):

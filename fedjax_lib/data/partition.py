@@ -312,19 +312,27 @@ def _extended_dirichlet(labels: np.ndarray, num_clients: int, num_classes: int, 
   until every client holds ``>= 10`` samples; finally each client's indices are shuffled.
   """
   min_owners = max(class_per_client * num_clients // num_classes // 2, 1)
-  fewest_owners = 0
+  if class_per_client * num_clients < num_classes:  # no draw can give every label an owner
+    raise PartitionError(
+        f"exdir partition cannot give each of the {num_classes} labels an owning client: "
+        f"{num_clients} clients x class_per_client={class_per_client} own "
+        f"{num_clients * class_per_client} labels; use class_per_client >= "
+        f"{-(-num_classes // num_clients)} (--class-per-client) or at least "
+        f"{-(-num_classes // class_per_client)} clients")
+  most = 0  # the best draw's fewest owners of a label
   for _ in range(max_retries):
     owners = np.zeros((num_classes, num_clients), dtype=bool)
     for client in range(num_clients):
       owners[rng.choice(num_classes, class_per_client, replace=False), client] = True
     fewest_owners = int(owners.sum(axis=1).min())
+    most = max(most, fewest_owners)
     if fewest_owners >= min_owners:
       break
   else:
     raise PartitionError(
         f"exdir partition failed after {max_retries} tries to give every label at least "
-        f"{min_owners} owning clients (best: {fewest_owners}); use a larger class_per_client "
-        f"(got {class_per_client}) or more clients (got {num_clients})")
+        f"{min_owners} owning client{'s' if min_owners > 1 else ''} (best: {most}); use a "
+        f"larger class_per_client (got {class_per_client}) or more clients (got {num_clients})")
   pools = _dirichlet_attempts(labels, num_clients, num_classes, alpha, EXDIR_MIN_CLIENT_SIZE,
                               max_retries, rng, owners=owners, scheme="exdir",
                               rebalance=rebalance)
