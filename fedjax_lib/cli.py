@@ -600,6 +600,10 @@ def load_config_file(path: str) -> dict:
                       "give a JSON object of Config fields") from None
   if isinstance(values, dict) and isinstance(values.get("config"), dict):
     values = values["config"]  # a results file: rerun its configuration
+  elif isinstance(values, dict) and {"samples_per_label", "train_samples"} <= values.keys():
+    raise ConfigError(f"config file {path!r} is a run's partition description (per-client "
+                      "sample counts), not a configuration; give that run's results JSON "
+                      "(<dataset>_<algo>_<goal>_<t>.json) or a JSON object of Config fields")
   if not isinstance(values, dict):
     raise ConfigError(f"config file {path!r} holds a JSON {type(values).__name__}; give a JSON "
                       "object of Config fields")

@@ -151,12 +151,15 @@ CONFIG_FILES = [
     ('{"learning_rate": -1}', ["learning_rate", "-1"]),
     ('{"algo_params": [1]}', ["algo_params", "object"]),
     ('{"config": {"batch_size": 0}}', ["batch_size", "0"]),  # a results file's config
+    # a run's <...>_partition.json, next to its results JSON
+    ('{"dataset": "digits", "num_clients": 2, "train_samples": [3, 4], "test_samples": [1, 1], '
+     '"samples_per_label": [{"0": 4}, {"1": 5}]}', ["partition description", "results JSON"]),
 ]
 
 
 @pytest.mark.parametrize("content,words", CONFIG_FILES,
                          ids=["missing", "invalid", "list", "unknown", "bad-value", "params",
-                              "results-file"])
+                              "results-file", "partition-file"])
 def test_bad_config_files(content, words, tmp_path, capsys):
   path = tmp_path / "config.json"
   if content is not None:
