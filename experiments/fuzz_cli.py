@@ -106,15 +106,191 @@ def steps_case(rng: random.Random, out: str) -> list[list[str]]:
                    "--executor", rng.choice(["vmap", "chunked", "auto"])]]
 
 
+# Flags an ``agree`` case sets itself (its relation's two arms), so its base draws none of them.
+ARM_FLAGS = {"--executor", "--chunk-size", "--client-threads", "-t", "--sweep", "-ab"}
+# Metrics compared between the arms: exactly, or (``close`` relations) within the tolerances.
+METRICS = ("test_acc", "test_auc", "test_acc_std", "test_auc_std", "train_loss",
+           "nonfinite_clients", "upload_floats", "download_floats")
+# The README's promises: resume, client threads, the compile cache and a --config rerun give
+# the same numbers to the bit; executors, device counts and a sweep's entry against its
+# separate run agree within float tolerance (accuracies and AUC within ACC_TOL, here a
+# handful of flipped test samples after a few rounds; losses within LOSS_RTOL relative).
+EVALUATED = ("test_acc", "test_auc", "test_acc_std", "test_auc_std", "train_loss")
+EXACT = ("resume", "threads", "cache", "config", "times", "evalgap")
+CLOSE_MODELS = ["dnn", "mlr", "cnn", "cnn,dnn", "dnn,mlr"]
+ACC_TOL, LOSS_RTOL = 0.02, 1e-3
+
+
+def agree_case(rng: random.Random, out: str) -> tuple[str, list[list[list[str]]]]:
+  """A relation and its two arms, each a list of commands; the last writes the results."""
+  relation = rng.choice(["resume", "threads", "cache", "config", "times", "evalgap",
+                         "executors", "devices", "sweep"])
+  close = relation not in EXACT
+  algorithm = rng.choice(HTFL if rng.random() < .3 else registry.algorithm_names())
+  # Models with BatchNorm (the ResNets of HtFE-img-*) and bfloat16 turn float noise into
+  # percent-level differences within a round, in PyTorch too: measured 2026-12-05, ResNet-10
+  # on 270 digits, one epoch of batch 10 at lr 0.005 after a 1e-7 relative perturbation of
+  # the initial parameters: 0.67% relative parameter difference (0.84% moved), PyTorch
+  # 0.39% (0.75% moved). The `close` relations compare on models without them.
+  model = rng.choice(CLOSE_MODELS if close else [m for m in MODELS if m not in ("resnet4",
+                                                                                 "MLPs")])
+  argv = ["-algo", algorithm, "-m", model, "-nc", str(rng.randint(4, 6)), "--seed",
+          str(rng.randint(0, 5))]
+  skip = ARM_FLAGS | ({"--dtype"} if close else set())
+  for probability, choices in OPTIONS:  # fewer flags than `single`: more cases that run
+    flags = rng.choice(choices)
+    if rng.random() < .6 * probability and not skip & set(flags):
+      argv += flags
+  a, b = out + "_a", out + "_b"
+  if relation == "resume":  # 4 rounds straight against 2, then resumed to 4
+    if "global_rounds" in registry.get_algorithm(algorithm).hyperparameters():
+      argv += ["--algo-param", "global_rounds=4"]  # its schedule: the same in both arms
+    whole = argv + ["-gr", "4", "--checkpoint-every", str(rng.choice([1, 2]))]
+    return relation, [[whole + ["--out", a]],
+                      [argv + ["-gr", "2", "--checkpoint-every", "1", "--out", b],
+                       whole + ["--resume", "--out", b]]]
+  if relation == "evalgap":  # evaluating every round or every other: the same rounds 0, 2, 4
+    argv = [a for i, a in enumerate(argv) if "-eg" not in argv[max(i - 1, 0):i + 1]]
+    return relation, [[argv + ["-gr", "4", "-eg", "1", "--out", a]],
+                      [argv + ["-gr", "4", "-eg", "2", "--out", b]]]
+  argv = argv + ["-gr", "2"]
+  if relation == "times":  # run 1 of -t 2 against the separate run with seed + 1
+    seed = int(argv[argv.index("--seed") + 1])
+    separate = list(argv)
+    separate[separate.index("--seed") + 1] = str(seed + 1)
+    return relation, [[argv + ["-t", "2", "--out", a]],
+                      [separate + ["--partition-seed", str(seed), "--out", b]]]
+  if relation == "threads":
+    seq = argv + ["--executor", "sequential"]
+    return relation, [[seq + ["--client-threads", "1", "--out", a]],
+                      [seq + ["--client-threads", "3", "--out", b]]]
+  if relation == "cache":  # the second run loads what the first compiled
+    cache = ["--compile-cache", out + "_cache"]
+    return relation, [[argv + cache + ["--out", a]], [argv + cache + ["--out", b]]]
+  if relation == "config":  # RESULTS is replaced by the first arm's results JSON
+    return relation, [[argv + ["--out", a]], [["--config", "RESULTS", "--out", b]]]
+  if relation == "executors":
+    first, second = rng.sample([["--executor", "sequential"], ["--executor", "vmap"],
+                                ["--executor", "chunked", "--chunk-size", "2"]], 2)
+    return relation, [[argv + first + ["--out", a]], [argv + second + ["--out", b]]]
+  if relation == "devices":
+    executor = ["--executor", rng.choice(["vmap", "chunked"])]
+    return relation, [[argv + executor + ["--devices", "1", "--out", a]],
+                      [argv + executor + ["--devices", "4", "--out", b]]]
+  # a sweep's entry for seed s against the separate run --seed s, one partition for both
+  seeds = [s for s in range(6) if f"{s}" != argv[argv.index("--seed") + 1]]
+  partition = ["--partition-seed", argv[argv.index("--seed") + 1]]
+  other, swept = rng.sample(seeds, 2)
+  separate = list(argv)
+  separate[separate.index("--seed") + 1] = str(swept)
+  return relation, [[argv + partition + ["--sweep", f"seed={other},{swept}"] + ["--out", a]],
+                    [separate + partition + ["--out", b]]]
+
+
+def results_of(folder: str, relation: str) -> dict | None:
+  """The arm's results JSON: a sweep's second combination, else run 0."""
+  name = "*_0.json"
+  if folder.endswith("_a") and relation in ("sweep", "times"):
+    name = "*_sweep_1.json" if relation == "sweep" else "*_1.json"
+  found = sorted(glob.glob(os.path.join(folder, name)))
+  if not found:
+    return None
+  with open(found[0], encoding="utf-8") as f:
+    return json.load(f)
+
+
+def differences(relation: str, first: dict, second: dict) -> list[str]:
+  """What the two arms' metrics break of the relation's promise, one line per metric."""
+  found = []
+  evaluated = set(first.get("rounds") or []) & set(second.get("rounds") or [])
+  for metric in METRICS:
+    x, y = first.get(metric), second.get(metric)
+    if relation == "evalgap" and metric in EVALUATED and x is not None and y is not None:
+      # the rounds both arms evaluated (the last round is evaluated whatever the gap)
+      x, y = ([v for r, v in zip(arm["rounds"], values) if r in evaluated]
+              for arm, values in ((first, x), (second, y)))
+    if x is None or y is None or len(x) != len(y):
+      found.append(f"{metric}: {x} against {y}")
+      continue
+    for i, (u, v) in enumerate(zip(x, y)):
+      if u is None or v is None or u != u or v != v:  # a NaN or a round not evaluated
+        same = (u is None) == (v is None) and (u != u) == (v != v)
+      elif relation in EXACT or metric in ("nonfinite_clients", "upload_floats",
+                                           "download_floats"):
+        same = u == v
+      elif metric == "train_loss":
+        same = abs(u - v) <= LOSS_RTOL * max(abs(u), abs(v), 1e-12)
+      else:
+        same = abs(u - v) <= ACC_TOL
+      if not same:
+        found.append(f"{metric}[{i}]: {u!r} against {v!r}")
+        break
+  return found
+
+
 def is_bad(status, err: str) -> bool:
   lines = [line for line in err.splitlines() if line.strip()]
   return (status not in (0, 2) or "Traceback" in err
           or (status == 2 and not any(line.startswith("error:") for line in lines)))
 
 
+def run_command(argv: list[str], timeout: int, env: dict) -> tuple[object, str]:
+  """One ``python -m fedjax_lib`` process: its exit status (or "timeout") and stderr."""
+  try:
+    proc = subprocess.run([sys.executable, "-m", "fedjax_lib", *argv, "--no-progress", "-q",
+                           "--no-plot"], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=env, check=False)
+    return proc.returncode, proc.stderr
+  except subprocess.TimeoutExpired:
+    return "timeout", ""
+
+
+def run_case(mode: str, rng: random.Random, out: str, timeout: int, env: dict) -> dict:
+  """Draws one case, runs its commands in order (stopping at the first that fails) and says
+  whether it is bad: a command against the bad-input bar, or (``agree``) two arms that both
+  ran and break their relation, or that one ran and the other was refused."""
+  if mode == "agree":
+    relation, arms = agree_case(rng, out)
+  else:
+    relation, arms = mode, [(single_case if mode == "single" else steps_case)(rng, out)]
+  record = {"relation": relation, "commands": [[" ".join(c) for c in arm] for arm in arms],
+            "status": [], "stderr": [], "bad": False}
+  for arm in arms:
+    statuses = []
+    for argv in arm:
+      if "RESULTS" in argv:
+        found = sorted(glob.glob(os.path.join(out + ("_a" if mode == "agree" else ""),
+                                              "*_0.json")))
+        if not found:
+          break
+        argv = [found[0] if a == "RESULTS" else a for a in argv]
+      status, err = run_command(argv, timeout, env)
+      statuses.append(status)
+      record["stderr"].append(err[-2000:])
+      if is_bad(status, err):
+        record["bad"] = True
+      if status != 0:
+        break
+    record["status"].append(statuses)
+    if record["bad"] or (mode != "agree" and statuses[-1:] != [0]):
+      return record
+  if mode == "agree":
+    ran = [statuses[-1:] == [0] and len(statuses) == len(arm)
+           for statuses, arm in zip(record["status"], arms)]
+    if ran == [True, True]:
+      first, second = results_of(out + "_a", relation), results_of(out + "_b", relation)
+      record["differences"] = (["a results JSON is missing"] if first is None or second is None
+                               else differences(relation, first, second))
+      record["bad"] = bool(record["differences"])
+    elif any(ran):  # one arm refused what the other ran
+      record["differences"] = [f"arm {'ab'[ran.index(False)]} did not run"]
+      record["bad"] = True
+  return record
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--mode", choices=["single", "steps"], default="single")
+  p.add_argument("--mode", choices=["single", "steps", "agree"], default="single")
   p.add_argument("--cases", type=int, default=50)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="/tmp/fedjax_fuzz", help="folder of the cases' outputs")
@@ -128,38 +304,21 @@ def main() -> None:
   with open(args.log or os.path.join(args.out, "log.jsonl"), "a", encoding="utf-8") as log:
     for case in range(args.cases):
       out = os.path.join(args.out, f"{args.mode}_{args.seed}_{case}")
-      for path in (out, out + "_rerun", out + "_cache"):
+      paths = [out + tail for tail in ("", "_a", "_b", "_rerun", "_cache")]
+      for path in paths:
         shutil.rmtree(path, ignore_errors=True)
-      commands = (single_case if args.mode == "single" else steps_case)(rng, out)
-      statuses, errors, bad, start = [], [], False, time.time()
-      for argv in commands:
-        if "RESULTS" in argv:
-          found = sorted(glob.glob(os.path.join(out, "*_0.json")))
-          if not found:
-            break
-          argv = [found[0] if a == "RESULTS" else a for a in argv]
-        argv = argv + ["--no-progress", "-q", "--no-plot"]
-        try:
-          proc = subprocess.run([sys.executable, "-m", "fedjax_lib", *argv], capture_output=True,
-                                text=True, timeout=args.timeout, cwd=ROOT, env=env, check=False)
-          status, err = proc.returncode, proc.stderr
-        except subprocess.TimeoutExpired:
-          status, err = "timeout", ""
-        statuses.append(status)
-        errors.append(err[-2000:])
-        bad = is_bad(status, err)
-        if bad or status != 0:
-          break
-      bad_cases += bad
-      log.write(json.dumps({"case": case, "mode": args.mode, "seed": args.seed,
-                            "commands": [" ".join(c) for c in commands], "status": statuses,
-                            "bad": bad, "stderr": errors, "s": round(time.time() - start, 1)})
-                + "\n")
+      start = time.time()
+      record = run_case(args.mode, rng, out, args.timeout, env)
+      bad_cases += record["bad"]
+      record.update(case=case, mode=args.mode, seed=args.seed, s=round(time.time() - start, 1))
+      log.write(json.dumps(record) + "\n")
       log.flush()
-      print(f"{'BAD' if bad else 'ok '} {statuses} {time.time() - start:5.1f}s "
-            f"{' '.join(commands[0][:6])}", flush=True)
-      if not bad:
-        for path in (out, out + "_rerun", out + "_cache"):
+      print(f"{'BAD' if record['bad'] else 'ok '} {record['relation']:9} {record['status']} "
+            f"{record['s']:5.1f}s {record['commands'][0][0][:90]}", flush=True)
+      for line in record.get("differences", []):
+        print(f"    {line}", flush=True)
+      if not record["bad"]:
+        for path in paths:
           shutil.rmtree(path, ignore_errors=True)
   print(f"{bad_cases} bad of {args.cases} cases")
   sys.exit(1 if bad_cases else 0)

@@ -20,6 +20,7 @@ from fedjax_lib.algorithms import algorithm_names, get_algorithm
 from fedjax_lib.config import (CONV_IMPLS, DTYPES, EXECUTORS, ON_NAN, PARTITION_RNGS,
                                PARTITIONS, Config)
 from fedjax_lib.data import registry as data_registry
+from fedjax_lib.data.federated import SUMMARY_MARKERS
 from fedjax_lib.data.loading import DEFAULT_NUM_CLIENTS
 from fedjax_lib.errors import ConfigError, FedJaxError
 from fedjax_lib.models import FAMILIES, MODEL_NAMES
@@ -600,7 +601,7 @@ def load_config_file(path: str) -> dict:
                       "give a JSON object of Config fields") from None
   if isinstance(values, dict) and isinstance(values.get("config"), dict):
     values = values["config"]  # a results file: rerun its configuration
-  elif isinstance(values, dict) and {"samples_per_label", "train_samples"} <= values.keys():
+  elif isinstance(values, dict) and SUMMARY_MARKERS <= values.keys():
     raise ConfigError(f"config file {path!r} is a run's partition description (per-client "
                       "sample counts), not a configuration; give that run's results JSON "
                       "(<dataset>_<algo>_<goal>_<t>.json) or a JSON object of Config fields")

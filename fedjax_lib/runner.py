@@ -748,6 +748,21 @@ class _States:
                                             hparams=self.hparams_of(s))
 
 
+def schedule_change(algorithm, saved: dict, config: Config) -> Optional[str]:
+  """What extending a run changes, for an algorithm that schedules over ``global_rounds``
+  (APPLE's λ, FedKD's energy, FedPHP's μ): the rounds before the checkpoint followed the
+  schedule over the saved run's rounds, those after follow it over ``config.global_rounds``,
+  so the run is not the one an uninterrupted run of as many rounds gives. None otherwise."""
+  before = saved.get("global_rounds")
+  if (not isinstance(getattr(algorithm, "global_rounds", None), int) or before is None
+      or before == config.global_rounds or "global_rounds" in config.algo_params):
+    return None
+  return (f"{algorithm.name} schedules over global_rounds, which changes from {before} to "
+          f"{config.global_rounds}: the rounds already run followed its schedule over "
+          f"{before} rounds and the rest follow it over {config.global_rounds}, so the results "
+          f"differ from an uninterrupted run of {config.global_rounds} rounds")
+
+
 def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
              privacy: Optional[privacy_lib.Plan] = None,
              dlg: Optional[dlg_lib.Evaluator] = None) -> list:
@@ -800,6 +815,9 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
         states.set(s, server_state, client_states)
         run.resume(meta, step)
         log(f"{run.spec.label}: resuming at round {step} from {run.last_ckpt}")
+        schedule = schedule_change(engine.algorithm, meta.get("config", {}), config)
+        if schedule:
+          log(f"warning: {run.spec.label}: {schedule}")
 
   def save(run: _Run, next_round: int) -> str:
     run.saved_step = next_round

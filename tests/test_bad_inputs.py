@@ -16,7 +16,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fedjax_lib import Config, cli
+from fedjax_lib import Config, cli, runner
 from fedjax_lib.errors import ConfigError
 from tests.test_data_pfllib_format import _make_folder, _save
 
@@ -165,6 +165,15 @@ def test_bad_config_files(content, words, tmp_path, capsys):
   if content is not None:
     path.write_text(content)
   _check(["--config", str(path)], words, tmp_path, capsys)
+
+
+def test_config_file_that_is_a_partition_summary(tmp_path, capsys):
+  """What a run writes as ``<...>_partition.json`` (`FederatedData.summary`), given to
+  ``--config``, is recognised as such (the literal case above would not notice new keys)."""
+  data = runner.load_data(Config(num_clients=3))
+  path = tmp_path / "digits_FedAvg_test_partition.json"
+  path.write_text(json.dumps(data.summary()))
+  _check(["--config", str(path)], ["partition description", "results JSON"], tmp_path, capsys)
 
 
 # ---------------------------------------------------------------------------- dataset folders

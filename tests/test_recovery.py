@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -15,7 +16,7 @@ from fedjax_lib import Config, run_experiment
 from fedjax_lib.algorithms import get_algorithm
 from fedjax_lib.core import checkpoint as checkpoint_lib
 from fedjax_lib.errors import ConfigError
-from fedjax_lib.runner import checkpoint_dir
+from fedjax_lib.runner import checkpoint_dir, schedule_change
 
 QUIET = dict(log=lambda msg: None)
 METRICS = ("test_acc", "test_auc", "train_loss")
@@ -52,6 +53,27 @@ def test_resumed_run_equals_uninterrupted(name, tmp_path):
   step_b, state_b = _final_state(part, get_algorithm(name).name)
   assert step_a == step_b == 4
   jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
+
+
+def test_extending_a_scheduled_run_warns(tmp_path):
+  """FedPHP's μ_R = μ·R/global_rounds: extending the run changes its schedule from the
+  checkpoint on, which the resumed run says (FedAvg, without a schedule, says nothing)."""
+  for name, warns in (("FedPHP", True), ("FedAvg", False)):
+    part = _config(tmp_path / name, algorithm=name, global_rounds=1)
+    run_experiment(part, **QUIET)
+    lines = []
+    run_experiment(part.replace(global_rounds=2), log=lines.append)
+    said = [line for line in lines if "schedules over global_rounds" in line]
+    assert len(said) == warns, lines
+    if warns:
+      assert said[0].startswith("warning: ") and "from 1 to 2" in said[0], said
+  # the same rounds again, or a schedule fixed by algo_params: nothing changes, nothing said
+  algorithm = types.SimpleNamespace(name="FedKD", global_rounds=5)  # what schedule_change reads
+  base = _config(tmp_path, algorithm="FedKD", global_rounds=5)
+  assert schedule_change(algorithm, {"global_rounds": 5}, base) is None
+  assert schedule_change(algorithm, {"global_rounds": 3}, base) is not None
+  fixed = base.replace(algo_params={"global_rounds": 5}, global_rounds=8)
+  assert schedule_change(algorithm, {"global_rounds": 3}, fixed) is None
 
 
 def _cli(out, *extra, rounds=8):

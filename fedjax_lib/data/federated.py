@@ -18,6 +18,9 @@ import numpy as np
 from fedjax_lib.data.quantized import QuantizedImages
 from fedjax_lib.errors import DataError
 
+#: Keys of `FederatedData.summary` (a run's ``<...>_partition.json``) that no config or results
+#: file has: ``--config`` names such a file for what it is (`fedjax_lib.cli.load_config_file`).
+SUMMARY_MARKERS = frozenset({"samples_per_label", "train_samples"})
 
 def _pad_table(lists: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
   counts = np.array([len(ix) for ix in lists], dtype=np.int32)
@@ -125,7 +128,8 @@ class FederatedData:
     return counts
 
   def summary(self) -> dict:
-    """A JSON-serialisable description: per-client sizes and samples per label."""
+    """A JSON-serialisable description: per-client sizes and samples per label (its keys
+    include `SUMMARY_MARKERS`, by which ``--config`` recognises such a file)."""
     counts = self.label_counts()
     return {
         "dataset": self.name,
