@@ -124,7 +124,7 @@ ACC_TOL, LOSS_RTOL = 0.02, 1e-3
 def agree_case(rng: random.Random, out: str) -> tuple[str, list[list[list[str]]]]:
   """A relation and its two arms, each a list of commands; the last writes the results."""
   relation = rng.choice(["resume", "threads", "cache", "config", "times", "evalgap",
-                         "executors", "devices", "sweep"])
+                         "executors", "devices", "sweep", "knob"])
   close = relation not in EXACT
   algorithm = rng.choice(HTFL if rng.random() < .3 else registry.algorithm_names())
   # Models with BatchNorm (the ResNets of HtFE-img-*) and bfloat16 turn float noise into
@@ -173,6 +173,20 @@ def agree_case(rng: random.Random, out: str) -> tuple[str, list[list[list[str]]]
     first, second = rng.sample([["--executor", "sequential"], ["--executor", "vmap"],
                                 ["--executor", "chunked", "--chunk-size", "2"]], 2)
     return relation, [[argv + first + ["--out", a]], [argv + second + ["--out", b]]]
+  if relation == "knob":  # two values of a setting documented as equal up to float rounding
+    knob = rng.choice(["conv", "chunk", "eval-chunk", "unroll"])
+    if knob == "conv":
+      argv[argv.index("-m") + 1] = rng.choice(["cnn", "cnn,dnn"])
+      pair = [["--conv-impl", impl] for impl in rng.sample(["lax", "patches", "slices",
+                                                            "hybrid"], 2)]
+    elif knob == "chunk":
+      pair = [["--executor", "chunked", "--chunk-size", size] for size in ("1", "3")]
+    elif knob == "eval-chunk":
+      executor = ["--executor", rng.choice(["vmap", "chunked"])]
+      pair = [executor + ["--eval-chunk-size", size] for size in ("1", "64")]
+    else:
+      pair = [["--unroll", "0"], ["--unroll", "1"]]
+    return relation, [[argv + pair[0] + ["--out", a]], [argv + pair[1] + ["--out", b]]]
   if relation == "devices":
     executor = ["--executor", rng.choice(["vmap", "chunked"])]
     return relation, [[argv + executor + ["--devices", "1", "--out", a]],

@@ -667,12 +667,30 @@ class Engine:
     program = self._program(gi, hparams, server_state, arrays, RECEIVE.name, features)
     return executors_lib.VmapExecutor().train(program, states, slots, keys, False)[0]
 
+  def _cohort_order(self, ids: jax.Array, plan: RoundPlan) -> jax.Array:
+    """The permutation that puts in-place slots (each group's rows in client order: a mesh
+    with every client in the cohort) in the order `_slots_gathered` gives them on one device:
+    group after group, each group's cohort members in cohort order, then its padding. ``ids``:
+    the slots' client ids, group after group (``num_clients`` for padding)."""
+    size = plan.cohort.shape[0]
+    position = jnp.full(self.num_clients + 1, size, jnp.int32).at[plan.cohort].set(
+        jnp.arange(size, dtype=jnp.int32))
+    group = jnp.concatenate([jnp.full((rows,), gi, jnp.int32)
+                             for gi, rows in enumerate(self.rows)])
+    return jnp.argsort(group * (size + 1) + position[ids], stable=True)
+
   def _finish_fn(self, hparams, server_state, server_inputs, outputs, slot_ids, plan, root,
                  round_index, phase):
     """Aggregation over every group's uploads, and the round's metrics (traced)."""
     cat = lambda *xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs)
     out = jax.tree.map(cat, *outputs) if len(outputs) > 1 else outputs[0]
     ids = cat(*slot_ids)
+    if self._in_place and phase == ROUND.name and not self.linear:
+      # The slots in the order the gathered ones have (`_cohort_order`): a server that
+      # shuffles or trains on its uploads (FedTGP, FedGH, FedPAC, FedKTL) then sees them in
+      # one order whatever the device count.
+      order = self._cohort_order(ids, plan)
+      out, ids = jax.tree.map(lambda a: a[order], out), ids[order]
     alg = self._alg(0, hparams)
     if LR_DECAY in hparams and phase == ROUND.name:  # -ld on the server's own rates (FedGen)
       alg = alg.with_decayed_rates(hparams[LR_DECAY]["server"], server=True)
