@@ -633,7 +633,12 @@ def _check_resumable(spec: RunSpec, resume: bool, overwrite: bool) -> str:
       raise ConfigError(f"resume=True but there is no checkpoint in {directory}; run without "
                         "--resume to start afresh")
     return "none"
-  meta = checkpoint_lib.RunCheckpointer(directory).latest_meta()
+  checkpointer = checkpoint_lib.RunCheckpointer(directory)
+  meta = checkpointer.latest_meta()
+  if meta is None and resume and not checkpointer.steps():
+    # e.g. a run that diverged before its first checkpoint left the folder empty
+    raise ConfigError(f"resume=True but there is no checkpoint in {directory} (its run saved "
+                      "none); run without --resume to start afresh")
   if meta is None:  # none readable: restore_latest says which (and refuses with ``resume``)
     return "none"
   diff = spec.config.resume_mismatch(meta.get("config", {}))
@@ -896,9 +901,10 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
                 f"client(s) {bad}")
         elif bad:
           run.finite = False
+          none = ("none: it diverged before the first" if config.checkpoint_every
+                  else "none; use --checkpoint-every")
           run.stop = (f"round {r}: non-finite update(s) from client(s) {bad}; stopping this "
-                      f"run (last finite checkpoint: "
-                      f"{run.last_ckpt or 'none; use --checkpoint-every'}; "
+                      f"run (last finite checkpoint: {run.last_ckpt or none}; "
                       f"{engine.algorithm.divergence_advice()}, or --on-nan skip-client to "
                       "drop such updates)")
       for run in training:

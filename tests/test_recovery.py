@@ -181,7 +181,14 @@ def test_nonfinite_updates_stop_or_are_skipped(tmp_path):
   result = run_experiment(_config(tmp_path / "stop", **diverge), **QUIET)
   payload = json.load(open(result.runs[0].files["json"]))
   assert "non-finite update(s) from client(s) [" in payload["stopped"]
-  assert "round 0" in payload["stopped"] and "last finite checkpoint" in payload["stopped"]
+  assert "round 0" in payload["stopped"] and "use --checkpoint-every" in payload["stopped"]
+  # with checkpoints on, diverging before the first: the advice is not to turn them on, and
+  # extending the run with --resume says there is no checkpoint (its folder exists, empty)
+  saved = _config(tmp_path / "saved", **{**diverge, "checkpoint_every": 1})
+  payload = json.load(open(run_experiment(saved, **QUIET).runs[0].files["json"]))
+  assert "last finite checkpoint: none: it diverged before the first" in payload["stopped"]
+  with pytest.raises(ConfigError, match="there is no checkpoint in .* saved none"):
+    run_experiment(saved.replace(global_rounds=3, resume=True), **QUIET)
   skipped = run_experiment(_config(tmp_path / "skip", on_nan="skip-client", **diverge),
                            **QUIET)
   history = skipped.runs[0].history
