@@ -232,6 +232,27 @@ def test_two_processes_equal_one(tmp_path):
   np.testing.assert_allclose(multi["train_loss"], one["train_loss"], rtol=2e-5)
 
 
+def _eight_devices_equal_one(groups, data, part, cycle, in_place=False):
+  """Three rounds of ``groups`` (vmap) on one device and sharded over 8: the server state is
+  replicated and, with the clients' states and each evaluation's accuracy, equal to one
+  device's. ``in_place``: the 8-device engine trains the clients in place (every client in the
+  cohort). Returns the one-device engine and its server state."""
+  device_data = engine_lib.DeviceData.from_federated(data)
+  one = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=cycle)
+  many = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=cycle,
+                           mesh=engine_lib.client_mesh(8))
+  assert many._in_place == in_place  # pylint: disable=protected-access
+  s1, c1, h1 = _run(one)
+  s8, c8, h8 = _run(many)
+  assert_replicated(s8)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  jax.tree.map(close, s1, s8)
+  jax.tree.map(close, c1, many.export_states(c8))
+  for a, b in zip(h1, h8):
+    np.testing.assert_allclose(a["test_acc"], b["test_acc"], atol=1e-9)
+  return one, s1
+
+
 def test_fedktl_server_on_heterogeneous_groups_equals_one_device():
   """FedKTL's server (a feature transformer trained with MMD against generator latents,
   centroids, decoded images) over two architecture groups sharded on 8 devices: replicated,
@@ -249,19 +270,8 @@ def test_fedktl_server_on_heterogeneous_groups_equals_one_device():
   groups = [engine_lib.Group(arch, dataclasses.replace(alg, model=m),
                              tuple(i for i in range(data.num_clients) if i % 2 == k))
             for k, (arch, m) in enumerate(models.items())]
-  device_data = engine_lib.DeviceData.from_federated(data)
   part = engine_lib.Participation(data.num_clients, 0.8, False, 0.25)
-  one = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=[0, 1])
-  many = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=[0, 1],
-                           mesh=engine_lib.client_mesh(8))
-  s1, c1, h1 = _run(one)
-  s8, c8, h8 = _run(many)
-  assert_replicated(s8)
-  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  jax.tree.map(close, s1, s8)
-  jax.tree.map(close, c1, many.export_states(c8))
-  for a, b in zip(h1, h8):
-    np.testing.assert_allclose(a["test_acc"], b["test_acc"], atol=1e-9)
+  one, s1 = _eight_devices_equal_one(groups, data, part, [0, 1])
   init, _ = one.init(rng.root_key(0), data.x[0])
   assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, init, s1))), "server never moved"
   assert bool(np.asarray(s1["generated"]).any())
@@ -287,18 +297,7 @@ def test_servers_training_on_uploads_see_one_order_with_every_client(name, rjr):
   groups = [engine_lib.Group(arch, dataclasses.replace(alg, model=m),
                              tuple(i for i in range(data.num_clients) if i % len(archs) == k))
             for k, (arch, m) in enumerate(models.items())]
-  device_data = engine_lib.DeviceData.from_federated(data)
   part = engine_lib.Participation(data.num_clients, 1.0 if not rjr else 0.5, rjr, 0.25)
-  cycle = list(range(len(archs)))
-  one = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=cycle)
-  many = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=cycle,
-                           mesh=engine_lib.client_mesh(8))
-  assert many._in_place and not one._in_place  # pylint: disable=protected-access
-  s1, c1, h1 = _run(one)
-  s8, c8, h8 = _run(many)
-  assert_replicated(s8)
-  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  jax.tree.map(close, s1, s8)
-  jax.tree.map(close, c1, many.export_states(c8))
-  for a, b in zip(h1, h8):
-    np.testing.assert_allclose(a["test_acc"], b["test_acc"], atol=1e-9)
+  one, _ = _eight_devices_equal_one(groups, data, part, list(range(len(archs))),
+                                    in_place=True)
+  assert not one._in_place  # pylint: disable=protected-access
