@@ -33,7 +33,9 @@ changing its energy schedule (now warned; the ``resume`` relation fixes ``global
 a run that diverged before its first checkpoint advising ``--checkpoint-every`` although it
 was set, and its ``--resume`` refused over the results file (both messages fixed). The
 other differences were float noise grown by BatchNorm ResNets, bfloat16 and ``-lr 10``,
-which the ``close`` relations now leave out (see ``agree_case``).
+which the ``close`` relations now leave out (see ``agree_case``). This script as committed
+then ran ``--mode agree --cases 20 --seed 6`` and ``--seed 7``: 40 cases, 21 compared, none
+bad.
 """
 
 from __future__ import annotations
