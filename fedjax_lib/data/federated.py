@@ -22,6 +22,7 @@ from fedjax_lib.errors import DataError
 #: file has: ``--config`` names such a file for what it is (`fedjax_lib.cli.load_config_file`).
 SUMMARY_MARKERS = frozenset({"samples_per_label", "train_samples"})
 
+
 def _pad_table(lists: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
   counts = np.array([len(ix) for ix in lists], dtype=np.int32)
   width = max(int(counts.max()) if len(counts) else 0, 1)
