@@ -54,6 +54,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fedjax_lib.algorithms import registry  # pylint: disable=wrong-import-position
+from fedjax_lib.runner import HISTORY_KEYS, TRAFFIC_KEYS  # pylint: disable=wrong-import-position
 
 HTFL = ["FD", "FedGen", "FedKD", "FedL2G-feat", "FedL2G-logit", "FML", "FedProto", "FedTGP",
         "FedMRL", "LG-FedAvg", "FedGH", "Local"]
@@ -126,19 +127,26 @@ def steps_case(rng: random.Random, out: str) -> list[list[str]]:
 # Flags an ``agree`` case sets itself (its relation's two arms), so its base draws none of them.
 ARM_FLAGS = {"--executor", "--chunk-size", "--client-threads", "-t", "--sweep", "-ab",
              "--unroll"}
-# Metrics compared between the arms: exactly, or (``close`` relations) within the tolerances.
-METRICS = ("test_acc", "test_auc", "test_acc_std", "test_auc_std", "train_loss",
-           "nonfinite_clients", "upload_floats", "download_floats")
+# Metrics compared between the arms: the evaluated ones exactly, or (``close`` relations)
+# within the tolerances; the per-round counts and traffic always exactly.
+PER_ROUND = ("nonfinite_clients", *TRAFFIC_KEYS)
+METRICS = (*HISTORY_KEYS, *PER_ROUND)
 # The README's promises: resume, client threads, the compile cache, a --config rerun, run t of
 # -t against its separate run and evaluating every other round give the same numbers to the
 # bit; executors, device counts, a sweep's entry against its separate run and the settings
 # documented as equal up to float rounding (--conv-impl, --chunk-size, --eval-chunk-size,
 # --unroll) agree within float tolerance (accuracies and AUC within ACC_TOL, a handful of
 # flipped test samples after a few rounds; losses within LOSS_RTOL relative).
-EVALUATED = ("test_acc", "test_auc", "test_acc_std", "test_auc_std", "train_loss")
 EXACT = ("resume", "threads", "cache", "config", "times", "evalgap")
 CLOSE_MODELS = ["dnn", "mlr", "cnn", "cnn,dnn", "dnn,mlr"]
 ACC_TOL, LOSS_RTOL = 0.02, 1e-3
+
+
+def with_flag(argv: list[str], flag: str, value=None) -> list[str]:
+  """``argv`` with ``flag``'s value replaced by ``value`` (None: the flag and its value left
+  out)."""
+  i = argv.index(flag)
+  return argv[:i] + ([flag, str(value)] if value is not None else []) + argv[i + 2:]
 
 
 def agree_case(rng: random.Random, out: str) -> tuple[str, list[list[list[str]]]]:
@@ -173,16 +181,15 @@ def agree_case(rng: random.Random, out: str) -> tuple[str, list[list[list[str]]]
                       [argv + ["-gr", "2", "--checkpoint-every", "1", "--out", b],
                        whole + ["--resume", "--out", b]]]
   if relation == "evalgap":  # evaluating every round or every other: the same rounds 0, 2, 4
-    argv = [a for i, a in enumerate(argv) if "-eg" not in argv[max(i - 1, 0):i + 1]]
+    argv = with_flag(argv, "-eg") if "-eg" in argv else argv
     return relation, [[argv + ["-gr", "4", "-eg", "1", "--out", a]],
                       [argv + ["-gr", "4", "-eg", "2", "--out", b]]]
   argv = argv + ["-gr", "2"]
+  seed = int(argv[argv.index("--seed") + 1])
   if relation == "times":  # run 1 of -t 2 against the separate run with seed + 1
-    seed = int(argv[argv.index("--seed") + 1])
-    separate = list(argv)
-    separate[separate.index("--seed") + 1] = str(seed + 1)
     return relation, [[argv + ["-t", "2", "--out", a]],
-                      [separate + ["--partition-seed", str(seed), "--out", b]]]
+                      [with_flag(argv, "--seed", seed + 1) + ["--partition-seed", str(seed),
+                                                              "--out", b]]]
   if relation == "threads":
     seq = argv + ["--executor", "sequential"]
     return relation, [[seq + ["--client-threads", "1", "--out", a]],
@@ -199,7 +206,7 @@ def agree_case(rng: random.Random, out: str) -> tuple[str, list[list[list[str]]]
   if relation == "knob":  # two values of a setting documented as equal up to float rounding
     knob = rng.choice(["conv", "chunk", "eval-chunk", "unroll"])
     if knob == "conv":
-      argv[argv.index("-m") + 1] = rng.choice(["cnn", "cnn,dnn"])
+      argv = with_flag(argv, "-m", rng.choice(["cnn", "cnn,dnn"]))
       pair = [["--conv-impl", impl] for impl in rng.sample(["lax", "patches", "slices",
                                                             "hybrid"], 2)]
     elif knob == "chunk":
@@ -215,24 +222,27 @@ def agree_case(rng: random.Random, out: str) -> tuple[str, list[list[list[str]]]
     return relation, [[argv + executor + ["--devices", "1", "--out", a]],
                       [argv + executor + ["--devices", "4", "--out", b]]]
   # a sweep's entry for seed s against the separate run --seed s, one partition for both
-  seeds = [s for s in range(6) if f"{s}" != argv[argv.index("--seed") + 1]]
-  partition = ["--partition-seed", argv[argv.index("--seed") + 1]]
-  other, swept = rng.sample(seeds, 2)
-  separate = list(argv)
-  separate[separate.index("--seed") + 1] = str(swept)
-  return relation, [[argv + partition + ["--sweep", f"seed={other},{swept}"] + ["--out", a]],
-                    [separate + partition + ["--out", b]]]
+  other, swept = rng.sample([s for s in range(6) if s != seed], 2)
+  partition = ["--partition-seed", str(seed)]
+  return relation, [[argv + partition + ["--sweep", f"seed={other},{swept}", "--out", a]],
+                    [with_flag(argv, "--seed", swept) + partition + ["--out", b]]]
 
 
-def results_of(folder: str, relation: str) -> dict | None:
-  """The arm's results JSON: a sweep's second combination, else run 0."""
+def results_path(folder: str, relation: str) -> str | None:
+  """The results JSON in ``folder`` that a relation compares (a sweep's second combination,
+  run 1 of ``-t 2``, else run 0), or None."""
   name = "*_0.json"
   if folder.endswith("_a") and relation in ("sweep", "times"):
     name = "*_sweep_1.json" if relation == "sweep" else "*_1.json"
   found = sorted(glob.glob(os.path.join(folder, name)))
-  if not found:
+  return found[0] if found else None
+
+
+def results_of(folder: str, relation: str) -> dict | None:
+  path = results_path(folder, relation)
+  if path is None:
     return None
-  with open(found[0], encoding="utf-8") as f:
+  with open(path, encoding="utf-8") as f:
     return json.load(f)
 
 
@@ -242,7 +252,7 @@ def differences(relation: str, first: dict, second: dict) -> list[str]:
   evaluated = set(first.get("rounds") or []) & set(second.get("rounds") or [])
   for metric in METRICS:
     x, y = first.get(metric), second.get(metric)
-    if relation == "evalgap" and metric in EVALUATED and x is not None and y is not None:
+    if relation == "evalgap" and metric in HISTORY_KEYS and x is not None and y is not None:
       # the rounds both arms evaluated (the last round is evaluated whatever the gap)
       x, y = ([v for r, v in zip(arm["rounds"], values) if r in evaluated]
               for arm, values in ((first, x), (second, y)))
@@ -252,8 +262,7 @@ def differences(relation: str, first: dict, second: dict) -> list[str]:
     for i, (u, v) in enumerate(zip(x, y)):
       if u is None or v is None or u != u or v != v:  # a NaN or a round not evaluated
         same = (u is None) == (v is None) and (u != u) == (v != v)
-      elif relation in EXACT or metric in ("nonfinite_clients", "upload_floats",
-                                           "download_floats"):
+      elif relation in EXACT or metric in PER_ROUND:
         same = u == v
       elif metric == "train_loss":
         same = abs(u - v) <= LOSS_RTOL * max(abs(u), abs(v), 1e-12)
@@ -296,11 +305,10 @@ def run_case(mode: str, rng: random.Random, out: str, timeout: int, env: dict) -
     statuses = []
     for argv in arm:
       if "RESULTS" in argv:
-        found = sorted(glob.glob(os.path.join(out + ("_a" if mode == "agree" else ""),
-                                              "*_0.json")))
-        if not found:
+        found = results_path(out + ("_a" if mode == "agree" else ""), "config")
+        if found is None:
           break
-        argv = [found[0] if a == "RESULTS" else a for a in argv]
+        argv = [found if a == "RESULTS" else a for a in argv]
       status, err = run_command(argv, timeout, env)
       statuses.append(status)
       record["stderr"].append(err[-2000:])
@@ -315,8 +323,9 @@ def run_case(mode: str, rng: random.Random, out: str, timeout: int, env: dict) -
     ran = [statuses[-1:] == [0] and len(statuses) == len(arm)
            for statuses, arm in zip(record["status"], arms)]
     first = results_of(out + "_a", relation) if ran[0] else None
-    if first is not None and first.get("stopped"):  # diverged: nothing to compare (a
-      record["differences"] = []  # resume of it is refused: no checkpoint, or its config)
+    if first is not None and first.get("stopped"):
+      # diverged: nothing to compare (a resume of it is refused: it saved no checkpoint)
+      record["differences"] = []
       record["relation"] += " (diverged)"
     elif ran == [True, True]:
       second = results_of(out + "_b", relation)

@@ -753,13 +753,15 @@ class _States:
                                             hparams=self.hparams_of(s))
 
 
-def schedule_change(algorithm, saved: dict, config: Config) -> Optional[str]:
+def schedule_change(saved: dict, config: Config) -> Optional[str]:
   """What extending a run changes, for an algorithm that schedules over ``global_rounds``
-  (APPLE's λ, FedKD's energy, FedPHP's μ): the rounds before the checkpoint followed the
-  schedule over the saved run's rounds, those after follow it over ``config.global_rounds``,
-  so the run is not the one an uninterrupted run of as many rounds gives. None otherwise."""
+  (APPLE's λ, FedKD's energy, FedPHP's μ; the runner fills it, `algorithm_params`): the
+  rounds before the checkpoint followed the schedule over the saved run's rounds, those after
+  follow it over ``config.global_rounds``, so the run is not the one an uninterrupted run of
+  as many rounds gives. None otherwise (``saved``: the checkpoint's config)."""
+  algorithm = algorithms_lib.get_algorithm(config.algorithm)
   before = saved.get("global_rounds")
-  if (not isinstance(getattr(algorithm, "global_rounds", None), int) or before is None
+  if ("global_rounds" not in algorithm.hyperparameters() or before is None
       or before == config.global_rounds or "global_rounds" in config.algo_params):
     return None
   return (f"{algorithm.name} schedules over global_rounds, which changes from {before} to "
@@ -820,7 +822,7 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
         states.set(s, server_state, client_states)
         run.resume(meta, step)
         log(f"{run.spec.label}: resuming at round {step} from {run.last_ckpt}")
-        schedule = schedule_change(engine.algorithm, meta.get("config", {}), config)
+        schedule = schedule_change(meta.get("config", {}), config)
         if schedule:
           log(f"warning: {run.spec.label}: {schedule}")
 

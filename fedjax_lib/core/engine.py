@@ -675,8 +675,7 @@ class Engine:
     size = plan.cohort.shape[0]
     position = jnp.full(self.num_clients + 1, size, jnp.int32).at[plan.cohort].set(
         jnp.arange(size, dtype=jnp.int32))
-    group = jnp.concatenate([jnp.full((rows,), gi, jnp.int32)
-                             for gi, rows in enumerate(self.rows)])
+    group = np.repeat(np.arange(len(self.rows), dtype=np.int32), self.rows)
     return jnp.argsort(group * (size + 1) + position[ids], stable=True)
 
   def _finish_fn(self, hparams, server_state, server_inputs, outputs, slot_ids, plan, root,
