@@ -54,6 +54,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fedjax_lib.algorithms import registry  # pylint: disable=wrong-import-position
+from fedjax_lib.config import RUN_SETTINGS  # pylint: disable=wrong-import-position
 from fedjax_lib.runner import HISTORY_KEYS, TRAFFIC_KEYS  # pylint: disable=wrong-import-position
 
 HTFL = ["FD", "FedGen", "FedKD", "FedL2G-feat", "FedL2G-logit", "FML", "FedProto", "FedTGP",
@@ -149,10 +150,15 @@ def with_flag(argv: list[str], flag: str, value=None) -> list[str]:
   return argv[:i] + ([flag, str(value)] if value is not None else []) + argv[i + 2:]
 
 
-def agree_case(rng: random.Random, out: str) -> tuple[str, list[list[list[str]]]]:
-  """A relation and its two arms, each a list of commands; the last writes the results."""
-  relation = rng.choice(["resume", "threads", "cache", "config", "times", "evalgap",
-                         "executors", "devices", "sweep", "knob"])
+RELATIONS = ("resume", "threads", "cache", "config", "times", "evalgap", "executors", "devices",
+             "sweep", "hsweep", "knob")
+
+
+def agree_case(rng: random.Random, out: str,
+               relations=RELATIONS) -> tuple[str, list[list[list[str]]]]:
+  """A relation (one of ``relations``) and its two arms, each a list of commands; the last
+  writes the results."""
+  relation = rng.choice(relations)
   close = relation not in EXACT
   algorithm = rng.choice(HTFL if rng.random() < .3 else registry.algorithm_names())
   # Models with BatchNorm (the ResNets of HtFE-img-*) and bfloat16 turn float noise into
@@ -221,6 +227,13 @@ def agree_case(rng: random.Random, out: str) -> tuple[str, list[list[list[str]]]
     executor = ["--executor", rng.choice(["vmap", "chunked"])]
     return relation, [[argv + executor + ["--devices", "1", "--out", a]],
                       [argv + executor + ["--devices", "4", "--out", b]]]
+  if relation == "hsweep":  # a hyperparameter sweep's entry against the separate run
+    name, first, second = swept_hyperparameter(rng, algorithm)
+    flag = ["-lr", str(second)] if name == "lr" else ["--algo-param", f"{name}={second}"]
+    executor = ["--executor", rng.choice(["sequential", "vmap", "chunked"])]
+    return relation, [[argv + executor + ["--sweep", f"{SWEEP_NAMES.get(name, name)}={first},"
+                                          f"{second}", "--out", a]],
+                      [argv + executor + flag + ["--out", b]]]
   # a sweep's entry for seed s against the separate run --seed s, one partition for both
   other, swept = rng.sample([s for s in range(6) if s != seed], 2)
   partition = ["--partition-seed", str(seed)]
@@ -228,12 +241,31 @@ def agree_case(rng: random.Random, out: str) -> tuple[str, list[list[list[str]]]
                     [with_flag(argv, "--seed", swept) + partition + ["--out", b]]]
 
 
+# --sweep's names for hyperparameters whose own name it refuses (`alpha` is the partition's).
+SWEEP_NAMES = {"alpha": "al"}
+
+
+def swept_hyperparameter(rng: random.Random, algorithm: str) -> tuple[str, float, float]:
+  """A floating-point hyperparameter of ``algorithm`` (or the learning rate; not the run's
+  settings it reads, `config.RUN_SETTINGS`, which --algo-param refuses) and two values
+  of it: fractions of its default, which stay within a [0, 1] range, or for a default of 0
+  two of 0 (a term some algorithms skip when it is 0), 0.05 and 0.1."""
+  defaults = {"lr": .005, **{name: value for name, value in
+                             registry.get_algorithm(algorithm).hyperparameters().items()
+                             if isinstance(value, float) and name not in RUN_SETTINGS}}
+  name = rng.choice(list(defaults))
+  default = defaults[name]
+  first, second = rng.sample([0.0, 0.05, 0.1] if default == 0 else
+                             [default * f for f in (.25, .5, .75)], 2)
+  return name, first, second
+
+
 def results_path(folder: str, relation: str) -> str | None:
   """The results JSON in ``folder`` that a relation compares (a sweep's second combination,
   run 1 of ``-t 2``, else run 0), or None."""
   name = "*_0.json"
-  if folder.endswith("_a") and relation in ("sweep", "times"):
-    name = "*_sweep_1.json" if relation == "sweep" else "*_1.json"
+  if folder.endswith("_a") and relation in ("sweep", "hsweep", "times"):
+    name = "*_1.json" if relation == "times" else "*_sweep_1.json"
   found = sorted(glob.glob(os.path.join(folder, name)))
   return found[0] if found else None
 
@@ -291,12 +323,13 @@ def run_command(argv: list[str], timeout: int, env: dict) -> tuple[object, str]:
     return "timeout", ""
 
 
-def run_case(mode: str, rng: random.Random, out: str, timeout: int, env: dict) -> dict:
+def run_case(mode: str, rng: random.Random, out: str, timeout: int, env: dict,
+             relations=RELATIONS) -> dict:
   """Draws one case, runs its commands in order (stopping at the first that fails) and says
   whether it is bad: a command against the bad-input bar, or (``agree``) two arms that both
   ran and break their relation, or that one ran and the other was refused."""
   if mode == "agree":
-    relation, arms = agree_case(rng, out)
+    relation, arms = agree_case(rng, out, relations)
   else:
     relation, arms = mode, [(single_case if mode == "single" else steps_case)(rng, out)]
   record = {"relation": relation, "commands": [[" ".join(c) for c in arm] for arm in arms],
@@ -346,7 +379,12 @@ def main() -> None:
   p.add_argument("--out", default="/tmp/fedjax_fuzz", help="folder of the cases' outputs")
   p.add_argument("--log", default=None, help="JSON lines, one per case (default: OUT/log.jsonl)")
   p.add_argument("--timeout", type=int, default=400, help="seconds per command")
+  p.add_argument("--relations", default=",".join(RELATIONS),
+                 help="agree: the relations to draw from (comma-separated; default: all)")
   args = p.parse_args()
+  relations = args.relations.split(",")
+  if not set(relations) <= set(RELATIONS):
+    p.error(f"--relations {args.relations!r}: use some of {','.join(RELATIONS)}")
   rng = random.Random(args.seed)
   os.makedirs(args.out, exist_ok=True)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
@@ -358,7 +396,7 @@ def main() -> None:
       for path in paths:
         shutil.rmtree(path, ignore_errors=True)
       start = time.time()
-      record = run_case(args.mode, rng, out, args.timeout, env)
+      record = run_case(args.mode, rng, out, args.timeout, env, relations)
       bad_cases += record["bad"]
       record.update(case=case, mode=args.mode, seed=args.seed, s=round(time.time() - start, 1))
       log.write(json.dumps(record) + "\n")

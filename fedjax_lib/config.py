@@ -23,6 +23,9 @@ DTYPES = ("float32", "bfloat16")
 #: How the convolutions of the models that take ``conv_impl`` are lowered
 #: (`fedjax_lib.models.layers.TorchConv`).
 CONV_IMPLS = ("auto", "lax", "patches", "slices", "hybrid")
+# Run settings some algorithms read, which the runner hands them from the config
+# (`runner.algorithm_params`): as an algorithm parameter they would contradict the run.
+RUN_SETTINGS = {"join_ratio": "-jr", "eval_gap": "-eg", "pfllib_compat": "--pfllib-compat"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,6 +352,12 @@ class Config:
       raise ConfigError(f"goal={self.goal!r}: give a non-empty tag without '/'")
     if not isinstance(self.algo_params, dict):
       raise ConfigError(f"algo_params={self.algo_params!r} must be a dict of name: value")
+    for name, flag in RUN_SETTINGS.items():
+      if name in self.algo_params:
+        raise ConfigError(
+            f"algo_params {name}={self.algo_params[name]!r} (--algo-param): {name} is the "
+            f"run's setting, which the algorithm reads from the run; set {flag} "
+            f"(Config.{name}) instead")
     _positive_int("devices", self.devices, minimum=0)
     if not isinstance(self.distributed, bool):
       raise ConfigError(f"distributed={self.distributed!r} is not a boolean; use true/false")

@@ -45,6 +45,10 @@ FLAGS = [
     (["--resume"], ["resume", "no checkpoint"]),
     (["--algo-param", "mu"], ["mu", "NAME=VALUE"]),
     (["-algo", "FedProx", "--algo-param", "mu=abc"], ["abc", "number"]),
+    # run settings the algorithm reads from the run (it would contradict -jr / -eg)
+    (["-algo", "FedCross", "--algo-param", "join_ratio=0.5"], ["join_ratio=0.5", "-jr"]),
+    (["-algo", "pFedMe", "--algo-param", "eval_gap=3"], ["eval_gap=3", "-eg"]),
+    (["-algo", "FedDyn", "--sweep", "algo_join_ratio=0.5,1"], ["join_ratio=0.5", "-jr"]),
     (["--sweep", "seed=0,x"], ["'x'", "seed"]),
     (["--sweep", "seed=0,1", "seed=2"], ["seed", "twice"]),
     (["-algo", "Ditto", "--sweep", "plocal_epochs=1,2"], ["plocal_epochs", "floating-point"]),
