@@ -46,6 +46,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -138,7 +139,7 @@ METRICS = (*HISTORY_KEYS, *PER_ROUND)
 # documented as equal up to float rounding (--conv-impl, --chunk-size, --eval-chunk-size,
 # --unroll) agree within float tolerance (accuracies and AUC within ACC_TOL, a handful of
 # flipped test samples after a few rounds; losses within LOSS_RTOL relative).
-EXACT = ("resume", "threads", "cache", "config", "times", "evalgap")
+EXACT = ("resume", "threads", "cache", "config", "times", "evalgap", "interrupt")
 CLOSE_MODELS = ["dnn", "mlr", "cnn", "cnn,dnn", "dnn,mlr"]
 ACC_TOL, LOSS_RTOL = 0.02, 1e-3
 
@@ -150,8 +151,8 @@ def with_flag(argv: list[str], flag: str, value=None) -> list[str]:
   return argv[:i] + ([flag, str(value)] if value is not None else []) + argv[i + 2:]
 
 
-RELATIONS = ("resume", "threads", "cache", "config", "times", "evalgap", "executors", "devices",
-             "sweep", "hsweep", "knob")
+RELATIONS = ("resume", "threads", "cache", "config", "times", "evalgap", "interrupt", "executors",
+             "devices", "sweep", "hsweep", "knob")
 
 
 def agree_case(rng: random.Random, out: str,
@@ -166,8 +167,10 @@ def agree_case(rng: random.Random, out: str,
   # on 270 digits, one epoch of batch 10 at lr 0.005 after a 1e-7 relative perturbation of
   # the initial parameters: 0.67% relative parameter difference (0.84% moved), PyTorch
   # 0.39% (0.75% moved). The `close` relations compare on models without them.
-  model = rng.choice(CLOSE_MODELS if close else [m for m in MODELS if m not in ("resnet4",
-                                                                                 "MLPs")])
+  models = CLOSE_MODELS if close else [m for m in MODELS if m not in ("resnet4", "MLPs")]
+  if algorithm not in HTFL:  # (PFLlib's algorithms refuse several architectures: a wasted case)
+    models = [m for m in models if "," not in m and not m.startswith("HtFE")]
+  model = rng.choice(models)
   argv = ["-algo", algorithm, "-m", model, "-nc", str(rng.randint(4, 6)), "--seed",
           str(rng.randint(0, 5))]
   # (and learning rates of 0.5 or 10, at which float noise grows as fast: FedKD, dnn, -lr 10,
@@ -186,6 +189,13 @@ def agree_case(rng: random.Random, out: str,
     return relation, [[whole + ["--out", a]],
                       [argv + ["-gr", "2", "--checkpoint-every", "1", "--out", b],
                        whole + ["--resume", "--out", b]]]
+  if relation == "interrupt":  # Ctrl-C or SIGTERM at a random moment, then the same command
+    signal_name = rng.choice(["SIGINT", "SIGTERM"])
+    whole = argv + ["-gr", str(rng.randint(3, 8))] + rng.choice([[], ["--checkpoint-every",
+                                                                      "2"]])
+    return relation, [[whole + ["--out", a]],
+                      [[f"@{signal_name}={rng.uniform(.5, 12):.2f}"] + whole + ["--out", b],
+                       whole + ["--out", b]]]
   if relation == "evalgap":  # evaluating every round or every other: the same rounds 0, 2, 4
     argv = with_flag(argv, "-eg") if "-eg" in argv else argv
     return relation, [[argv + ["-gr", "4", "-eg", "1", "--out", a]],
@@ -306,18 +316,49 @@ def differences(relation: str, first: dict, second: dict) -> list[str]:
   return found
 
 
-def is_bad(status, err: str) -> bool:
+def is_bad(status, err: str, signal_name: str = "") -> bool:
+  """Against the bad-input bar: exit 0, or 2 with an ``error:`` line; after ``signal_name``
+  also 130 with the signal's line first (README: "Ctrl-C / SIGTERM at any moment")."""
   lines = [line for line in err.splitlines() if line.strip()]
+  if signal_name and status == 130:
+    return "Traceback" in err or not err.startswith(f"{signal_name}: stopping")
   return (status not in (0, 2) or "Traceback" in err
           or (status == 2 and not any(line.startswith("error:") for line in lines)))
 
 
+def leftovers(folder: str) -> list[str]:
+  """What a stopped run must not leave in its output folder: temporary files and folders
+  (ours, Orbax's) and lock files of a process that has ended."""
+  found = []
+  for root, dirs, files in os.walk(folder):
+    found += [os.path.join(root, name) for name in files + dirs
+              if name.startswith(".tmp-") or name.endswith(".lock")
+              or "orbax-checkpoint-tmp" in name]
+  return found
+
+
 def run_command(argv: list[str], timeout: int, env: dict) -> tuple[object, str]:
-  """One ``python -m fedjax_lib`` process: its exit status (or "timeout") and stderr."""
+  """One ``python -m fedjax_lib`` process: its exit status (or "timeout") and stderr. A first
+  item ``@SIGINT=T`` (or ``@SIGTERM=T``) sends that signal T seconds after the start."""
+  command = [sys.executable, "-m", "fedjax_lib", *argv, "--no-progress", "-q", "--no-plot"]
+  if argv and argv[0].startswith("@"):
+    signal_name, delay = argv[0][1:].split("=")
+    command.remove(argv[0])
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, env=env)
+    try:
+      proc.wait(timeout=float(delay))
+    except subprocess.TimeoutExpired:
+      proc.send_signal(getattr(signal, signal_name))
+    try:
+      _, err = proc.communicate(timeout=timeout)
+      return proc.returncode, err
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      return "timeout", ""
   try:
-    proc = subprocess.run([sys.executable, "-m", "fedjax_lib", *argv, "--no-progress", "-q",
-                           "--no-plot"], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env=env, check=False)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=env, check=False)
     return proc.returncode, proc.stderr
   except subprocess.TimeoutExpired:
     return "timeout", ""
@@ -345,9 +386,13 @@ def run_case(mode: str, rng: random.Random, out: str, timeout: int, env: dict,
       status, err = run_command(argv, timeout, env)
       statuses.append(status)
       record["stderr"].append(err[-2000:])
-      if is_bad(status, err):
+      signal_name = argv[0][1:].split("=")[0] if argv[0].startswith("@") else ""
+      if is_bad(status, err, signal_name):
         record["bad"] = True
-      if status != 0:
+      if signal_name and leftovers(argv[argv.index("--out") + 1]):
+        record["leftovers"] = leftovers(argv[argv.index("--out") + 1])
+        record["bad"] = True
+      if status != 0 and not (signal_name and status == 130):
         break
     record["status"].append(statuses)
     if record["bad"] or (mode != "agree" and statuses[-1:] != [0]):
@@ -403,7 +448,7 @@ def main() -> None:
       log.flush()
       print(f"{'BAD' if record['bad'] else 'ok '} {record['relation']:9} {record['status']} "
             f"{record['s']:5.1f}s {record['commands'][0][0][:90]}", flush=True)
-      for line in record.get("differences", []):
+      for line in record.get("differences", []) + record.get("leftovers", []):
         print(f"    {line}", flush=True)
       if not record["bad"]:
         for path in paths:

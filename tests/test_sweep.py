@@ -4,6 +4,8 @@ import dataclasses
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -11,8 +13,14 @@ from fedjax_lib import Config, run_experiment
 from fedjax_lib import cli
 from fedjax_lib import runner as runner_lib
 from fedjax_lib import sweep as sweep_lib
+from fedjax_lib.config import RUN_SETTINGS
+from fedjax_lib.core import rng
+from fedjax_lib.core.engine import StackedPrograms
 from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.errors import ConfigError
+from tests.helpers import as_images, suite_params
+from tests.test_conformance import ALGORITHMS, VARIANTS
+from tests.test_engine import _engine, _small_data
 
 QUIET = dict(log=lambda msg: None)
 
@@ -205,3 +213,24 @@ def test_integer_values_of_a_float_hyperparameter_are_swept():
   assert algos[0].mu == 0.0 and isinstance(algos[0].mu, float)
   values = sweep_lib.swept_values(algos, ["mu"])
   np.testing.assert_allclose(values["mu"], [0.0, 0.1])
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_every_float_hyperparameter_can_be_swept(name):
+  """A sweep may vary any float field an algorithm lists (`swept_values` refuses the others)
+  and binds it as a traced array: no program may branch on one in Python (FedCP's ``if lam:``
+  and FedDBE's ``kl_weight != 0`` did, a traceback from inside JAX). Traces init (with the
+  warm-up), the round and the evaluations of a 2-run stack with every float field swept;
+  nothing is compiled. The run settings the runner fills (`config.RUN_SETTINGS`: join_ratio
+  sets K = int(N·jr) shapes) are not hyperparameters and cannot be swept."""
+  data = _small_data(num_clients=5, seed=1)
+  data = as_images(data) if name == "FedKTL" else data
+  algorithm, variant = VARIANTS.get(name, (name, {}))
+  eng = _engine(algorithm, "vmap", data, params=suite_params(algorithm, **variant))
+  swept = {path: jax.ShapeDtypeStruct((2,), jnp.float32)
+           for path, value in eng.algorithm.hyperparameter_values().items()
+           if isinstance(value, float) and path not in RUN_SETTINGS}
+  assert "local.learning_rate" in swept
+  roots = jnp.stack([rng.root_key(0), rng.root_key(1)])
+  names = [n for n, _ in StackedPrograms(eng).lower(swept, roots, data.x[0])]
+  assert names[:2] == ["init", "round"] and "evaluation" in names

@@ -543,6 +543,14 @@ def check_positive(algorithm: str, name: str, value, flag: str) -> None:
                       f"> 0 ({flag})")
 
 
+def known_zero(weight) -> bool:
+  """Whether a loss term's ``weight`` is known to be 0 while the program is traced: a Python
+  number equal to 0. A swept weight is a traced array (`Algorithm.with_hyperparameter_values`)
+  and never is, so a term skipped for 0 must be computed (and weighted) for it rather than
+  tested with ``if weight:``, which a tracer refuses."""
+  return isinstance(weight, (int, float)) and weight == 0
+
+
 def abstract_variables(model, sample_x):
   """``model``'s variables for one sample, as ``jax.ShapeDtypeStruct`` leaves (no FLOPs)."""
   x = jax.ShapeDtypeStruct((1, *np.shape(sample_x)), sample_x.dtype)

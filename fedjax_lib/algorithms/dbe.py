@@ -73,7 +73,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lib.algorithms.base import (FeatureViews, SettingsContext, check_number,
-                                        linear_server, stack_clients)
+                                        known_zero, linear_server, stack_clients)
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.aggregate import weighted_average
@@ -139,7 +139,7 @@ def dbe_loss(model, trainable, batch: Batch, running_mean: jax.Array, momentum: 
   bias = trainable.get("bias")
   logits = model.apply(params, rep if bias is None else rep + bias, method="classify")
   loss = masked_cross_entropy(logits, batch.y, batch.mask)
-  if global_mean is not None and kl_weight != 0:
+  if global_mean is not None and not known_zero(kl_weight):
     loss = loss + kl_weight * mean_regularization(new_running_mean, global_mean)
   return loss, new_running_mean
 

@@ -80,8 +80,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_lib.algorithms.base import (Algorithm, FeatureViews, check_number, linear_server,
-                                        stack_clients)
+from fedjax_lib.algorithms.base import (Algorithm, FeatureViews, check_number, known_zero,
+                                        linear_server, stack_clients)
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import split_parts
 from fedjax_lib.core.aggregate import weighted_average
@@ -256,7 +256,7 @@ def fedcp_loss(model, trainable, head_g, frozen_base, context: jax.Array, lam: f
   rep = base_features(model, trainable["base"], batch.x)
   logits = fedcp_logits(model, rep, trainable["head"], head_g, trainable["cpn"], context, key)
   loss = masked_cross_entropy(logits, batch.y, batch.mask)
-  if lam:
+  if not known_zero(lam):
     loss = loss + lam * mmd_rbf(rep, base_features(model, frozen_base, batch.x))
   return loss
 

@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_lib.algorithms.base import (SettingsContext, abstract_variables, check_number,
-                                        check_positive, stack_clients)
+                                        check_positive, known_zero, stack_clients)
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import merge_parts, split_parts
@@ -157,7 +157,7 @@ class MOON(FedAvg):
       z = self.model.apply(params, batch.x, method="features")
       logits = self.model.apply(params, z, method="classify")
       ce = masked_cross_entropy(logits, batch.y, batch.mask)
-      if isinstance(self.mu, (int, float)) and self.mu == 0:  # FedAvg: skip two base passes
+      if known_zero(self.mu):  # FedAvg: skip two base passes
         return ce
       contrastive = model_contrastive_loss(z, self.features(global_base, batch.x),
                                            self.features(prev_base, batch.x), self.tau,

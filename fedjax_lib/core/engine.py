@@ -1281,16 +1281,21 @@ class StackedPrograms:
     in ``jax.jit``'s cache instead of compiling again (`fedjax_lib.memory` reads their
     ``memory_analysis()`` before the runs start).
     """
+    return [(name, lowered.compile()) for name, lowered in self.lower(hparams, roots, sample_x)]
+
+  def lower(self, hparams, roots, sample_x) -> list:
+    """Traces and lowers init, the round and every evaluation: ``[(name, Lowered)]``, as
+    :meth:`compile` compiles them (nothing is compiled)."""
     eng, arrays = self.engine, self.engine.arrays
     size = roots.shape[0]
     sample_x = jax.ShapeDtypeStruct(jnp.shape(sample_x), sample_x.dtype)
     models = eng.initial_models
-    out = [("init", self._init.lower(hparams, arrays, roots, sample_x, models).compile())]
+    out = [("init", self._init.lower(hparams, arrays, roots, sample_x, models))]
     server_state, client_states = jax.eval_shape(self._init, hparams, arrays, roots, sample_x,
                                                  models)
     scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype)
     out.append(("round", self._round.lower(hparams, server_state, client_states, arrays, roots,
-                                           scalar(jnp.int32), scalar(bool, (size,))).compile()))
+                                           scalar(jnp.int32), scalar(bool, (size,)))))
     finals = (False, True) if has_hook(eng.algorithm, "final_views") else (False,)
     for gi, g in enumerate(eng.groups):
       rows = scalar(jnp.int32, (min(eng.eval_chunk_size, g.size),))
@@ -1299,7 +1304,7 @@ class StackedPrograms:
             f" of {g.name}" if len(eng.groups) > 1 else "")
         out.append((name, self._eval_program(gi, final).lower(
             hparams, server_state, client_states[g.name], arrays, rows, roots,
-            scalar(jnp.int32, (size,))).compile()))
+            scalar(jnp.int32, (size,)))))
     return out
 
   def run_round(self, hparams, server_state, client_states, roots, round_index, running):
