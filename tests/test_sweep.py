@@ -1,6 +1,7 @@
 """Sweeps: every combination side by side in the one run loop, equal to separate runs."""
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -226,11 +227,19 @@ def test_every_float_hyperparameter_can_be_swept(name):
   data = _small_data(num_clients=5, seed=1)
   data = as_images(data) if name == "FedKTL" else data
   algorithm, variant = VARIANTS.get(name, (name, {}))
-  eng = _engine(algorithm, "vmap", data, params=suite_params(algorithm, **variant))
-  swept = {path: jax.ShapeDtypeStruct((2,), jnp.float32)
-           for path, value in eng.algorithm.hyperparameter_values().items()
-           if isinstance(value, float) and path not in RUN_SETTINGS}
-  assert "local.learning_rate" in swept
+  eng = _engine(algorithm, "vmap", data, params=suite_params(algorithm, **variant),
+                new_clients=1)
+  paths = [path for path, value in eng.algorithm.hyperparameter_values().items()
+           if isinstance(value, float) and path not in RUN_SETTINGS]
+  assert "local.learning_rate" in paths
+  swept = {path: jax.ShapeDtypeStruct((2,), jnp.float32) for path in paths}
   roots = jnp.stack([rng.root_key(0), rng.root_key(1)])
   names = [n for n, _ in StackedPrograms(eng).lower(swept, roots, data.x[0])]
   assert names[:2] == ["init", "round"] and "evaluation" in names
+  if eng.algorithm.supports_new_clients:  # (one run of a sequential sweep: scalars)
+    one = {path: jax.ShapeDtypeStruct((), jnp.float32) for path in paths}
+    server, clients = jax.eval_shape(eng._init_fn, one, rng.root_key(0), data.x[0])  # pylint: disable=protected-access
+    template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
+                            next(iter(clients.values())))
+    jax.eval_shape(functools.partial(eng._new_client_fn, gi=0, epochs=1), one, server,  # pylint: disable=protected-access
+                   template, eng.arrays, jnp.int32(eng.num_clients), rng.root_key(2))
