@@ -11,8 +11,12 @@ over four fake CPU devices. A case is ``bad`` when a command ends otherwise; its
 folder is kept and its stderr logged. ``agree`` runs two arms that the README promises give
 the same numbers (``agree_case``: to the bit, or within float tolerance) and compares their
 results JSONs round by round; a case is also ``bad`` when they differ, or when one arm runs
-and the other is refused. Not a test (a case takes 3–30 s, a few minutes with a ResNet
-family): a campaign to run after changing the checks, the engine or the run loop, e.g.
+and the other is refused (``--relations`` draws from some of ``RELATIONS`` only). Its
+``interrupt`` relation sends SIGINT or SIGTERM at a random fraction of the first arm's
+duration and runs the same command again: the stopped process must exit 130 with the
+signal's line first and leave no temporary or lock file. Not a test (a case takes 3–30 s, a
+few minutes with a ResNet family): a campaign to run after changing the checks, the engine or
+the run loop, e.g.
 
     python experiments/fuzz_cli.py --mode single --cases 150 --seed 7
     python experiments/fuzz_cli.py --mode steps --cases 80 --seed 3
@@ -36,6 +40,16 @@ other differences were float noise grown by BatchNorm ResNets, bfloat16 and ``-l
 which the ``close`` relations now leave out (see ``agree_case``). This script as committed
 then ran ``--mode agree --cases 20 --seed 6`` and ``--seed 7``: 40 cases, 21 compared, none
 bad.
+
+2026-12-05 (31st session): ``--mode agree --cases 30 --seed 8`` (all relations of then: 18
+compared, none bad); the new ``hsweep`` relation (``--relations hsweep --cases 40 --seed 20``,
+then ``hsweep,sweep,devices,executors --cases 40 --seed 21``: 45 compared) found a sweep of
+FedCP's ``lam`` ending in a traceback (its loss branched on the weight in Python; a test
+tracing every algorithm's float hyperparameters as a sweep then found FedDBE's
+``kl_weight`` too: both fixed) and ``--algo-param join_ratio=0.5`` accepted against ``-jr 1``
+(FedCross kept K = 2 middleware models for a cohort of 4; now refused, as ``eval_gap`` and
+``pfllib_compat``); the new ``interrupt`` relation (``--relations interrupt``, seeds 30 and
+31, 54 cases, 41 compared; seed 31 stopped after 24 of its 30) found nothing.
 """
 
 from __future__ import annotations
@@ -189,12 +203,15 @@ def agree_case(rng: random.Random, out: str,
     return relation, [[whole + ["--out", a]],
                       [argv + ["-gr", "2", "--checkpoint-every", "1", "--out", b],
                        whole + ["--resume", "--out", b]]]
-  if relation == "interrupt":  # Ctrl-C or SIGTERM at a random moment, then the same command
+  if relation == "interrupt":  # Ctrl-C or SIGTERM at a random moment of the run (a fraction of
+    # the first arm's duration: start-up, compilation, rounds, writing), then the same command
     signal_name = rng.choice(["SIGINT", "SIGTERM"])
-    whole = argv + ["-gr", str(rng.randint(3, 8))] + rng.choice([[], ["--checkpoint-every",
-                                                                      "2"]])
+    whole = (argv + ["-gr", str(rng.randint(3, 8))]
+             + rng.choice([[], ["--checkpoint-every", "2"]])
+             + rng.choice([[], [], ["-t", "2"], ["--sweep", "seed=0,1"]])  # S runs: all saved
+             + rng.choice([[], ["--executor", "vmap"], ["--executor", "chunked"]]))
     return relation, [[whole + ["--out", a]],
-                      [[f"@{signal_name}={rng.uniform(.5, 12):.2f}"] + whole + ["--out", b],
+                      [[f"@{signal_name}={rng.uniform(.05, 1):.3f}"] + whole + ["--out", b],
                        whole + ["--out", b]]]
   if relation == "evalgap":  # evaluating every round or every other: the same rounds 0, 2, 4
     argv = with_flag(argv, "-eg") if "-eg" in argv else argv
@@ -272,12 +289,12 @@ def swept_hyperparameter(rng: random.Random, algorithm: str) -> tuple[str, float
 
 def results_path(folder: str, relation: str) -> str | None:
   """The results JSON in ``folder`` that a relation compares (a sweep's second combination,
-  run 1 of ``-t 2``, else run 0), or None."""
-  name = "*_0.json"
+  run 1 of ``-t 2``, the last run of an interrupted one, else run 0), or None."""
+  name = "*_[0-9].json" if relation == "interrupt" else "*_0.json"
   if folder.endswith("_a") and relation in ("sweep", "hsweep", "times"):
     name = "*_1.json" if relation == "times" else "*_sweep_1.json"
   found = sorted(glob.glob(os.path.join(folder, name)))
-  return found[0] if found else None
+  return found[-1] if found else None
 
 
 def results_of(folder: str, relation: str) -> dict | None:
@@ -375,6 +392,7 @@ def run_case(mode: str, rng: random.Random, out: str, timeout: int, env: dict,
     relation, arms = mode, [(single_case if mode == "single" else steps_case)(rng, out)]
   record = {"relation": relation, "commands": [[" ".join(c) for c in arm] for arm in arms],
             "status": [], "stderr": [], "bad": False}
+  durations = []
   for arm in arms:
     statuses = []
     for argv in arm:
@@ -383,7 +401,12 @@ def run_case(mode: str, rng: random.Random, out: str, timeout: int, env: dict,
         if found is None:
           break
         argv = [found if a == "RESULTS" else a for a in argv]
+      if argv[0].startswith("@"):  # @SIGINT=f: at f times the first arm's command's duration
+        signal_name, fraction = argv[0][1:].split("=")
+        argv = [f"@{signal_name}={float(fraction) * durations[-1]:.2f}", *argv[1:]]
+      start = time.time()
       status, err = run_command(argv, timeout, env)
+      durations.append(time.time() - start)
       statuses.append(status)
       record["stderr"].append(err[-2000:])
       signal_name = argv[0][1:].split("=")[0] if argv[0].startswith("@") else ""
