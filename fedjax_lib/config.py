@@ -102,7 +102,9 @@ class Config:
     convolutions elsewhere), ``lax``, ``patches``, ``slices``, ``hybrid`` (XLA's convolution
     forward, im2col's gradient). Equal up to float rounding; a speed and memory setting.
   algo_params: algorithm hyperparameters by name (e.g. ``{"mu": 0.01}``); each algorithm
-    declares which it accepts.
+    declares which it accepts. Not the run settings some algorithms read (``RUN_SETTINGS``:
+    ``join_ratio``, ``eval_gap``, ``pfllib_compat``), which the runner hands them from the
+    config's own fields; ``global_rounds`` may be given (a schedule's length, see README).
   pfllib_compat: reproduce PFLlib's documented quirks where an algorithm offers it (e.g.
     FedCP's Gumbel noise at test time) and the text models' log-softmax features
     (`fedjax_lib.models.text`); by default every algorithm and model follows its paper.
