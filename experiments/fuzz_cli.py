@@ -49,7 +49,8 @@ tracing every algorithm's float hyperparameters as a sweep then found FedDBE's
 ``kl_weight`` too: both fixed) and ``--algo-param join_ratio=0.5`` accepted against ``-jr 1``
 (FedCross kept K = 2 middleware models for a cohort of 4; now refused, as ``eval_gap`` and
 ``pfllib_compat``); the new ``interrupt`` relation (``--relations interrupt``, seeds 30 and
-31, 54 cases, 41 compared; seed 31 stopped after 24 of its 30) found nothing.
+31, 54 cases, 41 compared; seed 31 stopped after 24 of its 30) found nothing, nor did
+``--relations hsweep,interrupt,resume,config,knob --cases 30 --seed 40`` (18 compared).
 """
 
 from __future__ import annotations

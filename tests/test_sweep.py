@@ -16,7 +16,7 @@ from fedjax_lib import runner as runner_lib
 from fedjax_lib import sweep as sweep_lib
 from fedjax_lib.config import RUN_SETTINGS
 from fedjax_lib.core import rng
-from fedjax_lib.core.engine import StackedPrograms
+from fedjax_lib.core.engine import LR_DECAY, StackedPrograms
 from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.errors import ConfigError
 from tests.helpers import as_images, suite_params
@@ -221,8 +221,9 @@ def test_every_float_hyperparameter_can_be_swept(name):
   """A sweep may vary any float field an algorithm lists (`swept_values` refuses the others)
   and binds it as a traced array: no program may branch on one in Python (FedCP's ``if lam:``
   and FedDBE's ``kl_weight != 0`` did, a traceback from inside JAX). Traces init (with the
-  warm-up), the round and the evaluations of a 2-run stack with every float field swept;
-  nothing is compiled. The run settings the runner fills (`config.RUN_SETTINGS`: join_ratio
+  warm-up), the round (with ``-ld``'s factors where the algorithm offers it) and the
+  evaluations of a 2-run stack with every float field swept, and the new-client fine-tuning
+  of one run; nothing is compiled. The run settings the runner fills (`config.RUN_SETTINGS`: join_ratio
   sets K = int(N·jr) shapes) are not hyperparameters and cannot be swept."""
   data = _small_data(num_clients=5, seed=1)
   data = as_images(data) if name == "FedKTL" else data
@@ -233,6 +234,9 @@ def test_every_float_hyperparameter_can_be_swept(name):
            if isinstance(value, float) and path not in RUN_SETTINGS]
   assert "local.learning_rate" in paths
   swept = {path: jax.ShapeDtypeStruct((2,), jnp.float32) for path in paths}
+  if eng.algorithm.decayed_rates() is not None:  # -ld's factors, which scale the swept rates
+    swept[LR_DECAY] = {"client": jax.ShapeDtypeStruct((2, eng.num_clients + 1), jnp.float32),
+                       "server": jax.ShapeDtypeStruct((2,), jnp.float32)}
   roots = jnp.stack([rng.root_key(0), rng.root_key(1)])
   names = [n for n, _ in StackedPrograms(eng).lower(swept, roots, data.x[0])]
   assert names[:2] == ["init", "round"] and "evaluation" in names
