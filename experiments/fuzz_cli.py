@@ -336,10 +336,12 @@ def differences(relation: str, first: dict, second: dict) -> list[str]:
 
 def is_bad(status, err: str, signal_name: str = "") -> bool:
   """Against the bad-input bar: exit 0, or 2 with an ``error:`` line; after ``signal_name``
-  also 130 with the signal's line first (README: "Ctrl-C / SIGTERM at any moment")."""
+  also 130 with the signal's line first (README: "Ctrl-C / SIGTERM at any moment"; warnings
+  the run gave before it aside)."""
   lines = [line for line in err.splitlines() if line.strip()]
   if signal_name and status == 130:
-    return "Traceback" in err or not err.startswith(f"{signal_name}: stopping")
+    said = [line for line in lines if not line.startswith("warning:")]
+    return "Traceback" in err or not said or not said[0].startswith(f"{signal_name}: stopping")
   return (status not in (0, 2) or "Traceback" in err
           or (status == 2 and not any(line.startswith("error:") for line in lines)))
 
@@ -413,8 +415,9 @@ def run_case(mode: str, rng: random.Random, out: str, timeout: int, env: dict,
       signal_name = argv[0][1:].split("=")[0] if argv[0].startswith("@") else ""
       if is_bad(status, err, signal_name):
         record["bad"] = True
-      if signal_name and leftovers(argv[argv.index("--out") + 1]):
-        record["leftovers"] = leftovers(argv[argv.index("--out") + 1])
+      left = leftovers(argv[argv.index("--out") + 1]) if signal_name else []
+      if left:
+        record["leftovers"] = left
         record["bad"] = True
       if status != 0 and not (signal_name and status == 130):
         break
