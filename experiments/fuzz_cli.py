@@ -50,7 +50,8 @@ tracing every algorithm's float hyperparameters as a sweep then found FedDBE's
 (FedCross kept K = 2 middleware models for a cohort of 4; now refused, as ``eval_gap`` and
 ``pfllib_compat``); the new ``interrupt`` relation (``--relations interrupt``, seeds 30 and
 31, 54 cases, 41 compared; seed 31 stopped after 24 of its 30) found nothing, nor did
-``--relations hsweep,interrupt,resume,config,knob --cases 30 --seed 40`` (18 compared).
+``--relations hsweep,interrupt,resume,config,knob --cases 30 --seed 40`` (18 compared) or
+``--relations hsweep --cases 15 --seed 60`` (10 compared).
 """
 
 from __future__ import annotations
