@@ -165,7 +165,9 @@ def dataset_tag(dataset: str) -> str:
 
 def algorithm_params(config: Config) -> dict:
   """``config.algo_params`` plus ``pfllib_compat``, ``global_rounds``, ``join_ratio`` and
-  ``eval_gap`` for the algorithms that take them."""
+  ``eval_gap`` for the algorithms that take them: the run's own settings (`Config` refuses
+  the ``config.RUN_SETTINGS`` in ``algo_params``), and ``global_rounds`` unless
+  ``algo_params`` fixes a schedule's length."""
   params = dict(config.algo_params)
   accepted = algorithms_lib.get_algorithm(config.algorithm).hyperparameters()
   if config.pfllib_compat and "pfllib_compat" in accepted:
@@ -173,9 +175,9 @@ def algorithm_params(config: Config) -> dict:
   if "global_rounds" in accepted:  # FedKD's energy schedule runs over the whole run
     params.setdefault("global_rounds", config.global_rounds)
   if "join_ratio" in accepted:  # SCAFFOLD's / FedDyn's / FedNTD's PFLlib divisor int(N·jr)
-    params.setdefault("join_ratio", config.join_ratio)
+    params["join_ratio"] = config.join_ratio
   if "eval_gap" in accepted:  # pFedMe's compat: PFLlib's evaluation rounds touch its clients
-    params.setdefault("eval_gap", config.eval_gap)
+    params["eval_gap"] = config.eval_gap
   return params
 
 

@@ -223,8 +223,9 @@ def test_every_float_hyperparameter_can_be_swept(name):
   and FedDBE's ``kl_weight != 0`` did, a traceback from inside JAX). Traces init (with the
   warm-up), the round (with ``-ld``'s factors where the algorithm offers it) and the
   evaluations of a 2-run stack with every float field swept, and the new-client fine-tuning
-  of one run; nothing is compiled. The run settings the runner fills (`config.RUN_SETTINGS`: join_ratio
-  sets K = int(N·jr) shapes) are not hyperparameters and cannot be swept."""
+  of one run; nothing is compiled. The run settings the runner fills
+  (`config.RUN_SETTINGS`: join_ratio sets K = int(N·jr) shapes) are not hyperparameters and
+  cannot be swept."""
   data = _small_data(num_clients=5, seed=1)
   data = as_images(data) if name == "FedKTL" else data
   algorithm, variant = VARIANTS.get(name, (name, {}))
