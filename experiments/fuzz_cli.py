@@ -12,9 +12,11 @@ folder is kept and its stderr logged. ``agree`` runs two arms that the README pr
 the same numbers (``agree_case``: to the bit, or within float tolerance) and compares their
 results JSONs round by round; a case is also ``bad`` when they differ, or when one arm runs
 and the other is refused (``--relations`` draws from some of ``RELATIONS`` only). Its
-``interrupt`` relation sends SIGINT or SIGTERM at a random fraction of the first arm's
-duration and runs the same command again: the stopped process must exit 130 with the
-signal's line first and leave no temporary or lock file. Not a test (a case takes 3–30 s, a
+``interrupt`` relation sends SIGINT, SIGTERM or SIGKILL at a random fraction of the first
+arm's duration (sometimes with a compile cache both arms share) and runs the same command
+again: a process stopped by SIGINT or SIGTERM must exit 130 with the signal's line first, and
+every command that ends (SIGKILL aside) must leave no temporary or lock file in its
+``--out`` (`fedjax_lib.output.leftovers`). Not a test (a case takes 3–30 s, a
 few minutes with a ResNet family): a campaign to run after changing the checks, the engine or
 the run loop, e.g.
 
@@ -70,6 +72,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from fedjax_lib import output as output_lib  # pylint: disable=wrong-import-position
 from fedjax_lib.algorithms import registry  # pylint: disable=wrong-import-position
 from fedjax_lib.config import RUN_SETTINGS  # pylint: disable=wrong-import-position
 from fedjax_lib.runner import HISTORY_KEYS, TRAFFIC_KEYS  # pylint: disable=wrong-import-position
@@ -205,11 +208,13 @@ def agree_case(rng: random.Random, out: str,
     return relation, [[whole + ["--out", a]],
                       [argv + ["-gr", "2", "--checkpoint-every", "1", "--out", b],
                        whole + ["--resume", "--out", b]]]
-  if relation == "interrupt":  # Ctrl-C or SIGTERM at a random moment of the run (a fraction of
-    # the first arm's duration: start-up, compilation, rounds, writing), then the same command
-    signal_name = rng.choice(["SIGINT", "SIGTERM"])
+  if relation == "interrupt":  # Ctrl-C, SIGTERM or SIGKILL at a random moment of the run (a
+    # fraction of the first arm's duration: start-up, compilation, rounds, writing), then the
+    # same command (after SIGKILL the rerun cleans up: the lock, temporary files, cache entries)
+    signal_name = rng.choice(["SIGINT", "SIGTERM", "SIGKILL"])
     whole = (argv + ["-gr", str(rng.randint(3, 8))]
              + rng.choice([[], ["--checkpoint-every", "2"]])
+             + rng.choice([[], [], ["--compile-cache", out + "_cache"]])
              + rng.choice([[], [], ["-t", "2"], ["--sweep", "seed=0,1"]])  # S runs: all saved
              + rng.choice([[], ["--executor", "vmap"], ["--executor", "chunked"]]))
     return relation, [[whole + ["--out", a]],
@@ -340,22 +345,13 @@ def is_bad(status, err: str, signal_name: str = "") -> bool:
   also 130 with the signal's line first (README: "Ctrl-C / SIGTERM at any moment"; warnings
   the run gave before it aside)."""
   lines = [line for line in err.splitlines() if line.strip()]
+  if signal_name == "SIGKILL":  # killed (-9), or done before the signal
+    return status not in (0, -signal.SIGKILL) or "Traceback" in err
   if signal_name and status == 130:
     said = [line for line in lines if not line.startswith("warning:")]
     return "Traceback" in err or not said or not said[0].startswith(f"{signal_name}: stopping")
   return (status not in (0, 2) or "Traceback" in err
           or (status == 2 and not any(line.startswith("error:") for line in lines)))
-
-
-def leftovers(folder: str) -> list[str]:
-  """What a stopped run must not leave in its output folder: temporary files and folders
-  (ours, Orbax's) and lock files of a process that has ended."""
-  found = []
-  for root, dirs, files in os.walk(folder):
-    found += [os.path.join(root, name) for name in files + dirs
-              if name.startswith(".tmp-") or name.endswith(".lock")
-              or "orbax-checkpoint-tmp" in name]
-  return found
 
 
 def run_command(argv: list[str], timeout: int, env: dict) -> tuple[object, str]:
@@ -416,11 +412,13 @@ def run_case(mode: str, rng: random.Random, out: str, timeout: int, env: dict,
       signal_name = argv[0][1:].split("=")[0] if argv[0].startswith("@") else ""
       if is_bad(status, err, signal_name):
         record["bad"] = True
-      left = leftovers(argv[argv.index("--out") + 1]) if signal_name else []
-      if left:
+      killed = status == -signal.SIGKILL
+      left = (output_lib.leftovers(argv[argv.index("--out") + 1])
+              if "--out" in argv and status in (0, 2, 130) else [])
+      if left:  # (a killed process leaves its lock: the next command's to remove)
         record["leftovers"] = left
         record["bad"] = True
-      if status != 0 and not (signal_name and status == 130):
+      if status != 0 and not (signal_name and (status == 130 or killed)):
         break
     record["status"].append(statuses)
     if record["bad"] or (mode != "agree" and statuses[-1:] != [0]):

@@ -21,10 +21,19 @@ run compiles (1,600 writes took 79 s here, 0.15 s without the limit; an HtFE-img
 removing the executables least recently used (by their files' access and write times). A
 limit the user sets for JAX is JAX's to enforce and :func:`enable` leaves the folder alone.
 
-Runs may share the folder at the same time. JAX writes an entry without a lock (it locks only
-with its size limit): a run that reads an entry while another is still writing it, or after
-:func:`prune` removed it, warns (``Error reading persistent compilation cache entry``) and
-compiles the program itself, so its results are the same either way. The folder is trusted
+Runs may share the folder at the same time, and a run may be killed at any moment. JAX's own
+folder cache writes an entry in place, without a lock: a process killed during the write
+(SIGKILL, a job's time limit, a second Ctrl-C while a program is compiled) or a full disk left
+a truncated entry, which every later run read, warned about (``UserWarning: Error reading
+persistent compilation cache entry``, two lines per program) and compiled anew, and which JAX
+never replaced (it writes nothing over an existing entry). :func:`enable` therefore hands JAX
+:class:`FolderCache`, the same folder and file names with two differences: an entry is written
+to a temporary file and renamed into place (a reader sees all of it or none of it), and an
+entry that does not decompress whole is removed when read and counts as a miss, so the
+program is compiled and written again, silently. A run that reads an entry :func:`prune`
+removes at that moment compiles the program too; its results are the same either way. Where
+JAX's internals differ from what this expects (a JAX release that moved them), JAX's own cache
+is left in place. The folder is trusted
 code: JAX loads what it holds as executables, so it is created readable by its owner only and
 must not be writable by others. The setting is process-wide and stays on after the run.
 
@@ -36,8 +45,11 @@ instruction sets; such a process logs one error per program and compiles as with
 from __future__ import annotations
 
 import os
+import secrets
 import stat
-from typing import Optional
+from typing import Callable, Optional
+
+from fedjax_lib.output import process_running
 
 #: The folder's size limit (:func:`prune`) unless ``jax_compilation_cache_max_size`` is set.
 DEFAULT_MAX_BYTES = 2 << 30
@@ -102,31 +114,112 @@ def enable(value: str) -> str:
     compilation_cache.reset_cache()  # JAX opens its cache once, at its first compilation
     for name, want in settings.items():
       jax.config.update(name, want)
+  if (jax.config.jax_compilation_cache_max_size == -1
+      and not getattr(jax.config, "jax_compilation_cache_check_contents", False)):
+    install(path)
   return path
+
+
+_SUFFIX = "-cache"  # JAX's names: <key>-cache (and <key>-atime with JAX's size limit)
+_TEMP_MARK = "-cache.tmp-"  # .<key>-cache.tmp-<pid>-<8 hex digits>: an entry being written
+
+
+class FolderCache:
+  """JAX's persistent cache in a folder (JAX's ``CacheInterface``: ``get`` and ``put``), with
+  whole entries only: written to a temporary file and renamed into place; an entry that does
+  not decompress (``decompress``: JAX's own) is removed when read and reported as a miss."""
+
+  def __init__(self, path: str, decompress: Callable[[bytes], bytes]):
+    self.path = self._path = path  # (JAX logs ``_path``)
+    self._decompress = decompress
+
+  def _entry(self, key: str) -> str:
+    if not key or os.sep in key or key.startswith("."):
+      raise ValueError(f"cache key {key!r} is not a file name")
+    return os.path.join(self.path, key + _SUFFIX)
+
+  def get(self, key: str) -> Optional[bytes]:
+    entry = self._entry(key)
+    try:
+      with open(entry, "rb") as f:
+        value = f.read()
+    except FileNotFoundError:  # not written yet, or pruned a moment ago
+      return None
+    try:
+      self._decompress(value)
+    except Exception:  # pylint: disable=broad-except  # truncated: written by a killed process
+      try:
+        os.remove(entry)
+      except OSError:
+        pass
+      return None
+    return value
+
+  def put(self, key: str, value: bytes) -> None:
+    entry = self._entry(key)
+    if os.path.exists(entry):  # as JAX: the first writer's entry stays
+      return
+    tmp = os.path.join(self.path,
+                       f".{key}{_TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+      with open(tmp, "xb") as f:
+        f.write(value)
+      os.replace(tmp, entry)
+    finally:
+      if os.path.exists(tmp):  # the write failed (a full disk): JAX warns about it
+        os.remove(tmp)
+
+
+def install(path: str) -> bool:
+  """Makes :class:`FolderCache` in ``path`` JAX's persistent cache (the cache must be on, in
+  ``path``: :func:`enable` does both); returns whether it could. False where this JAX keeps
+  its cache elsewhere than ``jax._src.compilation_cache._cache`` (JAX's own then stays)."""
+  # pylint: disable=protected-access,import-outside-toplevel
+  try:
+    from jax._src import compilation_cache as jax_cache
+    mutex, decompress = jax_cache._cache_initialized_mutex, jax_cache.decompress_executable
+    jax_cache._cache, jax_cache._cache_initialized  # pylint: disable=pointless-statement
+  except (ImportError, AttributeError):
+    return False
+  with mutex:
+    current = jax_cache._cache
+    if not (isinstance(current, FolderCache) and current.path == path):
+      jax_cache._cache = FolderCache(path, decompress)
+      jax_cache._cache_initialized = True
+  return True
 
 
 def entries(path: str) -> int:
   """How many executables the folder holds."""
   try:
-    return sum(name.endswith("-cache") for name in os.listdir(path))
+    return sum(name.endswith(_SUFFIX) and not name.startswith(".") for name in os.listdir(path))
   except OSError:
     return 0
 
 
 def prune(path: str, max_bytes: int) -> int:
   """Removes executables from the folder, least recently used first (the later of a file's
-  access and write times), until it holds at most ``max_bytes``; returns how many."""
+  access and write times), until it holds at most ``max_bytes``; returns how many. Also
+  removes the temporary files of writers that have ended (:class:`FolderCache`'s, of a
+  process killed while it wrote)."""
   found = []
   with os.scandir(path) as listing:
     for entry in listing:
-      if entry.name.endswith("-cache") and entry.is_file(follow_symlinks=False):
+      if entry.name.startswith(".") and _TEMP_MARK in entry.name:
+        pid = entry.name.rsplit(_TEMP_MARK, 1)[1].split("-")[0]
+        if pid.isdigit() and not process_running(int(pid)):
+          try:
+            os.remove(entry.path)
+          except OSError:
+            pass
+      elif entry.name.endswith(_SUFFIX) and entry.is_file(follow_symlinks=False):
         info = entry.stat(follow_symlinks=False)
         found.append((max(info.st_atime, info.st_mtime), info.st_size, entry.path))
   total, removed = sum(size for _, size, _ in found), 0
   for _, size, name in sorted(found):
     if total <= max_bytes:
       break
-    for victim in (name, name[:-len("-cache")] + "-atime"):  # JAX's access record, if any
+    for victim in (name, name[:-len(_SUFFIX)] + "-atime"):  # JAX's access record, if any
       try:
         os.remove(victim)
       except FileNotFoundError:

@@ -10,7 +10,8 @@ holder ends, even by SIGKILL; the file is removed when the run ends.
 :func:`check_overwrite` refuses to replace results files written with a different
 configuration unless ``overwrite`` is set. :func:`os_error` turns an operating-system error
 (no permission, a full disk, a path that is a file) into the library's one-line
-`ConfigError`.
+`ConfigError`. :func:`leftovers` lists what a run that has ended must not leave in a folder
+(temporary files, lock files, Orbax's temporary folders).
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ try:
   import fcntl
 except ImportError:  # Windows: no advisory locks; one writer is then the user's business
   fcntl = None
+
+# A file being written is `<TEMP_PREFIX><pid>-<8 hex digits>-<its name>` next to its target
+# (`results.FileSet`), renamed onto the target once complete.
+TEMP_PREFIX = ".tmp-"
+LOCK_SUFFIX = ".lock"
+ORBAX_TEMP_MARK = "orbax-checkpoint-tmp"  # in the name of a checkpoint Orbax is writing
 
 # Config fields that change how a run executes or where it writes, not its results.
 EXECUTION_FIELDS = ("out", "progress", "resume", "checkpoint_every", "keep_checkpoints",
@@ -94,7 +101,7 @@ class OutputLock:
   def __init__(self, folder: str, family: str):
     self.folder = folder
     self.family = family
-    self.path = os.path.join(folder, f".{family}.lock")
+    self.path = os.path.join(folder, f".{family}{LOCK_SUFFIX}")
     self._fd: Optional[int] = None
     self._releasing = threading.Lock()
 
@@ -153,6 +160,33 @@ class OutputLock:
 
   def __exit__(self, *exc) -> None:
     self.release()
+
+
+def leftovers(folder: str) -> list[str]:
+  """What a run that has ended (finished, failed or stopped) must not leave under ``folder``:
+  temporary files of results being written, lock files, and Orbax's temporary checkpoint
+  folders; their paths, sorted. (While a run goes on, its own lock file is there, and briefly
+  its temporary files.) A process killed with SIGKILL leaves its lock file, and may leave
+  temporary files or an Orbax folder; the next run of the same files removes them (the lock
+  when it ends, the temporary files in `results.FileSet.commit`, the Orbax folder when it
+  opens the checkpoints)."""
+  found = []
+  for root, dirs, files in os.walk(folder):
+    found += [os.path.join(root, name) for name in files + dirs
+              if name.startswith(TEMP_PREFIX) or name.endswith(LOCK_SUFFIX)
+              or ORBAX_TEMP_MARK in name]
+  return sorted(found)
+
+
+def process_running(pid: int) -> bool:
+  """Whether process ``pid`` exists on this machine (another user's included)."""
+  try:
+    os.kill(pid, 0)
+  except (ProcessLookupError, OverflowError):  # none, or a number larger than any pid
+    return False
+  except PermissionError:  # another user's
+    return True
+  return True
 
 
 def _read_holder(fd: int) -> str:

@@ -4,28 +4,51 @@ An experiment's results files are written as one transaction (:class:`FileSet`):
 goes to a temporary file in the same folder, and only when all of them are complete are they
 renamed over their targets, so an interrupted run, a full disk or a permission error never
 leaves a truncated or partial set of results. Files are created with mode ``0666`` minus the
-user's umask (readable by teammates in a shared folder when the umask allows it).
+user's umask (readable by teammates in a shared folder when the umask allows it). A process
+killed with SIGKILL while it wrote (or by the kernel's out-of-memory killer) leaves its temporary
+files behind; the next commit of the same files removes those whose process has ended.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import secrets
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from fedjax_lib.output import os_error
+from fedjax_lib.output import TEMP_PREFIX, os_error, process_running
 from fedjax_lib.stopping import STOPPER
 
 
 def _create_temp(path: str) -> str:
   """An empty new file next to ``path`` (mode 0666 minus the umask); returns its path."""
   folder, name = os.path.split(os.path.abspath(path))
-  tmp = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{name}")
+  tmp = os.path.join(folder, f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{name}")
   os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
   return tmp
+
+
+def remove_stale_temps(path: str) -> list[str]:
+  """Removes the temporary files of ``path`` whose writer has ended (`_create_temp`'s names:
+  the writer's pid, 8 hex digits, the target's name); returns their paths. Files of a
+  running process, ours included, and every other file are kept; a file that cannot be
+  removed is left (it does no harm: a later write never reuses a name)."""
+  folder, name = os.path.split(os.path.abspath(path))
+  own = re.compile(f"{re.escape(TEMP_PREFIX)}(\\d+)-[0-9a-f]{{8}}-{re.escape(name)}\\Z")
+  removed = []
+  for tmp in glob.glob(os.path.join(glob.escape(folder), f"{TEMP_PREFIX}*-{glob.escape(name)}")):
+    match = own.match(os.path.basename(tmp))
+    if match and not process_running(int(match.group(1))):
+      try:
+        os.remove(tmp)
+        removed.append(tmp)
+      except OSError:
+        pass
+  return removed
 
 
 class FileSet:
@@ -50,6 +73,8 @@ class FileSet:
     """
     temps: list[str] = []
     with STOPPER.writing():
+      for path, _ in self._files:
+        remove_stale_temps(path)
       try:
         for path, write in self._files:
           current = path

@@ -1,16 +1,19 @@
 """``--compile-cache`` / ``Config.compile_cache`` (`fedjax_lib.compile_cache`): runs that share
 the folder load each other's programs, with the same results to the bit, also when they start
 together; the folder is kept under its limit, least recently used first; a refused run
-creates nothing (tests/test_bad_inputs.py)."""
+creates nothing (tests/test_bad_inputs.py); an entry a killed run left cut short is written
+again, silently."""
 
 import json
 import os
 import stat
 import subprocess
 import sys
+import zlib
 
 import jax
 import pytest
+from jax._src import compilation_cache as jax_compilation_cache
 from jax.experimental.compilation_cache import compilation_cache
 
 from fedjax_lib import Config, compile_cache, run_experiment
@@ -31,6 +34,7 @@ def _start(out, cache, *extra):
 def _finish(proc):
   stdout, stderr = proc.communicate(timeout=600)
   assert proc.returncode == 0, stderr[-3000:]
+  assert "Warning" not in stderr, stderr[-3000:]  # e.g. JAX's "Error reading ... cache entry"
   return stdout
 
 
@@ -58,8 +62,26 @@ def test_runs_sharing_the_folder_load_its_programs_with_the_same_results(tmp_pat
   report = _finish(_start(tmp_path / "out2", cache))
   assert f"compile cache: {cache} ({len(written)} programs)" in report
   assert _entries(cache) == written
-  curves = [_curves(tmp_path / f"out{i}") for i in range(3)]
-  assert curves[0] == curves[1] == curves[2]
+  # Damage: an entry a killed writer left empty, one cut short, a killed writer's temporary
+  # file, and one of a running writer (this process). A fourth run reads the damaged entries
+  # as misses, silently, compiles those programs and writes them whole again.
+  sizes = {name: os.path.getsize(cache / name) for name in written}
+  empty, cut = sorted(written, key=sizes.get)[-2:]
+  (cache / empty).write_bytes(b"")
+  (cache / cut).write_bytes((cache / cut).read_bytes()[:100])
+  stale = cache / f".{empty[:-len('-cache')]}-cache.tmp-{2**40}-0123abcd"
+  running = cache / f".{cut[:-len('-cache')]}-cache.tmp-{os.getpid()}-0123abcd"
+  stale.write_bytes(b"partial")
+  running.write_bytes(b"partial")
+  _finish(_start(tmp_path / "out3", cache, "-q"))
+  assert _entries(cache) == written
+  check = compile_cache.FolderCache(str(cache), jax_compilation_cache.decompress_executable)
+  for name in (empty, cut):  # whole again (a recompiled executable's size varies a little)
+    assert os.path.getsize(cache / name) > sizes[name] // 2
+    assert check.get(name[:-len("-cache")]) is not None
+  assert not stale.exists() and running.exists()
+  curves = [_curves(tmp_path / f"out{i}") for i in range(4)]
+  assert curves[0] == curves[1] == curves[2] == curves[3]
 
 
 @pytest.fixture
@@ -116,3 +138,21 @@ def test_prune_removes_the_least_recently_used_first(tmp_path):
   assert compile_cache.prune(str(tmp_path), 300) == 0
   assert compile_cache.prune(str(tmp_path), 150) == 2
   assert sorted(os.listdir(tmp_path)) == ["new-cache", "notes.txt"]
+
+
+def test_folder_cache_writes_whole_entries_and_drops_damaged_ones(tmp_path):
+  cache = compile_cache.FolderCache(str(tmp_path), zlib.decompress)
+  whole = zlib.compress(b"an executable" * 100)
+  assert cache.get("k") is None  # missing: a miss
+  cache.put("k", whole)
+  assert os.listdir(tmp_path) == ["k-cache"]  # renamed into place: no temporary file left
+  assert cache.get("k") == whole
+  cache.put("k", zlib.compress(b"another"))  # the first writer's entry stays (as JAX's)
+  assert cache.get("k") == whole
+  (tmp_path / "cut-cache").write_bytes(whole[:-5])  # a killed writer's
+  assert cache.get("cut") is None and not (tmp_path / "cut-cache").exists()
+  cache.put("cut", whole)
+  assert cache.get("cut") == whole
+  for key in ("", "../k", ".hidden"):
+    with pytest.raises(ValueError):
+      cache.get(key)

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from fedjax_lib import Config, cli, results, run_experiment
+from fedjax_lib import Config, cli, output, results, run_experiment
 from fedjax_lib.errors import ConfigError
 
 CLI = [sys.executable, "-m", "fedjax_lib", "-m", "dnn", "-nc", "4", "-lr", "0.05",
@@ -89,11 +89,7 @@ def _results_files(out):
 
 def _assert_consistent(out, what=""):
   """No temporary file, no lock left; results files all there or none."""
-  for root, dirs, files in os.walk(out):
-    for name in files + dirs:
-      assert not name.startswith(".tmp-"), (os.path.join(root, name), what)
-      assert not name.endswith(".lock"), (os.path.join(root, name), what)
-      assert "orbax-checkpoint-tmp" not in name, (os.path.join(root, name), what)
+  assert not output.leftovers(out), (output.leftovers(out), what)
   files = _results_files(out)
   assert files in ([], ["digits_FedAvg_test_0.h5", "digits_FedAvg_test_0.json",
                         "digits_FedAvg_test_0.png", "digits_FedAvg_test_partition.json"]), (
@@ -258,7 +254,8 @@ def _cli_error(argv, prefix=()):
                         text=True, env=_env())
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 2, proc.stderr
-  assert len(lines) == 1 and lines[0].startswith("error: "), lines
+  # every line in full (pytest shortens a list's repr): what else a failing run printed
+  assert len(lines) == 1 and lines[0].startswith("error: "), "\n".join(["stderr:"] + lines)
   return lines[0]
 
 
@@ -323,6 +320,29 @@ def test_results_files_follow_the_umask(umask, mode, tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["a.h5", "a.json"]
   for path in written:
     assert os.stat(path).st_mode & 0o777 == mode, path
+
+
+def test_temporary_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+  """A process killed while it wrote its results (SIGKILL, the out-of-memory killer) leaves
+  its temporary files; the next commit of the same files removes those, and only those."""
+  ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                         capture_output=True, text=True, check=True)
+  dead = int(ended.stdout)  # a process that has ended (its pid is not reused this soon)
+  names = {f".tmp-{dead}-0123abcd-a.json": False,  # the ended writer's: removed
+           f".tmp-{dead}-0123abcd-a.json.lock": True,  # not a temporary file of a.json
+           f".tmp-{os.getpid()}-0123abcd-a.json": True,  # a running process's
+           f".tmp-{dead}-0123abcd-b.json": True,  # another file's
+           f".tmp-{dead}-0123abcd-x-a.json": True,  # x-a.json's
+           f".tmp-{dead}-beef-a.json": True,  # not a name FileSet writes
+           f".tmp-{2**40}-0123abcd-a.json": False}  # no such process
+  for name in names:
+    (tmp_path / name).write_text("partial")
+  files = results.FileSet()
+  files.add(str(tmp_path / "a.json"), lambda tmp: results.write_json(tmp, {"x": 1}))
+  files.commit()
+  assert sorted(os.listdir(tmp_path)) == sorted(["a.json"] + [n for n, k in names.items() if k])
+  assert output.leftovers(str(tmp_path)) == sorted(
+      str(tmp_path / n) for n, kept in names.items() if kept)
 
 
 # ---------------------------------------------------------------------------- resume

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from fedjax_lib import Config, run_experiment
+from fedjax_lib import Config, output, run_experiment
 from fedjax_lib.algorithms import get_algorithm
 from fedjax_lib.core import checkpoint as checkpoint_lib
 from fedjax_lib.errors import ConfigError
@@ -103,6 +103,7 @@ def test_sigkill_at_a_random_round_then_resume(algorithm, tmp_path):
   b = json.load(open(out / f"digits_{algorithm}_test_0.json"))
   for key in METRICS:
     assert a[key] == b[key], (key, kill_after, done.stderr[-500:])
+  assert not output.leftovers(str(out))  # Orbax's temporary folder and the lock file: gone
   cfg_a = Config(out=str(reference))
   cfg_b = Config(out=str(out))
   _, state_a = _final_state(cfg_a, algorithm)
