@@ -23,19 +23,20 @@ limit the user sets for JAX is JAX's to enforce and :func:`enable` leaves the fo
 
 Runs may share the folder at the same time, and a run may be killed at any moment. JAX's own
 folder cache writes an entry in place, without a lock: a process killed during the write
-(SIGKILL, a job's time limit, a second Ctrl-C while a program is compiled) or a full disk left
-a truncated entry, which every later run read, warned about (``UserWarning: Error reading
+(SIGKILL, a job's time limit, a Ctrl-C that stopped the run at once) or a full disk left a
+truncated entry, which every later run read, warned about (``UserWarning: Error reading
 persistent compilation cache entry``, two lines per program) and compiled anew, and which JAX
 never replaced (it writes nothing over an existing entry). :func:`enable` therefore hands JAX
 :class:`FolderCache`, the same folder and file names with two differences: an entry is written
-to a temporary file and renamed into place (a reader sees all of it or none of it), and an
-entry that does not decompress whole is removed when read and counts as a miss, so the
-program is compiled and written again, silently. A run that reads an entry :func:`prune`
-removes at that moment compiles the program too; its results are the same either way. Where
-JAX's internals differ from what this expects (a JAX release that moved them), JAX's own cache
-is left in place. The folder is trusted
-code: JAX loads what it holds as executables, so it is created readable by its owner only and
-must not be writable by others. The setting is process-wide and stays on after the run.
+to a temporary file and renamed into place (a reader sees all of it or none of it; a stop now
+waits for it), and an entry that does not decompress whole is removed when read and counts as a
+miss, so the program is compiled and written again, silently. A run that reads an entry
+:func:`prune` removes at that moment compiles the program too; its results are the same either
+way. JAX's own cache stays where its internals differ from what this expects (a JAX release that
+moved them), and where the user set JAX's size limit or its content check, which JAX's cache
+enforces. The folder is trusted code: JAX loads what it holds as executables, so it is created
+readable by its owner only and must not be writable by others. The setting is process-wide and
+stays on after the run.
 
 Off by default: the folder grows with every configuration run (up to the limit), and on some
 CPUs XLA refuses to load what it wrote (JAX issue #38445: the CPU's tuning flags taken for
@@ -50,6 +51,7 @@ import stat
 from typing import Callable, Optional
 
 from fedjax_lib.output import process_running
+from fedjax_lib.stopping import STOPPER
 
 #: The folder's size limit (:func:`prune`) unless ``jax_compilation_cache_max_size`` is set.
 DEFAULT_MAX_BYTES = 2 << 30
@@ -161,13 +163,14 @@ class FolderCache:
       return
     tmp = os.path.join(self.path,
                        f".{key}{_TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-      with open(tmp, "xb") as f:
-        f.write(value)
-      os.replace(tmp, entry)
-    finally:
-      if os.path.exists(tmp):  # the write failed (a full disk): JAX warns about it
-        os.remove(tmp)
+    with STOPPER.writing():  # a Ctrl-C that stops the run now waits for the entry
+      try:
+        with open(tmp, "xb") as f:
+          f.write(value)
+        os.replace(tmp, entry)
+      finally:
+        if os.path.exists(tmp):  # the write failed (a full disk): JAX warns about it
+          os.remove(tmp)
 
 
 def install(path: str) -> bool:
