@@ -54,6 +54,10 @@ tracing every algorithm's float hyperparameters as a sweep then found FedDBE's
 31, 54 cases, 41 compared; seed 31 stopped after 24 of its 30) found nothing, nor did
 ``--relations hsweep,interrupt,resume,config,knob --cases 30 --seed 40`` (18 compared) or
 ``--relations hsweep --cases 15 --seed 60`` (10 compared).
+
+2026-12-06 (32nd session): the ``interrupt`` relation sends SIGKILL too and sometimes shares a
+compile cache between its arms (the draws of earlier seeds changed with it);
+``--relations interrupt --cases 8 --seed 70``: 8 cases (3 killed, 5 compared), none bad.
 """
 
 from __future__ import annotations
