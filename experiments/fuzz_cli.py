@@ -57,7 +57,8 @@ tracing every algorithm's float hyperparameters as a sweep then found FedDBE's
 
 2026-12-06 (32nd session): the ``interrupt`` relation sends SIGKILL too and sometimes shares a
 compile cache between its arms (the draws of earlier seeds changed with it);
-``--relations interrupt --cases 8 --seed 70``: 8 cases (3 killed, 5 compared), none bad.
+``--relations interrupt --cases 8 --seed 70``: 8 cases, 3 of them killed, 5 compared (2 after
+a kill; 3 refused in both arms), none bad.
 """
 
 from __future__ import annotations
