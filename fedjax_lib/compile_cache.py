@@ -180,14 +180,15 @@ def install(path: str) -> bool:
   # pylint: disable=protected-access,import-outside-toplevel
   try:
     from jax._src import compilation_cache as jax_cache
-    mutex, decompress = jax_cache._cache_initialized_mutex, jax_cache.decompress_executable
-    jax_cache._cache, jax_cache._cache_initialized  # pylint: disable=pointless-statement
-  except (ImportError, AttributeError):
+  except ImportError:
     return False
-  with mutex:
+  names = ("_cache", "_cache_initialized", "_cache_initialized_mutex", "decompress_executable")
+  if not all(hasattr(jax_cache, name) for name in names):
+    return False
+  with jax_cache._cache_initialized_mutex:
     current = jax_cache._cache
     if not (isinstance(current, FolderCache) and current.path == path):
-      jax_cache._cache = FolderCache(path, decompress)
+      jax_cache._cache = FolderCache(path, jax_cache.decompress_executable)
       jax_cache._cache_initialized = True
   return True
 
