@@ -1,6 +1,7 @@
 """Tests for fedjax_lib.data.sources and load_federated."""
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -50,6 +51,31 @@ def test_load_digits_is_the_bilinear_upsampling_of_sklearn_digits(digits):
   np.testing.assert_allclose(scaled[:, 3, 3], images[:, :2, :2].mean(axis=(1, 2)), atol=1e-6)
   # Mean brightness is preserved up to border effects.
   np.testing.assert_allclose(scaled.mean(), images.mean(), atol=0.01)
+
+
+def test_digits_read_from_sklearns_file_are_sklearns_digits(monkeypatch):
+  """The file read without importing scikit-learn, and the fallback through it, give
+  ``sklearn.datasets.load_digits``'s data and target exactly."""
+  from sklearn import datasets
+  bunch = datasets.load_digits()
+  pixels, labels = sources._sklearn_digits()
+  np.testing.assert_array_equal(pixels, bunch.data)
+  np.testing.assert_array_equal(labels, bunch.target)
+  assert pixels.dtype == np.float64 and labels.dtype == np.int64
+  monkeypatch.setattr(sources.os.path, "isfile", lambda path: False)  # the file moved
+  fallback = sources._sklearn_digits()
+  np.testing.assert_array_equal(fallback[0], bunch.data)
+  np.testing.assert_array_equal(fallback[1], bunch.target)
+
+
+def test_a_digits_run_does_not_import_sklearn():
+  """scikit-learn's import is most of a digits run's start-up: the data are read from its
+  file instead (`sources._sklearn_digits`)."""
+  code = ("import sys; from fedjax_lib.data.sources import load_digits; x, y = load_digits(); "
+          "print(x.shape, 'sklearn' in sys.modules)")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        check=True)
+  assert proc.stdout.split() == ["(1797,", "28,", "28,", "1)", "False"], proc.stdout
 
 
 def test_linear_resize_matrix_reproduces_a_linear_ramp():

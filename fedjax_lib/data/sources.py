@@ -18,7 +18,9 @@ whole-split reader for any other tfds image set.
 from __future__ import annotations
 
 import functools
+import gzip
 import importlib.util
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -55,6 +57,30 @@ def _linear_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
   return weights
 
 
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's digits as ``(pixels float64 [1797, 64], labels int64 [1797])``.
+
+  Read from the file scikit-learn ships them in (``sklearn/datasets/data/digits.csv.gz``: one
+  row per image, 64 pixel values then the label), found without importing scikit-learn, whose
+  import took 0.8 s of a one-round CLI run's 5 s (0.05 s for the file; RESULTS.md, "Starting
+  a run", 2026-12-06). The values are the ones
+  ``sklearn.datasets.load_digits`` returns (``data`` and ``target``), which a test checks; where
+  that file is not there (a scikit-learn that moved it), through scikit-learn.
+  """
+  spec = importlib.util.find_spec("sklearn")
+  if spec is not None and spec.origin:
+    path = os.path.join(os.path.dirname(spec.origin), "datasets", "data", "digits.csv.gz")
+    if os.path.isfile(path):
+      with gzip.open(path) as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float64)
+      if table.shape == (1797, 65):
+        return table[:, :-1], table[:, -1].astype(np.int64)
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top  (heavy import)
+  bunch = datasets.load_digits()
+  return (np.asarray(bunch.data, dtype=np.float64),
+          np.asarray(bunch.target, dtype=np.int64))
+
+
 def load_digits(side: int = _DIGITS_SIDE, channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """scikit-learn's bundled 8×8 handwritten digits, shaped and scaled like PFLlib's MNIST.
 
@@ -70,15 +96,13 @@ def load_digits(side: int = _DIGITS_SIDE, channels: int = 1) -> tuple[np.ndarray
     ``(x, y)``: x float32 ``[1797, side, side, channels]`` (NHWC) in ``[-1, 1]``; y int32
     ``[1797]``.
   """
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top  (heavy import)
-
-  bunch = datasets.load_digits()
-  images = np.asarray(bunch.images, dtype=np.float64) / 16.0  # [N, 8, 8] in [0, 1]
+  pixels, labels = _sklearn_digits()
+  images = pixels.reshape(-1, 8, 8) / 16.0  # [N, 8, 8] in [0, 1]
   resize = _linear_resize_matrix(images.shape[1], side)  # [side, 8]
   upsampled = np.einsum("ij,njk,lk->nil", resize, images, resize)  # [N, side, side]
   upsampled = np.clip(upsampled, 0.0, 1.0)  # guard against rounding just outside [0, 1]
   x = ((upsampled - 0.5) / 0.5).astype(np.float32)[..., None]
-  y = np.asarray(bunch.target, dtype=np.int32)
+  y = labels.astype(np.int32)
   return np.repeat(x, channels, axis=-1) if channels > 1 else x, y
 
 
