@@ -17,8 +17,11 @@ configuration unless ``overwrite`` is set. :func:`os_error` turns an operating-s
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
+import re
+import secrets
 import shutil
 import sys
 import threading
@@ -32,9 +35,11 @@ try:
 except ImportError:  # Windows: no advisory locks; one writer is then the user's business
   fcntl = None
 
-# A file being written is `<TEMP_PREFIX><pid>-<8 hex digits>-<its name>` next to its target
-# (`results.FileSet`), renamed onto the target once complete.
+# A file or folder being written is `<TEMP_PREFIX><pid>-<8 hex digits>-<its name>` next to its
+# target (`temp_path`: results files, converted datasets, PFLlib dataset folders), renamed onto
+# the target once complete; a folder being replaced is moved aside under `OLD_PREFIX` first.
 TEMP_PREFIX = ".tmp-"
+OLD_PREFIX = ".old-"
 LOCK_SUFFIX = ".lock"
 ORBAX_TEMP_MARK = "orbax-checkpoint-tmp"  # in the name of a checkpoint Orbax is writing
 
@@ -176,6 +181,25 @@ def leftovers(folder: str) -> list[str]:
               if name.startswith(TEMP_PREFIX) or name.endswith(LOCK_SUFFIX)
               or ORBAX_TEMP_MARK in name]
   return sorted(found)
+
+
+def temp_path(path: str, prefix: str = TEMP_PREFIX) -> str:
+  """A new name next to ``path`` for it while it is written: ``<prefix><pid>-<8 hex
+  digits>-<name>`` (this process's id, so `stale_temps` can tell when its writer has ended)."""
+  folder, name = os.path.split(os.path.abspath(path))
+  return os.path.join(folder, f"{prefix}{os.getpid()}-{secrets.token_hex(4)}-{name}")
+
+
+def stale_temps(path: str, prefix: str = TEMP_PREFIX) -> list[str]:
+  """The `temp_path` names of ``path`` (with ``prefix``) whose writer has ended, sorted: what a
+  process killed while it wrote (SIGKILL, the out-of-memory killer, a job's time limit) left.
+  A running process's names, ours included, and every other name are left out."""
+  folder, name = os.path.split(os.path.abspath(path))
+  own = re.compile(f"{re.escape(prefix)}(\\d+)-[0-9a-f]{{8}}-{re.escape(name)}\\Z")
+  return sorted(found for found in glob.glob(os.path.join(glob.escape(folder),
+                                                          f"{prefix}*-{glob.escape(name)}"))
+                if (match := own.match(os.path.basename(found)))
+                and not process_running(int(match.group(1))))
 
 
 def process_running(pid: int) -> bool:

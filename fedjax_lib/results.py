@@ -11,43 +11,34 @@ files behind; the next commit of the same files removes those whose process has 
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import re
-import secrets
 from typing import Any, Callable, Optional
 
 import numpy as np
 
-from fedjax_lib.output import TEMP_PREFIX, os_error, process_running
+from fedjax_lib.output import os_error, stale_temps, temp_path
 from fedjax_lib.stopping import STOPPER
 
 
 def _create_temp(path: str) -> str:
   """An empty new file next to ``path`` (mode 0666 minus the umask); returns its path."""
-  folder, name = os.path.split(os.path.abspath(path))
-  tmp = os.path.join(folder, f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{name}")
+  tmp = temp_path(path)
   os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
   return tmp
 
 
 def remove_stale_temps(path: str) -> list[str]:
-  """Removes the temporary files of ``path`` whose writer has ended (`_create_temp`'s names:
-  the writer's pid, 8 hex digits, the target's name); returns their paths. Files of a
-  running process, ours included, and every other file are kept; a file that cannot be
-  removed is left (it does no harm: a later write never reuses a name)."""
-  folder, name = os.path.split(os.path.abspath(path))
-  own = re.compile(f"{re.escape(TEMP_PREFIX)}(\\d+)-[0-9a-f]{{8}}-{re.escape(name)}\\Z")
+  """Removes the temporary files of ``path`` whose writer has ended (`output.stale_temps`);
+  returns their paths. A file that cannot be removed is left (it does no harm: a later write
+  never reuses a name)."""
   removed = []
-  for tmp in glob.glob(os.path.join(glob.escape(folder), f"{TEMP_PREFIX}*-{glob.escape(name)}")):
-    match = own.match(os.path.basename(tmp))
-    if match and not process_running(int(match.group(1))):
-      try:
-        os.remove(tmp)
-        removed.append(tmp)
-      except OSError:
-        pass
+  for tmp in stale_temps(path):
+    try:
+      os.remove(tmp)
+      removed.append(tmp)
+    except OSError:
+      pass
   return removed
 
 

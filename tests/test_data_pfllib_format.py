@@ -2,6 +2,10 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -199,6 +203,78 @@ def test_write_refuses_to_clobber_unless_asked(tmp_path, digits_data):
   write_pfllib_folder(digits_data, folder, partition_meta={}, overwrite=True)
   assert read_pfllib_folder(folder).num_clients == 20
   assert os.listdir(str(tmp_path)) == ["Toy"]  # no leftovers of the old folder
+
+
+def _ended_pid():
+  ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                         capture_output=True, text=True, check=True)
+  return int(ended.stdout)  # a process that has ended (its pid is not reused this soon)
+
+
+def test_the_next_write_finishes_what_killed_writes_left(tmp_path, digits_data):
+  """A writer killed between moving the old folder aside and renaming the new one in: the
+  next write puts the old folder back (so it refuses to clobber it), and removes the killed
+  writers' temporary and old folders; a running process's are kept."""
+  old = _make_folder(tmp_path)
+  dead = _ended_pid()
+  earlier = tmp_path / f".old-{2**40}-0123abcd-Toy"  # moved aside earlier (no such process)
+  os.makedirs(earlier / "train")
+  time.sleep(0.05)
+  os.rename(old, tmp_path / f".old-{dead}-0123abcd-Toy")  # the last one moved aside
+  staged = tmp_path / f".tmp-{dead}-89abcdef-Toy"
+  os.makedirs(staged / "train")
+  running = tmp_path / f".tmp-{os.getpid()}-0123abcd-Toy"  # this process's: kept
+  running.mkdir()
+  other = tmp_path / f".tmp-{dead}-0123abcd-Toy2"  # another target's: kept
+  other.mkdir()
+  _assert_one_line_error(r"already exists", write_pfllib_folder, digits_data, old,
+                         partition_meta={})
+  assert sorted(os.listdir(tmp_path)) == sorted(["Toy", running.name, other.name])
+  assert read_pfllib_folder(old).num_clients == 3  # the old dataset, back
+  # killed before the swap: the target stays, the temporary folder goes
+  staged.mkdir()
+  write_pfllib_folder(digits_data, old, partition_meta={}, overwrite=True)
+  assert read_pfllib_folder(old).num_clients == 20
+  assert sorted(os.listdir(tmp_path)) == sorted(["Toy", running.name, other.name])
+
+
+_KILLED_WRITER = """
+import os, sys, time
+from fedjax_lib.data import pfllib_format
+from fedjax_lib.data.partition import build_federated
+from fedjax_lib.data.sources import load_digits
+x, y = load_digits()
+data = build_federated("digits", x, y, 10, 4, "iid", 0)
+rename = os.rename
+def rename_then_wait(src, dst):
+  rename(src, dst)
+  if os.path.basename(dst).startswith(".old-"):
+    print("moved aside", flush=True)
+    time.sleep(600)
+pfllib_format.os.rename = rename_then_wait
+pfllib_format.write_pfllib_folder(data, sys.argv[1], partition_meta={}, overwrite=True)
+"""
+
+
+def test_sigkill_between_the_two_renames_loses_no_dataset(tmp_path, digits_data):
+  """A real SIGKILL where the target is missing (the old folder moved aside, the new one not
+  yet renamed in): the next write of the same path brings the old one back."""
+  folder = _make_folder(tmp_path)
+  proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, folder],
+                          stdout=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline().strip() == "moved aside"
+    assert not os.path.exists(folder)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  assert len(os.listdir(tmp_path)) == 2  # the old folder aside, the new one staged
+  write_pfllib_folder(digits_data, tmp_path / "Other", partition_meta={})  # another target
+  assert len(os.listdir(tmp_path)) == 3
+  _assert_one_line_error(r"already exists", write_pfllib_folder, digits_data, folder,
+                         partition_meta={})
+  assert sorted(os.listdir(tmp_path)) == ["Other", "Toy"]
+  assert read_pfllib_folder(folder).num_clients == 3
 
 
 def test_write_into_missing_parent(tmp_path, digits_data):

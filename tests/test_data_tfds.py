@@ -8,6 +8,8 @@ through ``as_data_source_fn`` where exact values are checked. Nothing is downloa
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 import warnings
 import zlib
 
@@ -308,6 +310,24 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
   assert cache_files(tmp_path) == ["entry-p7.npz"]
   # A version bump is another file: the old one is never read for it.
   assert not cache.is_cached("entry", 8, str(tmp_path))
+
+
+def test_a_killed_conversions_temporary_file_is_removed_by_the_next_write(tmp_path):
+  """A conversion killed while it wrote its entry (entries can be gigabytes) leaves its
+  temporary file; the next write of that entry removes it (a running process's is kept)."""
+  ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                         capture_output=True, text=True, check=True)
+  folder = tmp_path / cache.CACHE_FOLDER
+  folder.mkdir()
+  names = {f".tmp-{int(ended.stdout)}-0123abcd-entry-p7.npz": False,
+           f".tmp-{os.getpid()}-0123abcd-entry-p7.npz": True,
+           f".tmp-{int(ended.stdout)}-0123abcd-other-p7.npz": True}
+  for name in names:
+    (folder / name).write_bytes(b"partial")
+  build = lambda: ({"x": np.arange(3)}, {"source": "test"})
+  cache.cached_arrays("entry", 7, build, data_dir=str(tmp_path), required=("x",))
+  assert sorted(os.listdir(folder)) == sorted(
+      ["entry-p7.npz"] + [name for name, kept in names.items() if kept])
 
 
 # ------------------------------------------------------------------ text

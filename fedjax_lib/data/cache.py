@@ -15,16 +15,16 @@ Each file holds the entry's arrays plus ``__meta__``, a JSON string (no pickled 
 files load with ``allow_pickle=False``) recording the entry, the version, the tfds name and
 version and the split sizes. A file is written to a temporary name in the same folder and
 renamed over the target (atomic on POSIX), so a reader sees either no file or a whole one,
-and two processes converting the same entry at once both succeed. A file that cannot be read
-(truncated, bad CRC, missing arrays, a different entry) is reported with one warning line and
-rebuilt.
+and two processes converting the same entry at once both succeed; the temporary file of a
+process killed while it wrote is removed by the next write of that entry. A file that cannot
+be read (truncated, bad CRC, missing arrays, a different entry) is reported with one warning
+line and rebuilt.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Callable, Mapping
 import warnings
 import zipfile
@@ -32,6 +32,7 @@ import zipfile
 import numpy as np
 
 from fedjax_lib.errors import FedJaxWarning
+from fedjax_lib.output import stale_temps, temp_path
 
 CACHE_FOLDER = "fedjax_arrays"
 _META_KEY = "__meta__"
@@ -87,13 +88,21 @@ def _read(path: str, entry: str, version: int, required: tuple[str, ...],
 
 
 def _write(path: str, arrays: Mapping[str, np.ndarray], meta: Mapping) -> None:
-  """Writes ``arrays`` and ``meta`` to ``path`` atomically (temporary file, then rename)."""
+  """Writes ``arrays`` and ``meta`` to ``path`` atomically (temporary file, then rename).
+
+  The temporary file is `output.temp_path`'s ``.tmp-<pid>-<hex>-<name>`` (mode 0666 minus the
+  umask, as the results files); those of a writer that has ended (a conversion killed while it
+  wrote: entries can be gigabytes) are removed first."""
   folder = os.path.dirname(path)
   os.makedirs(folder, exist_ok=True)
-  handle, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                      dir=folder)
+  for stale in stale_temps(path):
+    try:
+      os.remove(stale)
+    except OSError:
+      pass
+  tmp_path = temp_path(path)
   try:
-    with os.fdopen(handle, "wb") as f:
+    with os.fdopen(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
       np.savez(f, **arrays, **{_META_KEY: np.array(json.dumps(dict(meta)))})
     os.replace(tmp_path, path)
   except BaseException:

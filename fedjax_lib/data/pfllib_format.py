@@ -54,7 +54,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from typing import Any
 import zipfile
 
@@ -63,6 +62,7 @@ import numpy as np
 from fedjax_lib.data import registry
 from fedjax_lib.data.federated import FederatedData
 from fedjax_lib.errors import DataError
+from fedjax_lib.output import OLD_PREFIX, stale_temps, temp_path
 
 CONFIG_FILE = "config.json"
 SIZES_KEY = "Size of samples for labels in clients"
@@ -200,8 +200,14 @@ def write_pfllib_folder(data: FederatedData, folder: str | os.PathLike, *,
                         overwrite: bool = False, x_format: str | None = None) -> None:
   """Writes ``data`` as a PFLlib dataset folder (config.json, train/<id>.npz, test/<id>.npz).
 
-  The folder is first written next to the target under a temporary name and then renamed,
-  so an interrupted write leaves no half-written dataset folder.
+  The folder is first written next to the target under a temporary name
+  (``.tmp-<pid>-<hex>-<name>``) and then renamed, so an interrupted write leaves no
+  half-written dataset folder; with ``overwrite`` the old folder is first moved aside
+  (``.old-<pid>-<hex>-<name>``) and removed after the swap. What a process killed while it
+  wrote left (SIGKILL, the out-of-memory killer) is dealt with by the next write to the same
+  path: its temporary folder removed, and an old folder put back where the kill fell between
+  the two renames (the target then missing), so the target holds the old dataset or the new
+  one, never neither.
 
   config.json holds ``num_clients``, ``num_classes``, ``non_iid``, ``balance``, ``partition``,
   ``"Size of samples for labels in clients"`` (per client, ``[label, count]`` pairs over its
@@ -240,6 +246,8 @@ def write_pfllib_folder(data: FederatedData, folder: str | os.PathLike, *,
     raise DataError(f"x_format={x_format!r}; choose one of {', '.join(X_FORMATS)}")
   folder = os.path.abspath(os.fspath(folder))
   parent = os.path.dirname(folder)
+  if os.path.isdir(parent):
+    _finish_killed_writes(folder)
   if os.path.exists(folder) and not overwrite:
     raise DataError(f"dataset folder {folder!r} already exists; choose a new path or pass "
                     "overwrite=True")
@@ -260,7 +268,8 @@ def write_pfllib_folder(data: FederatedData, folder: str | os.PathLike, *,
   }
   config.update(meta)
 
-  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
+  staging = temp_path(folder)
+  os.mkdir(staging)
   try:
     for split in ("train", "test"):
       os.mkdir(os.path.join(staging, split))
@@ -271,15 +280,32 @@ def write_pfllib_folder(data: FederatedData, folder: str | os.PathLike, *,
     with open(os.path.join(staging, CONFIG_FILE), "w") as f:
       json.dump(config, f)
     if os.path.exists(folder):  # overwrite: move the old folder aside, then swap
-      trash = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.old-", dir=parent)
-      os.rename(folder, os.path.join(trash, "old"))
-      os.rename(staging, folder)
+      trash = temp_path(folder, OLD_PREFIX)
+      os.rename(folder, trash)
+      try:
+        os.rename(staging, folder)
+      except BaseException:
+        os.rename(trash, folder)
+        raise
       shutil.rmtree(trash, ignore_errors=True)
     else:
       os.rename(staging, folder)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
+
+
+def _finish_killed_writes(folder: str) -> None:
+  """Cleans up after writers of ``folder`` that were killed (see `write_pfllib_folder`): an
+  old folder moved aside comes back if ``folder`` is missing (the most recently moved one, if
+  several), every other one and every temporary folder is removed."""
+  olds = stale_temps(folder, OLD_PREFIX)
+  if olds and not os.path.exists(folder):
+    newest = max(olds, key=lambda path: os.stat(path).st_ctime)
+    os.rename(newest, folder)
+    olds.remove(newest)
+  for stale in olds + stale_temps(folder):
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def _client_ids(split_dir: str) -> list[int]:
