@@ -301,9 +301,12 @@ def _finish_killed_writes(folder: str) -> None:
   several), every other one and every temporary folder is removed."""
   olds = stale_temps(folder, OLD_PREFIX)
   if olds and not os.path.exists(folder):
-    newest = max(olds, key=lambda path: os.stat(path).st_ctime)
-    os.rename(newest, folder)
-    olds.remove(newest)
+    newest = max(olds, key=lambda path: os.stat(path).st_ctime if os.path.exists(path) else 0)
+    try:
+      os.rename(newest, folder)
+      olds.remove(newest)
+    except OSError:  # another process finishing the same write first
+      pass
   for stale in olds + stale_temps(folder):
     shutil.rmtree(stale, ignore_errors=True)
 

@@ -63,9 +63,9 @@ def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
   Read from the file scikit-learn ships them in (``sklearn/datasets/data/digits.csv.gz``: one
   row per image, 64 pixel values then the label), found without importing scikit-learn, whose
   import took 0.8 s of a one-round CLI run's 5 s (0.05 s for the file; RESULTS.md, "Starting
-  a run", 2026-12-06). The values are the ones
-  ``sklearn.datasets.load_digits`` returns (``data`` and ``target``), which a test checks; where
-  that file is not there (a scikit-learn that moved it), through scikit-learn.
+  a run", 2026-12-06). The values are those ``sklearn.datasets.load_digits`` returns
+  (``data`` and ``target``; a test checks it). Where the file is not there (a scikit-learn
+  that moved it), through scikit-learn.
   """
   spec = importlib.util.find_spec("sklearn")
   if spec is not None and spec.origin:
