@@ -59,6 +59,9 @@ tracing every algorithm's float hyperparameters as a sweep then found FedDBE's
 compile cache between its arms (the draws of earlier seeds changed with it);
 ``--relations interrupt --cases 8 --seed 70``: 8 cases, 3 of them killed, 5 compared (2 after
 a kill; 3 refused in both arms), none bad.
+
+2026-12-06 (33rd session), after the bundled digits stopped going through scikit-learn:
+``--mode single --cases 60 --seed 33``: 15 ran, 45 were refused with one `error:` line, none bad.
 """
 
 from __future__ import annotations
