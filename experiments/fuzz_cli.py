@@ -61,7 +61,10 @@ compile cache between its arms (the draws of earlier seeds changed with it);
 a kill; 3 refused in both arms), none bad.
 
 2026-12-06 (33rd session), after the bundled digits stopped going through scikit-learn:
-``--mode single --cases 60 --seed 33``: 15 ran, 45 were refused with one `error:` line, none bad.
+``--mode single --cases 60 --seed 33``: 15 ran, 45 were refused with one `error:` line, none bad;
+``--mode steps --cases 25 --seed 33``: 13 first commands ran alone or with a second that ran,
+8 with a second refused as it should be (``-mfn`` for algorithms that keep no client model),
+4 refused, none bad.
 """
 
 from __future__ import annotations
