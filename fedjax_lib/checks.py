@@ -307,21 +307,24 @@ def model_savers() -> list[str]:
 
 
 def _client_models(config: Config, algorithm) -> list[str]:
-  """HtFLlib's ``-mfn`` (refused by an algorithm whose clients keep no model of their own)
-  and ``-sfn`` (warned about where it writes nothing)."""
+  """HtFLlib's ``-mfn`` (refused by an algorithm without per-client model files: no
+  ``client_model`` hook) and ``-sfn`` (warned about where it writes nothing). Such an
+  algorithm may well keep per-client state (Ditto's personal models, FedPer's heads): it is
+  in the run's checkpoints, not in HtFLlib's model files."""
   saves = has_hook(algorithm, "client_model")
   if config.models_folder_name and not saves:
     raise ConfigError(
-        f"models_folder_name (-mfn) starts each client from its saved model, but "
-        f"{algorithm.name}'s clients keep no model of their own; algorithms that take -mfn: "
-        f"{', '.join(model_savers())}")
+        f"models_folder_name (-mfn) starts each client from its saved model (HtFLlib's "
+        f"per-client model files), which {algorithm.name} has none of: its clients' state "
+        f"is kept in the run's checkpoints (--checkpoint-every, --resume); algorithms that "
+        f"take -mfn: {', '.join(model_savers())}")
   if not config.save_folder_name:
     return []
   if not saves:
     return [f"save_folder_name={config.save_folder_name!r} (-sfn) writes nothing with "
-            f"{algorithm.name}, whose clients keep no model of their own (the run's states: "
-            f"--checkpoint-every); -sfn writes the client models of "
-            f"{', '.join(model_savers())}"]
+            f"{algorithm.name}, which has no per-client model files (HtFLlib's; its clients' "
+            f"state is kept in the run's checkpoints: --checkpoint-every); -sfn writes the "
+            f"client models of {', '.join(model_savers())}"]
   if not client_models_lib.kept(config.save_folder_name):
     return [f"save_folder_name={config.save_folder_name!r} (-sfn) writes nothing: HtFLlib "
             "deletes a folder whose name contains 'temp' when the run ends; give another "

@@ -182,8 +182,8 @@ def test_another_algorithm_starts_from_local_models_and_repetitions_keep_the_las
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["-algo", "FedAvg", "-mfn", "x"], ["-mfn", "FedAvg's clients keep no model",
-                                        "FedTGP"]),
+    (["-algo", "FedAvg", "-mfn", "x"], ["-mfn", "FedAvg has none of", "FedTGP"]),
+    (["-algo", "Ditto", "-mfn", "x"], ["-mfn", "Ditto has none of", "run's checkpoints"]),
     (["-algo", "Local", "-mfn", "x", "-nnc", "1"], ["-mfn", "-nnc", "use -nnc 0"]),
     (["-algo", "Local", "-sfn", "x", "--sweep", "seed=0,1"], ["-sfn", "with a sweep"]),
     (["-algo", "Local", "-mfn", "/no/such/folder"], ["/no/such/folder", "does not exist"]),
