@@ -9,6 +9,8 @@ pass each algorithm. `traced_eqns` lists a function's traced equations, sub-jaxp
 """
 
 import functools
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -154,3 +156,11 @@ def assert_replicated(tree):
     assert len(shards) == 8 or leaf.sharding.is_fully_replicated
     for shard in shards[1:]:
       np.testing.assert_array_equal(shard, shards[0])
+
+
+def ended_pid() -> int:
+  """The id of a process that has ended (its pid is not reused this soon): what a writer
+  killed earlier leaves in its temporary names."""
+  ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                         capture_output=True, text=True, check=True)
+  return int(ended.stdout)

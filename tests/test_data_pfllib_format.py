@@ -18,6 +18,7 @@ from fedjax_lib.data.pfllib_format import read_pfllib_folder
 from fedjax_lib.data.pfllib_format import write_pfllib_folder
 from fedjax_lib.data.sources import load_digits
 from fedjax_lib.errors import DataError
+from tests.helpers import ended_pid
 
 
 @pytest.fixture(scope="module")
@@ -205,18 +206,12 @@ def test_write_refuses_to_clobber_unless_asked(tmp_path, digits_data):
   assert os.listdir(str(tmp_path)) == ["Toy"]  # no leftovers of the old folder
 
 
-def _ended_pid():
-  ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                         capture_output=True, text=True, check=True)
-  return int(ended.stdout)  # a process that has ended (its pid is not reused this soon)
-
-
 def test_the_next_write_finishes_what_killed_writes_left(tmp_path, digits_data):
   """A writer killed between moving the old folder aside and renaming the new one in: the
   next write puts the old folder back (so it refuses to clobber it), and removes the killed
   writers' temporary and old folders; a running process's are kept."""
   old = _make_folder(tmp_path)
-  dead = _ended_pid()
+  dead = ended_pid()
   earlier = tmp_path / f".old-{2**40}-0123abcd-Toy"  # moved aside earlier (no such process)
   os.makedirs(earlier / "train")
   time.sleep(0.05)

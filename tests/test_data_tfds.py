@@ -8,8 +8,6 @@ through ``as_data_source_fn`` where exact values are checked. Nothing is downloa
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 import warnings
 import zlib
 
@@ -28,6 +26,7 @@ from fedjax_lib.data import tfds_arrays
 from fedjax_lib.data.quantized import QuantizedImages
 from fedjax_lib.data import tfds_io
 from fedjax_lib.errors import DataError
+from tests.helpers import ended_pid
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -315,13 +314,12 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
 def test_a_killed_conversions_temporary_file_is_removed_by_the_next_write(tmp_path):
   """A conversion killed while it wrote its entry (entries can be gigabytes) leaves its
   temporary file; the next write of that entry removes it (a running process's is kept)."""
-  ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                         capture_output=True, text=True, check=True)
+  dead = ended_pid()
   folder = tmp_path / cache.CACHE_FOLDER
   folder.mkdir()
-  names = {f".tmp-{int(ended.stdout)}-0123abcd-entry-p7.npz": False,
+  names = {f".tmp-{dead}-0123abcd-entry-p7.npz": False,
            f".tmp-{os.getpid()}-0123abcd-entry-p7.npz": True,
-           f".tmp-{int(ended.stdout)}-0123abcd-other-p7.npz": True}
+           f".tmp-{dead}-0123abcd-other-p7.npz": True}
   for name in names:
     (folder / name).write_bytes(b"partial")
   build = lambda: ({"x": np.arange(3)}, {"source": "test"})

@@ -21,6 +21,7 @@ import pytest
 
 from fedjax_lib import Config, cli, output, results, run_experiment
 from fedjax_lib.errors import ConfigError
+from tests.helpers import ended_pid
 
 CLI = [sys.executable, "-m", "fedjax_lib", "-m", "dnn", "-nc", "4", "-lr", "0.05",
        "--no-progress"]
@@ -325,9 +326,7 @@ def test_results_files_follow_the_umask(umask, mode, tmp_path):
 def test_temporary_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
   """A process killed while it wrote its results (SIGKILL, the out-of-memory killer) leaves
   its temporary files; the next commit of the same files removes those, and only those."""
-  ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                         capture_output=True, text=True, check=True)
-  dead = int(ended.stdout)  # a process that has ended (its pid is not reused this soon)
+  dead = ended_pid()
   names = {f".tmp-{dead}-0123abcd-a.json": False,  # the ended writer's: removed
            f".tmp-{dead}-0123abcd-a.json.lock": True,  # not a temporary file of a.json
            f".tmp-{os.getpid()}-0123abcd-a.json": True,  # a running process's
