@@ -202,6 +202,28 @@ def stale_temps(path: str, prefix: str = TEMP_PREFIX) -> list[str]:
                 and not process_running(int(match.group(1))))
 
 
+def create_temp(path: str) -> str:
+  """An empty new file under a `temp_path` name of ``path`` (mode 0666 minus the umask);
+  returns its path."""
+  tmp = temp_path(path)
+  os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+  return tmp
+
+
+def remove_stale_temps(path: str) -> list[str]:
+  """Removes the temporary files of ``path`` whose writer has ended (`stale_temps`); returns
+  their paths. A file that cannot be removed is left (it does no harm: a later write never
+  reuses a name)."""
+  removed = []
+  for tmp in stale_temps(path):
+    try:
+      os.remove(tmp)
+      removed.append(tmp)
+    except OSError:
+      pass
+  return removed
+
+
 def process_running(pid: int) -> bool:
   """Whether process ``pid`` exists on this machine (another user's included)."""
   try:

@@ -17,29 +17,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from fedjax_lib.output import os_error, stale_temps, temp_path
+from fedjax_lib.output import create_temp, os_error, remove_stale_temps
 from fedjax_lib.stopping import STOPPER
-
-
-def _create_temp(path: str) -> str:
-  """An empty new file next to ``path`` (mode 0666 minus the umask); returns its path."""
-  tmp = temp_path(path)
-  os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-  return tmp
-
-
-def remove_stale_temps(path: str) -> list[str]:
-  """Removes the temporary files of ``path`` whose writer has ended (`output.stale_temps`);
-  returns their paths. A file that cannot be removed is left (it does no harm: a later write
-  never reuses a name)."""
-  removed = []
-  for tmp in stale_temps(path):
-    try:
-      os.remove(tmp)
-      removed.append(tmp)
-    except OSError:
-      pass
-  return removed
 
 
 class FileSet:
@@ -69,7 +48,7 @@ class FileSet:
       try:
         for path, write in self._files:
           current = path
-          temps.append(_create_temp(path))
+          temps.append(create_temp(path))
           write(temps[-1])
         for (path, _), tmp in zip(self._files, temps):
           current = path

@@ -32,7 +32,7 @@ import zipfile
 import numpy as np
 
 from fedjax_lib.errors import FedJaxWarning
-from fedjax_lib.output import stale_temps, temp_path
+from fedjax_lib.output import create_temp, remove_stale_temps
 
 CACHE_FOLDER = "fedjax_arrays"
 _META_KEY = "__meta__"
@@ -90,19 +90,15 @@ def _read(path: str, entry: str, version: int, required: tuple[str, ...],
 def _write(path: str, arrays: Mapping[str, np.ndarray], meta: Mapping) -> None:
   """Writes ``arrays`` and ``meta`` to ``path`` atomically (temporary file, then rename).
 
-  The temporary file is `output.temp_path`'s ``.tmp-<pid>-<hex>-<name>`` (mode 0666 minus the
+  The temporary file is `output.create_temp`'s ``.tmp-<pid>-<hex>-<name>`` (mode 0666 minus the
   umask, as the results files); those of a writer that has ended (a conversion killed while it
   wrote: entries can be gigabytes) are removed first."""
   folder = os.path.dirname(path)
   os.makedirs(folder, exist_ok=True)
-  for stale in stale_temps(path):
-    try:
-      os.remove(stale)
-    except OSError:
-      pass
-  tmp_path = temp_path(path)
+  remove_stale_temps(path)
+  tmp_path = create_temp(path)
   try:
-    with os.fdopen(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+    with open(tmp_path, "wb") as f:
       np.savez(f, **arrays, **{_META_KEY: np.array(json.dumps(dict(meta)))})
     os.replace(tmp_path, path)
   except BaseException:
