@@ -9,7 +9,9 @@ peak RSS on CPU, the device's ``peak_bytes_in_use`` on an accelerator.
 
 Optionally (``--torch``) the same workload runs through ``torch_baseline.py``: a PyTorch
 re-creation of PFLlib's execution model (one client after another, a model copy per client,
-per-client DataLoaders) in the same script run, so the ratio is measured side by side.
+per-client DataLoaders) in the same script run, so the ratio is measured side by side;
+``--torch-python`` names a Python with torch (it needs neither JAX nor this library: the
+baseline's client files are written by this script's Python).
 
     python experiments/benchmarks/bench_rounds.py --clients 20,100,500 --torch \
         --write experiments/benchmarks/RESULTS.md
@@ -167,7 +169,7 @@ def main() -> None:
   p.add_argument("--torch-threads", type=int, default=0, help="0 = torch's default")
   p.add_argument("--torch-device", default="cpu", help="torch device for the baseline")
   p.add_argument("--torch-python", default=sys.executable,
-                 help="the Python (with torch) that runs the baseline")
+                 help="the Python (with torch; JAX not needed) that runs the baseline")
   p.add_argument("--write", default=None, help="append the table to this markdown file")
   p.add_argument("--title", default=None)
   p.add_argument("--single", nargs=2, metavar=("CLIENTS", "EXECUTOR"), help=argparse.SUPPRESS)
@@ -185,12 +187,13 @@ def main() -> None:
     if args.torch:
       cmd = [args.torch_python, os.path.join(HERE, "torch_baseline.py"), "--clients", str(n),
              "--rounds", str(args.rounds), "--threads", str(args.torch_threads),
-             "--device", args.torch_device]
+             "--device", args.torch_device, "--data-python", sys.executable]
       try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
                              check=False)
         row = next((json.loads(l) for l in out.stdout.splitlines()[::-1]
-                    if l.startswith("{")), {"error": out.stderr.strip()[-200:]})
+                    if l.startswith("{")),
+                   {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:200]})
       except subprocess.TimeoutExpired:
         row = {"error": f"timed out after {args.timeout:.0f} s"}
       row.update(clients=n, executor="torch-sequential")

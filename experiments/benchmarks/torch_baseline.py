@@ -40,9 +40,10 @@ Not faithful / simplified:
 * The data are ``fedjax_lib.data.sources.synthetic(N*125, (32, 32, 3), 10, seed=0)`` (the same
   arrays as the JAX side); client i owns rows [125i, 125i+100) for training and the next 25 for
   testing, instead of a split made by PFLlib's dataset-generation scripts. A child process
-  (standing in for those scripts) writes the files to a temporary folder rather than
-  ``../dataset/<name>/``, so neither the full array nor JAX (imported by ``fedjax_lib``) is in
-  the measured process.
+  (``pfllib_client_files.py`` in ``--data-python``, standing in for those scripts) writes the
+  files to a temporary folder rather than ``../dataset/<name>/``, so neither the full array nor
+  JAX (imported by ``fedjax_lib``) is in the measured process, and this script's Python needs
+  torch, not JAX.
 * ``--in-memory`` (not PFLlib behaviour) decompresses every file once and keeps the arrays, to
   measure how much of the round time the re-reading costs. The per-sample list and the
   DataLoader are still rebuilt on every call.
@@ -79,8 +80,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-TRAIN_PER_CLIENT, TEST_PER_CLIENT = 100, 25
 NUM_CLASSES = 10
 BATCH_SIZE = 10
 LEARNING_RATE = 0.005
@@ -127,38 +126,13 @@ def make_model() -> nn.Module:
   return BaseHeadSplit(model, head)
 
 
-def write_client_files(num_clients: int, folder: str) -> None:
-  """PFLlib's dataset-generation step: one ``train/<cid>.npz`` and ``test/<cid>.npz`` per client.
-
-  Runs in a child process (``--write-data``), as PFLlib's generation scripts run apart from
-  training, so the full array and the JAX import that ``fedjax_lib`` pulls in never count
-  towards the simulating process's memory.
-  """
-  from fedjax_lib.data import sources  # pylint: disable=import-outside-toplevel
-  per = TRAIN_PER_CLIENT + TEST_PER_CLIENT
-  x, y = sources.synthetic(num_clients * per, (32, 32, 3), NUM_CLASSES, seed=0)
-  for split in ("train", "test"):
-    os.makedirs(os.path.join(folder, split), exist_ok=True)
-  for cid in range(num_clients):
-    start = cid * per
-    for split, lo, hi in (("train", start, start + TRAIN_PER_CLIENT),
-                          ("test", start + TRAIN_PER_CLIENT, start + per)):
-      # PFLlib stores images already normalised, NCHW float32, labels int64.
-      data = {"x": np.ascontiguousarray(x[lo:hi].transpose(0, 3, 1, 2), dtype=np.float32),
-              "y": y[lo:hi].astype(np.int64)}
-      with open(os.path.join(folder, split, f"{cid}.npz"), "wb") as f:
-        np.savez_compressed(f, data=data)
-
-
 class ClientStore:
   """Client data: PFLlib's per-client ``.npz`` files, re-read on every load unless in memory."""
 
-  def __init__(self, num_clients: int, in_memory: bool):
+  def __init__(self, num_clients: int, in_memory: bool, data_python: str):
     self._tmp = tempfile.TemporaryDirectory(prefix="pfllib_baseline_")
-    subprocess.run([sys.executable, os.path.abspath(__file__), "--clients", str(num_clients),
-                    "--write-data", self._tmp.name], check=True,
-                   env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep
-                            + os.environ.get("PYTHONPATH", "")))
+    subprocess.run([data_python, os.path.join(HERE, "pfllib_client_files.py"),
+                    str(num_clients), self._tmp.name], check=True)
     self._cache = None
     if in_memory:  # not PFLlib: decompress every file once and keep the arrays
       self._cache = {(split, cid): self._read(split, cid) for split in ("train", "test")
@@ -327,20 +301,19 @@ def main() -> None:
   p.add_argument("--in-memory", action="store_true",
                  help="keep client data in memory instead of re-reading .npz files (not PFLlib)")
   p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (PFLlib -dev)")
-  p.add_argument("--write-data", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--data-python", default=sys.executable,
+                 help="the Python that writes the client files (pfllib_client_files.py: it "
+                 "needs fedjax_lib's dependencies, not torch; default: this one)")
   args = p.parse_args()
   global DEVICE  # pylint: disable=global-statement
   DEVICE = torch.device(args.device)
-  if args.write_data:
-    write_client_files(args.clients, args.write_data)
-    return
   if args.rounds < 1:
     p.error("--rounds must be >= 1")
   if args.threads > 0:
     torch.set_num_threads(args.threads)
 
   n = args.clients
-  store = ClientStore(n, args.in_memory)
+  store = ClientStore(n, args.in_memory, args.data_python)
   model = make_model().to(DEVICE)
   num_params = sum(p.numel() for p in model.parameters())
   assert num_params == EXPECTED_PARAMS, num_params
