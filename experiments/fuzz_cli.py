@@ -72,7 +72,8 @@ relation, 22 compared (an ``interrupt`` of FML on HtFE-img-3 in bfloat16 with ``
 none bad; ``--mode steps --cases 25 --seed 34``: 14 ran both commands, 2 one command alone, 4 a
 first one with a second refused as it should be (``-mfn`` where no client model is kept), 5
 refused (models without a base for FedRep, FedPer, FedAS, FedPCL; ``-sfd`` wider than the
-DNN's features for FedMRL), none bad.
+DNN's features for FedMRL), none bad; ``--mode agree --relations
+interrupt,resume,cache,config --cases 20 --seed 35``: 17 compared (6 interrupted), none bad.
 """
 
 from __future__ import annotations
