@@ -73,7 +73,8 @@ none bad; ``--mode steps --cases 25 --seed 34``: 14 ran both commands, 2 one com
 first one with a second refused as it should be (``-mfn`` where no client model is kept), 5
 refused (models without a base for FedRep, FedPer, FedAS, FedPCL; ``-sfd`` wider than the
 DNN's features for FedMRL), none bad; ``--mode agree --relations
-interrupt,resume,cache,config --cases 20 --seed 35``: 17 compared (6 interrupted), none bad.
+interrupt,resume,cache,config --cases 20 --seed 35``: 17 compared (6 interrupted), none bad;
+``--mode single --cases 40 --seed 36``: 16 ran, 24 were refused with one `error:` line, none bad.
 """
 
 from __future__ import annotations
