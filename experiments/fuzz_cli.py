@@ -66,15 +66,15 @@ a kill; 3 refused in both arms), none bad.
 8 with a second refused as it should be (``-mfn`` for algorithms that keep no client model),
 4 refused, none bad.
 
-2026-12-06 (34th session): ``--mode agree --cases 30 --seed 34``: 30 cases over every
-relation, 22 compared (an ``interrupt`` of FML on HtFE-img-3 in bfloat16 with ``-t 2`` took
-475 s), none bad; ``--mode single --cases 60 --seed 34``: 24 ran, 36 were refused with one `error:` line,
+2026-12-06 (34th session): ``--mode agree --cases 30 --seed 34``: 30 cases over every relation,
+22 compared (an ``interrupt`` of FML on HtFE-img-3 in bfloat16 with ``-t 2`` took 475 s), none
+bad; ``--mode single --cases 60 --seed 34``: 24 ran, 36 were refused with one `error:` line,
 none bad; ``--mode steps --cases 25 --seed 34``: 14 ran both commands, 2 one command alone, 4 a
 first one with a second refused as it should be (``-mfn`` where no client model is kept), 5
-refused (models without a base for FedRep, FedPer, FedAS, FedPCL; ``-sfd`` wider than the
-DNN's features for FedMRL), none bad; ``--mode agree --relations
-interrupt,resume,cache,config --cases 20 --seed 35``: 17 compared (6 interrupted), none bad;
-``--mode single --cases 40 --seed 36``: 16 ran, 24 were refused with one `error:` line, none bad.
+refused (models without a base for FedRep, FedPer, FedAS, FedPCL; ``-sfd`` wider than the DNN's
+features for FedMRL), none bad; ``--mode agree --relations interrupt,resume,cache,config
+--cases 20 --seed 35``: 17 compared (6 interrupted), none bad; ``--mode single --cases 40
+--seed 36``: 16 ran, 24 were refused with one `error:` line, none bad.
 """
 
 from __future__ import annotations
