@@ -104,8 +104,12 @@ def run_single(num_clients: int, executor: str, rounds: int, chunk_size: int,
 
 
 def _subprocess(args: list[str], timeout: float) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__)] + args
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return _json_row([sys.executable, os.path.abspath(__file__)] + args, timeout, env)
+
+
+def _json_row(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
+  """The last JSON line ``cmd`` prints, or ``{"error": ...}`` with its last stderr line."""
   try:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                          check=False)
@@ -188,14 +192,7 @@ def main() -> None:
       cmd = [args.torch_python, os.path.join(HERE, "torch_baseline.py"), "--clients", str(n),
              "--rounds", str(args.rounds), "--threads", str(args.torch_threads),
              "--device", args.torch_device, "--data-python", sys.executable]
-      try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                             check=False)
-        row = next((json.loads(l) for l in out.stdout.splitlines()[::-1]
-                    if l.startswith("{")),
-                   {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:200]})
-      except subprocess.TimeoutExpired:
-        row = {"error": f"timed out after {args.timeout:.0f} s"}
+      row = _json_row(cmd, args.timeout)
       row.update(clients=n, executor="torch-sequential")
       rows.append(row)
       print(json.dumps(row), flush=True)

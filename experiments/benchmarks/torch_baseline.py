@@ -79,8 +79,9 @@ from sklearn.preprocessing import label_binarize
 from torch import nn
 from torch.utils.data import DataLoader
 
+from pfllib_client_files import NUM_CLASSES  # the data's labels (this script's folder)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-NUM_CLASSES = 10
 BATCH_SIZE = 10
 LEARNING_RATE = 0.005
 LOCAL_EPOCHS = 1
