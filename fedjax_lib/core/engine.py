@@ -300,7 +300,7 @@ class Engine:
       client_threads = default_client_threads(jax.default_backend())
     if client_threads < 1:
       raise ValueError(f"client_threads={client_threads}; accepted: 1 or more")
-    if not all(getattr(g.algorithm, "concurrent_clients", True) for g in groups):
+    if not all(g.algorithm.concurrent_clients for g in groups):
       client_threads = 1  # an algorithm whose client programs must not overlap
     self.executors = [executors_lib.make_executor(executor, g.chunk_size or chunk_size,
                                                   client_threads) for g in groups]
