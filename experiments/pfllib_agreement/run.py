@@ -134,6 +134,15 @@ def pfllib_settings(algorithm: str) -> list[str]:
   return out
 
 
+def last_per_round(rounds: list[int], values: list[float]) -> tuple[list[int], list[float]]:
+  """One value per round, the last one, as ``parse_pfllib`` reads PFLlib's (FedBABU evaluates
+  its last round again after fine-tuning, as PFLlib does, and prints it in that round)."""
+  last = {}
+  for r, v in zip(rounds, values):
+    last[r] = v
+  return list(last), list(last.values())
+
+
 def run_ours(folder: str, algorithm: str, rounds: int, seeds: list[int], extra: list[str],
              timeout: float) -> dict:
   """Our test accuracy per evaluation for each seed (one sweep process)."""
@@ -160,8 +169,9 @@ def run_ours(folder: str, algorithm: str, rounds: int, seeds: list[int], extra: 
     for path in files:
       with open(path, encoding="utf-8") as f:
         res = json.load(f)
-      curves.append(res["test_acc"])
-      evaluated.append(res["rounds"])
+      evaluated_rounds, curve = last_per_round(res["rounds"], res["test_acc"])
+      curves.append(curve)
+      evaluated.append(evaluated_rounds)
   return {"seeds": seeds, "test_acc": curves, "rounds": evaluated, "flags": extra}
 
 
@@ -186,8 +196,8 @@ def _ours_cell(run: dict | None, evaluations: int) -> tuple[str, str]:
   last = [last10(c) for c in run["test_acc"]]
   stopped = [f"seed {seed} after round {len(c) - 1}"
              for seed, c in zip(run["seeds"], run["test_acc"]) if len(c) < evaluations]
-  return (f"{common.mean(best):.3f} ± {common.std(best):.3f}",
-          f"{common.mean(last):.3f} ± {common.std(last):.3f}"
+  return (common.mean_std((common.mean(best), common.std(best))),
+          common.mean_std((common.mean(last), common.std(last)))
           + (f" (stopped, non-finite: {', '.join(stopped)})" if stopped else ""))
 
 
@@ -215,7 +225,7 @@ def table(results: dict, header: str, evaluations: int) -> str:
       elif run is None:
         cells += ["(ours are PFLlib's)", ""]
       else:
-        flags = " ".join(run.get("flags", ["--pfllib-compat"]))
+        flags = " ".join(run["flags"])
         cells += [f"`{flags}`: " + (f"{best} / {last}" if "error" not in run else best),
                   f"**{screen}**" if screen == "differs" else screen]
     name = algorithm + (f" (ours: {OURS[algorithm]})" if algorithm in OURS else "")
@@ -239,9 +249,8 @@ def plot(results: dict, path: str) -> None:
     for key, color in (("ours", "tab:orange"), ("compat", "tab:green")):
       run = r.get(key)
       if run and "error" not in run:
-        for i, curve in enumerate(run["test_acc"]):
-          rounds = run["rounds"][i] if isinstance(run["rounds"][0], list) else None
-          ax.plot(rounds or range(len(curve)), curve, color=color, lw=0.8, alpha=0.7,
+        for i, (rounds, curve) in enumerate(zip(run["rounds"], run["test_acc"])):
+          ax.plot(rounds, curve, color=color, lw=0.8, alpha=0.7,
                   label=(f"fedjax_lib{' at PFLlib settings' if key == 'compat' else ''} (seeds)"
                          if i == 0 else None))
     p = r.get("pfllib")
@@ -286,7 +295,7 @@ def main() -> None:
   args = p.parse_args()
 
   def finish(stored: dict) -> None:
-    text = table(stored["results"], stored["header"], stored.get("rounds", 25) + 1)
+    text = table(stored["results"], stored["header"], stored["rounds"] + 1)
     print(text)
     if common.has_section(args.results_md, "agreement"):
       common.replace_section(args.results_md, "agreement", text + "\n")
