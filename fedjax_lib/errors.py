@@ -23,6 +23,8 @@ class PartitionError(DataError):
 
 
 class FedJaxWarning(UserWarning):
-  """A one-line notice about the data or a file that the run works around (a class no client
-  gets, a cache file rebuilt). The runner turns those raised while it builds a run into the
-  run's ``warning:`` lines and its results' ``warnings``; library callers see Python warnings."""
+  """A one-line notice about the data, a file or the execution that the run works around (a
+  class no client gets, a cache file rebuilt, clients trained one at a time). The runner turns
+  those raised while it builds a run into the run's ``warning:`` lines and its results'
+  ``warnings``, and those of a round into ``warning:`` lines; library callers see Python
+  warnings."""

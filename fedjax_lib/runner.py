@@ -889,7 +889,10 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
                      for run in training}
       decay = {run.spec.index: run.lr_decay(config.learning_rate_decay_gamma, r)
                for run in training} if config.learning_rate_decay else None
-      round_metrics, train_time = states.train(training, r, decay)
+      with collected_warnings() as notices:  # once per process: the LAPACK check, round 1
+        round_metrics, train_time = states.train(training, r, decay)
+      for line in notices:
+        write(f"warning: {line}")
       for run in training:
         if run.accountant is not None:
           run.accountant.record_round(round_metrics[run.spec.index]["selected"])

@@ -416,15 +416,3 @@ def test_two_architectures_learn_on_digits(tmp_path):
   # all ten clients together send less than one raw mentee per round (6 rounds: 0..5)
   assert sum(history["upload_floats"]) < 6 * 582_026
 
-
-@pytest.mark.parametrize("compat", [False, True])
-def test_compat_clients_train_one_at_a_time(compat):
-  """Two clients' compat programs trained at once by the sequential executor's two client
-  threads never finished on XLA:CPU (2026-12-06); with compat the engine trains one client at
-  a time, whatever --client-threads asks (the default FedKD keeps the requested threads)."""
-  from fedjax_lib.runner import build  # pylint: disable=import-outside-toplevel
-  built = build(Config(algorithm="FedKD", num_clients=4, model="dnn", executor="sequential",
-                       client_threads=2, pfllib_compat=compat))
-  assert built.algorithm.concurrent_clients is (not compat)
-  assert built.engine.client_threads == (1 if compat else 2)
-  assert all(e.threads == built.engine.client_threads for e in built.engine.executors)

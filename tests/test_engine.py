@@ -1,5 +1,8 @@
 """Engine-level tests: executors agree, one compilation, client-order invariance."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,6 +176,49 @@ def test_client_threads_give_the_same_bits(algo):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   assert eng.trace_counts["client_update"] == 1
+
+
+def test_lapack_calls_are_read_from_lowered_programs():
+  """`executors.lapack_calls` finds the LAPACK kernels of a lowered CPU program (a batched
+  SVD and a Cholesky), none in a program of matrix products."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("LAPACK custom calls are XLA:CPU's")
+  from fedjax_lib.core.executors import lapack_calls  # pylint: disable=import-outside-toplevel
+  a = jnp.ones((16, 5, 5))
+  both = jax.jit(lambda a: (jnp.linalg.svd(a)[1], jnp.linalg.cholesky(a[0] @ a[0].T + 1)))
+  assert lapack_calls(both.lower(a).as_text()) == ["lapack_sgesdd_ffi", "lapack_spotrf_ffi"]
+  assert lapack_calls(jax.jit(lambda a: a @ a + 1).lower(a).as_text()) == []
+
+
+_LAPACK_CLIENTS = """
+import sys
+from fedjax_lib.config import Config
+from fedjax_lib.runner import run_experiment
+lines = []
+run_experiment(Config(algorithm="FedKD", model="cnn", num_clients=4, global_rounds=1,
+                      pfllib_compat=True, executor="sequential", client_threads=2,
+                      progress=False, plot=False, out=sys.argv[1]), log=lines.append)
+print("\\n".join(lines))
+"""
+
+
+def test_a_client_program_calling_lapack_trains_one_client_at_a_time(tmp_path):
+  """FedKD's --pfllib-compat SVDs every conv kernel slice by slice (a batch of 2,048 5×5
+  matrices); two such client programs at once on XLA:CPU wait for each other forever (two
+  client threads never finished, 2026-12-06). The sequential executor reads the LAPACK call
+  from the lowered program and trains the clients one at a time, and the run says so in one
+  ``warning:`` line. In a child process, so that a regression fails on its timeout instead of
+  hanging the suite. (The lowering traces nothing again: see the client-threads test.)"""
+  if jax.default_backend() != "cpu":
+    pytest.skip("the pool starvation is XLA:CPU's")
+  done = subprocess.run([sys.executable, "-c", _LAPACK_CLIENTS, str(tmp_path)],
+                        capture_output=True, text=True, timeout=180)
+  assert done.returncode == 0, done.stderr[-2000:]
+  warned = [line for line in done.stdout.splitlines() if "LAPACK" in line]
+  assert warned == ["warning: FedKD's client program calls LAPACK (lapack_sgesdd_ffi), which "
+                    "XLA:CPU cannot run in two programs at once: its clients train one at a "
+                    "time (--client-threads 1)"], done.stdout
+  assert "round    1 |" in done.stdout, done.stdout
 
 
 def test_one_compilation_per_run_shape():

@@ -256,12 +256,6 @@ class Algorithm:
   def supports_new_clients(self) -> bool:
     return has_hook(self, "new_client_variables")
 
-  @property
-  def concurrent_clients(self) -> bool:
-    """Whether the sequential executor may train two of this algorithm's clients at once
-    (``--client-threads``); False makes the engine train them one at a time."""
-    return True
-
   def new_client_variables(self, server_state, client_state):
     """Full-model variables a new client starts from (new-client evaluation)."""
     raise NotImplementedError

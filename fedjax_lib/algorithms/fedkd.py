@@ -237,15 +237,6 @@ class FedKD(SharedModelAlgorithm):
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
     super().__post_init__()
 
-  @property
-  def concurrent_clients(self) -> bool:
-    """False with ``pfllib_compat``: two clients' compat programs (the per-slice SVDs) trained
-    at once by the sequential executor's two client threads never finished on XLA:CPU (JAX
-    0.10.2: each thread waiting for its outputs, measured 2026-12-06 with ``python -m
-    fedjax_lib -algo FedKD -m cnn -nc 4 -gr 1 --pfllib-compat``, cause not found; the SVDs
-    alone in two threads finish), so the engine trains them one at a time."""
-    return not self.pfllib_compat
-
   def energy(self, server_state):
     return energy_at(server_state["round"], self.energy_start, self.energy_end,
                      self.global_rounds)

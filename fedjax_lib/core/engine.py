@@ -39,6 +39,7 @@ import collections
 import dataclasses
 import functools
 import os
+import warnings
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -55,7 +56,7 @@ from fedjax_lib.core import rng
 from fedjax_lib.core.executors import CLIENTS, GroupSlots, SlotOutputs
 from fedjax_lib.core.local import (ClientData, SampleFeatures, cross_entropy_objective,
                                    train_locally, train_model)
-from fedjax_lib.errors import ConfigError
+from fedjax_lib.errors import ConfigError, FedJaxWarning
 from fedjax_lib.models.base import has_train_mode
 
 
@@ -300,8 +301,6 @@ class Engine:
       client_threads = default_client_threads(jax.default_backend())
     if client_threads < 1:
       raise ValueError(f"client_threads={client_threads}; accepted: 1 or more")
-    if not all(g.algorithm.concurrent_clients for g in groups):
-      client_threads = 1  # an algorithm whose client programs must not overlap
     self.executors = [executors_lib.make_executor(executor, g.chunk_size or chunk_size,
                                                   client_threads) for g in groups]
     self.client_threads = client_threads if executor == "sequential" else 1
@@ -369,6 +368,7 @@ class Engine:
     self._new_client = jax.jit(self._new_client_fn, static_argnames=("gi", "epochs"))
     self._init_jit = jax.jit(self._init_fn)
     self._step_shapes: dict = {}
+    self._overlappable: dict = {}  # {(group, phase): bool}, `_SequentialWriter.overlappable`
     self._stacked: dict = {}
     if mesh is not None:
       self._export = jax.jit(self._export_fn, out_shardings=NamedSharding(mesh, P()))
@@ -1201,12 +1201,33 @@ class _SequentialWriter:
     """A client's state, read out of the stacked states (on the calling thread)."""
     return self.engine._row(states, row)  # pylint: disable=protected-access
 
+  def _client_args(self, state, slot, row, keys, kept):
+    data, tables = self.arrays["data"], self.arrays["tables"][self.gi][:2]
+    return (self.hparams, self.server_state, data.x, data.y, state, tables, slot, row, keys,
+            kept)
+
   def train(self, state, slot, row, keys, kept):
     """One client's outputs (`Engine._client_fn`), dispatched from the calling thread."""
-    data = self.arrays["data"]
-    eng, tables = self.engine, self.arrays["tables"][self.gi][:2]
-    return eng._client(self.hparams, self.server_state, data.x, data.y, state, tables,  # pylint: disable=protected-access
-                       slot, row, keys, kept, gi=self.gi, phase=self.phase)
+    return self.engine._client(*self._client_args(state, slot, row, keys, kept),  # pylint: disable=protected-access
+                               gi=self.gi, phase=self.phase)
+
+  def overlappable(self, state, slot, row, keys, kept) -> bool:
+    """Whether two clients' trainings may run at once: not where the program calls LAPACK
+    (`executors.lapack_calls`: XLA:CPU would wait forever), said once in a warning. Read
+    from the lowered program once per group and phase (no compilation)."""
+    eng, key = self.engine, (self.gi, self.phase)
+    cache = eng._overlappable  # pylint: disable=protected-access
+    if key not in cache:
+      lowered = eng._client.lower(*self._client_args(state, slot, row, keys, kept),  # pylint: disable=protected-access
+                                  gi=self.gi, phase=self.phase)
+      calls = executors_lib.lapack_calls(lowered.as_text())
+      if calls:
+        name = type(eng.groups[self.gi].algorithm).__name__
+        warnings.warn(f"{name}'s client program calls LAPACK ({', '.join(calls)}), which "
+                      "XLA:CPU cannot run in two programs at once: its clients train one at "
+                      "a time (--client-threads 1)", FedJaxWarning, stacklevel=2)
+      cache[key] = not calls
+    return cache[key]
 
   def write(self, states, buffers, slot, row, outputs, linear):
     """The outputs written into the (donated) states and buffers."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import re
 import threading
 from typing import Any, Callable, NamedTuple
 
@@ -214,11 +215,13 @@ class SequentialExecutor(Executor):
   Each client is three programs: its state row read out of the stacked states, its training
   (which reads nothing else of them), and the write of its outputs into the states and the
   buffers, in slot order. ``threads`` > 1 runs the trainings of that many clients at once,
-  each on a worker thread (XLA:CPU runs a program on the thread that dispatches it, and one
-  client's batches of 10 leave a core idle between small ops), while this thread reads rows
-  and writes outputs: the same programs, written in the same order, so every number is the
-  same to the bit whatever ``threads`` is (`tests/test_engine.py`). The first client of a
-  call runs on this thread, so any compilation happens here.
+  each on a worker thread that waits for its outputs (one client's program, run on XLA:CPU's
+  intra-op pool, leaves a core idle between its small ops on batches of 10; two in flight
+  fill it), while this thread reads rows and writes outputs: the same programs, written in
+  the same order, so every number is the same to the bit whatever ``threads`` is
+  (`tests/test_engine.py`). The first client of a
+  call runs on this thread, so any compilation happens here; a training program that calls
+  LAPACK (:func:`lapack_calls`) then runs its clients one at a time whatever ``threads`` is.
   """
 
   threads: int = 1
@@ -234,25 +237,48 @@ class SequentialExecutor(Executor):
     kept = np.asarray(slots.kept)
     buffers = writer.init(states, slots, linear)
     waiting = collections.deque(int(k) for k in np.flatnonzero(np.asarray(slots.active)))
-    train = lambda k, state: writer.train(state, np.int32(k), rows[k], keys, kept[k])
+    args = lambda k, state: (state, np.int32(k), rows[k], keys, kept[k])
     write = lambda states, buffers, k, outputs: writer.write(states, buffers, np.int32(k),
                                                              rows[k], outputs, linear)
-    # On this thread: the first client (any compilation happens here), or with one thread
-    # every client.
-    for _ in range(len(waiting) if self.threads == 1 else min(1, len(waiting))):
+    threads = self.threads
+    if waiting:  # the first client on this thread: any compilation happens here
       k = waiting.popleft()
-      states, buffers = write(states, buffers, k, train(k, writer.row(states, rows[k])))
-    pool, pending = _pool(self.threads) if waiting else None, collections.deque()
+      state = writer.row(states, rows[k])
+      if threads > 1 and not writer.overlappable(*args(k, state)):
+        threads = 1
+      states, buffers = write(states, buffers, k, writer.train(*args(k, state)))
+    while waiting and threads == 1:  # with one thread, every client here
+      k = waiting.popleft()
+      states, buffers = write(states, buffers, k,
+                              writer.train(*args(k, writer.row(states, rows[k]))))
+    pool, pending = _pool(threads) if waiting else None, collections.deque()
     # A worker waits for its client's outputs, so that the next one it takes runs beside it.
-    worker = lambda k, state: jax.block_until_ready(train(k, state))
+    worker = lambda k, state: jax.block_until_ready(writer.train(*args(k, state)))
     while waiting or pending:
       # Two clients per thread in flight: a thread that finishes early finds the next one read.
-      while waiting and len(pending) < 2 * self.threads:
+      while waiting and len(pending) < 2 * threads:
         k = waiting.popleft()
         pending.append((k, pool.submit(worker, k, writer.row(states, rows[k]))))
       k, future = pending.popleft()
       states, buffers = write(states, buffers, k, future.result())
     return states, writer.finish(buffers, linear)
+
+
+#: A LAPACK call in a lowered (StableHLO) program. jaxlib's CPU kernels for a batch of
+#: matrices (SVD, eigh, LU, QR, and the solves and inverses built on them) split the batch
+#: over XLA's intra-op thread pool and wait for the pieces on the pool thread they run on:
+#: two such programs at once, on a pool of two threads (a two-core CPU), wait for each other
+#: forever (JAX 0.10.2, 2026-12-06: `tests/test_engine.py`, FedKD's per-slice SVDs
+#: with ``--pfllib-compat``). Cholesky did not hang in that check; every LAPACK call is kept
+#: apart all the same, so the check need not know which kernels split their batch (FedKD's
+#: default one-matrix SVDs, which never hung, train faster one at a time: benchmarks/RESULTS.md).
+_LAPACK_CALL = re.compile(r"custom_call @(lapack_\w+)")
+
+
+def lapack_calls(program_text: str) -> list:
+  """The LAPACK calls (custom-call targets, sorted) in a lowered program's text: where any,
+  the sequential executor trains one client at a time."""
+  return sorted(set(_LAPACK_CALL.findall(program_text)))
 
 
 _POOLS: dict = {}
