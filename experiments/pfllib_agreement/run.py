@@ -8,7 +8,9 @@ PFLlib folder (20 clients, Dirichlet α = 0.1, PFLlib's partition rule; the fold
 0.005 -jr 1 -eg 1`` and every other hyperparameter at its default on both sides:
 
 1. PFLlib's ``system/main.py``, unmodified, once (it seeds torch with 0 but not numpy, so a
-   second run differs only a little);
+   second run differs only a little), or once per ``--pfllib-seeds`` (seed 0: as it is;
+   another: every ``torch.manual_seed`` call of the run, main.py's and each client's, seeds
+   that number instead, through a wrapper that leaves the checkout as it is);
 2. fedjax_lib over ``--seeds`` (one ``--sweep seed=...`` process) with our defaults, and again
    at PFLlib's exact settings where they differ from ours: ``--pfllib-compat`` for the
    algorithms that have that switch (where the reference has a bug, we implement the paper's
@@ -19,9 +21,10 @@ PFLlib folder (20 clients, Dirichlet α = 0.1, PFLlib's partition rule; the fold
 Each side's test accuracy per evaluation round: PFLlib's printed ``Average(d) Test Accuracy``
 (the last one printed in a round where it prints several, as Ditto's global then personalized
 evaluation), our results file's ``test_acc``. The table gives PFLlib's best accuracy and the
-mean of its last 10 evaluations next to ours (mean ± std over the seeds), and a screen, not a
-test: ``within noise`` when PFLlib's last-10 mean lies within max(3 std, 0.03) of our seeds'
-mean, ``differs`` otherwise (then look: a real divergence, a known reference bug or a
+mean of its last 10 evaluations next to ours (mean ± std over the seeds; PFLlib's too where
+it ran several), and a screen, not a test: ``within noise`` when PFLlib's last-10 mean lies
+within max(3 std, 0.03) of our seeds' mean (std: the larger of the two sides'), ``differs``
+otherwise (then look: a real divergence, a known reference bug or a
 documented difference).
 
     python experiments/pfllib_agreement/run.py --pfllib /path/to/PFLlib \\
@@ -83,11 +86,21 @@ def parse_pfllib(stdout: str) -> dict:
   return {"rounds": rounds, "test_acc": [v[-1] for v in all_acc], "all_acc": all_acc}
 
 
+# PFLlib's main.py run with every torch.manual_seed call seeding ``seed`` instead (main.py
+# seeds 0, and so does every client it builds), the checkout left as it is.
+_SEEDED = ("import runpy, sys, torch; seed = int(sys.argv[1]); sys.argv = sys.argv[2:]; "
+           "manual_seed = torch.manual_seed; "
+           "torch.manual_seed = lambda _: manual_seed(seed); "
+           "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 def run_pfllib(pfllib: str, python: str, threads: int, name: str, algorithm: str,
-               rounds: int, timeout: float) -> dict:
+               rounds: int, timeout: float, seed: int = 0) -> dict:
+  """PFLlib's printed accuracies (``parse_pfllib``) of one ``main.py`` run; ``seed`` other
+  than PFLlib's 0 replaces the seed of its ``torch.manual_seed`` calls (``_SEEDED``)."""
   env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-  cmd = [python, "main.py", "-data", name, "-algo", algorithm, "-gr", str(rounds), "-dev",
-         "cpu", *bench_pfllib.FLAGS]
+  cmd = [python, *(["-c", _SEEDED, str(seed)] if seed else []), "main.py", "-data", name,
+         "-algo", algorithm, "-gr", str(rounds), "-dev", "cpu", *bench_pfllib.FLAGS]
   out = subprocess.run(cmd, cwd=os.path.join(pfllib, "system"), env=env, capture_output=True,
                        text=True, timeout=timeout, check=False)
   parsed = parse_pfllib(out.stdout)
@@ -179,10 +192,36 @@ def last10(curve: list) -> float:
   return common.mean(curve[-10:])
 
 
-def verdict(pfllib: float, ours: list[float]) -> str:
-  """``within noise`` when ``pfllib`` lies within max(3 std, 0.03) of the seeds' mean."""
-  m, s = common.mean(ours), common.std(ours)
-  return "within noise" if abs(pfllib - m) <= max(3 * s, 0.03) else "differs"
+def verdict(pfllib: list[float], ours: list[float]) -> str:
+  """``within noise`` when PFLlib's mean lies within max(3 std, 0.03) of our seeds' mean,
+  the std the larger of the two sides' (PFLlib's is 0 for one run)."""
+  spread = max(common.std(ours), common.std(pfllib) if len(pfllib) > 1 else 0.0)
+  return ("within noise" if abs(common.mean(pfllib) - common.mean(ours)) <= max(3 * spread, 0.03)
+          else "differs")
+
+
+def pfllib_runs(r: dict) -> list[dict]:
+  """An algorithm's PFLlib runs that finished: seed 0 (``pfllib``), then ``pfllib@<seed>``."""
+  runs = [r.get("pfllib")] + [r[k] for k in sorted(r, key=_seed_of) if k.startswith("pfllib@")]
+  return [p for p in runs if p is not None and "error" not in p]
+
+
+def _seed_of(key: str) -> int:
+  return int(key.split("@")[1]) if key.startswith("pfllib@") else -1
+
+
+def _pfllib_cell(r: dict) -> str:
+  p, runs = r.get("pfllib"), pfllib_runs(r)
+  if p is not None and "error" in p:
+    return f"failed: {p['error']}"
+  if not runs:
+    return "—"
+  if len(runs) == 1:
+    return f"{max(runs[0]['test_acc']):.3f} / {last10(runs[0]['test_acc']):.3f}"
+  best = [max(q["test_acc"]) for q in runs]
+  last = [last10(q["test_acc"]) for q in runs]
+  return (f"{common.mean_std((common.mean(best), common.std(best)))} / "
+          f"{common.mean_std((common.mean(last), common.std(last)))} ({len(runs)} seeds)")
 
 
 def _ours_cell(run: dict | None, evaluations: int) -> tuple[str, str]:
@@ -208,18 +247,14 @@ def table(results: dict, header: str, evaluations: int) -> str:
            "|---|---|---|---|---|---|---|"]
   for algorithm, r in results.items():
     p = r.get("pfllib")
-    if p is None:
-      pcell = "—"
-    elif "error" in p:
-      pcell = f"failed: {p['error']}"
-    else:
-      pcell = f"{max(p['test_acc']):.3f} / {last10(p['test_acc']):.3f}"
+    pcell = _pfllib_cell(r)
+    pfllib = [last10(q["test_acc"]) for q in pfllib_runs(r)]
     cells = []
     for key in ("ours", "compat"):
       run = r.get(key)
       best, last = _ours_cell(run, evaluations)
       ok = (p is not None and "error" not in p and run is not None and "error" not in run)
-      screen = verdict(last10(p["test_acc"]), [last10(c) for c in run["test_acc"]]) if ok else ""
+      screen = verdict(pfllib, [last10(c) for c in run["test_acc"]]) if ok else ""
       if key == "ours":
         cells += [best, last, f"**{screen}**" if screen == "differs" else screen]
       elif run is None:
@@ -253,9 +288,9 @@ def plot(results: dict, path: str) -> None:
           ax.plot(rounds, curve, color=color, lw=0.8, alpha=0.7,
                   label=(f"fedjax_lib{' at PFLlib settings' if key == 'compat' else ''} (seeds)"
                          if i == 0 else None))
-    p = r.get("pfllib")
-    if p and "error" not in p:
-      ax.plot(p["rounds"], p["test_acc"], color="black", lw=1.4, label="PFLlib")
+    for i, q in enumerate(pfllib_runs(r)):
+      ax.plot(q["rounds"], q["test_acc"], color="black", lw=1.4 if i == 0 else 0.7,
+              label="PFLlib" if i == 0 else "PFLlib, other torch seeds" if i == 1 else None)
     ax.set_title(name, fontsize=9)
     ax.tick_params(labelsize=7)
   handles, labels = [], []
@@ -279,6 +314,9 @@ def main() -> None:
   p.add_argument("--algorithms", default="all", help="PFLlib -algo names, comma-separated")
   p.add_argument("--rounds", type=int, default=20)
   p.add_argument("--seeds", default="0,1,2", help="our seeds (one sweep per algorithm)")
+  p.add_argument("--pfllib-seeds", default="0",
+                 help="PFLlib's torch seeds: 0 is its main.py as it is; another seeds every "
+                      "torch.manual_seed call of the run with that number instead")
   p.add_argument("--jobs", type=int, default=2, help="processes at once")
   p.add_argument("--threads", type=int, default=1, help="torch threads for PFLlib")
   p.add_argument("--timeout", type=float, default=3600, help="seconds per process")
@@ -319,8 +357,13 @@ def main() -> None:
     sys.exit(2)
   try:
     seeds = [int(s) for s in args.seeds.split(",")]
+    pfllib_seeds = [int(s) for s in args.pfllib_seeds.split(",")]
   except ValueError:
-    print(f"error: --seeds {args.seeds!r} is not a comma-separated list of integers",
+    print(f"error: --seeds {args.seeds!r} / --pfllib-seeds {args.pfllib_seeds!r}: each is a "
+          "comma-separated list of integers", file=sys.stderr)
+    sys.exit(2)
+  if any(s < 0 for s in pfllib_seeds):
+    print(f"error: --pfllib-seeds {args.pfllib_seeds!r}: torch seeds are 0 or more",
           file=sys.stderr)
     sys.exit(2)
   import jax  # pylint: disable=import-outside-toplevel
@@ -335,7 +378,7 @@ def main() -> None:
   header = (f"Measured {datetime.date.today().isoformat()} on {common.machine()}: PFLlib "
             f"{commit or '(checkout without git)'} system/main.py (torch {torch_version}) "
             f"against fedjax_lib (jax {jax.__version__}, {jax.default_backend()}), seeds "
-            f"{args.seeds}. Workload: {name} = bundled digits 1×28×28, 20 clients, Dir(0.1), "
+            f"{args.seeds} (PFLlib's torch seeds: {args.pfllib_seeds}). Workload: {name} = bundled digits 1×28×28, 20 clients, Dir(0.1), "
             f"{data['train_samples']} training / {data['test_samples']} test samples; flags "
             f"`{' '.join(bench_pfllib.FLAGS)}`, {args.rounds} rounds, every other "
             "hyperparameter at its default.\nCommand: `python "
@@ -361,9 +404,12 @@ def main() -> None:
   tasks = []
   for algorithm in algorithms:
     done = results.get(algorithm, {})
-    if "pfllib" not in done:
-      tasks.append((algorithm, "pfllib", lambda a=algorithm: run_pfllib(
-          args.pfllib, args.torch_python, args.threads, name, a, args.rounds, args.timeout)))
+    for seed in pfllib_seeds:
+      key = f"pfllib@{seed}" if seed else "pfllib"
+      if key not in done:
+        tasks.append((algorithm, key, lambda a=algorithm, seed=seed: run_pfllib(
+            args.pfllib, args.torch_python, args.threads, name, a, args.rounds, args.timeout,
+            seed)))
     if "ours" not in done:
       tasks.append((algorithm, "ours", lambda a=algorithm: run_ours(
           data["folder"], a, args.rounds, seeds, [], args.timeout)))
