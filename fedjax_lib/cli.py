@@ -531,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add(execution, "--client-threads", type=int, default=d.client_threads,
        dest="client_threads", shown_default="per backend",
        help="clients the sequential executor trains at once, each on a host thread (CPU "
-       "default 2 with two cores or more; the same results to the bit)")
+       "default 2 with two cores or more; 1 for a client program that calls LAPACK, as "
+       "FedKD's; the same results to the bit)")
   _add(execution, "--eval-chunk-size", type=int, default=d.eval_chunk_size,
        dest="eval_chunk_size", help="clients evaluated per lax.map step")
   _add(execution, "--devices", type=int, default=d.devices,

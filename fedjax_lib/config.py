@@ -83,8 +83,9 @@ class Config:
     how local steps run: ``'valid'`` (only each client's own steps) or ``'scan'`` (every
     client the largest client's steps, masked; ``None`` = per backend, see `core.local`),
     ``client_threads`` clients the sequential executor trains at once, each on a host thread
-    (``None`` = per backend: 2 on a CPU with two cores or more, else 1; the results are the
-    same to the bit whatever the number).
+    (``None`` = per backend: 2 on a CPU with two cores or more, else 1; one at a time for a
+    client program that calls LAPACK, as FedKD's; the results are the same to the bit
+    whatever the number).
     ``devices``: shard the clients over this many devices (0 = all; 1 = no sharding);
     ``distributed``: call ``jax.distributed.initialize()`` first (one process per host;
     only process 0 writes results).

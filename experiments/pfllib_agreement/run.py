@@ -268,6 +268,12 @@ def table(results: dict, header: str, evaluations: int) -> str:
   return "\n".join(lines)
 
 
+def in_order(results: dict) -> dict:
+  """``results`` in the order of PFLlib's main.py (then any other name)."""
+  ordered = {a: results[a] for a in PFLLIB_ALGORITHMS if a in results}
+  return {**ordered, **{a: v for a, v in results.items() if a not in ordered}}
+
+
 def plot(results: dict, path: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -333,6 +339,7 @@ def main() -> None:
   args = p.parse_args()
 
   def finish(stored: dict) -> None:
+    stored["results"] = in_order(stored["results"])
     text = table(stored["results"], stored["header"], stored["rounds"] + 1)
     print(text)
     if common.has_section(args.results_md, "agreement"):
@@ -386,16 +393,18 @@ def main() -> None:
   stored = {"header": header, "rounds": args.rounds, "results": {}}
   if args.resume and os.path.isfile(args.json):
     with open(args.json, encoding="utf-8") as f:
-      stored["results"] = json.load(f)["results"]
+      previous = json.load(f)
+    stored["results"] = previous["results"]
+    # The first invocation's header, and what each later one added.
+    stored["header"] = (f"{previous['header']}\nThen ({datetime.date.today().isoformat()}): "
+                        f"`python experiments/pfllib_agreement/run.py {' '.join(sys.argv[1:])}`")
   results = stored["results"]
   lock = threading.Lock()
 
   def save(algorithm: str, key: str, value: dict) -> None:
     with lock:
       results.setdefault(algorithm, {})[key] = value
-      ordered = {a: results[a] for a in algorithms if a in results}
-      ordered.update({a: v for a, v in results.items() if a not in ordered})
-      stored["results"] = ordered
+      stored["results"] = in_order(results)
       with open(args.json, "w", encoding="utf-8") as f:
         json.dump(stored, f)
       print(json.dumps({algorithm: key, **({"error": value["error"]} if "error" in value

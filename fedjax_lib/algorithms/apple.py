@@ -73,8 +73,9 @@ Differences from PFLlib (``pfllib_compat=True`` reproduces the first four):
   mixture (by ``lr·∇/N``) and the round's steps add up across the clients, while here
   each client's mixture moves only with its own core's steps. On the bundled digits
   (``experiments/pfllib_agreement``, 25 rounds of PFLlib's flags) PFLlib's APPLE reached
-  0.394 (mean test accuracy of the last 10 rounds), compat 0.180 ± 0.021 and the default
-  0.233 ± 0.039 over three seeds.
+  0.394 at its torch seed 0 (mean test accuracy of the last 10 rounds) and 0.165 with each
+  client handed a copy of the round-start cores instead; at its seeds 1 and 2, 0.365 and
+  0.177. Compat: 0.180 ± 0.021, the default 0.233 ± 0.039 over three seeds.
 - The authors' code uses SGD with momentum 0.9 and ``coef·‖p − p_0‖²`` (gradient
   ``2·coef``); we follow PFLlib (plain SGD, ``μ/2``). PFLlib's new clients fine-tune its
   untrained initial model.

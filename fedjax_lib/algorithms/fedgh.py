@@ -40,7 +40,7 @@ epoch per round whatever ``-se`` says (``-se 1`` here gives that count), and its
 client 0's head module, so client 0's local training moves the server's head too. Not
 reproduced: it changes nothing measurable (PFLlib with its server head a copy: last-10
 accuracy 0.886 against 0.890 on the digits, 25 rounds, ``-slr 1 -se 1``; PFLlib's own torch
-seeds spread 0.846–0.890 there: experiments/pfllib_agreement/RESULTS.md).
+seeds spread 0.752–0.890 there: experiments/pfllib_agreement/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -269,8 +269,9 @@ class Engine:
       features where it asks for them (`Algorithm.receive_features`) (same metrics and
       states up to float rounding; False: always per client, as a check).
     client_threads: clients the sequential executor trains at once, each on a thread of its
-      own (the same results to the bit; `executors.SequentialExecutor`); None: per backend
-      (:func:`default_client_threads`); ignored by the traced executors.
+      own (the same results to the bit; `executors.SequentialExecutor`: one at a time where
+      the client program calls LAPACK); None: per backend (:func:`default_client_threads`);
+      ignored by the traced executors.
   """
 
   def __init__(self, algorithm: Union[Any, Sequence[Group]], data: DeviceData,
