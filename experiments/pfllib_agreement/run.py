@@ -196,8 +196,8 @@ def verdict(pfllib: list[float], ours: list[float]) -> str:
   """``within noise`` when PFLlib's mean lies within max(3 std, 0.03) of our seeds' mean,
   the std the larger of the two sides' (PFLlib's is 0 for one run)."""
   spread = max(common.std(ours), common.std(pfllib) if len(pfllib) > 1 else 0.0)
-  return ("within noise" if abs(common.mean(pfllib) - common.mean(ours)) <= max(3 * spread, 0.03)
-          else "differs")
+  gap = abs(common.mean(pfllib) - common.mean(ours))
+  return "within noise" if gap <= max(3 * spread, 0.03) else "differs"
 
 
 def pfllib_runs(r: dict) -> list[dict]:
@@ -385,7 +385,8 @@ def main() -> None:
   header = (f"Measured {datetime.date.today().isoformat()} on {common.machine()}: PFLlib "
             f"{commit or '(checkout without git)'} system/main.py (torch {torch_version}) "
             f"against fedjax_lib (jax {jax.__version__}, {jax.default_backend()}), seeds "
-            f"{args.seeds} (PFLlib's torch seeds: {args.pfllib_seeds}). Workload: {name} = bundled digits 1×28×28, 20 clients, Dir(0.1), "
+            f"{args.seeds} (PFLlib's torch seeds: {args.pfllib_seeds}). Workload: {name} = "
+            "bundled digits 1×28×28, 20 clients, Dir(0.1), "
             f"{data['train_samples']} training / {data['test_samples']} test samples; flags "
             f"`{' '.join(bench_pfllib.FLAGS)}`, {args.rounds} rounds, every other "
             "hyperparameter at its default.\nCommand: `python "
