@@ -415,4 +415,3 @@ def test_two_architectures_learn_on_digits(tmp_path):
   assert acc[0] < 0.3 and acc[-1] >= 0.85, acc
   # all ten clients together send less than one raw mentee per round (6 rounds: 0..5)
   assert sum(history["upload_floats"]) < 6 * 582_026
-

@@ -195,7 +195,7 @@ def last10(curve: list) -> float:
 def verdict(pfllib: list[float], ours: list[float]) -> str:
   """``within noise`` when PFLlib's mean lies within max(3 std, 0.03) of our seeds' mean,
   the std the larger of the two sides' (PFLlib's is 0 for one run)."""
-  spread = max(common.std(ours), common.std(pfllib) if len(pfllib) > 1 else 0.0)
+  spread = max(common.std(ours), common.std(pfllib))
   gap = abs(common.mean(pfllib) - common.mean(ours))
   return "within noise" if gap <= max(3 * spread, 0.03) else "differs"
 

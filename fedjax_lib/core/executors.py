@@ -219,9 +219,9 @@ class SequentialExecutor(Executor):
   intra-op pool, leaves a core idle between its small ops on batches of 10; two in flight
   fill it), while this thread reads rows and writes outputs: the same programs, written in
   the same order, so every number is the same to the bit whatever ``threads`` is
-  (`tests/test_engine.py`). The first client of a
-  call runs on this thread, so any compilation happens here; a training program that calls
-  LAPACK (:func:`lapack_calls`) then runs its clients one at a time whatever ``threads`` is.
+  (`tests/test_engine.py`). The first client of a call runs on this thread, so any
+  compilation happens here; a training program that calls LAPACK (:func:`lapack_calls`) then
+  runs its clients one at a time whatever ``threads`` is.
   """
 
   threads: int = 1
