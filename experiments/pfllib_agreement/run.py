@@ -1,40 +1,59 @@
-"""Accuracy against PFLlib itself, algorithm by algorithm: PFLlib's own ``main.py`` and
-``python -m fedjax_lib`` with the same flags on the same PFLlib-format folder.
+"""Accuracy against PFLlib and HtFLlib themselves, algorithm by algorithm: the reference's
+own ``main.py`` and ``python -m fedjax_lib`` with the same flags on the same PFLlib-format
+folder.
 
-The code audits compared each algorithm with PFLlib's source by reading; this runs both. For
-every algorithm of PFLlib's ``main.py`` (or ``--algorithms``), on the bundled digits written as a
-PFLlib folder (20 clients, Dirichlet α = 0.1, PFLlib's partition rule; the folder of
-``experiments/benchmarks/bench_pfllib.py``), with PFLlib's flags ``-m CNN -lbs 10 -ls 1 -lr
-0.005 -jr 1 -eg 1`` and every other hyperparameter at its default on both sides:
+The code audits compared each algorithm with the references' source by reading; this runs
+both. For every algorithm of the reference's ``main.py`` (or ``--algorithms``), with every
+hyperparameter the flags below leave at its default on both sides:
 
-1. PFLlib's ``system/main.py``, unmodified, once (it seeds torch with 0 but not numpy, so a
-   second run differs only a little), or once per ``--pfllib-seeds`` (seed 0: as it is;
-   another: every ``torch.manual_seed`` call of the run, main.py's and each client's, seeds
-   that number instead, through a wrapper that leaves the checkout as it is);
+- ``--pfllib DIR``: PFLlib's algorithms on the bundled digits written as a PFLlib folder
+  (``MNIST-digits``: 20 clients, Dirichlet α = 0.1, PFLlib's partition rule; the folder of
+  ``experiments/benchmarks/bench_pfllib.py``), PFLlib's flags ``-m CNN -lbs 10 -ls 1 -lr
+  0.005 -jr 1 -eg 1``;
+- ``--htfllib DIR``: HtFLlib's algorithms but FedKTL (its generators' weights cannot be had
+  here) on the same digits at 3×32×32 (``digits32``), HtFLlib's smallest image family
+  ``-m HtFE-img-2`` (its 4-layer CNN and torchvision's ResNet-18, client i architecture
+  i mod 2), its scripts' flags (``total.sh``: ``-lr 0.01 -lbs 10 -ls 1 -jr 1 -fd 512`` and
+  each algorithm's, as ``FedProto -lam 10``; FedL2G, not in ``total.sh``, ``-wu 5``).
+  HtFLlib's ``main.py`` runs unmodified, with ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` in its
+  environment (it ``torch.load``s whole pickled models, which torch 2.6 and later refuse by
+  default).
+
+1. The reference's ``system/main.py`` once (it seeds torch with 0 but not numpy, so a second
+   run differs only a little), or once per ``--pfllib-seeds`` (seed 0: as it is; another:
+   every ``torch.manual_seed`` call of the run, main.py's and each client's, seeds that
+   number instead, through a wrapper that leaves the checkout as it is);
 2. fedjax_lib over ``--seeds`` (one ``--sweep seed=...`` process) with our defaults, and again
-   at PFLlib's exact settings where they differ from ours: ``--pfllib-compat`` for the
-   algorithms that have that switch (where the reference has a bug, we implement the paper's
-   intent by default and compat reproduces the reference) and PFLlib's default of every
-   hyperparameter whose default differs here (``pfllib_settings``: pFedMe's and FedNTD's β,
-   FedPHP's μ and λ, ..., each documented in the algorithm's docstring).
+   at the reference's exact settings where they differ from ours (``reference_settings``):
+   ``--pfllib-compat`` for the algorithms that have that switch (where the reference has a
+   bug, we implement the paper's intent by default and compat reproduces the reference), the
+   reference's default of every hyperparameter whose default differs here (pFedMe's and
+   FedNTD's β, FedPHP's μ and λ, ..., each documented in the algorithm's docstring), and for
+   HtFLlib ``--shuffle false`` (its training loader takes a client's samples in the same
+   order every epoch).
 
-Each side's test accuracy per evaluation round: PFLlib's printed ``Average(d) Test Accuracy``
-(the last one printed in a round where it prints several, as Ditto's global then personalized
-evaluation), our results file's ``test_acc``. The table gives PFLlib's best accuracy and the
-mean of its last 10 evaluations next to ours (mean ± std over the seeds; PFLlib's too where
-it ran several), and a screen, not a test: ``within noise`` when PFLlib's last-10 mean lies
-within max(3 std, 0.03) of our seeds' mean (std: the larger of the two sides'), ``differs``
-otherwise (then look: a real divergence, a known reference bug or a
-documented difference).
+Each side's test accuracy per evaluation round: the reference's printed ``Average(d) Test
+Accuracy`` (the last one printed in a round where it prints several, as Ditto's global then
+personalized evaluation), our results file's ``test_acc``. The table gives the reference's
+best accuracy and the mean of its last 10 evaluations next to ours (mean ± std over the
+seeds; the reference's too where it ran several), and a screen, not a test: ``within noise``
+when the reference's last-10 mean lies within max(3 std, 0.03) of our seeds' mean (std: the
+larger of the two sides'), ``differs`` otherwise (then look: a real divergence, a known
+reference bug or a documented difference).
 
     python experiments/pfllib_agreement/run.py --pfllib /path/to/PFLlib \\
         --torch-python /path/to/python-with-torch --rounds 20 --jobs 2
+    python experiments/pfllib_agreement/run.py --htfllib /path/to/HtFLlib \\
+        --torch-python /path/to/python-with-torch --rounds 20 --jobs 2
 
-``--jobs 2`` runs two processes at once (PFLlib with one torch thread): accuracy does not
-depend on it, and nothing here is timed. Results are written after every run (``--json``),
-so an interrupted invocation keeps what finished and ``--resume`` runs only what is missing;
-``--table-from`` prints the table and writes RESULTS.md's section from a stored JSON.
-The torch Python needs what PFLlib's ``main.py`` imports (see bench_pfllib.py).
+``--jobs 2`` runs two processes at once (the reference with one torch thread): accuracy does
+not depend on it, and nothing here is timed. Results are written after every run (``--json``;
+``results.json`` or ``htfllib_results.json`` here), so an interrupted invocation keeps what
+finished and ``--resume`` runs only what is missing; ``--table-from`` prints the table and
+writes RESULTS.md's section (``agreement`` or ``htfllib-agreement``) from a stored JSON.
+The torch Python needs what the reference's ``main.py`` imports (see bench_pfllib.py;
+HtFLlib's imports its FedKTL servers' StyleGAN code too, which needs ``click`` and
+``requests``, and FedL2G needs ``higher``).
 """
 
 from __future__ import annotations
@@ -60,21 +79,113 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
 import common  # noqa: E402  pylint: disable=wrong-import-position  (experiments/common.py)
 import bench_pfllib  # noqa: E402  pylint: disable=wrong-import-position
 
-# PFLlib's -algo names (its main.py, commit d832e76), and ours where the name differs.
-PFLLIB_ALGORITHMS = (
-    "FedAvg", "Local", "FedMTL", "PerAvg", "pFedMe", "FedProx", "FedFomo", "FedAMP", "APFL",
-    "FedPer", "Ditto", "FedRep", "FedPHP", "FedBN", "FedROD", "FedProto", "FedDyn", "MOON",
-    "FedBABU", "APPLE", "FedGen", "SCAFFOLD", "FD", "FedALA", "FedPAC", "LG-FedAvg", "FedGC",
-    "FML", "FedKD", "FedPCL", "FedCP", "GPFL", "FedNTD", "FedGH", "FedDBE", "FedCross")
-OURS = {"FedGen": "FedGen-PFLlib"}  # our "FedGen" is HtFLlib's (own bases, global head)
+@dataclasses.dataclass(frozen=True)
+class Reference:
+  """A reference library whose ``system/main.py`` runs next to ours.
+
+  Attributes:
+    name: how the tables name it.
+    algorithms: its ``-algo`` names that run here, in its ``main.py``'s order.
+    ours: our ``-algo`` name where it differs from the reference's.
+    dataset: the PFLlib-format folder's name under ``<checkout>/dataset``, and ``source``
+      our built-in dataset written there (20 clients, Dir 0.1, PFLlib's partition rule).
+    flags: flags both sides get for every algorithm; ``algorithm_flags``: per algorithm.
+    defaults: the reference ``main.py``'s default of each hyperparameter, by our field
+      names; ``reads``: where an algorithm does not read the flag's default.
+    settings: flags of our run at the reference's settings for every algorithm.
+    env: environment of the reference's process.
+    workload: the header's description of the data.
+    section, outputs: the RESULTS.md section and the default JSON and plot names.
+  """
+  name: str
+  algorithms: tuple
+  ours: dict
+  dataset: str
+  source: str
+  flags: tuple
+  algorithm_flags: dict
+  defaults: dict
+  reads: dict
+  settings: tuple
+  env: dict
+  workload: str
+  section: str
+  outputs: tuple
+
+
+PFLLIB = Reference(
+    name="PFLlib",
+    # PFLlib's -algo names (its main.py, commit d832e76).
+    algorithms=(
+        "FedAvg", "Local", "FedMTL", "PerAvg", "pFedMe", "FedProx", "FedFomo", "FedAMP", "APFL",
+        "FedPer", "Ditto", "FedRep", "FedPHP", "FedBN", "FedROD", "FedProto", "FedDyn", "MOON",
+        "FedBABU", "APPLE", "FedGen", "SCAFFOLD", "FD", "FedALA", "FedPAC", "LG-FedAvg",
+        "FedGC", "FML", "FedKD", "FedPCL", "FedCP", "GPFL", "FedNTD", "FedGH", "FedDBE",
+        "FedCross"),
+    ours={"FedGen": "FedGen-PFLlib"},  # our "FedGen" is HtFLlib's (own bases, global head)
+    dataset="MNIST-digits", source="digits", flags=tuple(bench_pfllib.FLAGS),
+    algorithm_flags={},
+    # PFLlib's main.py defaults of the algorithm hyperparameters (commit d832e76).
+    defaults={
+        "mu": 0.0, "lam": 1.0, "beta": 0.0, "alpha": 1.0, "tau": 1.0, "K": 5,
+        "p_learning_rate": 0.01, "plocal_epochs": 1, "eta": 1.0, "rand_percent": 80,
+        "layer_idx": 2, "momentum": 0.1, "kl_weight": 0.0, "fine_tuning_epochs": 10,
+        "server_epochs": 1000, "server_learning_rate": 1.0, "noise_dim": 512,
+        "generator_learning_rate": 0.005, "hidden_dim": 512, "mentee_learning_rate": 0.005,
+        "energy_start": 0.95, "energy_end": 0.98, "M": 5, "alphaK": 1.0, "sigma": 1.0,
+        "dr_learning_rate": 0.0, "L": 1.0, "first_stage_bound": 0, "fedcross_alpha": 0.99,
+        "collaberative_model_select_strategy": 1, "localize_feature_extractor": False},
+    # PFLlib's FedGH server trains one epoch whatever -se says.
+    reads={"FedGH": {"server_epochs": 1}},
+    settings=(), env={},
+    workload="bundled digits 1×28×28",
+    section="agreement", outputs=("results.json", "curves.png"))
+
+HTFLLIB = Reference(
+    name="HtFLlib",
+    # HtFLlib's -algo names (its main.py, commit e959261) but FedKTL's three, whose
+    # generators (StyleGAN-XL, StyleGAN3, Stable Diffusion weights) cannot be had here.
+    algorithms=("Local", "FedProto", "FedGen", "FD", "LG-FedAvg", "FML", "FedKD", "FedGH",
+                "FedTGP", "FedMRL", "FedL2G-feat", "FedL2G-logit"),
+    ours={}, dataset="digits32", source="digits32",
+    # HtFLlib's scripts' flags (total.sh) on its smallest image family, 10 classes.
+    flags=("-m", "HtFE-img-2", "-lbs", "10", "-ls", "1", "-lr", "0.01", "-jr", "1", "-eg",
+           "1", "-nc", "20", "-ncl", "10", "-fd", "512"),
+    # total.sh's per-algorithm flags; FedL2G (not in total.sh) with 5 warm-up rounds, not
+    # main.py's 50, which would leave a short run all warm-up.
+    algorithm_flags={
+        "FedProto": ("-lam", "10"), "FedGen": ("-nd", "32", "-glr", "0.1", "-hd", "512",
+                                               "-se", "100"),
+        "FD": ("-lam", "1"), "FML": ("-al", "0.5", "-bt", "0.5"),
+        "FedKD": ("-mlr", "0.01", "-Ts", "0.95", "-Te", "0.98"), "FedGH": ("-slr", "0.01",
+                                                                          "-se", "1"),
+        "FedTGP": ("-lam", "10", "-se", "100", "-mart", "100"), "FedMRL": ("-sfd", "128"),
+        "FedL2G-feat": ("-wu", "5"), "FedL2G-logit": ("-wu", "5")},
+    # HtFLlib's main.py defaults (commit e959261) of what the flags above leave.
+    defaults={
+        "lam": 1.0, "noise_dim": 512, "generator_learning_rate": 0.005, "hidden_dim": 512,
+        "server_epochs": 100, "alpha": 1.0, "beta": 1.0, "mentee_learning_rate": 0.01,
+        "energy_start": 0.95, "energy_end": 0.98, "server_learning_rate": 0.01,
+        "margin_threshold": 100.0, "mu": 50.0, "sub_feature_dim": 128,
+        "meta_study_batches": 1, "meta_quiz_batches": 1, "warmup_rounds": 50},
+    reads={},
+    # HtFLlib's training loader takes each client's samples in the same order every epoch.
+    settings=("--shuffle", "false"),
+    # HtFLlib torch.loads whole pickled models, which torch >= 2.6 refuses by default.
+    env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"},
+    workload="bundled digits 3×32×32 (`digits32`)",
+    section="htfllib-agreement", outputs=("htfllib_results.json", "htfllib_curves.png"))
+
+REFERENCES = {"pfllib": PFLLIB, "htfllib": HTFLLIB}
+
 
 _ROUND = re.compile(r"-+Round number: (\d+)-+")
 _ACC = re.compile(r"Average[d]? Test Accuracy: ([0-9.eE+-]+|nan)")
 
 
-def parse_pfllib(stdout: str) -> dict:
-  """PFLlib's printed test accuracies per round: ``test_acc`` (the last one printed in each
-  round) and ``all_acc`` (every one, in order, per round)."""
+def parse_reference(stdout: str) -> dict:
+  """The reference's printed test accuracies per round: ``test_acc`` (the last one printed in
+  each round) and ``all_acc`` (every one, in order, per round). PFLlib and HtFLlib print alike."""
   heads = list(_ROUND.finditer(stdout))
   rounds, all_acc = [], []
   for i, head in enumerate(heads):
@@ -86,24 +197,27 @@ def parse_pfllib(stdout: str) -> dict:
   return {"rounds": rounds, "test_acc": [v[-1] for v in all_acc], "all_acc": all_acc}
 
 
-# PFLlib's main.py run with every torch.manual_seed call seeding ``seed`` instead (main.py
-# seeds 0, and so does every client it builds), the checkout left as it is.
+# The reference's main.py run with every torch.manual_seed call seeding ``seed`` instead
+# (main.py seeds 0, and so does every client it builds), the checkout left as it is.
 _SEEDED = ("import runpy, sys, torch; seed = int(sys.argv[1]); sys.argv = sys.argv[2:]; "
            "manual_seed = torch.manual_seed; "
            "torch.manual_seed = lambda _: manual_seed(seed); "
            "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
-def run_pfllib(pfllib: str, python: str, threads: int, name: str, algorithm: str,
-               rounds: int, timeout: float, seed: int = 0) -> dict:
-  """PFLlib's printed accuracies (``parse_pfllib``) of one ``main.py`` run; ``seed`` other
-  than PFLlib's 0 replaces the seed of its ``torch.manual_seed`` calls (``_SEEDED``)."""
-  env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-  cmd = [python, *(["-c", _SEEDED, str(seed)] if seed else []), "main.py", "-data", name,
-         "-algo", algorithm, "-gr", str(rounds), "-dev", "cpu", *bench_pfllib.FLAGS]
-  out = subprocess.run(cmd, cwd=os.path.join(pfllib, "system"), env=env, capture_output=True,
-                       text=True, timeout=timeout, check=False)
-  parsed = parse_pfllib(out.stdout)
+def run_reference(ref: Reference, checkout: str, python: str, threads: int, algorithm: str,
+                  rounds: int, timeout: float, seed: int = 0) -> dict:
+  """The printed accuracies (``parse_reference``) of one run of the reference's ``main.py``;
+  ``seed`` other than its 0 replaces the seed of its ``torch.manual_seed`` calls
+  (``_SEEDED``)."""
+  env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+             **ref.env)
+  cmd = [python, *(["-c", _SEEDED, str(seed)] if seed else []), "main.py", "-data",
+         ref.dataset, "-algo", algorithm, "-gr", str(rounds), "-dev", "cpu", *ref.flags,
+         *ref.algorithm_flags.get(algorithm, ())]
+  out = subprocess.run(cmd, cwd=os.path.join(checkout, "system"), env=env,
+                       capture_output=True, text=True, timeout=timeout, check=False)
+  parsed = parse_reference(out.stdout)
   if out.returncode != 0 or not parsed["test_acc"]:
     lines = (out.stderr.strip() or out.stdout.strip()).splitlines()
     heads = _ROUND.findall(out.stdout)
@@ -113,55 +227,45 @@ def run_pfllib(pfllib: str, python: str, threads: int, name: str, algorithm: str
   return parsed
 
 
-# PFLlib's main.py defaults of the algorithm hyperparameters (commit d832e76), by our names.
-PFLLIB_DEFAULTS = {
-    "mu": 0.0, "lam": 1.0, "beta": 0.0, "alpha": 1.0, "tau": 1.0, "K": 5,
-    "p_learning_rate": 0.01, "plocal_epochs": 1, "eta": 1.0, "rand_percent": 80,
-    "layer_idx": 2, "momentum": 0.1, "kl_weight": 0.0, "fine_tuning_epochs": 10,
-    "server_epochs": 1000, "server_learning_rate": 1.0, "noise_dim": 512,
-    "generator_learning_rate": 0.005, "hidden_dim": 512, "mentee_learning_rate": 0.005,
-    "energy_start": 0.95, "energy_end": 0.98, "M": 5, "alphaK": 1.0, "sigma": 1.0,
-    "dr_learning_rate": 0.0, "L": 1.0, "first_stage_bound": 0, "fedcross_alpha": 0.99,
-    "collaberative_model_select_strategy": 1, "localize_feature_extractor": False}
-# Where PFLlib's algorithm does not read the flag's default: its FedGH server trains one epoch.
-PFLLIB_READS = {"FedGH": {"server_epochs": 1}}
-
-
-def pfllib_settings(algorithm: str) -> list[str]:
-  """Our flags for PFLlib's exact settings of ``algorithm``: ``--pfllib-compat`` where our
-  algorithm has that switch, and PFLlib's default of every hyperparameter whose default
-  differs here (pFedMe's β, FedPHP's μ and λ, ... each documented in its docstring); a
-  default of None (derived, as PerAvg's β = the learning rate, which PFLlib also uses) is
-  already PFLlib's."""
+def reference_settings(ref: Reference, algorithm: str) -> list[str]:
+  """Our flags for the reference's exact settings of ``algorithm``: ``--pfllib-compat`` where
+  our algorithm has that switch (it reproduces PFLlib's or HtFLlib's code where that differs
+  from the paper), the reference's default of every hyperparameter whose default differs here
+  and that no flag of ``ref`` sets (pFedMe's β, FedPHP's μ and λ, ... each documented in its
+  docstring; a default of None, derived, as PerAvg's β = the learning rate, which PFLlib also
+  uses, is already the reference's), and ``ref.settings``."""
   from fedjax_lib import cli  # pylint: disable=import-outside-toplevel
   from fedjax_lib.algorithms import registry  # pylint: disable=import-outside-toplevel
-  flag = {name: flags[0] for flags, name, *_ in cli.ALGORITHM_FLAGS}
-  reads = {**PFLLIB_DEFAULTS, **PFLLIB_READS.get(algorithm, {})}
+  flags = {name: flags for flags, name, *_ in cli.ALGORITHM_FLAGS}
+  given = set(ref.algorithm_flags.get(algorithm, ()))
+  reads = {**ref.defaults, **ref.reads.get(algorithm, {})}
   out = []
-  for field in dataclasses.fields(registry.get_algorithm(OURS.get(algorithm, algorithm))):
+  for field in dataclasses.fields(registry.get_algorithm(ref.ours.get(algorithm, algorithm))):
     if field.name == "pfllib_compat":
       out.append("--pfllib-compat")
     elif (field.name in reads and field.default is not None
-          and field.default != reads[field.name]):
-      out += [flag[field.name], str(reads[field.name])]
-  return out
+          and field.default != reads[field.name] and not given & set(flags[field.name])):
+      out += [flags[field.name][0], str(reads[field.name])]
+  return out + list(ref.settings)
 
 
 def last_per_round(rounds: list[int], values: list[float]) -> tuple[list[int], list[float]]:
-  """One value per round, the last one, as ``parse_pfllib`` reads PFLlib's (FedBABU evaluates
-  its last round again after fine-tuning, as PFLlib does, and prints it in that round)."""
+  """One value per round, the last one, as ``parse_reference`` reads the reference's (FedBABU
+  evaluates its last round again after fine-tuning, as PFLlib does, and prints it in that
+  round)."""
   last = {}
   for r, v in zip(rounds, values):
     last[r] = v
   return list(last), list(last.values())
 
 
-def run_ours(folder: str, algorithm: str, rounds: int, seeds: list[int], extra: list[str],
-             timeout: float) -> dict:
+def run_ours(ref: Reference, folder: str, algorithm: str, rounds: int, seeds: list[int],
+             extra: list[str], timeout: float) -> dict:
   """Our test accuracy per evaluation for each seed (one sweep process)."""
   with tempfile.TemporaryDirectory() as tmp:
-    args = ["-data", folder, "-algo", OURS.get(algorithm, algorithm), "-gr", str(rounds),
-            *bench_pfllib.FLAGS, "--out", tmp, "--no-progress", "--no-plot", "-q"]
+    args = ["-data", folder, "-algo", ref.ours.get(algorithm, algorithm), "-gr", str(rounds),
+            *ref.flags, *ref.algorithm_flags.get(algorithm, ()), "--out", tmp,
+            "--no-progress", "--no-plot", "-q"]
     if len(seeds) > 1:
       args += ["--sweep", "seed=" + ",".join(map(str, seeds))]
     else:
@@ -171,47 +275,56 @@ def run_ours(folder: str, algorithm: str, rounds: int, seeds: list[int], extra: 
       common.run_cli(args, f"fedjax_lib {algorithm}", timeout)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
       lines = str(e).strip().splitlines()
-      return {"error": lines[-1][:300] if lines else type(e).__name__}
+      return {"error": lines[-1][:300] if lines else type(e).__name__, "flags": extra}
     files = sorted(glob.glob(os.path.join(tmp, "*_sweep_[0-9]*.json")),
                    key=lambda p: int(re.search(r"_(\d+)\.json$", p).group(1)))
     if not files:
       files = glob.glob(os.path.join(tmp, "*_0.json"))
     if not files:
       return {"error": "no results file written"}
-    curves, evaluated = [], []  # each seed's (a run that diverges stops early)
+    curves, evaluated, stopped = [], [], []  # each seed's (a non-finite update stops a run)
     for path in files:
       with open(path, encoding="utf-8") as f:
         res = json.load(f)
       evaluated_rounds, curve = last_per_round(res["rounds"], res["test_acc"])
       curves.append(curve)
       evaluated.append(evaluated_rounds)
-  return {"seeds": seeds, "test_acc": curves, "rounds": evaluated, "flags": extra}
+      stopped.append(res.get("stopped"))
+  return {"seeds": seeds, "test_acc": curves, "rounds": evaluated, "flags": extra,
+          "stopped": stopped}
 
 
 def last10(curve: list) -> float:
   return common.mean(curve[-10:])
 
 
-def verdict(pfllib: list[float], ours: list[float]) -> str:
-  """``within noise`` when PFLlib's mean lies within max(3 std, 0.03) of our seeds' mean,
-  the std the larger of the two sides' (PFLlib's is 0 for one run)."""
-  spread = max(common.std(ours), common.std(pfllib))
-  gap = abs(common.mean(pfllib) - common.mean(ours))
+def verdict(reference: list[float], ours: list[float]) -> str:
+  """``within noise`` when the reference's mean lies within max(3 std, 0.03) of our seeds'
+  mean, the std the larger of the two sides' (the reference's is 0 for one run)."""
+  spread = max(common.std(ours), common.std(reference))
+  gap = abs(common.mean(reference) - common.mean(ours))
   return "within noise" if gap <= max(3 * spread, 0.03) else "differs"
 
 
-def pfllib_runs(r: dict) -> list[dict]:
-  """An algorithm's PFLlib runs that finished: seed 0 (``pfllib``), then ``pfllib@<seed>``."""
-  runs = [r.get("pfllib")] + [r[k] for k in sorted(r, key=_seed_of) if k.startswith("pfllib@")]
+def reference_runs(r: dict) -> list[dict]:
+  """An algorithm's reference runs that finished: seed 0 (``ref``), then ``ref@<seed>``."""
+  runs = [r.get("ref")] + [r[k] for k in sorted(r, key=_seed_of) if k.startswith("ref@")]
   return [p for p in runs if p is not None and "error" not in p]
 
 
 def _seed_of(key: str) -> int:
-  return int(key.split("@")[1]) if key.startswith("pfllib@") else -1
+  return int(key.split("@")[1]) if key.startswith("ref@") else -1
 
 
-def _pfllib_cell(r: dict) -> str:
-  p, runs = r.get("pfllib"), pfllib_runs(r)
+def upgrade(results: dict) -> dict:
+  """Results stored before HtFLlib was compared name PFLlib's runs ``pfllib`` and
+  ``pfllib@<seed>``: now ``ref`` and ``ref@<seed>``."""
+  return {a: {re.sub(r"^pfllib(?=@|$)", "ref", k): v for k, v in r.items()}
+          for a, r in results.items()}
+
+
+def _reference_cell(r: dict) -> str:
+  p, runs = r.get("ref"), reference_runs(r)
   if p is not None and "error" in p:
     return f"failed: {p['error']}"
   if not runs:
@@ -226,55 +339,57 @@ def _pfllib_cell(r: dict) -> str:
 
 def _ours_cell(run: dict | None, evaluations: int) -> tuple[str, str]:
   """Best and last-10 cells over the seeds; a seed whose run stopped early (a non-finite
-  update stops a run) is named, with its last evaluated round."""
+  update stops a run) is named, with its last evaluated round: its results file says so
+  (``stopped``), or, in results stored before that was kept, it has fewer than
+  ``evaluations``."""
   if run is None:
     return "—", "—"
   if "error" in run:
     return f"failed: {run['error']}", ""
   best = [max(c) for c in run["test_acc"]]
   last = [last10(c) for c in run["test_acc"]]
-  stopped = [f"seed {seed} after round {len(c) - 1}"
-             for seed, c in zip(run["seeds"], run["test_acc"]) if len(c) < evaluations]
+  early = run.get("stopped") or [len(c) < evaluations for c in run["test_acc"]]
+  stopped = [f"seed {seed} after round {rounds[-1]}"
+             for seed, rounds, stop in zip(run["seeds"], run["rounds"], early) if stop]
   return (common.mean_std((common.mean(best), common.std(best))),
           common.mean_std((common.mean(last), common.std(last)))
           + (f" (stopped, non-finite: {', '.join(stopped)})" if stopped else ""))
 
 
-def table(results: dict, header: str, evaluations: int) -> str:
+def table(ref: Reference, results: dict, header: str, rounds: int) -> str:
   lines = [header, "",
-           "| algorithm | PFLlib best / last-10 | ours best (mean ± std) | ours last-10 | "
-           "screen | ours at PFLlib's settings: flags, best / last-10 | screen |",
+           f"| algorithm | {ref.name} best / last-10 | ours best (mean ± std) | ours last-10 | "
+           f"screen | ours at {ref.name}'s settings: flags, best / last-10 | screen |",
            "|---|---|---|---|---|---|---|"]
   for algorithm, r in results.items():
-    p = r.get("pfllib")
-    pcell = _pfllib_cell(r)
-    pfllib = [last10(q["test_acc"]) for q in pfllib_runs(r)]
+    p = r.get("ref")
+    reference = [last10(q["test_acc"]) for q in reference_runs(r)]
     cells = []
     for key in ("ours", "compat"):
       run = r.get(key)
-      best, last = _ours_cell(run, evaluations)
+      best, last = _ours_cell(run, rounds + 1)
       ok = (p is not None and "error" not in p and run is not None and "error" not in run)
-      screen = verdict(pfllib, [last10(c) for c in run["test_acc"]]) if ok else ""
+      screen = verdict(reference, [last10(c) for c in run["test_acc"]]) if ok else ""
       if key == "ours":
         cells += [best, last, f"**{screen}**" if screen == "differs" else screen]
       elif run is None:
-        cells += ["(ours are PFLlib's)", ""]
+        cells += [f"(ours are {ref.name}'s)", ""]
       else:
         flags = " ".join(run["flags"])
         cells += [f"`{flags}`: " + (f"{best} / {last}" if "error" not in run else best),
                   f"**{screen}**" if screen == "differs" else screen]
-    name = algorithm + (f" (ours: {OURS[algorithm]})" if algorithm in OURS else "")
-    lines.append(f"| {name} | {pcell} | " + " | ".join(cells) + " |")
+    name = algorithm + (f" (ours: {ref.ours[algorithm]})" if algorithm in ref.ours else "")
+    lines.append(f"| {name} | {_reference_cell(r)} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def in_order(results: dict) -> dict:
-  """``results`` in the order of PFLlib's main.py (then any other name)."""
-  ordered = {a: results[a] for a in PFLLIB_ALGORITHMS if a in results}
+def in_order(ref: Reference, results: dict) -> dict:
+  """``results`` in the order of the reference's main.py (then any other name)."""
+  ordered = {a: results[a] for a in ref.algorithms if a in results}
   return {**ordered, **{a: v for a, v in results.items() if a not in ordered}}
 
 
-def plot(results: dict, path: str) -> None:
+def plot(ref: Reference, results: dict, path: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
@@ -292,11 +407,12 @@ def plot(results: dict, path: str) -> None:
       if run and "error" not in run:
         for i, (rounds, curve) in enumerate(zip(run["rounds"], run["test_acc"])):
           ax.plot(rounds, curve, color=color, lw=0.8, alpha=0.7,
-                  label=(f"fedjax_lib{' at PFLlib settings' if key == 'compat' else ''} (seeds)"
-                         if i == 0 else None))
-    for i, q in enumerate(pfllib_runs(r)):
+                  label=(f"fedjax_lib{f' at {ref.name} settings' if key == 'compat' else ''}"
+                         " (seeds)" if i == 0 else None))
+    for i, q in enumerate(reference_runs(r)):
       ax.plot(q["rounds"], q["test_acc"], color="black", lw=1.4 if i == 0 else 0.7,
-              label="PFLlib" if i == 0 else "PFLlib, other torch seeds" if i == 1 else None)
+              label=ref.name if i == 0 else f"{ref.name}, other torch seeds" if i == 1
+              else None)
     ax.set_title(name, fontsize=9)
     ax.tick_params(labelsize=7)
   handles, labels = [], []
@@ -312,101 +428,116 @@ def plot(results: dict, path: str) -> None:
   fig.savefig(path, dpi=100)
 
 
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--pfllib", help="a PFLlib checkout (its system/main.py is run)")
+  p.add_argument("--htfllib", help="an HtFLlib checkout instead (its system/main.py is run)")
   p.add_argument("--torch-python", default=sys.executable,
-                 help="a Python with torch and PFLlib's requirements")
-  p.add_argument("--algorithms", default="all", help="PFLlib -algo names, comma-separated")
+                 help="a Python with torch and the reference's requirements")
+  p.add_argument("--algorithms", default="all", help="the reference's -algo names, "
+                 "comma-separated")
   p.add_argument("--rounds", type=int, default=20)
   p.add_argument("--seeds", default="0,1,2", help="our seeds (one sweep per algorithm)")
-  p.add_argument("--pfllib-seeds", default="0",
-                 help="PFLlib's torch seeds: 0 is its main.py as it is; another seeds every "
-                      "torch.manual_seed call of the run with that number instead")
+  p.add_argument("--pfllib-seeds", "--reference-seeds", default="0", dest="reference_seeds",
+                 help="the reference's torch seeds: 0 is its main.py as it is; another seeds "
+                      "every torch.manual_seed call of the run with that number instead")
   p.add_argument("--jobs", type=int, default=2, help="processes at once")
-  p.add_argument("--threads", type=int, default=1, help="torch threads for PFLlib")
+  p.add_argument("--threads", type=int, default=1, help="torch threads for the reference")
   p.add_argument("--timeout", type=float, default=3600, help="seconds per process")
-  p.add_argument("--pfllib-commit", default=None,
+  p.add_argument("--pfllib-commit", "--reference-commit", default=None, dest="commit",
                  help="the checkout's commit, for the header when it has no .git")
-  p.add_argument("--json", default=os.path.join(HERE, "results.json"))
-  p.add_argument("--plot", default=os.path.join(HERE, "curves.png"))
+  p.add_argument("--json", default=None, help="results (default: results.json here, "
+                 "htfllib_results.json with --htfllib)")
+  p.add_argument("--plot", default=None, help="the curves (default: curves.png here, "
+                 "htfllib_curves.png with --htfllib)")
   p.add_argument("--results-md", default=os.path.join(HERE, "RESULTS.md"),
-                 help="the Markdown file whose 'agreement' section gets the table")
+                 help="the Markdown file whose 'agreement' (or 'htfllib-agreement') section "
+                      "gets the table")
   p.add_argument("--resume", action="store_true",
                  help="keep the runs --json already holds and run only the missing ones")
   p.add_argument("--table-from", metavar="JSON",
                  help="print the table (and write the section and plot) from a stored JSON")
   args = p.parse_args()
-
-  def finish(stored: dict) -> None:
-    stored["results"] = in_order(stored["results"])
-    text = table(stored["results"], stored["header"], stored["rounds"] + 1)
-    print(text)
-    if common.has_section(args.results_md, "agreement"):
-      common.replace_section(args.results_md, "agreement", text + "\n")
-    if args.plot:
-      plot(stored["results"], args.plot)
-
+  if args.pfllib and args.htfllib:
+    fail("--pfllib and --htfllib: give one of them")
+  ref = HTFLLIB if args.htfllib else PFLLIB
   if args.table_from:
     with open(args.table_from, encoding="utf-8") as f:
-      finish(json.load(f))
+      stored = json.load(f)
+    ref = REFERENCES[stored.get("reference", "PFLlib").lower()]
+  json_path = args.json or os.path.join(HERE, ref.outputs[0])
+  plot_path = args.plot if args.plot is not None else os.path.join(HERE, ref.outputs[1])
+
+  def finish(stored: dict) -> None:
+    stored["results"] = in_order(ref, upgrade(stored["results"]))
+    text = table(ref, stored["results"], stored["header"], stored["rounds"])
+    print(text)
+    if common.has_section(args.results_md, ref.section):
+      common.replace_section(args.results_md, ref.section, text + "\n")
+    if plot_path:
+      plot(ref, stored["results"], plot_path)
+
+  if args.table_from:
+    finish(stored)
     return
-  algorithms = (list(PFLLIB_ALGORITHMS) if args.algorithms == "all"
+  algorithms = (list(ref.algorithms) if args.algorithms == "all"
                 else args.algorithms.split(","))
-  unknown = [a for a in algorithms if a not in PFLLIB_ALGORITHMS]
+  unknown = [a for a in algorithms if a not in ref.algorithms]
   if unknown:
-    print(f"error: --algorithms {','.join(unknown)} not in PFLlib's main.py: use "
-          f"{', '.join(PFLLIB_ALGORITHMS)} or all", file=sys.stderr)
-    sys.exit(2)
-  if not args.pfllib or not os.path.isfile(os.path.join(args.pfllib, "system", "main.py")):
-    print(f"error: --pfllib {args.pfllib!r} has no system/main.py (a PFLlib checkout)",
-          file=sys.stderr)
-    sys.exit(2)
+    fail(f"--algorithms {','.join(unknown)} not in {ref.name}'s main.py (or not runnable "
+         f"here): use {', '.join(ref.algorithms)} or all")
+  checkout = args.htfllib or args.pfllib
+  if not checkout or not os.path.isfile(os.path.join(checkout, "system", "main.py")):
+    fail(f"--{ref.name.lower()} {checkout!r} has no system/main.py (a {ref.name} checkout)")
   try:
     seeds = [int(s) for s in args.seeds.split(",")]
-    pfllib_seeds = [int(s) for s in args.pfllib_seeds.split(",")]
+    reference_seeds = [int(s) for s in args.reference_seeds.split(",")]
   except ValueError:
-    print(f"error: --seeds {args.seeds!r} / --pfllib-seeds {args.pfllib_seeds!r}: each is a "
-          "comma-separated list of integers", file=sys.stderr)
-    sys.exit(2)
-  if any(s < 0 for s in pfllib_seeds):
-    print(f"error: --pfllib-seeds {args.pfllib_seeds!r}: torch seeds are 0 or more",
-          file=sys.stderr)
-    sys.exit(2)
+    fail(f"--seeds {args.seeds!r} / --pfllib-seeds {args.reference_seeds!r}: each is a "
+         "comma-separated list of integers")
+  if any(s < 0 for s in reference_seeds):
+    fail(f"--pfllib-seeds {args.reference_seeds!r}: torch seeds are 0 or more")
   import jax  # pylint: disable=import-outside-toplevel
-  name = "MNIST-digits"
-  data = bench_pfllib.write_folder(args.pfllib, name)
-  commit = args.pfllib_commit or subprocess.run(
-      ["git", "-C", args.pfllib, "rev-parse", "--short", "HEAD"], capture_output=True,
+  data = bench_pfllib.write_folder(checkout, ref.dataset, ref.source)
+  commit = args.commit or subprocess.run(
+      ["git", "-C", checkout, "rev-parse", "--short", "HEAD"], capture_output=True,
       text=True, check=False).stdout.strip()
   torch_version = subprocess.run(
       [args.torch_python, "-c", "import torch; print(torch.__version__)"], capture_output=True,
       text=True, check=False).stdout.strip()
-  header = (f"Measured {datetime.date.today().isoformat()} on {common.machine()}: PFLlib "
-            f"{commit or '(checkout without git)'} system/main.py (torch {torch_version}) "
-            f"against fedjax_lib (jax {jax.__version__}, {jax.default_backend()}), seeds "
-            f"{args.seeds} (PFLlib's torch seeds: {args.pfllib_seeds}). Workload: {name} = "
-            "bundled digits 1×28×28, 20 clients, Dir(0.1), "
-            f"{data['train_samples']} training / {data['test_samples']} test samples; flags "
-            f"`{' '.join(bench_pfllib.FLAGS)}`, {args.rounds} rounds, every other "
-            "hyperparameter at its default.\nCommand: `python "
-            f"experiments/pfllib_agreement/run.py {' '.join(sys.argv[1:])}`")
-  stored = {"header": header, "rounds": args.rounds, "results": {}}
-  if args.resume and os.path.isfile(args.json):
-    with open(args.json, encoding="utf-8") as f:
+  command = f"`python experiments/pfllib_agreement/run.py {' '.join(sys.argv[1:])}`"
+  per_algorithm = "; ".join(f"{a} `{' '.join(f)}`" for a, f in ref.algorithm_flags.items())
+  header = (f"Measured {datetime.date.today().isoformat()} on {common.machine()}: "
+            f"{ref.name} {commit or '(checkout without git)'} system/main.py (torch "
+            f"{torch_version}) against fedjax_lib (jax {jax.__version__}, "
+            f"{jax.default_backend()}), seeds {args.seeds} ({ref.name}'s torch seeds: "
+            f"{args.reference_seeds}). Workload: {ref.dataset} = {ref.workload}, 20 clients, "
+            f"Dir(0.1), {data['train_samples']} training / {data['test_samples']} test "
+            f"samples; flags `{' '.join(ref.flags)}`"
+            + (f", and on both sides {per_algorithm}" if per_algorithm else "")
+            + f", {args.rounds} rounds, every other hyperparameter at its default.\n"
+            f"Command: {command}")
+  stored = {"header": header, "rounds": args.rounds, "reference": ref.name, "results": {}}
+  if args.resume and os.path.isfile(json_path):
+    with open(json_path, encoding="utf-8") as f:
       previous = json.load(f)
-    stored["results"] = previous["results"]
+    stored["results"] = upgrade(previous["results"])
     # The first invocation's header, and what each later one added.
     stored["header"] = (f"{previous['header']}\nThen ({datetime.date.today().isoformat()}): "
-                        f"`python experiments/pfllib_agreement/run.py {' '.join(sys.argv[1:])}`")
+                        f"{command}")
   results = stored["results"]
   lock = threading.Lock()
 
   def save(algorithm: str, key: str, value: dict) -> None:
     with lock:
       results.setdefault(algorithm, {})[key] = value
-      stored["results"] = in_order(results)
-      with open(args.json, "w", encoding="utf-8") as f:
+      stored["results"] = in_order(ref, results)
+      with open(json_path, "w", encoding="utf-8") as f:
         json.dump(stored, f)
       print(json.dumps({algorithm: key, **({"error": value["error"]} if "error" in value
                                             else {})}), file=sys.stderr, flush=True)
@@ -414,19 +545,19 @@ def main() -> None:
   tasks = []
   for algorithm in algorithms:
     done = results.get(algorithm, {})
-    for seed in pfllib_seeds:
-      key = f"pfllib@{seed}" if seed else "pfllib"
+    for seed in reference_seeds:
+      key = f"ref@{seed}" if seed else "ref"
       if key not in done:
-        tasks.append((algorithm, key, lambda a=algorithm, seed=seed: run_pfllib(
-            args.pfllib, args.torch_python, args.threads, name, a, args.rounds, args.timeout,
+        tasks.append((algorithm, key, lambda a=algorithm, seed=seed: run_reference(
+            ref, checkout, args.torch_python, args.threads, a, args.rounds, args.timeout,
             seed)))
     if "ours" not in done:
       tasks.append((algorithm, "ours", lambda a=algorithm: run_ours(
-          data["folder"], a, args.rounds, seeds, [], args.timeout)))
-    settings = pfllib_settings(algorithm)
+          ref, data["folder"], a, args.rounds, seeds, [], args.timeout)))
+    settings = reference_settings(ref, algorithm)
     if "compat" not in done and settings:
       tasks.append((algorithm, "compat", lambda a=algorithm, f=settings: run_ours(
-          data["folder"], a, args.rounds, seeds, f, args.timeout)))
+          ref, data["folder"], a, args.rounds, seeds, f, args.timeout)))
   with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
     futures = {pool.submit(fn): (a, key) for a, key, fn in tasks}
     for future in concurrent.futures.as_completed(futures):
