@@ -173,7 +173,7 @@ HTFLLIB = Reference(
     settings=("--shuffle", "false"),
     # HtFLlib torch.loads whole pickled models, which torch >= 2.6 refuses by default.
     env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"},
-    workload="bundled digits 3×32×32 (`digits32`)",
+    workload="the bundled digits at 3×32×32",
     section="htfllib-agreement", outputs=("htfllib_results.json", "htfllib_curves.png"))
 
 REFERENCES = {"pfllib": PFLLIB, "htfllib": HTFLLIB}
