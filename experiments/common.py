@@ -70,6 +70,12 @@ def run_config(config: dict, what: str, *, curves: bool = False) -> dict:
   return run_python(code, what)
 
 
+def fail(message: str) -> None:
+  """A bad argument: one ``error: ...`` line on stderr and exit status 2, as the CLI does."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def mean(values) -> float:
   return sum(values) / len(values)
 

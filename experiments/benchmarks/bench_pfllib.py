@@ -231,9 +231,7 @@ def main() -> None:
                  help="print the table of a run stored by --json (runs nothing)")
   args = p.parse_args()
   if args.source not in SOURCES:
-    print(f"error: --source {args.source!r} is not one of: {', '.join(SOURCES)}",
-          file=sys.stderr)
-    sys.exit(2)
+    common.fail(f"--source {args.source!r} is not one of: {', '.join(SOURCES)}")
   if args.name is None:
     args.name = "MNIST-digits" if args.source == "digits" else "Cifar10-digits32"
   if args.table_from:
@@ -242,9 +240,8 @@ def main() -> None:
     print(table(stored["results"], stored["header"]))
     return
   if not args.pfllib or not os.path.isfile(os.path.join(args.pfllib, "system", "main.py")):
-    print(f"error: --pfllib {args.pfllib!r} has no system/main.py (a PFLlib checkout; "
-          "required unless --table-from)", file=sys.stderr)
-    sys.exit(2)
+    common.fail(f"--pfllib {args.pfllib!r} has no system/main.py (a PFLlib checkout; "
+                "required unless --table-from)")
   import jax  # pylint: disable=import-outside-toplevel
   data = write_folder(args.pfllib, args.name, args.source)
   extra = {"Ditto": ["-mu", "0.0", "-pls", "1"], "FedALA": ["-et", "1.0", "-s", "80", "-p", "2"]}

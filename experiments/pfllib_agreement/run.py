@@ -176,7 +176,7 @@ HTFLLIB = Reference(
     workload="the bundled digits at 3×32×32",
     section="htfllib-agreement", outputs=("htfllib_results.json", "htfllib_curves.png"))
 
-REFERENCES = {"pfllib": PFLLIB, "htfllib": HTFLLIB}
+REFERENCES = {ref.name: ref for ref in (PFLLIB, HTFLLIB)}
 
 
 _ROUND = re.compile(r"-+Round number: (\d+)-+")
@@ -428,11 +428,6 @@ def plot(ref: Reference, results: dict, path: str) -> None:
   fig.savefig(path, dpi=100)
 
 
-def fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--pfllib", help="a PFLlib checkout (its system/main.py is run)")
@@ -464,12 +459,12 @@ def main() -> None:
                  help="print the table (and write the section and plot) from a stored JSON")
   args = p.parse_args()
   if args.pfllib and args.htfllib:
-    fail("--pfllib and --htfllib: give one of them")
+    common.fail("--pfllib and --htfllib: give one of them")
   ref = HTFLLIB if args.htfllib else PFLLIB
   if args.table_from:
     with open(args.table_from, encoding="utf-8") as f:
       stored = json.load(f)
-    ref = REFERENCES[stored.get("reference", "PFLlib").lower()]
+    ref = REFERENCES[stored.get("reference", PFLLIB.name)]
   json_path = args.json or os.path.join(HERE, ref.outputs[0])
   plot_path = args.plot if args.plot is not None else os.path.join(HERE, ref.outputs[1])
 
@@ -489,19 +484,20 @@ def main() -> None:
                 else args.algorithms.split(","))
   unknown = [a for a in algorithms if a not in ref.algorithms]
   if unknown:
-    fail(f"--algorithms {','.join(unknown)} not in {ref.name}'s main.py (or not runnable "
-         f"here): use {', '.join(ref.algorithms)} or all")
+    common.fail(f"--algorithms {','.join(unknown)} not in {ref.name}'s main.py (or not "
+                f"runnable here): use {', '.join(ref.algorithms)} or all")
   checkout = args.htfllib or args.pfllib
   if not checkout or not os.path.isfile(os.path.join(checkout, "system", "main.py")):
-    fail(f"--{ref.name.lower()} {checkout!r} has no system/main.py (a {ref.name} checkout)")
+    common.fail(f"--{ref.name.lower()} {checkout!r} has no system/main.py (a {ref.name} "
+                "checkout)")
   try:
     seeds = [int(s) for s in args.seeds.split(",")]
     reference_seeds = [int(s) for s in args.reference_seeds.split(",")]
   except ValueError:
-    fail(f"--seeds {args.seeds!r} / --pfllib-seeds {args.reference_seeds!r}: each is a "
-         "comma-separated list of integers")
+    common.fail(f"--seeds {args.seeds!r} / --pfllib-seeds {args.reference_seeds!r}: each is "
+                "a comma-separated list of integers")
   if any(s < 0 for s in reference_seeds):
-    fail(f"--pfllib-seeds {args.reference_seeds!r}: torch seeds are 0 or more")
+    common.fail(f"--pfllib-seeds {args.reference_seeds!r}: torch seeds are 0 or more")
   import jax  # pylint: disable=import-outside-toplevel
   data = bench_pfllib.write_folder(checkout, ref.dataset, ref.source)
   commit = args.commit or subprocess.run(
