@@ -2,6 +2,8 @@
 communication they report against HtFLlib's per-client formulas (reference §6)."""
 
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,18 +179,46 @@ def test_fedproto_collects_prototypes_during_training():
   assert np.asarray(upload["present"]).tolist() == [bool((labels == c).any()) for c in range(4)]
 
 
-def test_fedtgp_local_prototypes_are_eval_mode_class_means():
+@pytest.mark.parametrize("batch_size", [3, 5, 7, 30])
+def test_fedtgp_local_prototypes_are_eval_mode_class_means_over_the_loader(batch_size):
+  """HtFLlib's prototype loader: the first floor(n/B)*B training samples, in order (client 2
+  has 24: all of them for B = 3, 20 for B = 5, 21 for B = 7, none for B = 30)."""
   data = _toy()
   alg = _alg("FedTGP", data, server_epochs=1)
+  alg = dataclasses.replace(alg, local=dataclasses.replace(alg.local, batch_size=batch_size))
   _, clients = alg.init(rng.root_key(0), jnp.asarray(data.x[0]), data.num_clients)
   variables = jax.tree.map(lambda a: a[2], clients)["params"]
   protos, present = alg.local_prototypes(variables, _client(data, 2), 4)
-  rows = np.asarray(data.train_idx[2][: int(data.train_count[2])])
+  count = int(data.train_count[2])
+  assert count == 24
+  if batch_size > count:  # the loader yields nothing: no prototype
+    assert not np.asarray(present).any() and not np.asarray(protos).any()
+    return
+  rows = np.asarray(data.train_idx[2][: count // batch_size * batch_size])
   feats = np.asarray(alg.model.apply(variables, jnp.asarray(data.x[rows]), method="features"))
+  labels = data.y[rows]
   for c in range(4):
-    np.testing.assert_allclose(np.asarray(protos[c]), feats[data.y[rows] == c].mean(0),
-                               rtol=1e-5, atol=1e-6)
-  assert bool(present.all())
+    expected = feats[labels == c].mean(0) if (labels == c).any() else np.zeros(feats.shape[1])
+    np.testing.assert_allclose(np.asarray(protos[c]), expected, rtol=1e-5, atol=1e-6)
+  assert np.asarray(present).tolist() == [bool((labels == c).any()) for c in range(4)]
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_fedtgp_uploads_the_trained_model_or_with_compat_the_one_before(compat):
+  """The paper uploads the prototypes of the model the round trained; HtFLlib's
+  ``clientTGP.train`` collects them from the model saved before the round (compat)."""
+  data = _toy()
+  alg = _alg("FedTGP", data, lr=0.5, server_epochs=1, pfllib_compat=compat)
+  server, clients = alg.init(rng.root_key(0), jnp.asarray(data.x[0]), data.num_clients)
+  one = jax.tree.map(lambda a: a[2], clients)
+  cd = _client(data, 2)
+  new_state, upload, _ = alg.client_update(server, one, cd, jax.random.PRNGKey(3))
+  before, _ = alg.local_prototypes(one["params"], cd, 4)
+  after, _ = alg.local_prototypes(new_state["params"], cd, 4)
+  assert float(jnp.abs(after - before).max()) > 1e-2  # the round moved the features
+  np.testing.assert_allclose(np.asarray(upload["protos"]),
+                             np.asarray(before if compat else after), rtol=1e-6, atol=1e-6)
+  assert bool(upload["present"].all())
 
 
 def test_fedtgp_server_ignores_dropped_uploads_and_trains_the_prototypes():

@@ -79,6 +79,7 @@ def run_one(algorithm: str, args) -> dict:
       config(algorithm, params, rounds=args.rounds, times=args.times, lr=args.lr,
              eval_gap=args.eval_gap, out=args.out), algorithm)
   summary["params"] = params
+  summary["date"] = time.strftime("%Y-%m-%d")
   return summary
 
 
@@ -98,13 +99,23 @@ def table_rows(results: dict, notes: dict) -> list:
   return lines
 
 
+def measured(results: dict) -> str:
+  """The dates the rows were measured: the most common one, then the others' rows."""
+  by_date = {}
+  for name, r in results.items():
+    by_date.setdefault(r.get("date", "an earlier day"), []).append(name)
+  dates = sorted(by_date, key=lambda d: -len(by_date[d]))
+  others = "; ".join(f"{', '.join(by_date[d])}: {d}" for d in dates[1:])
+  return dates[0] + (f" ({others})" if others else "")
+
+
 def table(results: dict, args) -> str:
   lines = [
       f"digits32 (sklearn's 1,797 digits at 32×32×3), 20 clients, Dir(0.1), models `{MODEL}` "
       f"(client i: architecture i mod 3, features pooled to 512), lr {args.lr}, batch 10, 1 "
       f"local epoch, {args.rounds} rounds, evaluation every {args.eval_gap} round(s), "
       f"{args.times} seeds (0–{args.times - 1}); mean ± std over seeds. Measured "
-      f"{time.strftime('%Y-%m-%d')} on {platform.processor() or platform.machine()} "
+      f"{measured(results)} on {platform.processor() or platform.machine()} "
       f"({os.cpu_count()} cores, CPU), `python experiments/htfl_digits/run.py --rounds "
       f"{args.rounds}`. Floats up/down: per round, all clients together (seed 0's mean over "
       "the trained rounds).",

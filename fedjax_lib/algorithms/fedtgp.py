@@ -7,8 +7,9 @@ Clients (any architectures; only prototypes cross the network) train for ``local
     L = CE(h(f(x)), y) + λ·MSE(f(x), P̂[y])          (λ = ``lam``, HtFLlib's ``-lam``)
 
 against the global prototypes ``P̂`` (none in round 0), then compute their prototypes in
-evaluation mode over their whole training set, ``P_i^c = mean f(x)`` of class c, and upload
-those of the classes they have.
+evaluation mode, ``P_i^c = mean f(x)`` over the class-c samples of HtFLlib's prototype loader
+(the client's first ``⌊n/B⌋·B`` training samples, in its order: a ``drop_last`` loader without
+shuffling), and upload those of the classes they have.
 
 The server owns the **trainable global prototypes** (TGP): a network ``Embedding(C, d) →
 Linear(d, d) → ReLU → Linear(d, d)`` whose output row c is ``P̂^c``; it persists across
@@ -24,6 +25,15 @@ rounds and is never sent. Each round:
 
 Clients are evaluated by the nearest ``P̂`` (MSE), and by their head (``test_acc_head``).
 
+``pfllib_compat=True`` (``--pfllib-compat``) uploads HtFLlib's prototypes instead: its
+``clientTGP.train`` calls ``collect_protos`` before it saves the model it has just trained, and
+``collect_protos`` loads the saved model, so every client uploads the prototypes of its model
+as it was *before* the round's training (in round 0, of the untrained initial model); the
+paper (Algorithm 1) and FedGH, FedKTL and FedProto in HtFLlib use the trained model. Seen in
+HtFLlib's run (e959261, also in the FedTGP repository): its round-0 uploads have the feature
+norms of an untrained model (CNN ≈ 1.15, ResNet-18 ≈ 6.0, while one epoch of training takes
+them to up to 2.6 and 8.8).
+
 Differences from HtFLlib (``clienttgp.py``/``servertgp.py``):
 
 - φ is ``sqrt(max(‖p‖² − 2p·q + ‖q‖², 1e-12))``: HtFLlib takes the square root unclamped, which
@@ -33,17 +43,22 @@ Differences from HtFLlib (``clienttgp.py``/``servertgp.py``):
   HtFLlib does, is the same.
 - Round 0 evaluation before any prototype exists: as FedProto (every class scores 0).
 - ``train_loss`` is the head's cross-entropy (HtFLlib adds ``λ·MSE``).
-- The prototypes average every training sample; HtFLlib's come from its ``drop_last`` training
-  loader, which leaves out each client's last ``n mod B`` samples (a class seen only there is
-  not uploaded; a client with fewer than B samples uploads nothing). As FedGH's.
+- The uploaded prototypes are those of the trained model (see ``pfllib_compat`` above).
 - Dropped clients (``-cdr``) upload nothing; HtFLlib's ``receive_protos`` reads every selected
   client's prototypes (its ``-cdr`` does not apply). The same at the default ``-cdr 0``.
 
-Open (2026-12-06): run next to HtFLlib's own ``main.py`` on HtFE-img-2 and the digits at
-3×32×32 (``experiments/pfllib_agreement/run.py --htfllib``), our test accuracy swings by up
-to 0.3 from one round to the next at every seed, ``--shuffle false`` or not, where
-HtFLlib's rises smoothly (mean of the last 10 of 21 evaluations: 0.748 ± 0.018 against
-0.915; the best rounds agree, 0.931 against 0.936). Not yet diagnosed.
+Which samples the prototypes average matters here, and they are HtFLlib's: its loader leaves
+out each client's last ``n mod B`` training samples, so a class seen only there is not
+uploaded and a client with fewer than ``B`` samples uploads nothing. Averaging every training
+sample instead (as FedGH here does) made the test accuracy swing by up to 0.3 from round to
+round, on HtFE-img-2 and on ResNet-18 alone, with or without shuffling, where HtFLlib's rises
+smoothly; with the loader's samples both rise alike. Every part was checked against PyTorch
+separately: the ACL training from the same TGP on the same uploads (the same loss and
+prototypes up to the shuffle's noise), one epoch of the client loss (FedAvgCNN to 2e-7;
+ResNet-18 to 1e-4 after one step, after which float32 rounding alone grows, in PyTorch too,
+to differences of 7 at feature norms of 40 within five steps), and a PyTorch copy of the
+whole loop swung as well until its prototypes left out the same samples
+(``experiments/pfllib_agreement/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -55,7 +70,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_lib.algorithms.base import check_int, check_number
+from fedjax_lib.algorithms.base import check_bool, check_int, check_number
 from fedjax_lib.algorithms.prototypes import (PrototypeAlgorithm, eval_class_means,
                                               mean_of_uploads, train_on_rows)
 from fedjax_lib.algorithms.registry import register
@@ -138,12 +153,15 @@ class FedTGP(PrototypeAlgorithm):
     lam: weight of ``MSE(f(x), P̂[y])`` in the client loss (``-lam``; scripts: 10).
     server_epochs: epochs of TGP training per round (``-se``; HtFLlib's default 100).
     margin_threshold: τ, the cap of the adaptive margin (``-mart``; 100).
+    pfllib_compat: upload the prototypes of the model before the round's training, as
+      HtFLlib does (see the module docstring).
   """
 
   REFERENCE_SPLIT = True  # HtFLlib's main.py wraps the model in BaseHeadSplit
 
   server_epochs: int = 100
   margin_threshold: float = 100.0
+  pfllib_compat: bool = False
 
   TRAIN_MODE = True
 
@@ -151,6 +169,7 @@ class FedTGP(PrototypeAlgorithm):
     super().__post_init__()
     check_int(self.name, "server_epochs", self.server_epochs, 0)
     check_number(self.name, "margin_threshold", self.margin_threshold, 0.0, finite=True)
+    check_bool(self.name, "pfllib_compat", self.pfllib_compat)
     if not self.margin_threshold > 0:
       raise ConfigError(f"FedTGP hyperparameter margin_threshold={self.margin_threshold!r} "
                         "must be a finite number > 0 (-mart)")
@@ -168,13 +187,17 @@ class FedTGP(PrototypeAlgorithm):
   def client_update(self, server_state, client_state, data, key):
     variables, _, stats = train_model(self.model, client_state["params"], data, key,
                                       self.local, self.objective(server_state))
-    protos, present = self.local_prototypes(variables, data, server_state["present"].shape[0])
+    described = client_state["params"] if self.pfllib_compat else variables
+    protos, present = self.local_prototypes(described, data, server_state["present"].shape[0])
     return {"params": variables}, {"protos": protos, "present": present}, stats
 
   def local_prototypes(self, variables, data: ClientData, num_classes: int):
-    """Per-class mean features over the whole training set, in evaluation mode."""
+    """Per-class mean features, in evaluation mode, over the samples of HtFLlib's prototype
+    loader: the first ``⌊n/B⌋·B`` of the client's ``n`` training samples."""
+    batch = self.local.batch_size
+    loader = data._replace(train_count=data.train_count // batch * batch)
     return eval_class_means(
-        lambda x: self.model.apply(variables, x, method="features"), data, num_classes)
+        lambda x: self.model.apply(variables, x, method="features"), loader, num_classes)
 
   def server_update(self, server_state, uploads, weights, key):
     has = uploads["present"] & (weights > 0)[:, None]            # [K, C]
