@@ -3,6 +3,7 @@ communication they report against HtFLlib's formulas (reference §6), FD's raw-l
 (``pfllib_compat``) divergence, learning on the bundled digits with two architectures, one vs
 eight devices, and the HtFL conformance suite."""
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -246,7 +247,9 @@ def test_fedgh_client_starts_from_the_server_head_and_uploads_eval_mode_class_me
   other = {"head": jax.tree.map(lambda a: 3.0 * a, server["head"])}
   moved, _, _ = alg.client_update(other, one, _client(data, 2), jax.random.PRNGKey(1))
   assert not all(jax.tree.leaves(jax.tree.map(np.allclose, new["base"], moved["base"])))
-  rows = np.asarray(data.train_idx[2][: int(data.train_count[2])])
+  # HtFLlib's prototype loader (batch 3, drop_last, in order): all of client 2's 24 samples.
+  assert int(data.train_count[2]) == 24
+  rows = np.asarray(data.train_idx[2][:24])
   feats = np.asarray(alg.model.apply({"params": {"base": new["base"],
                                                  "head": server["head"]}},
                                      jnp.asarray(data.x[rows]), method="features"))
@@ -254,6 +257,30 @@ def test_fedgh_client_starts_from_the_server_head_and_uploads_eval_mode_class_me
     np.testing.assert_allclose(np.asarray(upload["protos"][c]),
                                feats[data.y[rows] == c].mean(0), rtol=1e-5, atol=1e-6)
   assert bool(upload["present"].all())
+
+
+def test_fedgh_prototypes_average_the_loader_samples():
+  """The loader's first floor(24/B)*B of client 2's 24 samples (HtFLlib's
+  ``collect_protos``): 20 at batch 5, 21 at batch 7."""
+  data = _toy()
+  for batch_size, count in ((5, 20), (7, 21)):
+    alg = _alg("FedGH", data, lr=0.1)
+    alg = dataclasses.replace(alg, local=dataclasses.replace(
+        alg.local, batch_size=batch_size, steps_per_epoch=24 // batch_size))
+    server, clients = alg.init(rng.root_key(0), jnp.asarray(data.x[0]), data.num_clients)
+    one = jax.tree.map(lambda a: a[2], clients)
+    new, upload, _ = alg.client_update(server, one, _client(data, 2), jax.random.PRNGKey(1))
+    rows = np.asarray(data.train_idx[2][:count])
+    labels = data.y[rows]
+    assert np.asarray(upload["present"]).tolist() == [bool((labels == c).any())
+                                                      for c in range(4)]
+    feats = np.asarray(alg.model.apply({"params": {"base": new["base"],
+                                                   "head": server["head"]}},
+                                       jnp.asarray(data.x[rows]), method="features"))
+    for c in range(4):
+      if (labels == c).any():
+        np.testing.assert_allclose(np.asarray(upload["protos"][c]),
+                                   feats[labels == c].mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_fedgh_refuses_heads_that_are_not_one_dense_layer():

@@ -196,9 +196,17 @@ def test_client_update_uploads_unit_prototypes_of_present_classes(data):
   one = jax.tree.map(lambda a: a[0], clients)
   new, upload, stats = jax.jit(alg.client_update)(server, one, _client(data, 0),
                                                   jax.random.key(1))
-  present = np.bincount(data.y[data.train_idx[0, :data.train_count[0]]],
-                        minlength=data.num_classes) > 0
+  # HtFLlib's prototype loader (batch 4, drop_last, in order): client 0's first 16 of 18.
+  assert int(data.train_count[0]) == 18
+  rows = np.asarray(data.train_idx[0, :16])
+  present = np.bincount(data.y[rows], minlength=data.num_classes) > 0
   np.testing.assert_array_equal(upload["present"], present)
+  z = np.asarray(alg.model.apply(new["params"], jnp.asarray(data.x[rows])), np.float64)
+  z /= np.linalg.norm(z, axis=1, keepdims=True)
+  for c in np.flatnonzero(present):
+    mean = z[data.y[rows] == c].mean(0)
+    np.testing.assert_allclose(np.asarray(upload["protos"][c]), mean / np.linalg.norm(mean),
+                               rtol=1e-4, atol=1e-5)
   norms = np.linalg.norm(np.asarray(upload["protos"]), axis=1)
   np.testing.assert_allclose(norms[present], 1.0, atol=1e-5)
   assert np.isfinite(float(stats["loss"]))
@@ -321,14 +329,17 @@ def test_fedktl_from_a_generator_folder_through_make_algorithm(data):
 @pytest.mark.xla_optimized  # runs long enough to repay it: tests/conftest.py
 def test_fedktl_learns_on_digits_with_two_architectures(tmp_path):
   """CNN and DNN clients on the bundled digits (10 clients, Dir(0.1), lr 0.05, 5 rounds,
-  the tiny random generator). Measured 2026-12-01: test accuracy .022 → .905 (seed 0),
-  .119 → .879 (seed 1); the bar sits below the smaller. The generated class images are written as a PNG grid and recorded."""
+  the tiny random generator). Measured 2026-12-07 under the suite's XLA settings, since the
+  prototypes average HtFLlib's loader samples: test accuracy .022 → .795 (seed 0); seeds 0–3
+  .795–.905 after 5 rounds (all samples: .841–.903; over seeds 0–5 with XLA's defaults .850–
+  .922 against .839–.911, means .877 and .879); the bar sits below the smallest. The generated
+  class images are written as a PNG grid and recorded."""
   res = run_experiment(Config(model="cnn,dnn", algorithm="FedKTL", num_clients=10,
                               learning_rate=0.05, global_rounds=5, eval_gap=5,
                               algo_params={"generator_path": tiny_generator_path()},
                               out=str(tmp_path), progress=False), **QUIET)
   acc = res.runs[0].history["test_acc"]
-  assert acc[0] < 0.3 and acc[-1] >= 0.8, acc
+  assert acc[0] < 0.3 and acc[-1] >= 0.75, acc
   payload = json.load(open(res.runs[0].files["json"]))
   png = payload["generated_images"]
   assert os.path.dirname(png) == str(tmp_path) and png.endswith("_generated.png")

@@ -10,8 +10,10 @@ evaluated with ``h(f_i(x))``). A selected client then
 
 1. trains its whole model ``h_i ∘ f_i`` (``h_i`` starting from ``h``) with cross-entropy for
    ``local_epochs``;
-2. computes in evaluation mode its class prototypes ``P_i^c = mean f_i(x)`` over its training
-   samples of class c, and uploads those of the classes it has (``C_i x d`` floats).
+2. computes in evaluation mode its class prototypes ``P_i^c = mean f_i(x)`` over the class-c
+   samples of HtFLlib's prototype loader (its first ``⌊n/B⌋·B`` training samples, in order:
+   a ``drop_last`` loader without shuffling), and uploads those of the classes it has
+   (``C_i x d`` floats).
 
 The server gathers the (prototype, class) pairs ``(P_i^c, c)`` of the clients that uploaded
 and trains ``h`` on them with plain SGD (lr ``server_learning_rate``, ``-slr``) for
@@ -28,8 +30,6 @@ that layer for all of them); other heads are refused (HtFLlib crashes on them, i
 
 Differences from HtFLlib (``clientgh.py``/``servergh.py``):
 
-- Prototypes average every training sample of the client (HtFLlib iterates its drop_last
-  training loader, leaving out the last ``count mod B`` samples).
 - The server's shuffles derive from the run's keys (HtFLlib: the unseeded global torch RNG);
   its SGD is stateless, so re-creating it every round, as HtFLlib does, is the same.
 - ``server_epochs`` defaults to HtFLlib's argparse default 100; its ``total.sh`` uses ``-se 1``.
@@ -53,7 +53,7 @@ import optax
 
 from fedjax_lib.algorithms.base import (SettingsContext, Traffic, abstract_variables,
                                         check_int, check_number, rows_traffic)
-from fedjax_lib.algorithms.prototypes import eval_class_means, train_on_rows
+from fedjax_lib.algorithms.prototypes import eval_class_means, loader_samples, train_on_rows
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import SplitAlgorithm, dense_head_shape, split_parts
 from fedjax_lib.core.local import cross_entropy_objective, masked_cross_entropy, train_model
@@ -97,7 +97,8 @@ class FedGH(SplitAlgorithm):
                                       data, key, self.local, cross_entropy_objective)
     num_classes = server_state["head"]["bias"].shape[0]
     protos, present = eval_class_means(
-        lambda x: self.model.apply(variables, x, method="features"), data, num_classes)
+        lambda x: self.model.apply(variables, x, method="features"),
+        loader_samples(data, self.local.batch_size), num_classes)
     # The trained head is dropped: the server's head replaces it before anything uses it.
     return self._client_state(variables), {"protos": protos, "present": present}, stats
 

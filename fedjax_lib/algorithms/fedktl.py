@@ -9,7 +9,10 @@ head's width; :func:`etf_anchors`) with an ArcFace-style margin loss on ``z = h(
 
 (m = 0.5, s = 64; :func:`margin_logits`) and predict by the highest cosine. After training
 each uploads its **normalised class prototypes** ``P_i^c = normalise(mean ẑ)`` of the classes
-it has, ``C_i × C`` floats (the "upload-efficient" part).
+it has, ``C_i × C`` floats (the "upload-efficient" part); the mean is over the samples of
+HtFLlib's prototype loader (the client's first ``⌊n/B⌋·B`` training samples, in order: a
+``drop_last`` loader without shuffling, so a class seen only in the last ``n mod B`` is not
+uploaded), as FedGH's and FedTGP's.
 
 The server owns a **feature transformer** ``F`` (Linear(K, K) → BatchNorm → ReLU →
 Linear(K, w)) and **class centroids** ``Q̄ [C, w]`` in the generator's latent space. Each
@@ -50,9 +53,6 @@ Differences from HtFLlib (``clientktl.py``/``serverktl_*.py``):
 - Generated images keep the clients' value range ``[-1, 1]`` and are converted to the clients'
   channel count (mean of RGB for one channel); HtFLlib's clients are always RGB.
 - ``train_loss`` is the cross-entropy of the margin-free scaled cosines ``s·cos θ_k``.
-- The prototypes average every training sample; HtFLlib's ``collect_protos`` iterates its
-  ``drop_last`` training loader, leaving out each client's last ``n mod B`` samples (a class
-  seen only there is not uploaded). As FedTGP's and FedGH's.
 - HtFLlib's ``-algo FedKTL-stylegan-xl`` / ``-stylegan-3`` / ``-stable-diffusion`` name its
   pretrained generators; here the generator is given with ``-GPath`` (a Flax bridge), and
   those names are refused.
@@ -80,7 +80,7 @@ import optax
 from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, Traffic, abstract_variables,
                                         check_bool, check_int, check_number, rows_traffic,
                                         stack_clients)
-from fedjax_lib.algorithms.prototypes import eval_class_means, valid_row_order
+from fedjax_lib.algorithms.prototypes import eval_class_means, loader_samples, valid_row_order
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.local import Batch, clip_each, masked_mse, train_locally
 from fedjax_lib.errors import ConfigError
@@ -350,8 +350,8 @@ class FedKTL(Algorithm):
     state, _ = stats.pop("aux")
     new_variables = {"params": params["model"], **state}
     protos, present = eval_class_means(
-        lambda x: normalize(model.apply(new_variables, x).astype(jnp.float32)), data,
-        anchors.shape[0])
+        lambda x: normalize(model.apply(new_variables, x).astype(jnp.float32)),
+        loader_samples(data, self.local.batch_size), anchors.shape[0])
     upload = {"protos": normalize(protos), "present": present}
     return {"params": new_variables, "projector": params["projector"]}, upload, stats
 

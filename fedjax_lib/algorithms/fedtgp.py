@@ -49,10 +49,10 @@ Differences from HtFLlib (``clienttgp.py``/``servertgp.py``):
 
 Which samples the prototypes average matters here, and they are HtFLlib's: its loader leaves
 out each client's last ``n mod B`` training samples, so a class seen only there is not
-uploaded and a client with fewer than ``B`` samples uploads nothing. Averaging every training
-sample instead (as FedGH here does) made the test accuracy swing by up to 0.3 from round to
-round, on HtFE-img-2 and on ResNet-18 alone, with or without shuffling, where HtFLlib's rises
-smoothly; with the loader's samples both rise alike. Every part was checked against PyTorch
+uploaded and a client with fewer than ``B`` samples uploads nothing (FedGH and FedKTL average
+the same samples). Averaging every training sample instead made the test accuracy swing by
+up to 0.3 from round to round, on HtFE-img-2 and on ResNet-18 alone, with or without
+shuffling, where HtFLlib's rises smoothly; with the loader's samples both rise alike. Every part was checked against PyTorch
 separately: the ACL training from the same TGP on the same uploads (the same loss and
 prototypes up to the shuffle's noise), one epoch of the client loss (FedAvgCNN to 2e-7;
 ResNet-18 to 1e-4 after one step, after which float32 rounding alone grows, in PyTorch too,
@@ -72,7 +72,7 @@ import optax
 
 from fedjax_lib.algorithms.base import check_bool, check_int, check_number
 from fedjax_lib.algorithms.prototypes import (PrototypeAlgorithm, eval_class_means,
-                                              mean_of_uploads, train_on_rows)
+                                              loader_samples, mean_of_uploads, train_on_rows)
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.core.local import ClientData, train_model
 from fedjax_lib.errors import ConfigError
@@ -194,10 +194,8 @@ class FedTGP(PrototypeAlgorithm):
   def local_prototypes(self, variables, data: ClientData, num_classes: int):
     """Per-class mean features, in evaluation mode, over the samples of HtFLlib's prototype
     loader: the first ``⌊n/B⌋·B`` of the client's ``n`` training samples."""
-    batch = self.local.batch_size
-    loader = data._replace(train_count=data.train_count // batch * batch)
-    return eval_class_means(
-        lambda x: self.model.apply(variables, x, method="features"), loader, num_classes)
+    return eval_class_means(lambda x: self.model.apply(variables, x, method="features"),
+                            loader_samples(data, self.local.batch_size), num_classes)
 
   def server_update(self, server_state, uploads, weights, key):
     has = uploads["present"] & (weights > 0)[:, None]            # [K, C]

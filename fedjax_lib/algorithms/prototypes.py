@@ -85,6 +85,14 @@ def eval_class_means(embed, data, num_classes: int, chunk: int = 50):
   return sums / jnp.maximum(counts, 1.0)[:, None], counts > 0
 
 
+def loader_samples(data, batch_size: int):
+  """``data`` restricted to the samples HtFLlib's prototype loader visits: its training
+  loader is ``DataLoader(batch_size, drop_last=True, shuffle=False)``, so a client's first
+  ``⌊n/B⌋·B`` training samples, in order (none when ``n < B``). FedTGP, FedGH and FedKTL
+  average their prototypes over these (HtFLlib's ``collect_protos``)."""
+  return data._replace(train_count=data.train_count // batch_size * batch_size)
+
+
 def mean_of_uploads(protos: jax.Array, has: jax.Array):
   """Per-class unweighted mean of ``protos [K, C, d]`` over the uploads with ``has [K, C]``;
   returns ``(mean [C, d], present [C])``."""
