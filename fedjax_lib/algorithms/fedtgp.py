@@ -48,15 +48,15 @@ Differences from HtFLlib (``clienttgp.py``/``servertgp.py``):
   client's prototypes (its ``-cdr`` does not apply). The same at the default ``-cdr 0``.
 
 Which samples the prototypes average matters here, and they are HtFLlib's: its loader leaves
-out each client's last ``n mod B`` training samples, so a class seen only there is not
-uploaded and a client with fewer than ``B`` samples uploads nothing (FedGH and FedKTL average
-the same samples). Averaging every training sample instead made the test accuracy swing by
-up to 0.3 from round to round, on HtFE-img-2 and on ResNet-18 alone, with or without
-shuffling, where HtFLlib's rises smoothly; with the loader's samples both rise alike. Every part was checked against PyTorch
-separately: the ACL training from the same TGP on the same uploads (the same loss and
-prototypes up to the shuffle's noise), one epoch of the client loss (FedAvgCNN to 2e-7;
-ResNet-18 to 1e-4 after one step, after which float32 rounding alone grows, in PyTorch too,
-to differences of 7 at feature norms of 40 within five steps), and a PyTorch copy of the
+out each client's last ``n mod B`` training samples, so a class seen only there is not uploaded
+and a client with fewer than ``B`` samples uploads nothing (FedGH and FedKTL average the same
+samples). Averaging every training sample instead made the test accuracy swing by up to 0.3
+from round to round, on HtFE-img-2 and on ResNet-18 alone, with or without shuffling, where
+HtFLlib's rises smoothly; with the loader's samples both rise alike. Every part was checked
+against PyTorch separately: the ACL training from the same TGP on the same uploads (the same
+loss and prototypes up to the shuffle's noise), one epoch of the client loss (FedAvgCNN to
+2e-7; ResNet-18 to 1e-4 after one step, after which float32 rounding alone grows, in PyTorch
+too, to differences of 7 at feature norms of 40 within five steps), and a PyTorch copy of the
 whole loop swung as well until its prototypes left out the same samples
 (``experiments/pfllib_agreement/RESULTS.md``).
 """
