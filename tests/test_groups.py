@@ -97,6 +97,33 @@ def test_regrouping_keeps_client_randomness():
   assert h1[-1]["test_acc"] == h2[-1]["test_acc"]
 
 
+def _head(states):
+  """Client 0's head parameters, wherever the algorithm keeps them in its state."""
+  flat = jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda a: a[0], states))[0]
+  return {jax.tree_util.keystr(p): np.asarray(a) for p, a in flat if "'head'" in
+          jax.tree_util.keystr(p)}
+
+
+def test_each_architecture_draws_its_own_initial_model():
+  """HtFLlib draws each architecture's model, head included, independently. Flax derives a
+  submodule's values from the key and the submodule's path, so one key for every group gave
+  two architectures the same head (which aligned their feature spaces: FedProto on
+  HtFE-img-2 ended 0.04 above HtFLlib). The first group keeps the run's init key, so a
+  one-architecture run is unchanged; groups of one model share a draw
+  (`test_regrouping_keeps_client_randomness`)."""
+  data = _small_data(num_clients=4)
+  root = rng.root_key(3)
+  _, two = _groups_engine("Local", data).init(root, data.x[0])
+  _, one = _groups_engine("Local", data, names=("dnn",)).init(root, data.x[0])
+  heads = {name: _head(states) for name, states in two.items()}
+  assert heads["dnn"] and heads["dnn"].keys() == heads["mlr"].keys()
+  for path, value in heads["dnn"].items():
+    assert value.shape == heads["mlr"][path].shape
+    assert not np.allclose(value, heads["mlr"][path]), path
+  first = lambda states: jax.tree.map(lambda a: a[0], states)
+  jax.tree.map(np.testing.assert_array_equal, first(two["dnn"]), first(one["dnn"]))
+
+
 def test_mismatched_uploads_are_refused_before_writing(tmp_path):
   with pytest.raises(ConfigError, match=r"FedAvg cannot mix architectures cnn and dnn: their "
                                         r"uploads differ at params/base/"):

@@ -768,10 +768,11 @@ class Engine:
   def _init_fn(self, hparams, root, sample_x, initial_models=None):
     """Every group's ``init`` from the run's init key; the server state of group 0. With
     ``initial_models`` (see ``initial_models``) the clients start from those models
-    (`fedjax_lib.algorithms.base.init_clients_from_models`)."""
-    key = rng.init_key(root)
+    (`fedjax_lib.algorithms.base.init_clients_from_models`). Each architecture initialises
+    from its own key (`_init_key`): architectures never share a draw."""
     server_state, client_states = None, {}
     for gi, g in enumerate(self.groups):
+      key = self._init_key(root, gi)
       alg = self._alg(gi, hparams)
       if initial_models is None or server_state is None:  # (later groups: clients only)
         server, clients = alg.init(key, sample_x, g.size)
@@ -780,6 +781,14 @@ class Engine:
         clients = init_clients_from_models(alg, key, sample_x, initial_models[g.name])
       client_states[g.name] = clients
     return server_state, client_states
+
+  def _init_key(self, root, gi):
+    """Group ``gi``'s initialisation key: `fedjax_lib.core.rng.group_init_key` of the first
+    group with an equal model, so groups of one architecture start from one draw (as
+    HtFLlib's clients of one architecture do) and different architectures from their own."""
+    model = self.groups[gi].algorithm.model
+    first = next(j for j, g in enumerate(self.groups) if g.algorithm.model == model)
+    return rng.group_init_key(root, first)
 
   def state_shapes(self, sample_x, hparams=None):
     """The shapes of one run's ``(server_state, client_states)`` (traced, nothing computed)."""
@@ -1132,7 +1141,8 @@ class Engine:
     for cid in ids:
       gi = self.new_client_group(int(cid))
       if gi not in templates:
-        _, fresh = self._alg(gi, hparams).init(rng.init_key(root), jnp.asarray(sample_x), 1)
+        _, fresh = self._alg(gi, hparams).init(self._init_key(root, gi),
+                                               jnp.asarray(sample_x), 1)
         templates[gi] = jax.tree.map(lambda a: a[0], fresh)
       parts.append(self._new_client(hparams, server_state, templates[gi], self.arrays,
                                     jnp.int32(cid),

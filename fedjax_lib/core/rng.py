@@ -11,7 +11,9 @@ the cohort), through a separate stream tag so that streams never collide::
                                       │      ──> what every client does with the new server
                                       │      state (FedALA)
                                       └──fold_in(EVAL)──fold_in(client_id)──> evaluation
-    root ──fold_in(INIT)──> model / state initialisation
+    root ──fold_in(INIT)──> model / state initialisation (the first architecture group)
+                         └──fold_in(g)──> the group at position g ≥ 1, unless an earlier
+                                          group has the same model (then that group's key)
     root ──fold_in(WARMUP)──> an initialisation period before round 0 (FedDBE)
     root ──fold_in(NEW)──fold_in(client_id)──> fine-tuning of new clients
 
@@ -44,6 +46,22 @@ def root_key(seed: int) -> jax.Array:
 
 def init_key(root: jax.Array) -> jax.Array:
   return jax.random.fold_in(root, INIT)
+
+
+def group_init_key(root: jax.Array, group: int) -> jax.Array:
+  """The initialisation key of the architecture group at position ``group``: ``init_key``
+  for group 0 (a one-architecture run is unchanged by groups), ``fold_in(init_key, group)``
+  for the others (the engine passes the position of the first group with the same model).
+
+  Every group needs its own key: Flax derives a submodule's parameters from the key and the
+  submodule's path, so two architectures initialised from one key get the *same* values in
+  every same-named, same-shaped submodule, e.g. the ``head``. HtFLlib draws each
+  architecture's model, head included, independently; one shared head aligned the feature
+  spaces of different architectures from round 0 and lifted FedProto on HtFE-img-2 by about
+  0.04 over HtFLlib's (experiments/pfllib_agreement/RESULTS.md).
+  """
+  key = init_key(root)
+  return key if group == 0 else jax.random.fold_in(key, group)
 
 
 def round_key(root: jax.Array, round_index) -> jax.Array:
