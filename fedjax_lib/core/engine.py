@@ -787,7 +787,14 @@ class Engine:
     group with an equal model, so groups of one architecture start from one draw (as
     HtFLlib's clients of one architecture do) and different architectures from their own."""
     model = self.groups[gi].algorithm.model
-    first = next(j for j, g in enumerate(self.groups) if g.algorithm.model == model)
+
+    def same(other):
+      try:  # Flax modules compare as dataclasses; one holding arrays cannot be compared
+        return other is model or bool(other == model)
+      except (TypeError, ValueError):
+        return False
+
+    first = next(j for j, g in enumerate(self.groups) if same(g.algorithm.model))
     return rng.group_init_key(root, first)
 
   def state_shapes(self, sample_x, hparams=None):
