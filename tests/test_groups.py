@@ -97,9 +97,14 @@ def test_regrouping_keeps_client_randomness():
   assert h1[-1]["test_acc"] == h2[-1]["test_acc"]
 
 
+def _first(states):
+  """Client 0's row of stacked client states."""
+  return jax.tree.map(lambda a: a[0], states)
+
+
 def _head(states):
   """Client 0's head parameters, wherever the algorithm keeps them in its state."""
-  flat = jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda a: a[0], states))[0]
+  flat = jax.tree_util.tree_flatten_with_path(_first(states))[0]
   return {jax.tree_util.keystr(p): np.asarray(a) for p, a in flat if "'head'" in
           jax.tree_util.keystr(p)}
 
@@ -120,8 +125,7 @@ def test_each_architecture_draws_its_own_initial_model():
   for path, value in heads["dnn"].items():
     assert value.shape == heads["mlr"][path].shape
     assert not np.allclose(value, heads["mlr"][path]), path
-  first = lambda states: jax.tree.map(lambda a: a[0], states)
-  jax.tree.map(np.testing.assert_array_equal, first(two["dnn"]), first(one["dnn"]))
+  jax.tree.map(np.testing.assert_array_equal, _first(two["dnn"]), _first(one["dnn"]))
 
 
 def test_mismatched_uploads_are_refused_before_writing(tmp_path):
