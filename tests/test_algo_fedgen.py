@@ -281,6 +281,24 @@ def test_round_trip_on_small_data():
                          server["generator"]["fc1"]["kernel"])
 
 
+def test_compat_label_pool_counts_htfllib_loader_samples():
+  """HtFLlib counts each client's labels over its drop_last loader without shuffling: the
+  first ``⌊n/B⌋·B`` training samples. ``pfllib_compat`` counts those; by default all n."""
+  data = _small_data(num_clients=3, seed=1)
+  batch = 4
+  for compat in (False, True):
+    alg = _alg(data, batch_size=batch, pfllib_compat=compat)
+    server, clients = alg.init(rng.root_key(0), jnp.asarray(data.x[0]), data.num_clients)
+    for i in range(data.num_clients):
+      n = int(data.train_count[i])
+      kept = n // batch * batch if compat else n
+      _, counts = alg.warmup_client(server, jax.tree.map(lambda a: a[i], clients),
+                                    _client(data, i), jax.random.key(0))
+      expected = np.bincount(data.y[data.train_idx[i][:kept]], minlength=data.num_classes)
+      np.testing.assert_array_equal(counts, expected)
+  assert any(int(c) % batch for c in data.train_count)  # some client has a dropped tail
+
+
 # ---------------------------------------------------------------- communication
 def test_traffic_at_the_reference_sizes():
   """Reference §2.5/§6 (nd 32, C 100, hd = d = 512): G is 68,096 + 1,024 (BatchNorm's scale

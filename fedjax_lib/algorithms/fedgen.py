@@ -71,8 +71,9 @@ Differences from HtFLlib (``servergen.py``/``clientgen.py``):
   effect, is skipped).
 - Adam is created afresh every round, as in HtFLlib (the paper's code keeps one optimiser
   across rounds and decays its rate by 0.98 a round).
-- The label pool counts every training sample; HtFLlib counts over its drop_last loader,
-  leaving out each client's last ``n_i mod B`` samples.
+- The label pool counts every training sample; HtFLlib counts over its drop_last loader
+  without shuffling, leaving out each client's last ``n_i mod B`` samples (a class seen only
+  there is missing from that client's counts). ``pfllib_compat=True`` counts HtFLlib's.
 - Labels and noise come from the run's keys (HtFLlib: numpy's unseeded global RNG, torch's).
 - fc1 sees batch-centred inputs and its bias is frozen (see :class:`Generator`): in
   training mode that is the same function; HtFLlib's Adam random-walks that bias, and the
@@ -95,6 +96,7 @@ import optax
 
 from fedjax_lib.algorithms.base import (SettingsContext, abstract_variables, check_bool, check_int,
                                         check_number)
+from fedjax_lib.algorithms.prototypes import loader_samples
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import SplitAlgorithm, dense_head_shape, split_parts
 from fedjax_lib.core.aggregate import normalized_weights, weighted_average
@@ -339,7 +341,8 @@ class FedGen(GeneratorHeadClients, SplitAlgorithm):
     generator_learning_rate: G's Adam step size (``-glr``; 0.005, scripts 0.1).
     hidden_dim: hd, G's hidden width (``-hd``; 512).
     server_epochs: Adam steps on G per round, B labels each (``-se``; 100).
-    pfllib_compat: keep G at its initialisation, as HtFLlib does (it never saves G).
+    pfllib_compat: keep G at its initialisation, as HtFLlib does (it never saves G), and
+      count the label pool over HtFLlib's loader samples (each client's first ``⌊n/B⌋·B``).
   """
 
   REFERENCE_SPLIT = True  # HtFLlib's main.py wraps the model in BaseHeadSplit
@@ -360,6 +363,12 @@ class FedGen(GeneratorHeadClients, SplitAlgorithm):
   def init(self, key, sample_x, num_clients):
     server, clients = super().init(key, sample_x, num_clients)
     return {**server, **self.generator_state(key, sample_x)}, clients
+
+  def warmup_client(self, server_state, client_state, data, key):
+    """The client's class counts; with ``pfllib_compat`` over HtFLlib's loader samples."""
+    if self.pfllib_compat:
+      data = loader_samples(data, self.local.batch_size)
+    return super().warmup_client(server_state, client_state, data, key)
 
   def server_update(self, server_state, uploads, weights, key):
     keep = weights > 0
