@@ -10,6 +10,7 @@ status 2 before anything is written.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import json
 import sys
@@ -633,6 +634,22 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
+def one_blas_thread() -> None:
+  """OpenBLAS on one thread unless ``OPENBLAS_NUM_THREADS`` is set: scipy's, which jaxlib's
+  LAPACK kernels (SVD, eigh, solve, ...) call and which loads at the first such call, through
+  the environment; numpy's, loaded already, through threadpoolctl. Its threads compete with
+  XLA's own for the cores: on an idle 2-core machine FedKD (an SVD per client per round) ran
+  3.17–3.20 s per round with one against 3.96–4.22 s with OpenBLAS's default two, the same
+  accuracy to the bit; FedAvg and Ditto unchanged within noise
+  (experiments/benchmarks/RESULTS.md, 2026-12-07). The command line's process only: the
+  Python API leaves a user's process as it is."""
+  if os.environ.get("OPENBLAS_NUM_THREADS"):
+    return
+  os.environ["OPENBLAS_NUM_THREADS"] = "1"
+  import threadpoolctl  # pylint: disable=import-outside-toplevel  (scikit-learn's dependency)
+  threadpoolctl.threadpool_limits(1, user_api="blas")
+
+
 def _select_devices(args: argparse.Namespace) -> Optional[str]:
   """Applies ``-dev`` and ``-did`` before JAX starts its backends; returns the one-line
   problem with them (or with PFLlib's straggler flags), else None."""
@@ -687,6 +704,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.list_datasets:
     print(data_registry.format_table(data_registry.list_datasets(args.data_dir), args.data_dir))
     return 0
+  one_blas_thread()
   problem = _select_devices(args)
   if problem:
     print(f"error: {problem}", file=sys.stderr)

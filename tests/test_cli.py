@@ -353,3 +353,32 @@ def test_pfllib_compat_warns_no_effect_only_where_it_has_none():
     found = checks._ignored(config, make_algorithm(algorithm, model, spec), {arch: model})  # pylint: disable=protected-access
     assert any("pfllib_compat=True has no effect" in w for w in found) == warned, (
         algorithm, arch, found)
+
+
+_BLAS_THREADS = ("import json, threadpoolctl; from fedjax_lib import cli; cli.one_blas_thread(); "
+                 "import jax.numpy as jnp; jnp.linalg.svd(jnp.ones((8, 8)))[1].block_until_ready(); "
+                 "print(json.dumps([i['num_threads'] for i in threadpoolctl.threadpool_info() "
+                 "if i['internal_api'] == 'openblas']))")
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="OpenBLAS starts one thread on one core")
+@pytest.mark.parametrize("setting", [None, "2"])
+def test_command_line_runs_openblas_on_one_thread_unless_told(setting):
+  """numpy's OpenBLAS (loaded with the CLI) and scipy's (loaded by jaxlib's first LAPACK call,
+  here an SVD) both run one thread; a user's OPENBLAS_NUM_THREADS is kept."""
+  env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+  if setting:
+    env["OPENBLAS_NUM_THREADS"] = setting
+  proc = subprocess.run([sys.executable, "-c", _BLAS_THREADS], capture_output=True, text=True,
+                        env=env, timeout=120, check=True)
+  threads = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert len(threads) >= 2  # numpy's and scipy's
+  assert threads == [int(setting or 1)] * len(threads)
+
+
+def test_main_sets_one_blas_thread_before_the_devices(monkeypatch, capsys):
+  calls = []
+  monkeypatch.setattr(cli, "one_blas_thread", lambda: calls.append("blas"))
+  monkeypatch.setattr(cli, "_select_devices", lambda args: calls.append("devices") or "stop")
+  assert cli.main(["-data", "digits"]) == 2
+  assert calls == ["blas", "devices"] and "error: stop" in capsys.readouterr().err
