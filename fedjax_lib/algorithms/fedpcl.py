@@ -38,12 +38,18 @@ Differences from PFLlib (``clientpcl.py``/``serverpcl.py``; ``pfllib_compat=True
 ``--pfllib-compat``, gives PFLlib's training gate):
 
 - **Class order.** PFLlib stacks the prototypes of ``G`` and of each set in the order their
-  dictionaries were filled (the order classes first appear in a shuffled loader, then in
-  the selection order of the clients) and uses the label as the column index of that stack,
-  so in training a sample is pulled toward another class's prototype in general (evaluation
+  dictionaries were filled and uses the label as the column index of that stack, so in
+  training a sample is pulled toward another class's prototype in general (evaluation
   indexes by class and is unaffected); a class missing from ``G`` makes it fail (a label
-  beyond the stack, or an empty list stacked). Here column c is class c's prototype. Not
-  switchable: PFLlib's order is random.
+  beyond the stack, or an empty list stacked). Here column c is class c's prototype.
+  ``pfllib_compat`` reproduces PFLlib's orders (:func:`class_orders`, :func:`global_order`):
+  a set's are its client's classes in the order they first appear in its prototype pass
+  (a shuffled ``drop_last`` pass, which the prototypes then average, as PFLlib's), then the
+  classes padded from ``G`` ascending; ``G``'s are the classes in the order they first
+  appear over the uploads taken in a random selection order (PFLlib's ``select_clients``
+  draws one), each upload in its own order. The shuffles come from the run's keys, so the
+  orders match PFLlib's in distribution, not draw for draw. A label beyond the classes of
+  ``G`` adds 0 (PFLlib stops with an index error).
 - **Training gate.** PFLlib trains a selected client only once the client itself has
   prototypes, i.e. from its second selection on (its first only collects them), although the
   global prototypes exist after round 0. Here a client trains whenever global prototypes
@@ -55,8 +61,9 @@ Differences from PFLlib (``clientpcl.py``/``serverpcl.py``; ``pfllib_compat=True
 - **Drop-outs.** PFLlib's FedPCL ignores ``-cdr`` (every selected client's prototypes are
   used); here a dropped client uploads nothing, as in the other algorithms. It keeps its own
   new prototypes (it computed them) for evaluation.
-- Prototypes average all of a client's training samples; PFLlib's loader is drop_last, which
-  leaves out the last ``count mod B`` samples (and possibly a class).
+- Prototypes average all of a client's training samples; PFLlib's loader is shuffled and
+  drop_last, which leaves out ``count mod B`` random samples (and possibly a class);
+  ``pfllib_compat`` averages those of such a pass.
 - Before a client has prototypes PFLlib reports it as 0 correct of 1e-5 samples (round 0: an
   accuracy of 0) and its AUC as 0; here it is scored with the global prototypes (all scores 0
   before any exist: the argmax is class 0), and the AUC is computed from the scores.
@@ -84,7 +91,7 @@ from fedjax_lib.algorithms.fedgc import ABSENT_LOGIT
 from fedjax_lib.algorithms.prototypes import eval_class_means, mean_of_uploads
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import split_parts
-from fedjax_lib.core.local import Batch, train_model
+from fedjax_lib.core.local import Batch, epoch_order, train_model
 from fedjax_lib.errors import ConfigError
 
 # PyTorch's F.normalize eps, and PFLlib's gradient-norm clip.
@@ -146,6 +153,43 @@ def contrastive_loss(z, labels, mask, protos, present, sets, valid, tau) -> jax.
   return global_term + set_terms.mean()
 
 
+def shuffled_pass(data, key: jax.Array, batch_size: int, num_classes: int):
+  """PFLlib's prototype pass: one shuffled ``drop_last`` epoch. Returns ``(visited, first)``:
+  ``data`` restricted to the ``⌊n/B⌋·B`` samples visited, in the pass's order, and each
+  class's first position in it ``[C]`` int32 (the width of ``train_idx`` where never)."""
+  width = data.train_idx.shape[0]
+  order = epoch_order(key, data.train_count, width)
+  visited = data._replace(train_idx=data.train_idx[order],
+                          train_count=data.train_count // batch_size * batch_size)
+  positions = jnp.arange(width, dtype=jnp.int32)
+  hits = ((data.y[visited.train_idx][:, None] == jnp.arange(num_classes))
+          & (positions < visited.train_count)[:, None])
+  return visited, jnp.min(jnp.where(hits, positions[:, None], width), axis=0)
+
+
+def class_orders(first: jax.Array, has: jax.Array) -> jax.Array:
+  """The stack order of a padded set, as PFLlib's dictionary fills: the uploaded classes by
+  first appearance in the pass, then the classes padded from ``G`` ascending. ``first, has
+  [..., C]``; returns ``[..., C]`` int32 (column j holds class ``order[j]``)."""
+  classes = jnp.arange(first.shape[-1], dtype=jnp.int32)
+  late = jnp.iinfo(jnp.int32).max - first.shape[-1]
+  return jnp.argsort(jnp.where(has, first, late + classes), axis=-1).astype(jnp.int32)
+
+
+def global_order(first: jax.Array, has: jax.Array, rank: jax.Array) -> jax.Array:
+  """``G``'s stack order, as PFLlib's aggregation fills its dictionary: the uploads taken in
+  selection order (``rank [K]``, each slot's position), each upload's classes in its order,
+  a class placed at its first occurrence; classes nobody uploaded last, ascending.
+  ``first, has [K, C]``; returns ``[C]`` int32."""
+  num_slots, num_classes = has.shape
+  owner_rank = jnp.where(has, rank[:, None], num_slots).min(axis=0)            # [C]
+  owner = jnp.argmin(jnp.where(has, rank[:, None], num_slots), axis=0)         # [C]
+  within = jnp.take_along_axis(first, owner[None], axis=0)[0]
+  classes = jnp.arange(num_classes, dtype=jnp.int32)
+  within = jnp.where(owner_rank < num_slots, within, classes)
+  return jnp.lexsort((within, owner_rank)).astype(jnp.int32)
+
+
 def prototype_scores(z: jax.Array, protos: jax.Array, valid: jax.Array) -> jax.Array:
   """Evaluation scores ``z·P^c``; 0 for a class without a prototype (PFLlib's test)."""
   return jnp.where(valid, z @ protos.T, 0.0)
@@ -158,7 +202,11 @@ class FedPCL(Algorithm):
 
   Attributes:
     tau: temperature τ > 0 of the contrastive loss (PFLlib's ``-tau``, default 1.0).
-    pfllib_compat: PFLlib's training gate (a client trains from its second selection on).
+    pfllib_compat: PFLlib's training gate (a client trains from its second selection on),
+      its class orders of the stacked prototypes and its shuffled drop_last prototype pass.
+      Server state then also holds ``"order" [C]`` (G's stack order) and ``"client_order"
+      [N, C]`` (each set's; -1: never uploaded, G's order, as PFLlib's alias of G), uploads
+      ``"first" [C]`` (each class's first position in the pass).
   """
 
   REFERENCE_SPLIT = True  # PFLlib's main.py wraps the model in BaseHeadSplit
@@ -187,6 +235,9 @@ class FedPCL(Algorithm):
     server = {"protos": protos, "present": present,
               "client_protos": jnp.zeros((num_clients, num_classes, dim), jnp.float32),
               "client_present": jnp.zeros((num_clients, num_classes), bool)}
+    if self.pfllib_compat:
+      server["order"] = jnp.arange(num_classes, dtype=jnp.int32)
+      server["client_order"] = jnp.full((num_clients, num_classes), -1, jnp.int32)
     clients = stack_clients({"params": self.init_params(key, sample_x), "protos": protos,
                              "present": present}, num_clients)
     clients["id"] = jnp.arange(num_clients, dtype=jnp.int32)
@@ -196,11 +247,24 @@ class FedPCL(Algorithm):
     """The unit representation ``z`` of ``x`` (evaluation mode)."""
     return normalize(self.model.apply(variables, x, method="features"))
 
-  def client_update(self, server_state, client_state, data, key):
+  def stacked(self, server_state):
+    """``(G, present, sets, valid)`` with column j the prototype training reads for label j:
+    class j's, or with ``pfllib_compat`` the class PFLlib's stack holds there."""
     protos, present = server_state["protos"], server_state["present"]
     sets, valid = padded_sets(server_state["client_protos"], server_state["client_present"],
                               protos, present)
+    if not self.pfllib_compat:
+      return protos, present, sets, valid
+    order = server_state["order"]
+    orders = jnp.where(server_state["client_order"] < 0, order, server_state["client_order"])
+    return (protos[order], present[order], jnp.take_along_axis(sets, orders[..., None], axis=1),
+            jnp.take_along_axis(valid, orders, axis=1))
+
+  def client_update(self, server_state, client_state, data, key):
+    protos, present, sets, valid = self.stacked(server_state)
     tau = self.tau
+    if self.pfllib_compat:
+      key, pass_key = jax.random.split(key)
 
     def objective(features, logits, batch: Batch, carry):
       del logits
@@ -217,13 +281,15 @@ class FedPCL(Algorithm):
                              client_state["params"])
     stats = {"loss": jnp.where(ready, stats["loss"], 0.0),
              "steps": jnp.where(ready, stats["steps"], 0)}
-    own, has = eval_class_means(lambda x: self.represent(variables, x), data,
-                                protos.shape[0])
+    num_classes = protos.shape[0]
+    upload = {"id": client_state["id"]}
+    if self.pfllib_compat:
+      data, upload["first"] = shuffled_pass(data, pass_key, self.local.batch_size, num_classes)
+    own, has = eval_class_means(lambda x: self.represent(variables, x), data, num_classes)
     state = {"params": variables, "protos": own, "present": has, "id": client_state["id"]}
-    return state, {"id": client_state["id"], "protos": own, "present": has}, stats
+    return state, {**upload, "protos": own, "present": has}, stats
 
   def server_update(self, server_state, uploads, weights, key):
-    del key
     arrived = weights > 0
     has = uploads["present"] & arrived[:, None]
     # A slot of weight 0 may hold anything (a dropped client's NaN): zero it before use.
@@ -231,9 +297,15 @@ class FedPCL(Algorithm):
     protos, present = mean_of_uploads(uploaded, has)
     num_clients = server_state["client_protos"].shape[0]
     rows = jnp.where(arrived, uploads["id"], num_clients)
-    return {"protos": protos, "present": present,
-            "client_protos": server_state["client_protos"].at[rows].set(uploaded, mode="drop"),
-            "client_present": server_state["client_present"].at[rows].set(has, mode="drop")}
+    new = {"protos": protos, "present": present,
+           "client_protos": server_state["client_protos"].at[rows].set(uploaded, mode="drop"),
+           "client_present": server_state["client_present"].at[rows].set(has, mode="drop")}
+    if self.pfllib_compat:
+      rank = jax.random.permutation(key, arrived.shape[0])
+      new["order"] = global_order(uploads["first"], has, rank)
+      new["client_order"] = server_state["client_order"].at[rows].set(
+          class_orders(uploads["first"], has), mode="drop")
+    return new
 
   def predict(self, server_state, client_state, x):
     """Scores against the client's own prototypes, padded with the global ones."""
