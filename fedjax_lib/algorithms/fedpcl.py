@@ -35,7 +35,7 @@ round: up ``|C_k|·d`` floats per client; down, to every client, the prototypes 
 all N sets (PFLlib's ``send_protos``).
 
 Differences from PFLlib (``clientpcl.py``/``serverpcl.py``; ``pfllib_compat=True``,
-``--pfllib-compat``, gives PFLlib's training gate):
+``--pfllib-compat``, gives PFLlib's training gate, class orders and prototype pass):
 
 - **Class order.** PFLlib stacks the prototypes of ``G`` and of each set in the order their
   dictionaries were filled and uses the label as the column index of that stack, so in
