@@ -88,7 +88,7 @@ from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, Traffic,
                                         abstract_variables, check_bool, check_positive,
                                         rows_traffic, stack_clients)
 from fedjax_lib.algorithms.fedgc import ABSENT_LOGIT
-from fedjax_lib.algorithms.prototypes import eval_class_means, mean_of_uploads
+from fedjax_lib.algorithms.prototypes import eval_class_means, loader_samples, mean_of_uploads
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import split_parts
 from fedjax_lib.core.local import Batch, epoch_order, train_model
@@ -159,8 +159,7 @@ def shuffled_pass(data, key: jax.Array, batch_size: int, num_classes: int):
   class's first position in it ``[C]`` int32 (the width of ``train_idx`` where never)."""
   width = data.train_idx.shape[0]
   order = epoch_order(key, data.train_count, width)
-  visited = data._replace(train_idx=data.train_idx[order],
-                          train_count=data.train_count // batch_size * batch_size)
+  visited = loader_samples(data._replace(train_idx=data.train_idx[order]), batch_size)
   positions = jnp.arange(width, dtype=jnp.int32)
   hits = ((data.y[visited.train_idx][:, None] == jnp.arange(num_classes))
           & (positions < visited.train_count)[:, None])
@@ -182,9 +181,10 @@ def global_order(first: jax.Array, has: jax.Array, rank: jax.Array) -> jax.Array
   a class placed at its first occurrence; classes nobody uploaded last, ascending.
   ``first, has [K, C]``; returns ``[C]`` int32."""
   num_slots, num_classes = has.shape
-  owner_rank = jnp.where(has, rank[:, None], num_slots).min(axis=0)            # [C]
-  owner = jnp.argmin(jnp.where(has, rank[:, None], num_slots), axis=0)         # [C]
-  within = jnp.take_along_axis(first, owner[None], axis=0)[0]
+  ranks = jnp.where(has, rank[:, None], num_slots)                             # [K, C]
+  owner = jnp.argmin(ranks, axis=0)[None]                                      # [1, C]
+  owner_rank = jnp.take_along_axis(ranks, owner, axis=0)[0]
+  within = jnp.take_along_axis(first, owner, axis=0)[0]
   classes = jnp.arange(num_classes, dtype=jnp.int32)
   within = jnp.where(owner_rank < num_slots, within, classes)
   return jnp.lexsort((within, owner_rank)).astype(jnp.int32)
