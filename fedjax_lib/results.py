@@ -162,3 +162,13 @@ def write_image_grid(path: str, images, columns: Optional[int] = None,
   """Writes :func:`image_grid` of ``images`` as a PNG (Pillow, no matplotlib)."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
   Image.fromarray(image_grid(images, columns, min_side)).save(path, format="PNG")
+
+
+def warmup_note(runs: list) -> str:
+  """Which rounds a mean round time leaves out (``runs``: objects with ``warmup_rounds``):
+  round 0 and, after a resume, the first round of each later start (they compile)."""
+  rounds = sorted(set(r for run in runs for r in run.warmup_rounds) - {0})
+  if not rounds:
+    return "round 0, which compiles, excluded"
+  return (f"rounds {', '.join(map(str, [0] + rounds[:-1]))} and {rounds[-1]}, the first of "
+          "each start, which compile, excluded")

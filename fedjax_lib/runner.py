@@ -96,6 +96,8 @@ class RunResult:
   total_time_s: float
   files: dict
   privacy: Optional[dict] = None  # with ``privacy``: `fedjax_lib.privacy.Accountant.summary`
+  # rounds left out of ``mean_round_time_s``: the first of each process (they compile)
+  warmup_rounds: list = dataclasses.field(default_factory=lambda: [0])
 
   @property
   def dlg_psnr(self) -> list:
@@ -151,8 +153,8 @@ class Results:
         f"best test accuracy: {best:.4f} ± {best_std:.4f} (mean ± std over {n} run(s))",
         f"last test accuracy: {last:.4f} ± {last_std:.4f}",
         *privacy,
-        f"mean time per round: {self.mean_round_time_s:.3f} s (round 0, which compiles, "
-        f"excluded); total time: {self.total_time_s:.1f} s",
+        f"mean time per round: {self.mean_round_time_s:.3f} s "
+        f"({results_lib.warmup_note(self.runs)}); total time: {self.total_time_s:.1f} s",
         describe_traffic(self.runs[0].traffic) + first,
         f"results in: {self.out_dir}",
     ]
@@ -538,6 +540,9 @@ class _Run:
     self.history.update({k: [] for k in TRAFFIC_KEYS})
     self.train_times: list = []
     self.eval_times: list = []
+    # Rounds whose time includes compiling the programs: the first round each process runs
+    # (round 0, and the first round after each resume); the mean round time leaves them out.
+    self.warmup_rounds: list = []
     self.start_round = 0
     self.last_round = -1
     self.stop: Optional[str] = None
@@ -565,6 +570,7 @@ class _Run:
     for key in TRAFFIC_KEYS:  # checkpoints written before traffic was logged
       self.history.setdefault(key, [])
     self.train_times, self.eval_times = meta["train_times"], meta["eval_times"]
+    self.warmup_rounds = list(meta.get("warmup_rounds", [0]))  # older checkpoints: round 0
     self.start_round = self.saved_step = step
     self.last_round = step - 1
     self.last_ckpt = self.open_checkpointer().path(step)
@@ -594,7 +600,7 @@ class _Run:
   def meta(self) -> dict:
     meta = {"config": self.spec.config.to_dict(), "seed": self.spec.seed,
             "history": self.history, "train_times": self.train_times,
-            "eval_times": self.eval_times}
+            "eval_times": self.eval_times, "warmup_rounds": self.warmup_rounds}
     if self.accountant is not None:
       meta["dp_steps"] = self.accountant.state()
     if self.trained is not None:
@@ -857,6 +863,9 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
 
   note_progress()
   start_round = min(run.start_round for run in runs)
+  for run in runs:  # this process compiles in its first round
+    if run.start_round == start_round <= config.global_rounds:
+      run.warmup_rounds.append(start_round)
   bar = _progress(range(start_round, config.global_rounds + 1), config.progress,
                   "sweep" if config.sweep else runs[0].spec.label)
   write = _writer(bar, log)
@@ -976,7 +985,7 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
     run.history["round_time_s"] = round_times
     run.history["train_time_s"] = run.train_times
     run.history["eval_time_s"] = run.eval_times
-    steady = round_times[1:] or round_times
+    steady = [t for i, t in enumerate(round_times) if i not in run.warmup_rounds] or round_times
     run.mean_round_time_s = float(np.mean(steady)) if steady else 0.0
     run.total_time_s = total
   stop_if_requested("before writing the results")
@@ -1193,8 +1202,8 @@ def _write_results(config: Config, built: Built, specs: list, runs: list, out_di
                "client_threads": engine.client_threads,
                "backend": jax.default_backend(), "jax_version": jax.__version__,
                **history, **run.extra, "best_test_acc": max(acc), "last_test_acc": acc[-1],
-               "mean_round_time_s": run.mean_round_time_s, "total_time_s": run.total_time_s,
-               **traffic_summary(history), "warnings": list(built.warnings)}
+               "mean_round_time_s": run.mean_round_time_s, "warmup_rounds": run.warmup_rounds,
+               "total_time_s": run.total_time_s, **traffic_summary(history), "warnings": list(built.warnings)}
     if config.sweep:
       payload.update({"sweep": config.sweep, "combination": spec.combo, "index": spec.index,
                       "round_time_note": "time of one round of all combinations together"
@@ -1213,7 +1222,8 @@ def _write_results(config: Config, built: Built, specs: list, runs: list, out_di
     results.append(RunResult(seed=spec.seed, history=history, best_test_acc=float(max(acc)),
                              last_test_acc=float(acc[-1]),
                              mean_round_time_s=run.mean_round_time_s,
-                             total_time_s=run.total_time_s, files=files, privacy=privacy))
+                             total_time_s=run.total_time_s, files=files, privacy=privacy,
+                             warmup_rounds=list(run.warmup_rounds)))
     if not config.sweep:
       spent = f", ε {privacy['epsilon']:.3g} at δ {privacy['delta']:g}" if privacy else ""
       log(f"run {spec.run_number}: best test accuracy {max(acc):.4f}, last {acc[-1]:.4f}, "

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from fedjax_lib import results as results_lib
 from fedjax_lib.config import Config
 from fedjax_lib.errors import ConfigError
 
@@ -101,7 +102,7 @@ class SweepResults:
   def summary_lines(self) -> list[str]:
     return summary_table(self.summary) + [
         f"{len(self.combos)} combinations side by side: {self.mean_round_time_s:.3f} "
-        f"s per round for all of them (round 0, which compiles, excluded); total "
+        f"s per round for all of them ({results_lib.warmup_note(self.runs)}); total "
         f"{self.total_time_s:.1f} s", f"results in: {self.out_dir}"]
 
 

@@ -54,6 +54,24 @@ def test_resumed_run_equals_uninterrupted(name, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, state_a, state_b)
 
 
+def test_mean_round_time_leaves_out_the_first_round_of_every_start(tmp_path):
+  """Round 0 and the first round after each resume compile: the mean leaves them out, the
+  checkpoint carries them to the next start, and the summary line names them."""
+  part = _config(tmp_path, algorithm="FedAvg", global_rounds=1)
+  assert run_experiment(part, **QUIET).runs[0].warmup_rounds == [0]
+  run_experiment(part.replace(global_rounds=3), **QUIET)
+  results = run_experiment(part.replace(global_rounds=5), **QUIET)
+  run = results.runs[0]
+  assert run.warmup_rounds == [0, 2, 4]
+  times = run.history["round_time_s"]
+  assert len(times) == 6
+  assert run.mean_round_time_s == pytest.approx(np.mean([times[i] for i in (1, 3, 5)]))
+  with open(run.files["json"]) as f:
+    assert json.load(f)["warmup_rounds"] == [0, 2, 4]
+  assert "(rounds 0, 2 and 4, the first of each start, which compile, excluded)" in (
+      results.summary_lines()[2])
+
+
 def test_extending_a_scheduled_run_warns(tmp_path):
   """FedPHP's μ_R = μ·R/global_rounds: extending the run changes its schedule from the
   checkpoint on, which the resumed run says (FedAvg, without a schedule, says nothing)."""

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -204,16 +205,11 @@ def test_bad_device_settings(kw, needle, tmp_path):
   assert not os.listdir(tmp_path)
 
 
-def test_two_processes_equal_one(tmp_path):
-  """Multi-host: two processes (2 CPU devices each, gloo collectives) launched as on two
-  hosts with --distributed; process 0 alone writes results, equal to a one-process run."""
-  args = [sys.executable, "-m", "fedjax_lib", "-algo", "Ditto", "-m", "dnn", "-lr", "0.05",
-          "-gr", "2", "-nc", "10", "--executor", "vmap", "--no-progress"]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  port = 20000 + os.getpid() % 20000
-  procs = [subprocess.Popen(args + ["--distributed", "--devices", "0", "--out",
-                                    str(tmp_path / "multi")],
+def _two_processes(args, env, out):
+  """``args`` as two processes (2 CPU devices each) launched as on two hosts with
+  --distributed; returns their stdouts."""
+  port = 20000 + (os.getpid() + len(os.listdir(out.parent))) % 20000
+  procs = [subprocess.Popen(args + ["--distributed", "--devices", "0", "--out", str(out)],
                             env={**env, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
                                  "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -221,15 +217,34 @@ def test_two_processes_equal_one(tmp_path):
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-2000:]
-  assert "best test accuracy" in outs[0][0] and "best test accuracy" not in outs[1][0]
-  single = subprocess.run(args + ["--out", str(tmp_path / "single")], env=env, check=True,
-                          capture_output=True, text=True, timeout=300)
-  del single
+  return [stdout for stdout, _ in outs]
+
+
+def test_two_processes_equal_one(tmp_path):
+  """Multi-host: two processes (2 CPU devices each, gloo collectives) launched as on two
+  hosts with --distributed; process 0 alone writes results, equal to a one-process run. The
+  two processes stop after round 1 with a checkpoint (Orbax, written from both); two new ones
+  resume it, and so does one process: the same history as one process straight through."""
+  args = [sys.executable, "-m", "fedjax_lib", "-algo", "Ditto", "-m", "dnn", "-lr", "0.05",
+          "-nc", "10", "--executor", "vmap", "--no-progress", "--checkpoint-every", "1"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  first = _two_processes(args + ["-gr", "1"], env, tmp_path / "multi")
+  assert "best test accuracy" in first[0] and "best test accuracy" not in first[1]
+  shutil.copytree(tmp_path / "multi", tmp_path / "multi_then_one")
+  resumed = _two_processes(args + ["-gr", "2", "--resume"], env, tmp_path / "multi")
+  assert "resuming at round 2" in resumed[0], resumed[0]
+  for out in ("single", "multi_then_one"):  # straight through; the checkpoint on one process
+    subprocess.run(args + ["-gr", "2", "--out", str(tmp_path / out)], env=env, check=True,
+                   capture_output=True, text=True, timeout=300)
   read = lambda d: json.load(open(tmp_path / d / "digits_Ditto_test_0.json"))
-  multi, one = read("multi"), read("single")
-  assert multi["test_acc"] == one["test_acc"]
-  assert multi["test_acc_global"] == one["test_acc_global"]
-  np.testing.assert_allclose(multi["train_loss"], one["train_loss"], rtol=2e-5)
+  one = read("single")
+  assert len(one["test_acc"]) == 3 and one["warmup_rounds"] == [0]
+  for resumed in (read("multi"), read("multi_then_one")):
+    assert resumed["test_acc"] == one["test_acc"]
+    assert resumed["test_acc_global"] == one["test_acc_global"]
+    np.testing.assert_allclose(resumed["train_loss"], one["train_loss"], rtol=2e-5)
+    assert resumed["warmup_rounds"] == [0, 2]
 
 
 def _eight_devices_equal_one(groups, data, part, cycle, in_place=False):
