@@ -16,7 +16,7 @@ from fedjax_lib.algorithms import get_algorithm, make_algorithm
 from fedjax_lib.algorithms.base import has_warmup, is_linear_server
 from fedjax_lib.core import engine as engine_lib
 from fedjax_lib.core import rng
-from fedjax_lib.core.local import ClientData, LocalSpec, masked_cross_entropy
+from fedjax_lib.core.local import ClientData, LocalSpec, epoch_order, masked_cross_entropy
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models import make_model
 from tests.helpers import assert_replicated
@@ -44,7 +44,7 @@ def test_registry_defaults_and_contract():
   assert cls is fedgen_pfllib.FedGenPFLlib and get_algorithm("fedgen-pfllib") is cls
   assert cls.hyperparameters() == {"noise_dim": 512, "generator_learning_rate": 0.005,
                                    "hidden_dim": 512, "server_epochs": 1000,
-                                   "localize_feature_extractor": False}
+                                   "localize_feature_extractor": False, "pfllib_compat": False}
   assert cls.decayed_rates() == ("local.learning_rate",)
   assert cls.SERVER_DECAYED_RATES == ("generator_learning_rate",)
   data = _small_data(num_clients=3, seed=0)
@@ -81,6 +81,45 @@ def test_lf_builds_the_local_base_variant():
     fedgen_pfllib.FedGenPFLlib(model=alg.model, local=alg.local, localize_feature_extractor=True)
   with pytest.raises(ConfigError, match="make_algorithm"):
     local(model=alg.model, local=alg.local, localize_feature_extractor=False)
+
+
+@pytest.mark.parametrize("lf", [False, True])
+def test_compat_label_pool_counts_one_shuffled_drop_last_epoch(lf):
+  """PFLlib counts each client's labels over one epoch of its shuffled drop_last loader:
+  ``⌊n/B⌋·B`` samples drawn at random. ``pfllib_compat`` counts such an epoch (the client's
+  key's permutation, cut at ``⌊n/B⌋·B``); by default all n samples. Over many keys every
+  sample is kept with probability ``⌊n/B⌋·B / n``."""
+  data = _small_data(num_clients=3, seed=1)
+  batch, trials = 4, 400
+  counts_of = lambda rows: np.bincount(data.y[rows], minlength=data.num_classes)
+  for compat in (False, True):
+    alg = _alg(data, batch_size=batch, localize_feature_extractor=lf, pfllib_compat=compat)
+    server, clients = alg.init(rng.root_key(0), jnp.asarray(data.x[0]), data.num_clients)
+    warmup = jax.jit(lambda c, d, k, alg=alg, server=server: alg.warmup_client(server, c, d,
+                                                                                k)[1])
+    for i in range(data.num_clients):
+      n, rows = int(data.train_count[i]), data.train_idx[i]
+      state, client = jax.tree.map(lambda a: a[i], clients), _client(data, i)
+      if not compat:
+        np.testing.assert_array_equal(warmup(state, client, jax.random.key(0)),
+                                      counts_of(rows[:n]))
+        continue
+      kept = n // batch * batch
+      keys = jax.random.split(jax.random.key(i), trials)
+      mean = np.zeros(data.num_classes)
+      for t, key in enumerate(keys):
+        counts = np.asarray(warmup(state, client, key))
+        if t < 5:  # the epoch's own samples, against the permutation written out
+          order = np.asarray(epoch_order(key, jnp.int32(n), rows.shape[0]))
+          np.testing.assert_array_equal(counts, counts_of(rows[order[:kept]]))
+        assert counts.sum() == kept
+        mean += counts / trials
+      full, drop = counts_of(rows[:n]), n - kept
+      # a class's dropped samples are hypergeometric: 5 standard deviations of the mean
+      var = drop * full / n * (1 - full / n) * (n - drop) / max(n - 1, 1)
+      np.testing.assert_allclose(mean, full * kept / n, rtol=0,
+                                 atol=5 * np.sqrt(var.max() / trials) + 1e-6)
+  assert any(int(c) % batch for c in data.train_count)  # some client drops samples
 
 
 def test_lf_client_trains_its_base_and_the_global_head_and_uploads_the_head():
@@ -237,7 +276,7 @@ def test_settings_refuse_a_deep_head_and_batches_of_one():
 @pytest.mark.parametrize("params, match", [
     ({"noise_dim": 0}, "noise_dim=0"), ({"server_epochs": -1}, "server_epochs=-1"),
     ({"generator_learning_rate": float("nan")}, "generator_learning_rate=nan"),
-    ({"pfllib_compat": True}, "pfllib_compat")])
+    ({"pfllib_compat": 1}, "pfllib_compat=1")])
 def test_bad_hyperparameters_are_one_line_config_errors(params, match):
   with pytest.raises(ConfigError, match=match) as err:
     _alg(_small_data(num_clients=3, seed=0), **params)

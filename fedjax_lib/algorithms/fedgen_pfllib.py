@@ -40,8 +40,10 @@ Differences from PFLlib:
 - ``-nnc`` with this algorithm: new clients fine-tune the global model (with ``-lf``: their
   untrained base and ``h``) as the other algorithms' do; PFLlib's ``fine_tuning_new_clients``
   calls ``set_parameters`` with an argument too many and stops with a TypeError.
-- The label pool counts every training sample; PFLlib counts over its ``drop_last`` loader,
-  leaving out each client's last ``n_i mod B`` (random) samples.
+- The label pool counts every training sample; PFLlib counts over one epoch of its shuffled
+  ``drop_last`` loader, leaving out ``n_i mod B`` random samples of each client (a class seen
+  only there is missing from that client's counts). ``pfllib_compat=True``
+  (``--pfllib-compat``) counts such an epoch, its samples drawn from the run's keys.
 - Labels and noise come from the run's keys (PFLlib: numpy's and torch's unseeded RNGs).
 - fc1 sees batch-centred inputs and its bias is frozen (see the generator's docstring): the
   same function in training mode, without Adam random-walking directions BatchNorm cancels.
@@ -62,6 +64,7 @@ from fedjax_lib.algorithms.base import check_bool
 from fedjax_lib.algorithms.fedavg import FedAvg
 from fedjax_lib.algorithms.fedgen import (GeneratorClients, GeneratorHeadClients,
                                           generator_adam, generator_steps, zero_unweighted)
+from fedjax_lib.algorithms.prototypes import shuffled_loader_samples
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import SplitAlgorithm, split_parts
 from fedjax_lib.core.aggregate import weighted_average
@@ -83,6 +86,8 @@ class PersistentGenerator(GeneratorClients):
     server_epochs: Adam steps on G per round, B labels each (``-se``; PFLlib's 1,000).
     localize_feature_extractor: PFLlib's ``-lf``: bases stay on the clients, heads travel
       (:class:`FedGenPFLlibLocal`).
+    pfllib_compat: count the label pool over one shuffled ``drop_last`` epoch of each
+      client's samples, as PFLlib does (module docstring).
   """
 
   noise_dim: int = 512
@@ -90,12 +95,14 @@ class PersistentGenerator(GeneratorClients):
   hidden_dim: int = 512
   server_epochs: int = 1000
   localize_feature_extractor: bool = False
+  pfllib_compat: bool = False
 
   SERVER_DECAYED_RATES = ("generator_learning_rate",)  # -ld: the generator's ExponentialLR
 
   def __post_init__(self):
     self.check_generator_hyperparameters()
     check_bool(self.name, "localize_feature_extractor", self.localize_feature_extractor)
+    check_bool(self.name, "pfllib_compat", self.pfllib_compat)
     if self.localize_feature_extractor != isinstance(self, SplitAlgorithm):
       raise ConfigError(
           f"{type(self).__name__} has {'global' if self.localize_feature_extractor else 'local'}"
@@ -107,6 +114,13 @@ class PersistentGenerator(GeneratorClients):
     server = {**server, **self.generator_state(key, sample_x)}
     return {**server, "adam": generator_adam(self.generator_learning_rate).init(
         server["generator"])}, clients
+
+  def warmup_client(self, server_state, client_state, data, key):
+    """The client's class counts; with ``pfllib_compat`` over one shuffled ``drop_last``
+    epoch (PFLlib's ``sample_per_class``)."""
+    if self.pfllib_compat:
+      data = shuffled_loader_samples(data, key, self.local.batch_size)
+    return super().warmup_client(server_state, client_state, data, key)
 
   def generator_round(self, server_state, heads, weights, key) -> dict:
     """``{"generator", "adam"}`` after G's Adam steps from its persisted moments against the

@@ -88,10 +88,11 @@ from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, Traffic,
                                         abstract_variables, check_bool, check_positive,
                                         rows_traffic, stack_clients)
 from fedjax_lib.algorithms.fedgc import ABSENT_LOGIT
-from fedjax_lib.algorithms.prototypes import eval_class_means, loader_samples, mean_of_uploads
+from fedjax_lib.algorithms.prototypes import (eval_class_means, mean_of_uploads,
+                                              shuffled_loader_samples)
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import split_parts
-from fedjax_lib.core.local import Batch, epoch_order, train_model
+from fedjax_lib.core.local import Batch, train_model
 from fedjax_lib.errors import ConfigError
 
 # PyTorch's F.normalize eps, and PFLlib's gradient-norm clip.
@@ -158,8 +159,7 @@ def shuffled_pass(data, key: jax.Array, batch_size: int, num_classes: int):
   ``data`` restricted to the ``⌊n/B⌋·B`` samples visited, in the pass's order, and each
   class's first position in it ``[C]`` int32 (the width of ``train_idx`` where never)."""
   width = data.train_idx.shape[0]
-  order = epoch_order(key, data.train_count, width)
-  visited = loader_samples(data._replace(train_idx=data.train_idx[order]), batch_size)
+  visited = shuffled_loader_samples(data, key, batch_size)
   positions = jnp.arange(width, dtype=jnp.int32)
   hits = ((data.y[visited.train_idx][:, None] == jnp.arange(num_classes))
           & (positions < visited.train_count)[:, None])

@@ -35,7 +35,7 @@ import optax
 from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, Traffic,
                                         abstract_variables, check_number, rows_traffic,
                                         stack_clients, untrained_new_clients)
-from fedjax_lib.core.local import Batch, masked_cross_entropy
+from fedjax_lib.core.local import Batch, epoch_order, masked_cross_entropy
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.models.base import split_params
 
@@ -91,6 +91,14 @@ def loader_samples(data, batch_size: int):
   ``⌊n/B⌋·B`` training samples, in order (none when ``n < B``). FedTGP, FedGH and FedKTL
   average their prototypes over these (HtFLlib's ``collect_protos``)."""
   return data._replace(train_count=data.train_count // batch_size * batch_size)
+
+
+def shuffled_loader_samples(data, key: jax.Array, batch_size: int):
+  """``data`` restricted to the samples one epoch of PFLlib's training loader visits,
+  ``DataLoader(batch_size, drop_last=True, shuffle=True)``: ``⌊n/B⌋·B`` of the client's
+  training samples drawn at random (from ``key``), in the epoch's order."""
+  order = epoch_order(key, data.train_count, data.train_idx.shape[0])
+  return loader_samples(data._replace(train_idx=data.train_idx[order]), batch_size)
 
 
 def mean_of_uploads(protos: jax.Array, has: jax.Array):
