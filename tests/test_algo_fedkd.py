@@ -3,6 +3,10 @@ schedule against HtFLlib's loop, the traffic formula, the normalised distillatio
 their gradients, a client/server round trip, settings, and learning on digits."""
 
 import dataclasses
+import os
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -159,6 +163,55 @@ def test_vectors_and_thin_matrices_are_sent_raw():
     rebuilt, rank = fedkd.compress_leaf(leaf, 0.5)
     assert int(rank) == 0
     np.testing.assert_array_equal(rebuilt, leaf)
+
+
+@pytest.mark.parametrize("htfllib", [False, True])
+def test_compress_chains_its_svds_and_returns_each_leafs_own_result(htfllib):
+  """compress: every leaf as compress_leaf alone gives it, to the bit (the chain adds an
+  exact 0), and in the compiled program every SVD but the first reads the previous one's
+  rank (XLA keeps the dependency that stops two SVDs running at once)."""
+  rng = np.random.default_rng(5)
+  tree = {"a": rng.normal(size=(3, 3, 2, 4)), "b": np.array([1.5, -0.0, 2.0]),
+          "c": rng.normal(size=(6, 5)), "d": np.zeros((4, 3)), "e": rng.normal(size=(5, 1))}
+  tree = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
+  rebuilt, ranks = jax.jit(lambda t: fedkd.compress(t, 0.9, htfllib))(tree)
+  for name, leaf in tree.items():
+    alone, rank = jax.jit(lambda a: fedkd.compress_leaf(a, 0.9, htfllib))(leaf)
+    np.testing.assert_array_equal(rebuilt[name], alone, err_msg=name)
+    assert int(ranks[name]) == int(rank), name
+  program = jax.jit(jax.vmap(lambda t: fedkd.compress(t, 0.9, htfllib))).lower(
+      jax.tree.map(lambda a: jnp.stack([a, a + 1]), tree)).compile().as_text()
+  calls = [line for line in program.splitlines() if "lapack_sgesdd" in line
+           and "custom-call(" in line]
+  assert len(calls) == 3  # a, c, d (b is 1-D, e has a side of 1)
+  operands = {m.group(1): m.group(2) for m in re.finditer(
+      r"^\s*(%[\w.]+) = [^\n]*? fusion\(([^)]*)\)", program, re.M)}
+  for call in calls[1:]:
+    source = re.search(r"custom-call\((%[\w.]+)\)", call).group(1)
+    # the SVD's input is computed from something other than parameters and constants
+    assert any(not arg.strip().startswith(("%param", "%Arg", "%p.", "%constant"))
+               and "fusion" in arg for arg in operands.get(source, "").split(",")), (
+                   call, operands.get(source))
+
+
+def test_vmapped_svds_of_two_clients_finish():
+  """The program that never ended before the chain: four SVDs of two clients' tensors at
+  once on a two-thread pool (jaxlib splits each batch over XLA's pool and waits on it).
+  Run in a child process, so a hang is a timeout, not a stuck suite."""
+  code = (
+      "import jax, jax.numpy as jnp\n"
+      "from fedjax_lib.algorithms.fedkd import compress\n"
+      "shapes = [(5, 5, 1, 32), (5, 5, 32, 64), (1024, 512), (512, 10)]\n"
+      "f = jax.jit(jax.vmap(lambda t, g: compress(jax.tree.map(lambda a: a * g, t), 0.95),"
+      " in_axes=(0, None)))\n"
+      "xs = [jax.random.normal(jax.random.key(i), (2,) + s) for i, s in enumerate(shapes)]\n"
+      "for i in range(20):\n"
+      "  jax.block_until_ready(f(xs, 1.0 + i))\n"
+      "print('done')\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "XLA_FLAGS": ""},
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]
 
 
 def test_a_failed_svd_sends_raw_and_nan_stays_nan(monkeypatch):
