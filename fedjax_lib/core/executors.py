@@ -272,9 +272,9 @@ class SequentialExecutor(Executor):
 #: with ``--pfllib-compat``). Cholesky did not hang in that check; every LAPACK call is kept
 #: apart all the same, so the check need not know which kernels split their batch (FedKD's
 #: default one-matrix SVDs, which never hung, train faster one at a time: benchmarks/RESULTS.md).
-#: Within one program XLA:CPU runs independent operations at once on the same pool, so a
-#: program's own batched LAPACK calls must not be independent of each other: FedKD chains
-#: its SVDs (`fedjax_lib.algorithms.fedkd.compress`), which a vmapped round needs.
+#: Within one program XLA:CPU runs independent operations at once on the same pool, so
+#: FedKD's SVDs hand LAPACK one matrix per call (`fedjax_lib.algorithms.fedkd.svd`), which
+#: never waits: its vmapped and sharded rounds need that.
 _LAPACK_CALL = re.compile(r"custom_call @(lapack_\w+)")
 
 
