@@ -1203,7 +1203,8 @@ def _write_results(config: Config, built: Built, specs: list, runs: list, out_di
                "backend": jax.default_backend(), "jax_version": jax.__version__,
                **history, **run.extra, "best_test_acc": max(acc), "last_test_acc": acc[-1],
                "mean_round_time_s": run.mean_round_time_s, "warmup_rounds": run.warmup_rounds,
-               "total_time_s": run.total_time_s, **traffic_summary(history), "warnings": list(built.warnings)}
+               "total_time_s": run.total_time_s, **traffic_summary(history),
+               "warnings": list(built.warnings)}
     if config.sweep:
       payload.update({"sweep": config.sweep, "combination": spec.combo, "index": spec.index,
                       "round_time_note": "time of one round of all combinations together"

@@ -162,7 +162,8 @@ def _matrices(shape: tuple, htfllib: bool):
   return None if min(m, n) < 2 else (to, back, (m, n), slices)
 
 
-def _svd_each(a: jax.Array):
+@jax.custom_batching.custom_vmap
+def _svd_one_matrix_per_call(a: jax.Array):
   """``(u, s, vt)`` of every matrix of ``a [..., m, n]`` (``full_matrices=False``), one
   LAPACK call per matrix (a loop over the leading axes)."""
   lead, (m, n) = a.shape[:-2], a.shape[-2:]
@@ -171,11 +172,6 @@ def _svd_each(a: jax.Array):
     return one(a)
   out = jax.lax.map(one, a.reshape((-1, m, n)))
   return tuple(o.reshape(lead + o.shape[1:]) for o in out)
-
-
-@jax.custom_batching.custom_vmap
-def _svd_one_matrix_per_call(a: jax.Array):
-  return _svd_each(a)
 
 
 @_svd_one_matrix_per_call.def_vmap
