@@ -75,6 +75,31 @@ def test_clients_start_from_the_given_models(name, data):
       jax.tree.map(np.testing.assert_array_equal, variables, models[cid])
 
 
+@pytest.mark.parametrize("name", ["FedGen", "FedGH", "LG-FedAvg", "FedGen-PFLlib -lf"])
+def test_a_base_without_parameters_is_saved_and_loaded(name, data):
+  """`mlr`'s base has no parameters, so these split algorithms keep client states without
+  arrays; saving their models ended in a vmap error (fuzz_cli steps seed 144: ``-algo FedGen
+  -m mlr -sfn ...``)."""
+  name, variant = VARIANTS.get(name, (name, {}))
+  eng = _engine(name, "sequential", data, model="mlr", params=suite_params(name, **variant))
+  root, sample_x = rng.root_key(0), data.x[0]
+  s0, c0 = eng.init(root, sample_x)
+  assert not jax.tree.leaves(c0)
+  fresh = eng.client_models(s0, c0)
+  assert sorted(fresh) == list(range(data.num_clients))
+  head = split_parts(fresh[0][1])[eng.algorithm.SHARED]
+  assert jax.tree.leaves(head)
+  for _, variables in fresh.values():  # every client's model is the server's head
+    jax.tree.map(np.testing.assert_array_equal, split_parts(variables)[eng.algorithm.SHARED],
+                 head)
+  (group,) = eng.groups
+  eng.initial_models = {group.name: jax.tree.map(lambda *rows: np.stack(rows),
+                                                 *[fresh[c][1] for c in group.ids])}
+  s1, c1 = eng.init(root, sample_x)
+  jax.tree.map(np.testing.assert_array_equal, s1, s0)
+  assert eng.client_models(s1, c1).keys() == fresh.keys()
+
+
 def _models(data, draw):
   from fedjax_lib.models import make_model  # pylint: disable=import-outside-toplevel
   archs = {"dnn": make_model("dnn", data.sample_shape, 3),

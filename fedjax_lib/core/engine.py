@@ -449,8 +449,10 @@ class Engine:
     out = {}
     for gi, g in enumerate(self.groups):
       alg = self._alg(gi, None)
-      stacked = jax.device_get(jax.jit(jax.vmap(alg.client_model, in_axes=(None, 0)))(
-          server_state, client_states[g.name]))
+      # axis_size: a client state may have no arrays (a split algorithm's personal base of a
+      # model whose base has no parameters, e.g. LG-FedAvg with `mlr`).
+      models = jax.vmap(alg.client_model, in_axes=(None, 0), axis_size=g.size)
+      stacked = jax.device_get(jax.jit(models)(server_state, client_states[g.name]))
       for row, cid in enumerate(g.ids):
         out[int(cid)] = (g.name, jax.tree.map(lambda a, row=row: np.asarray(a[row]), stacked))
     return out
