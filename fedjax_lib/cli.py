@@ -17,6 +17,7 @@ import sys
 import textwrap
 from typing import Callable, Optional, Sequence
 
+from fedjax_lib import versions
 from fedjax_lib.algorithms import algorithm_names, get_algorithm
 from fedjax_lib.config import (CONV_IMPLS, DTYPES, EXECUTORS, ON_NAN, PARTITION_RNGS,
                                PARTITIONS, Config)
@@ -696,6 +697,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   The run's report (header, warnings, round lines, summary) goes to stdout; ``error:`` lines,
   stop notices and the progress bar go to stderr.
   """
+  problem = versions.problem()
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
   try:
     args = _parse(argv)
   except FedJaxError as e:

@@ -72,3 +72,30 @@ def test_xla_optimisations_follow_the_marker_in_the_test_and_its_subprocesses(tm
          if k not in ("JAX_DISABLE_MOST_OPTIMIZATIONS", "FEDJAX_TEST_XLA_DEFAULTS")}
   out = _pytest_with_our_conftest(tmp_path, "test_switch.py", SWITCHED, env=env)
   assert out.returncode == 0 and "3 passed" in out.stdout, out.stdout + out.stderr
+
+
+LEAKING = '''
+import os
+import subprocess
+import sys
+
+PIDS = []
+
+def test_a_leaves_a_process_running_and_fails():
+  PIDS.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]).pid)
+  assert False
+
+def test_b_that_process_is_gone():
+  try:
+    os.kill(PIDS[0], 0)
+  except ProcessLookupError:
+    return
+  raise AssertionError("still running")
+'''
+
+
+def test_a_process_a_test_leaves_running_is_killed_when_the_test_ends(tmp_path):
+  out = _pytest_with_our_conftest(tmp_path, "test_leak.py", LEAKING)
+  text = out.stdout + out.stderr
+  assert "1 failed, 1 passed" in text, text
+  assert "FAILED test_leak.py::test_a_leaves_a_process_running_and_fails" in text, text

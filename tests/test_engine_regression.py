@@ -5,10 +5,13 @@ executors as objects and the one run loop (commit "Pin the pre-refactor engine's
 every registered algorithm, 2 rounds on digits (5 clients, the DNN, lr 0.05, join ratio 0.8,
 drop rate 0.25), with the vmap and with the sequential executor. The same config must give
 bit-identical histories (accuracy, AUC, train loss, the non-finite count) — with the same
-JAX version on a CPU with the same widest vector instructions (`cpu_isa`: the numbers were
-pinned on an AVX-512 machine); a different JAX, or XLA:CPU compiling for another ISA (an AVX2
-VM, 2026-12-02: train losses moved in the 7th digit), rounds differently, and is then held to
-float tolerance.
+JAX, Flax and Optax versions (the programs are built from their layers, optimisers and
+losses; the JSON names the versions that reproduce every pinned number to the bit) on a CPU
+with the same widest vector instructions (`cpu_isa`: the numbers were pinned on an AVX-512
+machine); a different JAX, XLA:CPU compiling for another ISA (an AVX2 VM, 2026-12-02: train
+losses moved in the 7th digit), or the oldest supported Flax and Optax (0.12.0 and 0.2.3,
+`.ci/minimum-versions.txt`, 2026-12-07: train losses moved by 3e-8 to 2e-7, relative) rounds
+differently, and is then held to float tolerance.
 
 CI checks every algorithm on the sequential executor (the CPU default) and four on vmap, to
 stay within its time budget; all 28 pinned runs were checked bit-identical when the engine
@@ -32,8 +35,10 @@ sample windows, and only on the selected clients).
 import json
 import os
 
+import flax
 import jax
 import numpy as np
+import optax
 import pytest
 
 from fedjax_lib import Config, run_experiment
@@ -75,6 +80,8 @@ def test_numbers_unchanged(key, tmp_path):
   want = PINNED["runs"][key]
   same_isa = _vector_isa() == PINNED["cpu_isa"]
   bit_identical = (jax.__version__ == PINNED["jax_version"] and same_isa
+                   and flax.__version__ == PINNED["flax_version"]
+                   and optax.__version__ == PINNED["optax_version"]
                    and name not in ROUNDED_DIFFERENTLY)
   # Another ISA rounds every matmul differently; a rank statistic (FedCP's spread of the
   # clients' AUCs) then moved by 3.7e-5, relative, on the AVX2 VM. A spread across clients

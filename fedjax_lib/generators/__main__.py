@@ -11,6 +11,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from fedjax_lib import versions
 from fedjax_lib.errors import FedJaxError
 from fedjax_lib.generators import train
 
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """Runs the command line; returns the exit status (0; 2 for bad input; 130 when stopped)."""
+  problem = versions.problem()
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    return 2
   args = build_parser().parse_args(argv)
   fields = {name: value for name, value in vars(args).items() if name != "command"}
   try:
