@@ -4,17 +4,17 @@
 environment that keeps one anyway (``pip install --no-deps``, a conda or cluster module's
 pinned JAX) would otherwise fail deep inside a run, e.g. ``AttributeError: module
 'jax.extend.core' has no attribute 'jaxprs_in_params'`` (JAX has it since 0.10.0) or a
-segmentation fault (jaxlib 0.4.35; both seen when the floors said ``jax>=0.4.35``). The command lines
-(``python -m fedjax_lib``, ``python -m fedjax_lib.generators``) check first and print one
-``error:`` line with exit status 2; ``from fedjax_lib import Config`` (the package's public
-names) raises `ImportError` with the same sentence.
+segmentation fault (jaxlib 0.4.35; both seen when the floors said ``jax>=0.4.35``). The
+command lines (``python -m fedjax_lib``, ``python -m fedjax_lib.generators``) check first and
+print one ``error:`` line with exit status 2; ``from fedjax_lib import Config`` (the
+package's public names) raises `ImportError` with the same sentence.
 
 The floors are the versions the whole test suite passed with (`.ci/minimum-versions.txt`
 pins them; `.ci/run` runs part of the suite there; README "Supported versions"). JAX is the
 newest release, 0.10.2: under jaxlib 0.10.0 and 0.10.1 every program loaded from the
 persistent compilation cache printed XLA:CPU's ``cpu_aot_loader`` "Target machine feature
-+prefer-no-gather is not supported" lines on stderr, and their grouped convolutions took a
-different scratch than the memory estimate (`fedjax_lib.memory`) is calibrated on.
++prefer-no-gather is not supported" lines on stderr, and their grouped convolutions used less
+than half the scratch that the memory estimate (`fedjax_lib.memory`) is calibrated on.
 """
 
 from __future__ import annotations
