@@ -49,13 +49,13 @@ def installed(name: str) -> Optional[str]:
     return None
 
 
-def problem(minimum: Optional[dict] = None, version_of=None) -> Optional[str]:
+def problem(version_of=None) -> Optional[str]:
   """One sentence naming the first installed library older than its floor, or None.
 
   A library that is not installed is left to its import (``jaxlib`` may come under another
   distribution name in some builds).
   """
-  for name, floor in (MINIMUM if minimum is None else minimum).items():
+  for name, floor in MINIMUM.items():
     have = (version_of or installed)(name)
     if have is not None and release(have) < release(floor):
       return (f"fedjax_lib needs {name} >= {floor}, but this environment has {name} {have}; "

@@ -157,7 +157,6 @@ def _no_process_outlives_its_test(monkeypatch):
 
   monkeypatch.setattr(subprocess.Popen, "__init__", init)
   yield
-  monkeypatch.undo()
   for proc in started:
     if proc.poll() is None:
       proc.kill()

@@ -98,7 +98,6 @@ def test_the_command_lines_refuse_an_old_jax_in_one_line(main, argv, old_jax, tm
 
 
 def test_the_public_names_raise_import_error(old_jax, monkeypatch):
-  monkeypatch.setattr(fedjax_lib, "_VERSIONS_CHECKED", False)
   monkeypatch.delitem(vars(fedjax_lib), "run_experiment", raising=False)
   with pytest.raises(ImportError, match=r"needs jax >= 0\.10\.2, .* has jax 0\.9\.2"):
     fedjax_lib.run_experiment  # pylint: disable=pointless-statement
