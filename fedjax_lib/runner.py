@@ -867,7 +867,7 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
     if run.start_round == start_round <= config.global_rounds:
       run.warmup_rounds.append(start_round)
   bar = _progress(range(start_round, config.global_rounds + 1), config.progress,
-                  "sweep" if config.sweep else runs[0].spec.label)
+                  _bar_label(config, runs))
   write = _writer(bar, log)
   start = time.perf_counter()
   first_evaluated = engine.algorithm.first_evaluated_round()
@@ -1021,6 +1021,15 @@ def write_generated(run, states: _States, algorithm, config: Config) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   files.commit()
   run.extra["generated_images"] = path
+
+
+def _bar_label(config: Config, runs: list) -> str:
+  """The progress bar's name: ``sweep``, ``run t``, or ``runs a–b`` for repetitions side by side."""
+  if config.sweep:
+    return "sweep"
+  if len(runs) == 1:
+    return runs[0].spec.label
+  return f"runs {runs[0].spec.number}–{runs[-1].spec.number}"
 
 
 def run_specs(config: Config, base: str, algorithm, data, model) -> list:

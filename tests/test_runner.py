@@ -20,9 +20,11 @@ def test_auto_break_stops_after_top_cnt_evaluations_without_improvement(tmp_path
   assert len(set(np.round(history["test_acc"], 12))) == 1
 
 
-def test_eval_gap_and_repetitions(tmp_path):
+def test_eval_gap_and_repetitions(tmp_path, capsys):
   results = run_experiment(_quiet(learning_rate=0.05, global_rounds=6, eval_gap=3, times=2,
-                                  out=str(tmp_path)), log=lambda m: None)
+                                  out=str(tmp_path), progress=True), log=lambda m: None)
+  # The repetitions advance side by side under one progress bar, named after both.
+  assert "runs 0–1: 100%" in capsys.readouterr().err
   assert [r.seed for r in results.runs] == [0, 1]
   for run in results.runs:
     assert run.history["rounds"] == [0, 3, 6]
