@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
        "few-shot setting; 0: all)")
   _add(data, "--partition-seed", type=int, default=d.partition_seed, dest="partition_seed",
        shown_default="--seed", help="seed of the data partition alone (fixes the clients "
-       "across seeds)")
+       "across seeds; 0 to 4294967295)")
   _add(data, "--partition-rng", choices=PARTITION_RNGS, default=d.partition_rng,
        dest="partition_rng", help="numpy (Generator) or pfllib: numpy's legacy stream in "
        "PFLlib's call order (with --partition-seed 1, PFLlib's generate_*.py clients)")
@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add(training, "-pv", "--prev", type=int, default=d.prev,
        help="first repetition to run: runs prev .. times-1 (seed seed+t, files ..._t), to "
        "continue a series")
-  _add(training, "--seed", type=int, default=d.seed, help="seed of the partition and of run 0")
+  _add(training, "--seed", type=int, default=d.seed, help="seed of the partition and of run 0 (0 to 4294967295)")
   _add(training, "--sweep", type=_sweep_item, nargs="+", action="extend", default=[],
        metavar="NAME=V,..", help="run every combination side by side: seed=0,1,2 "
        "lr=0.01,0.005 and any numeric hyperparameter of the algorithm (mu=..., lam=...)")

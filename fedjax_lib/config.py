@@ -25,6 +25,10 @@ DTYPES = ("float32", "bfloat16")
 CONV_IMPLS = ("auto", "lax", "patches", "slices", "hybrid")
 # Run settings some algorithms read, which the runner hands them from the config
 # (`runner.algorithm_params`): as an algorithm parameter they would contradict the run.
+# Seeds are 32-bit: `jax.random.key` keeps a seed's low 32 bits (without x64), so seed 2**32 would
+# repeat seed 0 and -1 seed 2**32 - 1; numpy's legacy RandomState (PFLlib's partition stream)
+# takes the same range.
+MAX_SEED = 2**32 - 1
 RUN_SETTINGS = {"join_ratio": "-jr", "eval_gap": "-eg", "pfllib_compat": "--pfllib-compat"}
 
 
@@ -302,7 +306,11 @@ class Config:
       raise ConfigError(f"data_dir={self.data_dir!r}: give a folder path or leave it unset")
     from fedjax_lib.models.zoo import parse_model_names  # pylint: disable=import-outside-toplevel
     parse_model_names(self.model)
-    _int("seed", self.seed)
+    _seed("seed", self.seed)
+    if self.seed + self.times - 1 > MAX_SEED:
+      raise ConfigError(f"seed={self.seed} with times={self.times}: repetition t runs with seed "
+                        f"seed + t, and {self.seed + self.times - 1} is above {MAX_SEED} (seeds "
+                        f"are 32-bit); accepted: seed <= {MAX_SEED - self.times + 1}")
     _positive_float("learning_rate", self.learning_rate)
     _positive_float("alpha", self.alpha)
     _in_range("train_ratio", self.train_ratio, 0.0, 1.0, low_open=True, high_open=True)
@@ -365,7 +373,7 @@ class Config:
     if not isinstance(self.distributed, bool):
       raise ConfigError(f"distributed={self.distributed!r} is not a boolean; use true/false")
     if self.partition_seed is not None:
-      _int("partition_seed", self.partition_seed)
+      _seed("partition_seed", self.partition_seed)
     for name in ("save_folder_name", "models_folder_name"):
       if not isinstance(getattr(self, name), str):
         raise ConfigError(f"{name}={getattr(self, name)!r} must be a folder path ('' for none)")
@@ -392,7 +400,7 @@ class Config:
         raise ConfigError(f"sweep {name}={values!r} must be a non-empty list of values")
       for v in values:
         if name == "seed":
-          _int("sweep seed", v)
+          _seed("sweep seed", v)
         elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
           raise ConfigError(f"sweep {name}: value {v!r} is not a finite number; only numeric "
                             "hyperparameters can be swept")
@@ -434,6 +442,13 @@ def _jsonish(value: Any) -> Any:
 def _int(name: str, value: Any) -> None:
   if isinstance(value, bool) or not isinstance(value, int):
     raise ConfigError(f"{name}={value!r} is not an integer")
+
+
+def _seed(name: str, value: Any) -> None:
+  _int(name, value)
+  if not 0 <= value <= MAX_SEED:
+    raise ConfigError(f"{name}={value} is invalid; accepted: an integer in [0, {MAX_SEED}] "
+                      "(seeds are 32-bit: JAX's keys keep a seed's low 32 bits)")
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:

@@ -53,6 +53,12 @@ FLAGS = [
     (["--sweep", "seed=0,1", "seed=2"], ["seed", "twice"]),
     (["-algo", "Ditto", "--sweep", "plocal_epochs=1,2"], ["plocal_epochs", "floating-point"]),
     (["--sweep", "seed=0,1", "-t", "2"], ["times=2", "sweep seed"]),
+    # Seeds are 32-bit (JAX's keys keep the low 32 bits: 2**32 would repeat seed 0, -1 2**32-1)
+    (["--seed", "-1"], ["seed=-1", "[0, 4294967295]"]),
+    (["--seed", "4294967296"], ["seed=4294967296", "32-bit"]),
+    (["--partition-seed", "-2"], ["partition_seed=-2", "[0, 4294967295]"]),
+    (["--seed", "4294967295", "-t", "2"], ["times=2", "seed <= 4294967294"]),
+    (["--sweep", "seed=0,4294967296"], ["sweep seed=4294967296", "[0, 4294967295]"]),
     (["-m", "cnn,,dnn"], ["empty model name", "cnn, dnn, mlr"]),
     (["-m", "cnn,resnet999"], ["resnet999", "accepted names"]),
     (["-fd", "0"], ["feature_dim", "0"]),
@@ -246,7 +252,8 @@ _NUMBERS = st.one_of(st.integers(-5, 50), st.floats(allow_nan=True, allow_infini
                      st.booleans(), st.text(max_size=3), st.none())
 _FIELDS = ("learning_rate", "batch_size", "join_ratio", "client_drop_rate", "global_rounds",
            "eval_gap", "alpha", "train_ratio", "num_clients", "times", "checkpoint_every",
-           "num_new_clients", "auto_break", "on_nan", "executor", "partition", "conv_impl")
+           "num_new_clients", "auto_break", "on_nan", "executor", "partition", "conv_impl",
+           "seed", "partition_seed")
 
 
 @settings(max_examples=300, deadline=None)
@@ -263,6 +270,7 @@ def test_validator_accepts_or_names_the_field(changes):
   assert isinstance(config.batch_size, int) and config.batch_size >= 1
   assert 0 < config.join_ratio <= 1 and 0 <= config.client_drop_rate < 1
   assert config.on_nan in ("stop", "skip-client")
+  assert 0 <= config.seed and (config.partition_seed is None or config.partition_seed >= 0)
 
 
 @settings(max_examples=100, deadline=None)

@@ -468,6 +468,8 @@ def test_cli_end_to_end(tmp_path):
     (["--batch-size", "100"], "--batch-size 100 is larger than the 64 images"),
     (["--channels", "2"], "argument --channels"),
     (["--steps", "x"], "argument --steps"),
+    (["--seed", "-1"], "--seed -1 must be an int in [0, 4294967295]"),
+    (["--seed", "4294967296"], "--seed 4294967296 must be an int in [0, 4294967295]"),
     (["--data", str(os.path.join(ROOT, "tests", "no-such-folder"))], "does not exist"),
 ])
 def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(flags, match, tmp_path,

@@ -44,6 +44,7 @@ import optax
 from fedjax_lib.data import sources
 from fedjax_lib.data.loading import is_folder_path
 from fedjax_lib.data.pfllib_format import read_pfllib_folder
+from fedjax_lib.config import MAX_SEED
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.errors import DataError
 from fedjax_lib.generators import figures
@@ -247,8 +248,9 @@ class TrainOptions:
       if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be an int >= {low}")
     if (not isinstance(self.seed, int) or isinstance(self.seed, bool)
-        or not 0 <= self.seed < 2 ** 63):
-      raise ConfigError(f"--seed {self.seed!r} must be an int in [0, 2**63)")
+        or not 0 <= self.seed <= MAX_SEED):
+      raise ConfigError(f"--seed {self.seed!r} must be an int in [0, {MAX_SEED}] (seeds are "
+                        "32-bit: JAX's keys keep a seed's low 32 bits)")
     if self.resolution not in vae.RESOLUTIONS:
       raise ConfigError(f"--resolution {self.resolution!r} is not supported; accepted: "
                         f"{', '.join(map(str, vae.RESOLUTIONS))}")
