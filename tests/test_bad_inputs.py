@@ -31,6 +31,12 @@ FLAGS = [
     (["-algo", "FedALA", "-p", "-1"], ["layer_idx", "-1"]),
     (["-algo", "FedDBE", "-mo", "1.5"], ["momentum", "1.5"]),
     (["-algo", "FedCP", "-lam", "-1"], ["lam", "-1"]),
+    # infinite weights and rates (accepted until 2026-12-07, then the run stopped non-finite)
+    (["-algo", "FedProx", "-mu", "inf"], ["FedProx", "mu=inf", "finite number >= 0"]),
+    (["-algo", "Ditto", "-mu", "inf"], ["Ditto", "mu=inf", "finite number >= 0"]),
+    (["-algo", "FedCP", "-lam", "inf"], ["FedCP", "lam=inf", "finite number >= 0"]),
+    (["-algo", "GPFL", "-lam", "inf"], ["GPFL", "lam=inf", "finite number >= 0"]),
+    (["-algo", "FedALA", "-et", "inf"], ["FedALA", "eta=inf", "finite number >= 0"]),
     (["-algo", "PerAvg", "-bt", "0"], ["beta", "0"]),
     (["-algo", "FedBABU", "-fte", "-1"], ["fine_tuning_epochs", "-1"]),
     (["-algo", "GPFL", "-mu", "-0.5"], ["mu", "-0.5"]),

@@ -219,9 +219,9 @@ class APPLE(Algorithm):
   pfllib_compat: bool = False
 
   def __post_init__(self):
-    check_number(self.name, "dr_learning_rate", self.dr_learning_rate, finite=True)
-    check_number(self.name, "L", self.L, finite=True)
-    check_number(self.name, "mu", self.mu, finite=True)
+    check_number(self.name, "dr_learning_rate", self.dr_learning_rate)
+    check_number(self.name, "L", self.L)
+    check_number(self.name, "mu", self.mu)
     check_int(self.name, "global_rounds", self.global_rounds, 0)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
 

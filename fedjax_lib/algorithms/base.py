@@ -525,19 +525,22 @@ def check_bool(algorithm: str, name: str, value) -> None:
 
 
 def check_number(algorithm: str, name: str, value, minimum: float = 0,
-                 maximum: Optional[float] = None, finite: bool = False) -> None:
-  """Raises a ConfigError unless hyperparameter ``name`` is a number in range (never NaN)."""
+                 maximum: Optional[float] = None) -> None:
+  """Raises a ConfigError unless hyperparameter ``name`` is a finite number in range.
+
+  (Until 2026-12-07 some algorithms accepted ``inf``, e.g. FedProx's and Ditto's ``mu``, and ran
+  to a non-finite stop.)"""
   ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and value >= minimum
-        and (maximum is None or value <= maximum) and (not finite or math.isfinite(value)))
+        and (maximum is None or value <= maximum) and math.isfinite(value))
   if not ok:
-    kind = "a finite number" if finite else "a number"
+    kind = "a finite number" if maximum is None else "a number"
     raise ConfigError(f"{algorithm} hyperparameter {name}={value!r} must be "
                       f"{_accepted(kind, minimum, maximum)}")
 
 
 def check_positive(algorithm: str, name: str, value, flag: str) -> None:
   """Raises a ConfigError unless ``value`` is a finite number > 0."""
-  check_number(algorithm, name, value, 0.0, finite=True)
+  check_number(algorithm, name, value, 0.0)
   if not value > 0:
     raise ConfigError(f"{algorithm} hyperparameter {name}={value!r} must be a finite number "
                       f"> 0 ({flag})")

@@ -168,7 +168,7 @@ class FedDBE(FedAvg):
 
   def __post_init__(self):
     check_number(self.name, "momentum", self.momentum, 0, 1)
-    check_number(self.name, "kl_weight", self.kl_weight, finite=True)
+    check_number(self.name, "kl_weight", self.kl_weight)
 
   def check_settings(self, context: SettingsContext) -> list[str]:
     """Warns when ``momentum = 0`` silences a non-zero ``kl_weight``."""

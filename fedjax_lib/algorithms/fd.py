@@ -103,7 +103,7 @@ class FD(Algorithm):
   TRAIN_MODE = True
 
   def __post_init__(self):
-    check_number(self.name, "lam", self.lam, 0.0, finite=True)
+    check_number(self.name, "lam", self.lam, 0.0)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
 
   def num_classes(self, sample_x) -> int:

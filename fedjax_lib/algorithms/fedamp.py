@@ -186,7 +186,7 @@ class FedAMP(Algorithm):
   def __post_init__(self):
     check_positive(self.name, "alphaK", self.alphaK, "-alk")
     check_positive(self.name, "sigma", self.sigma, "-sg")
-    check_number(self.name, "lam", self.lam, 0.0, finite=True)
+    check_number(self.name, "lam", self.lam, 0.0)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
 
   def init(self, key, sample_x, num_clients):

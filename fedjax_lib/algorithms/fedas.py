@@ -153,8 +153,7 @@ class FedAS(Algorithm):
   TRAIN_MODE = True
 
   def __post_init__(self):
-    check_number(self.name, "alignment_learning_rate", self.alignment_learning_rate, 0.0,
-                 finite=True)
+    check_number(self.name, "alignment_learning_rate", self.alignment_learning_rate, 0.0)
     check_int(self.name, "alignment_batch_size", self.alignment_batch_size, 1)
     check_int(self.name, "alignment_epochs", self.alignment_epochs, 0)
 

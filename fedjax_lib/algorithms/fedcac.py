@@ -234,7 +234,7 @@ class FedCAC(Algorithm):
 
   def __post_init__(self):
     check_number(self.name, "tau", self.tau, 0.0, 1.0)
-    check_number(self.name, "beta", self.beta, 1.0, finite=True)
+    check_number(self.name, "beta", self.beta, 1.0)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
 
   def init(self, key, sample_x, num_clients):

@@ -159,7 +159,7 @@ class FedGC(Algorithm):
   TRAIN_MODE = True
 
   def __post_init__(self):
-    check_number(self.name, "lam", self.lam, 0.0, finite=True)
+    check_number(self.name, "lam", self.lam, 0.0)
 
   # ---------------------------------------------------------------- state
   def init(self, key, sample_x, num_clients):

@@ -235,8 +235,7 @@ class GeneratorClients:
     check_int(self.name, "noise_dim", self.noise_dim, 1)
     check_int(self.name, "hidden_dim", self.hidden_dim, 1)
     check_int(self.name, "server_epochs", self.server_epochs, 0)
-    check_number(self.name, "generator_learning_rate", self.generator_learning_rate, 0.0,
-                 finite=True)
+    check_number(self.name, "generator_learning_rate", self.generator_learning_rate, 0.0)
 
   def generator_state(self, key, sample_x) -> dict:
     """``{"generator": G's initial parameters, "label_counts": zeros [C]}`` (G from

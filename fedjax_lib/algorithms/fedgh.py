@@ -84,8 +84,7 @@ class FedGH(SplitAlgorithm):
   TRAIN_MODE = True
 
   def __post_init__(self):
-    check_number(self.name, "server_learning_rate", self.server_learning_rate, 0.0,
-                 finite=True)
+    check_number(self.name, "server_learning_rate", self.server_learning_rate, 0.0)
     check_int(self.name, "server_epochs", self.server_epochs, 0)
 
   def init(self, key, sample_x, num_clients):

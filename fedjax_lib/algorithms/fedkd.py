@@ -268,10 +268,9 @@ class FedKD(SharedModelAlgorithm):
   SHARED_ROLE: ClassVar[str] = "shared model (mentee)"
 
   def __post_init__(self):
-    check_number(self.name, "mentee_learning_rate", self.mentee_learning_rate, 0.0,
-                 finite=True)
+    check_number(self.name, "mentee_learning_rate", self.mentee_learning_rate, 0.0)
     for name in ("energy_start", "energy_end"):
-      check_number(self.name, name, getattr(self, name), 0.0, 1.0, finite=True)
+      check_number(self.name, name, getattr(self, name), 0.0, 1.0)
     check_int(self.name, "global_rounds", self.global_rounds, 1)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
     super().__post_init__()

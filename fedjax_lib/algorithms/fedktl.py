@@ -262,8 +262,8 @@ class FedKTL(Algorithm):
 
   def __post_init__(self):
     for name in ("lam", "mu", "server_learning_rate", "margin"):
-      check_number(self.name, name, getattr(self, name), 0.0, finite=True)
-    check_number(self.name, "scale", self.scale, 0.0, finite=True)
+      check_number(self.name, name, getattr(self, name), 0.0)
+    check_number(self.name, "scale", self.scale, 0.0)
     if not self.scale > 0:
       raise ConfigError(f"FedKTL hyperparameter scale={self.scale!r} must be > 0")
     for name in ("server_batch_size", "generation_batch_size"):

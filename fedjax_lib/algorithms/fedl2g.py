@@ -164,8 +164,7 @@ class FedL2G(Algorithm):
     check_int(self.name, "meta_study_batches", self.meta_study_batches, 1)
     check_int(self.name, "meta_quiz_batches", self.meta_quiz_batches, 1)
     check_int(self.name, "warmup_rounds", self.warmup_rounds, 0)
-    check_number(self.name, "server_learning_rate", self.server_learning_rate, 0.0,
-                 finite=True)
+    check_number(self.name, "server_learning_rate", self.server_learning_rate, 0.0)
 
   @property
   def quiz_size(self) -> int:

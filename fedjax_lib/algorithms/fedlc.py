@@ -126,7 +126,7 @@ class FedLC(FedAvg):
   pfllib_compat: bool = False
 
   def __post_init__(self):
-    check_number(self.name, "tau", self.tau, finite=True)
+    check_number(self.name, "tau", self.tau)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
 
   TRAIN_MODE = True

@@ -114,7 +114,7 @@ class FedNTD(FedAvg):
   pfllib_compat: bool = False
 
   def __post_init__(self):
-    check_number(self.name, "beta", self.beta, finite=True)
+    check_number(self.name, "beta", self.beta)
     check_positive(self.name, "tau", self.tau, "-tau")
     check_join_ratio(self.name, self.join_ratio)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)

@@ -273,7 +273,7 @@ class FedPAC(Algorithm):
   TRAIN_MODE = True
 
   def __post_init__(self):
-    check_number(self.name, "lam", self.lam, 0.0, finite=True)
+    check_number(self.name, "lam", self.lam, 0.0)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
 
   def _shapes(self, sample_x):

@@ -168,7 +168,7 @@ class FedTGP(PrototypeAlgorithm):
   def __post_init__(self):
     super().__post_init__()
     check_int(self.name, "server_epochs", self.server_epochs, 0)
-    check_number(self.name, "margin_threshold", self.margin_threshold, 0.0, finite=True)
+    check_number(self.name, "margin_threshold", self.margin_threshold, 0.0)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
     if not self.margin_threshold > 0:
       raise ConfigError(f"FedTGP hyperparameter margin_threshold={self.margin_threshold!r} "

@@ -101,7 +101,7 @@ class FML(SharedModelAlgorithm):
 
   def __post_init__(self):
     for name in ("alpha", "beta"):
-      check_number(self.name, name, getattr(self, name), 0.0, 1.0, finite=True)
+      check_number(self.name, name, getattr(self, name), 0.0, 1.0)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
     super().__post_init__()
 

@@ -127,7 +127,7 @@ class MOON(FedAvg):
 
   def __post_init__(self):
     check_positive(self.name, "tau", self.tau, "-tau")
-    check_number(self.name, "mu", self.mu, finite=True)
+    check_number(self.name, "mu", self.mu)
 
   def check_settings(self, context: SettingsContext) -> list[str]:
     """Warns when the model's base has no parameters: the features are the inputs, every

@@ -131,11 +131,11 @@ class PFedMe(FedAvg):
   pfllib_compat: bool = False
 
   def __post_init__(self):
-    check_number(self.name, "lam", self.lam, finite=True)
+    check_number(self.name, "lam", self.lam)
     check_int(self.name, "K", self.K, 1)
-    check_number(self.name, "p_learning_rate", self.p_learning_rate, finite=True)
-    check_number(self.name, "beta", self.beta, finite=True)
-    check_number(self.name, "weight_decay", self.weight_decay, finite=True)
+    check_number(self.name, "p_learning_rate", self.p_learning_rate)
+    check_number(self.name, "beta", self.beta)
+    check_number(self.name, "weight_decay", self.weight_decay)
     check_int(self.name, "eval_gap", self.eval_gap, 1)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
 

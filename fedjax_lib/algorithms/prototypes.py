@@ -186,7 +186,7 @@ class PrototypeAlgorithm(Algorithm):
   TRAIN_LOSS_VIEW: ClassVar[str] = "head"
 
   def __post_init__(self):
-    check_number(self.name, "lam", self.lam, 0.0, finite=True)
+    check_number(self.name, "lam", self.lam, 0.0)
 
   def shapes(self, sample_x):
     """``(num_classes, feature_dim)`` of the model (traced abstractly)."""
