@@ -88,6 +88,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,6 +165,30 @@ def steps_case(rng: random.Random, out: str) -> list[list[str]]:
             first + ["--compile-cache", f"{out}_cache", "--overwrite"]]
   return [first + ["--devices", rng.choice(["2", "4", "0"]),
                    "--executor", rng.choice(["vmap", "chunked", "auto"])]]
+
+
+# ``bounds``: every numeric flag at each of these values, an algorithm flag with every algorithm
+# that takes it, the others with FedAvg, on the DNN with 4 clients for 1 round. 2**31 - 1 is the
+# largest int32; 1e30 and 1e-30 are finite but extreme.
+INT_BOUNDS = ("-1", "0", "1", str(2**31 - 1), str(2**31), str(2**63))
+FLOAT_BOUNDS = ("-1", "0", "1e-30", "1e30", "nan", "inf")
+BOUNDS_BASE = ["-data", "digits", "-m", "dnn", "-nc", "4", "-gr", "1"]
+
+
+def bounds_cases() -> list[list[str]]:
+  """Every (flag, boundary value) pair of ``bounds``, in the parser's order."""
+  from fedjax_lib import cli  # pylint: disable=import-outside-toplevel
+  values = lambda kind: INT_BOUNDS if kind is int else FLOAT_BOUNDS
+  cases, algorithm_flags = [], set()
+  for flags, dest, kind, _ in cli.ALGORITHM_FLAGS:
+    algorithm_flags.update(flags)
+    takers, _ = cli.algorithm_flag_defaults(dest)
+    cases += [["-algo", name, flags[0], v] for name in takers for v in values(kind)]
+  for action in cli.build_parser()._actions:  # pylint: disable=protected-access
+    flag = action.option_strings[0] if action.option_strings else ""
+    if action.type in (int, float) and flag not in algorithm_flags:
+      cases += [["-algo", "FedAvg", flag, v] for v in values(action.type)]
+  return [BOUNDS_BASE + case for case in cases]
 
 
 # Flags an ``agree`` case sets itself (its relation's two arms), so its base draws none of them.
@@ -375,10 +400,44 @@ def is_bad(status, err: str, signal_name: str = "") -> bool:
           or (status == 2 and not any(line.startswith("error:") for line in lines)))
 
 
-def run_command(argv: list[str], timeout: int, env: dict) -> tuple[object, str]:
+def rss_bytes(pid: int) -> int:
+  """The resident memory of process ``pid`` (0 once it has ended)."""
+  try:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+      return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
+  except OSError:
+    return 0
+
+
+def run_watched(command: list[str], timeout: int, env: dict,
+                max_rss: float) -> tuple[object, str]:
+  """``command``'s exit status and stderr; "timeout" after ``timeout`` seconds, "memory" once
+  it holds more than ``max_rss`` bytes (both killed)."""
+  proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          cwd=ROOT, env=env)
+  chunks = []
+  reader = threading.Thread(target=lambda: chunks.append(proc.stderr.read()), daemon=True)
+  reader.start()
+  start, status = time.time(), None
+  while proc.poll() is None:
+    if time.time() - start > timeout or rss_bytes(proc.pid) > max_rss:
+      status = "timeout" if time.time() - start > timeout else "memory"
+      proc.kill()
+      break
+    time.sleep(0.2)
+  proc.wait()
+  reader.join()
+  return (status or proc.returncode), "".join(chunks)
+
+
+def run_command(argv: list[str], timeout: int, env: dict,
+                max_rss: float = 0) -> tuple[object, str]:
   """One ``python -m fedjax_lib`` process: its exit status (or "timeout") and stderr. A first
-  item ``@SIGINT=T`` (or ``@SIGTERM=T``) sends that signal T seconds after the start."""
+  item ``@SIGINT=T`` (or ``@SIGTERM=T``) sends that signal T seconds after the start. With
+  ``max_rss`` (bytes) the process is killed once it holds more (status "memory")."""
   command = [sys.executable, "-m", "fedjax_lib", *argv, "--no-progress", "-q", "--no-plot"]
+  if max_rss:
+    return run_watched(command, timeout, env, max_rss)
   if argv and argv[0].startswith("@"):
     signal_name, delay = argv[0][1:].split("=")
     command.remove(argv[0])
@@ -403,12 +462,16 @@ def run_command(argv: list[str], timeout: int, env: dict) -> tuple[object, str]:
 
 
 def run_case(mode: str, rng: random.Random, out: str, timeout: int, env: dict,
-             relations=RELATIONS) -> dict:
-  """Draws one case, runs its commands in order (stopping at the first that fails) and says
-  whether it is bad: a command against the bad-input bar, or (``agree``) two arms that both
-  ran and break their relation, or that one ran and the other was refused."""
+             relations=RELATIONS, bounds: list[str] | None = None, max_rss: float = 0) -> dict:
+  """Draws one case (``bounds``: runs that command line), runs its commands in order (stopping
+  at the first that fails) and says whether it is bad: a command against the bad-input bar,
+  or (``agree``) two arms that both ran and break their relation, or that one ran and the
+  other was refused. In ``bounds`` mode a command past ``timeout`` is "long", not bad (an
+  accepted value can ask for a long run: ``-gr 2147483647``), and one past ``max_rss`` bad."""
   if mode == "agree":
     relation, arms = agree_case(rng, out, relations)
+  elif mode == "bounds":
+    relation, arms = mode, [[bounds + ["--out", out]]]
   else:
     relation, arms = mode, [(single_case if mode == "single" else steps_case)(rng, out)]
   record = {"relation": relation, "commands": [[" ".join(c) for c in arm] for arm in arms],
@@ -426,11 +489,14 @@ def run_case(mode: str, rng: random.Random, out: str, timeout: int, env: dict,
         signal_name, fraction = argv[0][1:].split("=")
         argv = [f"@{signal_name}={float(fraction) * durations[-1]:.2f}", *argv[1:]]
       start = time.time()
-      status, err = run_command(argv, timeout, env)
+      status, err = run_command(argv, timeout, env, max_rss)
       durations.append(time.time() - start)
       statuses.append(status)
       record["stderr"].append(err[-2000:])
       signal_name = argv[0][1:].split("=")[0] if argv[0].startswith("@") else ""
+      if mode == "bounds" and status == "timeout":  # (killed: its lock is the next run's)
+        record["long"] = True
+        break
       if is_bad(status, err, signal_name):
         record["bad"] = True
       killed = status == -signal.SIGKILL
@@ -465,12 +531,14 @@ def run_case(mode: str, rng: random.Random, out: str, timeout: int, env: dict,
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--mode", choices=["single", "steps", "agree"], default="single")
+  p.add_argument("--mode", choices=["single", "steps", "agree", "bounds"], default="single")
   p.add_argument("--cases", type=int, default=50)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default="/tmp/fedjax_fuzz", help="folder of the cases' outputs")
   p.add_argument("--log", default=None, help="JSON lines, one per case (default: OUT/log.jsonl)")
   p.add_argument("--timeout", type=int, default=400, help="seconds per command")
+  p.add_argument("--max-rss-gb", type=float, default=6.0,
+                 help="bounds: a command holding more memory is killed and the case is bad")
   p.add_argument("--relations", default=",".join(RELATIONS),
                  help="agree: the relations to draw from (comma-separated; default: all)")
   args = p.parse_args()
@@ -481,6 +549,9 @@ def main() -> None:
   os.makedirs(args.out, exist_ok=True)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   bad_cases = 0
+  bounds = bounds_cases() if args.mode == "bounds" else []
+  rng.shuffle(bounds)
+  max_rss = args.max_rss_gb * 2**30 if args.mode == "bounds" else 0
   with open(args.log or os.path.join(args.out, "log.jsonl"), "a", encoding="utf-8") as log:
     for case in range(args.cases):
       out = os.path.join(args.out, f"{args.mode}_{args.seed}_{case}")
@@ -488,19 +559,23 @@ def main() -> None:
       for path in paths:
         shutil.rmtree(path, ignore_errors=True)
       start = time.time()
-      record = run_case(args.mode, rng, out, args.timeout, env, relations)
+      if args.mode == "bounds" and case >= len(bounds):
+        break
+      record = run_case(args.mode, rng, out, args.timeout, env, relations,
+                        bounds[case] if bounds else None, max_rss)
       bad_cases += record["bad"]
       record.update(case=case, mode=args.mode, seed=args.seed, s=round(time.time() - start, 1))
       log.write(json.dumps(record) + "\n")
       log.flush()
-      print(f"{'BAD' if record['bad'] else 'ok '} {record['relation']:9} {record['status']} "
+      verdict = "BAD" if record["bad"] else "long" if record.get("long") else "ok "
+      print(f"{verdict} {record['relation']:9} {record['status']} "
             f"{record['s']:5.1f}s {record['commands'][0][0][:90]}", flush=True)
       for line in record.get("differences", []) + record.get("leftovers", []):
         print(f"    {line}", flush=True)
       if not record["bad"]:
         for path in paths:
           shutil.rmtree(path, ignore_errors=True)
-  print(f"{bad_cases} bad of {args.cases} cases")
+  print(f"{bad_cases} bad of {min(args.cases, len(bounds) or args.cases)} cases")
   sys.exit(1 if bad_cases else 0)
 
 

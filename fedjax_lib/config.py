@@ -29,6 +29,12 @@ CONV_IMPLS = ("auto", "lax", "patches", "slices", "hybrid")
 # repeat seed 0 and -1 seed 2**32 - 1; numpy's legacy RandomState (PFLlib's partition stream)
 # takes the same range.
 MAX_SEED = 2**32 - 1
+# Integer settings travel into compiled programs as int32 (JAX without x64): a larger value would
+# overflow there (2**63 ended in an OverflowError traceback, 2**31 wraps around).
+MAX_INT = 2**31 - 1
+# Feature widths (-fd, FedMRL's -sfd): a model pools its features to this width through a dense
+# (input width × width) matrix, so 2**31 took all memory before anything ran. HtFLlib uses 512.
+MAX_FEATURE_DIM = 2**16
 RUN_SETTINGS = {"join_ratio": "-jr", "eval_gap": "-eg", "pfllib_compat": "--pfllib-compat"}
 
 
@@ -297,7 +303,7 @@ class Config:
       raise ConfigError(f"local_loop must be 'valid', 'scan' or None (per backend), got "
                         f"{self.local_loop!r}")
     if self.feature_dim is not None:
-      _positive_int("feature_dim", self.feature_dim)
+      _positive_int("feature_dim", self.feature_dim, maximum=MAX_FEATURE_DIM)
     if self.vocab_size is not None:
       _positive_int("vocab_size", self.vocab_size)
     if self.max_len is not None:
@@ -451,10 +457,13 @@ def _seed(name: str, value: Any) -> None:
                       "(seeds are 32-bit: JAX's keys keep a seed's low 32 bits)")
 
 
-def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+def _positive_int(name: str, value: Any, minimum: int = 1, maximum: int = MAX_INT) -> None:
   _int(name, value)
   if value < minimum:
     raise ConfigError(f"{name}={value} is invalid; accepted: an integer >= {minimum}")
+  if value > maximum:
+    raise ConfigError(f"{name}={value} is invalid; accepted: an integer in [{minimum}, "
+                      f"{maximum}]")
 
 
 def _positive_float(name: str, value: Any) -> None:

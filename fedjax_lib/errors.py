@@ -28,3 +28,18 @@ class FedJaxWarning(UserWarning):
   those raised while it builds a run into the run's ``warning:`` lines and its results'
   ``warnings``, and those of a round into ``warning:`` lines; library callers see Python
   warnings."""
+
+
+def out_of_memory(error: BaseException) -> "str | None":
+  """One line for an allocation that failed (``MemoryError``, or XLA's ``RESOURCE_EXHAUSTED``
+  runtime error), else None: what the command lines print instead of a traceback from deep
+  inside JAX or numpy when a run needs more memory than the machine or device has."""
+  text = str(error).strip()
+  if isinstance(error, MemoryError):
+    what = f"numpy: {text}" if text else "an allocation failed"
+  elif type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and text.startswith(
+      "RESOURCE_EXHAUSTED"):
+    what = text.splitlines()[0]
+  else:
+    return None
+  return f"out of memory ({what}); the settings need more memory than this machine or device has"

@@ -68,6 +68,13 @@ FLAGS = [
     (["-m", "cnn,,dnn"], ["empty model name", "cnn, dnn, mlr"]),
     (["-m", "cnn,resnet999"], ["resnet999", "accepted names"]),
     (["-fd", "0"], ["feature_dim", "0"]),
+    # integers travel into compiled programs as int32; feature widths build a (D × fd) pooling
+    # matrix (2**31 took all memory before anything ran, 2**63 ended in a traceback)
+    (["-gr", "2147483648"], ["global_rounds=2147483648", "[0, 2147483647]"]),
+    (["-algo", "pFedMe", "-K", "9223372036854775808"], ["K=9223372036854775808",
+                                                         "[1, 2147483647]"]),
+    (["-fd", "65537"], ["feature_dim=65537", "[1, 65536]"]),
+    (["-algo", "FedMRL", "-sfd", "2147483648"], ["sub_feature_dim=2147483648", "[1, 65536]"]),
     (["--conv-impl", "fast"], ["fast", "hybrid"]),
     (["-m", "dnn", "--conv-impl", "lax"], ["conv_impl='lax'", "dnn", "auto"]),
     (["-m", "cnn,dnn", "-algo", "FedAvg"], ["cnn and dnn", "uploads differ"]),

@@ -382,3 +382,35 @@ def test_main_sets_one_blas_thread_before_the_devices(monkeypatch, capsys):
   monkeypatch.setattr(cli, "_select_devices", lambda args: calls.append("devices") or "stop")
   assert cli.main(["-data", "digits"]) == 2
   assert calls == ["blas", "devices"] and "error: stop" in capsys.readouterr().err
+
+
+def xla_out_of_memory():
+  """A real XLA allocation failure (4 TiB), as a run that needs more memory than there is."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  try:
+    jax.jit(lambda: jnp.ones((2**40,), jnp.float32))().block_until_ready()
+  except RuntimeError as e:
+    return e
+  raise AssertionError("a 4 TiB array was allocated")
+
+
+def test_out_of_memory_is_one_error_line_not_a_traceback(monkeypatch, tmp_path, capsys):
+  from fedjax_lib import runner  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.errors import out_of_memory  # pylint: disable=import-outside-toplevel
+  error = xla_out_of_memory()
+  assert "4398046511104 bytes" in out_of_memory(error)
+  assert "numpy" in out_of_memory(MemoryError("Unable to allocate 4 TiB"))
+  assert out_of_memory(RuntimeError("INTERNAL: something else")) is None
+
+  def run(config, log=None):
+    raise error
+  monkeypatch.setattr(runner, "run_experiment", run)
+  assert cli.main(["-m", "mlr", "--out", str(tmp_path / "out")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: out of memory (RESOURCE_EXHAUSTED"), err
+  assert "-nc" in err[0] and not (tmp_path / "out").exists()
+  # any other runtime error is not disguised
+  monkeypatch.setattr(runner, "run_experiment", lambda config, log=None: 1 / 0)
+  with pytest.raises(ZeroDivisionError):
+    cli.main(["-m", "mlr", "--out", str(tmp_path / "out")])

@@ -469,6 +469,10 @@ def test_cli_end_to_end(tmp_path):
     (["--channels", "2"], "argument --channels"),
     (["--steps", "x"], "argument --steps"),
     (["--seed", "-1"], "--seed -1 must be an int in [0, 4294967295]"),
+    (["--width", "257"], "--width 257 must be an int in [1, 256]"),
+    (["--w-dim", "65537"], "--w-dim 65537 must be an int in [1, 65536]"),
+    (["--steps", "2147483648"], "--steps 2147483648 must be an int in [1, 2147483647]"),
+    (["--num-photos", "2147483647"], "num_crops=2147483647 at resolution 16 needs"),
     (["--seed", "4294967296"], "--seed 4294967296 must be an int in [0, 4294967295]"),
     (["--data", str(os.path.join(ROOT, "tests", "no-such-folder"))], "does not exist"),
 ])
@@ -518,3 +522,18 @@ def test_image_grid_places_tiles():
   assert (grid[0:8, 0:8] == 0).all() and (grid[0:8, 9:17] == 255).all()
   assert (grid[9:17, 0:8] == 128).all() and (grid[9:17, 9:17] == 255).all()
   assert (grid[8] == 255).all() and (grid[:, 8] == 255).all()  # the gaps
+
+
+def test_cli_out_of_memory_is_one_error_line(monkeypatch, tmp_path, capsys):
+  from tests.test_cli import xla_out_of_memory  # pylint: disable=import-outside-toplevel
+  error = xla_out_of_memory()
+
+  def fail(options):
+    raise error
+  monkeypatch.setattr(generators_cli.train, "train_to_folder", fail)
+  out = tmp_path / "gen"
+  status, stdout, stderr = run_main(["train", "--data", "sample-photos", "--out", str(out)],
+                                    capsys)
+  lines = stderr.strip().splitlines()
+  assert status == 2 and len(lines) == 1 and stdout == "" and not out.exists()
+  assert lines[0].startswith("error: out of memory (RESOURCE_EXHAUSTED") and "--w-dim" in lines[0]

@@ -107,6 +107,7 @@ import jax
 import numpy as np
 
 from fedjax_lib.core.local import Batch, LocalSpec, masked_cross_entropy
+from fedjax_lib.config import MAX_INT
 from fedjax_lib.errors import ConfigError
 
 
@@ -511,9 +512,12 @@ def _accepted(kind: str, minimum, maximum) -> str:
 
 def check_int(algorithm: str, name: str, value, minimum: int,
               maximum: Optional[int] = None) -> None:
-  """Raises a ConfigError unless hyperparameter ``name`` is an integer in range."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum \
-      or (maximum is not None and value > maximum):
+  """Raises a ConfigError unless hyperparameter ``name`` is an integer in range, and never
+  above `config.MAX_INT` (it may travel into a compiled program as int32)."""
+  ok = not isinstance(value, bool) and isinstance(value, (int, np.integer))
+  if ok and maximum is None and value > MAX_INT:
+    maximum = MAX_INT
+  if not ok or value < minimum or (maximum is not None and value > maximum):
     raise ConfigError(f"{algorithm} hyperparameter {name}={value!r} must be "
                       f"{_accepted('an integer', minimum, maximum)}")
 

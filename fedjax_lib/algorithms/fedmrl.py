@@ -58,6 +58,7 @@ import jax.numpy as jnp
 from fedjax_lib.algorithms.base import (Algorithm, SettingsContext, abstract_variables, check_bool,
                                         check_int, stack_clients)
 from fedjax_lib.algorithms.registry import register
+from fedjax_lib.config import MAX_FEATURE_DIM
 from fedjax_lib.core.aggregate import uniform_average
 from fedjax_lib.core.local import masked_cross_entropy, train_locally
 from fedjax_lib.errors import ConfigError
@@ -89,7 +90,7 @@ class FedMRL(Algorithm):
   _STRUCTURAL: ClassVar[tuple[str, ...]] = ("model", "local", "shared_model")
 
   def __post_init__(self):
-    check_int(self.name, "sub_feature_dim", self.sub_feature_dim, 1)
+    check_int(self.name, "sub_feature_dim", self.sub_feature_dim, 1, MAX_FEATURE_DIM)
     check_bool(self.name, "pfllib_compat", self.pfllib_compat)
     if self.shared_model is None:
       object.__setattr__(self, "shared_model",

@@ -20,6 +20,7 @@ import functools
 
 import numpy as np
 
+from fedjax_lib import memory
 from fedjax_lib.errors import DataError
 
 NAME = "sample-photos"
@@ -77,6 +78,13 @@ def sample_photos(num_crops: int = DEFAULT_NUM_CROPS, resolution: int = 32, seed
   if not min_size <= max_size <= largest:
     raise DataError(f"{NAME}: crop sides must satisfy 1 <= min_size <= max_size <= {largest}, "
                     f"got min_size={min_size}, max_size={max_size}")
+  # the crops (float32, and the scaled copy returned) and five draws per crop
+  needed = num_crops * (2 * resolution * resolution * 3 * 4 + 5 * 8)
+  available = memory.available_bytes()
+  if available is not None and needed > available:
+    raise DataError(f"{NAME}: num_crops={num_crops} at resolution {resolution} needs "
+                    f"{needed / 2**30:.1f} GB, more than the {available / 2**30:.1f} GB "
+                    "available; use fewer crops (--num-photos)")
   rng = np.random.default_rng(seed)
   which = rng.integers(0, len(photos), size=num_crops)
   sides = rng.integers(min_size, max_size + 1, size=num_crops)

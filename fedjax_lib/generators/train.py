@@ -44,7 +44,7 @@ import optax
 from fedjax_lib.data import sources
 from fedjax_lib.data.loading import is_folder_path
 from fedjax_lib.data.pfllib_format import read_pfllib_folder
-from fedjax_lib.config import MAX_SEED
+from fedjax_lib.config import MAX_FEATURE_DIM, MAX_INT, MAX_SEED
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.errors import DataError
 from fedjax_lib.generators import figures
@@ -221,6 +221,9 @@ def train_generator(images, *, steps: int = 2000, batch_size: int = 64, lr: floa
   return state[0]
 
 
+MAX_VAE_WIDTH = 256  # --width: the default is 16; 256 at resolution 64 is 289M parameters
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainOptions:
   """The training command's settings (its flags, one field each)."""
@@ -242,11 +245,17 @@ class TrainOptions:
 
   def check(self) -> "TrainOptions":
     """Returns ``self``, or raises a `ConfigError` naming the first value not accepted."""
-    for name, low in (("steps", 1), ("batch_size", 1), ("w_dim", 1), ("width", 1),
-                      ("num_photos", 1), ("checkpoint_every", 0)):
+    # (integers may travel into a compiled program as int32; the VAE's stages have up to
+    # 16·width channels, and its shapes overflowed at width 2**31 - 1)
+    for name, low, high in (("steps", 1, MAX_INT), ("batch_size", 1, MAX_INT),
+                            ("w_dim", 1, MAX_FEATURE_DIM), ("width", 1, MAX_VAE_WIDTH),
+                            ("num_photos", 1, MAX_INT), ("checkpoint_every", 0, MAX_INT)):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be an int >= {low}")
+      if value > high:
+        raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be an int in [{low}, "
+                          f"{high}]")
     if (not isinstance(self.seed, int) or isinstance(self.seed, bool)
         or not 0 <= self.seed <= MAX_SEED):
       raise ConfigError(f"--seed {self.seed!r} must be an int in [0, {MAX_SEED}] (seeds are "
