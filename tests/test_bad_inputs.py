@@ -75,6 +75,8 @@ FLAGS = [
                                                          "[1, 2147483647]"]),
     (["-fd", "65537"], ["feature_dim=65537", "[1, 65536]"]),
     (["-algo", "FedMRL", "-sfd", "2147483648"], ["sub_feature_dim=2147483648", "[1, 65536]"]),
+    (["-algo", "FedGen", "-nd", "2147483647"], ["noise_dim=2147483647", "[1, 65536]"]),
+    (["-algo", "FedGen-PFLlib", "-hd", "65537"], ["hidden_dim=65537", "[1, 65536]"]),
     (["--conv-impl", "fast"], ["fast", "hybrid"]),
     (["-m", "dnn", "--conv-impl", "lax"], ["conv_impl='lax'", "dnn", "auto"]),
     (["-m", "cnn,dnn", "-algo", "FedAvg"], ["cnn and dnn", "uploads differ"]),

@@ -99,6 +99,7 @@ from fedjax_lib.algorithms.base import (SettingsContext, abstract_variables, che
 from fedjax_lib.algorithms.prototypes import loader_samples
 from fedjax_lib.algorithms.registry import register
 from fedjax_lib.algorithms.split import SplitAlgorithm, dense_head_shape, split_parts
+from fedjax_lib.config import MAX_FEATURE_DIM
 from fedjax_lib.core.aggregate import normalized_weights, weighted_average
 from fedjax_lib.core.local import class_counts, masked_cross_entropy, train_locally
 from fedjax_lib.errors import ConfigError
@@ -232,8 +233,9 @@ class GeneratorClients:
   ``noise_dim``, ``generator_learning_rate``, ``hidden_dim`` and ``server_epochs``."""
 
   def check_generator_hyperparameters(self):
-    check_int(self.name, "noise_dim", self.noise_dim, 1)
-    check_int(self.name, "hidden_dim", self.hidden_dim, 1)
+    # (widths of the generator's layers: -nd 2**31 - 1 filled memory before anything ran)
+    check_int(self.name, "noise_dim", self.noise_dim, 1, MAX_FEATURE_DIM)
+    check_int(self.name, "hidden_dim", self.hidden_dim, 1, MAX_FEATURE_DIM)
     check_int(self.name, "server_epochs", self.server_epochs, 0)
     check_number(self.name, "generator_learning_rate", self.generator_learning_rate, 0.0)
 
