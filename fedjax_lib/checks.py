@@ -88,8 +88,8 @@ def _rounds(config: Config, algorithm) -> list[str]:
   rounds, gap = config.global_rounds, config.eval_gap
   out = []
   first = algorithm.first_evaluated_round()
-  evaluated = [r for r in range(first, rounds + 1) if r % gap == 0]
-  if first and not evaluated:
+  first_multiple = -(-first // gap) * gap  # the first evaluated round (a list of them was
+  if first and first_multiple > rounds:   # O(rounds): -gr 2147483647 filled memory)
     raise ConfigError(
         f"{algorithm.name} hyperparameter warmup_rounds={first}: the run has global_rounds="
         f"{rounds} and evaluates nothing before round {first} (its warm-up), so no round "

@@ -5,6 +5,9 @@ written. Warnings come from ``runner.build(config).warnings``; their numbers are
 from the built data rather than pinned. Nothing here trains: every test only builds.
 """
 
+import os
+import subprocess
+import sys
 import warnings as py_warnings
 
 import pytest
@@ -14,6 +17,8 @@ from fedjax_lib.errors import FedJaxWarning
 from fedjax_lib.runner import build, collected_warnings
 from tests.test_bad_inputs import _check
 from tests.test_data_pfllib_format import _make_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Small and quick to partition: 4 balanced iid clients of the digits, a one-layer DNN.
 SMALL = dict(model="dnn", num_clients=4, partition="iid", balance=True, progress=False)
@@ -284,3 +289,21 @@ def test_collected_warnings_passes_other_warnings_on():
       py_warnings.warn("a notice", FedJaxWarning)  # the same line twice: reported once
       py_warnings.warn("not ours", DeprecationWarning)
   assert lines == ["a notice"]
+
+
+def test_the_round_checks_take_no_memory_per_round():
+  """`-gr 2147483647` (an accepted value) once listed every evaluated round while checking the
+  settings and filled memory before anything ran; under a 3 GB address-space limit the checks of
+  that many rounds must finish."""
+  code = ("import resource\n"
+          "resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))\n"
+          "from fedjax_lib import checks\n"
+          "from fedjax_lib.config import Config, MAX_INT\n"
+          "class WarmUp:  # an algorithm that evaluates from round 1 (FedL2G's warm-up)\n"
+          "  name = 'X'\n"
+          "  def first_evaluated_round(self):\n"
+          "    return 1\n"
+          "print(checks._rounds(Config(global_rounds=MAX_INT), WarmUp()))\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=120, cwd=ROOT, check=False)
+  assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr[-2000:]
