@@ -75,6 +75,18 @@ refused (models without a base for FedRep, FedPer, FedAS, FedPCL; ``-sfd`` wider
 features for FedMRL), none bad; ``--mode agree --relations interrupt,resume,cache,config
 --cases 20 --seed 35``: 17 compared (6 interrupted), none bad; ``--mode single --cases 40
 --seed 36``: 16 ran, 24 were refused with one `error:` line, none bad.
+
+2026-12-07 (44th session): ``--mode single --cases 40 --seed 145`` and ``--mode steps --cases 25
+--seed 145``: none bad. Then boundary values, which the random draws never reach: a throwaway
+precursor of ``bounds`` (the algorithm flags with every taker, 277 of its 677 cases) found
+``--seed -1`` and ``2**64`` ending in tracebacks (and seed 2**32 silently running seed 0's run),
+``inf`` accepted for FedProx's/Ditto's ``-mu``, GPFL's and FedCP's ``-lam`` and FedALA's ``-et``,
+pFedMe ``-K 2**31`` and FedMRL ``-sfd 2**63`` ending in tracebacks and FedMRL ``-sfd 2**31``
+filling memory; all fixed, then ``--mode bounds --cases 1000 --seed 145`` (all 732 cases, 40 s
+each at most) found FedGen ``-nd 2147483647`` and ``-gr 2147483647`` filling memory before the
+first round (fixed) and 10 accepted values that ask for long runs (``-ls``, ``-pls``, ``-se``,
+``-K``, ``-fte`` at 2**31 - 1, and ``-t 2147483647``, which filled memory too: now at most
+65,536); 489 cases were refused with one `error:` line, 231 ran.
 """
 
 from __future__ import annotations

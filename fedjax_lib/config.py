@@ -35,6 +35,9 @@ MAX_INT = 2**31 - 1
 # Feature widths (-fd, FedMRL's -sfd): a model pools its features to this width through a dense
 # (input width × width) matrix, so 2**31 took all memory before anything ran. HtFLlib uses 512.
 MAX_FEATURE_DIM = 2**16
+# Repetitions (-t) run side by side and cost memory each (the memory check refused -t 100000
+# here), but preparing 2**31 - 1 of them filled memory before that check could run.
+MAX_TIMES = 2**16
 RUN_SETTINGS = {"join_ratio": "-jr", "eval_gap": "-eg", "pfllib_compat": "--pfllib-compat"}
 
 
@@ -276,7 +279,7 @@ class Config:
     _positive_int("local_epochs", self.local_epochs)
     _positive_int("batch_size", self.batch_size)
     _positive_int("eval_gap", self.eval_gap)
-    _positive_int("times", self.times)
+    _positive_int("times", self.times, maximum=MAX_TIMES)
     _positive_int("prev", self.prev, minimum=0)
     if self.prev >= self.times:
       raise ConfigError(f"prev={self.prev} with times={self.times} runs nothing (runs prev .. "

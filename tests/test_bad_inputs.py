@@ -71,6 +71,7 @@ FLAGS = [
     # integers travel into compiled programs as int32; feature widths build a (D × fd) pooling
     # matrix (2**31 took all memory before anything ran, 2**63 ended in a traceback)
     (["-gr", "2147483648"], ["global_rounds=2147483648", "[0, 2147483647]"]),
+    (["-t", "2147483647"], ["times=2147483647", "[1, 65536]"]),
     (["-algo", "pFedMe", "-K", "9223372036854775808"], ["K=9223372036854775808",
                                                          "[1, 2147483647]"]),
     (["-fd", "65537"], ["feature_dim=65537", "[1, 65536]"]),
