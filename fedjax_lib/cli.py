@@ -439,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add(training, "-pv", "--prev", type=int, default=d.prev,
        help="first repetition to run: runs prev .. times-1 (seed seed+t, files ..._t), to "
        "continue a series")
-  _add(training, "--seed", type=int, default=d.seed, help="seed of the partition and of run 0 (0 to 4294967295)")
+  _add(training, "--seed", type=int, default=d.seed,
+       help="seed of the partition and of run 0 (0 to 4294967295)")
   _add(training, "--sweep", type=_sweep_item, nargs="+", action="extend", default=[],
        metavar="NAME=V,..", help="run every combination side by side: seed=0,1,2 "
        "lr=0.01,0.005 and any numeric hyperparameter of the algorithm (mu=..., lam=...)")

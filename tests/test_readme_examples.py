@@ -35,7 +35,8 @@ def test_the_run_api_examples_run(tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)  # the default `out` is ./results
   namespace = {}
   for block in blocks:
-    exec(compile(shortened(block, tmp_path), "README.md", "exec"), namespace)  # pylint: disable=exec-used
+    code = compile(shortened(block, tmp_path), "README.md", "exec")
+    exec(code, namespace)  # pylint: disable=exec-used
   out = capsys.readouterr().out.splitlines()
   # Among run_experiment's log lines: its (mean, std), run 0's history, Ditto's (mean, std) and
   # warnings, then the engine loop's "round accuracy" lines.
@@ -44,7 +45,8 @@ def test_the_run_api_examples_run(tmp_path, monkeypatch, capsys):
   mean, std = eval(printed[0])  # pylint: disable=eval-used
   assert 0 <= std <= mean <= 1
   assert len(eval(printed[1])) == 2  # rounds 0 and 1  # pylint: disable=eval-used
-  (ditto_mean, ditto_std), warnings = eval(printed[2].replace(") [", "), ["))  # pylint: disable=eval-used
+  ditto_line = printed[2].replace(") [", "), [")  # "(mean, std) [warnings]"
+  (ditto_mean, ditto_std), warnings = eval(ditto_line)  # pylint: disable=eval-used
   assert 0 < ditto_mean <= 1 and ditto_std == 0 and warnings == []
   assert [line.split()[0] for line in printed[3:]] == ["0", "1"]
   assert float(printed[4].split()[1]) > 0.3  # LG-FedAvg learned in one round
