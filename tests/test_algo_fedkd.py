@@ -423,7 +423,7 @@ def test_registry_name_defaults_and_shared_model():
 
 @pytest.mark.parametrize("params,match", [
     ({"mentee_learning_rate": -0.1}, r"mentee_learning_rate=-0.1 must be a finite number >= 0"),
-    ({"energy_start": 1.5}, r"energy_start=1.5 must be a finite number in \[0.0, 1.0\]"),
+    ({"energy_start": 1.5}, r"energy_start=1.5 must be a number in \[0.0, 1.0\]"),
     ({"energy_end": float("nan")}, r"energy_end=nan must be"),
     ({"global_rounds": 0}, r"global_rounds=0 must be an integer >= 1"),
     ({"global_rounds": 2.5}, r"global_rounds=2.5 must be an integer"),

@@ -238,7 +238,7 @@ def test_fedmrl_shared_running_statistics_kept_unless_compat(compat):
     ("FML", {"alpha": 1.5}, r"alpha=1.5 must be a number in \[0.0, 1.0\]"),
     ("FML", {"beta": float("nan")}, r"beta=nan must be"),
     ("FML", {"pfllib_compat": "yes"}, r"pfllib_compat='yes' must be true or false"),
-    ("FedMRL", {"sub_feature_dim": 0}, r"sub_feature_dim=0 must be an integer >= 1"),
+    ("FedMRL", {"sub_feature_dim": 0}, r"sub_feature_dim=0 must be an integer in \[1, 65536\]"),
     ("FedMRL", {"sub_feature_dim": 2.5}, r"must be"),
     ("FML", {"shared_model": None}, r"does not take hyperparameter\(s\) shared_model"),
 ])
