@@ -95,6 +95,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import random
 import shutil
@@ -449,8 +450,6 @@ def run_command(argv: list[str], timeout: int, env: dict,
   item ``@SIGINT=T`` (or ``@SIGTERM=T``) sends that signal T seconds after the start. With
   ``max_rss`` (bytes) the process is killed once it holds more (status "memory")."""
   command = [sys.executable, "-m", "fedjax_lib", *argv, "--no-progress", "-q", "--no-plot"]
-  if max_rss:
-    return run_watched(command, timeout, env, max_rss)
   if argv and argv[0].startswith("@"):
     signal_name, delay = argv[0][1:].split("=")
     command.remove(argv[0])
@@ -466,12 +465,7 @@ def run_command(argv: list[str], timeout: int, env: dict,
     except subprocess.TimeoutExpired:
       proc.kill()
       return "timeout", ""
-  try:
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=env, check=False)
-    return proc.returncode, proc.stderr
-  except subprocess.TimeoutExpired:
-    return "timeout", ""
+  return run_watched(command, timeout, env, max_rss or math.inf)
 
 
 def run_case(mode: str, rng: random.Random, out: str, timeout: int, env: dict,

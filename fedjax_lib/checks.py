@@ -88,8 +88,10 @@ def _rounds(config: Config, algorithm) -> list[str]:
   rounds, gap = config.global_rounds, config.eval_gap
   out = []
   first = algorithm.first_evaluated_round()
-  first_multiple = -(-first // gap) * gap  # the first evaluated round (a list of them was
-  if first and first_multiple > rounds:   # O(rounds): -gr 2147483647 filled memory)
+  # The first evaluated round, computed: a list of all of them took O(rounds) memory, and
+  # -gr 2147483647 filled it.
+  first_evaluated = -(-first // gap) * gap
+  if first and first_evaluated > rounds:
     raise ConfigError(
         f"{algorithm.name} hyperparameter warmup_rounds={first}: the run has global_rounds="
         f"{rounds} and evaluates nothing before round {first} (its warm-up), so no round "

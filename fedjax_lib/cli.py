@@ -24,7 +24,7 @@ from fedjax_lib.config import (CONV_IMPLS, DTYPES, EXECUTORS, ON_NAN, PARTITION_
 from fedjax_lib.data import registry as data_registry
 from fedjax_lib.data.federated import SUMMARY_MARKERS
 from fedjax_lib.data.loading import DEFAULT_NUM_CLIENTS
-from fedjax_lib.errors import ConfigError, FedJaxError, out_of_memory
+from fedjax_lib.errors import ConfigError, FedJaxError, exit_out_of_memory
 from fedjax_lib.models import FAMILIES, MODEL_NAMES
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
@@ -733,12 +733,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except (MemoryError, RuntimeError) as e:  # (JAX's runtime errors are RuntimeErrors)
-    message = out_of_memory(e)
-    if message is None:
-      raise
-    print(f"error: {message}: use fewer clients (-nc, -jr), a smaller model, batch (-lbs) or "
-          "--eval-chunk-size, or --executor sequential", file=sys.stderr)
-    return 2
+    return exit_out_of_memory(e, "use fewer clients (-nc, -jr), a smaller model, batch (-lbs) "
+                              "or --eval-chunk-size, or --executor sequential")
   except KeyboardInterrupt as e:
     if isinstance(e, runner.Interrupted):
       more = "; rerun the same command to continue" if e.checkpoint else ""

@@ -5,6 +5,8 @@ Every error a user can cause by bad input (a flag, a config field, a dataset fol
 accepted; the CLI prints it as ``error: <message>`` and exits with status 2.
 """
 
+import sys
+
 
 class FedJaxError(ValueError):
   """Base class for user-facing errors (bad config, bad data)."""
@@ -43,3 +45,13 @@ def out_of_memory(error: BaseException) -> "str | None":
   else:
     return None
   return f"out of memory ({what}); the settings need more memory than this machine or device has"
+
+
+def exit_out_of_memory(error: BaseException, advice: str) -> int:
+  """A command line's ``except`` branch for `out_of_memory`: prints ``error: <its line>:
+  <advice>`` on stderr and returns exit status 2; any other error is raised again."""
+  message = out_of_memory(error)
+  if message is None:
+    raise error
+  print(f"error: {message}: {advice}", file=sys.stderr)
+  return 2

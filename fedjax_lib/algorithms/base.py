@@ -106,8 +106,8 @@ from typing import Any, Callable, ClassVar, NamedTuple, Optional
 import jax
 import numpy as np
 
-from fedjax_lib.core.local import Batch, LocalSpec, masked_cross_entropy
 from fedjax_lib.config import MAX_INT
+from fedjax_lib.core.local import Batch, LocalSpec, masked_cross_entropy
 from fedjax_lib.errors import ConfigError
 
 

@@ -12,7 +12,7 @@ import sys
 from typing import Optional, Sequence
 
 from fedjax_lib import versions
-from fedjax_lib.errors import FedJaxError, out_of_memory
+from fedjax_lib.errors import FedJaxError, exit_out_of_memory
 from fedjax_lib.generators import train
 
 
@@ -86,12 +86,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except (MemoryError, RuntimeError) as e:  # (JAX's runtime errors are RuntimeErrors)
-    message = out_of_memory(e)
-    if message is None:
-      raise
-    print(f"error: {message}: lower --w-dim, --width, --batch-size, --resolution or "
-          "--num-photos", file=sys.stderr)
-    return 2
+    return exit_out_of_memory(e, "lower --w-dim, --width, --batch-size, --resolution or "
+                              "--num-photos")
   except KeyboardInterrupt:
     print(f"stopped: {args.out} holds the last checkpoint, if one was saved "
           "(--checkpoint-every)", file=sys.stderr)

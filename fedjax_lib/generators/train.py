@@ -41,10 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_lib.config import MAX_FEATURE_DIM, MAX_INT, MAX_SEED
 from fedjax_lib.data import sources
 from fedjax_lib.data.loading import is_folder_path
 from fedjax_lib.data.pfllib_format import read_pfllib_folder
-from fedjax_lib.config import MAX_FEATURE_DIM, MAX_INT, MAX_SEED
 from fedjax_lib.errors import ConfigError
 from fedjax_lib.errors import DataError
 from fedjax_lib.generators import figures
