@@ -29,7 +29,9 @@ What the estimate covers:
 What it does not cover: compilation itself (it has happened by the time the estimate exists;
 +0.4 to 0.8 GB of RSS for the digits CNN), host copies (metrics, checkpoints: one run's states)
 and allocator slack. Runs one after another (the sequential executor, several devices) are
-estimated by their states only (S × one run's states), without compiling anything.
+estimated by their states only (S × one run's states), without compiling anything; so is a
+single run (S = 1, any executor): a lower bound, which refuses only what cannot fit, before
+any state is made (the run's programs compile in round 0 as they always did).
 """
 
 from __future__ import annotations
@@ -297,13 +299,14 @@ class Estimate:
         text += f", {top.scratch / GB:.1f} GB convolution scratch"
     return text + f"; {self.covers})"
 
-  def check(self, what: str) -> None:
-    """:func:`check_fits` of this estimate against :func:`available_bytes` of its device.
+  def check(self, what: str, advice: Optional[str] = None) -> None:
+    """:func:`check_fits` of this estimate against :func:`available_bytes` of its device;
+    ``advice`` (default `DEFAULT_ADVICE`) ends the message.
 
     Raises:
       ConfigError: it does not fit; the message names both numbers and what to change.
     """
-    advice = DEFAULT_ADVICE
+    advice = advice or DEFAULT_ADVICE
     top = max(self.programs, key=lambda p: p.bytes, default=None)
     if top is not None and "evaluation" in top.name:
       advice = "use a smaller --eval-chunk-size, " + advice
@@ -355,15 +358,25 @@ def estimate_stacked(engine, num_runs: int, swept: Sequence[str]) -> Estimate:
                       "evaluation; not compilation or host copies"))
 
 
+def _shards_sharing_memory(engine, device) -> int:
+  """How many of the engine's client shards share ``device``'s memory: one on an accelerator;
+  on CPU every shard of this process (its devices are one machine's RAM)."""
+  if engine.mesh is None or device.platform != "cpu":
+    return 1
+  return sum(d.process_index == jax.process_index() for d in engine.mesh.devices.flat)
+
+
 def estimate_separate(engine, num_runs: int, swept: Sequence[str]) -> Estimate:
-  """Runs one after another: the states of all S runs only (traced abstractly, no compile)."""
+  """Runs one after another, or one run: the states of all S runs only (traced abstractly,
+  no compile), per device — on CPU, per process."""
   del swept  # the swept values do not change any shape
   states = engine.state_shapes(engine.data.x[0])
-  per_device = num_runs * _nbytes(states) // engine.num_shards  # sharded along clients
   device = _engine_device(engine)
+  per_device = (num_runs * _nbytes(states) * _shards_sharing_memory(engine, device)
+                // engine.num_shards)  # sharded along clients
+  runs = "one run" if num_runs == 1 else f"{num_runs} runs one after another"
   return Estimate((), resident=0, states=per_device, in_use=in_use_bytes(device), device=device,
-                  covers=f"the states of {num_runs} run(s) one after another only, a lower "
-                         "bound: not the programs")
+                  covers=f"the states of {runs} only, a lower bound: not the programs")
 
 
 def estimate_runs(engine, num_runs: int, swept: Sequence[str] = (),
@@ -379,6 +392,8 @@ def estimate_runs(engine, num_runs: int, swept: Sequence[str] = (),
 
 DEFAULT_ADVICE = ("run fewer combinations or repetitions at a time, use --executor sequential, "
                   "or --executor chunked with a smaller --chunk-size (and no --unroll 0)")
+ONE_RUN_ADVICE = ("use fewer clients (-nc) or a smaller model (-m); on accelerators, more "
+                  "devices (the clients' states are sharded across them)")
 
 
 def check_fits(needed: int, available: Optional[int], what: str, in_use: int = 0,

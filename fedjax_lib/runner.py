@@ -1156,6 +1156,8 @@ def _run_experiment(config: Config, log: Callable[[str], None]):
                                           stacked=runs_stacked(engine, specs))
       log(f"memory: {what} needs {estimate.describe()}")
       estimate.check(what)
+    else:  # one run: its states alone must fit (no compilation, nothing logged)
+      memory_lib.estimate_runs(engine, 1).check("the run", memory_lib.ONE_RUN_ADVICE)
     for spec in (s for s, state in zip(specs, checkpoints) if state == "replace"):
       log(f"{spec.label}: --overwrite: removing the checkpoints of a different config in "
           f"{spec.checkpoint}")

@@ -182,3 +182,54 @@ def test_memory_limit_variable_is_validated(monkeypatch):
   monkeypatch.setenv(memory.LIMIT_VARIABLE, "2.5")
   assert memory.memory_limit() == int(2.5e9)
   assert memory.available_bytes() == int(2.5e9) - memory.in_use_bytes()
+
+
+def test_one_run_is_refused_when_its_states_cannot_fit(tmp_path, monkeypatch):
+  """A single run (any executor) is checked by its states before any is made: refused when
+  they exceed what is available, by one byte, with nothing written; run when they fit."""
+  from fedjax_lib import Config, runner  # pylint: disable=import-outside-toplevel
+  config = Config(algorithm="Ditto", model="dnn", num_clients=4, global_rounds=0,
+                  progress=False, out=str(tmp_path / "out"))
+  engine = runner.build(config).engine
+  estimate = memory.estimate_runs(engine, 1)
+  one_run = sum(a.size * a.dtype.itemsize
+                for a in jax.tree.leaves(engine.state_shapes(engine.data.x[0])))
+  assert estimate.programs == () and estimate.states == one_run
+  assert "the states of one run only" in estimate.covers
+  monkeypatch.setattr(memory, "available_bytes", lambda device=None: one_run - 1)
+  with pytest.raises(ConfigError, match=r"^the run needs about .* GB of memory.* use fewer "
+                                        r"clients \(-nc\) or a smaller model \(-m\)"):
+    runner.run_experiment(config, log=lambda line: None)
+  assert not (tmp_path / "out").exists()
+  monkeypatch.setattr(memory, "available_bytes", lambda device=None: one_run)
+  runner.run_experiment(config, log=lambda line: None)
+  assert (tmp_path / "out").exists()
+
+
+def test_states_sharded_over_cpu_devices_share_the_machine(tmp_path):
+  """On CPU the devices of one process are one machine's RAM: clients sharded over 8 fake
+  devices need all their states there (an accelerator holds a shard each)."""
+  from fedjax_lib import Config, runner  # pylint: disable=import-outside-toplevel
+  if jax.device_count() < 8:
+    pytest.skip("needs the 8 fake CPU devices of tests/conftest.py")
+  engines = [runner.build(Config(algorithm="FedAvg", model="dnn", num_clients=8, devices=n,
+                                 global_rounds=0, progress=False, out=str(tmp_path))).engine
+             for n in (1, 8)]
+  one, sharded = (memory.estimate_runs(e, 1) for e in engines)
+  assert engines[1].num_shards == 8
+  assert sharded.states == one.states > 0
+
+
+def test_state_shapes_of_several_architectures_reuse_the_compatibility_traces(tmp_path):
+  """`Engine.state_shapes` is what `_init_fn` makes, without tracing every architecture's
+  init again (the compatibility check traced them while building: seconds for HtFE-img-8)."""
+  from fedjax_lib import Config, runner  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.core import rng  # pylint: disable=import-outside-toplevel
+  engine = runner.build(Config(algorithm="LG-FedAvg", model="cnn,dnn", num_clients=4,
+                               global_rounds=0, progress=False, out=str(tmp_path))).engine
+  x = engine.data.x[0]
+  traced = dict(engine._init_shapes)  # pylint: disable=protected-access
+  assert len(traced) == 1 and len(next(iter(traced.values()))) == 2  # two groups, one shape
+  expected = jax.eval_shape(engine._init_fn, {}, rng.root_key(0), x)  # pylint: disable=protected-access
+  assert engine.state_shapes(x) == expected
+  assert engine._group_init_shapes(x) is next(iter(traced.values()))  # pylint: disable=protected-access

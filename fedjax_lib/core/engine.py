@@ -370,6 +370,7 @@ class Engine:
     self._init_jit = jax.jit(self._init_fn)
     self._step_shapes: dict = {}
     self._overlappable: dict = {}  # {(group, phase): bool}, `_SequentialWriter.overlappable`
+    self._init_shapes: dict = {}  # {(shape, dtype) of sample_x: [(server, clients) per group]}
     self._stacked: dict = {}
     if mesh is not None:
       self._export = jax.jit(self._export_fn, out_shardings=NamedSharding(mesh, P()))
@@ -484,9 +485,8 @@ class Engine:
     sample_x = jnp.asarray(sample_x)
     key = rng.root_key(0)
     shapes = []
-    for gi, g in enumerate(self.groups):
-      server, clients = jax.eval_shape(
-          functools.partial(g.algorithm.init, num_clients=g.size), key, sample_x)
+    for gi, (g, (server, clients)) in enumerate(zip(self.groups,
+                                                    self._group_init_shapes(sample_x))):
       one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), clients)
       tables = self.arrays["tables"][gi]
       client_data = ClientData(self.data.x, self.data.y, tables[0][0], tables[1][0])
@@ -799,9 +799,26 @@ class Engine:
     first = next(j for j, g in enumerate(self.groups) if same(g.algorithm.model))
     return rng.group_init_key(root, first)
 
+  def _group_init_shapes(self, sample_x) -> list:
+    """Every group's ``init`` traced abstractly, ``[(server, clients)]``; traced once per
+    engine (a family of deep architectures takes seconds: HtFE-img-8's eight, ~15 s)."""
+    sample_x = jnp.asarray(sample_x) if not hasattr(sample_x, "shape") else sample_x
+    signature = (tuple(sample_x.shape), str(sample_x.dtype))
+    if signature not in self._init_shapes:
+      key = rng.root_key(0)
+      self._init_shapes[signature] = [
+          jax.eval_shape(functools.partial(g.algorithm.init, num_clients=g.size), key, sample_x)
+          for g in self.groups]
+    return self._init_shapes[signature]
+
   def state_shapes(self, sample_x, hparams=None):
-    """The shapes of one run's ``(server_state, client_states)`` (traced, nothing computed)."""
-    return jax.eval_shape(self._init_fn, hparams or {}, rng.root_key(0), sample_x)
+    """The shapes of one run's ``(server_state, client_states)`` (traced, nothing computed),
+    as :meth:`_init_fn` makes them: group 0's server state, every group's clients. Without
+    ``hparams`` the traces of :meth:`check_compatible` are reused."""
+    if hparams:
+      return jax.eval_shape(self._init_fn, hparams, rng.root_key(0), sample_x)
+    shapes = self._group_init_shapes(sample_x)
+    return shapes[0][0], {g.name: clients for g, (_, clients) in zip(self.groups, shapes)}
 
   def init(self, root: jax.Array, sample_x, hparams=None):
     """``(server_state, client_states)`` from the run's root key.
