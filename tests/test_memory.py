@@ -222,7 +222,8 @@ def test_states_sharded_over_cpu_devices_share_the_machine(tmp_path):
 
 def test_state_shapes_of_several_architectures_reuse_the_compatibility_traces(tmp_path):
   """`Engine.state_shapes` is what `_init_fn` makes, without tracing every architecture's
-  init again (the compatibility check traced them while building: seconds for HtFE-img-8)."""
+  init again (the compatibility check traced them while building: seconds for HtFE-img-8);
+  the sequential executor's upload shapes are the check's too."""
   from fedjax_lib import Config, runner  # pylint: disable=import-outside-toplevel
   from fedjax_lib.core import rng  # pylint: disable=import-outside-toplevel
   engine = runner.build(Config(algorithm="LG-FedAvg", model="cnn,dnn", num_clients=4,
@@ -233,3 +234,4 @@ def test_state_shapes_of_several_architectures_reuse_the_compatibility_traces(tm
   expected = jax.eval_shape(engine._init_fn, {}, rng.root_key(0), x)  # pylint: disable=protected-access
   assert engine.state_shapes(x) == expected
   assert engine._group_init_shapes(x) is next(iter(traced.values()))  # pylint: disable=protected-access
+  assert set(engine._step_shapes) == {(0, "round"), (1, "round")}  # pylint: disable=protected-access

@@ -492,6 +492,7 @@ class Engine:
       client_data = ClientData(self.data.x, self.data.y, tables[0][0], tables[1][0])
       upload = jax.eval_shape(g.algorithm.client_update, server, one, client_data, key)[1]
       shapes.append((server, upload))
+      self._step_shapes[gi, ROUND.name] = upload, _STEP_STATS  # the sequential executor's too
       if isinstance(clients, dict) and "id" in clients:
         raise ConfigError(
             f"algorithm {self.algorithm.name} keeps server-side state per client, indexed by "
@@ -1198,6 +1199,11 @@ class _SharedTables(NamedTuple):
   position: jax.Array
 
 
+# The shapes of a client step's statistics (`SlotOutputs`' fields after the upload and weight).
+_STEP_STATS = ((jax.ShapeDtypeStruct((), jnp.bool_),) * 3
+               + (jax.ShapeDtypeStruct((), jnp.float32),) * 3)
+
+
 class _SequentialWriter:
   """The sequential executor's view of one group in one round: buffers and the jitted write."""
 
@@ -1217,9 +1223,7 @@ class _SequentialWriter:
       one = jax.tree.map(lambda a: a[0], states)
       client_data = ClientData(data.x, data.y, tables[0][0], tables[1][0])
       upload = jax.eval_shape(hook, self.server_state, one, client_data, rng.root_key(0))[1]
-      flag = jax.ShapeDtypeStruct((), jnp.bool_)
-      number = jax.ShapeDtypeStruct((), jnp.float32)
-      cache[key] = upload, (flag, flag, flag, number, number, number)
+      cache[key] = upload, _STEP_STATS
     return cache[key]
 
   def init(self, states, slots, linear):
