@@ -310,8 +310,29 @@ class Estimate:
     top = max(self.programs, key=lambda p: p.bytes, default=None)
     if top is not None and "evaluation" in top.name:
       advice = "use a smaller --eval-chunk-size, " + advice
-    check_fits(self.total, available_bytes(self.device), what, in_use=self.in_use,
-               advice=advice)
+    needed, available, in_use = self.total, available_bytes(self.device), self.in_use
+    if jax.process_count() > 1:  # one verdict for every host: a host refusing alone would
+      # leave the others waiting at the first collective
+      needed, available, in_use, worst = _worst_process(needed, available, in_use)
+      if worst != jax.process_index():  # its numbers, not this process's limit
+        check_fits(needed, available, f"process {worst}: {what}", in_use=in_use,
+                   advice=advice, own=False)
+    check_fits(needed, available, what, in_use=in_use, advice=advice)
+
+
+def _worst_process(needed: int, available: Optional[int], in_use: int):
+  """Every process's ``(needed, available, in_use)`` gathered: the numbers of the process
+  short of the most memory (or of this one where none is short; an unknown ``available`` is
+  never short), and its index."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  mine = np.array([needed, np.nan if available is None else available, in_use]) / GB
+  rows = np.asarray(multihost_utils.process_allgather(mine.astype(np.float32)), np.float64)
+  rows = rows.reshape(jax.process_count(), 3)
+  short = np.where(np.isnan(rows[:, 1]), -np.inf, rows[:, 0] - rows[:, 2] - rows[:, 1])
+  worst = int(np.argmax(short))
+  if short[worst] <= 0:
+    return needed, available, in_use, jax.process_index()
+  return int(rows[worst, 0] * GB), int(rows[worst, 1] * GB), int(rows[worst, 2] * GB), worst
 
 
 def _nbytes(tree) -> int:
@@ -397,7 +418,7 @@ ONE_RUN_ADVICE = ("use fewer clients (-nc) or a smaller model (-m); on accelerat
 
 
 def check_fits(needed: int, available: Optional[int], what: str, in_use: int = 0,
-               advice: str = DEFAULT_ADVICE) -> None:
+               advice: str = DEFAULT_ADVICE, own: bool = True) -> None:
   """Refuses ``what`` when it needs more than there is.
 
   Args:
@@ -406,6 +427,8 @@ def check_fits(needed: int, available: Optional[int], what: str, in_use: int = 0
     what: the subject of the message, e.g. ``"the sweep of 4 combinations"``.
     in_use: what is already held (on CPU this process's RSS, not part of ``available``).
     advice: what the user can change, ending the message.
+    own: the numbers are this process's (False: another host's; this process's
+      ``$FEDJAX_MEMORY_LIMIT_GB`` is not named).
 
   Raises:
     ConfigError: ``needed - in_use > available``; one line naming both numbers in GB.
@@ -415,7 +438,7 @@ def check_fits(needed: int, available: Optional[int], what: str, in_use: int = 0
   held = f" ({in_use / GB:.1f} GB of it already in use)" if in_use else ""
   have = (f"{max(available, 0) / GB:.1f} GB {'more ' if in_use else ''}is available"
           if available > 0 else "no more is available")
-  limit = memory_limit()
+  limit = memory_limit() if own else None
   source = f" (limit {LIMIT_VARIABLE}={limit / GB:g})" if limit is not None else ""
   raise ConfigError(f"{what} needs about {needed / GB:.1f} GB of memory{held} but {have}"
                     f"{source}; {advice}")

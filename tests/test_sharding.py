@@ -247,6 +247,36 @@ def test_two_processes_equal_one(tmp_path):
     assert resumed["warmup_rounds"] == [0, 2]
 
 
+def test_a_run_one_host_cannot_hold_is_refused_on_every_host(tmp_path):
+  """Multi-host: the memory check gives one verdict for all processes. Process 1 alone short
+  of memory (its FEDJAX_MEMORY_LIMIT_GB below what it holds) used to refuse alone and leave
+  process 0 waiting at the first collective; now both exit 2 with one line, process 0's
+  naming process 1, and nothing is written."""
+  port = 20000 + (os.getpid() + 7) % 20000
+  args = [sys.executable, "-m", "fedjax_lib", "-algo", "Ditto", "-m", "dnn", "-nc", "4",
+          "-gr", "1", "--no-progress", "--distributed", "--devices", "0",
+          "--out", str(tmp_path / "out")]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_NUM_PROCESSES": "2"}
+  procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "JAX_PROCESS_ID": str(i),
+                                 "FEDJAX_MEMORY_LIMIT_GB": ("100", "0.3")[i]})
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=240) for p in procs]  # (a hang: TimeoutExpired)
+  finally:
+    for p in procs:
+      p.kill()
+  errors = [err.strip().splitlines() for _, err in outs]
+  assert [p.returncode for p in procs] == [2, 2], errors
+  assert len(errors[0]) == 1 and errors[0][0].startswith("error: process 1: the run needs "
+                                                         "about"), errors[0]
+  assert "FEDJAX_MEMORY_LIMIT_GB" not in errors[0][0]  # process 1's limit, not process 0's
+  assert len(errors[1]) == 1 and errors[1][0].startswith("error: the run needs about")
+  assert "FEDJAX_MEMORY_LIMIT_GB=0.3" in errors[1][0]
+  assert not (tmp_path / "out").exists()
+
+
 def _eight_devices_equal_one(groups, data, part, cycle, in_place=False):
   """Three rounds of ``groups`` (vmap) on one device and sharded over 8: the server state is
   replicated and, with the clients' states and each evaluation's accuracy, equal to one
