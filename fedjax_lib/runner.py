@@ -44,7 +44,7 @@ from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.data import registry as data_registry
 from fedjax_lib.data.loading import default_num_clients, is_folder_path
 from fedjax_lib import stopping
-from fedjax_lib.errors import ConfigError, FedJaxWarning
+from fedjax_lib.errors import ConfigError, FedJaxError, FedJaxWarning
 from fedjax_lib.stopping import STOPPER, Interrupted  # pylint: disable=unused-import
 
 DEFAULT_FEATURE_DIM = 512  # HtFLlib's -fd
@@ -454,6 +454,8 @@ def initialize_distributed() -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
     jax.distributed.initialize(**kwargs)
+    STOPPER.shared = jax.process_count() > 1  # a first signal: stop with the others
+    STOPPER.reclaim()  # SIGTERM: JAX's preemption notifier took it over, and ignores it
   except (RuntimeError, ValueError) as e:
     jax.config.update("jax_cpu_collectives_implementation", previous)
     raise ConfigError(
@@ -852,14 +854,14 @@ def run_loop(engine, specs: list, config: Config, log: Callable[[str], None],
           run.last_round >= 0 for run in runs) else stopping.NOTHING_YET)
 
   def stop_if_requested(where: str) -> None:
-    if STOPPER.requested is None:
+    requested = agreed_stop(STOPPER.requested)
+    if requested is None:
       return
     saved = [save(run, run.last_round + 1) for run in unsaved()]
     note_progress()
     what = saved[0] if len(saved) == 1 else (
         f"{len(saved)} checkpoints under {os.path.dirname(saved[0])}" if saved else None)
-    raise Interrupted(f"{STOPPER.requested} {where}" + (f": saved {what}" if what else ""),
-                      what)
+    raise Interrupted(f"{requested} {where}" + (f": saved {what}" if what else ""), what)
 
   note_progress()
   start_round = min(run.start_round for run in runs)
@@ -1086,6 +1088,7 @@ def run_experiment(config: Config, log: Optional[Callable[[str], None]] = None,
   elif log is None:
     log = _stdout if is_writer() else (lambda line: None)
   installed = STOPPER.install(exit_now=False)
+  STOPPER.shared = jax.process_count() > 1
   try:
     return _run_experiment(config, log)
   finally:
@@ -1140,11 +1143,10 @@ def _run_experiment(config: Config, log: Callable[[str], None]):
     log(f"warning: {line}")
   with _output_folder(config, family) as out_dir:
     checkpoints = [_check_resumable(spec, config.resume, config.overwrite) for spec in specs]
-    if is_writer():
-      output_lib.check_overwrite(
-          [(os.path.join(out_dir, spec.name + ".json"), spec.config.to_dict(),
-            Config.RESUMABLE_CHANGES if state == "continue" else ())
-           for spec, state in zip(specs, checkpoints)], config.overwrite)
+    writer_step(lambda: output_lib.check_overwrite(
+        [(os.path.join(out_dir, spec.name + ".json"), spec.config.to_dict(),
+          Config.RESUMABLE_CHANGES if state == "continue" else ())
+         for spec, state in zip(specs, checkpoints)], config.overwrite))
     if config.compile_cache:  # after the checks that compile nothing: they write nothing
       folder = compile_cache_lib.enable(config.compile_cache)
       log(f"compile cache: {folder} ({compile_cache_lib.entries(folder)} programs)")
@@ -1173,18 +1175,86 @@ def _output_folder(config: Config, family: str):
   A folder this run created is removed again when the run fails before writing anything.
   """
   if not is_writer():
+    writer_step(lambda: None)  # process 0's verdict on the folder and its lock
     yield os.path.abspath(config.out)
     return
-  path, created = output_lib.prepare_folder(config.out)
-  lock = output_lib.OutputLock(path, family)
-  cleanup = lambda: (lock.release(), output_lib.remove_if_created(path, created))
-  STOPPER.cleanups.append(cleanup)  # also when the process is stopped now
-  try:
+  cleanups = []
+
+  def open_folder():
+    path, created = output_lib.prepare_folder(config.out)
+    lock = output_lib.OutputLock(path, family)
+    cleanup = lambda: (lock.release(), output_lib.remove_if_created(path, created))
+    STOPPER.cleanups.append(cleanup)  # also when the process is stopped now
+    cleanups.append(cleanup)
     lock.acquire()
-    yield path
+    return path
+
+  try:
+    yield writer_step(open_folder)
   finally:
-    cleanup()
-    STOPPER.cleanups.remove(cleanup)
+    for cleanup in cleanups:
+      cleanup()
+      STOPPER.cleanups.remove(cleanup)
+
+
+_STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+
+def agreed_stop(requested: Optional[str]) -> Optional[str]:
+  """This process's stop request (`fedjax_lib.stopping.Stopper.requested`), or with several
+  processes the first process's that has one (``"SIGTERM on process 1"`` on the others).
+
+  Every process calls it at the same safe points, so all stop at the same one — saving a
+  checkpoint is collective, and a signal reaching the hosts a moment apart (a scheduler's
+  SIGTERM) or one host alone (Ctrl-C there) would otherwise leave one saving while the
+  others train the next round, both waiting for the other.
+  """
+  if jax.process_count() == 1:
+    return requested
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  code = 0 if requested is None else (_STOP_SIGNALS.index(requested) + 1
+                                      if requested in _STOP_SIGNALS else len(_STOP_SIGNALS) + 1)
+  codes = np.asarray(multihost_utils.process_allgather(np.int32(code))).reshape(-1)
+  if requested is not None or not codes.any():
+    return requested
+  first = int(np.flatnonzero(codes)[0])
+  name = (_STOP_SIGNALS[codes[first] - 1] if codes[first] <= len(_STOP_SIGNALS)
+          else "a stop request")
+  return f"{name} on process {first}"
+
+
+_MESSAGE_BYTES = 4096
+
+
+def writer_step(step: Callable[[], Any]) -> Any:
+  """``step()`` on process 0 (the writer) only; returns its value there, None elsewhere.
+
+  With several processes (``--distributed``) every process calls this at the same point, and
+  a refusal on process 0 (a `FedJaxError`: results of a different config, the folder's lock
+  held, an unwritable folder) is raised on every process — named ``process 0: ...`` on the
+  others — instead of process 0 ending alone and the others waiting at the next collective
+  until it fails with a traceback. The writer's outcome travels as its message's bytes
+  (``broadcast_one_to_all``); one process: nothing is exchanged.
+  """
+  result, error = None, None
+  if is_writer():
+    try:
+      result = step()
+    except FedJaxError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    text = np.zeros(_MESSAGE_BYTES, np.uint8)
+    if error is not None:
+      encoded = (str(error) or type(error).__name__).encode("utf-8")[:_MESSAGE_BYTES]
+      text[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+    shared = np.asarray(multihost_utils.broadcast_one_to_all(text), np.uint8)
+    if error is None and shared.any():
+      message = shared.tobytes().rstrip(b"\0").decode("utf-8", "replace")
+      raise ConfigError(f"process 0: {message}")
+  if error is not None:
+    raise error
+  return result
 
 
 def _write_results(config: Config, built: Built, specs: list, runs: list, out_dir: str,

@@ -8,7 +8,8 @@ A run is stopped in one of two ways:
   and raises :class:`Interrupted`; the CLI exits with status 130 and a rerun of the same
   command continues from there.
 - **Now.** A second signal, or a first one while nothing would be lost (during start-up and
-  the first round's compilation, or right after a save), ends the process at once with
+  the first round's compilation, or right after a save; not with several processes, which
+  stop together at a safe point), ends the process at once with
   status 130. Files being written are finished first (writes hold :data:`STOPPER`'s write
   lock), so what is on disk is always whole: the previous checkpoints, complete results
   files or none, and no lock file. A SIGTERM that cannot reach a safe point within
@@ -71,6 +72,9 @@ class Stopper:
     self.unsaved = False
     self.where = NOTHING_YET
     self.cleanups: list = []  # run (in order) before the process ends by `stop_now`
+    # With several processes (multi-host) a first signal never stops now: the processes
+    # stop together at a safe point (`fedjax_lib.runner.agreed_stop`).
+    self.shared = False
     self._write_lock = threading.RLock()
     self._installed = False
     self._exit_now = False
@@ -121,6 +125,16 @@ class Stopper:
     self._installed = True
     return True
 
+  def reclaim(self) -> None:
+    """Installs the handlers again where something replaced them since :meth:`install`
+    (``jax.distributed.initialize`` installs its preemption notifier's SIGTERM handler, which
+    would swallow the signal)."""
+    if not self._installed:
+      return
+    handler = _ignore_in_main_thread if self._exit_now else self._handle_in_main_thread
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      signal.signal(sig, handler)
+
   def finish(self, status: int) -> int:
     """Ignores SIGINT/SIGTERM from now on and returns ``status``: the process has done its
     work and is exiting. (Python restores the default handlers while it shuts down, and a
@@ -158,8 +172,9 @@ class Stopper:
       _say(f"{name} again: stopping now")
       raise KeyboardInterrupt
     self.requested, self.count = name, 1
-    _say(self._first_line(name) if self.unsaved else f"{name}: stopping now; {self.where}")
-    if not self.unsaved:
+    later = self.unsaved or self.shared
+    _say(self._first_line(name) if later else f"{name}: stopping now; {self.where}")
+    if not later:
       raise KeyboardInterrupt
 
   def _first_line(self, name: str) -> str:
@@ -176,7 +191,7 @@ class Stopper:
       self.stop_now(f"{name} again: stopping now; the last checkpoint (if any) is kept")
       return
     self.requested = name
-    if not self.unsaved:
+    if not self.unsaved and not self.shared:
       self.stop_now(f"{name}: stopping now; {self.where}")
       return
     _say(self._first_line(name))

@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -275,6 +276,75 @@ def test_a_run_one_host_cannot_hold_is_refused_on_every_host(tmp_path):
   assert len(errors[1]) == 1 and errors[1][0].startswith("error: the run needs about")
   assert "FEDJAX_MEMORY_LIMIT_GB=0.3" in errors[1][0]
   assert not (tmp_path / "out").exists()
+
+
+def test_a_refusal_of_the_writer_ends_every_host(tmp_path):
+  """Multi-host: process 0 alone checks the output folder (results of a different config
+  there); its refusal used to end it alone while process 1 ran on to a collective that failed
+  with a traceback. Now both exit 2 with one line, process 1's naming process 0."""
+  out = tmp_path / "out"
+  args = [sys.executable, "-m", "fedjax_lib", "-algo", "FedAvg", "-m", "dnn", "-nc", "4",
+          "-gr", "1", "--no-progress", "--out", str(out)]
+  subprocess.run(args, check=True, capture_output=True, text=True, timeout=300)
+  before = (out / "digits_FedAvg_test_0.json").read_bytes()
+  port = 20000 + (os.getpid() + 11) % 20000
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_NUM_PROCESSES": "2"}
+  procs = [subprocess.Popen(args + ["-lr", "0.05", "--distributed", "--devices", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  errors = [err.strip().splitlines() for _, err in outs]
+  assert [p.returncode for p in procs] == [2, 2], errors
+  refusal = "holds results of a different config (learning_rate: 0.005 → 0.05)"
+  assert len(errors[0]) == 1 and errors[0][0].startswith("error: ") and refusal in errors[0][0]
+  assert len(errors[1]) == 1 and errors[1][0] == "error: process 0: " + errors[0][0][7:]
+  assert (out / "digits_FedAvg_test_0.json").read_bytes() == before
+
+
+def test_sigterm_on_one_host_stops_every_host_at_one_round(tmp_path):
+  """Multi-host: SIGTERM reaching process 1 alone (a preemption notice). It used to be
+  swallowed by JAX's preemption notifier (`jax.distributed.initialize` installs it), so the
+  run went on until the scheduler's SIGKILL; and a process stopping alone would have saved
+  while the other trained. Now both stop after the same round with one checkpoint (exit 130,
+  process 0 naming process 1), and both resumed give a single process's history."""
+  port = 20000 + (os.getpid() + 13) % 20000
+  args = [sys.executable, "-m", "fedjax_lib", "-algo", "Ditto", "-m", "dnn", "-nc", "4",
+          "-gr", "40", "--no-progress"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_NUM_PROCESSES": "2",
+         "PYTHONUNBUFFERED": "1"}
+  multi = args + ["--distributed", "--devices", "0", "--out", str(tmp_path / "multi")]
+  procs = [subprocess.Popen(multi, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+  try:
+    for line in procs[0].stdout:  # process 0 logs the rounds
+      if line.startswith("round") and int(line.split()[1]) >= 2:
+        procs[1].send_signal(signal.SIGTERM)
+        break
+    outs = [p.communicate(timeout=240) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  errors = [err for _, err in outs]
+  assert [p.returncode for p in procs] == [130, 130], errors
+  stopped = [next(l for l in e.splitlines() if l.startswith("stopped: ")) for e in errors]
+  assert stopped[0].startswith("stopped: SIGTERM on process 1 at round "), stopped
+  assert stopped[1].startswith("stopped: SIGTERM at round ")
+  at = stopped[1].split()[4].rstrip(":")
+  assert stopped[0].split()[7].rstrip(":") == at and int(at) < 40  # the same round
+  resumed = _two_processes(args, {**env, "JAX_COORDINATOR_ADDRESS": f"localhost:{port + 1}"},
+                           tmp_path / "multi")
+  assert f"resuming at round {at}" in resumed[0]
+  subprocess.run(args + ["--out", str(tmp_path / "single")], env=env, check=True,
+                 capture_output=True, text=True, timeout=300)
+  read = lambda d: json.load(open(tmp_path / d / "digits_Ditto_test_0.json"))
+  assert read("multi")["test_acc"] == read("single")["test_acc"]
+  assert read("multi")["warmup_rounds"] == [0, int(at)]
 
 
 def _eight_devices_equal_one(groups, data, part, cycle, in_place=False):
