@@ -1160,10 +1160,12 @@ def _run_experiment(config: Config, log: Callable[[str], None]):
       estimate.check(what)
     else:  # one run: its states alone must fit (no compilation, nothing logged)
       memory_lib.estimate_runs(engine, 1).check("the run", memory_lib.ONE_RUN_ADVICE)
-    for spec in (s for s, state in zip(specs, checkpoints) if state == "replace"):
+    replaced = [s for s, state in zip(specs, checkpoints) if state == "replace"]
+    for spec in replaced:
       log(f"{spec.label}: --overwrite: removing the checkpoints of a different config in "
           f"{spec.checkpoint}")
-      output_lib.remove_tree(spec.checkpoint)
+    if replaced:  # by process 0 alone, the others waiting for it (one shared folder)
+      writer_step(lambda: [output_lib.remove_tree(spec.checkpoint) for spec in replaced])
     runs = run_loop(engine, specs, config, log, privacy=built.privacy, dlg=built.dlg)
     return _write_results(config, built, specs, runs, out_dir, base, tag, log)
 

@@ -29,8 +29,10 @@ ALGORITHMS = algorithm_names() + list(VARIANTS)
 # Executors round differently (vmapped against per-client matmuls, ~3e-8 relative in round
 # 0's loss). FedKTL's margin loss multiplies cosines by s = 64, and at this suite's lr 0.1
 # those differences grow to ~5e-4 relative in the train loss by round 2 (measured
-# 2026-12-01: 22.728 vs 22.716 with no server training); accuracy still agrees exactly.
-LOSS_RTOL = {"FedKTL": 2e-3}
+# 2026-12-01: 22.728 vs 22.716 with no server training), and on another CPU (an AVX2 AMD
+# EPYC VM without AVX-512, 2026-12-07: XLA vectorises, so rounds, differently) to 6.4e-3
+# (24.947 vs 24.790); accuracy still agrees exactly on both.
+LOSS_RTOL = {"FedKTL": 2e-2}
 # ... and in its states after two rounds to ~1e-2 (the server's feature transformer, measured
 # 2026-12-01), too far for a meaningful tolerance: FedKTL's states are compared on the HtFL
 # family instead (tests/test_conformance_htfl.py), where they stay within 1e-4.

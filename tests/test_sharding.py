@@ -347,11 +347,12 @@ def test_sigterm_on_one_host_stops_every_host_at_one_round(tmp_path):
   assert read("multi")["warmup_rounds"] == [0, int(at)]
 
 
-def _eight_devices_equal_one(groups, data, part, cycle, in_place=False):
+def _eight_devices_equal_one(groups, data, part, cycle, in_place=False, client_atol=1e-5):
   """Three rounds of ``groups`` (vmap) on one device and sharded over 8: the server state is
   replicated and, with the clients' states and each evaluation's accuracy, equal to one
-  device's. ``in_place``: the 8-device engine trains the clients in place (every client in the
-  cohort). Returns the one-device engine and its server state."""
+  device's (rtol 1e-4; atol 1e-5, the clients' ``client_atol``). ``in_place``: the 8-device
+  engine trains the clients in place (every client in the cohort). Returns the one-device
+  engine and its server state."""
   device_data = engine_lib.DeviceData.from_federated(data)
   one = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=cycle)
   many = engine_lib.Engine(groups, device_data, part, executor="vmap", model_cycle=cycle,
@@ -360,9 +361,9 @@ def _eight_devices_equal_one(groups, data, part, cycle, in_place=False):
   s1, c1, h1 = _run(one)
   s8, c8, h8 = _run(many)
   assert_replicated(s8)
-  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  close = lambda a, b, atol=1e-5: np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol)
   jax.tree.map(close, s1, s8)
-  jax.tree.map(close, c1, many.export_states(c8))
+  jax.tree.map(lambda a, b: close(a, b, client_atol), c1, many.export_states(c8))
   for a, b in zip(h1, h8):
     np.testing.assert_allclose(a["test_acc"], b["test_acc"], atol=1e-9)
   return one, s1
@@ -374,7 +375,10 @@ def test_fedktl_server_on_heterogeneous_groups_equals_one_device():
   equal to one device. The other non-linear HtFL servers run sharded in their conformance
   suite (tests/test_conformance_htfl.py); FedKTL's margin loss (s = 64) amplifies rounding
   there (BatchNorm family, two local epochs) to ~2e-3 relative, so it is checked here, on
-  plain dense models and one local epoch, as tightly as the others (rtol 1e-4, atol 1e-5)."""
+  plain dense models and one local epoch: its server state as tightly as the others (rtol
+  1e-4, atol 1e-5), its clients' states to atol 5e-5 (on an AVX2 CPU without AVX-512,
+  2026-12-07, rounding grew to 5.3e-5 absolute in a head kernel of magnitude 3.7 and to
+  2.4e-5 beyond rtol 1e-4 in a base kernel; every evaluation's accuracy stays equal)."""
   data = as_images(_small_data(num_clients=11))
   spec = LocalSpec(learning_rate=0.1, batch_size=4, local_epochs=1,
                    steps_per_epoch=int(data.train_count.max()) // 4, unroll=1)
@@ -386,7 +390,7 @@ def test_fedktl_server_on_heterogeneous_groups_equals_one_device():
                              tuple(i for i in range(data.num_clients) if i % 2 == k))
             for k, (arch, m) in enumerate(models.items())]
   part = engine_lib.Participation(data.num_clients, 0.8, False, 0.25)
-  one, s1 = _eight_devices_equal_one(groups, data, part, [0, 1])
+  one, s1 = _eight_devices_equal_one(groups, data, part, [0, 1], client_atol=5e-5)
   init, _ = one.init(rng.root_key(0), data.x[0])
   assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, init, s1))), "server never moved"
   assert bool(np.asarray(s1["generated"]).any())
