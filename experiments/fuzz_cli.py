@@ -88,6 +88,11 @@ first round (fixed) and 10 accepted values that ask for long runs (``-ls``, ``-p
 ``-K``, ``-fte`` at 2**31 - 1, and ``-t 2147483647``, which filled memory too: now at most
 65,536); 489 cases were refused with one `error:` line, 231 ran (the first ~130 cases ran
 before the precursor's fixes had landed).
+
+2026-12-07 (45th session): ``--mode agree --cases 30 --seed 147`` (every relation; the first
+cases on the code before the single-run memory check and the multi-host changes): none bad.
+Two-process (``--distributed``) runs are not drawn here: their edges (a signal on one host,
+a refusal of process 0, one memory verdict) are tests in tests/test_sharding.py.
 """
 
 from __future__ import annotations
