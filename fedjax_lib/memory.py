@@ -311,13 +311,13 @@ class Estimate:
     if top is not None and "evaluation" in top.name:
       advice = "use a smaller --eval-chunk-size, " + advice
     needed, available, in_use = self.total, available_bytes(self.device), self.in_use
+    own = True
     if jax.process_count() > 1:  # one verdict for every host: a host refusing alone would
       # leave the others waiting at the first collective
       needed, available, in_use, worst = _worst_process(needed, available, in_use)
-      if worst != jax.process_index():  # its numbers, not this process's limit
-        check_fits(needed, available, f"process {worst}: {what}", in_use=in_use,
-                   advice=advice, own=False)
-    check_fits(needed, available, what, in_use=in_use, advice=advice)
+      own = worst == jax.process_index()  # else its numbers, not this process's limit
+      what = what if own else f"process {worst}: {what}"
+    check_fits(needed, available, what, in_use=in_use, advice=advice, own=own)
 
 
 def _worst_process(needed: int, available: Optional[int], in_use: int):

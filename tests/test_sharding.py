@@ -261,7 +261,7 @@ def test_a_run_one_host_cannot_hold_is_refused_on_every_host(tmp_path):
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_NUM_PROCESSES": "2"}
   procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**env, "JAX_PROCESS_ID": str(i),
-                                 "FEDJAX_MEMORY_LIMIT_GB": ("100", "0.3")[i]})
+                                 "FEDJAX_MEMORY_LIMIT_GB": ("100", "0.05")[i]})
            for i in range(2)]
   try:
     outs = [p.communicate(timeout=240) for p in procs]  # (a hang: TimeoutExpired)
@@ -274,7 +274,7 @@ def test_a_run_one_host_cannot_hold_is_refused_on_every_host(tmp_path):
                                                          "about"), errors[0]
   assert "FEDJAX_MEMORY_LIMIT_GB" not in errors[0][0]  # process 1's limit, not process 0's
   assert len(errors[1]) == 1 and errors[1][0].startswith("error: the run needs about")
-  assert "FEDJAX_MEMORY_LIMIT_GB=0.3" in errors[1][0]
+  assert "FEDJAX_MEMORY_LIMIT_GB=0.05" in errors[1][0]
   assert not (tmp_path / "out").exists()
 
 
