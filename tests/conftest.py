@@ -28,6 +28,19 @@ if (not _XLA_DEFAULTS
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_cpu_use_fusion_emitters=false").strip()
 
+# LLVM code generation of a program in one piece, not split into parts compiled on a thread
+# pool (`xla_cpu_parallel_codegen_split_count`): the suite's two workers already keep both
+# cores busy, and the split only adds work there. Measured 2026-12-07 on the 2-core AVX-512
+# VM, two processes each running the conformance test of Ditto, FedRep, FedALA and FedProto
+# at once (as the two workers do): 17.2-18.1 s -> 14.9-15.3 s unoptimised (compilation
+# 10.5-10.9 -> 8.6 s), 37.3 -> 34.3 s optimised. (A process alone on the machine compiles
+# optimised programs faster with the split, 23-24 against 28-30 s: the library keeps XLA's
+# default.) The generated code is the same either way.
+if (not _XLA_DEFAULTS
+    and "xla_cpu_parallel_codegen_split_count" not in os.environ.get("XLA_FLAGS", "")):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_cpu_parallel_codegen_split_count=1").strip()
+
 # XLA with most of its optimisations off (`jax_disable_most_optimizations`: LLVM at -O0,
 # none of its expensive passes), for every test that does not say otherwise: the suite's time
 # is compiling hundreds of small programs, each run for a few steps, and those compile in

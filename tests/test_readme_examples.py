@@ -8,6 +8,8 @@ trained generator folder and a user's module, are covered by ``test_generators.p
 import os
 import re
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.M | re.S)
 
@@ -27,6 +29,7 @@ def shortened(code, tmp):
   return code
 
 
+@pytest.mark.xla_optimized  # runs long enough to repay it (45 -> 25 s): tests/conftest.py
 def test_the_run_api_examples_run(tmp_path, monkeypatch, capsys):
   blocks = [b for b in readme_python_blocks() if "generators" not in b]
   # The three of the run API: run_experiment, its continuation, and build + engine.

@@ -1,6 +1,7 @@
 """run_experiment behaviour: auto-break, eval gap, repetitions, summary."""
 
 import numpy as np
+import pytest
 
 from fedjax_lib import Config, run_experiment
 
@@ -37,6 +38,7 @@ def test_eval_gap_and_repetitions(tmp_path, capsys):
   assert lines[0].startswith("best test accuracy:") and str(tmp_path) in lines[-1]
 
 
+@pytest.mark.xla_optimized  # runs long enough to repay it (19 -> 9 s): tests/conftest.py
 def test_conv_impl_reaches_the_models_that_take_it_and_gives_the_same_numbers(tmp_path):
   """``--conv-impl`` / ``Config.conv_impl``: parsed, handed to the models with a convolution
   choice (only those, in a family), and a run with another lowering gives the default's
@@ -66,6 +68,7 @@ def test_conv_impl_reaches_the_models_that_take_it_and_gives_the_same_numbers(tm
   assert a["train_loss"][0] != a["train_loss"][-1]  # it trained
 
 
+@pytest.mark.xla_optimized  # runs long enough to repay it (18 -> 16 s): tests/conftest.py
 def test_client_threads_from_the_cli_and_python_reach_the_engine_and_the_results(tmp_path):
   """``--client-threads`` / ``Config.client_threads``: parsed; left out, the backend's default
   for the sequential executor and 1 for a traced one; an HtFLlib family (two architecture
