@@ -193,6 +193,8 @@ def test_one_writer_per_run_family(tmp_path):
   assert first.wait_for("round    1")
   lock = os.path.join(out, ".digits_FedAvg_test.lock")
   assert os.path.exists(lock)
+  # paused, it holds the lock without taking a core from the runs below (and the suite)
+  first.proc.send_signal(signal.SIGSTOP)
   # the same files, another config: refused, naming the other process
   second = subprocess.run(CLI + ["-gr", "2", "-lr", "0.1", "--out", out], capture_output=True,
                           text=True, env=_env())
