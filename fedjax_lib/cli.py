@@ -24,7 +24,7 @@ from fedjax_lib.config import (CONV_IMPLS, DTYPES, EXECUTORS, ON_NAN, PARTITION_
 from fedjax_lib.data import registry as data_registry
 from fedjax_lib.data.federated import SUMMARY_MARKERS
 from fedjax_lib.data.loading import DEFAULT_NUM_CLIENTS
-from fedjax_lib.errors import ConfigError, FedJaxError, exit_out_of_memory
+from fedjax_lib.errors import ConfigError, FedJaxError, PeerError, exit_out_of_memory
 from fedjax_lib.models import FAMILIES, MODEL_NAMES
 
 _TRUE = {"1", "true", "t", "yes", "y", "on"}
@@ -732,6 +732,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except FedJaxError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except PeerError as e:  # another process of a --distributed run failed: its output says why
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   except (MemoryError, RuntimeError) as e:  # (JAX's runtime errors are RuntimeErrors)
     return exit_out_of_memory(e, "use fewer clients (-nc, -jr), a smaller model, batch (-lbs) "
                               "or --eval-chunk-size, or --executor sequential")

@@ -24,6 +24,12 @@ class PartitionError(DataError):
   """A partition cannot be produced with the requested settings."""
 
 
+class PeerError(RuntimeError):
+  """Another process of a multi-process run (``--distributed``) failed or was interrupted
+  where every process waits for it; the message names it, and its own output has the
+  details. The CLI prints ``error: <message>`` and exits with status 1."""
+
+
 class FedJaxWarning(UserWarning):
   """A one-line notice about the data, a file or the execution that the run works around (a
   class no client gets, a cache file rebuilt, clients trained one at a time). The runner turns

@@ -44,7 +44,7 @@ from fedjax_lib.core.local import LocalSpec
 from fedjax_lib.data import registry as data_registry
 from fedjax_lib.data.loading import default_num_clients, is_folder_path
 from fedjax_lib import stopping
-from fedjax_lib.errors import ConfigError, FedJaxError, FedJaxWarning
+from fedjax_lib.errors import ConfigError, FedJaxError, FedJaxWarning, PeerError
 from fedjax_lib.stopping import STOPPER, Interrupted  # pylint: disable=unused-import
 
 DEFAULT_FEATURE_DIM = 512  # HtFLlib's -fd
@@ -1228,32 +1228,59 @@ def agreed_stop(requested: Optional[str]) -> Optional[str]:
 _MESSAGE_BYTES = 4096
 
 
+def encode_outcome(error: Optional[BaseException]) -> np.ndarray:
+  """A step's outcome as `_MESSAGE_BYTES` bytes for the other processes: all zero where it
+  succeeded; else a kind byte (1: a refusal, a `FedJaxError`; 2: anything else, a bug or an
+  interrupt) and the message, cut to fit."""
+  outcome = np.zeros(_MESSAGE_BYTES, np.uint8)
+  if error is not None:
+    if isinstance(error, FedJaxError):
+      kind, text = 1, str(error) or type(error).__name__
+    else:
+      kind, text = 2, f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    encoded = text.encode("utf-8")[:_MESSAGE_BYTES - 1]
+    outcome[0] = kind
+    outcome[1:1 + len(encoded)] = np.frombuffer(encoded, np.uint8)
+  return outcome
+
+
+def raise_peer_outcome(outcome: np.ndarray, process: int = 0) -> None:
+  """Raises, on another process, what `encode_outcome` says happened on ``process``: its
+  refusal as a `ConfigError` (``process 0: <its message>``), its failure as a `PeerError`."""
+  outcome = np.asarray(outcome, np.uint8)
+  if not outcome[0]:
+    return
+  message = outcome[1:].tobytes().rstrip(b"\0").decode("utf-8", "replace")
+  if outcome[0] == 1:
+    raise ConfigError(f"process {process}: {message}")
+  raise PeerError(f"process {process} stopped ({message}); its output has the details")
+
+
 def writer_step(step: Callable[[], Any]) -> Any:
   """``step()`` on process 0 (the writer) only; returns its value there, None elsewhere.
 
   With several processes (``--distributed``) every process calls this at the same point, and
-  a refusal on process 0 (a `FedJaxError`: results of a different config, the folder's lock
-  held, an unwritable folder) is raised on every process — named ``process 0: ...`` on the
-  others — instead of process 0 ending alone and the others waiting at the next collective
-  until it fails with a traceback. The writer's outcome travels as its message's bytes
-  (``broadcast_one_to_all``); one process: nothing is exchanged.
+  what ends process 0 there ends them all, instead of process 0 ending alone and the others
+  waiting at the next collective until it fails with a traceback (or the coordination service
+  times out, minutes later): a refusal (a `FedJaxError`: results of a different config, the
+  folder's lock held, an unwritable folder) is raised on every process, named ``process 0:
+  ...`` on the others; anything else (a bug, an interrupt) is raised on process 0 and a
+  `PeerError` naming it on the others. The outcome travels as bytes (`encode_outcome`,
+  ``broadcast_one_to_all``); one process: nothing is exchanged.
   """
   result, error = None, None
   if is_writer():
     try:
       result = step()
-    except FedJaxError as e:
+    except BaseException as e:  # pylint: disable=broad-except  (re-raised below)
+      if jax.process_count() == 1:
+        raise
       error = e
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    text = np.zeros(_MESSAGE_BYTES, np.uint8)
-    if error is not None:
-      encoded = (str(error) or type(error).__name__).encode("utf-8")[:_MESSAGE_BYTES]
-      text[:len(encoded)] = np.frombuffer(encoded, np.uint8)
-    shared = np.asarray(multihost_utils.broadcast_one_to_all(text), np.uint8)
-    if error is None and shared.any():
-      message = shared.tobytes().rstrip(b"\0").decode("utf-8", "replace")
-      raise ConfigError(f"process 0: {message}")
+    shared = multihost_utils.broadcast_one_to_all(encode_outcome(error))
+    if error is None:
+      raise_peer_outcome(shared)
   if error is not None:
     raise error
   return result

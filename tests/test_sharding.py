@@ -306,6 +306,58 @@ def test_a_refusal_of_the_writer_ends_every_host(tmp_path):
   assert (out / "digits_FedAvg_test_0.json").read_bytes() == before
 
 
+def test_a_failure_of_the_writer_ends_every_host(tmp_path):
+  """Multi-host: an unexpected exception on process 0 in its folder checks (here a TypeError
+  planted in `output.check_overwrite`, as a bug would raise) used to end process 0 alone and
+  leave process 1 waiting at the next collective until the coordination service gave up.
+  Now process 0 shows its traceback and process 1 ends at once with one line naming it."""
+  port = 20000 + (os.getpid() + 17) % 20000
+  script = (
+      "import os, sys\n"
+      "from fedjax_lib import cli, output\n"
+      "def planted(*args, **kwargs):\n"
+      "  raise TypeError('planted')\n"
+      "if os.environ['JAX_PROCESS_ID'] == '0':\n"
+      "  output.check_overwrite = planted\n"
+      "sys.exit(cli.main(sys.argv[1:]))\n")
+  args = [sys.executable, "-c", script, "-algo", "FedAvg", "-m", "dnn", "-nc", "4", "-gr", "1",
+          "--no-progress", "--distributed", "--devices", "0", "--out", str(tmp_path / "out")]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_NUM_PROCESSES": "2"}
+  procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=120) for p in procs]  # (a hang: TimeoutExpired)
+  finally:
+    for p in procs:
+      p.kill()
+  errors = [err.strip().splitlines() for _, err in outs]
+  assert procs[0].returncode == 1 and errors[0][-1] == "TypeError: planted", errors[0][-5:]
+  assert procs[1].returncode == 1, errors[1]
+  assert errors[1] == ["error: process 0 stopped (TypeError: planted); its output has the "
+                       "details"], errors[1]
+
+
+def test_the_writers_outcome_survives_the_trip_to_the_other_processes():
+  """`encode_outcome` / `raise_peer_outcome`, the bytes `writer_step` broadcasts: nothing for
+  success; a refusal raised as a ConfigError naming process 0 with its message; anything else
+  as a PeerError naming its type; a message too long for the buffer cut, not an error."""
+  from fedjax_lib import runner  # pylint: disable=import-outside-toplevel
+  from fedjax_lib.errors import ConfigError, PeerError  # pylint: disable=import-outside-toplevel
+  ok = runner.encode_outcome(None)
+  assert not ok.any()
+  runner.raise_peer_outcome(ok)  # returns
+  with pytest.raises(ConfigError, match=r"^process 0: out/x.json holds results é$"):
+    runner.raise_peer_outcome(runner.encode_outcome(ConfigError("out/x.json holds results é")))
+  with pytest.raises(PeerError, match=r"^process 0 stopped \(KeyError: 'k'\); its output"):
+    runner.raise_peer_outcome(runner.encode_outcome(KeyError("k")))
+  with pytest.raises(PeerError, match=r"^process 0 stopped \(KeyboardInterrupt\)"):
+    runner.raise_peer_outcome(runner.encode_outcome(KeyboardInterrupt()))
+  with pytest.raises(ConfigError) as long:
+    runner.raise_peer_outcome(runner.encode_outcome(ConfigError("é" * 5000)))
+  assert str(long.value).startswith("process 0: ééé") and len(str(long.value)) < 4200
+
+
 def test_sigterm_on_one_host_stops_every_host_at_one_round(tmp_path):
   """Multi-host: SIGTERM reaching process 1 alone (a preemption notice). It used to be
   swallowed by JAX's preemption notifier (`jax.distributed.initialize` installs it), so the
