@@ -239,7 +239,7 @@ def test_every_float_hyperparameter_can_be_swept(name):
     swept[LR_DECAY] = {"client": jax.ShapeDtypeStruct((2, eng.num_clients + 1), jnp.float32),
                        "server": jax.ShapeDtypeStruct((2,), jnp.float32)}
   roots = jnp.stack([rng.root_key(0), rng.root_key(1)])
-  names = [n for n, _ in StackedPrograms(eng).lower(swept, roots, data.x[0])]
+  names = [n for n, _ in StackedPrograms(eng).trace(swept, roots, data.x[0])]
   assert names[:2] == ["init", "round"] and "evaluation" in names
   if eng.algorithm.supports_new_clients:  # (one run of a sequential sweep: scalars)
     one = {path: jax.ShapeDtypeStruct((), jnp.float32) for path in paths}

@@ -1350,15 +1350,20 @@ class StackedPrograms:
   def lower(self, hparams, roots, sample_x) -> list:
     """Traces and lowers init, the round and every evaluation: ``[(name, Lowered)]``, as
     :meth:`compile` compiles them (nothing is compiled)."""
+    return [(name, traced.lower()) for name, traced in self.trace(hparams, roots, sample_x)]
+
+  def trace(self, hparams, roots, sample_x) -> list:
+    """Traces init, the round and every evaluation: ``[(name, jax.stages.Traced)]``, as
+    :meth:`lower` lowers them (a Python branch on a traced value fails here)."""
     eng, arrays = self.engine, self.engine.arrays
     size = roots.shape[0]
     sample_x = jax.ShapeDtypeStruct(jnp.shape(sample_x), sample_x.dtype)
     models = eng.initial_models
-    out = [("init", self._init.lower(hparams, arrays, roots, sample_x, models))]
+    out = [("init", self._init.trace(hparams, arrays, roots, sample_x, models))]
     server_state, client_states = jax.eval_shape(self._init, hparams, arrays, roots, sample_x,
                                                  models)
     scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype)
-    out.append(("round", self._round.lower(hparams, server_state, client_states, arrays, roots,
+    out.append(("round", self._round.trace(hparams, server_state, client_states, arrays, roots,
                                            scalar(jnp.int32), scalar(bool, (size,)))))
     finals = (False, True) if has_hook(eng.algorithm, "final_views") else (False,)
     for gi, g in enumerate(eng.groups):
@@ -1366,7 +1371,7 @@ class StackedPrograms:
       for final in finals:
         name = ("final evaluation" if final else "evaluation") + (
             f" of {g.name}" if len(eng.groups) > 1 else "")
-        out.append((name, self._eval_program(gi, final).lower(
+        out.append((name, self._eval_program(gi, final).trace(
             hparams, server_state, client_states[g.name], arrays, rows, roots,
             scalar(jnp.int32, (size,)))))
     return out
