@@ -248,6 +248,23 @@ def test_two_processes_equal_one(tmp_path):
     assert resumed["warmup_rounds"] == [0, 2]
 
 
+def _two_processes_ending(args, port, timeout=240, env_of=lambda i: {}):
+  """``args`` as processes 0 and 1 of a 2-process run (2 CPU devices each, the coordinator
+  on ``port``, ``env_of(i)`` added to process i's environment), both expected to end early;
+  returns their return codes and stderr lines (a hang: TimeoutExpired)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_NUM_PROCESSES": "2"}
+  procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "JAX_PROCESS_ID": str(i), **env_of(i)})
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  return [p.returncode for p in procs], [err.strip().splitlines() for _, err in outs]
+
+
 def test_a_run_one_host_cannot_hold_is_refused_on_every_host(tmp_path):
   """Multi-host: the memory check gives one verdict for all processes. Process 1 alone short
   of memory (its FEDJAX_MEMORY_LIMIT_GB below what it holds) used to refuse alone and leave
@@ -257,19 +274,9 @@ def test_a_run_one_host_cannot_hold_is_refused_on_every_host(tmp_path):
   args = [sys.executable, "-m", "fedjax_lib", "-algo", "Ditto", "-m", "dnn", "-nc", "4",
           "-gr", "1", "--no-progress", "--distributed", "--devices", "0",
           "--out", str(tmp_path / "out")]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_NUM_PROCESSES": "2"}
-  procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**env, "JAX_PROCESS_ID": str(i),
-                                 "FEDJAX_MEMORY_LIMIT_GB": ("100", "0.05")[i]})
-           for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=240) for p in procs]  # (a hang: TimeoutExpired)
-  finally:
-    for p in procs:
-      p.kill()
-  errors = [err.strip().splitlines() for _, err in outs]
-  assert [p.returncode for p in procs] == [2, 2], errors
+  codes, errors = _two_processes_ending(
+      args, port, env_of=lambda i: {"FEDJAX_MEMORY_LIMIT_GB": ("100", "0.05")[i]})
+  assert codes == [2, 2], errors
   assert len(errors[0]) == 1 and errors[0][0].startswith("error: process 1: the run needs "
                                                          "about"), errors[0]
   assert "FEDJAX_MEMORY_LIMIT_GB" not in errors[0][0]  # process 1's limit, not process 0's
@@ -288,18 +295,9 @@ def test_a_refusal_of_the_writer_ends_every_host(tmp_path):
   subprocess.run(args, check=True, capture_output=True, text=True, timeout=300)
   before = (out / "digits_FedAvg_test_0.json").read_bytes()
   port = 20000 + (os.getpid() + 11) % 20000
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_NUM_PROCESSES": "2"}
-  procs = [subprocess.Popen(args + ["-lr", "0.05", "--distributed", "--devices", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=240) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  errors = [err.strip().splitlines() for _, err in outs]
-  assert [p.returncode for p in procs] == [2, 2], errors
+  codes, errors = _two_processes_ending(args + ["-lr", "0.05", "--distributed", "--devices", "0"],
+                                        port)
+  assert codes == [2, 2], errors
   refusal = "holds results of a different config (learning_rate: 0.005 → 0.05)"
   assert len(errors[0]) == 1 and errors[0][0].startswith("error: ") and refusal in errors[0][0]
   assert len(errors[1]) == 1 and errors[1][0] == "error: process 0: " + errors[0][0][7:]
@@ -322,18 +320,9 @@ def test_a_failure_of_the_writer_ends_every_host(tmp_path):
       "sys.exit(cli.main(sys.argv[1:]))\n")
   args = [sys.executable, "-c", script, "-algo", "FedAvg", "-m", "dnn", "-nc", "4", "-gr", "1",
           "--no-progress", "--distributed", "--devices", "0", "--out", str(tmp_path / "out")]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_NUM_PROCESSES": "2"}
-  procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=120) for p in procs]  # (a hang: TimeoutExpired)
-  finally:
-    for p in procs:
-      p.kill()
-  errors = [err.strip().splitlines() for _, err in outs]
-  assert procs[0].returncode == 1 and errors[0][-1] == "TypeError: planted", errors[0][-5:]
-  assert procs[1].returncode == 1, errors[1]
+  codes, errors = _two_processes_ending(args, port, timeout=120)
+  assert codes[0] == 1 and errors[0][-1] == "TypeError: planted", errors[0][-5:]
+  assert codes[1] == 1, errors[1]
   assert errors[1] == ["error: process 0 stopped (TypeError: planted); its output has the "
                        "details"], errors[1]
 
