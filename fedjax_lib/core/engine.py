@@ -1359,9 +1359,9 @@ class StackedPrograms:
     size = roots.shape[0]
     sample_x = jax.ShapeDtypeStruct(jnp.shape(sample_x), sample_x.dtype)
     models = eng.initial_models
-    out = [("init", self._init.trace(hparams, arrays, roots, sample_x, models))]
-    server_state, client_states = jax.eval_shape(self._init, hparams, arrays, roots, sample_x,
-                                                 models)
+    init = self._init.trace(hparams, arrays, roots, sample_x, models)
+    out = [("init", init)]
+    server_state, client_states = init.out_info  # the states' shapes, from the one trace
     scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype)
     out.append(("round", self._round.trace(hparams, server_state, client_states, arrays, roots,
                                            scalar(jnp.int32), scalar(bool, (size,)))))
