@@ -9,13 +9,20 @@ import pytest
 # Tests run on CPU; keep XLA from grabbing every core's worth of threads per process.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+
+def _add_xla_flag(name: str, value: str) -> None:
+  """``--name=value`` added to ``XLA_FLAGS`` (inherited by the CLI subprocesses), unless the
+  caller's environment names the flag already."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if name not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --{name}={value}".strip()
+
+
 # Eight fake CPU devices, for the sharding tests (tests/test_sharding.py); everything else runs
 # on the first device as before.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8").strip()
+_add_xla_flag("xla_force_host_platform_device_count", "8")
 
-# FEDJAX_TEST_XLA_DEFAULTS=1 runs the suite with XLA's defaults: neither setting below.
+# FEDJAX_TEST_XLA_DEFAULTS=1 runs the suite with XLA's defaults: none of the settings below.
 _XLA_DEFAULTS = os.environ.get("FEDJAX_TEST_XLA_DEFAULTS") == "1"
 
 # XLA:CPU's classic fusion emitters instead of the newer MLIR ones: the suite's time is
@@ -23,10 +30,8 @@ _XLA_DEFAULTS = os.environ.get("FEDJAX_TEST_XLA_DEFAULTS") == "1"
 # test: 10.7 -> 7.9 s of compilation, measured 2026-12-02). Every comparison in the suite is
 # between programs compiled the same way. The library leaves XLA's default alone: with the
 # classic emitters Ditto's CNN round on digits ran slower (0.72-0.92 s against 0.52-0.53 s).
-if (not _XLA_DEFAULTS
-    and "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", "")):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_cpu_use_fusion_emitters=false").strip()
+if not _XLA_DEFAULTS:
+  _add_xla_flag("xla_cpu_use_fusion_emitters", "false")
 
 # LLVM code generation of a program in one piece, not split into parts compiled on a thread
 # pool (`xla_cpu_parallel_codegen_split_count`): the suite's two workers already keep both
@@ -35,11 +40,10 @@ if (not _XLA_DEFAULTS
 # at once (as the two workers do): 17.2-18.1 s -> 14.9-15.3 s unoptimised (compilation
 # 10.5-10.9 -> 8.6 s), 37.3 -> 34.3 s optimised. (A process alone on the machine compiles
 # optimised programs faster with the split, 23-24 against 28-30 s: the library keeps XLA's
-# default.) The generated code is the same either way.
-if (not _XLA_DEFAULTS
-    and "xla_cpu_parallel_codegen_split_count" not in os.environ.get("XLA_FLAGS", "")):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_cpu_parallel_codegen_split_count=1").strip()
+# default.) It changes no number: the whole suite passed with it, the engine numbers pinned to
+# the bit (tests/test_engine_regression.py) included.
+if not _XLA_DEFAULTS:
+  _add_xla_flag("xla_cpu_parallel_codegen_split_count", "1")
 
 # XLA with most of its optimisations off (`jax_disable_most_optimizations`: LLVM at -O0,
 # none of its expensive passes), for every test that does not say otherwise: the suite's time

@@ -206,18 +206,32 @@ def test_bad_device_settings(kw, needle, tmp_path):
   assert not os.listdir(tmp_path)
 
 
+def _pair(args, env, port, timeout, env_of=lambda i: {}):
+  """``args`` as processes 0 and 1 of a 2-process run (the coordinator on ``port``,
+  ``env_of(i)`` added to process i's environment ``env``); returns their return codes and
+  (stdout, stderr) pairs. Both are killed if they outlive ``timeout`` (TimeoutExpired: a
+  hang)."""
+  procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                                 "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i),
+                                 **env_of(i)})
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  return [p.returncode for p in procs], outs
+
+
 def _two_processes(args, env, out):
   """``args`` as two processes (2 CPU devices each) launched as on two hosts with
   --distributed; returns their stdouts."""
   port = 20000 + (os.getpid() + len(os.listdir(out.parent))) % 20000
-  procs = [subprocess.Popen(args + ["--distributed", "--devices", "0", "--out", str(out)],
-                            env={**env, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-                                 "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-2000:]
+  codes, outs = _pair(args + ["--distributed", "--devices", "0", "--out", str(out)], env, port,
+                      timeout=300)
+  for code, (_, err) in zip(codes, outs):
+    assert code == 0, err[-2000:]
   return [stdout for stdout, _ in outs]
 
 
@@ -252,17 +266,10 @@ def _two_processes_ending(args, port, timeout=240, env_of=lambda i: {}):
   """``args`` as processes 0 and 1 of a 2-process run (2 CPU devices each, the coordinator
   on ``port``, ``env_of(i)`` added to process i's environment), both expected to end early;
   returns their return codes and stderr lines (a hang: TimeoutExpired)."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_NUM_PROCESSES": "2"}
-  procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**env, "JAX_PROCESS_ID": str(i), **env_of(i)})
-           for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=timeout) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  return [p.returncode for p in procs], [err.strip().splitlines() for _, err in outs]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  codes, outs = _pair(args, env, port, timeout, env_of)
+  return codes, [err.strip().splitlines() for _, err in outs]
 
 
 def test_a_run_one_host_cannot_hold_is_refused_on_every_host(tmp_path):
